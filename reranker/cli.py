@@ -1,0 +1,47 @@
+"""Command line: `reranker serve | settings`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from reranker.config import Settings, settings_markdown, settings_parser
+
+
+def _settings(args: argparse.Namespace, argv: Sequence[str]) -> Settings:
+    return Settings.from_sources(argv, os.environ)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="reranker", description="gRPC reranking sidecar")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC server", parents=[settings_parser()])
+    serve.set_defaults(handler=_serve)
+    show = commands.add_parser("settings", help="print the settings reference (markdown)")
+    show.set_defaults(handler=lambda _args, _argv: print(settings_markdown()) or 0)
+    args, _ = parser.parse_known_args(argv)
+    parser.parse_args(argv)  # reject unknown flags with a usage message
+    return int(args.handler(args, argv[1:]) or 0)
+
+
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    try:
+        settings = _settings(args, argv)
+    except ValueError as exc:
+        print(f"reranker: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from reranker.server import serve
+
+    serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

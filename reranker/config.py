@@ -1,0 +1,169 @@
+"""Typed settings, read once in `main` and passed in.
+
+Every field has a documented default, a command-line flag (`--max-candidates`) and an
+environment variable (`RERANKER_MAX_CANDIDATES`). Precedence: flag > environment > default.
+Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "RERANKER_"
+
+DEFAULT_EVENT_WEIGHTS = "view=0.5,click=1,add_to_cart=2,purchase=3,like=2,dislike=-1.5,skip=-0.5"
+
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- transport ---------------------------------------------------------------------------
+    address: str = _doc("host:port to bind; loopback by default because this is a sidecar.", "127.0.0.1:50051")
+    max_workers: int = _doc("gRPC server worker threads (concurrent RPCs being handled).", 16)
+    max_message_bytes: int = _doc("Largest request/response message accepted, in bytes.", 16 * 1024 * 1024)
+    grace_seconds: float = _doc("On SIGTERM: health goes NOT_SERVING, in-flight RPCs get this long to finish.", 10.0)
+    # --- encoder -----------------------------------------------------------------------------
+    encoder: str = _doc("`transformer` (real model) or `fake` (deterministic hashing encoder, for tests).", "transformer")
+    model_dir: str = _doc("Local Hugging Face model directory; empty = the packaged all-MiniLM-L6-v2.", "")
+    device: str = _doc("`cpu`, `cuda`, or `auto` (cuda when available).", "cpu")
+    dtype: str = _doc("`float32`, `float16`/`bfloat16` (CUDA only), or `int8` (dynamic quantization, CPU).", "float32")
+    max_seq_length: int = _doc("Token limit per text; longer texts are truncated by the tokenizer.", 128)
+    encode_batch_size: int = _doc("Largest batch the encoder runs at once.", 32)
+    encode_max_wait_ms: float = _doc("How long the micro-batcher waits to fill a batch.", 2.0)
+    encode_queue_size: int = _doc("Texts waiting for the encoder before new work is refused (overload).", 2048)
+    torch_threads: int = _doc("torch intra-op threads; 0 = torch default (all cores).", 0)
+    fake_dim: int = _doc("Vector size of the fake encoder.", 384)
+    warmup: bool = _doc("Encode a few texts before reporting SERVING.", True)
+    # --- caches and user model ---------------------------------------------------------------
+    item_cache_size: int = _doc("Item vectors kept (LRU).", 100_000)
+    user_cache_size: int = _doc("User profiles kept (LRU within TTL).", 100_000)
+    user_ttl_seconds: float = _doc("A profile not touched for this long is dropped.", 7 * 24 * 3600.0)
+    recent_events_per_user: int = _doc("Recent events kept per user (explanations, GetUserProfile).", 50)
+    half_life_seconds: float = _doc("Event weight halves every this many seconds of event time.", 7 * 24 * 3600.0)
+    event_weights: str = _doc("Weight per event type, `type=weight,...`; negative = negative feedback.", DEFAULT_EVENT_WEIGHTS)
+    # --- scoring -----------------------------------------------------------------------------
+    blend_weight: float = _doc("Default weight of the semantic score in [0, 1] (request may override).", 0.5)
+    diversity: float = _doc("Default MMR diversity strength in [0, 1]; 0 = off (request may override).", 0.0)
+    mmr_window: int = _doc("MMR reorders at most this many top positions; the rest follow by score.", 50)
+    # --- limits ------------------------------------------------------------------------------
+    max_candidates: int = _doc("Most candidates in one Rerank request.", 2000)
+    max_text_chars: int = _doc("Longest item text accepted, in characters.", 4000)
+    max_id_chars: int = _doc("Longest user or item id accepted, in characters.", 256)
+    max_events_per_request: int = _doc("Most events in one RecordEvents / Rerank context / UpsertItems batch.", 1000)
+    # --- deadlines and fail-open ---------------------------------------------------------------
+    min_budget_ms: float = _doc("Fail open (upstream order) when less than this remains of the caller's deadline.", 5.0)
+    encode_timeout_ms: float = _doc("Longest a Rerank waits for encoding before failing open.", 1000.0)
+    # --- experiments ---------------------------------------------------------------------------
+    kill_switch: bool = _doc("Global bypass: every Rerank returns the upstream order (VARIANT_BYPASSED).", False)
+    treatment_percent: float = _doc("Share of users (by stable hash) that get reranking; the rest are CONTROL.", 100.0)
+    experiment_salt: str = _doc("Bucketing salt when the request names no experiment.", "reranker")
+    # --- logging -------------------------------------------------------------------------------
+    log_level: str = _doc("Python logging level.", "INFO")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.encoder not in ("transformer", "fake"):
+            problems.append("encoder must be 'transformer' or 'fake'")
+        if self.device not in ("cpu", "cuda", "auto"):
+            problems.append("device must be 'cpu', 'cuda' or 'auto'")
+        if self.dtype not in ("float32", "float16", "bfloat16", "int8"):
+            problems.append("dtype must be float32, float16, bfloat16 or int8")
+        if not 0.0 <= self.blend_weight <= 1.0:
+            problems.append("blend_weight must be in [0, 1]")
+        if not 0.0 <= self.diversity <= 1.0:
+            problems.append("diversity must be in [0, 1]")
+        if not 0.0 <= self.treatment_percent <= 100.0:
+            problems.append("treatment_percent must be in [0, 100]")
+        for name in (
+            "max_workers", "max_message_bytes", "max_seq_length", "encode_batch_size", "encode_queue_size",
+            "fake_dim", "item_cache_size", "user_cache_size", "recent_events_per_user", "max_candidates",
+            "max_text_chars", "max_id_chars", "max_events_per_request", "mmr_window",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        for name in ("half_life_seconds", "user_ttl_seconds"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        try:
+            self.parsed_event_weights()
+        except ValueError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def parsed_event_weights(self) -> dict[str, float]:
+        """`event_weights` as a dict keyed by lower-case event type name (view, click, ...)."""
+        weights: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in self.event_weights.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"event_weights entry {part!r} is not type=weight")
+            try:
+                weights[name.strip().lower()] = float(value)
+            except ValueError:
+                raise ValueError(f"event_weights entry {part!r} has a non-numeric weight") from None
+        return weights
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from flags (highest precedence), then `RERANKER_*` variables, then defaults."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = (env or {}).get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _coerce(f, raw)
+        parsed = settings_parser().parse_args(list(argv))
+        for f in dataclasses.fields(cls):
+            value = getattr(parsed, f.name)
+            if value is not None:
+                values[f.name] = value
+        return cls(**values)
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+
+
+def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _field_type(f)
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a boolean")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def settings_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Add one flag per settings field (defaults None, so unset flags don't mask the environment)."""
+    parser = parser or argparse.ArgumentParser(add_help=False)
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['doc']} [env {ENV_PREFIX}{f.name.upper()}, default {f.default!r}]"
+        kind = _field_type(f)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+    return parser
+
+
+def settings_markdown() -> str:
+    """The settings reference table that the README embeds."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{f.default!r}` | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,149 @@
+"""Pure numpy scoring: similarity, normalization, blending, MMR diversity, ordering. No I/O.
+
+Conventions: vectors are float32 and L2-normalized, so cosine similarity is a dot product.
+Arrays are indexed by candidate position in the (deduplicated) request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+FloatArray = np.ndarray
+
+
+def l2_normalize(vectors: FloatArray, eps: float = 1e-12) -> FloatArray:
+    """Row-wise L2 normalization (a 1-D vector is treated as one row). Zero rows stay zero."""
+    arr = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(arr, axis=-1, keepdims=True)
+    return arr / np.maximum(norms, eps)
+
+
+def minmax(values: FloatArray) -> FloatArray:
+    """Scale to [0, 1]; a constant (or empty) input maps to 0.5 everywhere."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return values
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo <= 1e-12:
+        return np.full_like(values, 0.5)
+    return (values - lo) / (hi - lo)
+
+
+def first_occurrences(ids: Sequence[str]) -> list[int]:
+    """Positions of the first occurrence of each id, in input order (duplicate removal)."""
+    seen: set[str] = set()
+    keep = []
+    for position, item_id in enumerate(ids):
+        if item_id not in seen:
+            seen.add(item_id)
+            keep.append(position)
+    return keep
+
+
+def blend(upstream: FloatArray, semantic: FloatArray, has_vector: FloatArray, weight: float) -> FloatArray:
+    """Final score = (1 - weight) * minmax(upstream) + weight * minmax(semantic).
+
+    Items without a vector get the mean normalized semantic score of the items that have one: a
+    neutral value, so their position relative to each other is decided by the upstream score alone.
+    """
+    up = minmax(upstream)
+    has_vector = np.asarray(has_vector, dtype=bool)
+    if weight <= 0.0 or not has_vector.any():
+        return up
+    sem = np.empty_like(up)
+    sem[has_vector] = minmax(np.asarray(semantic, dtype=np.float64)[has_vector])
+    sem[~has_vector] = sem[has_vector].mean()
+    return (1.0 - weight) * up + weight * sem
+
+
+def order_by_score(scores: FloatArray) -> np.ndarray:
+    """Indices sorted by descending score; ties keep input (upstream) order."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.lexsort((np.arange(scores.size), -scores))
+
+
+def mmr_order(
+    order: np.ndarray,
+    relevance: FloatArray,
+    vectors: FloatArray,
+    has_vector: FloatArray,
+    diversity: float,
+    window: int,
+) -> np.ndarray:
+    """Maximal Marginal Relevance over the first `window` positions of `order`.
+
+    Greedily picks argmax (1 - diversity) * relevance - diversity * max_sim_to_already_picked.
+    Items without a vector have similarity 0 to everything. Positions beyond the window keep their
+    relevance order. Cost O(window * n * d).
+    """
+    n = order.size
+    if diversity <= 0.0 or n < 3 or window < 2:
+        return order
+    has_vector = np.asarray(has_vector, dtype=bool)
+    pool = order.copy()
+    rel = np.asarray(relevance, dtype=np.float64)[pool]
+    vec = np.where(has_vector[pool, None], vectors[pool], 0.0).astype(np.float32, copy=False)
+    max_sim = np.full(n, -np.inf)
+    picked = np.zeros(n, dtype=bool)
+    result = []
+    for step in range(min(window, n)):
+        if step == 0:
+            gain = rel.copy()
+        else:
+            gain = (1.0 - diversity) * rel - diversity * np.maximum(max_sim, 0.0)
+        gain[picked] = -np.inf
+        best = int(np.argmax(gain))  # argmax takes the first maximum: ties keep relevance order
+        picked[best] = True
+        result.append(best)
+        max_sim = np.maximum(max_sim, vec @ vec[best])
+    rest = np.flatnonzero(~picked)
+    return pool[np.concatenate([np.asarray(result, dtype=np.int64), rest])]
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    order: np.ndarray  # candidate indices, best first (already cut to top_k)
+    final: np.ndarray  # final score per candidate index
+    semantic: np.ndarray  # raw cosine per candidate index (0 where no vector)
+
+
+def rank(
+    upstream: FloatArray,
+    item_vectors: FloatArray,
+    has_vector: FloatArray,
+    user_vector: FloatArray | None,
+    *,
+    weight: float,
+    diversity: float = 0.0,
+    mmr_window: int = 50,
+    top_k: int = 0,
+) -> Ranking:
+    """Score and order candidates. `item_vectors` is (n, d) with arbitrary rows where no vector.
+
+    With no user vector (cold user) the semantic term is dropped and the upstream order stands.
+    """
+    upstream = np.asarray(upstream, dtype=np.float64)
+    n = upstream.size
+    has_vector = np.asarray(has_vector, dtype=bool)
+    if user_vector is None or n == 0:
+        semantic = np.zeros(n)
+        final = minmax(upstream)
+    else:
+        semantic = np.where(has_vector, item_vectors @ np.asarray(user_vector, dtype=np.float32), 0.0)
+        final = blend(upstream, semantic, has_vector, weight)
+    order = order_by_score(final)
+    if user_vector is not None:
+        order = mmr_order(order, final, item_vectors, has_vector, diversity, mmr_window)
+    if top_k > 0:
+        order = order[:top_k]
+    return Ranking(order=order, final=final, semantic=semantic)
+
+
+def nearest(history: FloatArray, items: FloatArray) -> tuple[np.ndarray, np.ndarray]:
+    """For each item row, the index of and similarity to the most similar history row."""
+    sims = np.asarray(items, dtype=np.float32) @ np.asarray(history, dtype=np.float32).T
+    best = sims.argmax(axis=1)
+    return best, sims[np.arange(sims.shape[0]), best]

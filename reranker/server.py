@@ -1,0 +1,101 @@
+"""Server assembly: gRPC server, health (NOT_SERVING until warm), reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from reranker.config import Settings
+from reranker.interceptors import ErrorMappingInterceptor
+from reranker.service import RerankService
+from reranker.servicer import RerankerServicer
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RerankerService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service: RerankService
+    loader: threading.Thread
+
+    def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None) -> None:
+        """Graceful shutdown: report NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.service.close()
+
+
+def build_server(settings: Settings, service: RerankService) -> RunningServer:
+    """Create, bind and start the server; the model loads in the background (health flips when warm)."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[ErrorMappingInterceptor()],
+        options=options,
+    )
+    pb_grpc.add_RerankerServiceServicer_to_server(RerankerServicer(service), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {settings.address}")
+
+    running = RunningServer(server, port, health_servicer, service, threading.Thread())
+    running.set_serving(False)
+
+    def load() -> None:
+        try:
+            service.load()
+        except Exception:
+            log.exception("model failed to load; staying NOT_SERVING, Rerank fails open")
+            return
+        running.set_serving(True)
+        log.info("serving on port %d (model %s)", port, service.model_version)
+
+    running.loader = threading.Thread(target=load, name="model-loader", daemon=True)
+    server.start()
+    running.loader.start()
+    return running
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    running = build_server(settings, RerankService(settings))
+    log.info("listening on %s (port %d)", settings.address, running.port)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: draining for up to %.1f s", signum, settings.grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    running.stop(settings.grace_seconds)
+    log.info("stopped")

@@ -1,0 +1,333 @@
+"""RerankService: orchestration of bypass, deadline budget, vectors, user model, scoring, fail-open.
+
+Plain Python in, plain Python out: protobuf stays in convert.py / servicer.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import numpy as np
+
+from reranker import scoring
+from reranker.batching import MicroBatcher
+from reranker.config import Settings
+from reranker.encoder import Encoder, load_encoder
+from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded
+from reranker.experiments import decide
+from reranker.items import ItemVectorCache, text_hash
+from reranker.profiles import UserProfileStore
+from reranker.types import (
+    Candidate,
+    Event,
+    Explanation,
+    FallbackReason,
+    Item,
+    RecordResult,
+    RerankQuery,
+    RerankResult,
+    ScoredItem,
+    Timing,
+    UpsertResult,
+    UserProfileView,
+    Variant,
+)
+
+log = logging.getLogger(__name__)
+
+WARMUP_TEXTS = ["warm up the encoder", "a second, slightly longer warm-up text for the encoder"]
+# Writes (RecordEvents, UpsertItems) have no fail-open path; without a caller deadline they wait this long.
+WRITE_TIMEOUT_S = 60.0
+
+
+class RerankService:
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: Encoder | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._encoder = encoder
+        self._batcher: MicroBatcher | None = None
+        self._ready = threading.Event()
+        self.load_error: str = ""
+        self.items: ItemVectorCache | None = None
+        self.profiles: UserProfileStore | None = None
+        self.model_version = ""
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def load(self) -> None:
+        """Load (if needed) and warm the encoder, build caches, then mark ready. Blocking."""
+        try:
+            encoder = self._encoder if self._encoder is not None else load_encoder(self.settings)
+            started = time.perf_counter()
+            if self.settings.warmup:
+                encoder.encode(WARMUP_TEXTS)
+            log.info("encoder %s warmed in %.0f ms", encoder.version, 1000 * (time.perf_counter() - started))
+        except Exception as exc:
+            self.load_error = str(exc)
+            raise
+        s = self.settings
+        self._encoder = encoder
+        self.model_version = encoder.version
+        self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
+        self.profiles = UserProfileStore(
+            dim=encoder.dim,
+            max_users=s.user_cache_size,
+            ttl_seconds=s.user_ttl_seconds,
+            half_life_seconds=s.half_life_seconds,
+            event_weights=s.parsed_event_weights(),
+            max_recent=s.recent_events_per_user,
+        )
+        self._batcher = MicroBatcher(
+            encoder,
+            max_batch=s.encode_batch_size,
+            max_wait_s=s.encode_max_wait_ms / 1000.0,
+            max_pending=s.encode_queue_size,
+        )
+        self._ready.set()
+
+    def close(self) -> None:
+        self._ready.clear()
+        if self._batcher is not None:
+            self._batcher.close()
+
+    # --- Rerank ----------------------------------------------------------------------------------
+    def rerank(self, query: RerankQuery, time_remaining: float | None = None) -> RerankResult:
+        """Personalized order, or the upstream order (with the reason) when anything goes wrong.
+
+        `time_remaining` is the caller's remaining deadline in seconds (None = no deadline).
+        """
+        started = time.perf_counter()
+        s = self.settings
+        keep = scoring.first_occurrences([c.item_id for c in query.candidates])
+        candidates = [query.candidates[i] for i in keep]
+        skip, bucket = decide(
+            user_id=query.user_id,
+            experiment=query.experiment,
+            bypass=query.options.bypass,
+            kill_switch=s.kill_switch,
+            treatment_percent=s.treatment_percent,
+            default_salt=s.experiment_salt,
+        )
+
+        def upstream(variant: Variant, reason: FallbackReason = FallbackReason.NONE, detail: str = "") -> RerankResult:
+            return self._upstream_result(query, candidates, keep, variant, reason, detail, bucket, started)
+
+        if skip is not None:
+            return upstream(skip)
+        if time_remaining is not None and time_remaining * 1000.0 < s.min_budget_ms:
+            return upstream(Variant.FALLBACK, FallbackReason.DEADLINE, f"{time_remaining * 1000:.1f} ms left")
+        if not self.ready:
+            return upstream(Variant.FALLBACK, FallbackReason.NOT_READY, self.load_error or "model loading")
+        try:
+            return self._personalize(query, candidates, keep, bucket, started, time_remaining)
+        except EncodeTimeout as exc:
+            return upstream(Variant.FALLBACK, FallbackReason.DEADLINE, str(exc))
+        except Overloaded as exc:
+            return upstream(Variant.FALLBACK, FallbackReason.OVERLOADED, str(exc))
+        except EncoderFailed as exc:
+            return upstream(Variant.FALLBACK, FallbackReason.ENCODER_ERROR, str(exc))
+        except Exception:
+            log.exception("rerank failed; serving upstream order")
+            return upstream(Variant.FALLBACK, FallbackReason.INTERNAL, "internal error")
+
+    def _personalize(
+        self,
+        query: RerankQuery,
+        candidates: list[Candidate],
+        keep: list[int],
+        bucket: int,
+        started: float,
+        time_remaining: float | None,
+    ) -> RerankResult:
+        s = self.settings
+        assert self.items is not None and self.profiles is not None
+        encode_budget = s.encode_timeout_ms / 1000.0
+        if time_remaining is not None:
+            encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
+        encode_started = time.perf_counter()
+        vectors, has_vector, hits, encoded = self._resolve_vectors(
+            [c.item_id for c in candidates], [c.text for c in candidates], encode_budget
+        )
+        if query.context_events:
+            self._record(query.context_events, time_remaining=encode_budget)
+        encode_ms = 1000.0 * (time.perf_counter() - encode_started)
+
+        score_started = time.perf_counter()
+        user_vector = self.profiles.user_vector(query.user_id)
+        opts = query.options
+        ranking = scoring.rank(
+            np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates)),
+            vectors,
+            has_vector,
+            user_vector,
+            weight=s.blend_weight if opts.blend_weight is None else opts.blend_weight,
+            diversity=s.diversity if opts.diversity is None else opts.diversity,
+            mmr_window=s.mmr_window,
+            top_k=query.top_k,
+        )
+        explanations = self._explain(query.user_id, ranking, vectors, has_vector) if opts.explain else None
+        items = tuple(
+            ScoredItem(
+                item_id=candidates[i].item_id,
+                score=float(ranking.final[i]),
+                semantic_score=float(ranking.semantic[i]),
+                upstream_score=candidates[i].score,
+                original_rank=keep[i],
+                explanation=None if explanations is None else explanations[pos],
+            )
+            for pos, i in enumerate(ranking.order.tolist())
+        )
+        score_ms = 1000.0 * (time.perf_counter() - score_started)
+        return RerankResult(
+            items=items,
+            variant=Variant.RERANKED,
+            model_version=self.model_version,
+            request_id=query.request_id,
+            cold_user=user_vector is None,
+            timing=Timing(1000.0 * (time.perf_counter() - started), encode_ms, score_ms),
+            cache_hits=hits,
+            encoded=encoded,
+            without_vector=int((~has_vector).sum()),
+            bucket=bucket,
+        )
+
+    def _explain(
+        self, user_id: str, ranking: scoring.Ranking, vectors: np.ndarray, has_vector: np.ndarray
+    ) -> list[Explanation]:
+        assert self.profiles is not None
+        history_ids, history = self.profiles.history(user_id)
+        order = ranking.order
+        out = []
+        nearest_idx = nearest_sim = None
+        if history_ids:
+            nearest_idx, nearest_sim = scoring.nearest(history, vectors[order])
+        for pos, i in enumerate(order.tolist()):
+            if not has_vector[i]:
+                out.append(Explanation(False, summary="no vector (no text, not cached): ranked by upstream score"))
+                continue
+            if nearest_idx is None or nearest_sim is None:
+                out.append(Explanation(True, summary="cold user: ranked by upstream score"))
+                continue
+            hist_id, sim = history_ids[int(nearest_idx[pos])], float(nearest_sim[pos])
+            summary = f"semantic {ranking.semantic[i]:.3f}; most like recent item {hist_id} ({sim:.3f})"
+            out.append(Explanation(True, hist_id, sim, summary))
+        return out
+
+    def _upstream_result(
+        self,
+        query: RerankQuery,
+        candidates: list[Candidate],
+        keep: list[int],
+        variant: Variant,
+        reason: FallbackReason,
+        detail: str,
+        bucket: int,
+        started: float,
+    ) -> RerankResult:
+        limit = query.top_k or len(candidates)
+        items = tuple(
+            ScoredItem(c.item_id, c.score, 0.0, c.score, rank) for c, rank in zip(candidates[:limit], keep[:limit])
+        )
+        if variant is Variant.FALLBACK:
+            log.warning("fail-open for request %r: %s (%s)", query.request_id, reason.name, detail)
+        return RerankResult(
+            items=items,
+            variant=variant,
+            model_version=self.model_version,
+            request_id=query.request_id,
+            fallback_reason=reason,
+            fallback_detail=detail,
+            timing=Timing(total_ms=1000.0 * (time.perf_counter() - started)),
+            bucket=bucket,
+        )
+
+    # --- vectors ---------------------------------------------------------------------------------
+    def _resolve_vectors(
+        self, item_ids: Sequence[str], texts: Sequence[str | None], timeout_s: float
+    ) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Cached or freshly encoded vectors; returns (vectors, has_vector, cache hits, encoded count)."""
+        assert self.items is not None
+        hashes = [None if t is None else text_hash(t) for t in texts]
+        vectors, hit = self.items.lookup(item_ids, hashes)
+        misses = [i for i in np.flatnonzero(~hit).tolist() if texts[i] is not None]
+        # The same item may appear twice among misses (e.g. events): encode each text once.
+        unique: dict[tuple[str, int], list[int]] = {}
+        for i in misses:
+            unique.setdefault((item_ids[i], hashes[i]), []).append(i)  # type: ignore[arg-type]
+        has_vector = hit.copy()
+        if unique:
+            keys = list(unique)
+            encoded = self._encode([texts[unique[k][0]] for k in keys], timeout_s)  # type: ignore[misc]
+            self.items.put([k[0] for k in keys], [k[1] for k in keys], encoded)
+            for row, key in enumerate(keys):
+                for i in unique[key]:
+                    vectors[i] = encoded[row]
+                    has_vector[i] = True
+        return vectors, has_vector, int(hit.sum()), len(unique)
+
+    def _encode(self, texts: list[str], timeout_s: float) -> np.ndarray:
+        assert self._batcher is not None
+        if timeout_s <= 0:
+            raise EncodeTimeout("no time left to encode")
+        chunk = max(1, self.settings.encode_queue_size // 2)
+        futures = [self._batcher.submit(texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
+        deadline = time.monotonic() + timeout_s
+        try:
+            parts = [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
+        except FutureTimeout:
+            raise EncodeTimeout(f"encoding {len(texts)} texts took longer than {timeout_s * 1000:.0f} ms") from None
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    # --- events, items, profiles ---------------------------------------------------------------
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady(self.load_error or "model is loading; retry shortly")
+
+    def _record(self, events: Sequence[Event], time_remaining: float | None) -> RecordResult:
+        assert self.profiles is not None
+        now = self._clock()
+        stamped = [e if e.timestamp > 0 else _with_timestamp(e, now) for e in events]
+        vectors, has_vector, _, _ = self._resolve_vectors(
+            [e.item_id for e in stamped], [e.text for e in stamped], WRITE_TIMEOUT_S if time_remaining is None else time_remaining
+        )
+        pairs = [(e, vectors[i] if has_vector[i] else None) for i, e in enumerate(stamped)]
+        return self.profiles.apply(pairs, now)
+
+    def record_events(self, events: Sequence[Event], time_remaining: float | None = None) -> RecordResult:
+        """Fold events into user profiles; the very next Rerank sees them (read-your-writes)."""
+        self._require_ready()
+        return self._record(events, time_remaining)
+
+    def upsert_items(self, items: Sequence[Item], time_remaining: float | None = None) -> UpsertResult:
+        self._require_ready()
+        assert self.items is not None
+        ids = [it.item_id for it in items]
+        hashes = [text_hash(it.text) for it in items]
+        _, hit = self.items.lookup(ids, hashes)
+        todo = {ids[i]: items[i].text for i in np.flatnonzero(~hit).tolist()}  # last text wins for repeated ids
+        if todo:
+            vectors = self._encode(list(todo.values()), WRITE_TIMEOUT_S if time_remaining is None else time_remaining)
+            self.items.put(list(todo), [text_hash(t) for t in todo.values()], vectors)
+        return UpsertResult(upserted=len(set(ids)), encoded=len(todo))
+
+    def user_profile(self, user_id: str, include_vector: bool = False) -> UserProfileView:
+        self._require_ready()
+        assert self.profiles is not None
+        return self.profiles.view(user_id, include_vector)
+
+
+def _with_timestamp(event: Event, now: float) -> Event:
+    return Event(event.user_id, event.item_id, event.type, now, event.event_id, event.text, event.weight)

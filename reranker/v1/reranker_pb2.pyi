@@ -1,0 +1,244 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_TYPE_UNSPECIFIED: _ClassVar[EventType]
+    EVENT_TYPE_VIEW: _ClassVar[EventType]
+    EVENT_TYPE_CLICK: _ClassVar[EventType]
+    EVENT_TYPE_ADD_TO_CART: _ClassVar[EventType]
+    EVENT_TYPE_PURCHASE: _ClassVar[EventType]
+    EVENT_TYPE_LIKE: _ClassVar[EventType]
+    EVENT_TYPE_DISLIKE: _ClassVar[EventType]
+    EVENT_TYPE_SKIP: _ClassVar[EventType]
+
+class Variant(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VARIANT_UNSPECIFIED: _ClassVar[Variant]
+    VARIANT_RERANKED: _ClassVar[Variant]
+    VARIANT_CONTROL: _ClassVar[Variant]
+    VARIANT_BYPASSED: _ClassVar[Variant]
+    VARIANT_FALLBACK: _ClassVar[Variant]
+
+class FallbackReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FALLBACK_REASON_UNSPECIFIED: _ClassVar[FallbackReason]
+    FALLBACK_REASON_DEADLINE: _ClassVar[FallbackReason]
+    FALLBACK_REASON_ENCODER_ERROR: _ClassVar[FallbackReason]
+    FALLBACK_REASON_NOT_READY: _ClassVar[FallbackReason]
+    FALLBACK_REASON_OVERLOADED: _ClassVar[FallbackReason]
+    FALLBACK_REASON_INTERNAL: _ClassVar[FallbackReason]
+EVENT_TYPE_UNSPECIFIED: EventType
+EVENT_TYPE_VIEW: EventType
+EVENT_TYPE_CLICK: EventType
+EVENT_TYPE_ADD_TO_CART: EventType
+EVENT_TYPE_PURCHASE: EventType
+EVENT_TYPE_LIKE: EventType
+EVENT_TYPE_DISLIKE: EventType
+EVENT_TYPE_SKIP: EventType
+VARIANT_UNSPECIFIED: Variant
+VARIANT_RERANKED: Variant
+VARIANT_CONTROL: Variant
+VARIANT_BYPASSED: Variant
+VARIANT_FALLBACK: Variant
+FALLBACK_REASON_UNSPECIFIED: FallbackReason
+FALLBACK_REASON_DEADLINE: FallbackReason
+FALLBACK_REASON_ENCODER_ERROR: FallbackReason
+FALLBACK_REASON_NOT_READY: FallbackReason
+FALLBACK_REASON_OVERLOADED: FallbackReason
+FALLBACK_REASON_INTERNAL: FallbackReason
+
+class Candidate(_message.Message):
+    __slots__ = ("item_id", "score", "text")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    text: str
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("event_id", "user_id", "item_id", "type", "timestamp", "text", "weight")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    user_id: str
+    item_id: str
+    type: EventType
+    timestamp: _timestamp_pb2.Timestamp
+    text: str
+    weight: float
+    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., text: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class RerankOptions(_message.Message):
+    __slots__ = ("blend_weight", "diversity", "bypass", "explain")
+    BLEND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    blend_weight: float
+    diversity: float
+    bypass: bool
+    explain: bool
+    def __init__(self, blend_weight: _Optional[float] = ..., diversity: _Optional[float] = ..., bypass: _Optional[bool] = ..., explain: _Optional[bool] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("user_id", "candidates", "context_events", "top_k", "options", "experiment", "request_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    context_events: _containers.RepeatedCompositeFieldContainer[Event]
+    top_k: int
+    options: RerankOptions
+    experiment: str
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., context_events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., top_k: _Optional[int] = ..., options: _Optional[_Union[RerankOptions, _Mapping]] = ..., experiment: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("nearest_history_item_id", "nearest_history_similarity", "has_vector", "summary")
+    NEAREST_HISTORY_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_HISTORY_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    HAS_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    nearest_history_item_id: str
+    nearest_history_similarity: float
+    has_vector: bool
+    summary: str
+    def __init__(self, nearest_history_item_id: _Optional[str] = ..., nearest_history_similarity: _Optional[float] = ..., has_vector: _Optional[bool] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class ScoredItem(_message.Message):
+    __slots__ = ("item_id", "score", "semantic_score", "upstream_score", "original_rank", "explanation")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_SCORE_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_SCORE_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_RANK_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    semantic_score: float
+    upstream_score: float
+    original_rank: int
+    explanation: Explanation
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., semantic_score: _Optional[float] = ..., upstream_score: _Optional[float] = ..., original_rank: _Optional[int] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("total_ms", "encode_ms", "score_ms")
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MS_FIELD_NUMBER: _ClassVar[int]
+    total_ms: float
+    encode_ms: float
+    score_ms: float
+    def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., score_ms: _Optional[float] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COLD_USER_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    WITHOUT_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    variant: Variant
+    fallback_reason: FallbackReason
+    fallback_detail: str
+    model_version: str
+    request_id: str
+    cold_user: bool
+    timing: Timing
+    cache_hits: int
+    encoded: int
+    without_vector: int
+    bucket: int
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ...) -> None: ...
+
+class RecordEventsRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class RecordEventsResponse(_message.Message):
+    __slots__ = ("accepted", "duplicates", "without_vector")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    WITHOUT_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    duplicates: int
+    without_vector: int
+    def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ..., without_vector: _Optional[int] = ...) -> None: ...
+
+class Item(_message.Message):
+    __slots__ = ("item_id", "text")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    text: str
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class UpsertItemsRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+
+class UpsertItemsResponse(_message.Message):
+    __slots__ = ("upserted", "encoded")
+    UPSERTED_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    upserted: int
+    encoded: int
+    def __init__(self, upserted: _Optional[int] = ..., encoded: _Optional[int] = ...) -> None: ...
+
+class GetUserProfileRequest(_message.Message):
+    __slots__ = ("user_id", "include_vector")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    include_vector: bool
+    def __init__(self, user_id: _Optional[str] = ..., include_vector: _Optional[bool] = ...) -> None: ...
+
+class GetUserProfileResponse(_message.Message):
+    __slots__ = ("user_id", "found", "event_count", "recent_events", "vector", "updated_at")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RECENT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    found: bool
+    event_count: int
+    recent_events: _containers.RepeatedCompositeFieldContainer[Event]
+    vector: _containers.RepeatedScalarFieldContainer[float]
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, user_id: _Optional[str] = ..., found: _Optional[bool] = ..., event_count: _Optional[int] = ..., recent_events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., vector: _Optional[_Iterable[float]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
