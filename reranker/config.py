@@ -66,6 +66,33 @@ class Settings:
     experiment_salt: str = _doc("Bucketing salt when the request names no experiment.", "reranker")
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
+    # --- user model (issue 3) ----------------------------------------------------------------
+    session_size: int = _doc("Most events in the session (short-term) vector S.", 10)
+    session_gap_seconds: float = _doc("A pause longer than this between two events starts a new session.", 1800.0)
+    session_mix: float = _doc(
+        "Share m of the session in the user vector u = normalize((1-m) L/|L| + m S/|S|), in [0, 1]; 0 = long-term only.",
+        0.5,
+    )
+    vector_history_size: int = _doc(
+        "Newest events per user whose item vectors are kept (session vector, attention, explanations); 4*dim bytes each.",
+        20,
+    )
+    attention_weight: float = _doc(
+        "Share of candidate-aware attention pooling over the history in the semantic score, in [0, 1]; 0 = off.", 0.0
+    )
+    attention_temperature: float = _doc(
+        "Softmax temperature of attention pooling; lower = the history item most like the candidate dominates.", 0.1
+    )
+    max_event_ids_per_user: int = _doc(
+        "Event ids remembered per user for de-duplication (8 bytes each); older ids may count again.", 1000
+    )
+    redis_url: str = _doc("redis://host:port/db to share user profiles between replicas; empty = in-process store.", "")
+    redis_prefix: str = _doc("Prefix of the Redis keys; use one prefix per encoder model (vectors differ).", "reranker")
+    redis_timeout_ms: float = _doc("Redis connect/read timeout; a slower Redis counts as down.", 100.0)
+    redis_retry_seconds: float = _doc("After a Redis error, serve from the in-process fallback this long before retrying.", 5.0)
+    redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
+    snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
+    snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,6 +118,17 @@ class Settings:
         for name in ("half_life_seconds", "user_ttl_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        for name in ("session_mix", "attention_weight"):  # user model (issue 3)
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1]")
+        for name in ("session_size", "vector_history_size", "max_event_ids_per_user", "redis_replay_events",
+                     "attention_temperature", "redis_timeout_ms"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.session_size > self.vector_history_size:
+            problems.append("session_size must not exceed vector_history_size")
+        if self.session_gap_seconds < 0 or self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
+            problems.append("session_gap_seconds, redis_retry_seconds and snapshot_interval_seconds must be >= 0")
         try:
             self.parsed_event_weights()
         except ValueError as exc:

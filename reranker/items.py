@@ -87,3 +87,16 @@ class ItemVectorCache:
     def known(self, item_id: str) -> bool:
         with self._lock:
             return item_id in self._entries
+
+    # --- snapshot support (reranker/snapshot.py) -------------------------------------------------
+    def export(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(ids, text hashes as uint64, vectors) of every entry, least recently used first."""
+        with self._lock:
+            ids = list(self._entries)
+            rows = np.fromiter((self._entries[i][0] for i in ids), dtype=np.int64, count=len(ids))
+            hashes = np.fromiter((self._entries[i][1] for i in ids), dtype=np.uint64, count=len(ids))
+            return ids, hashes, self._matrix[rows].copy()
+
+    def restore(self, item_ids: Sequence[str], hashes: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert exported entries (in the given order, so the LRU order survives a round trip)."""
+        self.put(list(item_ids), [int(h) for h in hashes], vectors)
