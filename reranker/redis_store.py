@@ -72,6 +72,7 @@ for i = 8, #ARGV, 6 do
     else
       seq = seq + 1
       redis.call('ZADD', ikey, seq, id_hash)
+      redis.call('ZREMRANGEBYRANK', ikey, 0, -(max_ids + 1))
     end
   end
   if dup then
@@ -113,7 +114,6 @@ if accepted > 0 then
   redis.call('HSET', hkey, 'ref', string.format('%.17g', ref), 'folded', folded, 'count', count, 'seq', seq, 'updated', now)
   redis.call('LTRIM', rkey, 0, max_recent - 1)
   redis.call('ZREMRANGEBYRANK', zkey, 0, -(max_hist + 1))
-  redis.call('ZREMRANGEBYRANK', ikey, 0, -(max_ids + 1))
 elseif seq > 0 then
   redis.call('HSET', hkey, 'seq', seq)
 end

@@ -163,7 +163,7 @@ def load_snapshot(
         log.info("no snapshot at %s; starting empty", path)
         return None
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
             header = _json_value(archive["header"])
             if not isinstance(header, dict) or header.get("format") != FORMAT:
                 log.warning("%s is not a reranker snapshot; ignored", path)

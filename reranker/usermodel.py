@@ -37,7 +37,7 @@ def fold(long_term: np.ndarray, ref_time: float, first: bool, timestamp: float, 
     `first` is True when no event with a vector was folded before (the reference time is unset).
     The arithmetic is in float64 in this exact order; the Redis Lua script does the same steps.
     """
-    v = np.asarray(vector, dtype=np.float64)
+    v = np.asarray(vector, dtype=np.float32).astype(np.float64)  # item vectors are float32 everywhere
     if first:
         ref_time = timestamp
     if timestamp >= ref_time:
