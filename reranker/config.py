@@ -125,6 +125,8 @@ class Settings:
                      "attention_temperature", "redis_timeout_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append("redis_url must start with redis://, rediss:// or unix://")
         if self.session_size > self.vector_history_size:
             problems.append("session_size must not exceed vector_history_size")
         if self.session_gap_seconds < 0 or self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:

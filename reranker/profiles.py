@@ -212,7 +212,7 @@ class InProcessProfileStore:
                     c.decay_rate,
                 )
                 profile.folded += 1
-                vector32 = np.asarray(vector, dtype=np.float32)
+                vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
                 profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
         return RecordResult(accepted, duplicates, without_vector)
 
@@ -264,6 +264,9 @@ def make_profile_store(settings: Settings, dim: int) -> ProfileStore:
     local = InProcessProfileStore(config, max_users=settings.user_cache_size, ttl_seconds=settings.user_ttl_seconds)
     if not settings.redis_url:
         return local
-    from reranker.redis_store import RedisProfileStore
+    try:
+        from reranker.redis_store import RedisProfileStore
+    except ImportError as exc:  # the optional extra is not installed
+        raise RuntimeError(f"redis_url is set but {exc}; install `reranker[redis]`") from exc
 
     return RedisProfileStore.from_settings(settings, config, fallback=local)

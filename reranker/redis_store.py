@@ -63,7 +63,7 @@ local lt = nil
 
 local accepted, duplicates, without = 0, 0, 0
 for i = 8, #ARGV, 6 do
-  local id_hash, ts_s, w, vec, recent, payload = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local id_hash, ts_s, w, vec, recent, header = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local ts = tonumber(ts_s)
   local dup = false
   if id_hash ~= '' then
@@ -102,7 +102,7 @@ for i = 8, #ARGV, 6 do
         local c = w * math.exp(-rate * (ref - ts))
         for k = 1, dim do lt[k] = lt[k] + c * v[k] end
       end
-      redis.call('ZADD', zkey, ts_s, string.format('%016d', seq) .. payload)
+      redis.call('ZADD', zkey, ts_s, string.format('%016d', seq) .. header .. vec)
     end
   end
 end
@@ -153,7 +153,7 @@ class RedisProfileStore:
         self.config = config
         self.dim = config.dim
         self._client = client
-        self._apply = client.register_script(APPLY_SCRIPT)
+        self._script_sha = ""
         self._fallback = fallback
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
         self._prefix = prefix
@@ -203,18 +203,28 @@ class RedisProfileStore:
             id_hash = event_id_hash(event.event_id).to_bytes(8, "little") if event.event_id else b""
             weight = c.weight_of(event)
             if vector is None:
-                vec, payload = b"", b""
+                vec, header = b"", b""
             else:
                 vec = np.asarray(vector, dtype="<f4").tobytes()
                 item = event.item_id.encode("utf-8", "surrogatepass")
-                payload = _HIST_HEADER.pack(event.timestamp, weight, len(item)) + item + vec
-            args.extend([id_hash, repr(event.timestamp), repr(weight), vec, _recent_json(event), payload])
+                header = _HIST_HEADER.pack(event.timestamp, weight, len(item)) + item
+            args.extend([id_hash, repr(event.timestamp), repr(weight), vec, _recent_json(event), header])
         head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim]
-        pipe = self._client.pipeline(transaction=False)
-        for user_id, args in by_user.items():
-            self._apply(keys=self.keys(user_id), args=head + args, client=pipe)
+        for attempt in (1, 2):
+            if not self._script_sha:
+                self._script_sha = self._client.script_load(APPLY_SCRIPT)
+            pipe = self._client.pipeline(transaction=False)
+            for user_id, args in by_user.items():
+                pipe.evalsha(self._script_sha, 4, *self.keys(user_id), *head, *args)
+            try:
+                results = pipe.execute()
+                break
+            except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
+                self._script_sha = ""
+                if attempt == 2:
+                    raise
         total = RecordResult()
-        for accepted, duplicates, without in pipe.execute():
+        for accepted, duplicates, without in results:
             total = total + RecordResult(int(accepted), int(duplicates), int(without))
         return total
 
