@@ -70,7 +70,7 @@ class Settings:
     session_size: int = _doc("Most events in the session (short-term) vector S.", 10)
     session_gap_seconds: float = _doc("A pause longer than this between two events starts a new session.", 1800.0)
     session_mix: float = _doc(
-        "Share m of the session in the user vector u = normalize((1-m) L/|L| + m S/|S|), in [0, 1]; 0 = long-term only.",
+        "Share m of the session in the user vector u = normalize((1-m) L/‖L‖ + m S/‖S‖), in [0, 1]; 0 = long-term only.",
         0.5,
     )
     vector_history_size: int = _doc(
@@ -88,7 +88,8 @@ class Settings:
     )
     redis_url: str = _doc("redis://host:port/db to share user profiles between replicas; empty = in-process store.", "")
     redis_prefix: str = _doc("Prefix of the Redis keys; use one prefix per encoder model (vectors differ).", "reranker")
-    redis_timeout_ms: float = _doc("Redis connect/read timeout; a slower Redis counts as down.", 100.0)
+    redis_timeout_ms: float = _doc("Redis connect timeout, and read timeout on the Rerank path; slower counts as down.", 50.0)
+    redis_write_timeout_ms: float = _doc("Redis timeout for writing a batch of events (slower than a read).", 2000.0)
     redis_retry_seconds: float = _doc("After a Redis error, serve from the in-process fallback this long before retrying.", 5.0)
     redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
     snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
@@ -122,7 +123,7 @@ class Settings:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1]")
         for name in ("session_size", "vector_history_size", "max_event_ids_per_user", "redis_replay_events",
-                     "attention_temperature", "redis_timeout_ms"):
+                     "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

@@ -14,9 +14,9 @@ user's last event; bound the total with Redis' own `maxmemory` + `volatile-lru` 
 
 Redis down: the store never raises to the service. A failed call marks the store degraded for
 `retry_seconds` and serves from an in-process fallback store instead: events recorded meanwhile go
-there (so this replica still personalizes them) and into a bounded replay buffer, which is written
-to Redis (idempotently, by event id) once Redis answers again; then the fallback is cleared. The
-transition is logged and visible as `degraded` / `last_error`.
+there (so this replica still personalizes them) and into a bounded replay buffer, which a
+background thread writes to Redis (idempotently, by event id) once Redis answers again; then the
+fallback is cleared. The transition is logged and visible as `degraded` / `last_error` / `failovers`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from reranker import usermodel
 from reranker.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash
@@ -123,6 +125,7 @@ return {accepted, duplicates, without}
 
 _HIST_HEADER = struct.Struct("<ddI")  # timestamp, weight, item id length; then item id, then float32 vector
 _SEQ_CHARS = 16
+_REPLAY_CHUNK = 500
 
 
 def _recent_json(event: Event) -> str:
@@ -143,6 +146,7 @@ class RedisProfileStore:
         client: redis.Redis,
         config: ProfileConfig,
         *,
+        write_client: redis.Redis | None = None,
         fallback: InProcessProfileStore,
         ttl_seconds: float,
         prefix: str = "reranker",
@@ -152,7 +156,8 @@ class RedisProfileStore:
     ) -> None:
         self.config = config
         self.dim = config.dim
-        self._client = client
+        self._client = client  # reads on the Rerank path: short timeout
+        self._writer = write_client or client  # event batches: may take longer
         self._script_sha = ""
         self._fallback = fallback
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
@@ -162,16 +167,23 @@ class RedisProfileStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._replaying = False
         self.degraded = False
         self.last_error = ""
+        self.failovers = 0  # calls served by the fallback because Redis failed
         self.replay_dropped = 0
 
     @classmethod
     def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore) -> RedisProfileStore:
         timeout = s.redis_timeout_ms / 1000.0
-        client = redis.Redis.from_url(s.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        write_timeout = s.redis_write_timeout_ms / 1000.0
+        # No client-side retries: a failed call fails over at once (the replay buffer is the retry).
+        client = redis.Redis.from_url(s.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
+        writer = redis.Redis.from_url(s.redis_url, socket_timeout=write_timeout, socket_connect_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
         return cls(
-            client, config, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
+            client, config, write_client=writer, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
             retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events,
         )
 
@@ -183,9 +195,9 @@ class RedisProfileStore:
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
         if self._usable():
             try:
-                self._flush_replay()
                 result = self._apply_remote(events, now)
                 self._mark_up()
+                self._start_replay()
                 return result
             except redis.RedisError as exc:
                 self._mark_down(exc)
@@ -212,8 +224,8 @@ class RedisProfileStore:
         head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim]
         for attempt in (1, 2):
             if not self._script_sha:
-                self._script_sha = self._client.script_load(APPLY_SCRIPT)
-            pipe = self._client.pipeline(transaction=False)
+                self._script_sha = self._writer.script_load(APPLY_SCRIPT)
+            pipe = self._writer.pipeline(transaction=False)
             for user_id, args in by_user.items():
                 pipe.evalsha(self._script_sha, 4, *self.keys(user_id), *head, *args)
             try:
@@ -228,6 +240,26 @@ class RedisProfileStore:
             total = total + RecordResult(int(accepted), int(duplicates), int(without))
         return total
 
+    def _start_replay(self) -> None:
+        """Write the events kept during an outage into Redis, in the background (requests don't wait).
+
+        Order does not matter: the fold is exact for out-of-order events and ids de-duplicate.
+        """
+        with self._lock:
+            if not self._replay or self._replaying:
+                return
+            self._replaying = True
+
+        def run() -> None:
+            try:
+                self._flush_replay()
+            except redis.RedisError as exc:
+                self._mark_down(exc)
+            finally:
+                self._replaying = False
+
+        threading.Thread(target=run, name="redis-replay", daemon=True).start()
+
     def _flush_replay(self) -> None:
         with self._lock:
             if not self._replay:
@@ -235,21 +267,23 @@ class RedisProfileStore:
             pending = list(self._replay)
             self._replay.clear()
         try:
-            self._apply_remote(pending, time.time())
+            while pending:
+                self._apply_remote(pending[:_REPLAY_CHUNK], time.time())
+                del pending[:_REPLAY_CHUNK]
         except redis.RedisError:
             with self._lock:
                 self._replay.extendleft(reversed(pending))
             raise
         self._fallback.clear()
-        log.info("replayed %d events recorded while Redis was unavailable", len(pending))
+        log.info("replayed the events recorded while Redis was unavailable")
 
     # --- reads -----------------------------------------------------------------------------------
     def get(self, user_id: str) -> UserState | None:
         if self._usable():
             try:
-                self._flush_replay()
                 state = self._get_remote(user_id)
                 self._mark_up()
+                self._start_replay()
                 return state
             except redis.RedisError as exc:
                 self._mark_down(exc)
@@ -293,6 +327,7 @@ class RedisProfileStore:
 
     def _mark_down(self, exc: Exception) -> None:
         was = self.degraded
+        self.failovers += 1
         self.degraded = True
         self.last_error = f"{type(exc).__name__}: {exc}"
         self._down_until = self._clock() + self._retry_seconds  # type: ignore[operator]
@@ -317,3 +352,4 @@ class RedisProfileStore:
         except redis.RedisError as exc:
             log.warning("could not replay %d events into Redis at shutdown: %s", len(self._replay), exc)
         self._client.close()
+        self._writer.close()

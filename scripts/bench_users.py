@@ -131,6 +131,9 @@ def run_backend(label: str, settings: Settings, args: argparse.Namespace) -> lis
         rows.append((f"{label}: added by 1 event (inline context vs none), p50", f"{added:+.2f} ms"))
         rows.append((f"{label}: event -> visible in next Rerank (RecordEvents + Rerank), p50",
                      f"{statistics.median([a + b for a, b in zip(record_ms, after)]):.2f} ms"))
+        failovers = getattr(service.profiles, "failovers", 0)
+        if failovers:
+            rows.append((f"{label}: WARNING", f"Redis failed {failovers} times (fallback served): numbers are not Redis'"))
     finally:
         channel.close()
         running.stop(0)
@@ -165,6 +168,7 @@ def redis_bytes_per_user(settings: Settings, users: int, events: int) -> float:
     for u in range(users):
         store.apply([(Event(f"user-{u:06d}", f"item-{k}", EventType.CLICK, 1e9 + k, f"ev-{u}-{k}"), vectors[k % 64])
                      for k in range(events)], now=1e9)
+    assert not store.failovers, "Redis failed during the memory measurement"  # type: ignore[attr-defined]
     total = sum(client.memory_usage(key) or 0 for key in client.scan_iter(match=f"{settings.redis_prefix}:*"))
     client.close()
     store.close()

@@ -157,6 +157,9 @@ def test_redis_outage_fails_over_to_in_process_and_replays_after(
         server.start()  # same port, empty (nothing was persisted): only the replay brings data back
         assert record(a, event("u", "p3", PIANO, event_id="after")).accepted == 1
         assert not running.service.profiles.degraded  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10  # the replay runs in the background
+        while profile(b, "u").event_count < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert profile(b, "u").event_count == 3  # the two events recorded during the outage + "after"
         assert ranked_ids(b, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
     finally:
@@ -239,3 +242,14 @@ def test_profile_config_weight_rules() -> None:
     assert config.weight_of(Event("u", "i", EventType.DISLIKE)) == -1.5
     assert config.weight_of(Event("u", "i", EventType.DISLIKE, weight=0.25)) == 0.25
     assert config.weight_of(Event("u", "i", EventType.UNSPECIFIED)) == 1.0
+
+
+def test_a_server_starts_and_serves_with_redis_unreachable(make_server: ServerFactory) -> None:
+    from tests.redis_server import free_port
+
+    running, stub = make_server(fake_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    assert record(stub, event("u", "p1", PIANO, event_id="e1")).accepted == 1
+    assert record(stub, event("u", "p1", PIANO, event_id="e1")).duplicates == 1  # dedup holds in the fallback
+    assert ranked_ids(stub, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
+    store = running.service.profiles
+    assert isinstance(store, RedisProfileStore) and store.degraded and "Connection" in store.last_error
