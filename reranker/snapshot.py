@@ -181,10 +181,13 @@ def load_snapshot(
         log.warning("snapshot %s is unreadable (%s); starting empty", path, exc)
         return None
     restored_users = 0
-    if items is not None:
-        items.restore(_json_value(data["item_ids"]), data["item_hashes"], data["item_vectors"])  # type: ignore[arg-type]
-    if profiles is not None:
-        restored_users = _restore_profiles(profiles, data, now, ttl_seconds)
+    try:
+        if items is not None:
+            items.restore(_json_value(data["item_ids"]), data["item_hashes"], data["item_vectors"])  # type: ignore[arg-type]
+        if profiles is not None:
+            restored_users = _restore_profiles(profiles, data, now, ttl_seconds)
+    except Exception as exc:  # well-formed archive, inconsistent content: keep what was restored
+        log.warning("snapshot %s is inconsistent (%s); it was restored only in part", path, exc)
     info = SnapshotInfo(str(path), len(data["item_hashes"]), restored_users, path.stat().st_size,
                         time.perf_counter() - started)
     log.info("snapshot loaded: %d items, %d users in %.2f s", info.items, info.users, info.seconds)
