@@ -78,7 +78,7 @@ class Settings:
         20,
     )
     attention_weight: float = _doc(
-        "Share of candidate-aware attention pooling over the history in the semantic score, in [0, 1]; 0 = off.", 0.0
+        "Share of candidate-aware attention pooling over the history in the semantic score, in [0, 1]; 0 = off.", 0.5
     )
     attention_temperature: float = _doc(
         "Softmax temperature of attention pooling; lower = the history item most like the candidate dominates.", 0.1

@@ -7,8 +7,8 @@ has to turn its messages into `Event`s and call it with batches of any size up t
 
 `ready_batches` turns a blocking iterator (a gRPC request stream) into batches without waiting for
 a batch to fill: a reader thread queues messages as they arrive and each batch is whatever is
-queued (at least one, at most `max_batch`). A trickle of events is applied one by one, the moment
-each arrives; a flood is applied in large batches.
+queued (at least one, at most `max_batch`), plus what arrives within a millisecond. A trickle of
+events is applied one by one, about a millisecond after each arrives; a flood in large batches.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 _END = object()
+# How long a batch waits for the next message of a stream. Batching amortizes the per-batch cost
+# (vector lookups, locks) ~5x under load; a lone event waits this long at most.
+LINGER_S = 0.001
 
 
 class _Failed:
@@ -28,8 +31,14 @@ class _Failed:
         self.exc = exc
 
 
-def ready_batches(messages: Iterable[T], max_batch: int, max_queued: int | None = None) -> Iterator[list[T]]:
-    """Yield lists of the messages available so far (1..max_batch), in order, until the end."""
+def ready_batches(
+    messages: Iterable[T], max_batch: int, linger_s: float = LINGER_S, max_queued: int | None = None
+) -> Iterator[list[T]]:
+    """Yield lists of the messages available so far (1..max_batch), in order, until the end.
+
+    A batch closes when `max_batch` messages are in it, or when no further message arrived within
+    `linger_s` of the previous one.
+    """
     pending: queue.Queue[object] = queue.Queue(maxsize=max_queued or 2 * max_batch)
     stop = threading.Event()
 
@@ -65,7 +74,7 @@ def ready_batches(messages: Iterable[T], max_batch: int, max_queued: int | None 
                 if len(batch) >= max_batch:
                     break
                 try:
-                    item = pending.get_nowait()
+                    item = pending.get(timeout=linger_s)
                 except queue.Empty:
                     break
             if batch:

@@ -168,7 +168,12 @@ def attention_scores(
     hist = np.asarray(history, dtype=np.float32)
     if hist.shape[0] == 0 or items.shape[0] == 0:
         return np.zeros(items.shape[0])
-    sims = (items @ hist.T).astype(np.float64)  # (n, k)
+    # One matrix-vector product per history row rather than one (n, d) @ (d, k) product: OpenBLAS
+    # spreads small matrix products over threads, which on a busy machine costs milliseconds for
+    # microseconds of work; k is small (vector_history_size).
+    sims = np.empty((items.shape[0], hist.shape[0]), dtype=np.float64)  # (n, k)
+    for j in range(hist.shape[0]):
+        sims[:, j] = items @ hist[j]
     logits = sims / max(temperature, 1e-6)
     attn = np.exp(logits - logits.max(axis=1, keepdims=True))
     b = np.asarray(history_weights, dtype=np.float64)
