@@ -123,9 +123,10 @@ def run_backend(label: str, settings: Settings, args: argparse.Namespace) -> lis
             t0 = time.perf_counter()
             stub.Rerank(pb.RerankRequest(user_id="lat", candidates=candidates, context_events=[ev("lat", 5000 + k)]))
             inline.append(1000 * (time.perf_counter() - t0))
-        for name, values in (("Rerank, no new event", plain), ("RecordEvents(1 event)", record_ms),
-                             ("Rerank right after that event", after), ("Rerank with 1 inline context event", inline)):
-            rows.append((f"{label}: {name}, 100 candidates",
+        for name, values in (("Rerank (100 candidates), no new event", plain), ("RecordEvents (1 event)", record_ms),
+                             ("Rerank right after that RecordEvents", after),
+                             ("Rerank with 1 inline context event", inline)):
+            rows.append((f"{label}: {name}",
                          f"p50 {statistics.median(values):.2f} ms, p99 {percentile(values, 99):.2f} ms"))
         added = statistics.median(inline) - statistics.median(plain)
         rows.append((f"{label}: added by 1 event (inline context vs none), p50", f"{added:+.2f} ms"))
