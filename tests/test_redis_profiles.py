@@ -23,9 +23,9 @@ from reranker.redis_store import RedisProfileStore
 from reranker.types import Event, EventType
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
-from tests.conftest import REPO, ServerFactory, candidate, event, fake_settings
-from tests.redis_server import RedisServer
-from tests.test_user_events import PIANO, TOPIC_CANDIDATES, profile, ranked_ids, record
+from conftest import REPO, ServerFactory, candidate, event, fake_settings
+from redis_server import RedisServer
+from test_user_events import PIANO, TOPIC_CANDIDATES, profile, ranked_ids, record
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_profile_config_weight_rules() -> None:
 
 
 def test_a_server_starts_and_serves_with_redis_unreachable(make_server: ServerFactory) -> None:
-    from tests.redis_server import free_port
+    from redis_server import free_port
 
     running, stub = make_server(fake_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     assert record(stub, event("u", "p1", PIANO, event_id="e1")).accepted == 1

@@ -23,7 +23,7 @@ from reranker.service import RerankService
 from reranker.types import Event
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
-from tests.conftest import REPO, candidate, event, fake_settings, wait_ready
+from conftest import REPO, candidate, event, fake_settings, wait_ready
 
 CANDIDATES = [candidate("c1", 3.0, "red apples"), candidate("c2", 2.0, "green pears"), candidate("c3", 1.0)]
 
@@ -139,10 +139,14 @@ def test_failure_between_write_and_rename_keeps_the_old_snapshot(tmp_path: Path,
 
 KILLED_WRITER = """
 import os, sys, time
-from pathlib import Path
+from reranker.config import Settings
+from reranker.encoder import FakeEncoder
+from reranker.service import RerankService
 from reranker.types import Event
-from tests.test_snapshot import loaded_service
-service = loaded_service(Path(sys.argv[1]))
+settings = Settings(encoder="fake", fake_dim=64, snapshot_path=sys.argv[1], snapshot_interval_seconds=0)
+service = RerankService(settings, FakeEncoder(64))
+service.load()
+assert service.user_profile("old").found
 service.record_events([Event("new-%d" % i, "i%d" % i, text="text %d" % i) for i in range(2000)])
 def hang(fd):  # the power goes out while the data is being flushed
     print("writing", flush=True)

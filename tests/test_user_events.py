@@ -12,7 +12,7 @@ import pytest
 
 from reranker.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
-from tests.conftest import ServerFactory, candidate, event, fake_settings
+from conftest import ServerFactory, candidate, event, fake_settings
 
 DAY = 86_400.0
 T0 = 1_700_000_000.0
