@@ -23,7 +23,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def fake_settings(**overrides: object) -> Settings:
-    base = Settings(address="127.0.0.1:0", encoder="fake", fake_dim=64, max_workers=8, grace_seconds=2.0)
+    base = Settings(
+        address="127.0.0.1:0", encoder="fake", fake_dim=64, max_workers=8, grace_seconds=2.0, metrics_address=""
+    )
     return dataclasses.replace(base, **overrides)
 
 
