@@ -71,6 +71,11 @@ class Settings:
         "host:port of the Prometheus /metrics HTTP endpoint; empty = off. Use 0.0.0.0:9464 in a pod.",
         "127.0.0.1:9464",
     )
+    health_address: str = _doc(
+        "host:port of an extra gRPC listener serving only grpc.health.v1 (kubelet probes reach it while "
+        "`address` stays on loopback); empty = off.",
+        "",
+    )
     log_format: str = _doc("`text` (human) or `json` (one JSON object per line, for log shippers).", "text")
     access_log: bool = _doc("Log one line per RPC (request id, bucket, variant, fallback, latency).", True)
     log_user_salt: str = _doc(
@@ -108,6 +113,8 @@ class Settings:
                 problems.append(f"{name} must be positive")
         if self.metrics_address and not self.metrics_address.rpartition(":")[2].isdigit():
             problems.append("metrics_address must be host:port (or empty for off)")
+        if self.health_address and not self.health_address.rpartition(":")[2].isdigit():
+            problems.append("health_address must be host:port (or empty for off)")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be 'text' or 'json'")
         try:

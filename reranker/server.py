@@ -39,6 +39,8 @@ class RunningServer:
     loader: threading.Thread
     metrics_endpoint: MetricsEndpoint | None = None
     tracer_provider: Any = None
+    health_server: grpc.Server | None = None
+    health_port: int = 0
 
     @property
     def metrics_port(self) -> int:
@@ -54,6 +56,8 @@ class RunningServer:
         """Graceful shutdown: report NOT_SERVING, refuse new RPCs, let in-flight ones finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.service.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
@@ -108,10 +112,28 @@ def build_server(settings: Settings, service: RerankService, *, tracer_provider:
         running.set_serving(True)
         log.info("serving on port %d (model %s)", port, service.model_version)
 
+    if settings.health_address:
+        try:
+            running.health_server, running.health_port = _health_only_server(settings.health_address, health_servicer)
+        except RuntimeError:
+            if endpoint is not None:
+                endpoint.stop()
+            raise
     running.loader = threading.Thread(target=load, name="model-loader", daemon=True)
     server.start()
     running.loader.start()
     return running
+
+
+def _health_only_server(address: str, health_servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+    """A second listener with only the health service, sharing the main server's status."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind health_address {address}")
+    server.start()
+    return server, port
 
 
 def serve(settings: Settings) -> None:
@@ -120,6 +142,8 @@ def serve(settings: Settings) -> None:
     log.info("listening on %s (port %d)", settings.address, running.port)
     if running.metrics_endpoint is not None:
         log.info("metrics on http://%s/metrics", settings.metrics_address)
+    if running.health_server is not None:
+        log.info("health-only listener on %s (port %d)", settings.health_address, running.health_port)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

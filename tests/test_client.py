@@ -5,18 +5,16 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import grpc
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reranker.client import RerankerClient, upstream_order
 from reranker.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
-from tests.conftest import REPO, ServerFactory, SlowEncoder, event, fake_settings
+from tests.conftest import GatedEncoder, REPO, ServerFactory, SlowEncoder, event, fake_settings
 
 CANDIDATES = [("c1", 0.9, "romantic comedy in paris"), ("c2", 0.8, "space opera starships"), ("c1", 0.7), ("c3", 0.6)]
 
@@ -35,19 +33,6 @@ def rpc_count(metrics_port: int, method: str, code: str) -> float:
             if s.name == "reranker_rpcs_total" and s.labels == {"method": method, "code": code}:
                 return s.value
     return 0.0
-
-
-class GatedEncoder:
-    """Blocks the warm-up until `gate` is set: the server stays NOT_SERVING (writes get UNAVAILABLE)."""
-
-    def __init__(self, dim: int = 64) -> None:
-        self.inner = FakeEncoder(dim)
-        self.dim, self.version = dim, "gated"
-        self.gate = threading.Event()
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        self.gate.wait(30)
-        return self.inner.encode(texts)
 
 
 def test_rerank_or_upstream_returns_the_personalized_order(make_server: ServerFactory) -> None:
