@@ -58,6 +58,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--users", type=int, default=50, help="distinct users the requests cycle through")
     parser.add_argument("--encoder", default="transformer")
     parser.add_argument("--extra", nargs="*", default=[], help="extra `reranker serve` flags")
     opts = parser.parse_args()
@@ -89,7 +90,7 @@ def main() -> int:
         texts = titles()
         t0 = time.monotonic()
         for r in range(opts.requests):
-            user = f"user-{r % 50}"
+            user = f"user-{r % opts.users}"
             base = (r * opts.candidates) % len(texts)
             cands = [
                 pb.Candidate(item_id=str((base + i) % len(texts)), score=1.0 / (i + 1), text=texts[(base + i) % len(texts)])
@@ -102,6 +103,7 @@ def main() -> int:
                 print(f"after {r + 1} requests: rss={rss:.0f} MiB peak={hwm:.0f} MiB")
         elapsed = time.monotonic() - t0
         rss, hwm = memory_mib(proc.pid)
+        print(f"(users={opts.users}, candidates/request={opts.candidates}, catalogue={len(texts)} texts)")
         print(f"after traffic: rss={rss:.0f} MiB peak={hwm:.0f} MiB ({opts.requests} requests in {elapsed:.1f} s)")
         channel.close()
     finally:
