@@ -49,6 +49,7 @@ ENV PATH=/opt/reranker/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
+    HF_HUB_DISABLE_PROGRESS_BARS=1 \
     HOME=/tmp \
     TMPDIR=/tmp \
     HF_HOME=/tmp/hf \

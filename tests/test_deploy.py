@@ -147,7 +147,8 @@ def test_dockerfile_runtime_is_non_root_offline_and_read_only_friendly() -> None
     user = next(i for i in runtime if i.startswith("USER "))
     uid = int(user.split()[1].split(":")[0])
     assert uid >= 10000, "numeric, non-root UID (runAsNonRoot can verify it)"
-    for env in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "HOME=/tmp", "HF_HOME=/tmp/hf", "TMPDIR=/tmp"):
+    for env in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "HF_HUB_DISABLE_PROGRESS_BARS=1", "HOME=/tmp",
+                "HF_HOME=/tmp/hf", "TMPDIR=/tmp"):
         assert env in joined
     assert "compileall" in "\n".join(dockerfile_stages()[0]), "bytecode compiled at build time (no writes at run time)"
     assert 'ENTRYPOINT ["reranker", "serve"]' in runtime
