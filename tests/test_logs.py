@@ -94,6 +94,14 @@ def test_rejected_requests_log_the_status_but_not_the_message(
     assert "user_hash" not in line  # no salt configured: no hash either
 
 
+def test_streamed_events_log_their_count(make_server: ServerFactory, access_lines: io.StringIO) -> None:
+    _, stub = make_server()
+    stub.StreamEvents(iter([event(SECRET_USER, f"i{n}", SECRET_TEXT) for n in range(4)]))
+    (line,) = records(access_lines)
+    assert (line["method"], line["code"], line["events"]) == ("StreamEvents", "OK", 4)
+    assert SECRET_USER not in access_lines.getvalue()
+
+
 def test_access_log_can_be_turned_off(make_server: ServerFactory, access_lines: io.StringIO) -> None:
     _, stub = make_server(fake_settings(access_log=False))
     stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1)]))

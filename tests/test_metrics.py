@@ -14,7 +14,8 @@ from reranker.encoder import FakeEncoder
 from reranker.server import build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
-from tests.conftest import FailingEncoder, ServerFactory, candidate, event, fake_settings
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
+from tests.conftest import FailingEncoder, ServerFactory, candidate, event, fake_settings, wait_ready
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -140,3 +141,40 @@ def test_metrics_port_in_use_is_a_clear_startup_error() -> None:
 def test_malformed_metrics_address_is_rejected_with_the_setting_name() -> None:
     with pytest.raises(ValueError, match="metrics_address"):
         fake_settings(metrics_address="localhost")
+
+
+def test_streamed_events_are_counted_once_per_stream(make_server: ServerFactory) -> None:
+    running, stub = make_server(fake_settings(metrics_address="127.0.0.1:0"))
+    reply = stub.StreamEvents(iter([event("u", f"i{n}", f"text {n}") for n in range(3)]))
+    assert reply.accepted == 3
+    m = scrape(running.metrics_port)
+    assert value(m, "reranker_rpcs_total", method="StreamEvents", code="OK") == 1
+    assert value(m, "reranker_rpc_duration_seconds_count", method="StreamEvents", variant="") == 1
+    assert value(m, "reranker_cache_entries", cache="items") == 3
+
+
+@pytest.mark.model
+def test_real_model_server_reports_load_time_and_encoder_batches() -> None:
+    settings = fake_settings(encoder="transformer", metrics_address="127.0.0.1:0", torch_threads=1)
+    running = build_server(settings, RerankService(settings))  # the service loads the packaged model itself
+    try:
+        wait_ready(running)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            _check_real_model_metrics(running.metrics_port, pb_grpc.RerankerServiceStub(channel))
+    finally:
+        running.stop(0)
+
+
+def _check_real_model_metrics(metrics_port: int, stub: pb_grpc.RerankerServiceStub) -> None:
+    texts = ["A space opera about a galactic war", "A quiet romance in Paris", "Deep sea documentary"]
+    reply = stub.Rerank(pb.RerankRequest(
+        user_id="u", candidates=[candidate(f"i{n}", 1.0 - n / 10, t) for n, t in enumerate(texts)],
+        context_events=[event("u", "h1", "Starships and aliens")],
+    ))
+    assert reply.variant == pb.VARIANT_RERANKED
+    m = scrape(metrics_port)
+    (version,) = [dict(labels)["model_version"] for name, labels in m if name == "reranker_model_info"]
+    assert version.startswith("all-MiniLM-L6-v2@") and version == reply.model_version
+    assert value(m, "reranker_model_load_seconds") > 0.05  # reading weights from disk, not just a warm-up
+    assert value(m, "reranker_encoder_batch_size_sum") == 4  # three candidates and the event text
+    assert value(m, "reranker_rpc_duration_seconds_count", method="Rerank", variant="reranked") == 1
