@@ -78,6 +78,11 @@ class Settings:
     )
     log_format: str = _doc("`text` (human) or `json` (one JSON object per line, for log shippers).", "text")
     access_log: bool = _doc("Log one line per RPC (request id, bucket, variant, fallback, latency).", True)
+    access_log_sample: float = _doc(
+        "Share in [0, 1] of successful, personalized RPCs that get an access-log line; errors, fallbacks, "
+        "bypass and control lines are always written.",
+        1.0,
+    )
     log_user_salt: str = _doc(
         "When set, access-log lines carry `user_hash` = salted hash of the user id (raw ids are never logged).", ""
     )
@@ -115,6 +120,8 @@ class Settings:
             problems.append("metrics_address must be host:port (or empty for off)")
         if self.health_address and not self.health_address.rpartition(":")[2].isdigit():
             problems.append("health_address must be host:port (or empty for off)")
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            problems.append("access_log_sample must be in [0, 1]")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be 'text' or 'json'")
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -59,6 +60,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._metrics = metrics
         self._access_log = settings.access_log
+        self._sample = settings.access_log_sample
         self._user_salt = settings.log_user_salt
 
     def intercept_service(
@@ -116,7 +118,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                         reason = reason_label(response.fallback_reason)
                     self._metrics.rerank_candidates.observe(len(request.candidates))
                 self._metrics.observe_rpc(method, code, seconds, variant, reason)
-                if self._access_log:
+                if self._access_log and self._should_log(code, variant):
                     fields.update(self._describe(request, response, counter.count if streaming else None))
                     fields["latency_ms"] = round(seconds * 1000.0, 3)
                     access_log.info(
@@ -125,6 +127,12 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     )
 
         return observed
+
+    def _should_log(self, code: str, variant: str) -> bool:
+        """Always log failures and anything but a personalized answer; sample the rest."""
+        if code != "OK" or variant not in ("", "reranked") or self._sample >= 1.0:
+            return True
+        return random.random() < self._sample
 
     def _describe(self, request: Any, response: Any, streamed: int | None) -> dict[str, Any]:
         """Counts and outcome of one call: sizes, bucket, variant; never ids or texts."""

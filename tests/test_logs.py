@@ -102,6 +102,20 @@ def test_streamed_events_log_their_count(make_server: ServerFactory, access_line
     assert SECRET_USER not in access_lines.getvalue()
 
 
+def test_sampling_keeps_every_fallback_and_error_line(make_server: ServerFactory, access_lines: io.StringIO) -> None:
+    _, stub = make_server(fake_settings(access_log_sample=0.0, min_budget_ms=2000.0))
+    for _ in range(5):
+        stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1)]))  # reranked: sampled out
+    stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1)]), timeout=1.0)  # fallback
+    stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1)], options=pb.RerankOptions(bypass=True)))
+    with pytest.raises(grpc.RpcError):
+        stub.Rerank(pb.RerankRequest(user_id=""))
+    lines = records(access_lines)
+    assert [(line.get("variant"), line["code"]) for line in lines] == [
+        ("fallback", "OK"), ("bypassed", "OK"), (None, "INVALID_ARGUMENT"),
+    ]
+
+
 def test_access_log_can_be_turned_off(make_server: ServerFactory, access_lines: io.StringIO) -> None:
     _, stub = make_server(fake_settings(access_log=False))
     stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1)]))
