@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import urllib.request
 
@@ -178,3 +179,18 @@ def _check_real_model_metrics(metrics_port: int, stub: pb_grpc.RerankerServiceSt
     assert value(m, "reranker_model_load_seconds") > 0.05  # reading weights from disk, not just a warm-up
     assert value(m, "reranker_encoder_batch_size_sum") == 4  # three candidates and the event text
     assert value(m, "reranker_rpc_duration_seconds_count", method="Rerank", variant="reranked") == 1
+
+
+def test_readme_documents_exactly_the_exposed_series(make_server: ServerFactory) -> None:
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(reranker_[a-z_]+)` \|", section, re.M))
+    running, stub = make_server(fake_settings(metrics_address="127.0.0.1:0"))
+    stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1, "text")]))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
+    exposed = {f.name for f in text_string_to_metric_families(body) if not f.name.endswith("_created")}
+    # Counters are documented with their `_total` sample name; the parser reports the family name.
+    exposed_names = {n + "_total" if f"{n}_total" in body else n for n in exposed}
+    assert documented == exposed_names
