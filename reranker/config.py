@@ -94,6 +94,31 @@ class Settings:
     redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
     snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
     snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
+    # --- operations (issue 5) ------------------------------------------------------------------
+    metrics_address: str = _doc(
+        "host:port of the Prometheus /metrics HTTP endpoint; empty = off. Use 0.0.0.0:9464 in a pod.",
+        "127.0.0.1:9464",
+    )
+    health_address: str = _doc(
+        "host:port of an extra gRPC listener serving only grpc.health.v1 (kubelet probes reach it while "
+        "`address` stays on loopback); empty = off.",
+        "",
+    )
+    log_format: str = _doc("`text` (human) or `json` (one JSON object per line, for log shippers).", "text")
+    access_log: bool = _doc("Log one line per RPC (request id, bucket, variant, fallback, latency).", True)
+    access_log_sample: float = _doc(
+        "Share in [0, 1] of successful, personalized RPCs that get an access-log line; errors, fallbacks, "
+        "bypass and control lines are always written.",
+        1.0,
+    )
+    log_user_salt: str = _doc(
+        "When set, access-log lines carry `user_hash` = salted hash of the user id (raw ids are never logged).", ""
+    )
+    otel_enabled: bool = _doc("OpenTelemetry tracing of every RPC (needs the `otel` extra).", False)
+    otel_endpoint: str = _doc(
+        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; empty = exporter default/OTEL_* env.", ""
+    )
+    otel_service_name: str = _doc("service.name resource attribute of the exported traces.", "reranker")
 
     def __post_init__(self) -> None:
         problems = []
@@ -132,6 +157,14 @@ class Settings:
             problems.append("session_size must not exceed vector_history_size")
         if self.session_gap_seconds < 0 or self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
             problems.append("session_gap_seconds, redis_retry_seconds and snapshot_interval_seconds must be >= 0")
+        if self.metrics_address and not self.metrics_address.rpartition(":")[2].isdigit():
+            problems.append("metrics_address must be host:port (or empty for off)")
+        if self.health_address and not self.health_address.rpartition(":")[2].isdigit():
+            problems.append("health_address must be host:port (or empty for off)")
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            problems.append("access_log_sample must be in [0, 1]")
+        if self.log_format not in ("text", "json"):
+            problems.append("log_format must be 'text' or 'json'")
         try:
             self.parsed_event_weights()
         except ValueError as exc:

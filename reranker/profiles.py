@@ -77,6 +77,12 @@ class ProfileStore(Protocol):
     """What the service needs from a profile store (in-process or shared)."""
 
     backend: str
+    hits: int  # get() calls that found the user (metrics)
+    misses: int
+
+    def __len__(self) -> int:
+        """Users held in this process."""
+        ...
 
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
         """Fold events (with their item vector, or None when unknown) into their users' profiles."""
@@ -179,6 +185,8 @@ class InProcessProfileStore:
         self.dim = config.dim
         self._profiles: cachetools.TTLCache[str, _Profile] = cachetools.TTLCache(max_users, ttl_seconds)
         self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -219,7 +227,11 @@ class InProcessProfileStore:
     def get(self, user_id: str) -> UserState | None:
         with self._lock:
             profile = self._profiles.get(user_id)
-            return None if profile is None else profile.state(user_id, self.dim)
+            if profile is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            return profile.state(user_id, self.dim)
 
     def clear(self) -> None:
         with self._lock:

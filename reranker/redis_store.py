@@ -171,6 +171,8 @@ class RedisProfileStore:
         self.degraded = False
         self.last_error = ""
         self.failovers = 0  # calls served by the fallback because Redis failed
+        self.hits = 0
+        self.misses = 0
         self.replay_dropped = 0
 
     @classmethod
@@ -282,6 +284,10 @@ class RedisProfileStore:
         if self._usable():
             try:
                 state = self._get_remote(user_id)
+                if state is None:
+                    self.misses += 1
+                else:
+                    self.hits += 1
                 self._mark_up()
                 self._start_replay()
                 return state
@@ -320,6 +326,10 @@ class RedisProfileStore:
         return usermodel.History(
             tuple(items), np.array(times), np.array(weights), np.stack(vectors).astype(np.float32)
         )
+
+    def __len__(self) -> int:
+        """Users held in this process: the outage fallback's (0 while Redis is healthy)."""
+        return len(self._fallback)
 
     # --- health ----------------------------------------------------------------------------------
     def _usable(self) -> bool:

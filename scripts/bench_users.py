@@ -186,7 +186,8 @@ def main() -> int:
     args.scale = 10 if args.quick else 1
     if args.quick:
         args.rounds = max(20, args.rounds // 10)
-    base = Settings(address="127.0.0.1:0", encoder="fake", fake_dim=args.dim, warmup=False, log_level="WARNING")
+    base = Settings(address="127.0.0.1:0", encoder="fake", fake_dim=args.dim, warmup=False, log_level="WARNING",
+                    metrics_address="", access_log=False)
     proc, tmp = None, ""
     redis_url = args.redis_url
     if not redis_url:

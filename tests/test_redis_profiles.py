@@ -172,7 +172,8 @@ class ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "reranker", "serve", "--encoder", "fake", "--fake-dim", "64",
-             "--address", "127.0.0.1:0", "--redis-url", redis_url, "--grace-seconds", "1"],
+             "--address", "127.0.0.1:0", "--redis-url", redis_url, "--grace-seconds", "1",
+             "--metrics-address", ""],
             cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
         )
         self.port = self._read_port()
