@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -241,10 +241,21 @@ class InProcessProfileStore:
         pass
 
     # --- snapshot support ------------------------------------------------------------------------
-    def export(self) -> list[tuple[str, _Profile]]:
-        """All live profiles (shallow copies taken under the lock), least recently used first."""
+    def export_chunks(self, size: int) -> Iterator[list[tuple[str, _Profile]]]:
+        """Like export(), `size` users at a time, taking the lock once per chunk (not for the whole
+        store), so requests are not held up by a snapshot of many users. Users that expire or are
+        evicted meanwhile are skipped; each user's copy is consistent."""
         with self._lock:
-            return [(user_id, _copy(profile)) for user_id, profile in self._profiles.items()]
+            user_ids = list(self._profiles.keys())
+        for start in range(0, len(user_ids), size):
+            with self._lock:
+                chunk = []
+                for user_id in user_ids[start : start + size]:
+                    profile = self._profiles.get(user_id)
+                    if profile is not None:
+                        chunk.append((user_id, _copy(profile)))
+            if chunk:
+                yield chunk
 
     def restore(self, user_id: str, profile: _Profile) -> None:
         with self._lock:

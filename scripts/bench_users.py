@@ -156,6 +156,39 @@ def in_process_bytes_per_user(settings: Settings, users: int, events: int) -> fl
     return used / users
 
 
+def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str, str]]:
+    from reranker.items import ItemVectorCache
+    from reranker.snapshot import load_snapshot, save_snapshot
+
+    config = ProfileConfig.from_settings(settings, settings.fake_dim)
+    vectors = np.random.default_rng(0).standard_normal((64, settings.fake_dim)).astype(np.float32)
+    store = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9)
+    for u in range(users):
+        store.apply([(Event(f"user-{u:06d}", f"item-{k}", EventType.CLICK, 1e9 + k, f"ev-{u}-{k}"), vectors[k % 64])
+                     for k in range(events)], now=1e9)
+    items = ItemVectorCache(ITEMS, settings.fake_dim)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
+    try:
+        started = time.perf_counter()
+        longest = 0.0
+        for _ in store.export_chunks(2000):  # what the lock is held for, per part
+            longest = max(longest, time.perf_counter() - started)
+            started = time.perf_counter()
+        saved = save_snapshot(tmp / "s.npz", items=items, profiles=store, model_version="bench", dim=settings.fake_dim)
+        fresh = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9)
+        loaded = load_snapshot(tmp / "s.npz", items=ItemVectorCache(ITEMS, settings.fake_dim), profiles=fresh,
+                               model_version="bench", dim=settings.fake_dim, now=1e9, ttl_seconds=1e9)
+        assert loaded is not None and loaded.users == users
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    label = f"snapshot of {users:,} users x {events} events"
+    return [
+        (f"{label}: save", f"{saved.seconds:.2f} s, {saved.bytes / 1e6:,.0f} MB on disk"),
+        (f"{label}: load", f"{loaded.seconds:.2f} s"),
+        (f"{label}: longest store-lock hold while saving (a part is ≤ 2,000 users)", f"{1000 * longest:.0f} ms"),
+    ]
+
+
 def redis_bytes_per_user(settings: Settings, users: int, events: int) -> float:
     import redis
 
@@ -205,6 +238,7 @@ def main() -> int:
             if redis_url:
                 rows.append((f"memory per user, Redis, {events} events (dim {args.dim})",
                              f"{redis_bytes_per_user(dataclasses.replace(base, redis_url=redis_url), 500 // args.scale, events):,.0f} bytes"))
+        rows += snapshot_rows(base, 5000 // args.scale, 20)
     finally:
         if proc is not None:
             proc.terminate()

@@ -207,3 +207,21 @@ def test_profiles_that_expired_while_down_are_not_restored(tmp_path: Path) -> No
     saved_service(path, Event("old", "i1", text="apples", timestamp=1000.0), clock=1000.0).close()
     assert loaded_service(path, clock=1000.0 + ttl - 1).user_profile("old").found
     assert not loaded_service(path, clock=1000.0 + ttl + 1).user_profile("old").found
+
+
+def test_profiles_are_written_in_parts_and_all_come_back(tmp_path: Path) -> None:
+    path = tmp_path / "state.npz"
+    source = saved_service(path, *(Event(f"user-{u}", f"i{k}", text=f"text {u} {k}", event_id=f"{u}-{k}",
+                                         timestamp=1000.0 + k) for u in range(7) for k in range(3)))
+    assert source.items is not None
+    info = snapshot.save_snapshot(path, items=source.items, profiles=source.profiles,  # type: ignore[arg-type]
+                                  model_version=source.model_version, dim=source.items.dim, users_per_part=2)
+    assert info.users == 7
+    with np.load(path) as archive:
+        assert json.loads(archive["header"].tobytes())["user_parts"] == 4
+    restored = loaded_service(path)
+    for u in range(7):
+        before, after = source.user_profile(f"user-{u}", True), restored.user_profile(f"user-{u}", True)
+        assert after.event_count == 3 and after.recent_events == before.recent_events
+        np.testing.assert_allclose(after.vector, before.vector)
+    assert restored.record_events([Event("user-6", "i0", event_id="6-0")]).duplicates == 1
