@@ -242,18 +242,20 @@ class InProcessProfileStore:
 
     # --- snapshot support ------------------------------------------------------------------------
     def export_chunks(self, size: int) -> Iterator[list[tuple[str, _Profile]]]:
-        """Like export(), `size` users at a time, taking the lock once per chunk (not for the whole
-        store), so requests are not held up by a snapshot of many users. Users that expire or are
-        evicted meanwhile are skipped; each user's copy is consistent."""
+        """Copies of all live profiles (least recently used first), `size` users per list, for
+        snapshots. The lock is taken per user, so a snapshot of many users never holds up requests
+        for longer than one user's copy. Users that expire or are evicted meanwhile are skipped;
+        each user's copy is consistent."""
         with self._lock:
             user_ids = list(self._profiles.keys())
         for start in range(0, len(user_ids), size):
-            with self._lock:
-                chunk = []
-                for user_id in user_ids[start : start + size]:
+            chunk = []
+            for user_id in user_ids[start : start + size]:
+                with self._lock:
                     profile = self._profiles.get(user_id)
-                    if profile is not None:
-                        chunk.append((user_id, _copy(profile)))
+                    copied = None if profile is None else _copy(profile)
+                if copied is not None:
+                    chunk.append((user_id, copied))
             if chunk:
                 yield chunk
 
