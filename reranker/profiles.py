@@ -28,7 +28,7 @@ import cachetools
 import numpy as np
 
 from reranker import usermodel
-from reranker.types import Event, RecordResult
+from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
     from reranker.config import Settings
@@ -134,14 +134,29 @@ class _SeenIds:
         return np.concatenate([self.hashes[self.next : self.size], self.hashes[: self.next]])
 
 
-@dataclass
+# A recent event as kept in memory: (item_id, type, timestamp, event_id, weight). A tuple of
+# atoms is untracked by Python's cyclic GC, so a million users' recent events cost the collector
+# nothing (an Event object each would make every full collection walk them all).
+RecentEvent = tuple[str, int, float, str, "float | None"]
+
+
+def _recent_tuple(event: Event) -> RecentEvent:
+    return (event.item_id, int(event.type), event.timestamp, event.event_id, event.weight)
+
+
+def _recent_event(user_id: str, row: RecentEvent) -> Event:
+    item_id, kind, timestamp, event_id, weight = row
+    return Event(user_id, item_id, EventType(kind), timestamp, event_id, None, weight)
+
+
+@dataclass(slots=True)
 class _Profile:
     long_term: np.ndarray
     ref_time: float = 0.0
     folded: int = 0
     event_count: int = 0
     updated_at: float = 0.0
-    recent: deque[Event] = dataclasses.field(default_factory=deque)
+    recent: deque[RecentEvent] = dataclasses.field(default_factory=deque)
     hist_times: list[float] = dataclasses.field(default_factory=list)
     hist_items: list[str] = dataclasses.field(default_factory=list)
     hist_weights: list[float] = dataclasses.field(default_factory=list)
@@ -171,7 +186,7 @@ class _Profile:
             history = usermodel.History.empty(dim)
         return UserState(
             user_id, self.long_term.copy(), self.ref_time, self.event_count, self.updated_at,
-            tuple(self.recent), history,
+            tuple(_recent_event(user_id, row) for row in self.recent), history,
         )
 
 
@@ -210,7 +225,7 @@ class InProcessProfileStore:
                 accepted += 1
                 profile.event_count += 1
                 profile.updated_at = now
-                profile.recent.append(dataclasses.replace(event, text=None))
+                profile.recent.append(_recent_tuple(event))
                 if vector is None:
                     without_vector += 1
                     continue

@@ -42,7 +42,6 @@ import numpy as np
 
 from reranker.items import ItemVectorCache
 from reranker.profiles import InProcessProfileStore, _Profile, _SeenIds
-from reranker.types import Event, EventType
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def _user_part(rows: list[tuple[str, _Profile]], dim: int) -> dict[str, np.ndarr
         seen = p.seen.in_order()
         users.append({
             "id": user_id, "ref": p.ref_time, "folded": p.folded, "count": p.event_count, "updated": p.updated_at,
-            "recent": [[e.item_id, int(e.type), e.timestamp, e.event_id, e.weight] for e in p.recent],
+            "recent": [list(row) for row in p.recent],
             "hist": [list(row) for row in zip(p.hist_items, p.hist_times, p.hist_weights)],
             "seen": int(seen.size),
         })
@@ -245,7 +244,7 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
             event_count=u["count"], updated_at=u["updated"], recent=deque(maxlen=c.max_recent),
         )
         for item_id, kind, ts, event_id, weight in u["recent"]:
-            profile.recent.append(Event(u["id"], item_id, EventType(kind), ts, event_id, None, weight))
+            profile.recent.append((item_id, int(kind), ts, event_id, weight))
         for (item_id, ts, weight), vector in zip(hist, vectors):
             profile.add_history(ts, item_id, weight, np.array(vector, dtype=np.float32), c.max_history)
         profile.seen = _SeenIds()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import shutil
 import socket
 import statistics
@@ -166,6 +167,10 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
     for u in range(users):
         store.apply([(Event(f"user-{u:06d}", f"item-{k}", EventType.CLICK, 1e9 + k, f"ev-{u}-{k}"), vectors[k % 64])
                      for k in range(events)], now=1e9)
+    gc.collect()
+    started = time.perf_counter()
+    gc.collect()
+    gc_ms = 1000 * (time.perf_counter() - started)
     items = ItemVectorCache(ITEMS, settings.fake_dim)
     tmp = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
     try:
@@ -198,6 +203,7 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
         (f"{label}: save", f"{saved.seconds:.2f} s, {saved.bytes / 1e6:,.0f} MB on disk"),
         (f"{label}: load", f"{loaded.seconds:.2f} s"),
         (f"{label}: longest store-lock hold while saving", f"{1000 * longest:.2f} ms"),
+        (f"full GC collection with those {users:,} users in the store", f"{gc_ms:.0f} ms"),
     ]
 
 
