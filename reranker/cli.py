@@ -1,4 +1,4 @@
-"""Command line: `reranker serve | settings`."""
+"""Command line: `reranker serve | settings | eval | train | convert`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(handler=_serve)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=lambda _args, _argv: print(settings_markdown()) or 0)
+    from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
+
+    add_commands(commands)
     args, _ = parser.parse_known_args(argv)
     parser.parse_args(argv)  # reject unknown flags with a usage message
     return int(args.handler(args, argv[1:]) or 0)

@@ -66,6 +66,12 @@ class Settings:
     experiment_salt: str = _doc("Bucketing salt when the request names no experiment.", "reranker")
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
+    # --- ranking head (issue 4) ---
+    head_path: str = _doc(
+        "Ranking head artefact from `reranker train` (.npz); empty = the fixed blend. A head that cannot be "
+        "loaded or was trained on another encoder keeps the server NOT_SERVING (Rerank fails open).",
+        "",
+    )
 
     def __post_init__(self) -> None:
         problems = []

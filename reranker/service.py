@@ -13,6 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
+from reranker import head as ranking_head
 from reranker import scoring
 from reranker.batching import MicroBatcher
 from reranker.config import Settings
@@ -61,6 +62,7 @@ class RerankService:
         self.items: ItemVectorCache | None = None
         self.profiles: UserProfileStore | None = None
         self.model_version = ""
+        self.head: ranking_head.RankingHead | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -75,12 +77,14 @@ class RerankService:
             if self.settings.warmup:
                 encoder.encode(WARMUP_TEXTS)
             log.info("encoder %s warmed in %.0f ms", encoder.version, 1000 * (time.perf_counter() - started))
+            head = self._load_head(encoder)
         except Exception as exc:
             self.load_error = str(exc)
             raise
         s = self.settings
         self._encoder = encoder
-        self.model_version = encoder.version
+        self.head = head
+        self.model_version = encoder.version if head is None else f"{encoder.version}+{head.version}"
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
         self.profiles = UserProfileStore(
             dim=encoder.dim,
@@ -97,6 +101,14 @@ class RerankService:
             max_pending=s.encode_queue_size,
         )
         self._ready.set()
+
+    def _load_head(self, encoder: Encoder) -> ranking_head.RankingHead | None:
+        if not self.settings.head_path:
+            return None
+        head = ranking_head.load(self.settings.head_path)
+        ranking_head.check_encoder(head, encoder.version, encoder.dim)
+        log.info("ranking head %s loaded from %s", head.version, self.settings.head_path)
+        return head
 
     def close(self) -> None:
         self._ready.clear()
@@ -168,16 +180,26 @@ class RerankService:
         score_started = time.perf_counter()
         user_vector = self.profiles.user_vector(query.user_id)
         opts = query.options
-        ranking = scoring.rank(
-            np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates)),
-            vectors,
-            has_vector,
-            user_vector,
-            weight=s.blend_weight if opts.blend_weight is None else opts.blend_weight,
-            diversity=s.diversity if opts.diversity is None else opts.diversity,
-            mmr_window=s.mmr_window,
-            top_k=query.top_k,
-        )
+        upstream_scores = np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates))
+        diversity = s.diversity if opts.diversity is None else opts.diversity
+        # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
+        if self.head is not None and user_vector is not None and opts.blend_weight is None:
+            _, history = self.profiles.history(query.user_id)
+            ranking = self.head.rank(
+                [c.item_id for c in candidates], upstream_scores, vectors, has_vector, user_vector, history,
+                diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
+            )
+        else:
+            ranking = scoring.rank(
+                upstream_scores,
+                vectors,
+                has_vector,
+                user_vector,
+                weight=s.blend_weight if opts.blend_weight is None else opts.blend_weight,
+                diversity=diversity,
+                mmr_window=s.mmr_window,
+                top_k=query.top_k,
+            )
         explanations = self._explain(query.user_id, ranking, vectors, has_vector) if opts.explain else None
         items = tuple(
             ScoredItem(
