@@ -81,7 +81,9 @@ class RankingHead:
         digest = hashlib.sha256()
         for arr in (self.weights, self.mean, self.std, self.adapter, self.prior):
             digest.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
-        digest.update(json.dumps(sorted(self.popularity.items())).encode())
+        ids = sorted(self.popularity)
+        digest.update("\n".join(ids).encode())
+        digest.update(np.array([self.popularity[i] for i in ids], dtype=np.float32).tobytes())
         return f"head-v{FORMAT_VERSION}-{digest.hexdigest()[:12]}"
 
     # --- features and scoring --------------------------------------------------------------------

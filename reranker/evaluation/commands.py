@@ -123,7 +123,7 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
     except ValueError as exc:
         print(f"reranker train: {exc}", file=sys.stderr)
         return 2
-    threads = settings.torch_threads or 2
+    threads = settings.torch_threads or 1
     cfg = train.TrainConfig(
         retrievers=names, num_candidates=counts[0], sampled_negatives=args.negatives,
         adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads,

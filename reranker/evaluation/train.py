@@ -53,7 +53,7 @@ class TrainConfig:
     blend_l2: float = 1e-3
     validation_percent: float = 10.0
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
 
 
 def data_hash(paths: Sequence[Path]) -> str:
