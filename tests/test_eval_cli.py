@@ -12,7 +12,7 @@ from reranker import head as ranking_head
 from reranker.cli import main
 from reranker.evaluation import formats, metrics, retrievers
 
-from tests.conftest import SHARED_DATA, ServerFactory
+from conftest import SHARED_DATA, ServerFactory
 
 USERS = 60
 

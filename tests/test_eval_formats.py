@@ -8,7 +8,7 @@ import pytest
 
 from reranker.evaluation import convert_mind, convert_ml100k, formats
 
-from tests.conftest import SHARED_DATA
+from conftest import SHARED_DATA
 
 ML100K = SHARED_DATA / "ml-100k"
 MIND = SHARED_DATA / "mind-sample"

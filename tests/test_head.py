@@ -13,7 +13,7 @@ from reranker import head as ranking_head
 from reranker.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
 
-from tests.conftest import ServerFactory, candidate, event, fake_settings
+from conftest import ServerFactory, candidate, event, fake_settings
 
 F = len(ranking_head.FEATURES)
 
