@@ -15,12 +15,12 @@ of standardized features that the server can compute from what it has at request
   item_prior       a learned direction in the adapted space: "items people go on to consume"
   popularity       log1p(interactions in the training histories) / log1p(max); 0 for unknown items
 
-"Adapted" vectors are the frozen encoder vectors times a learned d x d matrix (initialized to the
-identity, trained with a next-item softmax objective), then L2-normalized. Item popularity is a
+"Adapted" vectors are the frozen encoder vectors v mapped to v + (v @ down) @ up (a low-rank residual
+adapter, i.e. the identity at start, trained with a next-item softmax objective), then L2-normalized. Item popularity is a
 table carried in the artefact (counted on the training events), so it is fixed until the head is
 retrained; unknown items get 0.
 
-Artefact: a .npz with arrays (weights, mean, std, adapter, prior, popularity ids/values) and a JSON
+Artefact: a .npz with arrays (weights, mean, std, adapter_down/up, prior, popularity ids/values) and a JSON
 `meta` string: format version, feature names, encoder version, training data hash and statistics.
 """
 
@@ -63,7 +63,8 @@ class RankingHead:
     weights: np.ndarray  # (F,)
     mean: np.ndarray  # (F,) feature standardization
     std: np.ndarray  # (F,)
-    adapter: np.ndarray  # (d, d); adapted = normalize(v @ adapter)
+    adapter_down: np.ndarray  # (d, r) } adapted = normalize(v + (v @ down) @ up): a low-rank residual
+    adapter_up: np.ndarray  # (r, d)   } adapter, r << d, so adapting 100 candidates costs ~2 * 100 * d * r
     prior: np.ndarray  # (d,)
     popularity: Mapping[str, float]
     encoder_version: str
@@ -73,13 +74,13 @@ class RankingHead:
 
     @property
     def dim(self) -> int:
-        return int(self.adapter.shape[0])
+        return int(self.adapter_down.shape[0])
 
     @property
     def version(self) -> str:
         """`head-v<format>-<12 hex of the parameters>`: changes whenever the weights do."""
         digest = hashlib.sha256()
-        for arr in (self.weights, self.mean, self.std, self.adapter, self.prior):
+        for arr in (self.weights, self.mean, self.std, self.adapter_down, self.adapter_up, self.prior):
             digest.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
         ids = sorted(self.popularity)
         digest.update("\n".join(ids).encode())
@@ -88,7 +89,8 @@ class RankingHead:
 
     # --- features and scoring --------------------------------------------------------------------
     def adapt(self, vectors: np.ndarray) -> np.ndarray:
-        return scoring.l2_normalize(np.asarray(vectors, dtype=np.float32) @ self.adapter)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        return scoring.l2_normalize(vectors + (vectors @ self.adapter_down) @ self.adapter_up)
 
     def features(
         self,
@@ -191,7 +193,8 @@ class RankingHead:
                 weights=self.weights.astype(np.float64),
                 mean=self.mean.astype(np.float64),
                 std=self.std.astype(np.float64),
-                adapter=self.adapter.astype(np.float32),
+                adapter_down=self.adapter_down.astype(np.float32),
+                adapter_up=self.adapter_up.astype(np.float32),
                 prior=self.prior.astype(np.float32),
                 popularity_ids=ids,
                 popularity_values=values,
@@ -208,7 +211,7 @@ def load(path: str | Path) -> RankingHead:
         raise HeadError(f"ranking head {path} does not exist") from None
     except Exception as exc:
         raise HeadError(f"ranking head {path} is not a readable .npz artefact: {exc}") from None
-    required = ("weights", "mean", "std", "adapter", "prior", "popularity_ids", "popularity_values", "meta")
+    required = ("weights", "mean", "std", "adapter_down", "adapter_up", "prior", "popularity_ids", "popularity_values", "meta")
     missing = [name for name in required if name not in arrays]
     if missing:
         raise HeadError(f"ranking head {path} lacks {', '.join(missing)}")
@@ -217,12 +220,12 @@ def load(path: str | Path) -> RankingHead:
         raise HeadError(f"ranking head {path} has format {meta.get('format_version')}; this server reads {FORMAT_VERSION}")
     if list(meta.get("features", [])) != list(FEATURES):
         raise HeadError(f"ranking head {path} was trained on features {meta.get('features')}; expected {list(FEATURES)}")
-    f, adapter = len(FEATURES), arrays["adapter"]
-    if any(arrays[name].shape != (f,) for name in ("weights", "mean", "std")) or adapter.ndim != 2:
+    f, down, up = len(FEATURES), arrays["adapter_down"], arrays["adapter_up"]
+    if any(arrays[name].shape != (f,) for name in ("weights", "mean", "std")):
         raise HeadError(f"ranking head {path} has arrays of the wrong shape")
-    if adapter.shape[0] != adapter.shape[1] or arrays["prior"].shape != (adapter.shape[1],):
-        raise HeadError(f"ranking head {path} has an adapter of the wrong shape {adapter.shape}")
-    if not all(np.isfinite(arrays[name]).all() for name in ("weights", "mean", "std", "adapter", "prior")):
+    if down.ndim != 2 or up.shape != down.shape[::-1] or arrays["prior"].shape != (down.shape[0],):
+        raise HeadError(f"ranking head {path} has an adapter of the wrong shape {down.shape} x {up.shape}")
+    if not all(np.isfinite(arrays[n]).all() for n in ("weights", "mean", "std", "adapter_down", "adapter_up", "prior")):
         raise HeadError(f"ranking head {path} holds non-finite numbers")
     if (arrays["std"] <= 0).any():
         raise HeadError(f"ranking head {path} has non-positive feature scales")
@@ -231,7 +234,8 @@ def load(path: str | Path) -> RankingHead:
         weights=arrays["weights"],
         mean=arrays["mean"],
         std=arrays["std"],
-        adapter=adapter.astype(np.float32),
+        adapter_down=down.astype(np.float32),
+        adapter_up=up.astype(np.float32),
         prior=arrays["prior"].astype(np.float32),
         popularity=popularity,
         encoder_version=str(meta.get("encoder_version", "")),

@@ -4,7 +4,7 @@ Simulation on histories only: for every user, the leave-last-out target of the e
 dropped first (that is what `reranker eval` measures). Of the remaining history, the last item is
 the training label and the rest is the training history:
 
-1. Adapter: a d x d matrix on the frozen item vectors (identity at start), trained with a
+1. Adapter: a low-rank residual map v -> v + (v @ down) @ up on the frozen item vectors, trained with a
    full-catalog softmax next-item objective on the training histories (context = mean of the
    last `session_length` adapted items; logit = cosine / T + learned item prior).
 2. Blend: for every user, candidates from each configured retriever fitted on the training
@@ -89,8 +89,8 @@ def popularity_table(histories: Mapping[str, Sequence[str]]) -> dict[str, float]
 
 def train_adapter(
     sequences: Sequence[Sequence[int]], vectors: np.ndarray, cfg: TrainConfig, progress: Progress | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Next-item softmax over the whole catalog; returns (adapter d x d, prior d)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Next-item softmax over the whole catalog; returns (adapter down d x r, up r x d, prior d)."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -103,11 +103,12 @@ def train_adapter(
             contexts.append(ctx + [-1] * (window - len(ctx)))
             targets.append(seq[t])
     if not targets:
-        return np.eye(dim, dtype=np.float32), np.zeros(dim, dtype=np.float32)
+        zeros = np.zeros((dim, cfg.adapter_rank), dtype=np.float32)
+        return zeros, zeros.T.copy(), np.zeros(dim, dtype=np.float32)
     ctx = torch.tensor(contexts)
     tgt = torch.tensor(targets)
     items = torch.from_numpy(np.vstack([vectors, np.zeros((1, dim), dtype=np.float32)]))  # row -1 = padding
-    # Low-rank residual: adapter = I + down @ up (cheap to train); the artefact stores the full matrix.
+    # Low-rank residual: adapted = v + (v @ down) @ up (cheap to train and to apply at request time).
     down = torch.nn.Parameter(torch.randn(dim, cfg.adapter_rank) * 0.01)
     up = torch.nn.Parameter(torch.zeros(cfg.adapter_rank, dim))
     prior = torch.nn.Parameter(torch.zeros(dim))
@@ -133,8 +134,11 @@ def train_adapter(
             step += 1
             if progress:
                 progress(f"adapter (loss {loss.item():.3f})", step, steps)
-    adapter = torch.eye(dim) + down.detach() @ up.detach()
-    return adapter.detach().numpy().astype(np.float32), prior.detach().numpy().astype(np.float32)
+    return (
+        down.detach().numpy().astype(np.float32),
+        up.detach().numpy().astype(np.float32),
+        prior.detach().numpy().astype(np.float32),
+    )
 
 
 def fit_blend(
@@ -197,7 +201,7 @@ def train(
 
     t = time.perf_counter()
     sequences = [[index[i] for i in seq if i in index] for seq in train_hist.values()]
-    adapter, prior = train_adapter(sequences, vectors, cfg, progress)
+    down, up, prior = train_adapter(sequences, vectors, cfg, progress)
     timings["adapter_s"] = time.perf_counter() - t
 
     # Profiles exactly as the server builds them from RecordEvents.
@@ -222,7 +226,8 @@ def train(
         weights=np.zeros(len(head_module.FEATURES)),
         mean=np.zeros(len(head_module.FEATURES)),
         std=np.ones(len(head_module.FEATURES)),
-        adapter=adapter,
+        adapter_down=down,
+        adapter_up=up,
         prior=prior,
         popularity=popularity_table(train_hist),
         encoder_version=encoder.version,
