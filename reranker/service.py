@@ -107,6 +107,7 @@ class RerankService:
             return None
         head = ranking_head.load(self.settings.head_path)
         ranking_head.check_encoder(head, encoder.version, encoder.dim)
+        ranking_head.single_threaded_blas()
         log.info("ranking head %s loaded from %s", head.version, self.settings.head_path)
         return head
 
