@@ -116,7 +116,8 @@ def connect(cfg: EvalConfig, settings: Settings) -> Iterator[tuple[pb_grpc.Reran
     from reranker.server import build_server
     from reranker.service import RerankService
 
-    local = dataclasses.replace(settings, address="127.0.0.1:0")
+    # Loopback on a free port; no /metrics or health side listeners, no per-RPC access log lines.
+    local = dataclasses.replace(settings, address="127.0.0.1:0", metrics_address="", health_address="", access_log=False)
     running = build_server(local, RerankService(local))
     try:
         running.loader.join()
