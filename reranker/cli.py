@@ -1,4 +1,4 @@
-"""Command line: `reranker serve | settings`."""
+"""Command line: `reranker serve | settings | eval | train | convert`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(handler=_serve)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=_print_settings)
+    from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
+
+    add_commands(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args, argv[1:]) or 0)
 

@@ -119,6 +119,12 @@ class Settings:
         "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; empty = exporter default/OTEL_* env.", ""
     )
     otel_service_name: str = _doc("service.name resource attribute of the exported traces.", "reranker")
+    # --- ranking head (issue 4) ---
+    head_path: str = _doc(
+        "Ranking head artefact from `reranker train` (.npz); empty = the fixed blend. A head that cannot be "
+        "loaded or was trained on another encoder keeps the server NOT_SERVING (Rerank fails open).",
+        "",
+    )
 
     def __post_init__(self) -> None:
         problems = []

@@ -73,6 +73,22 @@ class UserState:
     history: usermodel.History
 
 
+def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | None:
+    """u = normalize((1 - m) L/|L| + m S/|S|), or None for a cold user (see usermodel.py).
+
+    The one recipe for the user vector: the server and `reranker train` both call it.
+    """
+    if state is None:
+        return None
+    session = usermodel.session_vector(state.history, settings.session_size, settings.session_gap_seconds)
+    return usermodel.mix(state.long_term, session, settings.session_mix)
+
+
+def positive_history(state: UserState) -> np.ndarray:
+    """Vectors of the history items with positive weight (what the user liked), float32."""
+    return state.history.vectors[state.history.weights > 0].astype(np.float32, copy=False)
+
+
 class ProfileStore(Protocol):
     """What the service needs from a profile store (in-process or shared)."""
 

@@ -13,6 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
+from reranker import head as ranking_head
 from reranker import scoring, usermodel
 from reranker.batching import MicroBatcher
 from reranker.config import Settings
@@ -21,7 +22,8 @@ from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded
 from reranker.experiments import decide
 from reranker.items import ItemVectorCache, text_hash
 from reranker.metrics import Metrics
-from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, make_profile_store
+from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, make_profile_store, positive_history
+from reranker.profiles import user_vector as user_vector_of
 from reranker.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
 from reranker.types import (
     Candidate,
@@ -66,6 +68,7 @@ class RerankService:
         self.profiles: ProfileStore | None = None
         self.model_version = ""
         self._snapshots: PeriodicSnapshots | None = None
+        self.head: ranking_head.RankingHead | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -81,12 +84,14 @@ class RerankService:
             if self.settings.warmup:
                 encoder.encode(WARMUP_TEXTS)
             log.info("encoder %s warmed in %.0f ms", encoder.version, 1000 * (time.perf_counter() - started))
+            head = self._load_head(encoder)
         except Exception as exc:
             self.load_error = str(exc)
             raise
         s = self.settings
         self._encoder = encoder
-        self.model_version = encoder.version
+        self.head = head
+        self.model_version = encoder.version if head is None else f"{encoder.version}+{head.version}"
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
         self.profiles = make_profile_store(s, encoder.dim)
         if s.snapshot_path:
@@ -116,6 +121,15 @@ class RerankService:
         if self.profiles is not None:
             out["users"] = (self.profiles.hits, self.profiles.misses, len(self.profiles))
         return out
+
+    def _load_head(self, encoder: Encoder) -> ranking_head.RankingHead | None:
+        if not self.settings.head_path:
+            return None
+        head = ranking_head.load(self.settings.head_path)
+        ranking_head.check_encoder(head, encoder.version, encoder.dim)
+        ranking_head.single_threaded_blas()
+        log.info("ranking head %s loaded from %s", head.version, self.settings.head_path)
+        return head
 
     def close(self) -> None:
         was_ready = self.ready
@@ -209,7 +223,7 @@ class RerankService:
 
         score_started = time.perf_counter()
         state = self.profiles.get(query.user_id)
-        user_vector = self._user_vector(state)
+        user_vector = user_vector_of(state, self.settings)
         semantic = None
         if user_vector is not None and s.attention_weight > 0 and state is not None and len(state.history):
             semantic = scoring.personal_semantic(
@@ -218,17 +232,27 @@ class RerankService:
                 attention_weight=s.attention_weight, temperature=s.attention_temperature,
             )
         opts = query.options
-        ranking = scoring.rank(
-            np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates)),
-            vectors,
-            has_vector,
-            user_vector,
-            weight=s.blend_weight if opts.blend_weight is None else opts.blend_weight,
-            diversity=s.diversity if opts.diversity is None else opts.diversity,
-            mmr_window=s.mmr_window,
-            top_k=query.top_k,
-            semantic=semantic,
-        )
+        upstream_scores = np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates))
+        diversity = s.diversity if opts.diversity is None else opts.diversity
+        # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
+        if self.head is not None and user_vector is not None and state is not None and opts.blend_weight is None:
+            ranking = self.head.rank(
+                [c.item_id for c in candidates], upstream_scores, vectors, has_vector, user_vector,
+                positive_history(state),
+                diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
+            )
+        else:
+            ranking = scoring.rank(
+                upstream_scores,
+                vectors,
+                has_vector,
+                user_vector,
+                weight=s.blend_weight if opts.blend_weight is None else opts.blend_weight,
+                diversity=diversity,
+                mmr_window=s.mmr_window,
+                top_k=query.top_k,
+                semantic=semantic,
+            )
         explanations = self._explain(state, ranking, vectors, has_vector) if opts.explain else None
         items = tuple(
             ScoredItem(
@@ -258,14 +282,6 @@ class RerankService:
     @property
     def _decay_rate(self) -> float:
         return usermodel.decay_rate(self.settings.half_life_seconds)
-
-    def _user_vector(self, state: UserState | None) -> np.ndarray | None:
-        """u = normalize((1 - m) L/|L| + m S/|S|), or None for a cold user (see usermodel.py)."""
-        if state is None:
-            return None
-        s = self.settings
-        session = usermodel.session_vector(state.history, s.session_size, s.session_gap_seconds)
-        return usermodel.mix(state.long_term, session, s.session_mix)
 
     def _explain(
         self, state: UserState | None, ranking: scoring.Ranking, vectors: np.ndarray, has_vector: np.ndarray
@@ -399,7 +415,7 @@ class RerankService:
             return UserProfileView(user_id=user_id, found=False)
         vector: tuple[float, ...] = ()
         if include_vector:
-            user_vector = self._user_vector(state)
+            user_vector = user_vector_of(state, self.settings)
             vector = () if user_vector is None else tuple(float(x) for x in user_vector)
         return UserProfileView(
             user_id=user_id, found=True, event_count=state.event_count, recent_events=state.recent,
