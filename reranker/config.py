@@ -66,6 +66,19 @@ class Settings:
     experiment_salt: str = _doc("Bucketing salt when the request names no experiment.", "reranker")
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
+    # --- performance -----------------------------------------------------------------------------
+    overload_policy: str = _doc(
+        "When the encoder queue is full: `fail_open` (Rerank answers with the upstream order, "
+        "FALLBACK_REASON_OVERLOADED) or `reject` (Rerank fails with RESOURCE_EXHAUSTED). "
+        "Writes (UpsertItems, RecordEvents) always get RESOURCE_EXHAUSTED.",
+        "fail_open",
+    )
+    int8_layers: str = _doc(
+        "With dtype=int8, which Linear layers are quantized: `attention` (cosine >= 0.98 to float32), "
+        "`attention+intermediate`, or `all` (fastest, lowest fidelity).",
+        "attention",
+    )
+    torch_interop_threads: int = _doc("torch inter-op threads; 0 = torch default. 1 suits a 2-core sidecar.", 1)
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,6 +104,12 @@ class Settings:
         for name in ("half_life_seconds", "user_ttl_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.overload_policy not in ("fail_open", "reject"):
+            problems.append("overload_policy must be 'fail_open' or 'reject'")
+        if self.int8_layers not in ("attention", "attention+intermediate", "all"):
+            problems.append("int8_layers must be 'attention', 'attention+intermediate' or 'all'")
+        if self.torch_interop_threads < 0:
+            problems.append("torch_interop_threads must be >= 0")
         try:
             self.parsed_event_weights()
         except ValueError as exc:

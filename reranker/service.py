@@ -19,18 +19,18 @@ from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
 from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded
 from reranker.experiments import decide
-from reranker.items import ItemVectorCache, text_hash
+from reranker.items import ItemVectorCache
 from reranker.profiles import UserProfileStore
 from reranker.types import (
-    Candidate,
+    CandidateColumns,
     Event,
     Explanation,
     FallbackReason,
     Item,
+    RankedItems,
     RecordResult,
     RerankQuery,
     RerankResult,
-    ScoredItem,
     Timing,
     UpsertResult,
     UserProfileView,
@@ -111,8 +111,11 @@ class RerankService:
         """
         started = time.perf_counter()
         s = self.settings
-        keep = scoring.first_occurrences([c.item_id for c in query.candidates])
-        candidates = [query.candidates[i] for i in keep]
+        candidates = CandidateColumns.of(query.candidates)
+        keep = np.arange(len(candidates))  # original position of each kept candidate
+        if len(set(candidates.item_ids)) < len(candidates):  # duplicates: keep first occurrences
+            keep = np.asarray(scoring.first_occurrences(candidates.item_ids), dtype=np.int64)
+            candidates = candidates.take(keep)
         skip, bucket = decide(
             user_id=query.user_id,
             experiment=query.experiment,
@@ -136,6 +139,8 @@ class RerankService:
         except EncodeTimeout as exc:
             return upstream(Variant.FALLBACK, FallbackReason.DEADLINE, str(exc))
         except Overloaded as exc:
+            if s.overload_policy == "reject":
+                raise  # RESOURCE_EXHAUSTED: the caller backs off or serves its own order
             return upstream(Variant.FALLBACK, FallbackReason.OVERLOADED, str(exc))
         except EncoderFailed as exc:
             return upstream(Variant.FALLBACK, FallbackReason.ENCODER_ERROR, str(exc))
@@ -146,8 +151,8 @@ class RerankService:
     def _personalize(
         self,
         query: RerankQuery,
-        candidates: list[Candidate],
-        keep: list[int],
+        candidates: CandidateColumns,
+        keep: np.ndarray,
         bucket: int,
         started: float,
         time_remaining: float | None,
@@ -158,9 +163,7 @@ class RerankService:
         if time_remaining is not None:
             encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
         encode_started = time.perf_counter()
-        vectors, has_vector, hits, encoded = self._resolve_vectors(
-            [c.item_id for c in candidates], [c.text for c in candidates], encode_budget
-        )
+        vectors, has_vector, hits, encoded = self._resolve_vectors(candidates.item_ids, candidates.texts, encode_budget)
         if query.context_events:
             self._record(query.context_events, time_remaining=encode_budget)
         encode_ms = 1000.0 * (time.perf_counter() - encode_started)
@@ -169,7 +172,7 @@ class RerankService:
         user_vector = self.profiles.user_vector(query.user_id)
         opts = query.options
         ranking = scoring.rank(
-            np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates)),
+            candidates.scores,
             vectors,
             has_vector,
             user_vector,
@@ -179,16 +182,15 @@ class RerankService:
             top_k=query.top_k,
         )
         explanations = self._explain(query.user_id, ranking, vectors, has_vector) if opts.explain else None
-        items = tuple(
-            ScoredItem(
-                item_id=candidates[i].item_id,
-                score=float(ranking.final[i]),
-                semantic_score=float(ranking.semantic[i]),
-                upstream_score=candidates[i].score,
-                original_rank=keep[i],
-                explanation=None if explanations is None else explanations[pos],
-            )
-            for pos, i in enumerate(ranking.order.tolist())
+        order = ranking.order
+        ids = candidates.item_ids
+        items = RankedItems(
+            [ids[i] for i in order.tolist()],
+            ranking.final[order],
+            ranking.semantic[order],
+            candidates.scores[order],
+            keep[order],
+            explanations,
         )
         score_ms = 1000.0 * (time.perf_counter() - score_started)
         return RerankResult(
@@ -229,8 +231,8 @@ class RerankService:
     def _upstream_result(
         self,
         query: RerankQuery,
-        candidates: list[Candidate],
-        keep: list[int],
+        candidates: CandidateColumns,
+        keep: np.ndarray,
         variant: Variant,
         reason: FallbackReason,
         detail: str,
@@ -238,9 +240,8 @@ class RerankService:
         started: float,
     ) -> RerankResult:
         limit = query.top_k or len(candidates)
-        items = tuple(
-            ScoredItem(c.item_id, c.score, 0.0, c.score, rank) for c, rank in zip(candidates[:limit], keep[:limit])
-        )
+        scores = candidates.scores[:limit]
+        items = RankedItems(candidates.item_ids[:limit], scores, np.zeros_like(scores), scores, keep[:limit])
         if variant is Variant.FALLBACK:
             log.warning("fail-open for request %r: %s (%s)", query.request_id, reason.name, detail)
         return RerankResult(
@@ -260,17 +261,18 @@ class RerankService:
     ) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Cached or freshly encoded vectors; returns (vectors, has_vector, cache hits, encoded count)."""
         assert self.items is not None
-        hashes = [None if t is None else text_hash(t) for t in texts]
-        vectors, hit = self.items.lookup(item_ids, hashes)
+        vectors, hit = self.items.lookup(item_ids, texts)
+        has_vector = hit.copy()
+        if hit.all():
+            return vectors, has_vector, len(item_ids), 0
         misses = [i for i in np.flatnonzero(~hit).tolist() if texts[i] is not None]
         # The same item may appear twice among misses (e.g. events): encode each text once.
-        unique: dict[tuple[str, int], list[int]] = {}
+        unique: dict[tuple[str, str], list[int]] = {}
         for i in misses:
-            unique.setdefault((item_ids[i], hashes[i]), []).append(i)  # type: ignore[arg-type]
-        has_vector = hit.copy()
+            unique.setdefault((item_ids[i], texts[i]), []).append(i)  # type: ignore[arg-type]
         if unique:
             keys = list(unique)
-            encoded = self._encode([texts[unique[k][0]] for k in keys], timeout_s)  # type: ignore[misc]
+            encoded = self._encode([k[1] for k in keys], timeout_s)
             self.items.put([k[0] for k in keys], [k[1] for k in keys], encoded)
             for row, key in enumerate(keys):
                 for i in unique[key]:
@@ -314,14 +316,15 @@ class RerankService:
     def upsert_items(self, items: Sequence[Item], time_remaining: float | None = None) -> UpsertResult:
         self._require_ready()
         assert self.items is not None
-        ids = [it.item_id for it in items]
-        hashes = [text_hash(it.text) for it in items]
-        _, hit = self.items.lookup(ids, hashes)
-        todo = {ids[i]: items[i].text for i in np.flatnonzero(~hit).tolist()}  # last text wins for repeated ids
+        latest = {it.item_id: it.text for it in items}  # last text wins for repeated ids
+        ids, texts = list(latest), list(latest.values())
+        _, hit = self.items.lookup(ids, texts)
+        todo = [i for i in np.flatnonzero(~hit).tolist()]
         if todo:
-            vectors = self._encode(list(todo.values()), WRITE_TIMEOUT_S if time_remaining is None else time_remaining)
-            self.items.put(list(todo), [text_hash(t) for t in todo.values()], vectors)
-        return UpsertResult(upserted=len(set(ids)), encoded=len(todo))
+            timeout = WRITE_TIMEOUT_S if time_remaining is None else time_remaining
+            vectors = self._encode([texts[i] for i in todo], timeout)
+            self.items.put([ids[i] for i in todo], [texts[i] for i in todo], vectors)
+        return UpsertResult(upserted=len(ids), encoded=len(todo))
 
     def user_profile(self, user_id: str, include_vector: bool = False) -> UserProfileView:
         self._require_ready()
