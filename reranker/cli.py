@@ -1,4 +1,4 @@
-"""Command line: `reranker serve | settings`."""
+"""Command line: `reranker serve | settings | bench`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from reranker.bench import add_arguments as add_bench_arguments
+from reranker.bench import run as run_bench
 from reranker.config import Settings, settings_markdown, settings_parser
 
 
@@ -23,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(handler=_serve)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=lambda _args, _argv: print(settings_markdown()) or 0)
+    bench = commands.add_parser("bench", help="benchmarks: rerank vs gRPC echo, encoder, memory")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=run_bench)
     args, _ = parser.parse_known_args(argv)
     parser.parse_args(argv)  # reject unknown flags with a usage message
     return int(args.handler(args, argv[1:]) or 0)

@@ -111,19 +111,15 @@ def candidates_from_pb(msgs: Sequence[pb.Candidate], limits: Limits) -> Candidat
         add_score(c.score)
         add_text(c.text)
     id_lengths = np.fromiter(map(len, item_ids), dtype=np.int64, count=n)
-    bad = np.flatnonzero((id_lengths == 0) | (id_lengths > limits.max_id_chars))
-    if bad.size:
-        i = int(bad[0])
-        _check_id(item_ids[i], f"candidates[{i}].item_id", limits)
     score_array = np.asarray(scores, dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(score_array))
-    if bad.size:
-        i = int(bad[0])
-        raise InvalidRequest(f"candidates[{i}].score must be finite, got {score_array[i]}")
     text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
-    bad = np.flatnonzero(text_lengths > limits.max_text_chars)
-    if bad.size:
-        i = int(bad[0])
+    bad = (id_lengths == 0) | (id_lengths > limits.max_id_chars) | ~np.isfinite(score_array)
+    bad |= text_lengths > limits.max_text_chars
+    if bad.any():  # report the first offending candidate, its fields in declaration order
+        i = int(np.argmax(bad))
+        _check_id(item_ids[i], f"candidates[{i}].item_id", limits)
+        if not math.isfinite(scores[i]):
+            raise InvalidRequest(f"candidates[{i}].score must be finite, got {scores[i]}")
         _check_text(texts[i], f"candidates[{i}].text", limits)  # type: ignore[arg-type]
     # proto3 `optional`: an empty string may be unset (no text) or set to "" (encode "").
     for i in np.flatnonzero(text_lengths == 0).tolist():

@@ -78,8 +78,8 @@ class ItemVectorCache:
         recently used entries when the cache is full."""
         vectors = np.asarray(vectors, dtype=np.float32)
         latest = {item_id: k for k, item_id in enumerate(item_ids)}
-        if len(latest) > self.capacity:  # more than fits at all: keep the last `capacity`
-            latest = dict(list(latest.items())[-self.capacity :])
+        if len(latest) > self.capacity:  # more than fits at all: keep the last `capacity` given
+            latest = dict(sorted(latest.items(), key=lambda kv: kv[1])[-self.capacity :])
         with self._lock:
             self._clock += 1
             new = [item_id for item_id in latest if item_id not in self._row_of]
