@@ -1,28 +1,40 @@
 """ItemVectorCache: item vectors in one contiguous float32 matrix, least-recently-used eviction.
 
-Each entry remembers a fingerprint of the text it was encoded from, so a changed text re-encodes.
+Each entry remembers which text it was encoded from, so a changed text re-encodes. Two
+fingerprints are kept per row: the stable `text_hash` (the same in every process: snapshots and
+replicas use it) and Python's string hash, which is what the hot path compares (it is computed in
+C and cached on the str; no blake2b per candidate per request). A row whose Python hash is not
+known (restored from a snapshot, or put with a stable hash) is verified once with `text_hash`.
+
 A lookup is one dict probe per id plus a few numpy operations: vectors are gathered from the
-matrix in one fancy-index, text fingerprints are compared and recency is stamped as arrays
-(no per-request re-stacking, no per-hit linked-list bookkeeping). Eviction picks the rows with
-the oldest use stamp (argpartition), only when the cache is full.
+matrix in one fancy-index, fingerprints are compared and recency is stamped as arrays (no
+per-request re-stacking, no per-hit linked-list bookkeeping). Eviction picks the rows with the
+oldest use stamp (argpartition), only when the cache is full.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 
-# hash(None) marks "no text given: accept whatever vector is cached". A real text hashing to the
-# same 64-bit value would only relax its own text check, with probability ~2^-64.
+# A text key of None means "no text given: accept whatever vector is cached". (A real text whose
+# Python hash equals hash(None) would fall to the exact text_hash check: still correct.)
 _ANY_TEXT = hash(None)
 _FREE = np.iinfo(np.int64).max  # use stamp of an unused row: never chosen for eviction
 
+TextKey = str | int | None  # item text, its text_hash, or None (any cached text is fine)
 
-def text_fingerprint(text: str | None) -> int:
-    """Process-local 64-bit fingerprint of an item text (Python's string hash; cached on the str)."""
-    return hash(text)
+
+def text_hash(text: str) -> int:
+    """Stable 64-bit hash of an item text (same on every process and machine)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _stable(key: str | int) -> int:
+    return text_hash(key) if isinstance(key, str) else int(key)
 
 
 class ItemVectorCache:
@@ -31,7 +43,8 @@ class ItemVectorCache:
         self.dim = dim
         rows = max(1, min(capacity, initial_rows))
         self._matrix = np.zeros((rows, dim), dtype=np.float32)
-        self._fingerprints = np.zeros(rows, dtype=np.int64)
+        self._local_fp = np.zeros(rows, dtype=np.int64)  # hash(text) of the encoded text
+        self._stable_fp = np.zeros(rows, dtype=np.uint64)  # text_hash of the encoded text
         self._last_used = np.full(rows, _FREE, dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._id_of_row: list[str | None] = [None] * rows
@@ -47,22 +60,24 @@ class ItemVectorCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the vector matrix and its per-row arrays."""
-        return self._matrix.nbytes + self._fingerprints.nbytes + self._last_used.nbytes
+        return self._matrix.nbytes + self._local_fp.nbytes + self._stable_fp.nbytes + self._last_used.nbytes
 
-    def lookup(self, item_ids: Sequence[str], texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, item_ids: Sequence[str], texts: Sequence[TextKey]) -> tuple[np.ndarray, np.ndarray]:
         """Vectors (a fresh (n, dim) array) for the given ids, and a hit mask.
 
-        A text of None accepts whatever vector is cached for the id; otherwise the cached vector
-        must have been encoded from that text. Rows of misses are zero.
+        `texts[i]` is the item's text (or its `text_hash`): the cached vector must have been
+        encoded from that text. None accepts whatever vector is cached. Rows of misses are zero.
         """
         n = len(item_ids)
         wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
         with self._lock:
             get = self._row_of.get
             rows = np.fromiter([get(item_id, -1) for item_id in item_ids], dtype=np.int64, count=n)
-            hit = rows >= 0
-            safe_rows = np.where(hit, rows, 0)
-            hit &= (wanted == _ANY_TEXT) | (self._fingerprints[safe_rows] == wanted)
+            found = rows >= 0
+            safe_rows = np.where(found, rows, 0)
+            hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
+            if not np.array_equal(hit, found):
+                self._verify_stable(hit, found, rows, texts)
             vectors = self._matrix[safe_rows]
             self._clock += 1
             self._last_used[rows[hit]] = self._clock
@@ -73,13 +88,26 @@ class ItemVectorCache:
             vectors[~hit] = 0.0
         return vectors, hit
 
-    def put(self, item_ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray) -> None:
-        """Insert or replace vectors (the last one wins for a repeated id); evicts the least
-        recently used entries when the cache is full."""
+    def _verify_stable(self, hit: np.ndarray, found: np.ndarray, rows: np.ndarray, texts: Sequence[TextKey]) -> None:
+        """Slow path for found ids whose Python hash differs: compare stable hashes (a changed
+        text, a row restored from a snapshot, or a caller passing text_hash values)."""
+        for i in np.flatnonzero(found & ~hit).tolist():
+            key, row = texts[i], int(rows[i])
+            if key is not None and int(self._stable_fp[row]) == _stable(key):
+                hit[i] = True
+                if isinstance(key, str):
+                    self._local_fp[row] = hash(key)  # next time the fast comparison suffices
+
+    def put(self, item_ids: Sequence[str], texts: Sequence[str | int], vectors: np.ndarray) -> None:
+        """Insert or replace vectors encoded from `texts` (texts or their text_hash); the last one
+        wins for a repeated id. Evicts the least recently used entries when the cache is full."""
         vectors = np.asarray(vectors, dtype=np.float32)
         latest = {item_id: k for k, item_id in enumerate(item_ids)}
         if len(latest) > self.capacity:  # more than fits at all: keep the last `capacity` given
             latest = dict(sorted(latest.items(), key=lambda kv: kv[1])[-self.capacity :])
+        keys = [texts[k] for k in latest.values()]
+        local = np.fromiter((hash(t) if isinstance(t, str) else 0 for t in keys), dtype=np.int64, count=len(keys))
+        stable = np.fromiter(map(_stable, keys), dtype=np.uint64, count=len(keys))
         with self._lock:
             self._clock += 1
             new = [item_id for item_id in latest if item_id not in self._row_of]
@@ -94,8 +122,30 @@ class ItemVectorCache:
             rows = np.fromiter((self._row_of[i] for i in latest), dtype=np.int64, count=len(latest))
             source = np.fromiter(latest.values(), dtype=np.int64, count=len(latest))
             self._matrix[rows] = vectors[source]
-            self._fingerprints[rows] = np.fromiter((hash(texts[k]) for k in latest.values()), np.int64, len(latest))
+            self._local_fp[rows] = local
+            self._stable_fp[rows] = stable
             self._last_used[rows] = self._clock
+
+    # --- snapshot support (reranker/snapshot.py) -------------------------------------------------
+    def export(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(ids, text hashes as uint64, vectors) of every entry, least recently used first."""
+        with self._lock:
+            ids = list(self._row_of)
+            rows = np.fromiter(self._row_of.values(), dtype=np.int64, count=len(ids))
+            order = np.argsort(self._last_used[rows], kind="stable")
+            rows = rows[order]
+            return [ids[i] for i in order.tolist()], self._stable_fp[rows].copy(), self._matrix[rows].copy()
+
+    def restore(self, item_ids: Sequence[str], hashes: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert exported entries (in the given order, so the LRU order survives a round trip)."""
+        ids = list(item_ids)
+        self.put(ids, [int(h) for h in hashes], vectors)
+        with self._lock:
+            present = [i for i in ids if i in self._row_of]
+            if present:
+                rows = np.fromiter((self._row_of[i] for i in present), dtype=np.int64, count=len(present))
+                self._last_used[rows] = self._clock + 1 + np.arange(len(present))
+                self._clock += len(present) + 1
 
     def _evict(self, count: int) -> None:
         """Free the `count` least recently used rows (caller holds the lock)."""
@@ -125,7 +175,8 @@ class ItemVectorCache:
         matrix = np.zeros((new, self.dim), dtype=np.float32)
         matrix[:old] = self._matrix
         self._matrix = matrix
-        self._fingerprints = np.concatenate([self._fingerprints, np.zeros(new - old, dtype=np.int64)])
+        self._local_fp = np.concatenate([self._local_fp, np.zeros(new - old, dtype=np.int64)])
+        self._stable_fp = np.concatenate([self._stable_fp, np.zeros(new - old, dtype=np.uint64)])
         self._last_used = np.concatenate([self._last_used, np.full(new - old, _FREE, dtype=np.int64)])
         self._id_of_row.extend([None] * (new - old))
         self._free_rows.extend(range(new - 1, old - 1, -1))

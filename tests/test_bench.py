@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from reranker.bench import load_texts, percentiles_ms
-from tests.conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA
 
 
 def _bench(*args: str, timeout: float = 120) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 from reranker.config import Settings
 from reranker.encoder import TransformerEncoder
-from tests.conftest import ml100k_items
+from conftest import ml100k_items
 
 pytestmark = pytest.mark.model
 

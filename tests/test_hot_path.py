@@ -12,7 +12,7 @@ from reranker import convert, scoring
 from reranker.encoder import FakeEncoder
 from reranker.types import RankedItems, RerankResult, Variant
 from reranker.v1 import reranker_pb2 as pb
-from tests.conftest import candidate, event, fake_settings
+from conftest import candidate, event, fake_settings
 
 
 def _titles(n: int) -> list[str]:
