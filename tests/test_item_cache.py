@@ -89,3 +89,18 @@ def test_concurrent_lookups_and_puts_stay_consistent() -> None:
     for t in threads:
         t.join()
     assert not errors and len(cache) <= 64
+
+
+def test_export_restore_round_trip_keeps_text_checks_and_lru_order() -> None:
+    cache = ItemVectorCache(capacity=3, dim=8)
+    cache.put(["a", "b", "c"], ["ta", "tb", "tc"], np.stack([_vec(i) for i in range(3)]))
+    cache.lookup(["a"], [None])  # LRU order now b, c, a
+    ids, hashes, vectors = cache.export()
+    assert ids == ["b", "c", "a"] and hashes.dtype == np.uint64
+    restored = ItemVectorCache(capacity=3, dim=8)
+    restored.restore(ids, hashes, vectors)
+    got, hit = restored.lookup(["a", "b", "c"], ["ta", "changed", "tc"])  # verified by the stable hash
+    assert hit.tolist() == [True, False, True]
+    np.testing.assert_array_equal(got[0], _vec(0))
+    restored.put(["d"], ["td"], _vec(3)[None])  # evicts the least recently used: b
+    assert [restored.known(i) for i in "abcd"] == [True, False, True, True]
