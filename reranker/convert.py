@@ -205,6 +205,7 @@ def _put_varints(out: np.ndarray, starts: np.ndarray, values: np.ndarray, sizes:
 _SCORED_ITEM_DOUBLES = (0x11, 0x19, 0x21)  # tags of ScoredItem fields 2, 3, 4 (fixed64)
 _ITEMS_TAG = 0x0A  # RerankResponse.items = 1 (length-delimited); also ScoredItem.item_id = 1
 _RANK_TAG = 0x28  # ScoredItem.original_rank = 5 (varint)
+_DOUBLES_OFFSETS = np.arange(27)
 
 
 def encode_ranked_items(items: RankedItems) -> bytes:
@@ -245,13 +246,14 @@ def encode_ranked_items(items: RankedItems) -> bytes:
         offsets = np.repeat(pos - (np.cumsum(id_sizes) - id_sizes), id_sizes)
         out[offsets + np.arange(all_ids.size)] = all_ids
     pos = pos + id_sizes
-    for tag, column in zip(
-        _SCORED_ITEM_DOUBLES, (items.scores, items.semantic_scores, items.upstream_scores), strict=True
+    doubles = np.empty((n, 27), dtype=np.uint8)  # three (tag, little-endian float64) fields
+    for k, (tag, column) in enumerate(
+        zip(_SCORED_ITEM_DOUBLES, (items.scores, items.semantic_scores, items.upstream_scores), strict=True)
     ):
-        out[pos] = tag
-        raw = np.ascontiguousarray(column, dtype="<f8").view(np.uint8).reshape(n, 8)
-        out[(pos + 1)[:, None] + np.arange(8)] = raw
-        pos = pos + 9
+        doubles[:, 9 * k] = tag
+        doubles[:, 9 * k + 1 : 9 * k + 9] = np.ascontiguousarray(column, dtype="<f8").reshape(n, 1).view(np.uint8)
+    out[pos[:, None] + _DOUBLES_OFFSETS] = doubles
+    pos = pos + 27
     out[pos] = _RANK_TAG
     _put_varints(out, pos + 1, ranks, rank_sizes)
     return out.tobytes()

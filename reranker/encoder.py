@@ -211,12 +211,13 @@ class TransformerEncoder:
 
     def forward(self, batch: Any) -> np.ndarray:
         torch = self._torch
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self._lock, torch.inference_mode():
-            hidden = self._model(**batch).last_hidden_state
+            # fp16/bf16 on CUDA: the transformer runs in half precision, pooling in float32.
+            hidden = self._model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.cpu().numpy().astype(np.float32, copy=False)
 
     def encode(self, texts: list[str]) -> np.ndarray:

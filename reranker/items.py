@@ -76,7 +76,7 @@ class ItemVectorCache:
             found = rows >= 0
             safe_rows = np.where(found, rows, 0)
             hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
-            if not np.array_equal(hit, found):
+            if np.count_nonzero(hit) != np.count_nonzero(found):
                 self._verify_stable(hit, found, rows, texts)
             vectors = self._matrix[safe_rows]
             self._clock += 1
