@@ -127,6 +127,15 @@ class LoadResult:
     elapsed_s: float
     latencies_s: list[float]
 
+    def __add__(self, other: LoadResult) -> LoadResult:
+        return LoadResult(
+            self.requests + other.requests,
+            self.errors + other.errors,
+            self.fallbacks + other.fallbacks,
+            self.elapsed_s + other.elapsed_s,
+            self.latencies_s + other.latencies_s,
+        )
+
     @property
     def qps(self) -> float:
         return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
@@ -254,7 +263,7 @@ def _echo_payload(stub: object, workload: RerankWorkload) -> bytes:
     return stub.Rerank(workload.request(0, 0), timeout=60).SerializeToString()  # type: ignore[attr-defined]
 
 
-def _measure(address: str, workload: RerankWorkload, args: argparse.Namespace) -> LoadResult:
+def _measure(address: str, workload: RerankWorkload, args: argparse.Namespace, duration_s: float, warmup_s: float) -> LoadResult:
     import grpc
 
     from reranker.v1 import reranker_pb2 as pb
@@ -273,7 +282,7 @@ def _measure(address: str, workload: RerankWorkload, args: argparse.Namespace) -
         return reply.variant == pb.VARIANT_FALLBACK
 
     try:
-        return drive(call, args.concurrency, args.duration, args.warmup)
+        return drive(call, args.concurrency, duration_s, warmup_s)
     finally:
         for ch in channels:
             ch.close()
@@ -307,18 +316,29 @@ def bench_rerank(args: argparse.Namespace) -> int:
             f"response_bytes={len(payload)} server_args={args.server_args!r}",
             flush=True,
         )
-        rerank = _measure(address, workload, args)
+        echo_address = ""
+        if not args.no_echo:
+            echo_port = _free_port()
+            response_path = Path(tmp.name) / "response.bin"
+            response_path.write_bytes(payload)
+            echo_cmd = [
+                sys.executable, "-m", "reranker.bench", "--echo-server", str(echo_port), str(response_path),
+                str(args.echo_workers),
+            ]
+            children.append(subprocess.Popen(echo_cmd, env=_child_env()))
+            echo_address = f"127.0.0.1:{echo_port}"
+            grpc.channel_ready_future(grpc.insecure_channel(echo_address)).result(timeout=30)
+        # Alternate short slices of both servers so that both see the same background load.
+        rounds = max(1, args.rounds)
+        rerank = echo = LoadResult(0, 0, 0, 0.0, [])
+        for r in range(rounds):
+            warmup = args.warmup if r == 0 else min(args.warmup, 0.2)
+            rerank = rerank + _measure(address, workload, args, args.duration / rounds, warmup)
+            if echo_address:
+                echo = echo + _measure(echo_address, workload, args, args.duration / rounds, warmup)
         print(rerank.line("rerank"), flush=True)
-        if args.no_echo:
+        if not echo_address:
             return 0
-        echo_port = _free_port()
-        response_path = Path(tmp.name) / "response.bin"
-        response_path.write_bytes(payload)
-        echo_cmd = [sys.executable, "-m", "reranker.bench", "--echo-server", str(echo_port), str(response_path), str(args.echo_workers)]
-        children.append(subprocess.Popen(echo_cmd, env=_child_env()))
-        echo_address = f"127.0.0.1:{echo_port}"
-        grpc.channel_ready_future(grpc.insecure_channel(echo_address)).result(timeout=30)
-        echo = _measure(echo_address, workload, args)
         print(echo.line("echo"), flush=True)
         r, e = percentiles_ms(rerank.latencies_s), percentiles_ms(echo.latencies_s)
         print(
@@ -432,6 +452,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--hit-ratio", type=float, default=1.0, help="share of candidates whose vector is cached")
     rerank.add_argument("--duration", type=float, default=10.0, help="measured seconds per server")
     rerank.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before measuring")
+    rerank.add_argument("--rounds", type=int, default=5, help="alternating rerank/echo slices the duration is split into")
     rerank.add_argument("--pool", type=int, default=2000, help="warm items upserted before measuring")
     rerank.add_argument("--users", type=int, default=50, help="distinct users (each gets 5 click events)")
     rerank.add_argument("--distinct-requests", type=int, default=20, help="prebuilt requests per client thread")
