@@ -33,7 +33,7 @@ class Settings:
     encoder: str = _doc("`transformer` (real model) or `fake` (deterministic hashing encoder, for tests).", "transformer")
     model_dir: str = _doc("Local Hugging Face model directory; empty = the packaged all-MiniLM-L6-v2.", "")
     device: str = _doc("`cpu`, `cuda`, or `auto` (cuda when available).", "cpu")
-    dtype: str = _doc("`float32`, `float16`/`bfloat16` (CUDA only), or `int8` (dynamic quantization, CPU).", "float32")
+    dtype: str = _doc("`float32`, `float16` (CUDA), `bfloat16` (CUDA, or CPUs with AVX512-BF16/AMX), or `int8` (dynamic quantization, CPU).", "float32")
     max_seq_length: int = _doc("Token limit per text; longer texts are truncated by the tokenizer.", 128)
     encode_batch_size: int = _doc("Largest batch the encoder runs at once.", 32)
     encode_max_wait_ms: float = _doc("How long the micro-batcher waits to fill a batch.", 2.0)

@@ -176,10 +176,11 @@ class TransformerEncoder:
         model.eval()
         dtype = settings.dtype
         if dtype in ("float16", "bfloat16"):
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" or dtype == "bfloat16":
+                # bfloat16 also runs on CPU (fast where the CPU has AVX512-BF16 or AMX, emulated elsewhere).
                 model = model.to(getattr(torch, dtype))
             else:
-                log.warning("dtype=%s needs CUDA; using float32 on cpu", dtype)
+                log.warning("dtype=float16 needs CUDA; using float32 on cpu (bfloat16 works on cpu)")
                 dtype = "float32"
         elif dtype == "int8":
             if self.device.type == "cpu":

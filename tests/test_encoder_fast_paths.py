@@ -41,3 +41,19 @@ def test_token_id_path_matches_the_tokenizer_path(titles, float32_encoder) -> No
     via_tokenizer = float32_encoder.forward(float32_encoder.tokenize(texts))
     np.testing.assert_allclose(via_ids, via_tokenizer, atol=1e-5)
     assert max(map(len, float32_encoder.token_ids(texts))) == float32_encoder.max_seq_length
+
+
+def test_bfloat16_runs_on_cpu_with_float32_fidelity(titles, float32_encoder) -> None:
+    bf16 = TransformerEncoder(Settings(torch_threads=2, dtype="bfloat16"))
+    assert bf16.version.endswith("/bfloat16")
+    sample = titles[:32]
+    vectors = bf16.encode(sample)
+    assert vectors.dtype == np.float32
+    cosine = (float32_encoder.encode(sample) * vectors).sum(axis=1)
+    assert cosine.min() >= 0.99, cosine.min()
+
+
+def test_float16_on_cpu_falls_back_to_float32(caplog) -> None:
+    encoder = TransformerEncoder(Settings(torch_threads=2, dtype="float16"))
+    assert encoder.version.endswith("/float32")
+    assert "float16 needs CUDA" in caplog.text
