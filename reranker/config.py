@@ -79,6 +79,31 @@ class Settings:
         "attention",
     )
     torch_interop_threads: int = _doc("torch inter-op threads; 0 = torch default. 1 suits a 2-core sidecar.", 1)
+    # --- operations (issue 5) ------------------------------------------------------------------
+    metrics_address: str = _doc(
+        "host:port of the Prometheus /metrics HTTP endpoint; empty = off. Use 0.0.0.0:9464 in a pod.",
+        "127.0.0.1:9464",
+    )
+    health_address: str = _doc(
+        "host:port of an extra gRPC listener serving only grpc.health.v1 (kubelet probes reach it while "
+        "`address` stays on loopback); empty = off.",
+        "",
+    )
+    log_format: str = _doc("`text` (human) or `json` (one JSON object per line, for log shippers).", "text")
+    access_log: bool = _doc("Log one line per RPC (request id, bucket, variant, fallback, latency).", True)
+    access_log_sample: float = _doc(
+        "Share in [0, 1] of successful, personalized RPCs that get an access-log line; errors, fallbacks, "
+        "bypass and control lines are always written.",
+        1.0,
+    )
+    log_user_salt: str = _doc(
+        "When set, access-log lines carry `user_hash` = salted hash of the user id (raw ids are never logged).", ""
+    )
+    otel_enabled: bool = _doc("OpenTelemetry tracing of every RPC (needs the `otel` extra).", False)
+    otel_endpoint: str = _doc(
+        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; empty = exporter default/OTEL_* env.", ""
+    )
+    otel_service_name: str = _doc("service.name resource attribute of the exported traces.", "reranker")
 
     def __post_init__(self) -> None:
         problems = []
@@ -110,6 +135,14 @@ class Settings:
             problems.append("int8_layers must be 'attention', 'attention+intermediate' or 'all'")
         if self.torch_interop_threads < 0:
             problems.append("torch_interop_threads must be >= 0")
+        if self.metrics_address and not self.metrics_address.rpartition(":")[2].isdigit():
+            problems.append("metrics_address must be host:port (or empty for off)")
+        if self.health_address and not self.health_address.rpartition(":")[2].isdigit():
+            problems.append("health_address must be host:port (or empty for off)")
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            problems.append("access_log_sample must be in [0, 1]")
+        if self.log_format not in ("text", "json"):
+            problems.append("log_format must be 'text' or 'json'")
         try:
             self.parsed_event_weights()
         except ValueError as exc:
