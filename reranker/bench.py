@@ -223,7 +223,7 @@ class RerankWorkload:
         return pb.RerankRequest(user_id=f"user-{(worker + i) % self.users}", candidates=cands, request_id=f"{worker}-{i}")
 
 
-def _wait_serving(address: str, timeout_s: float) -> None:
+def _wait_serving(address: str, timeout_s: float, child: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -231,6 +231,9 @@ def _wait_serving(address: str, timeout_s: float) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
+            if child is not None and child.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.is_file() else ""
+                raise RuntimeError(f"server exited with status {child.returncode} before SERVING:\n{tail}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -299,13 +302,18 @@ def bench_rerank(args: argparse.Namespace) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="reranker-bench-")
     try:
         address = args.target
+        child, log_path = None, Path(tmp.name) / "server.log"
         if not address:
-            port = _free_port()
-            address = f"127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "reranker", "serve", "--address", address, *shlex.split(args.server_args)]
-            log = open(Path(tmp.name) / "server.log", "wb")  # noqa: SIM115 (closed with the directory)
-            children.append(subprocess.Popen(cmd, env=_child_env(), stdout=log, stderr=subprocess.STDOUT))
-        _wait_serving(address, args.startup_timeout)
+            address = f"127.0.0.1:{_free_port()}"
+            # Its own metrics port (the default one may be taken); --server-args can override both.
+            cmd = [
+                sys.executable, "-m", "reranker", "serve", "--address", address,
+                "--metrics-address", f"127.0.0.1:{_free_port()}", *shlex.split(args.server_args),
+            ]
+            with log_path.open("wb") as log:
+                child = subprocess.Popen(cmd, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+            children.append(child)
+        _wait_serving(address, args.startup_timeout, child, log_path)
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RerankerServiceStub(channel)
             _prepare_server(stub, workload)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -71,8 +72,7 @@ class ItemVectorCache:
         n = len(item_ids)
         wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
         with self._lock:
-            get = self._row_of.get
-            rows = np.fromiter([get(item_id, -1) for item_id in item_ids], dtype=np.int64, count=n)
+            rows = np.fromiter(map(self._row_of.get, item_ids, repeat(-1, n)), dtype=np.int64, count=n)
             found = rows >= 0
             safe_rows = np.where(found, rows, 0)
             hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))

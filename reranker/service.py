@@ -202,7 +202,7 @@ class RerankService:
         order = ranking.order
         ids = candidates.item_ids
         items = RankedItems(
-            [ids[i] for i in order.tolist()],
+            list(map(ids.__getitem__, order.tolist())),
             ranking.final[order],
             ranking.semantic[order],
             candidates.scores[order],
