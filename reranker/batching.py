@@ -4,6 +4,11 @@ Request threads submit lists of texts and get a Future; one worker thread drains
 batches of at most `max_batch` texts (waiting at most `max_wait_s` for a batch to fill), sorts
 each batch by length so padding is minimal, encodes, and resolves the futures. A bounded number
 of pending texts turns overload into an immediate `Overloaded` instead of unbounded queueing.
+
+Tokenization stays off the model's critical section: when the encoder can tokenize separately
+(`TokenizingEncoder`), the submitting request thread tokenizes (the Rust tokenizer releases the
+GIL) and the worker only pads token ids (numpy) and runs forward passes; batches are sorted by
+token count. Other encoders get whole texts, sorted by character length.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reranker.encoder import Encoder
+from reranker.encoder import Encoder, supports_token_ids
 from reranker.errors import EncoderFailed, Overloaded
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Job:
     texts: list[str]
+    token_ids: list[list[int]] | None = None
     future: Future[np.ndarray] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -60,6 +66,7 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self.stats = BatcherStats()
+        self._tokenize_early = supports_token_ids(encoder)
         self._thread = threading.Thread(target=self._run, name="encoder-batcher", daemon=True)
         self._thread.start()
 
@@ -73,17 +80,25 @@ class MicroBatcher:
         if not job.texts:
             job.future.set_result(np.zeros((0, self._encoder.dim), dtype=np.float32))
             return job.future
+        if self._tokenize_early:
+            self._check_capacity(len(job.texts))  # cheap early refusal before tokenizing
+            try:
+                job.token_ids = self._encoder.token_ids(job.texts)  # type: ignore[attr-defined]
+            except Exception as exc:
+                raise EncoderFailed(f"tokenizer error: {exc}") from exc
         with self._cond:
             if self._closed:
                 raise EncoderFailed("encoder is shut down")
-            if self._pending_texts + len(job.texts) > self._max_pending:
-                raise Overloaded(
-                    f"encoder queue full ({self._pending_texts} texts pending, limit {self._max_pending})"
-                )
+            self._check_capacity(len(job.texts))
             self._jobs.append(job)
             self._pending_texts += len(job.texts)
             self._cond.notify()
         return job.future
+
+    def _check_capacity(self, count: int) -> None:
+        pending = self._pending_texts
+        if pending + count > self._max_pending:
+            raise Overloaded(f"encoder queue full ({pending} texts pending, limit {self._max_pending})")
 
     def close(self) -> None:
         with self._cond:
@@ -122,7 +137,10 @@ class MicroBatcher:
             encode_started = time.monotonic()
             self.stats.last_queue_wait_s = encode_started - jobs[0].enqueued_at
             try:
-                vectors = self._encode_sorted(texts)
+                if self._tokenize_early:
+                    vectors = self._encode_sorted([ids for job in jobs for ids in job.token_ids or ()], True)
+                else:
+                    vectors = self._encode_sorted(texts, False)
             except Exception as exc:  # the encoder failing must not kill the worker
                 self._observe(len(texts), encode_started, ok=False)
                 log.exception("encoder failed on a batch of %d texts", len(texts))
@@ -147,13 +165,14 @@ class MicroBatcher:
             except Exception:  # metrics must never break encoding
                 log.exception("batch observer failed")
 
-    def _encode_sorted(self, texts: list[str]) -> np.ndarray:
+    def _encode_sorted(self, inputs: list[str] | list[list[int]], are_token_ids: bool) -> np.ndarray:
         """Encode in chunks of max_batch, length-sorted so each chunk pads little."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), self._encoder.dim), dtype=np.float32)
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        out = np.empty((len(inputs), self._encoder.dim), dtype=np.float32)
+        encode = self._encoder.encode_ids if are_token_ids else self._encoder.encode  # type: ignore[attr-defined]
         for start in range(0, len(order), self._max_batch):
             idx = order[start : start + self._max_batch]
-            vectors = np.asarray(self._encoder.encode([texts[i] for i in idx]), dtype=np.float32)
+            vectors = np.asarray(encode([inputs[i] for i in idx]), dtype=np.float32)
             if vectors.shape != (len(idx), self._encoder.dim) or not np.isfinite(vectors).all():
                 raise EncoderFailed(f"encoder returned unusable output of shape {vectors.shape}")
             out[idx] = vectors

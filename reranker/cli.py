@@ -1,4 +1,4 @@
-"""Command line: `reranker serve | settings | eval | train | convert`."""
+"""Command line: `reranker serve | settings | bench | eval | train | convert`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from reranker.bench import add_arguments as add_bench_arguments
+from reranker.bench import run as run_bench
 from reranker.config import Settings, settings_markdown, settings_parser
 
 
@@ -21,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
 
     add_commands(commands)
+    bench = commands.add_parser("bench", help="benchmarks: rerank vs gRPC echo, encoder, memory")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=run_bench)
     args = parser.parse_args(argv)
     return int(args.handler(args, argv[1:]) or 0)
 

@@ -33,12 +33,12 @@ class Settings:
     encoder: str = _doc("`transformer` (real model) or `fake` (deterministic hashing encoder, for tests).", "transformer")
     model_dir: str = _doc("Local Hugging Face model directory; empty = the packaged all-MiniLM-L6-v2.", "")
     device: str = _doc("`cpu`, `cuda`, or `auto` (cuda when available).", "cpu")
-    dtype: str = _doc("`float32`, `float16`/`bfloat16` (CUDA only), or `int8` (dynamic quantization, CPU).", "float32")
+    dtype: str = _doc("`float32`, `float16` (CUDA), `bfloat16` (CUDA, or CPUs with AVX512-BF16/AMX), or `int8` (dynamic quantization, CPU).", "float32")
     max_seq_length: int = _doc("Token limit per text; longer texts are truncated by the tokenizer.", 128)
     encode_batch_size: int = _doc("Largest batch the encoder runs at once.", 32)
     encode_max_wait_ms: float = _doc("How long the micro-batcher waits to fill a batch.", 2.0)
     encode_queue_size: int = _doc("Texts waiting for the encoder before new work is refused (overload).", 2048)
-    torch_threads: int = _doc("torch intra-op threads; 0 = torch default (all cores).", 0)
+    torch_threads: int = _doc("torch intra-op threads; 0 = the CPUs this process may use (affinity, cgroup quota).", 0)
     fake_dim: int = _doc("Vector size of the fake encoder.", 384)
     warmup: bool = _doc("Encode a few texts before reporting SERVING.", True)
     # --- caches and user model ---------------------------------------------------------------
@@ -94,6 +94,19 @@ class Settings:
     redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
     snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
     snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
+    # --- performance -----------------------------------------------------------------------------
+    overload_policy: str = _doc(
+        "When the encoder queue is full: `fail_open` (Rerank answers with the upstream order, "
+        "FALLBACK_REASON_OVERLOADED) or `reject` (Rerank fails with RESOURCE_EXHAUSTED). "
+        "Writes (UpsertItems, RecordEvents) always get RESOURCE_EXHAUSTED.",
+        "fail_open",
+    )
+    int8_layers: str = _doc(
+        "With dtype=int8, which Linear layers are quantized: `attention` (cosine >= 0.98 to float32), "
+        "`attention+intermediate`, or `all` (fastest, lowest fidelity).",
+        "attention",
+    )
+    torch_interop_threads: int = _doc("torch inter-op threads; 0 = torch default. 1 suits a 2-core sidecar.", 1)
     # --- operations (issue 5) ------------------------------------------------------------------
     metrics_address: str = _doc(
         "host:port of the Prometheus /metrics HTTP endpoint; empty = off. Use 0.0.0.0:9464 in a pod.",
@@ -163,6 +176,12 @@ class Settings:
             problems.append("session_size must not exceed vector_history_size")
         if self.session_gap_seconds < 0 or self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
             problems.append("session_gap_seconds, redis_retry_seconds and snapshot_interval_seconds must be >= 0")
+        if self.overload_policy not in ("fail_open", "reject"):
+            problems.append("overload_policy must be 'fail_open' or 'reject'")
+        if self.int8_layers not in ("attention", "attention+intermediate", "all"):
+            problems.append("int8_layers must be 'attention', 'attention+intermediate' or 'all'")
+        if self.torch_interop_threads < 0:
+            problems.append("torch_interop_threads must be >= 0")
         if self.metrics_address and not self.metrics_address.rpartition(":")[2].isdigit():
             problems.append("metrics_address must be host:port (or empty for off)")
         if self.health_address and not self.health_address.rpartition(":")[2].isdigit():

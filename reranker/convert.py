@@ -6,15 +6,18 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reranker.config import Settings
 from reranker.errors import InvalidRequest
 from reranker.types import (
-    Candidate,
+    CandidateColumns,
     Event,
     EventType,
+    Explanation,
     Item,
+    RankedItems,
     RecordResult,
     RerankOptions,
     RerankQuery,
@@ -93,18 +96,41 @@ def events_from_pb(msgs: Sequence[pb.Event], field: str, limits: Limits, default
     return tuple(event_from_pb(m, f"{field}[{i}]", limits, default_user) for i, m in enumerate(msgs))
 
 
+def candidates_from_pb(msgs: Sequence[pb.Candidate], limits: Limits) -> CandidateColumns:
+    """Candidates as columns, validated with array operations (one pass over the messages)."""
+    n = len(msgs)
+    if n == 0:
+        raise InvalidRequest("candidates must not be empty")
+    _check_count(n, limits.max_candidates, "candidates", "max_candidates")
+    item_ids: list[str] = []
+    scores: list[float] = []
+    texts: list[str | None] = []
+    add_id, add_score, add_text = item_ids.append, scores.append, texts.append
+    for c in msgs:
+        add_id(c.item_id)
+        add_score(c.score)
+        add_text(c.text)
+    id_lengths = np.fromiter(map(len, item_ids), dtype=np.int64, count=n)
+    score_array = np.asarray(scores, dtype=np.float64)
+    text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+    bad = (id_lengths == 0) | (id_lengths > limits.max_id_chars) | ~np.isfinite(score_array)
+    bad |= text_lengths > limits.max_text_chars
+    if bad.any():  # report the first offending candidate, its fields in declaration order
+        i = int(np.argmax(bad))
+        _check_id(item_ids[i], f"candidates[{i}].item_id", limits)
+        if not math.isfinite(scores[i]):
+            raise InvalidRequest(f"candidates[{i}].score must be finite, got {scores[i]}")
+        _check_text(texts[i], f"candidates[{i}].text", limits)  # type: ignore[arg-type]
+    # proto3 `optional`: an empty string may be unset (no text) or set to "" (encode "").
+    for i in np.flatnonzero(text_lengths == 0).tolist():
+        if not msgs[i].HasField("text"):
+            texts[i] = None
+    return CandidateColumns(item_ids, score_array, texts)
+
+
 def rerank_query(req: pb.RerankRequest, limits: Limits) -> RerankQuery:
     user_id = _check_id(req.user_id, "user_id", limits)
-    if not req.candidates:
-        raise InvalidRequest("candidates must not be empty")
-    _check_count(len(req.candidates), limits.max_candidates, "candidates", "max_candidates")
-    candidates = []
-    for i, c in enumerate(req.candidates):
-        _check_id(c.item_id, f"candidates[{i}].item_id", limits)
-        if not math.isfinite(c.score):
-            raise InvalidRequest(f"candidates[{i}].score must be finite, got {c.score}")
-        text = _check_text(c.text, f"candidates[{i}].text", limits) if c.HasField("text") else None
-        candidates.append(Candidate(c.item_id, c.score, text))
+    candidates = candidates_from_pb(req.candidates, limits)
     opts = req.options
     options = RerankOptions(
         blend_weight=_check_fraction(opts.blend_weight, "options.blend_weight") if opts.HasField("blend_weight") else None,
@@ -116,7 +142,7 @@ def rerank_query(req: pb.RerankRequest, limits: Limits) -> RerankQuery:
         raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
     return RerankQuery(
         user_id=user_id,
-        candidates=tuple(candidates),
+        candidates=candidates,
         context_events=events_from_pb(req.context_events, "context_events", limits, default_user=user_id),
         top_k=req.top_k,
         options=options,
@@ -152,30 +178,99 @@ def event_to_pb(event: Event) -> pb.Event:
     return msg
 
 
+def _varint_sizes(values: np.ndarray) -> np.ndarray:
+    """Bytes each non-negative integer takes as a protobuf varint."""
+    sizes = np.ones(values.shape, dtype=np.int64)
+    largest = int(values.max(initial=0))
+    bits = 7
+    while bits < 64 and largest >= 1 << bits:
+        sizes += values >= (1 << bits)
+        bits += 7
+    return sizes
+
+
+def _put_varints(out: np.ndarray, starts: np.ndarray, values: np.ndarray, sizes: np.ndarray) -> None:
+    """Write `values` as varints at `starts` (byte sizes from _varint_sizes)."""
+    if int(sizes.max(initial=1)) == 1:
+        out[starts] = values
+        return
+    values = values.astype(np.uint64)
+    for k in range(int(sizes.max())):
+        write = sizes > k
+        more = sizes > k + 1
+        byte = ((values >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8) | (more.astype(np.uint8) << 7)
+        out[starts[write] + k] = byte[write]
+
+
+_SCORED_ITEM_DOUBLES = (0x11, 0x19, 0x21)  # tags of ScoredItem fields 2, 3, 4 (fixed64)
+_ITEMS_TAG = 0x0A  # RerankResponse.items = 1 (length-delimited); also ScoredItem.item_id = 1
+_RANK_TAG = 0x28  # ScoredItem.original_rank = 5 (varint)
+_DOUBLES_OFFSETS = np.arange(27)
+
+
+def encode_ranked_items(items: RankedItems) -> bytes:
+    """The `items` field of a RerankResponse in protobuf wire format, built with array operations.
+
+    Equivalent to adding one ScoredItem message per item (without explanations), at a fraction of
+    the cost for hundreds of items. Concatenating it with the rest of a serialized RerankResponse
+    gives a valid message (protobuf merges fields in any order).
+    """
+    n = len(items)
+    if n == 0:
+        return b""
+    joined = "".join(items.item_ids)
+    if joined.isascii():  # one character = one byte: no per-id encoding needed
+        all_id_bytes = joined.encode("ascii")
+        id_sizes = np.fromiter(map(len, items.item_ids), dtype=np.int64, count=n)
+    else:
+        id_bytes = [item_id.encode("utf-8") for item_id in items.item_ids]
+        all_id_bytes = b"".join(id_bytes)
+        id_sizes = np.fromiter(map(len, id_bytes), dtype=np.int64, count=n)
+    ranks = items.original_ranks.astype(np.int64)
+    rank_sizes = _varint_sizes(ranks)
+    id_len_sizes = _varint_sizes(id_sizes)
+    body = 1 + id_len_sizes + id_sizes + 27 + 1 + rank_sizes  # item_id, 3 doubles, original_rank
+    body_len_sizes = _varint_sizes(body)
+    record = 1 + body_len_sizes + body
+    ends = np.cumsum(record)
+    starts = ends - record
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    out[starts] = _ITEMS_TAG
+    _put_varints(out, starts + 1, body, body_len_sizes)
+    pos = starts + 1 + body_len_sizes
+    out[pos] = _ITEMS_TAG
+    _put_varints(out, pos + 1, id_sizes, id_len_sizes)
+    pos = pos + 1 + id_len_sizes
+    all_ids = np.frombuffer(all_id_bytes, dtype=np.uint8)
+    if all_ids.size:
+        offsets = np.repeat(pos - (np.cumsum(id_sizes) - id_sizes), id_sizes)
+        out[offsets + np.arange(all_ids.size)] = all_ids
+    pos = pos + id_sizes
+    doubles = np.empty((n, 27), dtype=np.uint8)  # three (tag, little-endian float64) fields
+    for k, (tag, column) in enumerate(
+        zip(_SCORED_ITEM_DOUBLES, (items.scores, items.semantic_scores, items.upstream_scores), strict=True)
+    ):
+        doubles[:, 9 * k] = tag
+        doubles[:, 9 * k + 1 : 9 * k + 9] = np.ascontiguousarray(column, dtype="<f8").reshape(n, 1).view(np.uint8)
+    out[pos[:, None] + _DOUBLES_OFFSETS] = doubles
+    pos = pos + 27
+    out[pos] = _RANK_TAG
+    _put_varints(out, pos + 1, ranks, rank_sizes)
+    return out.tobytes()
+
+
+def _explanation_pb(e: Explanation) -> pb.Explanation:
+    return pb.Explanation(
+        nearest_history_item_id=e.nearest_history_item_id,
+        nearest_history_similarity=e.nearest_history_similarity,
+        has_vector=e.has_vector,
+        summary=e.summary,
+    )
+
+
 def rerank_response(result: RerankResult) -> pb.RerankResponse:
-    items = []
-    for it in result.items:
-        msg = pb.ScoredItem(
-            item_id=it.item_id,
-            score=it.score,
-            semantic_score=it.semantic_score,
-            upstream_score=it.upstream_score,
-            original_rank=it.original_rank,
-        )
-        if it.explanation is not None:
-            e = it.explanation
-            msg.explanation.CopyFrom(
-                pb.Explanation(
-                    nearest_history_item_id=e.nearest_history_item_id,
-                    nearest_history_similarity=e.nearest_history_similarity,
-                    has_vector=e.has_vector,
-                    summary=e.summary,
-                )
-            )
-        items.append(msg)
     t = result.timing
-    return pb.RerankResponse(
-        items=items,
+    msg = pb.RerankResponse(
         variant=int(result.variant),
         fallback_reason=int(result.fallback_reason),
         fallback_detail=result.fallback_detail,
@@ -188,6 +283,22 @@ def rerank_response(result: RerankResult) -> pb.RerankResponse:
         without_vector=result.without_vector,
         bucket=result.bucket,
     )
+    items = RankedItems.of(result.items)
+    if items.explanations is None:
+        # Fast path: the repeated field in wire format, merged into the message in one parse.
+        msg.MergeFromString(encode_ranked_items(items))
+        return msg
+    for it in items:
+        scored = msg.items.add(
+            item_id=it.item_id,
+            score=it.score,
+            semantic_score=it.semantic_score,
+            upstream_score=it.upstream_score,
+            original_rank=it.original_rank,
+        )
+        if it.explanation is not None:
+            scored.explanation.CopyFrom(_explanation_pb(it.explanation))
+    return msg
 
 
 def record_response(result: RecordResult) -> pb.RecordEventsResponse:

@@ -1,17 +1,32 @@
-"""ItemVectorCache: item vectors in one contiguous float32 matrix, LRU by item id.
+"""ItemVectorCache: item vectors in one contiguous float32 matrix, least-recently-used eviction.
 
-Each entry remembers a hash of the text it was encoded from, so a changed text re-encodes.
-Lookups gather rows from the matrix in one numpy fancy-index (no per-request re-stacking).
+Each entry remembers which text it was encoded from, so a changed text re-encodes. Two
+fingerprints are kept per row: the stable `text_hash` (the same in every process: snapshots and
+replicas use it) and Python's string hash, which is what the hot path compares (it is computed in
+C and cached on the str; no blake2b per candidate per request). A row whose Python hash is not
+known (restored from a snapshot, or put with a stable hash) is verified once with `text_hash`.
+
+A lookup is one dict probe per id plus a few numpy operations: vectors are gathered from the
+matrix in one fancy-index, fingerprints are compared and recency is stamped as arrays (no
+per-request re-stacking, no per-hit linked-list bookkeeping). Eviction picks the rows with the
+oldest use stamp (argpartition), only when the cache is full.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import repeat
 
 import numpy as np
+
+# A text key of None means "no text given: accept whatever vector is cached". (A real text whose
+# Python hash equals hash(None) would fall to the exact text_hash check: still correct.)
+_ANY_TEXT = hash(None)
+_FREE = np.iinfo(np.int64).max  # use stamp of an unused row: never chosen for eviction
+
+TextKey = str | int | None  # item text, its text_hash, or None (any cached text is fine)
 
 
 def text_hash(text: str) -> int:
@@ -19,84 +34,153 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
+def _stable(key: str | int) -> int:
+    return text_hash(key) if isinstance(key, str) else int(key)
+
+
 class ItemVectorCache:
     def __init__(self, capacity: int, dim: int, initial_rows: int = 1024) -> None:
         self.capacity = capacity
         self.dim = dim
-        self._matrix = np.zeros((min(capacity, initial_rows), dim), dtype=np.float32)
-        self._entries: OrderedDict[str, tuple[int, int]] = OrderedDict()  # item_id -> (row, text hash)
-        self._free_rows: list[int] = []
-        self._next_row = 0
+        rows = max(1, min(capacity, initial_rows))
+        self._matrix = np.zeros((rows, dim), dtype=np.float32)
+        self._local_fp = np.zeros(rows, dtype=np.int64)  # hash(text) of the encoded text
+        self._stable_fp = np.zeros(rows, dtype=np.uint64)  # text_hash of the encoded text
+        self._last_used = np.full(rows, _FREE, dtype=np.int64)
+        self._row_of: dict[str, int] = {}
+        self._id_of_row: list[str | None] = [None] * rows
+        self._free_rows: list[int] = list(range(rows - 1, -1, -1))
+        self._clock = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._row_of)
 
-    def lookup(self, item_ids: Sequence[str], hashes: Sequence[int | None]) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors for the given ids and a hit mask.
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the vector matrix and its per-row arrays."""
+        return self._matrix.nbytes + self._local_fp.nbytes + self._stable_fp.nbytes + self._last_used.nbytes
 
-        A hash of None accepts whatever vector is cached for the id; otherwise the cached vector
-        must have been encoded from text with that hash. Rows of misses are zero.
+    def lookup(self, item_ids: Sequence[str], texts: Sequence[TextKey]) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors (a fresh (n, dim) array) for the given ids, and a hit mask.
+
+        `texts[i]` is the item's text (or its `text_hash`): the cached vector must have been
+        encoded from that text. None accepts whatever vector is cached. Rows of misses are zero.
         """
         n = len(item_ids)
-        rows = np.full(n, -1, dtype=np.int64)
+        wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
         with self._lock:
-            entries = self._entries
-            for i, (item_id, wanted) in enumerate(zip(item_ids, hashes, strict=True)):
-                entry = entries.get(item_id)
-                if entry is not None and (wanted is None or entry[1] == wanted):
-                    rows[i] = entry[0]
-                    entries.move_to_end(item_id)
-            hit = rows >= 0
-            vectors = self._matrix[np.where(hit, rows, 0)]
-            hit_count = int(hit.sum())
+            rows = np.fromiter(map(self._row_of.get, item_ids, repeat(-1, n)), dtype=np.int64, count=n)
+            found = rows >= 0
+            safe_rows = np.where(found, rows, 0)
+            hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
+            if np.count_nonzero(hit) != np.count_nonzero(found):
+                self._verify_stable(hit, found, rows, texts)
+            vectors = self._matrix[safe_rows]
+            self._clock += 1
+            self._last_used[rows[hit]] = self._clock
+            hit_count = int(np.count_nonzero(hit))
             self.hits += hit_count
             self.misses += n - hit_count
-        vectors[~hit] = 0.0
+        if hit_count < n:
+            vectors[~hit] = 0.0
         return vectors, hit
 
-    def put(self, item_ids: Sequence[str], hashes: Sequence[int], vectors: np.ndarray) -> None:
-        """Insert or replace vectors; evicts least recently used entries beyond capacity."""
-        with self._lock:
-            for item_id, hashed, vector in zip(item_ids, hashes, vectors, strict=True):
-                entry = self._entries.get(item_id)
-                if entry is not None:
-                    row = entry[0]
-                    self._entries.move_to_end(item_id)
-                else:
-                    row = self._allocate_row()
-                self._matrix[row] = vector
-                self._entries[item_id] = (row, hashed)
+    def _verify_stable(self, hit: np.ndarray, found: np.ndarray, rows: np.ndarray, texts: Sequence[TextKey]) -> None:
+        """Slow path for found ids whose Python hash differs: compare stable hashes (a changed
+        text, a row restored from a snapshot, or a caller passing text_hash values)."""
+        for i in np.flatnonzero(found & ~hit).tolist():
+            key, row = texts[i], int(rows[i])
+            if key is not None and int(self._stable_fp[row]) == _stable(key):
+                hit[i] = True
+                if isinstance(key, str):
+                    self._local_fp[row] = hash(key)  # next time the fast comparison suffices
 
-    def _allocate_row(self) -> int:
-        if len(self._entries) >= self.capacity:
-            _, (row, _) = self._entries.popitem(last=False)
-            return row
-        if self._free_rows:
-            return self._free_rows.pop()
-        if self._next_row >= self._matrix.shape[0]:
-            grown = np.zeros((min(self.capacity, max(1, self._matrix.shape[0]) * 2), self.dim), dtype=np.float32)
-            grown[: self._matrix.shape[0]] = self._matrix
-            self._matrix = grown
-        row = self._next_row
-        self._next_row += 1
-        return row
-
-    def known(self, item_id: str) -> bool:
+    def put(self, item_ids: Sequence[str], texts: Sequence[str | int], vectors: np.ndarray) -> None:
+        """Insert or replace vectors encoded from `texts` (texts or their text_hash); the last one
+        wins for a repeated id. Evicts the least recently used entries when the cache is full."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        latest = {item_id: k for k, item_id in enumerate(item_ids)}
+        if len(latest) > self.capacity:  # more than fits at all: keep the last `capacity` given
+            latest = dict(sorted(latest.items(), key=lambda kv: kv[1])[-self.capacity :])
+        keys = [texts[k] for k in latest.values()]
+        local = np.fromiter((hash(t) if isinstance(t, str) else 0 for t in keys), dtype=np.int64, count=len(keys))
+        stable = np.fromiter(map(_stable, keys), dtype=np.uint64, count=len(keys))
         with self._lock:
-            return item_id in self._entries
+            self._clock += 1
+            new = [item_id for item_id in latest if item_id not in self._row_of]
+            for item_id in latest:
+                if item_id in self._row_of:
+                    self._last_used[self._row_of[item_id]] = self._clock  # protect from eviction below
+            overflow = len(self._row_of) + len(new) - self.capacity
+            if overflow > 0:
+                self._evict(overflow)
+            for item_id in new:
+                self._row_of[item_id] = self._allocate_row(item_id)
+            rows = np.fromiter((self._row_of[i] for i in latest), dtype=np.int64, count=len(latest))
+            source = np.fromiter(latest.values(), dtype=np.int64, count=len(latest))
+            self._matrix[rows] = vectors[source]
+            self._local_fp[rows] = local
+            self._stable_fp[rows] = stable
+            self._last_used[rows] = self._clock
 
     # --- snapshot support (reranker/snapshot.py) -------------------------------------------------
     def export(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(ids, text hashes as uint64, vectors) of every entry, least recently used first."""
         with self._lock:
-            ids = list(self._entries)
-            rows = np.fromiter((self._entries[i][0] for i in ids), dtype=np.int64, count=len(ids))
-            hashes = np.fromiter((self._entries[i][1] for i in ids), dtype=np.uint64, count=len(ids))
-            return ids, hashes, self._matrix[rows].copy()
+            ids = list(self._row_of)
+            rows = np.fromiter(self._row_of.values(), dtype=np.int64, count=len(ids))
+            order = np.argsort(self._last_used[rows], kind="stable")
+            rows = rows[order]
+            return [ids[i] for i in order.tolist()], self._stable_fp[rows].copy(), self._matrix[rows].copy()
 
     def restore(self, item_ids: Sequence[str], hashes: np.ndarray, vectors: np.ndarray) -> None:
         """Insert exported entries (in the given order, so the LRU order survives a round trip)."""
-        self.put(list(item_ids), [int(h) for h in hashes], vectors)
+        ids = list(item_ids)
+        self.put(ids, [int(h) for h in hashes], vectors)
+        with self._lock:
+            present = [i for i in ids if i in self._row_of]
+            if present:
+                rows = np.fromiter((self._row_of[i] for i in present), dtype=np.int64, count=len(present))
+                self._last_used[rows] = self._clock + 1 + np.arange(len(present))
+                self._clock += len(present) + 1
+
+    def _evict(self, count: int) -> None:
+        """Free the `count` least recently used rows (caller holds the lock)."""
+        stamps = self._last_used
+        victims = np.argpartition(stamps, count - 1)[:count] if count < stamps.size else np.arange(stamps.size)
+        for row in victims.tolist():
+            item_id = self._id_of_row[row]
+            if item_id is None:
+                continue
+            del self._row_of[item_id]
+            self._id_of_row[row] = None
+            stamps[row] = _FREE
+            self._free_rows.append(row)
+
+    def _allocate_row(self, item_id: str) -> int:
+        if not self._free_rows:
+            self._grow()
+        row = self._free_rows.pop()
+        self._id_of_row[row] = item_id
+        return row
+
+    def _grow(self) -> None:
+        old = self._matrix.shape[0]
+        new = min(self.capacity, old * 2)
+        if new <= old:
+            raise RuntimeError("item cache has no free row although it is below capacity")
+        matrix = np.zeros((new, self.dim), dtype=np.float32)
+        matrix[:old] = self._matrix
+        self._matrix = matrix
+        self._local_fp = np.concatenate([self._local_fp, np.zeros(new - old, dtype=np.int64)])
+        self._stable_fp = np.concatenate([self._stable_fp, np.zeros(new - old, dtype=np.uint64)])
+        self._last_used = np.concatenate([self._last_used, np.full(new - old, _FREE, dtype=np.int64)])
+        self._id_of_row.extend([None] * (new - old))
+        self._free_rows.extend(range(new - 1, old - 1, -1))
+
+    def known(self, item_id: str) -> bool:
+        with self._lock:
+            return item_id in self._row_of

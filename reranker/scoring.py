@@ -62,7 +62,7 @@ def blend(upstream: FloatArray, semantic: FloatArray, has_vector: FloatArray, we
 def order_by_score(scores: FloatArray) -> np.ndarray:
     """Indices sorted by descending score; ties keep input (upstream) order."""
     scores = np.asarray(scores, dtype=np.float64)
-    return np.lexsort((np.arange(scores.size), -scores))
+    return np.argsort(-scores, kind="stable")
 
 
 def mmr_order(

@@ -20,21 +20,21 @@ from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
 from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded
 from reranker.experiments import decide
-from reranker.items import ItemVectorCache, text_hash
+from reranker.items import ItemVectorCache
 from reranker.metrics import Metrics
 from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, make_profile_store, positive_history
 from reranker.profiles import user_vector as user_vector_of
 from reranker.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
 from reranker.types import (
-    Candidate,
+    CandidateColumns,
     Event,
     Explanation,
     FallbackReason,
     Item,
+    RankedItems,
     RecordResult,
     RerankQuery,
     RerankResult,
-    ScoredItem,
     Timing,
     UpsertResult,
     UserProfileView,
@@ -167,8 +167,11 @@ class RerankService:
         """
         started = time.perf_counter()
         s = self.settings
-        keep = scoring.first_occurrences([c.item_id for c in query.candidates])
-        candidates = [query.candidates[i] for i in keep]
+        candidates = CandidateColumns.of(query.candidates)
+        keep = np.arange(len(candidates))  # original position of each kept candidate
+        if len(set(candidates.item_ids)) < len(candidates):  # duplicates: keep first occurrences
+            keep = np.asarray(scoring.first_occurrences(candidates.item_ids), dtype=np.int64)
+            candidates = candidates.take(keep)
         skip, bucket = decide(
             user_id=query.user_id,
             experiment=query.experiment,
@@ -192,6 +195,8 @@ class RerankService:
         except EncodeTimeout as exc:
             return upstream(Variant.FALLBACK, FallbackReason.DEADLINE, str(exc))
         except Overloaded as exc:
+            if s.overload_policy == "reject":
+                raise  # RESOURCE_EXHAUSTED: the caller backs off or serves its own order
             return upstream(Variant.FALLBACK, FallbackReason.OVERLOADED, str(exc))
         except EncoderFailed as exc:
             return upstream(Variant.FALLBACK, FallbackReason.ENCODER_ERROR, str(exc))
@@ -202,8 +207,8 @@ class RerankService:
     def _personalize(
         self,
         query: RerankQuery,
-        candidates: list[Candidate],
-        keep: list[int],
+        candidates: CandidateColumns,
+        keep: np.ndarray,
         bucket: int,
         started: float,
         time_remaining: float | None,
@@ -214,9 +219,7 @@ class RerankService:
         if time_remaining is not None:
             encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
         encode_started = time.perf_counter()
-        vectors, has_vector, hits, encoded = self._resolve_vectors(
-            [c.item_id for c in candidates], [c.text for c in candidates], encode_budget
-        )
+        vectors, has_vector, hits, encoded = self._resolve_vectors(candidates.item_ids, candidates.texts, encode_budget)
         if query.context_events:
             self._record(query.context_events, time_remaining=encode_budget)
         encode_ms = 1000.0 * (time.perf_counter() - encode_started)
@@ -232,18 +235,16 @@ class RerankService:
                 attention_weight=s.attention_weight, temperature=s.attention_temperature,
             )
         opts = query.options
-        upstream_scores = np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates))
         diversity = s.diversity if opts.diversity is None else opts.diversity
         # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
         if self.head is not None and user_vector is not None and state is not None and opts.blend_weight is None:
             ranking = self.head.rank(
-                [c.item_id for c in candidates], upstream_scores, vectors, has_vector, user_vector,
-                positive_history(state),
+                candidates.item_ids, candidates.scores, vectors, has_vector, user_vector, positive_history(state),
                 diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
             )
         else:
             ranking = scoring.rank(
-                upstream_scores,
+                candidates.scores,
                 vectors,
                 has_vector,
                 user_vector,
@@ -254,16 +255,15 @@ class RerankService:
                 semantic=semantic,
             )
         explanations = self._explain(state, ranking, vectors, has_vector) if opts.explain else None
-        items = tuple(
-            ScoredItem(
-                item_id=candidates[i].item_id,
-                score=float(ranking.final[i]),
-                semantic_score=float(ranking.semantic[i]),
-                upstream_score=candidates[i].score,
-                original_rank=keep[i],
-                explanation=None if explanations is None else explanations[pos],
-            )
-            for pos, i in enumerate(ranking.order.tolist())
+        order = ranking.order
+        ids = candidates.item_ids
+        items = RankedItems(
+            list(map(ids.__getitem__, order.tolist())),
+            ranking.final[order],
+            ranking.semantic[order],
+            candidates.scores[order],
+            keep[order],
+            explanations,
         )
         score_ms = 1000.0 * (time.perf_counter() - score_started)
         return RerankResult(
@@ -312,8 +312,8 @@ class RerankService:
     def _upstream_result(
         self,
         query: RerankQuery,
-        candidates: list[Candidate],
-        keep: list[int],
+        candidates: CandidateColumns,
+        keep: np.ndarray,
         variant: Variant,
         reason: FallbackReason,
         detail: str,
@@ -321,9 +321,8 @@ class RerankService:
         started: float,
     ) -> RerankResult:
         limit = query.top_k or len(candidates)
-        items = tuple(
-            ScoredItem(c.item_id, c.score, 0.0, c.score, rank) for c, rank in zip(candidates[:limit], keep[:limit])
-        )
+        scores = candidates.scores[:limit]
+        items = RankedItems(candidates.item_ids[:limit], scores, np.zeros_like(scores), scores, keep[:limit])
         if variant is Variant.FALLBACK:
             log.warning("fail-open for request %r: %s (%s)", query.request_id, reason.name, detail)
         return RerankResult(
@@ -343,17 +342,18 @@ class RerankService:
     ) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Cached or freshly encoded vectors; returns (vectors, has_vector, cache hits, encoded count)."""
         assert self.items is not None
-        hashes = [None if t is None else text_hash(t) for t in texts]
-        vectors, hit = self.items.lookup(item_ids, hashes)
+        vectors, hit = self.items.lookup(item_ids, texts)
+        has_vector = hit.copy()
+        if hit.all():
+            return vectors, has_vector, len(item_ids), 0
         misses = [i for i in np.flatnonzero(~hit).tolist() if texts[i] is not None]
         # The same item may appear twice among misses (e.g. events): encode each text once.
-        unique: dict[tuple[str, int], list[int]] = {}
+        unique: dict[tuple[str, str], list[int]] = {}
         for i in misses:
-            unique.setdefault((item_ids[i], hashes[i]), []).append(i)  # type: ignore[arg-type]
-        has_vector = hit.copy()
+            unique.setdefault((item_ids[i], texts[i]), []).append(i)  # type: ignore[arg-type]
         if unique:
             keys = list(unique)
-            encoded = self._encode([texts[unique[k][0]] for k in keys], timeout_s)  # type: ignore[misc]
+            encoded = self._encode([k[1] for k in keys], timeout_s)
             self.items.put([k[0] for k in keys], [k[1] for k in keys], encoded)
             for row, key in enumerate(keys):
                 for i in unique[key]:
@@ -397,14 +397,15 @@ class RerankService:
     def upsert_items(self, items: Sequence[Item], time_remaining: float | None = None) -> UpsertResult:
         self._require_ready()
         assert self.items is not None
-        ids = [it.item_id for it in items]
-        hashes = [text_hash(it.text) for it in items]
-        _, hit = self.items.lookup(ids, hashes)
-        todo = {ids[i]: items[i].text for i in np.flatnonzero(~hit).tolist()}  # last text wins for repeated ids
+        latest = {it.item_id: it.text for it in items}  # last text wins for repeated ids
+        ids, texts = list(latest), list(latest.values())
+        _, hit = self.items.lookup(ids, texts)
+        todo = [i for i in np.flatnonzero(~hit).tolist()]
         if todo:
-            vectors = self._encode(list(todo.values()), WRITE_TIMEOUT_S if time_remaining is None else time_remaining)
-            self.items.put(list(todo), [text_hash(t) for t in todo.values()], vectors)
-        return UpsertResult(upserted=len(set(ids)), encoded=len(todo))
+            timeout = WRITE_TIMEOUT_S if time_remaining is None else time_remaining
+            vectors = self._encode([texts[i] for i in todo], timeout)
+            self.items.put([ids[i] for i in todo], [texts[i] for i in todo], vectors)
+        return UpsertResult(upserted=len(ids), encoded=len(todo))
 
     def user_profile(self, user_id: str, include_vector: bool = False) -> UserProfileView:
         """Profile summary; `vector` is the user vector Rerank uses (long-term and session mixed)."""

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
+
+import numpy as np
 
 
 class EventType(enum.IntEnum):
@@ -47,6 +51,66 @@ class Candidate:
     text: str | None = None
 
 
+class CandidateColumns(Sequence[Candidate]):
+    """Candidates stored column-wise: the Rerank hot path never builds one object per candidate.
+
+    Behaves as a read-only sequence of `Candidate` (built on access) for code that wants objects.
+    `scores` is float64; `texts[i]` is None when the candidate carried no text.
+    """
+
+    __slots__ = ("item_ids", "scores", "texts")
+
+    def __init__(self, item_ids: Sequence[str], scores: np.ndarray | Sequence[float], texts: Sequence[str | None]) -> None:
+        self.item_ids: list[str] = list(item_ids)
+        self.scores: np.ndarray = np.asarray(scores, dtype=np.float64)
+        self.texts: list[str | None] = list(texts)
+        if not len(self.item_ids) == self.scores.shape[0] == len(self.texts):
+            raise ValueError("candidate columns differ in length")
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> CandidateColumns:
+        """The candidates as columns (returned as is when they already are)."""
+        if isinstance(candidates, CandidateColumns):
+            return candidates
+        return cls(
+            [c.item_id for c in candidates],
+            np.fromiter((c.score for c in candidates), dtype=np.float64, count=len(candidates)),
+            [c.text for c in candidates],
+        )
+
+    def take(self, positions: Sequence[int] | np.ndarray) -> CandidateColumns:
+        """The candidates at the given positions, in that order."""
+        idx = np.asarray(positions, dtype=np.int64)
+        ids, texts = self.item_ids, self.texts
+        return CandidateColumns([ids[i] for i in idx.tolist()], self.scores[idx], [texts[i] for i in idx.tolist()])
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> Candidate: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Candidate]: ...
+    def __getitem__(self, index: int | slice) -> Candidate | Sequence[Candidate]:
+        if isinstance(index, slice):
+            return self.take(range(len(self))[index])
+        return Candidate(self.item_ids[index], float(self.scores[index]), self.texts[index])
+
+    def __iter__(self) -> Iterator[Candidate]:
+        for item_id, score, text in zip(self.item_ids, self.scores.tolist(), self.texts):
+            yield Candidate(item_id, score, text)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"CandidateColumns({len(self)} candidates)"
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     user_id: str
@@ -75,7 +139,7 @@ class RerankOptions:
 @dataclass(frozen=True, slots=True)
 class RerankQuery:
     user_id: str
-    candidates: tuple[Candidate, ...]
+    candidates: Sequence[Candidate]  # a tuple of Candidate, or CandidateColumns on the hot path
     context_events: tuple[Event, ...] = ()
     top_k: int = 0
     options: RerankOptions = field(default_factory=RerankOptions)
@@ -101,6 +165,85 @@ class ScoredItem:
     explanation: Explanation | None = None
 
 
+class RankedItems(Sequence[ScoredItem]):
+    """A Rerank answer stored column-wise (best first); a read-only sequence of `ScoredItem`.
+
+    Building 500 ScoredItem objects per request costs more than scoring them, so the service
+    returns columns and convert.py encodes them straight into the response.
+    """
+
+    __slots__ = ("item_ids", "scores", "semantic_scores", "upstream_scores", "original_ranks", "explanations")
+
+    def __init__(
+        self,
+        item_ids: Sequence[str],
+        scores: np.ndarray | Sequence[float],
+        semantic_scores: np.ndarray | Sequence[float],
+        upstream_scores: np.ndarray | Sequence[float],
+        original_ranks: np.ndarray | Sequence[int],
+        explanations: Sequence[Explanation | None] | None = None,
+    ) -> None:
+        self.item_ids: list[str] = list(item_ids)
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.semantic_scores = np.asarray(semantic_scores, dtype=np.float64)
+        self.upstream_scores = np.asarray(upstream_scores, dtype=np.float64)
+        self.original_ranks = np.asarray(original_ranks, dtype=np.int64)
+        self.explanations = None if explanations is None else list(explanations)
+        n = len(self.item_ids)
+        if not (
+            self.scores.shape == self.semantic_scores.shape == self.upstream_scores.shape
+            == self.original_ranks.shape == (n,)
+        ) or (self.explanations is not None and len(self.explanations) != n):
+            raise ValueError("ranked item columns differ in length")
+
+    @classmethod
+    def of(cls, items: Sequence[ScoredItem]) -> RankedItems:
+        if isinstance(items, RankedItems):
+            return items
+        explanations = [it.explanation for it in items]
+        return cls(
+            [it.item_id for it in items],
+            [it.score for it in items],
+            [it.semantic_score for it in items],
+            [it.upstream_score for it in items],
+            [it.original_rank for it in items],
+            explanations if any(e is not None for e in explanations) else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> ScoredItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ScoredItem]: ...
+    def __getitem__(self, index: int | slice) -> ScoredItem | Sequence[ScoredItem]:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(len(self))[index])
+        return ScoredItem(
+            self.item_ids[index],
+            float(self.scores[index]),
+            float(self.semantic_scores[index]),
+            float(self.upstream_scores[index]),
+            int(self.original_ranks[index]),
+            None if self.explanations is None else self.explanations[index],
+        )
+
+    def __iter__(self) -> Iterator[ScoredItem]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RankedItems({len(self)} items)"
+
+
 @dataclass(frozen=True, slots=True)
 class Timing:
     total_ms: float = 0.0
@@ -110,7 +253,7 @@ class Timing:
 
 @dataclass(frozen=True, slots=True)
 class RerankResult:
-    items: tuple[ScoredItem, ...]
+    items: Sequence[ScoredItem]  # a tuple of ScoredItem, or RankedItems on the hot path
     variant: Variant
     model_version: str
     request_id: str = ""

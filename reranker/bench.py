@@ -1,0 +1,523 @@
+"""`reranker bench`: numbers anyone can reproduce on their own machine.
+
+Modes:
+  rerank   drive a Rerank server over gRPC (one it starts, or --target) with N client threads, and a
+           plain gRPC echo server with the same request and response sizes in the same run; prints
+           QPS and p50/p90/p99/p999 latency of both and their ratio.
+  encoder  texts/s of our encoder path (micro-batcher, length-sorted batches) next to
+           sentence-transformers' `encode` on the same model and machine, plus their cosine agreement.
+  memory   process RSS with the model loaded, then with N cached item vectors.
+
+Benchmarks print numbers; nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+
+from reranker.config import Settings
+
+ECHO_METHOD = "/reranker.v1.RerankerService/Rerank"
+_WORDS = (
+    "night return love story war city lost dark king summer house last man woman secret life "
+    "blue river road dead girl boy world time dream heart fire star game little big wild"
+).split()
+
+
+# --- shared helpers -----------------------------------------------------------------------------
+def percentiles_ms(latencies_s: Sequence[float]) -> dict[str, float]:
+    arr = np.asarray(latencies_s, dtype=np.float64) * 1000.0
+    if arr.size == 0:
+        return {k: float("nan") for k in ("p50", "p90", "p99", "p999")}
+    p50, p90, p99, p999 = np.percentile(arr, [50, 90, 99, 99.9])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "p999": float(p999)}
+
+
+def load_texts(path: str, count: int) -> list[str]:
+    """Texts to encode: lines of a text file, titles of a RecBole .item file, or synthetic titles."""
+    texts: list[str] = []
+    if path:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        if lines and ":token" in lines[0]:  # RecBole atomic file: use the first token_seq column
+            columns = lines[0].split("\t")
+            col = next((i for i, c in enumerate(columns) if c.endswith(":token_seq")), 1)
+            texts = [line.split("\t")[col] for line in lines[1:] if line.strip()]
+        else:
+            texts = [line for line in lines if line.strip()]
+    if not texts:
+        texts = synthetic_titles(count or 1000)
+    if count and len(texts) < count:
+        texts = [texts[i % len(texts)] + ("" if i < len(texts) else f" ({i // len(texts)})") for i in range(count)]
+    return texts[:count] if count else texts
+
+
+def synthetic_titles(count: int, seed: int = 7) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        words = rng.choice(_WORDS, size=int(rng.integers(1, 6)))
+        out.append(" ".join(words).title() + f" ({1950 + i % 70})")
+    return out
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+# --- echo server ----------------------------------------------------------------------------------
+def run_echo_server(port: int, response_path: str, workers: int) -> None:
+    """A plain gRPC server answering Rerank with fixed bytes: transport cost only, no work."""
+    import grpc
+
+    payload = Path(response_path).read_bytes()
+
+    def echo(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+        return payload
+
+    handler = grpc.method_handlers_generic_handler(
+        "reranker.v1.RerankerService",
+        {"Rerank": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)},
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), handlers=[handler])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+# --- rerank mode ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    fallbacks: int
+    elapsed_s: float
+    latencies_s: list[float]
+
+    def __add__(self, other: LoadResult) -> LoadResult:
+        return LoadResult(
+            self.requests + other.requests,
+            self.errors + other.errors,
+            self.fallbacks + other.fallbacks,
+            self.elapsed_s + other.elapsed_s,
+            self.latencies_s + other.latencies_s,
+        )
+
+    @property
+    def qps(self) -> float:
+        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def line(self, label: str) -> str:
+        p = percentiles_ms(self.latencies_s)
+        return (
+            f"{label}: requests={self.requests} errors={self.errors} fallbacks={self.fallbacks} "
+            f"qps={self.qps:.0f} p50_ms={p['p50']:.3f} p90_ms={p['p90']:.3f} p99_ms={p['p99']:.3f} "
+            f"p999_ms={p['p999']:.3f}"
+        )
+
+
+def drive(call: Callable[[int, int], bool | None], concurrency: int, duration_s: float, warmup_s: float) -> LoadResult:
+    """Run `call(worker, i)` in `concurrency` threads; measure only after `warmup_s`.
+
+    `call` returns True for a fallback answer; an exception counts as an error.
+    """
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    stop_at = measure_from + duration_s
+    lock = threading.Lock()
+    latencies: list[float] = []
+    counts = {"errors": 0, "fallbacks": 0}
+
+    def worker(w: int) -> None:
+        local: list[float] = []
+        errors = fallbacks = 0
+        i = 0
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                break
+            try:
+                fallback = call(w, i)
+            except Exception:
+                fallback, errors = False, errors + (t0 >= measure_from)
+            t1 = time.perf_counter()
+            if t0 >= measure_from:
+                local.append(t1 - t0)
+                fallbacks += bool(fallback)
+            i += 1
+        with lock:
+            latencies.extend(local)
+            counts["errors"] += errors
+            counts["fallbacks"] += fallbacks
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = max(1e-9, min(time.perf_counter(), stop_at + 0.0) - measure_from)
+    return LoadResult(len(latencies), counts["errors"], counts["fallbacks"], elapsed, latencies)
+
+
+class RerankWorkload:
+    """Requests of `candidates` items: a share `hit_ratio` drawn from a pre-upserted pool, the rest
+    never seen before (they must be encoded), always with text, for users with a history."""
+
+    def __init__(self, candidates: int, hit_ratio: float, pool: int, users: int, texts: list[str]) -> None:
+        self.candidates, self.hit_ratio, self.users = candidates, hit_ratio, users
+        self.pool_texts = [texts[i % len(texts)] for i in range(pool)]
+        self.texts = texts
+        self._fresh = 0
+        self._lock = threading.Lock()
+
+    def pool_items(self) -> list[tuple[str, str]]:
+        return [(f"item-{i}", t) for i, t in enumerate(self.pool_texts)]
+
+    def request(self, worker: int, i: int) -> object:
+        from reranker.v1 import reranker_pb2 as pb
+
+        rng = np.random.default_rng(worker * 1_000_003 + i)
+        warm = int(round(self.candidates * self.hit_ratio))
+        cands = []
+        for k in rng.choice(len(self.pool_texts), size=min(warm, len(self.pool_texts)), replace=False).tolist():
+            cands.append(pb.Candidate(item_id=f"item-{k}", score=float(rng.random()), text=self.pool_texts[k]))
+        with self._lock:
+            first = self._fresh
+            self._fresh += self.candidates - len(cands)
+        for n in range(first, first + self.candidates - len(cands)):
+            text = self.texts[n % len(self.texts)] + f" #{n}"
+            cands.append(pb.Candidate(item_id=f"new-{n}", score=float(rng.random()), text=text))
+        return pb.RerankRequest(user_id=f"user-{(worker + i) % self.users}", candidates=cands, request_id=f"{worker}-{i}")
+
+
+def _wait_serving(address: str, timeout_s: float, child: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if child is not None and child.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.is_file() else ""
+                raise RuntimeError(f"server exited with status {child.returncode} before SERVING:\n{tail}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"server at {address} did not become SERVING within {timeout_s:.0f} s")
+
+
+def _prepare_server(stub: object, workload: RerankWorkload) -> None:
+    """Upsert the warm pool and give every user a short history."""
+    from reranker.v1 import reranker_pb2 as pb
+
+    items = workload.pool_items()
+    for start in range(0, len(items), 500):
+        chunk = items[start : start + 500]
+        stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=i, text=t) for i, t in chunk]), timeout=600)  # type: ignore[attr-defined]
+    events = [
+        pb.Event(user_id=f"user-{u}", item_id=f"item-{(u * 7 + k) % len(items)}", type=pb.EVENT_TYPE_CLICK)
+        for u in range(workload.users)
+        for k in range(5)
+    ]
+    for start in range(0, len(events), 1000):
+        stub.RecordEvents(pb.RecordEventsRequest(events=events[start : start + 1000]), timeout=600)  # type: ignore[attr-defined]
+
+
+def _echo_payload(stub: object, workload: RerankWorkload) -> bytes:
+    """A real Rerank response for a workload request: the echo server sends these bytes back."""
+    return stub.Rerank(workload.request(0, 0), timeout=60).SerializeToString()  # type: ignore[attr-defined]
+
+
+def _measure(address: str, workload: RerankWorkload, args: argparse.Namespace, duration_s: float, warmup_s: float) -> LoadResult:
+    import grpc
+
+    from reranker.v1 import reranker_pb2 as pb
+    from reranker.v1 import reranker_pb2_grpc as pb_grpc
+
+    # Requests are built before the clock starts (client-side protobuf building is not the server's cost).
+    requests = [[workload.request(w, i) for i in range(args.distinct_requests)] for w in range(args.concurrency)]
+    if workload.hit_ratio < 1.0:  # unseen items must stay unseen: one fresh request per call
+        requests = []
+    channels = [grpc.insecure_channel(address) for _ in range(args.channels)]
+    stubs = [pb_grpc.RerankerServiceStub(ch) for ch in channels]
+
+    def call(w: int, i: int) -> bool:
+        req = requests[w][i % len(requests[w])] if requests else workload.request(w, i + 1)
+        reply = stubs[w % len(stubs)].Rerank(req, timeout=args.timeout)
+        return reply.variant == pb.VARIANT_FALLBACK
+
+    try:
+        return drive(call, args.concurrency, duration_s, warmup_s)
+    finally:
+        for ch in channels:
+            ch.close()
+
+
+def bench_rerank(args: argparse.Namespace) -> int:
+    import grpc
+
+    from reranker.v1 import reranker_pb2_grpc as pb_grpc
+
+    texts = load_texts(args.titles, 0)
+    workload = RerankWorkload(args.candidates, args.hit_ratio, max(args.pool, args.candidates), args.users, texts)
+    children: list[subprocess.Popen[bytes]] = []
+    tmp = tempfile.TemporaryDirectory(prefix="reranker-bench-")
+    try:
+        address = args.target
+        child, log_path = None, Path(tmp.name) / "server.log"
+        if not address:
+            address = f"127.0.0.1:{_free_port()}"
+            # Its own metrics port (the default one may be taken); --server-args can override both.
+            cmd = [
+                sys.executable, "-m", "reranker", "serve", "--address", address,
+                "--metrics-address", f"127.0.0.1:{_free_port()}", *shlex.split(args.server_args),
+            ]
+            with log_path.open("wb") as log:
+                child = subprocess.Popen(cmd, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+            children.append(child)
+        _wait_serving(address, args.startup_timeout, child, log_path)
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.RerankerServiceStub(channel)
+            _prepare_server(stub, workload)
+            payload = _echo_payload(stub, workload)
+        print(
+            f"bench rerank: target={args.target or 'started ' + address} candidates={args.candidates} "
+            f"hit_ratio={args.hit_ratio:.2f} concurrency={args.concurrency} duration_s={args.duration:g} "
+            f"response_bytes={len(payload)} server_args={args.server_args!r}",
+            flush=True,
+        )
+        echo_address = ""
+        if not args.no_echo:
+            echo_port = _free_port()
+            response_path = Path(tmp.name) / "response.bin"
+            response_path.write_bytes(payload)
+            echo_cmd = [
+                sys.executable, "-m", "reranker.bench", "--echo-server", str(echo_port), str(response_path),
+                str(args.echo_workers),
+            ]
+            children.append(subprocess.Popen(echo_cmd, env=_child_env()))
+            echo_address = f"127.0.0.1:{echo_port}"
+            grpc.channel_ready_future(grpc.insecure_channel(echo_address)).result(timeout=30)
+        # Alternate short slices of both servers so that both see the same background load.
+        rounds = max(1, args.rounds)
+        rerank = echo = LoadResult(0, 0, 0, 0.0, [])
+        for r in range(rounds):
+            warmup = args.warmup if r == 0 else min(args.warmup, 0.2)
+            rerank = rerank + _measure(address, workload, args, args.duration / rounds, warmup)
+            if echo_address:
+                echo = echo + _measure(echo_address, workload, args, args.duration / rounds, warmup)
+        print(rerank.line("rerank"), flush=True)
+        if not echo_address:
+            return 0
+        print(echo.line("echo"), flush=True)
+        r, e = percentiles_ms(rerank.latencies_s), percentiles_ms(echo.latencies_s)
+        print(
+            "ratio rerank/echo: "
+            + " ".join(f"{k}={r[k] / e[k]:.2f}x" for k in ("p50", "p90", "p99", "p999"))
+            + f" qps={rerank.qps / max(echo.qps, 1e-9):.2f}x",
+            flush=True,
+        )
+        return 0
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        tmp.cleanup()
+
+
+# --- encoder mode ---------------------------------------------------------------------------------
+def _pass_rate(encode: Callable[[list[str]], np.ndarray], texts: list[str]) -> float:
+    started = time.perf_counter()
+    encode(texts)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def _report_rates(label: str, rates: list[float]) -> str:
+    return f"{label}: texts_per_s={max(rates):.0f} (best of {len(rates)}; median {float(np.median(rates)):.0f})"
+
+
+def bench_encoder(args: argparse.Namespace, settings: Settings) -> int:
+    """Passes over the same texts, alternating ours and the reference so both see the same load."""
+    from reranker.batching import MicroBatcher
+    from reranker.encoder import load_encoder, packaged_model_dir
+
+    texts = load_texts(args.titles, args.texts)
+    encoder = load_encoder(settings)
+    batcher = MicroBatcher(encoder, max_batch=settings.encode_batch_size, max_wait_s=0.0, max_pending=len(texts) + 1)
+    print(
+        f"bench encoder: texts={len(texts)} batch_size={settings.encode_batch_size} encoder={encoder.version} "
+        f"torch_threads={settings.torch_threads or 'auto'}",
+        flush=True,
+    )
+    reference: Callable[[list[str]], np.ndarray] | None = None
+    if args.reference == "none" or settings.encoder == "fake":
+        print("sentence-transformers: skipped (--reference none or fake encoder)")
+    else:
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            print("sentence-transformers: not installed; pip install 'reranker[bench]' to compare against it")
+        else:
+            model = SentenceTransformer(settings.model_dir or str(packaged_model_dir()), device="cpu")
+            model.max_seq_length = settings.max_seq_length
+            batch_size = settings.encode_batch_size
+
+            def reference(t: list[str]) -> np.ndarray:
+                return np.asarray(model.encode(t, batch_size=batch_size, normalize_embeddings=True), dtype=np.float32)
+
+    def ours(t: list[str]) -> np.ndarray:
+        return batcher.submit(t).result()
+
+    try:
+        our_vectors = ours(texts)  # warm-up passes, also the vectors compared below
+        their_vectors = reference(texts) if reference is not None else None
+        our_rates, their_rates = [], []
+        for _ in range(args.repeats):
+            our_rates.append(_pass_rate(ours, texts))
+            if reference is not None:
+                their_rates.append(_pass_rate(reference, texts))
+    finally:
+        batcher.close()
+    print(_report_rates("ours", our_rates), flush=True)
+    if reference is None or their_vectors is None:
+        return 0
+    print(_report_rates("sentence-transformers", their_rates) + f" float32 batch_size={settings.encode_batch_size}")
+    cosine = (our_vectors * their_vectors).sum(axis=1)
+    print(
+        f"ratio ours/sentence-transformers: best={max(our_rates) / max(their_rates):.2f}x "
+        f"median={float(np.median(our_rates)) / float(np.median(their_rates)):.2f}x  "
+        f"cosine_to_reference mean={cosine.mean():.4f} min={cosine.min():.4f} p1={np.percentile(cosine, 1):.4f}",
+        flush=True,
+    )
+    return 0
+
+
+# --- memory mode ----------------------------------------------------------------------------------
+def bench_memory(args: argparse.Namespace, settings: Settings) -> int:
+    from reranker.encoder import load_encoder
+    from reranker.items import ItemVectorCache
+
+    base = rss_bytes()
+    encoder = load_encoder(settings)
+    encoder.encode(["warm up"])
+    with_model = rss_bytes()
+    cache = ItemVectorCache(max(settings.item_cache_size, args.items), encoder.dim)
+    rng = np.random.default_rng(0)
+    for start in range(0, args.items, 10_000):
+        n = min(10_000, args.items - start)
+        vectors = rng.standard_normal((n, encoder.dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = [f"item-{start + k:08d}" for k in range(n)]
+        cache.put(ids, [f"Title of item {start + k} (1995)" for k in range(n)], vectors)
+    with_items = rss_bytes()
+    mib = 1 / (1024 * 1024)
+    print(f"bench memory: encoder={encoder.version} items={len(cache)} dim={encoder.dim}")
+    print(
+        f"rss_mib: interpreter={base * mib:.0f} model_loaded={with_model * mib:.0f} "
+        f"with_items={with_items * mib:.0f} items_delta={(with_items - with_model) * mib:.0f} "
+        f"vector_matrix={cache.nbytes * mib:.0f}",
+        flush=True,
+    )
+    return 0
+
+
+# --- command line ---------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    modes = parser.add_subparsers(dest="mode", required=True)
+    rerank = modes.add_parser("rerank", help="Rerank QPS and latency vs a plain gRPC echo server")
+    rerank.add_argument("--target", default="", help="host:port of a running server (default: start one)")
+    rerank.add_argument("--server-args", default="", help="flags for the started server, e.g. '--dtype int8'")
+    rerank.add_argument("--concurrency", type=int, default=1, help="client threads")
+    rerank.add_argument("--candidates", type=int, default=500, help="candidates per request")
+    rerank.add_argument("--hit-ratio", type=float, default=1.0, help="share of candidates whose vector is cached")
+    rerank.add_argument("--duration", type=float, default=10.0, help="measured seconds per server")
+    rerank.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before measuring")
+    rerank.add_argument("--rounds", type=int, default=5, help="alternating rerank/echo slices the duration is split into")
+    rerank.add_argument("--pool", type=int, default=2000, help="warm items upserted before measuring")
+    rerank.add_argument("--users", type=int, default=50, help="distinct users (each gets 5 click events)")
+    rerank.add_argument("--distinct-requests", type=int, default=20, help="prebuilt requests per client thread")
+    rerank.add_argument("--channels", type=int, default=1, help="gRPC channels shared by the client threads")
+    rerank.add_argument("--timeout", type=float, default=10.0, help="per-call deadline in seconds")
+    rerank.add_argument("--titles", default="", help="texts: a text file (one per line) or a RecBole .item file")
+    rerank.add_argument("--no-echo", action="store_true", help="skip the echo-server comparison")
+    rerank.add_argument("--echo-workers", type=int, default=16, help="echo server threads (match --max-workers)")
+    rerank.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for SERVING")
+    from reranker.config import settings_parser
+
+    encoder = modes.add_parser("encoder", help="encoder texts/s vs sentence-transformers", parents=[settings_parser()])
+    encoder.add_argument("--texts", type=int, default=2000, help="texts per pass")
+    encoder.add_argument("--repeats", type=int, default=3, help="timed passes (best is reported)")
+    encoder.add_argument("--titles", default="", help="texts: a text file (one per line) or a RecBole .item file")
+    encoder.add_argument("--reference", choices=("sentence-transformers", "none"), default="sentence-transformers")
+    memory = modes.add_parser("memory", help="RSS with the model loaded and N cached item vectors", parents=[settings_parser()])
+    memory.add_argument("--items", type=int, default=100_000, help="cached item vectors")
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """Entry point for `reranker bench ...`."""
+    if args.mode == "rerank":
+        return bench_rerank(args)
+    settings = _settings(args)
+    if args.mode == "encoder":
+        return bench_encoder(args, settings)
+    return bench_memory(args, settings)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the settings flags given to the bench."""
+    flags = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Settings)
+        if getattr(args, f.name, None) is not None
+    }
+    return dataclasses.replace(Settings.from_sources((), os.environ), **flags)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--echo-server":
+        run_echo_server(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    else:
+        print("usage: reranker bench {rerank,encoder,memory} ...", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,68 @@
+"""`reranker bench` smoke tests: each mode runs briefly and prints its fields (no timing assertions)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from reranker.bench import load_texts, percentiles_ms
+from conftest import REPO, SHARED_DATA
+
+
+def _bench(*args: str, timeout: float = 120) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "reranker", "bench", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+def test_rerank_mode_reports_latency_and_the_echo_ratio() -> None:
+    out = _bench(
+        "rerank", "--server-args", "--encoder fake --log-level WARNING", "--candidates", "50",
+        "--concurrency", "2", "--duration", "1", "--warmup", "0.3", "--pool", "100", "--users", "3",
+    )
+    lines = {line.split(":")[0]: line for line in out.splitlines()}
+    for label in ("rerank", "echo"):
+        fields = _fields(lines[label])
+        assert {"requests", "errors", "qps", "p50_ms", "p90_ms", "p99_ms", "p999_ms"} <= fields.keys()
+        assert int(fields["requests"]) > 0 and fields["errors"] == "0"
+    assert _fields(lines["rerank"])["fallbacks"] == "0"
+    assert {"p50", "p99", "qps"} <= _fields(lines["ratio rerank/echo"]).keys()
+
+
+def test_rerank_mode_cold_path_encodes_unseen_items() -> None:
+    out = _bench(
+        "rerank", "--server-args", "--encoder fake --log-level WARNING", "--candidates", "20", "--hit-ratio", "0",
+        "--concurrency", "2", "--duration", "0.5", "--warmup", "0", "--pool", "20", "--users", "2", "--no-echo",
+    )
+    assert "hit_ratio=0.00" in out
+    fields = _fields(next(line for line in out.splitlines() if line.startswith("rerank:")))
+    assert int(fields["requests"]) > 0 and fields["errors"] == "0" and fields["fallbacks"] == "0"
+
+
+def test_encoder_and_memory_modes_print_their_numbers() -> None:
+    out = _bench("encoder", "--encoder", "fake", "--texts", "64", "--repeats", "1", "--reference", "none")
+    assert float(_fields(next(line for line in out.splitlines() if line.startswith("ours:")))["texts_per_s"]) > 0
+    out = _bench("memory", "--encoder", "fake", "--fake-dim", "32", "--items", "5000")
+    fields = _fields(out.splitlines()[-1])
+    assert {"model_loaded", "with_items", "items_delta", "vector_matrix"} <= fields.keys()
+    assert "items=5000" in out
+
+
+def test_bench_texts_come_from_recbole_item_files_or_are_synthetic(tmp_path) -> None:
+    path = SHARED_DATA / "ml-100k" / "ml-100k.item"
+    if path.is_file():
+        assert load_texts(str(path), 3) == ["Toy Story", "GoldenEye", "Four Rooms"]
+    plain = tmp_path / "t.txt"
+    plain.write_text("one\n\ntwo\n")
+    assert load_texts(str(plain), 0) == ["one", "two"]
+    assert len(set(load_texts("", 50))) == 50
+    assert percentiles_ms([0.001] * 10)["p99"] == 1.0

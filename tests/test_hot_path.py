@@ -1,0 +1,134 @@
+"""The Rerank hot path (columnar candidates, vectorized validation, wire-encoded response),
+asserted through a real gRPC server."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from reranker import convert, scoring, usermodel
+from reranker.profiles import user_vector
+from reranker.encoder import FakeEncoder
+from reranker.types import RankedItems, RerankResult, Variant
+from reranker.v1 import reranker_pb2 as pb
+from conftest import candidate, event, fake_settings
+
+
+def _titles(n: int) -> list[str]:
+    return [f"movie {i} about {'space war' if i % 3 == 0 else 'love story'} ({1950 + i % 60})" for i in range(n)]
+
+
+def test_500_cached_candidates_match_a_reference_ranking(stub, service) -> None:
+    titles = _titles(500)
+    stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=f"i{k}", text=t) for k, t in enumerate(titles)]))
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "i0"), event("u", "i3")]))
+    rng = np.random.default_rng(1)
+    upstream = rng.random(500)
+    reply = stub.Rerank(
+        pb.RerankRequest(user_id="u", candidates=[candidate(f"i{k}", upstream[k], titles[k]) for k in range(500)])
+    )
+    assert reply.variant == pb.VARIANT_RERANKED
+    assert (reply.cache_hits, reply.encoded, reply.without_vector) == (500, 0, 0)
+    # Reference: the same scoring core over vectors computed independently of the cache.
+    vectors = FakeEncoder(service.settings.fake_dim).encode(titles)
+    s = service.settings
+    state = service.profiles.get("u")
+    user = user_vector(state, s)
+    has = np.ones(500, bool)
+    semantic = scoring.personal_semantic(
+        vectors, has, user, state.history.vectors,
+        usermodel.decayed_weights(state.history, state.ref_time, usermodel.decay_rate(s.half_life_seconds)),
+        attention_weight=s.attention_weight, temperature=s.attention_temperature,
+    )
+    ranking = scoring.rank(upstream, vectors, has, user, weight=s.blend_weight, semantic=semantic)
+    assert [it.item_id for it in reply.items] == [f"i{k}" for k in ranking.order]
+    assert [it.original_rank for it in reply.items] == ranking.order.tolist()
+    np.testing.assert_allclose([it.score for it in reply.items], ranking.final[ranking.order], rtol=1e-6)
+    np.testing.assert_allclose([it.semantic_score for it in reply.items], ranking.semantic[ranking.order], atol=1e-6)
+    assert [it.upstream_score for it in reply.items] == upstream[ranking.order].tolist()
+
+
+def test_changed_text_reencodes_and_missing_text_uses_cache(stub) -> None:
+    stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id="a", text="red apple")]))
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "a")]))
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1, "green pear"), candidate("b", 0)]))
+    assert (reply.cache_hits, reply.encoded, reply.without_vector) == (0, 1, 1)
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1), candidate("a", 0, "x")]))
+    assert (reply.cache_hits, reply.encoded, len(reply.items)) == (1, 0, 1)  # duplicate id dropped
+
+
+def test_empty_text_is_encoded_but_unset_text_is_not(stub) -> None:
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "h", text="anything")]))
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("e", 1, ""), candidate("n", 0)]))
+    assert (reply.encoded, reply.without_vector) == (1, 1)
+
+
+def test_duplicates_keep_first_occurrence_and_original_rank(stub) -> None:
+    reply = stub.Rerank(
+        pb.RerankRequest(user_id="cold", candidates=[candidate("x", 3), candidate("y", 2), candidate("x", 9), candidate("z", 1)])
+    )
+    assert [(it.item_id, it.original_rank, it.upstream_score) for it in reply.items] == [("x", 0, 3), ("y", 1, 2), ("z", 3, 1)]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (candidate("", 1.0), "candidates[2].item_id must not be empty"),
+        (candidate("x" * 300, 1.0), "candidates[2].item_id is 300 characters"),
+        (candidate("ok", float("nan")), "candidates[2].score must be finite"),
+        (candidate("ok", float("-inf")), "candidates[2].score must be finite"),
+        (candidate("ok", 1.0, "t" * 5000), "candidates[2].text is 5000 characters"),
+    ],
+)
+def test_vectorized_validation_names_the_first_bad_candidate(stub, bad, message) -> None:
+    cands = [candidate("a", 1), candidate("b", 2), bad, candidate("", float("nan"))]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rerank(pb.RerankRequest(user_id="u", candidates=cands))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_top_k_and_fail_open_paths_use_the_same_encoding(make_server) -> None:
+    _, stub = make_server(fake_settings(kill_switch=True))
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", top_k=2, candidates=[candidate(f"c{k}", -k) for k in range(5)]))
+    assert reply.variant == pb.VARIANT_BYPASSED
+    assert [(it.item_id, it.score, it.upstream_score, it.original_rank) for it in reply.items] == [
+        ("c0", 0.0, 0.0, 0), ("c1", -1.0, -1.0, 1)
+    ]
+
+
+def test_explanations_still_reach_the_caller(stub) -> None:
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "h", text="space war")]))
+    reply = stub.Rerank(
+        pb.RerankRequest(
+            user_id="u", candidates=[candidate("a", 1, "space war"), candidate("b", 2)], options=pb.RerankOptions(explain=True)
+        )
+    )
+    by_id = {it.item_id: it.explanation for it in reply.items}
+    assert by_id["a"].has_vector and by_id["a"].nearest_history_item_id == "h"
+    assert not by_id["b"].has_vector
+
+
+_ids = st.text(min_size=1, max_size=300)
+_doubles = st.floats(allow_nan=False, allow_infinity=True, width=64)
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_ids, _doubles, _doubles, _doubles, st.integers(0, 2**32 - 1)), min_size=0, max_size=40))
+def test_wire_encoded_items_equal_protobuf_built_items(rows) -> None:
+    items = RankedItems(
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
+    )
+    result = RerankResult(items=items, variant=Variant.RERANKED, model_version="m", request_id="r", bucket=3)
+    expected = pb.RerankResponse(
+        items=[
+            pb.ScoredItem(item_id=r[0], score=r[1], semantic_score=r[2], upstream_score=r[3], original_rank=r[4])
+            for r in rows
+        ],
+        variant=pb.VARIANT_RERANKED, model_version="m", request_id="r", bucket=3, timing=pb.Timing(),
+    )
+    got = convert.rerank_response(result)
+    assert got == expected
+    assert pb.RerankResponse.FromString(got.SerializeToString()) == expected

@@ -1,0 +1,106 @@
+"""ItemVectorCache: contiguous matrix, text fingerprints, least-recently-used eviction."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from reranker.items import ItemVectorCache
+
+
+def _vec(seed: int, dim: int = 8) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_hits_require_the_same_text_unless_no_text_is_given() -> None:
+    cache = ItemVectorCache(capacity=10, dim=8)
+    cache.put(["a", "b"], ["text a", "text b"], np.stack([_vec(1), _vec(2)]))
+    vectors, hit = cache.lookup(["a", "b", "c", "a"], ["text a", "changed", None, None])
+    assert hit.tolist() == [True, False, False, True]
+    np.testing.assert_array_equal(vectors[0], _vec(1))
+    np.testing.assert_array_equal(vectors[3], _vec(1))
+    assert not vectors[1].any() and not vectors[2].any()
+    assert (cache.hits, cache.misses) == (2, 2)
+
+
+def test_replacing_a_text_updates_the_row_in_place() -> None:
+    cache = ItemVectorCache(capacity=10, dim=8)
+    cache.put(["a"], ["old"], _vec(1)[None])
+    cache.put(["a"], ["new"], _vec(2)[None])
+    assert len(cache) == 1
+    vectors, hit = cache.lookup(["a", "a"], ["new", "old"])
+    assert hit.tolist() == [True, False]
+    np.testing.assert_array_equal(vectors[0], _vec(2))
+
+
+def test_least_recently_used_entries_are_evicted_first() -> None:
+    cache = ItemVectorCache(capacity=3, dim=8, initial_rows=1)
+    cache.put(["a", "b", "c"], ["a", "b", "c"], np.stack([_vec(i) for i in range(3)]))
+    cache.lookup(["a"], [None])  # a is now more recent than b and c
+    cache.put(["d", "e"], ["d", "e"], np.stack([_vec(3), _vec(4)]))
+    assert len(cache) == 3
+    assert [cache.known(i) for i in "abcde"] == [True, False, False, True, True]
+    vectors, hit = cache.lookup(["a", "d", "e"], ["a", "d", "e"])
+    assert hit.all()
+    np.testing.assert_array_equal(vectors, np.stack([_vec(0), _vec(3), _vec(4)]))
+
+
+def test_a_put_larger_than_capacity_keeps_the_last_items_and_repeated_ids_keep_the_last_vector() -> None:
+    cache = ItemVectorCache(capacity=2, dim=8)
+    cache.put(["a", "b", "a", "c"], ["1", "2", "3", "4"], np.stack([_vec(i) for i in range(4)]))
+    assert [cache.known(i) for i in "abc"] == [True, False, True]
+    vectors, hit = cache.lookup(["a", "c"], ["3", "4"])
+    assert hit.all()
+    np.testing.assert_array_equal(vectors, np.stack([_vec(2), _vec(3)]))
+
+
+def test_matrix_grows_contiguously_up_to_capacity() -> None:
+    cache = ItemVectorCache(capacity=1000, dim=8, initial_rows=4)
+    ids = [f"i{k}" for k in range(1000)]
+    vectors = np.stack([_vec(k) for k in range(1000)])
+    cache.put(ids, ids, vectors)
+    assert len(cache) == 1000 and cache.nbytes >= 1000 * 8 * 4
+    got, hit = cache.lookup(ids[::-1], ids[::-1])
+    assert hit.all()
+    np.testing.assert_array_equal(got, vectors[::-1])
+
+
+def test_concurrent_lookups_and_puts_stay_consistent() -> None:
+    cache = ItemVectorCache(capacity=64, dim=8, initial_rows=2)
+    errors: list[str] = []
+
+    def writer(offset: int) -> None:
+        for k in range(200):
+            item = f"i{(offset + k) % 100}"
+            cache.put([item], [item], _vec((offset + k) % 100)[None])
+
+    def reader() -> None:
+        for k in range(400):
+            item = f"i{k % 100}"
+            vectors, hit = cache.lookup([item], [item])
+            if hit[0] and not np.array_equal(vectors[0], _vec(k % 100)):
+                errors.append(item)
+
+    threads = [threading.Thread(target=writer, args=(o,)) for o in (0, 37)] + [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(cache) <= 64
+
+
+def test_export_restore_round_trip_keeps_text_checks_and_lru_order() -> None:
+    cache = ItemVectorCache(capacity=3, dim=8)
+    cache.put(["a", "b", "c"], ["ta", "tb", "tc"], np.stack([_vec(i) for i in range(3)]))
+    cache.lookup(["a"], [None])  # LRU order now b, c, a
+    ids, hashes, vectors = cache.export()
+    assert ids == ["b", "c", "a"] and hashes.dtype == np.uint64
+    restored = ItemVectorCache(capacity=3, dim=8)
+    restored.restore(ids, hashes, vectors)
+    got, hit = restored.lookup(["a", "b", "c"], ["ta", "changed", "tc"])  # verified by the stable hash
+    assert hit.tolist() == [True, False, True]
+    np.testing.assert_array_equal(got[0], _vec(0))
+    restored.put(["d"], ["td"], _vec(3)[None])  # evicts the least recently used: b
+    assert [restored.known(i) for i in "abcd"] == [True, False, True, True]
