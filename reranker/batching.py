@@ -4,6 +4,8 @@ Request threads submit lists of texts and get a Future; one worker thread drains
 batches of at most `max_batch` texts (waiting at most `max_wait_s` for a batch to fill), sorts
 each batch by length so padding is minimal, encodes, and resolves the futures. A bounded number
 of pending texts turns overload into an immediate `Overloaded` instead of unbounded queueing.
+A job whose future is cancelled before the worker takes it (caller gone or timed out) leaves the
+queue at once and is never encoded.
 """
 
 from __future__ import annotations
@@ -72,15 +74,31 @@ class MicroBatcher:
             self._jobs.append(job)
             self._pending_texts += len(job.texts)
             self._cond.notify()
+        job.future.add_done_callback(lambda future, job=job: self._drop_if_cancelled(job, future))
         return job.future
+
+    def _drop_if_cancelled(self, job: _Job, future: Future[np.ndarray]) -> None:
+        """Done-callback: a job cancelled while still queued is removed and its texts un-counted."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                return  # already taken by the worker (which skips cancelled jobs)
+            self._pending_texts -= len(job.texts)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=5)
-        for job in self._jobs:
-            job.future.set_exception(EncoderFailed("encoder is shut down"))
+        with self._cond:
+            leftover, self._jobs = list(self._jobs), deque()
+            self._pending_texts = 0
+        for job in leftover:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EncoderFailed("encoder is shut down"))
 
     def _take_batch(self) -> list[_Job] | None:
         with self._cond:
@@ -97,9 +115,11 @@ class MicroBatcher:
             jobs, count = [], 0
             while self._jobs and (not jobs or count + len(self._jobs[0].texts) <= self._max_batch):
                 job = self._jobs.popleft()
+                self._pending_texts -= len(job.texts)
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # cancelled in the meantime: never encode it
                 jobs.append(job)
                 count += len(job.texts)
-                self._pending_texts -= len(job.texts)
             return jobs
 
     def _run(self) -> None:
@@ -107,6 +127,8 @@ class MicroBatcher:
             jobs = self._take_batch()
             if jobs is None:
                 return
+            if not jobs:
+                continue
             texts = [t for job in jobs for t in job.texts]
             self.stats.last_queue_wait_s = time.monotonic() - jobs[0].enqueued_at
             try:

@@ -9,15 +9,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future
 
 import numpy as np
 
 from reranker import scoring
 from reranker.batching import MicroBatcher
+from reranker.cancellation import CancelToken
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
-from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded
+from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, RequestCancelled
 from reranker.experiments import decide
 from reranker.items import ItemVectorCache, text_hash
 from reranker.profiles import UserProfileStore
@@ -104,10 +105,14 @@ class RerankService:
             self._batcher.close()
 
     # --- Rerank ----------------------------------------------------------------------------------
-    def rerank(self, query: RerankQuery, time_remaining: float | None = None) -> RerankResult:
+    def rerank(
+        self, query: RerankQuery, time_remaining: float | None = None, cancel: CancelToken | None = None
+    ) -> RerankResult:
         """Personalized order, or the upstream order (with the reason) when anything goes wrong.
 
         `time_remaining` is the caller's remaining deadline in seconds (None = no deadline).
+        `cancel` fires when the caller goes away: pending encoder work is dropped and
+        RequestCancelled is raised (there is nobody left to answer).
         """
         started = time.perf_counter()
         s = self.settings
@@ -132,7 +137,9 @@ class RerankService:
         if not self.ready:
             return upstream(Variant.FALLBACK, FallbackReason.NOT_READY, self.load_error or "model loading")
         try:
-            return self._personalize(query, candidates, keep, bucket, started, time_remaining)
+            return self._personalize(query, candidates, keep, bucket, started, time_remaining, cancel)
+        except RequestCancelled:
+            raise
         except EncodeTimeout as exc:
             return upstream(Variant.FALLBACK, FallbackReason.DEADLINE, str(exc))
         except Overloaded as exc:
@@ -151,6 +158,7 @@ class RerankService:
         bucket: int,
         started: float,
         time_remaining: float | None,
+        cancel: CancelToken | None = None,
     ) -> RerankResult:
         s = self.settings
         assert self.items is not None and self.profiles is not None
@@ -159,10 +167,10 @@ class RerankService:
             encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
         encode_started = time.perf_counter()
         vectors, has_vector, hits, encoded = self._resolve_vectors(
-            [c.item_id for c in candidates], [c.text for c in candidates], encode_budget
+            [c.item_id for c in candidates], [c.text for c in candidates], encode_budget, cancel
         )
         if query.context_events:
-            self._record(query.context_events, time_remaining=encode_budget)
+            self._record(query.context_events, time_remaining=encode_budget, cancel=cancel)
         encode_ms = 1000.0 * (time.perf_counter() - encode_started)
 
         score_started = time.perf_counter()
@@ -256,7 +264,7 @@ class RerankService:
 
     # --- vectors ---------------------------------------------------------------------------------
     def _resolve_vectors(
-        self, item_ids: Sequence[str], texts: Sequence[str | None], timeout_s: float
+        self, item_ids: Sequence[str], texts: Sequence[str | None], timeout_s: float, cancel: CancelToken | None = None
     ) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Cached or freshly encoded vectors; returns (vectors, has_vector, cache hits, encoded count)."""
         assert self.items is not None
@@ -270,7 +278,7 @@ class RerankService:
         has_vector = hit.copy()
         if unique:
             keys = list(unique)
-            encoded = self._encode([texts[unique[k][0]] for k in keys], timeout_s)  # type: ignore[misc]
+            encoded = self._encode([texts[unique[k][0]] for k in keys], timeout_s, cancel)  # type: ignore[misc]
             self.items.put([k[0] for k in keys], [k[1] for k in keys], encoded)
             for row, key in enumerate(keys):
                 for i in unique[key]:
@@ -278,17 +286,33 @@ class RerankService:
                     has_vector[i] = True
         return vectors, has_vector, int(hit.sum()), len(unique)
 
-    def _encode(self, texts: list[str], timeout_s: float) -> np.ndarray:
+    def _encode(self, texts: list[str], timeout_s: float, cancel: CancelToken | None = None) -> np.ndarray:
+        """Encode through the batcher; waits at most `timeout_s` and wakes at once on cancellation.
+
+        However it ends (timeout, cancellation, error), this request's jobs that the encoder has
+        not started yet are cancelled, so abandoned work never reaches the model.
+        """
         assert self._batcher is not None
         if timeout_s <= 0:
             raise EncodeTimeout("no time left to encode")
         chunk = max(1, self.settings.encode_queue_size // 2)
-        futures = [self._batcher.submit(texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
-        deadline = time.monotonic() + timeout_s
+        futures: list[Future[np.ndarray]] = []
         try:
-            parts = [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
-        except FutureTimeout:
-            raise EncodeTimeout(f"encoding {len(texts)} texts took longer than {timeout_s * 1000:.0f} ms") from None
+            for i in range(0, len(texts), chunk):
+                futures.append(self._batcher.submit(texts[i : i + chunk]))
+            done = _AllDone(futures)
+            unregister = cancel.on_cancel(done.wake) if cancel is not None else _noop
+            try:
+                if not done.wait(timeout_s):
+                    raise EncodeTimeout(f"encoding {len(texts)} texts took longer than {timeout_s * 1000:.0f} ms")
+                if cancel is not None and cancel.cancelled:
+                    raise RequestCancelled("the caller cancelled the request")
+                parts = [f.result() for f in futures]
+            finally:
+                unregister()
+        finally:
+            for f in futures:
+                f.cancel()  # no-op for finished or running jobs; drops queued ones
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     # --- events, items, profiles ---------------------------------------------------------------
@@ -296,22 +320,31 @@ class RerankService:
         if not self.ready:
             raise NotReady(self.load_error or "model is loading; retry shortly")
 
-    def _record(self, events: Sequence[Event], time_remaining: float | None) -> RecordResult:
+    def _record(
+        self, events: Sequence[Event], time_remaining: float | None, cancel: CancelToken | None = None
+    ) -> RecordResult:
         assert self.profiles is not None
         now = self._clock()
         stamped = [e if e.timestamp > 0 else _with_timestamp(e, now) for e in events]
         vectors, has_vector, _, _ = self._resolve_vectors(
-            [e.item_id for e in stamped], [e.text for e in stamped], WRITE_TIMEOUT_S if time_remaining is None else time_remaining
+            [e.item_id for e in stamped],
+            [e.text for e in stamped],
+            WRITE_TIMEOUT_S if time_remaining is None else time_remaining,
+            cancel,
         )
         pairs = [(e, vectors[i] if has_vector[i] else None) for i, e in enumerate(stamped)]
         return self.profiles.apply(pairs, now)
 
-    def record_events(self, events: Sequence[Event], time_remaining: float | None = None) -> RecordResult:
+    def record_events(
+        self, events: Sequence[Event], time_remaining: float | None = None, cancel: CancelToken | None = None
+    ) -> RecordResult:
         """Fold events into user profiles; the very next Rerank sees them (read-your-writes)."""
         self._require_ready()
-        return self._record(events, time_remaining)
+        return self._record(events, time_remaining, cancel)
 
-    def upsert_items(self, items: Sequence[Item], time_remaining: float | None = None) -> UpsertResult:
+    def upsert_items(
+        self, items: Sequence[Item], time_remaining: float | None = None, cancel: CancelToken | None = None
+    ) -> UpsertResult:
         self._require_ready()
         assert self.items is not None
         ids = [it.item_id for it in items]
@@ -319,7 +352,9 @@ class RerankService:
         _, hit = self.items.lookup(ids, hashes)
         todo = {ids[i]: items[i].text for i in np.flatnonzero(~hit).tolist()}  # last text wins for repeated ids
         if todo:
-            vectors = self._encode(list(todo.values()), WRITE_TIMEOUT_S if time_remaining is None else time_remaining)
+            vectors = self._encode(
+                list(todo.values()), WRITE_TIMEOUT_S if time_remaining is None else time_remaining, cancel
+            )
             self.items.put(list(todo), [text_hash(t) for t in todo.values()], vectors)
         return UpsertResult(upserted=len(set(ids)), encoded=len(todo))
 
@@ -327,6 +362,35 @@ class RerankService:
         self._require_ready()
         assert self.profiles is not None
         return self.profiles.view(user_id, include_vector)
+
+
+def _noop() -> None:
+    pass
+
+
+class _AllDone:
+    """Waits until every future is done, or until `wake()` (cancellation), whichever comes first."""
+
+    def __init__(self, futures: Sequence[Future[np.ndarray]]) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._left = len(futures)
+        if not futures:
+            self._event.set()
+        for f in futures:
+            f.add_done_callback(self._one_done)
+
+    def _one_done(self, _future: Future[np.ndarray]) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left <= 0:
+                self._event.set()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._event.wait(timeout_s)
 
 
 def _with_timestamp(event: Event, now: float) -> Event:
