@@ -23,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.set_defaults(handler=_serve)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=lambda _args, _argv: print(settings_markdown()) or 0)
+    soak = commands.add_parser("soak", help="load/soak test a server started as a child process")
+    _add_soak(soak)
     args, _ = parser.parse_known_args(argv)
     parser.parse_args(argv)  # reject unknown flags with a usage message
     return int(args.handler(args, argv[1:]) or 0)
@@ -39,8 +41,14 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     )
     from reranker.server import serve
 
-    serve(settings)
-    return 0
+    return serve(settings)
+
+
+def _add_soak(parser: argparse.ArgumentParser) -> None:
+    from reranker.loadtest import add_soak_arguments, run_soak_command
+
+    add_soak_arguments(parser)
+    parser.set_defaults(handler=lambda args, _argv: run_soak_command(args))
 
 
 if __name__ == "__main__":
