@@ -445,8 +445,10 @@ def soak(
 ) -> SoakResult:
     """Start a server, warm it, run the load, check memory and a graceful shutdown under load."""
     say = log if callable(log) else (lambda _msg: None)
-    # Health goes NOT_SERVING half a second before the port stops accepting (later flags win).
-    with ServerProcess(["--drain-delay-seconds", "0.5", *server_args], env=env) as server:
+    # Defaults for a bounded run (later flags win): health goes NOT_SERVING half a second before the
+    # port stops accepting; the item cache holds 2x the catalog, so new items reach a plateau.
+    defaults = ["--drain-delay-seconds", "0.5", "--item-cache-size", str(2 * workload.catalog)]
+    with ServerProcess([*defaults, *server_args], env=env) as server:
         server.wait_serving()
         say(f"server pid {server.proc.pid} SERVING on {server.target}; warming caches")
         warm_up(server.target, workload)
