@@ -11,10 +11,6 @@ from collections.abc import Sequence
 from reranker.config import Settings, settings_markdown, settings_parser
 
 
-def _settings(args: argparse.Namespace, argv: Sequence[str]) -> Settings:
-    return Settings.from_sources(argv, os.environ)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="reranker", description="gRPC reranking sidecar")
@@ -22,17 +18,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the gRPC server", parents=[settings_parser()])
     serve.set_defaults(handler=_serve)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
-    show.set_defaults(handler=lambda _args, _argv: print(settings_markdown()) or 0)
+    show.set_defaults(handler=_print_settings)
     soak = commands.add_parser("soak", help="load/soak test a server started as a child process")
     _add_soak(soak)
-    args, _ = parser.parse_known_args(argv)
-    parser.parse_args(argv)  # reject unknown flags with a usage message
+    args = parser.parse_args(argv)
     return int(args.handler(args, argv[1:]) or 0)
 
 
-def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _print_settings(_args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    print(settings_markdown())
+    return 0
+
+
+def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
-        settings = _settings(args, argv)
+        settings = Settings.from_sources(argv, os.environ)
     except ValueError as exc:
         print(f"reranker: {exc}", file=sys.stderr)
         return 2

@@ -151,6 +151,8 @@ class Workload:
     record_every: int = 5
     deadline_s: float = 2.0
     seed: int = 0
+    # Warm-up events per user: the server's recent_events_per_user, so per-user state is at its cap.
+    warmup_events_per_user: int = 50
 
 
 def item_text(item: int) -> str:
@@ -305,19 +307,28 @@ class _Client:
 
 
 def warm_up(target: str, workload: Workload, credentials: grpc.ChannelCredentials | None = None) -> None:
-    """Upsert the whole catalog and give every user one event, so caches reach steady state first."""
+    """Bring every bounded structure to its cap before memory is measured.
+
+    Upserts the catalog plus as many filler items (the soak caps the item cache at twice the
+    catalog, so it is full afterwards) and gives every user `warmup_events_per_user` events (their
+    recent-event buffers are full). Growth after this is either a leak or allocator noise.
+    """
     channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
     with channel:
         stub = pb_grpc.RerankerServiceStub(channel)
-        for start in range(0, workload.catalog, 500):
-            batch = range(start, min(workload.catalog, start + 500))
-            stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=f"item-{i}", text=item_text(i)) for i in batch]), timeout=600)
-        for start in range(0, workload.users, 500):
-            events = [
-                pb.Event(user_id=f"user-{u}", item_id=f"item-{u % workload.catalog}", type=pb.EVENT_TYPE_CLICK)
-                for u in range(start, min(workload.users, start + 500))
-            ]
-            stub.RecordEvents(pb.RecordEventsRequest(events=events), timeout=600)
+        ids = [f"item-{i}" for i in range(workload.catalog)] + [f"filler-{i}" for i in range(workload.catalog)]
+        for start in range(0, len(ids), 500):
+            batch = ids[start : start + 500]
+            items = [pb.Item(item_id=item_id, text=item_text(i + start)) for i, item_id in enumerate(batch)]
+            stub.UpsertItems(pb.UpsertItemsRequest(items=items), timeout=600)
+        rng = random.Random(workload.seed)
+        events = [
+            pb.Event(user_id=f"user-{u}", item_id=f"item-{rng.randrange(workload.catalog)}", type=pb.EVENT_TYPE_VIEW)
+            for u in range(workload.users)
+            for _ in range(workload.warmup_events_per_user)
+        ]
+        for start in range(0, len(events), 500):
+            stub.RecordEvents(pb.RecordEventsRequest(events=events[start : start + 500]), timeout=600)
 
 
 def run_load(
@@ -427,6 +438,9 @@ class SoakResult:
     rss_max_mb: float | None
     rss_growth_mb: float | None
     rss_bound_mb: float
+    # (seconds into the load, MiB), about ten evenly spaced samples: a leak is a steady slope,
+    # caches filling are a curve that flattens.
+    rss_series_mb: list[tuple[float, float]]
     shutdown: dict[str, object]
     problems: list[str]
 
@@ -453,18 +467,18 @@ def soak(
         say(f"server pid {server.proc.pid} SERVING on {server.target}; warming caches")
         warm_up(server.target, workload)
         rss_start = server.rss()
-        samples = [rss_start or 0]
+        samples: list[tuple[float, int]] = [(0.0, rss_start or 0)]
 
         def tick(elapsed: float) -> None:
             rss = server.rss()
-            samples.append(rss or 0)
+            samples.append((elapsed, rss or 0))
             if int(elapsed) % 30 == 0:
                 say(f"t={elapsed:6.0f}s rss={_mb(rss)} MiB")
 
         say(f"running {workload.clients} clients for {workload.duration_s:.0f} s (rss start {_mb(rss_start)} MiB)")
         report = run_load(server.target, workload, on_tick=tick)
         rss_end = server.rss()
-        samples.append(rss_end or 0)
+        samples.append((workload.duration_s, rss_end or 0))
         say("load done; SIGTERM under load")
         shutdown = shutdown_under_load(server, workload)
         problems = []
@@ -486,9 +500,11 @@ def soak(
             load=report.summary(),
             rss_start_mb=_mb(rss_start),
             rss_end_mb=_mb(rss_end),
-            rss_max_mb=_mb(max(samples)),
+            rss_max_mb=_mb(max(rss for _, rss in samples)),
             rss_growth_mb=None if growth is None else round(growth, 1),
             rss_bound_mb=rss_bound_mb,
+            rss_series_mb=[(round(t, 1), _mb(rss) or 0.0) for t, rss in samples[:: max(1, len(samples) // 10)]]
+            + [(round(samples[-1][0], 1), _mb(samples[-1][1]) or 0.0)],
             shutdown=asdict(shutdown),
             problems=problems,
         )

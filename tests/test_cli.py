@@ -1,0 +1,81 @@
+"""`reranker serve` as a real process: flags, health, SIGTERM drain, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import REPO
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "reranker", *args],
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def wait_serving(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError("server never reported SERVING")
+
+
+def test_serve_answers_then_drains_on_sigterm() -> None:
+    port = free_port()
+    proc = run_cli("serve", "--encoder", "fake", env={"RERANKER_ADDRESS": f"127.0.0.1:{port}"})
+    try:
+        wait_serving(port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RerankerServiceStub(channel)
+            response = stub.Rerank(
+                pb.RerankRequest(user_id="u", candidates=[pb.Candidate(item_id="a", score=1, text="t")]), timeout=5
+            )
+            assert response.variant == pb.VARIANT_RERANKED
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "draining" in output and "stopped" in output
+
+
+def test_bad_settings_exit_with_a_clear_message() -> None:
+    proc = run_cli("serve", "--blend-weight", "3")
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "blend_weight must be in [0, 1]" in output
+
+
+def test_settings_command_prints_the_reference() -> None:
+    proc = run_cli("settings")
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "RERANKER_MAX_CANDIDATES" in output and "--kill-switch" in output

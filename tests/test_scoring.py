@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reranker import scoring
+
+
+def unit(*values: float) -> np.ndarray:
+    return scoring.l2_normalize(np.array(values, dtype=np.float32))
+
+
+def test_minmax_scales_and_handles_constants() -> None:
+    np.testing.assert_allclose(scoring.minmax(np.array([2.0, 4.0, 3.0])), [0.0, 1.0, 0.5])
+    np.testing.assert_allclose(scoring.minmax(np.array([7.0, 7.0])), [0.5, 0.5])
+    assert scoring.minmax(np.array([])).size == 0
+
+
+def test_first_occurrences_keeps_the_first_of_each_id() -> None:
+    assert scoring.first_occurrences(["a", "b", "a", "c", "b"]) == [0, 1, 3]
+
+
+def test_order_is_stable_on_ties() -> None:
+    assert scoring.order_by_score(np.array([0.5, 0.9, 0.5, 0.9])).tolist() == [1, 3, 0, 2]
+
+
+def test_blend_weights_both_signals() -> None:
+    upstream = np.array([3.0, 2.0, 1.0])
+    semantic = np.array([0.0, 0.5, 1.0])
+    has = np.array([True, True, True])
+    np.testing.assert_allclose(scoring.blend(upstream, semantic, has, 0.0), [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(scoring.blend(upstream, semantic, has, 1.0), [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(scoring.blend(upstream, semantic, has, 0.25), [0.75, 0.5, 0.25])
+
+
+def test_items_without_vector_get_a_neutral_semantic_term() -> None:
+    upstream = np.array([4.0, 3.0, 2.0, 1.0])
+    semantic = np.array([0.0, 0.2, 0.0, 0.8])
+    has = np.array([False, True, False, True])
+    final = scoring.blend(upstream, semantic, has, 0.5)
+    # vectorless items 0 and 2 keep their upstream order relative to each other, with the mean (0.5) semantic term
+    assert final[0] == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
+    assert final[2] == pytest.approx(0.5 * (1 / 3) + 0.5 * 0.5)
+
+
+def test_rank_puts_similar_items_first_and_cuts_top_k() -> None:
+    user = unit(1, 0, 0)
+    items = np.stack([unit(0, 1, 0), unit(1, 0.1, 0), unit(0, 0, 1), unit(0.9, 0.3, 0)])
+    ranking = scoring.rank(
+        np.array([4.0, 3.0, 2.0, 1.0]), items, np.ones(4, bool), user, weight=0.9, top_k=2
+    )
+    assert ranking.order.tolist() == [1, 3]
+    assert ranking.semantic[1] == pytest.approx(float(items[1] @ user))
+
+
+def test_cold_user_keeps_upstream_order() -> None:
+    items = np.eye(3, dtype=np.float32)
+    ranking = scoring.rank(np.array([1.0, 3.0, 2.0]), items, np.ones(3, bool), None, weight=1.0)
+    assert ranking.order.tolist() == [1, 2, 0]
+    assert not ranking.semantic.any()
+
+
+def test_mmr_breaks_up_near_duplicates() -> None:
+    a, a2, b = unit(1, 0, 0), unit(1, 0.01, 0), unit(0, 1, 0)
+    items = np.stack([a, a2, b])
+    relevance = np.array([1.0, 0.95, 0.9])
+    order = scoring.order_by_score(relevance)
+    assert scoring.mmr_order(order, relevance, items, np.ones(3, bool), 0.0, 10).tolist() == [0, 1, 2]
+    assert scoring.mmr_order(order, relevance, items, np.ones(3, bool), 0.5, 10).tolist() == [0, 2, 1]
+
+
+def test_mmr_leaves_positions_beyond_the_window_in_relevance_order() -> None:
+    rng = np.random.default_rng(0)
+    items = scoring.l2_normalize(rng.standard_normal((20, 8)))
+    relevance = np.linspace(1, 0, 20)
+    order = scoring.order_by_score(relevance)
+    out = scoring.mmr_order(order, relevance, items, np.ones(20, bool), 0.7, 5)
+    assert sorted(out.tolist()) == list(range(20))
+    rest = out[5:]
+    assert (np.diff(relevance[rest]) <= 0).all()
+
+
+def test_nearest_finds_the_most_similar_history_row() -> None:
+    history = np.stack([unit(1, 0), unit(0, 1)])
+    idx, sim = scoring.nearest(history, np.stack([unit(0.1, 1), unit(1, 0.2)]))
+    assert idx.tolist() == [1, 0]
+    assert sim[0] == pytest.approx(float(unit(0.1, 1) @ unit(0, 1)))
