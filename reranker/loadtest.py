@@ -372,9 +372,11 @@ class ShutdownReport:
     # Calls started before SIGTERM and finished after it: all must be OK.
     in_flight_ok: int
     in_flight_failed: dict[str, int]
-    # Calls started after SIGTERM: answered (drain delay) or refused with UNAVAILABLE.
+    # Calls started after SIGTERM: answered (during the drain delay) or refused before any work:
+    # UNAVAILABLE once the port is closed, CANCELLED for the few calls grpc had received but not yet
+    # dispatched at the instant the server stopped.
     after_signal_ok: int
-    refused: int
+    refused: dict[str, int]
     other_errors: dict[str, int]
 
     @property
@@ -386,7 +388,7 @@ def shutdown_under_load(server: ServerProcess, workload: Workload, grace_timeout
     """SIGTERM the server while clients keep calling.
 
     Calls in flight at the signal must complete OK; later calls may be answered or refused
-    (UNAVAILABLE), nothing else; the process must exit 0.
+    (UNAVAILABLE / CANCELLED), nothing else; the process must exit 0.
     """
     clients = [_Client(server.target, workload, 1000 + i, None) for i in range(workload.clients)]
     for c in clients:
@@ -423,7 +425,7 @@ def shutdown_under_load(server: ServerProcess, workload: Workload, grace_timeout
         in_flight_ok=in_flight_ok,
         in_flight_failed=dict(in_flight),
         after_signal_ok=after.pop("OK", 0),
-        refused=after.pop("UNAVAILABLE", 0),
+        refused={code: after.pop(code) for code in ("UNAVAILABLE", "CANCELLED") if code in after},
         other_errors=dict(after),
     )
 
@@ -455,9 +457,12 @@ def _mb(value: int | None) -> float | None:
 
 def soak(
     workload: Workload, server_args: Sequence[str] = (), *, rss_bound_mb: float = 64.0, env: dict[str, str] | None = None,
-    log: object = None,
+    log: object = None, server_log: str = "",
 ) -> SoakResult:
-    """Start a server, warm it, run the load, check memory and a graceful shutdown under load."""
+    """Start a server, warm it, run the load, check memory and a graceful shutdown under load.
+
+    `server_log`, if set, is a file that receives the server's log at the end.
+    """
     say = log if callable(log) else (lambda _msg: None)
     # Defaults for a bounded run (later flags win): health goes NOT_SERVING half a second before the
     # port stops accepting; the item cache holds 2x the catalog, so new items reach a plateau.
@@ -481,6 +486,8 @@ def soak(
         samples.append((workload.duration_s, rss_end or 0))
         say("load done; SIGTERM under load")
         shutdown = shutdown_under_load(server, workload)
+        if server_log:
+            Path(server_log).write_text(server.log + "\n")
         problems = []
         if report.error_count:
             problems.append(f"{report.error_count} errors: {dict(report.errors)}")
@@ -494,7 +501,7 @@ def soak(
         if shutdown.in_flight_failed:
             problems.append(f"calls in flight at SIGTERM failed: {shutdown.in_flight_failed}")
         if shutdown.other_errors:
-            problems.append(f"errors after SIGTERM other than UNAVAILABLE: {shutdown.other_errors}")
+            problems.append(f"errors after SIGTERM other than a refusal: {shutdown.other_errors}")
         return SoakResult(
             workload=asdict(workload),
             load=report.summary(),
@@ -521,6 +528,7 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline", type=float, default=d.deadline_s, help="client deadline per call, seconds")
     parser.add_argument("--rss-bound-mb", type=float, default=64.0, help="fail if server RSS grows more than this")
     parser.add_argument("--report", default="", help="also write the result as JSON to this file")
+    parser.add_argument("--server-log", default="", help="write the server's log to this file at the end")
     parser.add_argument(
         "server_args", nargs=argparse.REMAINDER, help="after `--`: flags for the server, e.g. -- --encoder fake"
     )
@@ -537,7 +545,13 @@ def run_soak_command(args: argparse.Namespace) -> int:
         deadline_s=args.deadline,
     )
     server_args = [a for a in args.server_args if a != "--"]
-    result = soak(workload, server_args, rss_bound_mb=args.rss_bound_mb, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = soak(
+        workload,
+        server_args,
+        rss_bound_mb=args.rss_bound_mb,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        server_log=args.server_log,
+    )
     text = json.dumps(asdict(result), indent=2)
     print(text)
     if args.report:
