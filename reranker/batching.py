@@ -74,19 +74,22 @@ class MicroBatcher:
             self._jobs.append(job)
             self._pending_texts += len(job.texts)
             self._cond.notify()
-        job.future.add_done_callback(lambda future, job=job: self._drop_if_cancelled(job, future))
+        # A bound method, not a closure over `job`: future -> callback -> job -> future would be a
+        # reference cycle that keeps every result array alive until the cyclic GC runs.
+        job.future.add_done_callback(self._drop_if_cancelled)
         return job.future
 
-    def _drop_if_cancelled(self, job: _Job, future: Future[np.ndarray]) -> None:
+    def _drop_if_cancelled(self, future: Future[np.ndarray]) -> None:
         """Done-callback: a job cancelled while still queued is removed and its texts un-counted."""
         if not future.cancelled():
             return
         with self._cond:
-            try:
-                self._jobs.remove(job)
-            except ValueError:
-                return  # already taken by the worker (which skips cancelled jobs)
-            self._pending_texts -= len(job.texts)
+            for index, job in enumerate(self._jobs):
+                if job.future is future:
+                    del self._jobs[index]
+                    self._pending_texts -= len(job.texts)
+                    return
+            # not found: already taken by the worker, which skips cancelled jobs
 
     def close(self) -> None:
         with self._cond:
