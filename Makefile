@@ -32,3 +32,13 @@ protos: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Render every kustomize overlay and validate it offline against the Kubernetes schemas (strict).
+.PHONY: k8s-validate
+k8s-validate: install
+	@mkdir -p build/k8s
+	@for overlay in base overlays/bypass overlays/gpu; do \
+		out=build/k8s/$$(basename $$overlay).yaml; \
+		kubectl kustomize k8s/$$overlay > $$out && $(BIN)/kubernetes-validate --strict --quiet $$out || exit 1; \
+		echo "k8s/$$overlay: valid"; \
+	done

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -41,8 +42,18 @@ class BatcherStats:
 
 
 class MicroBatcher:
-    def __init__(self, encoder: Encoder, *, max_batch: int, max_wait_s: float, max_pending: int) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        max_pending: int,
+        observer: Callable[[int, float, float, bool], None] | None = None,
+    ) -> None:
+        """`observer(texts, queue_wait_s, encode_s, ok)` is called after every batch (metrics)."""
         self._encoder = encoder
+        self._observer = observer
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._max_pending = max_pending
@@ -133,15 +144,18 @@ class MicroBatcher:
             if not jobs:
                 continue
             texts = [t for job in jobs for t in job.texts]
-            self.stats.last_queue_wait_s = time.monotonic() - jobs[0].enqueued_at
+            encode_started = time.monotonic()
+            self.stats.last_queue_wait_s = encode_started - jobs[0].enqueued_at
             try:
                 vectors = self._encode_sorted(texts)
             except Exception as exc:  # the encoder failing must not kill the worker
+                self._observe(len(texts), encode_started, ok=False)
                 log.exception("encoder failed on a batch of %d texts", len(texts))
                 error = exc if isinstance(exc, EncoderFailed) else EncoderFailed(f"encoder error: {exc}")
                 for job in jobs:
                     job.future.set_exception(error)
                 continue
+            self._observe(len(texts), encode_started, ok=True)
             self.stats.batches += 1
             self.stats.texts += len(texts)
             self.stats.last_batch_size = len(texts)
@@ -150,6 +164,13 @@ class MicroBatcher:
                 end = start + len(job.texts)
                 job.future.set_result(vectors[start:end])
                 start = end
+
+    def _observe(self, size: int, encode_started: float, *, ok: bool) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(size, self.stats.last_queue_wait_s, time.monotonic() - encode_started, ok)
+            except Exception:  # metrics must never break encoding
+                log.exception("batch observer failed")
 
     def _encode_sorted(self, texts: list[str]) -> np.ndarray:
         """Encode in chunks of max_batch, length-sorted so each chunk pads little."""

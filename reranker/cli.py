@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -36,11 +35,10 @@ def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"reranker: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from reranker.logs import configure_logging
     from reranker.server import serve
 
+    configure_logging(settings)
     return serve(settings)
 
 

@@ -66,6 +66,31 @@ class Settings:
     experiment_salt: str = _doc("Bucketing salt when the request names no experiment.", "reranker")
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
+    # --- operations (issue 5) ------------------------------------------------------------------
+    metrics_address: str = _doc(
+        "host:port of the Prometheus /metrics HTTP endpoint; empty = off. Use 0.0.0.0:9464 in a pod.",
+        "127.0.0.1:9464",
+    )
+    health_address: str = _doc(
+        "host:port of an extra gRPC listener serving only grpc.health.v1 (kubelet probes reach it while "
+        "`address` stays on loopback); empty = off.",
+        "",
+    )
+    log_format: str = _doc("`text` (human) or `json` (one JSON object per line, for log shippers).", "text")
+    access_log: bool = _doc("Log one line per RPC (request id, bucket, variant, fallback, latency).", True)
+    access_log_sample: float = _doc(
+        "Share in [0, 1] of successful, personalized RPCs that get an access-log line; errors, fallbacks, "
+        "bypass and control lines are always written.",
+        1.0,
+    )
+    log_user_salt: str = _doc(
+        "When set, access-log lines carry `user_hash` = salted hash of the user id (raw ids are never logged).", ""
+    )
+    otel_enabled: bool = _doc("OpenTelemetry tracing of every RPC (needs the `otel` extra).", False)
+    otel_endpoint: str = _doc(
+        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; empty = exporter default/OTEL_* env.", ""
+    )
+    otel_service_name: str = _doc("service.name resource attribute of the exported traces.", "reranker")
     # --- transport security (issue 6) ---------------------------------------------------------
     # TLS/mTLS by certificate path, plus the other reliability knobs of issue 6 (load failure, drain).
     tls_cert_path: str = _doc("PEM server certificate (chain); with tls_key_path turns TLS on. Empty = plaintext.", "")
@@ -103,6 +128,14 @@ class Settings:
         for name in ("half_life_seconds", "user_ttl_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.metrics_address and not self.metrics_address.rpartition(":")[2].isdigit():
+            problems.append("metrics_address must be host:port (or empty for off)")
+        if self.health_address and not self.health_address.rpartition(":")[2].isdigit():
+            problems.append("health_address must be host:port (or empty for off)")
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            problems.append("access_log_sample must be in [0, 1]")
+        if self.log_format not in ("text", "json"):
+            problems.append("log_format must be 'text' or 'json'")
         if self.on_load_failure not in ("fail_open", "exit"):
             problems.append("on_load_failure must be 'fail_open' or 'exit'")
         if bool(self.tls_cert_path) != bool(self.tls_key_path) or (self.tls_client_ca_path and not self.tls_cert_path):

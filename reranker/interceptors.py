@@ -88,7 +88,9 @@ def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str, st
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("unhandled error in %s", method)
-            context.abort(code, message)
+        # Abort outside the except block: no chained traceback (whose message may quote request
+        # fields) reaches tracing or other outer interceptors.
+        context.abort(code, message)
 
     return guarded
 

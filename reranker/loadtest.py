@@ -466,7 +466,8 @@ def soak(
     say = log if callable(log) else (lambda _msg: None)
     # Defaults for a bounded run (later flags win): health goes NOT_SERVING half a second before the
     # port stops accepting; the item cache holds 2x the catalog, so new items reach a plateau.
-    defaults = ["--drain-delay-seconds", "0.5", "--item-cache-size", str(2 * workload.catalog)]
+    # No /metrics listener by default (its fixed port may be taken by a running sidecar).
+    defaults = ["--drain-delay-seconds", "0.5", "--item-cache-size", str(2 * workload.catalog), "--metrics-address="]
     with ServerProcess([*defaults, *server_args], env=env) as server:
         server.wait_serving()
         say(f"server pid {server.proc.pid} SERVING on {server.target}; warming caches")

@@ -9,13 +9,17 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from reranker import tracing
 from reranker.config import Settings
 from reranker.interceptors import ErrorMappingInterceptor
+from reranker.metrics import MetricsEndpoint
+from reranker.observability import ObservabilityInterceptor
 from reranker.service import RerankService
 from reranker.servicer import RerankerServicer
 from reranker.tls import TransportConfigError, is_loopback, server_credentials
@@ -40,7 +44,16 @@ class RunningServer:
     health: health.HealthServicer
     service: RerankService
     loader: threading.Thread
+    metrics_endpoint: MetricsEndpoint | None = None
+    tracer_provider: Any = None
+    health_server: grpc.Server | None = None
+    health_port: int = 0
     tls: bool = False
+
+    @property
+    def metrics_port(self) -> int:
+        """Port of the /metrics endpoint (0 when metrics_address is empty)."""
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else 0
 
     def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -54,12 +67,18 @@ class RunningServer:
         if drain_delay > 0:
             time.sleep(drain_delay)
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.service.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+        tracing.shutdown(self.tracer_provider)
 
 
-def build_server(settings: Settings, service: RerankService) -> RunningServer:
+def build_server(settings: Settings, service: RerankService, *, tracer_provider: Any = None) -> RunningServer:
     """Create, bind and start the server; the model loads in the background (health flips when warm).
 
+    With `otel_enabled`, RPCs are traced on `tracer_provider` (default: OTLP export per settings).
     Raises TransportConfigError when a TLS certificate path is unusable.
     """
     credentials = server_credentials(settings)
@@ -68,9 +87,20 @@ def build_server(settings: Settings, service: RerankService) -> RunningServer:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    # Outermost first: tracing sees everything; observation sits inside the error mapping.
+    interceptors: list[grpc.ServerInterceptor] = [
+        ErrorMappingInterceptor(),
+        ObservabilityInterceptor(settings, service.metrics),
+    ]
+    owned_provider = None
+    if settings.otel_enabled:
+        if tracer_provider is None:
+            tracer_provider = owned_provider = tracing.build_tracer_provider(settings)
+        interceptors.insert(0, tracing.tracing_interceptor(tracer_provider))
+    endpoint = MetricsEndpoint(service.metrics, settings.metrics_address) if settings.metrics_address else None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=interceptors,
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
@@ -85,9 +115,13 @@ def build_server(settings: Settings, service: RerankService) -> RunningServer:
     else:
         port = server.add_secure_port(settings.address, credentials)
     if port == 0:
+        if endpoint is not None:
+            endpoint.stop()
         raise RuntimeError(f"could not bind {settings.address}")
 
-    running = RunningServer(server, port, health_servicer, service, threading.Thread(), tls=credentials is not None)
+    running = RunningServer(
+        server, port, health_servicer, service, threading.Thread(), endpoint, owned_provider, tls=credentials is not None
+    )
     running.set_serving(False)
 
     def load() -> None:
@@ -102,10 +136,28 @@ def build_server(settings: Settings, service: RerankService) -> RunningServer:
         running.set_serving(True)
         log.info("serving on port %d (model %s)", port, service.model_version)
 
+    if settings.health_address:
+        try:
+            running.health_server, running.health_port = _health_only_server(settings.health_address, health_servicer)
+        except RuntimeError:
+            if endpoint is not None:
+                endpoint.stop()
+            raise
     running.loader = threading.Thread(target=load, name="model-loader", daemon=True)
     server.start()
     running.loader.start()
     return running
+
+
+def _health_only_server(address: str, health_servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+    """A second listener with only the health service, sharing the main server's status."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind health_address {address}")
+    server.start()
+    return server, port
 
 
 def serve(settings: Settings) -> int:
@@ -121,6 +173,10 @@ def serve(settings: Settings) -> int:
         print(f"reranker: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     log.info("listening on %s (port %d, %s)", settings.address, running.port, "TLS" if running.tls else "plaintext")
+    if running.metrics_endpoint is not None:
+        log.info("metrics on http://%s/metrics", settings.metrics_address)
+    if running.health_server is not None:
+        log.info("health-only listener on %s (port %d)", settings.health_address, running.health_port)
     stopping = threading.Event()
     load_failed: list[str] = []
 

@@ -21,6 +21,7 @@ from reranker.encoder import Encoder, load_encoder
 from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, RequestCancelled
 from reranker.experiments import decide
 from reranker.items import ItemVectorCache, text_hash
+from reranker.metrics import Metrics
 from reranker.profiles import UserProfileStore
 from reranker.types import (
     Candidate,
@@ -52,8 +53,10 @@ class RerankService:
         encoder: Encoder | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
         self._encoder = encoder
         self._batcher: MicroBatcher | None = None
@@ -70,6 +73,7 @@ class RerankService:
 
     def load(self) -> None:
         """Load (if needed) and warm the encoder, build caches, then mark ready. Blocking."""
+        load_started = time.perf_counter()
         try:
             encoder = self._encoder if self._encoder is not None else load_encoder(self.settings)
             started = time.perf_counter()
@@ -96,11 +100,24 @@ class RerankService:
             max_batch=s.encode_batch_size,
             max_wait_s=s.encode_max_wait_ms / 1000.0,
             max_pending=s.encode_queue_size,
+            observer=self.metrics.observe_batch,
         )
+        self.metrics.watch_caches(self._cache_counters)
         self._ready.set()
+        self.metrics.model_loaded(time.perf_counter() - load_started, self.model_version)
+
+    def _cache_counters(self) -> dict[str, tuple[int, int, int]]:
+        """{cache: (hits, misses, entries)} for the metrics endpoint."""
+        out = {}
+        if self.items is not None:
+            out["items"] = (self.items.hits, self.items.misses, len(self.items))
+        if self.profiles is not None:
+            out["users"] = (self.profiles.hits, self.profiles.misses, len(self.profiles))
+        return out
 
     def close(self) -> None:
         self._ready.clear()
+        self.metrics.not_ready()
         if self._batcher is not None:
             self._batcher.close()
 

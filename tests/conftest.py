@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def fake_settings(**overrides: object) -> Settings:
-    base = Settings(address="127.0.0.1:0", encoder="fake", fake_dim=64, max_workers=8, grace_seconds=2.0)
+    base = Settings(
+        address="127.0.0.1:0", encoder="fake", fake_dim=64, max_workers=8, grace_seconds=2.0, metrics_address=""
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -142,3 +145,16 @@ def ml100k_items() -> dict[str, tuple[str, str, str]]:
         item_id, title, year, genres = line.split("\t")
         out[item_id] = (title, year, genres)
     return out
+
+
+class GatedEncoder:
+    """Blocks every call (the warm-up first) until `gate` is set: a server stuck loading its model."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self.inner = FakeEncoder(dim)
+        self.dim, self.version = dim, "gated"
+        self.gate = threading.Event()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.gate.wait(30)
+        return self.inner.encode(texts)

@@ -26,7 +26,8 @@ def free_port() -> int:
 def run_cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "reranker", *args],
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        # metrics off: a fixed default port would collide between concurrent test runs
+        env={**os.environ, "PYTHONPATH": str(REPO), "RERANKER_METRICS_ADDRESS": "", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -29,7 +29,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class GatedEncoder:
+class HangingEncoder:
     """Encodes normally during warm-up, then blocks every batch until `release()` (a hung model).
 
     Records every text it was asked to encode, so tests can prove abandoned work never ran.
@@ -37,7 +37,7 @@ class GatedEncoder:
 
     def __init__(self, inner: Encoder, ok_batches: int = 1) -> None:
         self.inner, self.ok_batches = inner, ok_batches
-        self.dim, self.version = inner.dim, "gated-" + inner.version
+        self.dim, self.version = inner.dim, "hanging-" + inner.version
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.seen: list[str] = []
@@ -63,8 +63,8 @@ class NaNEncoder:
 
 
 @pytest.fixture
-def gated() -> Iterator[GatedEncoder]:
-    encoder = GatedEncoder(FakeEncoder(64))
+def hanging() -> Iterator[HangingEncoder]:
+    encoder = HangingEncoder(FakeEncoder(64))
     yield encoder
     encoder.release()
 
@@ -116,9 +116,9 @@ def test_encoder_returning_nan_vectors_fails_open(make_server: ServerFactory) ->
 
 
 def test_encoder_hanging_past_the_deadline_fails_open_before_the_callers_deadline(
-    make_server: ServerFactory, gated: GatedEncoder
+    make_server: ServerFactory, hanging: HangingEncoder
 ) -> None:
-    running, stub = make_server(fake_settings(encode_timeout_ms=5000.0), encoder=gated)
+    running, stub = make_server(fake_settings(encode_timeout_ms=5000.0), encoder=hanging)
     req = _request()
     started = time.monotonic()
     resp = stub.Rerank(req, timeout=0.5)
@@ -132,13 +132,13 @@ def test_encoder_hanging_past_the_deadline_fails_open_before_the_callers_deadlin
         assert later.fallback_reason == pb.FALLBACK_REASON_DEADLINE
     assert running.service._batcher is not None
     assert running.service._batcher.pending_texts == 0
-    assert not any(t.startswith("later") for t in gated.seen)
+    assert not any(t.startswith("later") for t in hanging.seen)
 
 
 def test_encode_timeout_setting_bounds_the_wait_without_a_client_deadline(
-    make_server: ServerFactory, gated: GatedEncoder
+    make_server: ServerFactory, hanging: HangingEncoder
 ) -> None:
-    _, stub = make_server(fake_settings(encode_timeout_ms=200.0), encoder=gated)
+    _, stub = make_server(fake_settings(encode_timeout_ms=200.0), encoder=hanging)
     started = time.monotonic()
     resp = stub.Rerank(_request(), timeout=10)
     assert resp.fallback_reason == pb.FALLBACK_REASON_DEADLINE
@@ -146,10 +146,10 @@ def test_encode_timeout_setting_bounds_the_wait_without_a_client_deadline(
     assert time.monotonic() - started < 2.0
 
 
-def test_full_encoder_queue_fails_open_as_overloaded(make_server: ServerFactory, gated: GatedEncoder) -> None:
-    running, stub = make_server(fake_settings(encode_queue_size=6, encode_timeout_ms=5000.0), encoder=gated)
+def test_full_encoder_queue_fails_open_as_overloaded(make_server: ServerFactory, hanging: HangingEncoder) -> None:
+    running, stub = make_server(fake_settings(encode_queue_size=6, encode_timeout_ms=5000.0), encoder=hanging)
     first = stub.Rerank.future(_request(prefix="a"), timeout=10)  # the encoder hangs on this batch
-    assert gated.entered.wait(5)
+    assert hanging.entered.wait(5)
     second = stub.Rerank.future(_request(prefix="b"), timeout=10)  # 5 texts wait in the queue
     batcher = running.service._batcher
     assert batcher is not None and _wait_for(lambda: batcher.pending_texts == 5)
@@ -157,34 +157,34 @@ def test_full_encoder_queue_fails_open_as_overloaded(make_server: ServerFactory,
     assert (resp.variant, resp.fallback_reason) == (pb.VARIANT_FALLBACK, pb.FALLBACK_REASON_OVERLOADED)
     assert "queue full" in resp.fallback_detail
     assert batcher.pending_texts == 5  # the refused request left nothing behind
-    gated.release()
+    hanging.release()
     assert first.result().variant == pb.VARIANT_RERANKED
     assert second.result().variant == pb.VARIANT_RERANKED
 
 
-def test_too_many_concurrent_rpcs_are_refused_not_queued(make_server: ServerFactory, gated: GatedEncoder) -> None:
-    _, stub = make_server(fake_settings(max_concurrent_rpcs=2, encode_timeout_ms=5000.0), encoder=gated)
+def test_too_many_concurrent_rpcs_are_refused_not_queued(make_server: ServerFactory, hanging: HangingEncoder) -> None:
+    _, stub = make_server(fake_settings(max_concurrent_rpcs=2, encode_timeout_ms=5000.0), encoder=hanging)
     held = [stub.Rerank.future(_request(prefix=f"h{i}-"), timeout=10) for i in range(2)]
-    assert gated.entered.wait(5)
-    assert _wait_for(lambda: len(gated.seen) >= 1)
+    assert hanging.entered.wait(5)
+    assert _wait_for(lambda: len(hanging.seen) >= 1)
     time.sleep(0.1)
     with pytest.raises(grpc.RpcError) as info:
         stub.Rerank(_request(texts=False), timeout=5)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    gated.release()
+    hanging.release()
     assert all(f.result().variant == pb.VARIANT_RERANKED for f in held)
     assert stub.Rerank(_request(texts=False), timeout=5).variant == pb.VARIANT_RERANKED
 
 
 # --- client cancellation ----------------------------------------------------------------------------------
 def test_cancelled_requests_free_their_workers_and_their_queued_work_never_runs(
-    make_server: ServerFactory, gated: GatedEncoder
+    make_server: ServerFactory, hanging: HangingEncoder
 ) -> None:
     settings = fake_settings(max_workers=3, encode_timeout_ms=30_000.0)
-    running, stub = make_server(settings, encoder=gated)
+    running, stub = make_server(settings, encoder=hanging)
     threads_before = threading.active_count()
     running_call = stub.Rerank.future(_request(prefix="alpha"))  # the encoder hangs on this one
-    assert gated.entered.wait(5)
+    assert hanging.entered.wait(5)
     queued = [stub.Rerank.future(_request(prefix=f"queued{i}-")) for i in range(2)]  # all 3 workers busy now
     batcher = running.service._batcher
     assert batcher is not None
@@ -199,19 +199,19 @@ def test_cancelled_requests_free_their_workers_and_their_queued_work_never_runs(
     running_call.cancel()
     assert stub.Rerank(_request(texts=False), timeout=2).variant == pb.VARIANT_RERANKED
     assert stub.Rerank(_request(texts=False), timeout=2).variant == pb.VARIANT_RERANKED
-    gated.release()
+    hanging.release()
     time.sleep(0.2)
-    assert not any(t.startswith("queued") for t in gated.seen), "cancelled work reached the encoder"
+    assert not any(t.startswith("queued") for t in hanging.seen), "cancelled work reached the encoder"
     fresh = stub.Rerank(_request(prefix="fresh"), timeout=5)
     assert fresh.variant == pb.VARIANT_RERANKED and fresh.encoded == 5
     assert threading.active_count() <= threads_before + 1  # no thread per cancelled request
     assert _health(grpc.insecure_channel(f"127.0.0.1:{running.port}")) == SERVING
 
 
-def test_cancelled_upsert_drops_its_encoder_work(make_server: ServerFactory, gated: GatedEncoder) -> None:
-    running, stub = make_server(fake_settings(encode_timeout_ms=30_000.0), encoder=gated)
+def test_cancelled_upsert_drops_its_encoder_work(make_server: ServerFactory, hanging: HangingEncoder) -> None:
+    running, stub = make_server(fake_settings(encode_timeout_ms=30_000.0), encoder=hanging)
     blocker = stub.UpsertItems.future(pb.UpsertItemsRequest(items=[pb.Item(item_id="b", text="blocker")]))
-    assert gated.entered.wait(5)
+    assert hanging.entered.wait(5)
     items = [pb.Item(item_id=f"big{i}", text=f"catalog text {i}") for i in range(500)]
     big = stub.UpsertItems.future(pb.UpsertItemsRequest(items=items))
     batcher = running.service._batcher
@@ -219,9 +219,9 @@ def test_cancelled_upsert_drops_its_encoder_work(make_server: ServerFactory, gat
     assert _wait_for(lambda: batcher.pending_texts == 500)
     big.cancel()
     assert _wait_for(lambda: batcher.pending_texts == 0)
-    gated.release()
+    hanging.release()
     assert blocker.result(timeout=5).encoded == 1
-    assert not any(t.startswith("catalog text") for t in gated.seen)
+    assert not any(t.startswith("catalog text") for t in hanging.seen)
 
 
 # --- model missing or corrupt at start ----------------------------------------------------------------------
@@ -239,7 +239,9 @@ def corrupt_model_dir(tmp_path: Path) -> Path:
 
 
 def _serve(*args: str) -> ServerProcess:
-    return ServerProcess(["--encoder", "transformer", "--torch-threads", "1", *args], env={"PYTHONPATH": str(REPO)})
+    return ServerProcess(
+        ["--encoder", "transformer", "--torch-threads", "1", "--metrics-address=", *args], env={"PYTHONPATH": str(REPO)}
+    )
 
 
 @pytest.mark.model

@@ -75,7 +75,7 @@ class Fuzzed:
 
 @pytest.fixture(scope="module")
 def fuzzed() -> Iterator[Fuzzed]:
-    args = ["--encoder", "fake", "--fake-dim", "32", "--max-workers", "4"]
+    args = ["--encoder", "fake", "--fake-dim", "32", "--max-workers", "4", "--metrics-address="]
     with ServerProcess(args, env={"PYTHONPATH": str(REPO)}) as server:
         server.wait_serving(60)
         target = Fuzzed(server)

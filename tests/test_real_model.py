@@ -33,7 +33,9 @@ def pairwise_accuracy(scores: dict[str, float], better: list[str], worse: list[s
 @pytest.fixture(scope="module")
 def real_server() -> Iterator[tuple[RunningServer, pb_grpc.RerankerServiceStub]]:
     # generous encode timeout: this test is about ranking quality, not latency (CI machines may be busy)
-    settings = dataclasses.replace(Settings(), address="127.0.0.1:0", max_workers=4, encode_timeout_ms=60_000.0)
+    settings = dataclasses.replace(
+        Settings(), address="127.0.0.1:0", metrics_address="", max_workers=4, encode_timeout_ms=60_000.0
+    )
     running = build_server(settings, RerankService(settings))
     wait_ready(running, timeout=120)
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -18,7 +18,7 @@ from reranker.encoder import FakeEncoder
 from reranker.loadtest import Workload, check_reordering, soak
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import REPO, ServerFactory, candidate, fake_settings
-from tests.test_faults import GatedEncoder
+from tests.test_faults import HangingEncoder
 
 # Server RSS may grow at most this much during the 3 s load after warm-up. The workload is bounded
 # (2000 catalog items, 500 users, item cache capped at 2x catalog), so a healthy server plateaus;
@@ -70,14 +70,14 @@ def test_check_reordering_catches_invalid_responses() -> None:
 def test_graceful_shutdown_reports_not_serving_first_completes_in_flight_and_refuses_new(
     make_server: ServerFactory,
 ) -> None:
-    gated = GatedEncoder(FakeEncoder(64))
-    running, stub = make_server(fake_settings(encode_timeout_ms=30_000.0), encoder=gated)
+    hanging = HangingEncoder(FakeEncoder(64))
+    running, stub = make_server(fake_settings(encode_timeout_ms=30_000.0), encoder=hanging)
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     health = health_pb2_grpc.HealthStub(channel)
     try:
         texts = [candidate(f"i{i}", 5.0 - i, f"item text {i}") for i in range(5)]
         in_flight = [stub.Rerank.future(pb.RerankRequest(user_id=f"u{n}", candidates=texts), timeout=20) for n in range(3)]
-        assert gated.entered.wait(5)
+        assert hanging.entered.wait(5)
         stopper = threading.Thread(target=running.stop, kwargs={"grace": 10.0, "drain_delay": 0.5})
         stopper.start()
         # 1. health flips to NOT_SERVING while RPCs are still accepted (drain delay)
@@ -93,12 +93,12 @@ def test_graceful_shutdown_reports_not_serving_first_completes_in_flight_and_ref
             stub.Rerank(no_text, timeout=2)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         # 3. ... while the requests in flight complete normally once the encoder answers
-        gated.release()
+        hanging.release()
         for future in in_flight:
             resp = future.result(timeout=10)
             assert resp.variant == pb.VARIANT_RERANKED and len(resp.items) == 5
         stopper.join(10)
         assert not stopper.is_alive()
     finally:
-        gated.release()
+        hanging.release()
         channel.close()

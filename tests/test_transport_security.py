@@ -165,7 +165,7 @@ def test_unreadable_certificate_paths_name_the_setting(pki: Pki, tmp_path: Path)
 def test_serve_with_a_missing_certificate_exits_with_a_clear_message(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.pem")
     proc = subprocess.run(
-        [sys.executable, "-m", "reranker", "serve", "--encoder", "fake", "--address", "127.0.0.1:0",
+        [sys.executable, "-m", "reranker", "serve", "--encoder", "fake", "--address", "127.0.0.1:0", "--metrics-address=",
          "--tls-cert-path", missing, "--tls-key-path", missing],
         env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -1,0 +1,269 @@
+"""A small Python client for the sidecar: deadlines, retries on UNAVAILABLE only, and fail-open.
+
+    from reranker.client import RerankerClient
+
+    with RerankerClient("127.0.0.1:50051", timeout_s=0.05) as client:
+        outcome = client.rerank_or_upstream("user-42", [("item-1", 0.9, "text"), ("item-2", 0.8)])
+        serve(outcome.item_ids)          # always a usable order, reranked or upstream
+        if not outcome.reranked:
+            count_fallback(outcome.reason)
+
+- Every call has a deadline (`timeout_s`): one budget for the call *including* its retries.
+- Only UNAVAILABLE is retried (sidecar restarting, model still loading, connection refused), with
+  jittered exponential backoff while the budget lasts. INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
+  DEADLINE_EXCEEDED and the rest are returned at once: retrying them cannot help or makes overload worse.
+- `rerank_or_upstream` never raises: on any error or timeout it returns the caller's own order
+  (de-duplicated, cut to top_k) with the reason, so the sidecar can never break the page.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+CandidateLike = pb.Candidate | tuple[str, float] | tuple[str, float, str | None]
+T = TypeVar("T")
+
+
+def to_candidate(value: CandidateLike) -> pb.Candidate:
+    """pb.Candidate, (item_id, score) or (item_id, score, text) -> pb.Candidate."""
+    if isinstance(value, pb.Candidate):
+        return value
+    item_id, score, *rest = value
+    candidate = pb.Candidate(item_id=item_id, score=float(score))
+    if rest and rest[0] is not None:
+        candidate.text = rest[0]
+    return candidate
+
+
+def upstream_order(candidates: Sequence[pb.Candidate], top_k: int = 0) -> list[str]:
+    """The caller's own order, de-duplicated by item id (first wins) and cut to top_k, as the server does."""
+    seen: set[str] = set()
+    out = []
+    for c in candidates:
+        if c.item_id not in seen:
+            seen.add(c.item_id)
+            out.append(c.item_id)
+    return out[:top_k] if top_k else out
+
+
+@dataclass(frozen=True)
+class RerankOutcome:
+    """What to serve, and why."""
+
+    item_ids: list[str]
+    # True only when the order is the sidecar's personalized one (VARIANT_RERANKED).
+    reranked: bool
+    # "reranked", "control", "bypassed", "fallback" (server-side fail-open) or "error" (client-side).
+    variant: str
+    # Empty when reranked/control/bypassed; else the server's fallback reason ("deadline", ...) or
+    # the gRPC status name of the failed call ("UNAVAILABLE", "DEADLINE_EXCEEDED", ...).
+    reason: str = ""
+    response: pb.RerankResponse | None = None
+    attempts: int = 0
+    latency_ms: float = 0.0
+    detail: str = field(default="", repr=False)
+
+
+class RerankerClient:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout_s: float = 0.1,
+        retries: int = 2,
+        backoff_s: float = 0.01,
+        max_backoff_s: float = 0.2,
+        channel: grpc.Channel | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """`timeout_s`: default deadline per call, retries included. `retries`: extra attempts on UNAVAILABLE."""
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._own_channel = channel is None
+        self._channel = channel if channel is not None else grpc.insecure_channel(address, options=list(channel_options))
+        self._stub = pb_grpc.RerankerServiceStub(self._channel)
+        self._sleep = sleep
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._own_channel:
+            self._channel.close()
+
+    def __enter__(self) -> RerankerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(
+        self, method: Callable[..., T], request: Any, timeout_s: float | None, attempts: list[int] | None = None
+    ) -> T:
+        """Call with one deadline for all attempts; retry UNAVAILABLE with jittered exponential backoff.
+
+        `attempts`, when given, is a one-element list that receives the number of attempts made.
+        """
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget
+        attempt = 0
+        while True:
+            attempt += 1
+            if attempts is not None:
+                attempts[:] = [attempt]
+            remaining = deadline - time.monotonic()
+            try:
+                return method(request, timeout=max(remaining, 0.0))
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code not in RETRYABLE or attempt > self.retries:
+                    raise
+                pause = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+                if deadline - time.monotonic() <= pause:
+                    raise
+                log.debug("%s on attempt %d; retrying in %.0f ms", code, attempt, pause * 1000)
+                self._sleep(pause)
+
+    # --- RPCs ----------------------------------------------------------------------------------
+    def rerank(
+        self,
+        user_id: str,
+        candidates: Iterable[CandidateLike],
+        *,
+        top_k: int = 0,
+        context_events: Sequence[pb.Event] = (),
+        experiment: str = "",
+        request_id: str = "",
+        options: pb.RerankOptions | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.RerankResponse:
+        """The raw Rerank call (raises grpc.RpcError). Most callers want `rerank_or_upstream`."""
+        request = self.rerank_request(
+            user_id, candidates, top_k=top_k, context_events=context_events, experiment=experiment,
+            request_id=request_id, options=options,
+        )
+        return self._call(self._stub.Rerank, request, timeout_s)
+
+    @staticmethod
+    def rerank_request(
+        user_id: str,
+        candidates: Iterable[CandidateLike],
+        *,
+        top_k: int = 0,
+        context_events: Sequence[pb.Event] = (),
+        experiment: str = "",
+        request_id: str = "",
+        options: pb.RerankOptions | None = None,
+    ) -> pb.RerankRequest:
+        return pb.RerankRequest(
+            user_id=user_id,
+            candidates=[to_candidate(c) for c in candidates],
+            context_events=list(context_events),
+            top_k=top_k,
+            options=options,
+            experiment=experiment,
+            request_id=request_id,
+        )
+
+    def rerank_or_upstream(
+        self,
+        user_id: str,
+        candidates: Iterable[CandidateLike],
+        *,
+        top_k: int = 0,
+        context_events: Sequence[pb.Event] = (),
+        experiment: str = "",
+        request_id: str = "",
+        options: pb.RerankOptions | None = None,
+        timeout_s: float | None = None,
+    ) -> RerankOutcome:
+        """Rerank, or the upstream order on *any* error or timeout. Never raises."""
+        started = time.monotonic()
+        attempts = [0]
+        given = list(candidates)
+        try:
+            request = self.rerank_request(
+                user_id, given, top_k=top_k, context_events=context_events, experiment=experiment,
+                request_id=request_id, options=options,
+            )
+            response = self._call(self._stub.Rerank, request, timeout_s, attempts)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            reason = code.name if code is not None else "RPC_ERROR"
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            return _upstream(given, top_k, reason, detail or "", started, attempts[0])
+        except Exception as exc:  # a bug or bad input on our side must not break the caller either
+            log.warning("rerank failed on the client side; serving upstream order", exc_info=True)
+            return _upstream(given, top_k, "CLIENT_ERROR", str(exc), started, attempts[0])
+        variant = pb.Variant.Name(response.variant).removeprefix("VARIANT_").lower()
+        reason = ""
+        if response.variant == pb.VARIANT_FALLBACK:
+            reason = pb.FallbackReason.Name(response.fallback_reason).removeprefix("FALLBACK_REASON_").lower()
+        return RerankOutcome(
+            item_ids=[it.item_id for it in response.items],
+            reranked=response.variant == pb.VARIANT_RERANKED,
+            variant=variant,
+            reason=reason,
+            response=response,
+            attempts=attempts[0],
+            latency_ms=1000.0 * (time.monotonic() - started),
+            detail=response.fallback_detail,
+        )
+
+    def record_events(self, events: Sequence[pb.Event], *, timeout_s: float | None = None) -> pb.RecordEventsResponse:
+        """RecordEvents; safe to retry because the server de-duplicates by event_id (set one)."""
+        return self._call(self._stub.RecordEvents, pb.RecordEventsRequest(events=list(events)), timeout_s)
+
+    def upsert_items(
+        self, items: Iterable[tuple[str, str]], *, timeout_s: float | None = None
+    ) -> pb.UpsertItemsResponse:
+        """UpsertItems from (item_id, text) pairs (idempotent: same text is not re-encoded)."""
+        request = pb.UpsertItemsRequest(items=[pb.Item(item_id=i, text=t) for i, t in items])
+        return self._call(self._stub.UpsertItems, request, timeout_s)
+
+    def user_profile(self, user_id: str, *, timeout_s: float | None = None) -> pb.GetUserProfileResponse:
+        return self._call(self._stub.GetUserProfile, pb.GetUserProfileRequest(user_id=user_id), timeout_s)
+
+
+def _item_id(value: CandidateLike) -> str:
+    return value.item_id if isinstance(value, pb.Candidate) else str(value[0])
+
+
+def _upstream(
+    given: Sequence[CandidateLike], top_k: int, reason: str, detail: str, started: float, attempts: int
+) -> RerankOutcome:
+    """The caller's own order as an outcome (the fail-open path)."""
+    try:
+        ids = upstream_order([pb.Candidate(item_id=_item_id(c)) for c in given], top_k)
+    except Exception:  # candidates so malformed that no id can be read: serve nothing rather than crash
+        ids = []
+    log.debug("rerank failed open: %s (%s)", reason, detail)
+    return RerankOutcome(
+        item_ids=ids,
+        reranked=False,
+        variant="error",
+        reason=reason,
+        attempts=attempts,
+        latency_ms=1000.0 * (time.monotonic() - started),
+        detail=detail,
+    )

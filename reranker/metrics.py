@@ -1,0 +1,172 @@
+"""Prometheus metrics of one server, in its own CollectorRegistry (several servers can share a process).
+
+Recorded at the edges, never inside the numpy core:
+- RPC latency / outcome / variant / fallback reason: the ObservabilityInterceptor (observability.py);
+- encoder batch size, queue wait and batch time: the MicroBatcher's observer callback;
+- model load time: RerankService.load();
+- cache hits and misses: read at scrape time from the counters ItemVectorCache and
+  UserProfileStore already keep (a custom collector, no double counting).
+
+The series are documented in the README's "Metrics" section; tests/test_metrics.py scrapes them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Sidecar latencies live in the low milliseconds; the buckets resolve 0.5 ms .. 10 s.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class _CacheCollector(Collector):
+    """Exposes hit/miss counters owned by the caches, read at scrape time."""
+
+    def __init__(self, source: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        lookups = CounterMetricFamily(
+            "reranker_cache_lookups", "Cache lookups by cache (items, users) and result (hit, miss).",
+            labels=["cache", "result"],
+        )
+        ratio = GaugeMetricFamily(
+            "reranker_cache_hit_ratio", "Hits / lookups since start, by cache (items, users); 0 before any lookup.",
+            labels=["cache"],
+        )
+        size = GaugeMetricFamily("reranker_cache_entries", "Entries held, by cache (items, users).", labels=["cache"])
+        for cache, (hits, misses, entries) in self._source().items():
+            lookups.add_metric([cache, "hit"], hits)
+            lookups.add_metric([cache, "miss"], misses)
+            total = hits + misses
+            ratio.add_metric([cache], hits / total if total else 0.0)
+            size.add_metric([cache], entries)
+        yield lookups
+        yield ratio
+        yield size
+
+
+class Metrics:
+    """All series of one server. Thread-safe (prometheus_client metrics are)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rpc_latency = Histogram(
+            "reranker_rpc_duration_seconds",
+            "Server-side RPC latency, by method and variant (variant is empty for RPCs other than Rerank).",
+            ["method", "variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rpcs = Counter(
+            "reranker_rpcs", "Finished RPCs by method and gRPC status code.", ["method", "code"], registry=r
+        )
+        self.rerank_candidates = Histogram(
+            "reranker_rerank_candidates", "Candidates per Rerank request.", buckets=(1, 10, 50, 100, 200, 500, 1000, 2000),
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "reranker_fallbacks", "Rerank calls answered with the upstream order because of a problem, by reason.",
+            ["reason"], registry=r,
+        )
+        self.encoder_batch_size = Histogram(
+            "reranker_encoder_batch_size", "Texts per encoder batch (micro-batcher).", buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.encoder_queue_wait = Histogram(
+            "reranker_encoder_queue_wait_seconds", "Time the oldest text of a batch waited before encoding started.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.encoder_batch_duration = Histogram(
+            "reranker_encoder_batch_duration_seconds", "Encoder time per batch (tokenize + forward).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.encoder_failures = Counter(
+            "reranker_encoder_failed_batches", "Encoder batches that raised or returned unusable output.", registry=r
+        )
+        self.model_load_seconds = Gauge(
+            "reranker_model_load_seconds", "Wall time of the last model load including warm-up (0 until loaded).",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "reranker_model_info", "Always 1; the served model in the `model_version` label.", ["model_version"],
+            registry=r,
+        )
+        self.ready = Gauge("reranker_ready", "1 when the model is loaded and Rerank personalizes.", registry=r)
+        self._cache_lock = threading.Lock()
+        self._cache_source: Callable[[], dict[str, tuple[int, int, int]]] = dict
+        r.register(_CacheCollector(self._read_caches))
+
+    # --- hooks called by the service -------------------------------------------------------------
+    def model_loaded(self, seconds: float, model_version: str) -> None:
+        self.model_load_seconds.set(seconds)
+        self.model_info.clear()
+        self.model_info.labels(model_version=model_version).set(1)
+        self.ready.set(1)
+
+    def not_ready(self) -> None:
+        self.ready.set(0)
+
+    def observe_batch(self, size: int, queue_wait_s: float, encode_s: float, ok: bool) -> None:
+        """MicroBatcher observer: one call per encoder batch."""
+        self.encoder_batch_size.observe(size)
+        self.encoder_queue_wait.observe(max(0.0, queue_wait_s))
+        self.encoder_batch_duration.observe(max(0.0, encode_s))
+        if not ok:
+            self.encoder_failures.inc()
+
+    def watch_caches(self, source: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        """`source()` -> {cache name: (hits, misses, entries)}, read at every scrape."""
+        with self._cache_lock:
+            self._cache_source = source
+
+    def _read_caches(self) -> dict[str, tuple[int, int, int]]:
+        with self._cache_lock:
+            source = self._cache_source
+        return source()
+
+    # --- hooks called by the interceptor ---------------------------------------------------------
+    def observe_rpc(self, method: str, code: str, seconds: float, variant: str = "", fallback_reason: str = "") -> None:
+        self.rpc_latency.labels(method=method, variant=variant).observe(seconds)
+        self.rpcs.labels(method=method, code=code).inc()
+        if fallback_reason:
+            self.fallbacks.labels(reason=fallback_reason).inc()
+
+    def exposition(self) -> bytes:
+        """The text format a scrape returns (also handy in tests and debugging)."""
+        return generate_latest(self.registry)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port). Raises ValueError with the offending text."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics_address {address!r} is not host:port")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class MetricsEndpoint:
+    """The /metrics HTTP server (prometheus_client's WSGI server on a daemon thread)."""
+
+    def __init__(self, metrics: Metrics, address: str) -> None:
+        from prometheus_client import start_http_server
+
+        host, port = parse_address(address)
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve metrics on {address}: {exc}") from exc
+        self.port = int(self._httpd.server_port)
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)

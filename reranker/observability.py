@@ -1,0 +1,178 @@
+"""Per-RPC observation at the gRPC edge: request id, metrics, one access-log line.
+
+Sits inside ErrorMappingInterceptor, so it sees the service's own exceptions and derives the
+status code from the same table (interceptors.status_for) before they are mapped. Only the
+RerankerService methods are observed; health checks and reflection pass through untouched
+(kubelet probes would otherwise dominate the logs).
+
+Never logged: user ids, item ids, texts. A Rerank line carries the experiment bucket and, when
+`log_user_salt` is set, a salted hash of the user id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from reranker.config import Settings
+from reranker.interceptors import status_for
+from reranker.metrics import Metrics
+from reranker.v1 import reranker_pb2 as pb
+
+access_log = logging.getLogger("reranker.access")
+
+SERVICE_PREFIX = "/" + pb.DESCRIPTOR.services_by_name["RerankerService"].full_name + "/"
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def variant_label(variant: int) -> str:
+    """pb.VARIANT_FALLBACK -> "fallback"."""
+    return pb.Variant.Name(variant).removeprefix("VARIANT_").lower()
+
+
+def reason_label(reason: int) -> str:
+    """pb.FALLBACK_REASON_DEADLINE -> "deadline"."""
+    return pb.FallbackReason.Name(reason).removeprefix("FALLBACK_REASON_").lower()
+
+
+def user_hash(salt: str, user_id: str) -> str:
+    """Salted, truncated hash: lets an operator follow one user's lines without seeing the id."""
+    return hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=8, key=salt.encode()[:64]).hexdigest()
+
+
+def _request_id(context: grpc.ServicerContext, from_request: str = "") -> str:
+    if from_request:
+        return from_request
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and value:
+            return value[:128]
+    return uuid.uuid4().hex[:16]
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._access_log = settings.access_log
+        self._sample = settings.access_log_sample
+        self._user_salt = settings.log_user_salt
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        full_method = handler_call_details.method
+        if handler is None or not full_method.startswith(SERVICE_PREFIX):
+            return handler
+        method = full_method[len(SERVICE_PREFIX) :]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._observed(handler.unary_unary, method, streaming=False),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._observed(handler.stream_unary, method, streaming=True),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler
+
+    def _observed(self, behavior: Callable[..., Any], method: str, *, streaming: bool) -> Callable[..., Any]:
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            fields: dict[str, Any] = {"method": method}
+            if streaming:
+                counter = _CountingIterator(request)
+                request = counter
+            elif isinstance(request, pb.RerankRequest):
+                # Give the request an id when the caller did not: the response echoes it.
+                request.request_id = _request_id(context, request.request_id)
+            request_id = getattr(request, "request_id", "") or _request_id(context)
+            fields["request_id"] = request_id
+            code = "OK"
+            response = None
+            try:
+                response = behavior(request, context)
+                return response
+            except Exception as exc:
+                code = status_for(exc)[0].name
+                fields["error"] = type(exc).__name__  # messages may quote ids: not logged
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                fields["code"] = code
+                variant = reason = ""
+                if isinstance(response, pb.RerankResponse):
+                    variant = variant_label(response.variant)
+                    if response.variant == pb.VARIANT_FALLBACK:
+                        reason = reason_label(response.fallback_reason)
+                    self._metrics.rerank_candidates.observe(len(request.candidates))
+                self._metrics.observe_rpc(method, code, seconds, variant, reason)
+                if self._access_log and self._should_log(code, variant):
+                    fields.update(self._describe(request, response, counter.count if streaming else None))
+                    fields["latency_ms"] = round(seconds * 1000.0, 3)
+                    access_log.info(
+                        "%s %s %.1f ms%s", method, code, seconds * 1000.0, f" {variant}" if variant else "",
+                        extra={"fields": fields},
+                    )
+
+        return observed
+
+    def _should_log(self, code: str, variant: str) -> bool:
+        """Always log failures and anything but a personalized answer; sample the rest."""
+        if code != "OK" or variant not in ("", "reranked") or self._sample >= 1.0:
+            return True
+        return random.random() < self._sample
+
+    def _describe(self, request: Any, response: Any, streamed: int | None) -> dict[str, Any]:
+        """Counts and outcome of one call: sizes, bucket, variant; never ids or texts."""
+        out: dict[str, Any] = {}
+        if isinstance(request, pb.RerankRequest):
+            out["candidates"] = len(request.candidates)
+            if self._user_salt and request.user_id:
+                out["user_hash"] = user_hash(self._user_salt, request.user_id)
+            if request.experiment:
+                out["experiment"] = request.experiment
+        elif isinstance(request, pb.RecordEventsRequest):
+            out["events"] = len(request.events)
+        elif isinstance(request, pb.UpsertItemsRequest):
+            out["items"] = len(request.items)
+        if streamed is not None:
+            out["events"] = streamed
+        if isinstance(response, pb.RerankResponse):
+            out["variant"] = variant_label(response.variant)
+            out["bucket"] = response.bucket
+            out["returned"] = len(response.items)
+            out["cold_user"] = response.cold_user
+            out["encoded"] = response.encoded
+            out["cache_hits"] = response.cache_hits
+            if response.variant == pb.VARIANT_FALLBACK:
+                out["fallback_reason"] = reason_label(response.fallback_reason)
+                out["fallback_detail"] = response.fallback_detail[:200]
+        return out
+
+
+class _CountingIterator:
+    """Wraps a request stream and counts the messages the servicer pulled."""
+
+    def __init__(self, inner: Iterator[Any]) -> None:
+        self._inner = inner
+        self.count = 0
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self._inner)
+        self.count += 1
+        return item
