@@ -9,6 +9,9 @@ Tokenization stays off the model's critical section: when the encoder can tokeni
 (`TokenizingEncoder`), the submitting request thread tokenizes (the Rust tokenizer releases the
 GIL) and the worker only pads token ids (numpy) and runs forward passes; batches are sorted by
 token count. Other encoders get whole texts, sorted by character length.
+
+A job whose future is cancelled before the worker takes it (caller gone or timed out) leaves the
+queue at once and is never encoded.
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ class MicroBatcher:
             self._jobs.append(job)
             self._pending_texts += len(job.texts)
             self._cond.notify()
+        # A bound method, not a closure over `job`: future -> callback -> job -> future would be a
+        # reference cycle that keeps every result array alive until the cyclic GC runs.
+        job.future.add_done_callback(self._drop_if_cancelled)
         return job.future
 
     def _check_capacity(self, count: int) -> None:
@@ -100,13 +106,29 @@ class MicroBatcher:
         if pending + count > self._max_pending:
             raise Overloaded(f"encoder queue full ({pending} texts pending, limit {self._max_pending})")
 
+    def _drop_if_cancelled(self, future: Future[np.ndarray]) -> None:
+        """Done-callback: a job cancelled while still queued is removed and its texts un-counted."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            for index, job in enumerate(self._jobs):
+                if job.future is future:
+                    del self._jobs[index]
+                    self._pending_texts -= len(job.texts)
+                    return
+            # not found: already taken by the worker, which skips cancelled jobs
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=5)
-        for job in self._jobs:
-            job.future.set_exception(EncoderFailed("encoder is shut down"))
+        with self._cond:
+            leftover, self._jobs = list(self._jobs), deque()
+            self._pending_texts = 0
+        for job in leftover:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EncoderFailed("encoder is shut down"))
 
     def _take_batch(self) -> list[_Job] | None:
         with self._cond:
@@ -123,9 +145,11 @@ class MicroBatcher:
             jobs, count = [], 0
             while self._jobs and (not jobs or count + len(self._jobs[0].texts) <= self._max_batch):
                 job = self._jobs.popleft()
+                self._pending_texts -= len(job.texts)
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # cancelled in the meantime: never encode it
                 jobs.append(job)
                 count += len(job.texts)
-                self._pending_texts -= len(job.texts)
             return jobs
 
     def _run(self) -> None:
@@ -133,6 +157,8 @@ class MicroBatcher:
             jobs = self._take_batch()
             if jobs is None:
                 return
+            if not jobs:
+                continue
             texts = [t for job in jobs for t in job.texts]
             encode_started = time.monotonic()
             self.stats.last_queue_wait_s = encode_started - jobs[0].enqueued_at

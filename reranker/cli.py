@@ -26,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmarks: rerank vs gRPC echo, encoder, memory")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench)
+    soak = commands.add_parser("soak", help="load/soak test a server started as a child process")
+    _add_soak(soak)
     args = parser.parse_args(argv)
     return int(args.handler(args, argv[1:]) or 0)
 
@@ -45,8 +47,14 @@ def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
     from reranker.server import serve
 
     configure_logging(settings)
-    serve(settings)
-    return 0
+    return serve(settings)
+
+
+def _add_soak(parser: argparse.ArgumentParser) -> None:
+    from reranker.loadtest import add_soak_arguments, run_soak_command
+
+    add_soak_arguments(parser)
+    parser.set_defaults(handler=lambda args, _argv: run_soak_command(args))
 
 
 if __name__ == "__main__":

@@ -139,6 +139,19 @@ class Settings:
         "",
     )
 
+    # --- transport security (issue 6) ---------------------------------------------------------
+    # TLS/mTLS by certificate path, plus the other reliability knobs of issue 6 (load failure, drain).
+    tls_cert_path: str = _doc("PEM server certificate (chain); with tls_key_path turns TLS on. Empty = plaintext.", "")
+    tls_key_path: str = _doc("PEM private key for tls_cert_path.", "")
+    tls_client_ca_path: str = _doc("PEM CA bundle; when set, clients must present a certificate it signed (mTLS).", "")
+    on_load_failure: str = _doc(
+        "Model fails to load at start: `fail_open` (keep running NOT_SERVING, Rerank returns upstream order, "
+        "FALLBACK_REASON_NOT_READY) or `exit` (log the error, exit with status 3).",
+        "fail_open",
+    )
+    drain_delay_seconds: float = _doc("On SIGTERM: health is NOT_SERVING but RPCs are still accepted this long, then the grace period.", 0.0)
+    max_concurrent_rpcs: int = _doc("RPCs admitted at once (running + waiting for a worker); more get RESOURCE_EXHAUSTED. 0 = no limit.", 256)
+
     def __post_init__(self) -> None:
         problems = []
         if self.encoder not in ("transformer", "fake"):
@@ -190,6 +203,12 @@ class Settings:
             problems.append("access_log_sample must be in [0, 1]")
         if self.log_format not in ("text", "json"):
             problems.append("log_format must be 'text' or 'json'")
+        if self.on_load_failure not in ("fail_open", "exit"):
+            problems.append("on_load_failure must be 'fail_open' or 'exit'")
+        if bool(self.tls_cert_path) != bool(self.tls_key_path) or (self.tls_client_ca_path and not self.tls_cert_path):
+            problems.append("TLS needs tls_cert_path and tls_key_path together (tls_client_ca_path adds mTLS)")
+        if self.drain_delay_seconds < 0 or self.max_concurrent_rpcs < 0:
+            problems.append("drain_delay_seconds and max_concurrent_rpcs must not be negative")
         try:
             self.parsed_event_weights()
         except ValueError as exc:

@@ -28,6 +28,8 @@ from reranker.types import (
 from reranker.v1 import reranker_pb2 as pb
 
 _EVENT_TYPES = frozenset(int(t) for t in EventType)
+# google.protobuf.Timestamp's valid range ends at 9999-12-31T23:59:59Z.
+_MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,12 @@ def event_from_pb(msg: pb.Event, name: str, limits: Limits, default_user: str = 
             raise InvalidRequest(f"{name}.weight must be finite, got {weight}")
     timestamp = 0.0
     if msg.HasField("timestamp"):
-        timestamp = msg.timestamp.seconds + msg.timestamp.nanos / 1e9
+        seconds, nanos = msg.timestamp.seconds, msg.timestamp.nanos
+        if not 0 <= nanos < 1_000_000_000:
+            raise InvalidRequest(f"{name}.timestamp.nanos must be in [0, 999999999], got {nanos}")
+        if seconds > _MAX_TIMESTAMP_SECONDS:
+            raise InvalidRequest(f"{name}.timestamp is after 9999-12-31")
+        timestamp = seconds + nanos / 1e9
         if timestamp <= 0:
             raise InvalidRequest(f"{name}.timestamp must be after 1970-01-01")
     text = _check_text(msg.text, f"{name}.text", limits) if msg.HasField("text") else None

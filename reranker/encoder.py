@@ -148,12 +148,12 @@ class TransformerEncoder:
     """Hugging Face AutoModel + attention-masked mean pooling + L2 normalization."""
 
     def __init__(self, settings: Settings) -> None:
+        model_dir = Path(settings.model_dir) if settings.model_dir else packaged_model_dir()
+        if not (model_dir / "config.json").is_file():  # checked before the slow torch import: fail fast
+            raise EncoderFailed(f"model directory {model_dir} has no config.json")
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        model_dir = Path(settings.model_dir) if settings.model_dir else packaged_model_dir()
-        if not (model_dir / "config.json").is_file():
-            raise EncoderFailed(f"model directory {model_dir} has no config.json")
         torch.set_num_threads(settings.torch_threads if settings.torch_threads > 0 else available_cpus())
         if settings.torch_interop_threads > 0:
             try:

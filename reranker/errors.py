@@ -29,3 +29,7 @@ class EncoderFailed(RerankerError):
 
 class EncodeTimeout(RerankerError):
     """Encoding did not finish within the time the request had."""
+
+
+class RequestCancelled(RerankerError):
+    """The caller cancelled the RPC (or it ended) while work was still pending; the work was dropped."""

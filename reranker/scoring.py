@@ -27,6 +27,8 @@ def minmax(values: FloatArray) -> FloatArray:
     if values.size == 0:
         return values
     lo, hi = float(values.min()), float(values.max())
+    if not np.isfinite(hi - lo):  # e.g. 1e308 and -1e308: the range overflows; halve everything first
+        values, lo, hi = values / 2.0, lo / 2.0, hi / 2.0
     if hi - lo <= 1e-12:
         return np.full_like(values, 0.5)
     return (values - lo) / (hi - lo)

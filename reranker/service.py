@@ -9,16 +9,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future
 
 import numpy as np
 
 from reranker import head as ranking_head
 from reranker import scoring, usermodel
 from reranker.batching import MicroBatcher
+from reranker.cancellation import CancelToken
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
-from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded
+from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, RequestCancelled
 from reranker.experiments import decide
 from reranker.items import ItemVectorCache
 from reranker.metrics import Metrics
@@ -160,10 +161,14 @@ class RerankService:
         )
 
     # --- Rerank ----------------------------------------------------------------------------------
-    def rerank(self, query: RerankQuery, time_remaining: float | None = None) -> RerankResult:
+    def rerank(
+        self, query: RerankQuery, time_remaining: float | None = None, cancel: CancelToken | None = None
+    ) -> RerankResult:
         """Personalized order, or the upstream order (with the reason) when anything goes wrong.
 
         `time_remaining` is the caller's remaining deadline in seconds (None = no deadline).
+        `cancel` fires when the caller goes away: pending encoder work is dropped and
+        RequestCancelled is raised (there is nobody left to answer).
         """
         started = time.perf_counter()
         s = self.settings
@@ -191,7 +196,9 @@ class RerankService:
         if not self.ready:
             return upstream(Variant.FALLBACK, FallbackReason.NOT_READY, self.load_error or "model loading")
         try:
-            return self._personalize(query, candidates, keep, bucket, started, time_remaining)
+            return self._personalize(query, candidates, keep, bucket, started, time_remaining, cancel)
+        except RequestCancelled:
+            raise
         except EncodeTimeout as exc:
             return upstream(Variant.FALLBACK, FallbackReason.DEADLINE, str(exc))
         except Overloaded as exc:
@@ -212,6 +219,7 @@ class RerankService:
         bucket: int,
         started: float,
         time_remaining: float | None,
+        cancel: CancelToken | None = None,
     ) -> RerankResult:
         s = self.settings
         assert self.items is not None and self.profiles is not None
@@ -219,9 +227,11 @@ class RerankService:
         if time_remaining is not None:
             encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
         encode_started = time.perf_counter()
-        vectors, has_vector, hits, encoded = self._resolve_vectors(candidates.item_ids, candidates.texts, encode_budget)
+        vectors, has_vector, hits, encoded = self._resolve_vectors(
+            candidates.item_ids, candidates.texts, encode_budget, cancel
+        )
         if query.context_events:
-            self._record(query.context_events, time_remaining=encode_budget)
+            self._record(query.context_events, time_remaining=encode_budget, cancel=cancel)
         encode_ms = 1000.0 * (time.perf_counter() - encode_started)
 
         score_started = time.perf_counter()
@@ -338,7 +348,7 @@ class RerankService:
 
     # --- vectors ---------------------------------------------------------------------------------
     def _resolve_vectors(
-        self, item_ids: Sequence[str], texts: Sequence[str | None], timeout_s: float
+        self, item_ids: Sequence[str], texts: Sequence[str | None], timeout_s: float, cancel: CancelToken | None = None
     ) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Cached or freshly encoded vectors; returns (vectors, has_vector, cache hits, encoded count)."""
         assert self.items is not None
@@ -353,7 +363,7 @@ class RerankService:
             unique.setdefault((item_ids[i], texts[i]), []).append(i)  # type: ignore[arg-type]
         if unique:
             keys = list(unique)
-            encoded = self._encode([k[1] for k in keys], timeout_s)
+            encoded = self._encode([k[1] for k in keys], timeout_s, cancel)
             self.items.put([k[0] for k in keys], [k[1] for k in keys], encoded)
             for row, key in enumerate(keys):
                 for i in unique[key]:
@@ -361,17 +371,33 @@ class RerankService:
                     has_vector[i] = True
         return vectors, has_vector, int(hit.sum()), len(unique)
 
-    def _encode(self, texts: list[str], timeout_s: float) -> np.ndarray:
+    def _encode(self, texts: list[str], timeout_s: float, cancel: CancelToken | None = None) -> np.ndarray:
+        """Encode through the batcher; waits at most `timeout_s` and wakes at once on cancellation.
+
+        However it ends (timeout, cancellation, error), this request's jobs that the encoder has
+        not started yet are cancelled, so abandoned work never reaches the model.
+        """
         assert self._batcher is not None
         if timeout_s <= 0:
             raise EncodeTimeout("no time left to encode")
         chunk = max(1, self.settings.encode_queue_size // 2)
-        futures = [self._batcher.submit(texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
-        deadline = time.monotonic() + timeout_s
+        futures: list[Future[np.ndarray]] = []
         try:
-            parts = [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
-        except FutureTimeout:
-            raise EncodeTimeout(f"encoding {len(texts)} texts took longer than {timeout_s * 1000:.0f} ms") from None
+            for i in range(0, len(texts), chunk):
+                futures.append(self._batcher.submit(texts[i : i + chunk]))
+            done = _AllDone(futures)
+            unregister = cancel.on_cancel(done.wake) if cancel is not None else _noop
+            try:
+                if not done.wait(timeout_s):
+                    raise EncodeTimeout(f"encoding {len(texts)} texts took longer than {timeout_s * 1000:.0f} ms")
+                if cancel is not None and cancel.cancelled:
+                    raise RequestCancelled("the caller cancelled the request")
+                parts = [f.result() for f in futures]
+            finally:
+                unregister()
+        finally:
+            for f in futures:
+                f.cancel()  # no-op for finished or running jobs; drops queued ones
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     # --- events, items, profiles ---------------------------------------------------------------
@@ -379,22 +405,31 @@ class RerankService:
         if not self.ready:
             raise NotReady(self.load_error or "model is loading; retry shortly")
 
-    def _record(self, events: Sequence[Event], time_remaining: float | None) -> RecordResult:
+    def _record(
+        self, events: Sequence[Event], time_remaining: float | None, cancel: CancelToken | None = None
+    ) -> RecordResult:
         assert self.profiles is not None
         now = self._clock()
         stamped = [e if e.timestamp > 0 else _with_timestamp(e, now) for e in events]
         vectors, has_vector, _, _ = self._resolve_vectors(
-            [e.item_id for e in stamped], [e.text for e in stamped], WRITE_TIMEOUT_S if time_remaining is None else time_remaining
+            [e.item_id for e in stamped],
+            [e.text for e in stamped],
+            WRITE_TIMEOUT_S if time_remaining is None else time_remaining,
+            cancel,
         )
         pairs = [(e, vectors[i] if has_vector[i] else None) for i, e in enumerate(stamped)]
         return self.profiles.apply(pairs, now)
 
-    def record_events(self, events: Sequence[Event], time_remaining: float | None = None) -> RecordResult:
+    def record_events(
+        self, events: Sequence[Event], time_remaining: float | None = None, cancel: CancelToken | None = None
+    ) -> RecordResult:
         """Fold events into user profiles; the very next Rerank sees them (read-your-writes)."""
         self._require_ready()
-        return self._record(events, time_remaining)
+        return self._record(events, time_remaining, cancel)
 
-    def upsert_items(self, items: Sequence[Item], time_remaining: float | None = None) -> UpsertResult:
+    def upsert_items(
+        self, items: Sequence[Item], time_remaining: float | None = None, cancel: CancelToken | None = None
+    ) -> UpsertResult:
         self._require_ready()
         assert self.items is not None
         latest = {it.item_id: it.text for it in items}  # last text wins for repeated ids
@@ -403,7 +438,7 @@ class RerankService:
         todo = [i for i in np.flatnonzero(~hit).tolist()]
         if todo:
             timeout = WRITE_TIMEOUT_S if time_remaining is None else time_remaining
-            vectors = self._encode([texts[i] for i in todo], timeout)
+            vectors = self._encode([texts[i] for i in todo], timeout, cancel)
             self.items.put([ids[i] for i in todo], [texts[i] for i in todo], vectors)
         return UpsertResult(upserted=len(ids), encoded=len(todo))
 
@@ -422,6 +457,35 @@ class RerankService:
             user_id=user_id, found=True, event_count=state.event_count, recent_events=state.recent,
             vector=vector, updated_at=state.updated_at,
         )
+
+
+def _noop() -> None:
+    pass
+
+
+class _AllDone:
+    """Waits until every future is done, or until `wake()` (cancellation), whichever comes first."""
+
+    def __init__(self, futures: Sequence[Future[np.ndarray]]) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._left = len(futures)
+        if not futures:
+            self._event.set()
+        for f in futures:
+            f.add_done_callback(self._one_done)
+
+    def _one_done(self, _future: Future[np.ndarray]) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left <= 0:
+                self._event.set()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._event.wait(timeout_s)
 
 
 def _with_timestamp(event: Event, now: float) -> Event:

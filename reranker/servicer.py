@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import grpc
 
 from reranker import convert
+from reranker.cancellation import CancelToken
 from reranker.errors import InvalidRequest
 from reranker.ingest import ready_batches
 from reranker.service import RerankService
@@ -24,6 +25,14 @@ def _remaining(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
 
 
+def _cancel_token(context: grpc.ServicerContext) -> CancelToken:
+    """A token fired when the RPC terminates; while we still work on it that means the caller left."""
+    token = CancelToken()
+    if not context.add_callback(token.cancel):
+        token.cancel()  # already terminated
+    return token
+
+
 class RerankerServicer(pb_grpc.RerankerServiceServicer):
     def __init__(self, service: RerankService) -> None:
         self._service = service
@@ -31,26 +40,28 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
 
     def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> pb.RerankResponse:
         query = convert.rerank_query(request, self._limits)
-        return convert.rerank_response(self._service.rerank(query, _remaining(context)))
+        return convert.rerank_response(self._service.rerank(query, _remaining(context), _cancel_token(context)))
 
     def RecordEvents(self, request: pb.RecordEventsRequest, context: grpc.ServicerContext) -> pb.RecordEventsResponse:
         if not request.events:
             raise InvalidRequest("events must not be empty")
         events = convert.events_from_pb(request.events, "events", self._limits)
-        return convert.record_response(self._service.record_events(events, _remaining(context)))
+        return convert.record_response(
+            self._service.record_events(events, _remaining(context), _cancel_token(context))
+        )
 
     def StreamEvents(self, request_iterator: Iterator[pb.Event], context: grpc.ServicerContext) -> pb.RecordEventsResponse:
-        total, seen = RecordResult(), 0
+        total, seen, cancel = RecordResult(), 0, _cancel_token(context)
         # Apply what has arrived at once: a click on a long-lived stream counts for the next Rerank.
         for batch in ready_batches(request_iterator, self._limits.max_events):
             events = tuple(convert.event_from_pb(m, f"event[{seen + i}]", self._limits) for i, m in enumerate(batch))
             seen += len(batch)
-            total = total + self._service.record_events(events, _remaining(context))
+            total = total + self._service.record_events(events, _remaining(context), cancel)
         return convert.record_response(total)
 
     def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.ServicerContext) -> pb.UpsertItemsResponse:
         items = convert.items_from_pb(request, self._limits)
-        return convert.upsert_response(self._service.upsert_items(items, _remaining(context)))
+        return convert.upsert_response(self._service.upsert_items(items, _remaining(context), _cancel_token(context)))
 
     def GetUserProfile(
         self, request: pb.GetUserProfileRequest, context: grpc.ServicerContext

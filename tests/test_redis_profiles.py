@@ -188,7 +188,7 @@ class ServerProcess:
     def _read_port(self) -> int:
         assert self.process.stderr is not None
         for line in self.process.stderr:
-            match = re.search(r"listening on \S+ \(port (\d+)\)", line)
+            match = re.search(r"listening on \S+ \(port (\d+)[,)]", line)
             if match:
                 self._drain = threading.Thread(target=self.process.stderr.read, daemon=True)  # keep draining
                 self._drain.start()
