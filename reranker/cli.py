@@ -1,4 +1,4 @@
-"""Command line: `reranker serve | settings | bench`."""
+"""Command line: `reranker serve | settings | bench | eval | train | convert`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="benchmarks: rerank vs gRPC echo, encoder, memory")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench)
+    from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
+
+    add_commands(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args, argv[1:]) or 0)
 

@@ -79,6 +79,34 @@ class Settings:
         "attention",
     )
     torch_interop_threads: int = _doc("torch inter-op threads; 0 = torch default. 1 suits a 2-core sidecar.", 1)
+    # --- user model (issue 3) ----------------------------------------------------------------
+    session_size: int = _doc("Most events in the session (short-term) vector S.", 10)
+    session_gap_seconds: float = _doc("A pause longer than this between two events starts a new session.", 1800.0)
+    session_mix: float = _doc(
+        "Share m of the session in the user vector u = normalize((1-m) L/‖L‖ + m S/‖S‖), in [0, 1]; 0 = long-term only.",
+        0.5,
+    )
+    vector_history_size: int = _doc(
+        "Newest events per user whose item vectors are kept (session vector, attention, explanations); 4*dim bytes each.",
+        20,
+    )
+    attention_weight: float = _doc(
+        "Share of candidate-aware attention pooling over the history in the semantic score, in [0, 1]; 0 = off.", 0.5
+    )
+    attention_temperature: float = _doc(
+        "Softmax temperature of attention pooling; lower = the history item most like the candidate dominates.", 0.1
+    )
+    max_event_ids_per_user: int = _doc(
+        "Event ids remembered per user for de-duplication (8 bytes each); older ids may count again.", 1000
+    )
+    redis_url: str = _doc("redis://host:port/db to share user profiles between replicas; empty = in-process store.", "")
+    redis_prefix: str = _doc("Prefix of the Redis keys; use one prefix per encoder model (vectors differ).", "reranker")
+    redis_timeout_ms: float = _doc("Redis connect timeout, and read timeout on the Rerank path; slower counts as down.", 50.0)
+    redis_write_timeout_ms: float = _doc("Redis timeout for writing a batch of events (slower than a read).", 2000.0)
+    redis_retry_seconds: float = _doc("After a Redis error, serve from the in-process fallback this long before retrying.", 5.0)
+    redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
+    snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
+    snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
     # --- operations (issue 5) ------------------------------------------------------------------
     metrics_address: str = _doc(
         "host:port of the Prometheus /metrics HTTP endpoint; empty = off. Use 0.0.0.0:9464 in a pod.",
@@ -104,6 +132,12 @@ class Settings:
         "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; empty = exporter default/OTEL_* env.", ""
     )
     otel_service_name: str = _doc("service.name resource attribute of the exported traces.", "reranker")
+    # --- ranking head (issue 4) ---
+    head_path: str = _doc(
+        "Ranking head artefact from `reranker train` (.npz); empty = the fixed blend. A head that cannot be "
+        "loaded or was trained on another encoder keeps the server NOT_SERVING (Rerank fails open).",
+        "",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -135,6 +169,19 @@ class Settings:
             problems.append("int8_layers must be 'attention', 'attention+intermediate' or 'all'")
         if self.torch_interop_threads < 0:
             problems.append("torch_interop_threads must be >= 0")
+        for name in ("session_mix", "attention_weight"):  # user model (issue 3)
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1]")
+        for name in ("session_size", "vector_history_size", "max_event_ids_per_user", "redis_replay_events",
+                     "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append("redis_url must start with redis://, rediss:// or unix://")
+        if self.session_size > self.vector_history_size:
+            problems.append("session_size must not exceed vector_history_size")
+        if self.session_gap_seconds < 0 or self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
+            problems.append("session_gap_seconds, redis_retry_seconds and snapshot_interval_seconds must be >= 0")
         if self.metrics_address and not self.metrics_address.rpartition(":")[2].isdigit():
             problems.append("metrics_address must be host:port (or empty for off)")
         if self.health_address and not self.health_address.rpartition(":")[2].isdigit():

@@ -1,65 +1,220 @@
-"""UserProfileStore: time-decayed, event-weighted pooling of item vectors, updated in O(d) per event.
+"""User profile stores: where the per-user state of the user model lives.
 
-The long-term vector is S = sum_i w_i * exp(-lambda * (T - t_i)) * v_i, kept relative to a reference
-time T (the newest event time seen). A newer event rescales S once and adds; an older
-(out-of-order) event is added with its own decay factor. Both are O(d) and give exactly the same S
-as recomputing from scratch. The user vector is S / |S| (cosine scoring ignores the scale).
+A store folds events (with their item vectors) into per-user state in O(d) per event and hands out
+an immutable `UserState` for scoring; the math is in usermodel.py. Two stores implement the
+`ProfileStore` protocol:
+
+* `InProcessProfileStore` (default): a TTL + LRU bounded dict in this process.
+* `RedisProfileStore` (redis_store.py): one Redis shared by many replicas.
+
+Per user the state is: the decayed long-term sum L (float64, d) with its reference time, counters,
+the last `max_recent` events (without text), the newest `max_history` events that had a vector
+(their vectors too; the session vector and attention pooling use them), and the 64-bit hashes of
+the last `max_event_ids` event ids (idempotency: a replayed event id is not counted twice).
 """
 
 from __future__ import annotations
 
-import math
+import bisect
+import dataclasses
+import hashlib
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import cachetools
 import numpy as np
 
-from reranker.types import Event, RecordResult, UserProfileView
+from reranker import usermodel
+from reranker.types import Event, EventType, RecordResult
+
+if TYPE_CHECKING:
+    from reranker.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileConfig:
+    dim: int
+    decay_rate: float  # lambda = ln 2 / half-life
+    event_weights: dict[str, float]
+    max_recent: int
+    max_history: int
+    max_event_ids: int
+
+    @classmethod
+    def from_settings(cls, s: Settings, dim: int) -> ProfileConfig:
+        return cls(
+            dim=dim,
+            decay_rate=usermodel.decay_rate(s.half_life_seconds),
+            event_weights=s.parsed_event_weights(),
+            max_recent=s.recent_events_per_user,
+            max_history=s.vector_history_size,
+            max_event_ids=s.max_event_ids_per_user,
+        )
+
+    def weight_of(self, event: Event) -> float:
+        if event.weight is not None:
+            return float(event.weight)
+        return self.event_weights.get(event.type.name.lower(), 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """A consistent copy of one user's profile, safe to use without locks."""
+
+    user_id: str
+    long_term: np.ndarray  # float64 (d,): L relative to ref_time
+    ref_time: float
+    event_count: int
+    updated_at: float
+    recent: tuple[Event, ...]  # oldest first, arrival order, text dropped
+    history: usermodel.History
+
+
+def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | None:
+    """u = normalize((1 - m) L/|L| + m S/|S|), or None for a cold user (see usermodel.py).
+
+    The one recipe for the user vector: the server and `reranker train` both call it.
+    """
+    if state is None:
+        return None
+    session = usermodel.session_vector(state.history, settings.session_size, settings.session_gap_seconds)
+    return usermodel.mix(state.long_term, session, settings.session_mix)
+
+
+def positive_history(state: UserState) -> np.ndarray:
+    """Vectors of the history items with positive weight (what the user liked), float32."""
+    return state.history.vectors[state.history.weights > 0].astype(np.float32, copy=False)
+
+
+class ProfileStore(Protocol):
+    """What the service needs from a profile store (in-process or shared)."""
+
+    backend: str
+    hits: int  # get() calls that found the user (metrics)
+    misses: int
+
+    def __len__(self) -> int:
+        """Users held in this process."""
+        ...
+
+    def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
+        """Fold events (with their item vector, or None when unknown) into their users' profiles."""
+        ...
+
+    def get(self, user_id: str) -> UserState | None:
+        """The user's state, or None for an unknown user."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def event_id_hash(event_id: str) -> int:
+    """Stable 64-bit hash of an event id (what the dedup memory stores instead of the string)."""
+    digest = hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class _SeenIds:
+    """The last `capacity` event-id hashes of one user: a numpy ring, 8 bytes per id, grown lazily."""
+
+    __slots__ = ("hashes", "size", "next")
+
+    def __init__(self) -> None:
+        self.hashes = np.zeros(0, dtype=np.uint64)
+        self.size = 0
+        self.next = 0
+
+    def __contains__(self, hashed: int) -> bool:
+        return bool(self.size) and bool((self.hashes[: self.size] == np.uint64(hashed)).any())
+
+    def add(self, hashed: int, capacity: int) -> None:
+        if self.size < capacity and self.size == len(self.hashes):
+            grown = np.zeros(min(capacity, max(8, 2 * len(self.hashes))), dtype=np.uint64)
+            grown[: self.size] = self.hashes
+            self.hashes = grown
+        if self.size < capacity:
+            self.hashes[self.size] = hashed
+            self.size += 1
+            self.next = self.size % capacity
+        else:
+            self.hashes[self.next] = hashed
+            self.next = (self.next + 1) % capacity
+
+    def in_order(self) -> np.ndarray:
+        """Oldest first (for snapshots)."""
+        if self.size < len(self.hashes) or self.next == 0:
+            return self.hashes[: self.size].copy()
+        return np.concatenate([self.hashes[self.next : self.size], self.hashes[: self.next]])
+
+
+# A recent event as kept in memory: (item_id, type, timestamp, event_id, weight). A tuple of
+# atoms is untracked by Python's cyclic GC, so a million users' recent events cost the collector
+# nothing (an Event object each would make every full collection walk them all).
+RecentEvent = tuple[str, int, float, str, "float | None"]
+
+
+def _recent_tuple(event: Event) -> RecentEvent:
+    return (event.item_id, int(event.type), event.timestamp, event.event_id, event.weight)
+
+
+def _recent_event(user_id: str, row: RecentEvent) -> Event:
+    item_id, kind, timestamp, event_id, weight = row
+    return Event(user_id, item_id, EventType(kind), timestamp, event_id, None, weight)
 
 
 @dataclass(slots=True)
-class _Recent:
-    event: Event
-    vector: np.ndarray | None
-
-
-@dataclass
-class UserProfile:
-    dim: int
-    max_recent: int
-    vector: np.ndarray = field(init=False)
+class _Profile:
+    long_term: np.ndarray
     ref_time: float = 0.0
+    folded: int = 0
     event_count: int = 0
-    folded_count: int = 0  # events that contributed a vector
     updated_at: float = 0.0
-    recent: deque[_Recent] = field(init=False)
-    seen_event_ids: dict[str, None] = field(default_factory=dict)
+    recent: deque[RecentEvent] = dataclasses.field(default_factory=deque)
+    hist_times: list[float] = dataclasses.field(default_factory=list)
+    hist_items: list[str] = dataclasses.field(default_factory=list)
+    hist_weights: list[float] = dataclasses.field(default_factory=list)
+    hist_vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
+    seen: _SeenIds = dataclasses.field(default_factory=_SeenIds)
 
-    def __post_init__(self) -> None:
-        self.vector = np.zeros(self.dim, dtype=np.float64)
-        self.recent = deque(maxlen=self.max_recent)
+    def add_history(self, timestamp: float, item_id: str, weight: float, vector: np.ndarray, cap: int) -> None:
+        """Insert in event-time order (ties: arrival order), then drop the oldest beyond `cap`."""
+        at = bisect.bisect_right(self.hist_times, timestamp)
+        for column, value in (
+            (self.hist_times, timestamp), (self.hist_items, item_id),
+            (self.hist_weights, weight), (self.hist_vectors, vector),
+        ):
+            column.insert(at, value)  # type: ignore[attr-defined]
+            if len(column) > cap:  # type: ignore[arg-type]
+                del column[0]  # type: ignore[attr-defined]
+
+    def state(self, user_id: str, dim: int) -> UserState:
+        if self.hist_items:
+            history = usermodel.History(
+                tuple(self.hist_items),
+                np.array(self.hist_times, dtype=np.float64),
+                np.array(self.hist_weights, dtype=np.float64),
+                np.stack(self.hist_vectors),
+            )
+        else:
+            history = usermodel.History.empty(dim)
+        return UserState(
+            user_id, self.long_term.copy(), self.ref_time, self.event_count, self.updated_at,
+            tuple(_recent_event(user_id, row) for row in self.recent), history,
+        )
 
 
-class UserProfileStore:
-    def __init__(
-        self,
-        *,
-        dim: int,
-        max_users: int,
-        ttl_seconds: float,
-        half_life_seconds: float,
-        event_weights: dict[str, float],
-        max_recent: int,
-        max_event_ids: int = 1000,
-    ) -> None:
-        self.dim = dim
-        self._decay = math.log(2.0) / half_life_seconds
-        self._weights = event_weights
-        self._max_recent = max_recent
-        self._max_event_ids = max_event_ids
-        self._profiles: cachetools.TTLCache[str, UserProfile] = cachetools.TTLCache(max_users, ttl_seconds)
+class InProcessProfileStore:
+    """Profiles in this process: at most `max_users`, each dropped after `ttl_seconds` untouched."""
+
+    backend = "in-process"
+
+    def __init__(self, config: ProfileConfig, *, max_users: int, ttl_seconds: float) -> None:
+        self.config = config
+        self.dim = config.dim
+        self._profiles: cachetools.TTLCache[str, _Profile] = cachetools.TTLCache(max_users, ttl_seconds)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -68,89 +223,106 @@ class UserProfileStore:
         with self._lock:
             return len(self._profiles)
 
-    def weight_of(self, event: Event) -> float:
-        if event.weight is not None:
-            return float(event.weight)
-        return self._weights.get(event.type.name.lower(), 1.0)
-
-    def apply(self, events: list[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
-        """Fold events (with their item vectors, or None if unknown) into their users' profiles."""
+    def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
         accepted = duplicates = without_vector = 0
+        c = self.config
         with self._lock:
             for event, vector in events:
                 profile = self._profiles.get(event.user_id)
                 if profile is None:
-                    profile = UserProfile(self.dim, self._max_recent)
+                    profile = _Profile(np.zeros(self.dim, dtype=np.float64), recent=deque(maxlen=c.max_recent))
+                self._profiles[event.user_id] = profile  # (re)insert refreshes the TTL
                 if event.event_id:
-                    if event.event_id in profile.seen_event_ids:
+                    hashed = event_id_hash(event.event_id)
+                    if hashed in profile.seen:
                         duplicates += 1
-                        self._profiles[event.user_id] = profile
                         continue
-                    profile.seen_event_ids[event.event_id] = None
-                    if len(profile.seen_event_ids) > self._max_event_ids:
-                        profile.seen_event_ids.pop(next(iter(profile.seen_event_ids)))
+                    profile.seen.add(hashed, c.max_event_ids)
                 accepted += 1
                 profile.event_count += 1
                 profile.updated_at = now
-                profile.recent.append(_Recent(event, vector))
+                profile.recent.append(_recent_tuple(event))
                 if vector is None:
                     without_vector += 1
-                else:
-                    self._fold(profile, event, vector)
-                self._profiles[event.user_id] = profile  # (re)insert refreshes the TTL
+                    continue
+                weight = c.weight_of(event)
+                profile.ref_time = usermodel.fold(
+                    profile.long_term, profile.ref_time, profile.folded == 0, event.timestamp, weight, vector,
+                    c.decay_rate,
+                )
+                profile.folded += 1
+                vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
+                profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
         return RecordResult(accepted, duplicates, without_vector)
 
-    def _fold(self, profile: UserProfile, event: Event, vector: np.ndarray) -> None:
-        weight = self.weight_of(event)
-        if profile.folded_count == 0:
-            profile.ref_time = event.timestamp
-        profile.folded_count += 1
-        if event.timestamp >= profile.ref_time:
-            profile.vector *= math.exp(-self._decay * (event.timestamp - profile.ref_time))
-            profile.ref_time = event.timestamp
-            profile.vector += weight * vector
-        else:
-            profile.vector += weight * math.exp(-self._decay * (profile.ref_time - event.timestamp)) * vector
-
-    def user_vector(self, user_id: str) -> np.ndarray | None:
-        """Normalized user vector, or None for a cold user (no profile or no usable signal)."""
+    def get(self, user_id: str) -> UserState | None:
         with self._lock:
             profile = self._profiles.get(user_id)
             if profile is None:
                 self.misses += 1
                 return None
             self.hits += 1
-            norm = float(np.linalg.norm(profile.vector))
-            if norm <= 1e-9:
-                return None
-            return (profile.vector / norm).astype(np.float32)
+            return profile.state(user_id, self.dim)
 
-    def history(self, user_id: str) -> tuple[list[str], np.ndarray]:
-        """Item ids and vectors of the recent events that had a vector and positive weight."""
+    def clear(self) -> None:
         with self._lock:
-            profile = self._profiles.get(user_id)
-            if profile is None:
-                return [], np.zeros((0, self.dim), dtype=np.float32)
-            rows = [r for r in profile.recent if r.vector is not None and self.weight_of(r.event) > 0]
-        if not rows:
-            return [], np.zeros((0, self.dim), dtype=np.float32)
-        return [r.event.item_id for r in rows], np.stack([r.vector for r in rows]).astype(np.float32)
+            self._profiles.clear()
 
-    def view(self, user_id: str, include_vector: bool) -> UserProfileView:
+    def close(self) -> None:
+        pass
+
+    # --- snapshot support ------------------------------------------------------------------------
+    def export_chunks(self, size: int) -> Iterator[list[tuple[str, _Profile]]]:
+        """Copies of all live profiles (least recently used first), `size` users per list, for
+        snapshots. The lock is taken per user, so a snapshot of many users never holds up requests
+        for longer than one user's copy. Users that expire or are evicted meanwhile are skipped;
+        each user's copy is consistent."""
         with self._lock:
-            profile = self._profiles.get(user_id)
-            if profile is None:
-                return UserProfileView(user_id=user_id, found=False)
-            vector: tuple[float, ...] = ()
-            if include_vector:
-                norm = float(np.linalg.norm(profile.vector))
-                if norm > 1e-9:
-                    vector = tuple(float(x) for x in profile.vector / norm)
-            return UserProfileView(
-                user_id=user_id,
-                found=True,
-                event_count=profile.event_count,
-                recent_events=tuple(r.event for r in profile.recent),
-                vector=vector,
-                updated_at=profile.updated_at,
-            )
+            user_ids = list(self._profiles.keys())
+        for start in range(0, len(user_ids), size):
+            chunk = []
+            for user_id in user_ids[start : start + size]:
+                with self._lock:
+                    profile = self._profiles.get(user_id)
+                    copied = None if profile is None else _copy(profile)
+                if copied is not None:
+                    chunk.append((user_id, copied))
+            if chunk:
+                yield chunk
+
+    def restore(self, user_id: str, profile: _Profile) -> None:
+        with self._lock:
+            self._profiles[user_id] = profile
+
+
+def _copy(profile: _Profile) -> _Profile:
+    seen = _SeenIds()
+    seen.hashes, seen.size, seen.next = profile.seen.hashes.copy(), profile.seen.size, profile.seen.next
+    return dataclasses.replace(
+        profile,
+        long_term=profile.long_term.copy(),
+        recent=deque(profile.recent, maxlen=profile.recent.maxlen),
+        hist_times=list(profile.hist_times),
+        hist_items=list(profile.hist_items),
+        hist_weights=list(profile.hist_weights),
+        hist_vectors=list(profile.hist_vectors),
+        seen=seen,
+    )
+
+
+# Kept for code written against the first version.
+UserProfileStore = InProcessProfileStore
+
+
+def make_profile_store(settings: Settings, dim: int) -> ProfileStore:
+    """The in-process store, or the Redis store when `redis_url` is set."""
+    config = ProfileConfig.from_settings(settings, dim)
+    local = InProcessProfileStore(config, max_users=settings.user_cache_size, ttl_seconds=settings.user_ttl_seconds)
+    if not settings.redis_url:
+        return local
+    try:
+        from reranker.redis_store import RedisProfileStore
+    except ImportError as exc:  # the optional extra is not installed
+        raise RuntimeError(f"redis_url is set but {exc}; install `reranker[redis]`") from exc
+
+    return RedisProfileStore.from_settings(settings, config, fallback=local)

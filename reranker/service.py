@@ -13,7 +13,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
-from reranker import scoring
+from reranker import head as ranking_head
+from reranker import scoring, usermodel
 from reranker.batching import MicroBatcher
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
@@ -21,7 +22,9 @@ from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded
 from reranker.experiments import decide
 from reranker.items import ItemVectorCache
 from reranker.metrics import Metrics
-from reranker.profiles import UserProfileStore
+from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, make_profile_store, positive_history
+from reranker.profiles import user_vector as user_vector_of
+from reranker.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
 from reranker.types import (
     CandidateColumns,
     Event,
@@ -62,8 +65,10 @@ class RerankService:
         self._ready = threading.Event()
         self.load_error: str = ""
         self.items: ItemVectorCache | None = None
-        self.profiles: UserProfileStore | None = None
+        self.profiles: ProfileStore | None = None
         self.model_version = ""
+        self._snapshots: PeriodicSnapshots | None = None
+        self.head: ranking_head.RankingHead | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -79,21 +84,24 @@ class RerankService:
             if self.settings.warmup:
                 encoder.encode(WARMUP_TEXTS)
             log.info("encoder %s warmed in %.0f ms", encoder.version, 1000 * (time.perf_counter() - started))
+            head = self._load_head(encoder)
         except Exception as exc:
             self.load_error = str(exc)
             raise
         s = self.settings
         self._encoder = encoder
-        self.model_version = encoder.version
+        self.head = head
+        self.model_version = encoder.version if head is None else f"{encoder.version}+{head.version}"
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
-        self.profiles = UserProfileStore(
-            dim=encoder.dim,
-            max_users=s.user_cache_size,
-            ttl_seconds=s.user_ttl_seconds,
-            half_life_seconds=s.half_life_seconds,
-            event_weights=s.parsed_event_weights(),
-            max_recent=s.recent_events_per_user,
-        )
+        self.profiles = make_profile_store(s, encoder.dim)
+        if s.snapshot_path:
+            load_snapshot(
+                s.snapshot_path, items=self.items, profiles=self._local_profiles(), model_version=self.model_version,
+                dim=encoder.dim, now=self._clock(), ttl_seconds=s.user_ttl_seconds,
+            )
+            if s.snapshot_interval_seconds > 0:
+                self._snapshots = PeriodicSnapshots(self.save_snapshot, s.snapshot_interval_seconds)
+                self._snapshots.start()
         self._batcher = MicroBatcher(
             encoder,
             max_batch=s.encode_batch_size,
@@ -114,11 +122,42 @@ class RerankService:
             out["users"] = (self.profiles.hits, self.profiles.misses, len(self.profiles))
         return out
 
+    def _load_head(self, encoder: Encoder) -> ranking_head.RankingHead | None:
+        if not self.settings.head_path:
+            return None
+        head = ranking_head.load(self.settings.head_path)
+        ranking_head.check_encoder(head, encoder.version, encoder.dim)
+        ranking_head.single_threaded_blas()
+        log.info("ranking head %s loaded from %s", head.version, self.settings.head_path)
+        return head
+
     def close(self) -> None:
+        was_ready = self.ready
         self._ready.clear()
         self.metrics.not_ready()
         if self._batcher is not None:
             self._batcher.close()
+        if self._snapshots is not None:
+            self._snapshots.stop()
+        if was_ready and self.settings.snapshot_path:
+            try:
+                self.save_snapshot()
+            except Exception:
+                log.exception("snapshot at shutdown failed; the previous snapshot is kept")
+        if self.profiles is not None:
+            self.profiles.close()
+
+    def _local_profiles(self) -> InProcessProfileStore | None:
+        """The in-process store, when it is the store of record (with Redis, Redis persists profiles)."""
+        return self.profiles if isinstance(self.profiles, InProcessProfileStore) else None
+
+    def save_snapshot(self) -> SnapshotInfo:
+        """Write item vectors and in-process profiles to `snapshot_path` (atomic replace)."""
+        assert self.items is not None and self.settings.snapshot_path
+        return save_snapshot(
+            self.settings.snapshot_path, items=self.items, profiles=self._local_profiles(),
+            model_version=self.model_version, dim=self.items.dim,
+        )
 
     # --- Rerank ----------------------------------------------------------------------------------
     def rerank(self, query: RerankQuery, time_remaining: float | None = None) -> RerankResult:
@@ -186,26 +225,45 @@ class RerankService:
         encode_ms = 1000.0 * (time.perf_counter() - encode_started)
 
         score_started = time.perf_counter()
-        user_vector = self.profiles.user_vector(query.user_id)
+        state = self.profiles.get(query.user_id)
+        user_vector = user_vector_of(state, self.settings)
+        semantic = None
+        if user_vector is not None and s.attention_weight > 0 and state is not None and len(state.history):
+            semantic = scoring.personal_semantic(
+                vectors, has_vector, user_vector, state.history.vectors,
+                usermodel.decayed_weights(state.history, state.ref_time, self._decay_rate),
+                attention_weight=s.attention_weight, temperature=s.attention_temperature,
+            )
         opts = query.options
-        ranking = scoring.rank(
-            candidates.scores,
-            vectors,
-            has_vector,
-            user_vector,
-            weight=s.blend_weight if opts.blend_weight is None else opts.blend_weight,
-            diversity=s.diversity if opts.diversity is None else opts.diversity,
-            mmr_window=s.mmr_window,
-            top_k=query.top_k,
-        )
-        explanations = self._explain(query.user_id, ranking, vectors, has_vector) if opts.explain else None
+        upstream_scores = candidates.scores
+        diversity = s.diversity if opts.diversity is None else opts.diversity
+        # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
+        if self.head is not None and user_vector is not None and state is not None and opts.blend_weight is None:
+            ranking = self.head.rank(
+                candidates.item_ids, upstream_scores, vectors, has_vector, user_vector,
+                positive_history(state),
+                diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
+            )
+        else:
+            ranking = scoring.rank(
+                upstream_scores,
+                vectors,
+                has_vector,
+                user_vector,
+                weight=s.blend_weight if opts.blend_weight is None else opts.blend_weight,
+                diversity=diversity,
+                mmr_window=s.mmr_window,
+                top_k=query.top_k,
+                semantic=semantic,
+            )
+        explanations = self._explain(state, ranking, vectors, has_vector) if opts.explain else None
         order = ranking.order
         ids = candidates.item_ids
         items = RankedItems(
             list(map(ids.__getitem__, order.tolist())),
             ranking.final[order],
             ranking.semantic[order],
-            candidates.scores[order],
+            upstream_scores[order],
             keep[order],
             explanations,
         )
@@ -223,11 +281,19 @@ class RerankService:
             bucket=bucket,
         )
 
+    @property
+    def _decay_rate(self) -> float:
+        return usermodel.decay_rate(self.settings.half_life_seconds)
+
     def _explain(
-        self, user_id: str, ranking: scoring.Ranking, vectors: np.ndarray, has_vector: np.ndarray
+        self, state: UserState | None, ranking: scoring.Ranking, vectors: np.ndarray, has_vector: np.ndarray
     ) -> list[Explanation]:
-        assert self.profiles is not None
-        history_ids, history = self.profiles.history(user_id)
+        history_ids: list[str] = []
+        history = np.zeros((0, vectors.shape[1]), dtype=np.float32)
+        if state is not None:
+            positive = np.flatnonzero(state.history.weights > 0)
+            history_ids = [state.history.item_ids[i] for i in positive.tolist()]
+            history = state.history.vectors[positive]
         order = ranking.order
         out = []
         nearest_idx = nearest_sim = None
@@ -344,9 +410,20 @@ class RerankService:
         return UpsertResult(upserted=len(ids), encoded=len(todo))
 
     def user_profile(self, user_id: str, include_vector: bool = False) -> UserProfileView:
+        """Profile summary; `vector` is the user vector Rerank uses (long-term and session mixed)."""
         self._require_ready()
         assert self.profiles is not None
-        return self.profiles.view(user_id, include_vector)
+        state = self.profiles.get(user_id)
+        if state is None:
+            return UserProfileView(user_id=user_id, found=False)
+        vector: tuple[float, ...] = ()
+        if include_vector:
+            user_vector = user_vector_of(state, self.settings)
+            vector = () if user_vector is None else tuple(float(x) for x in user_vector)
+        return UserProfileView(
+            user_id=user_id, found=True, event_count=state.event_count, recent_events=state.recent,
+            vector=vector, updated_at=state.updated_at,
+        )
 
 
 def _with_timestamp(event: Event, now: float) -> Event:

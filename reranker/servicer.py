@@ -8,6 +8,7 @@ import grpc
 
 from reranker import convert
 from reranker.errors import InvalidRequest
+from reranker.ingest import ready_batches
 from reranker.service import RerankService
 from reranker.types import RecordResult
 from reranker.v1 import reranker_pb2 as pb
@@ -40,7 +41,8 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
 
     def StreamEvents(self, request_iterator: Iterator[pb.Event], context: grpc.ServicerContext) -> pb.RecordEventsResponse:
         total, seen = RecordResult(), 0
-        for batch in convert.chunked(request_iterator, self._limits.max_events):
+        # Apply what has arrived at once: a click on a long-lived stream counts for the next Rerank.
+        for batch in ready_batches(request_iterator, self._limits.max_events):
             events = tuple(convert.event_from_pb(m, f"event[{seen + i}]", self._limits) for i, m in enumerate(batch))
             seen += len(batch)
             total = total + self._service.record_events(events, _remaining(context))

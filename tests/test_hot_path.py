@@ -15,6 +15,12 @@ from reranker.v1 import reranker_pb2 as pb
 from conftest import candidate, event, fake_settings
 
 
+@pytest.fixture
+def settings():
+    # The plain blend (no history attention), so the reference below is scoring.rank itself.
+    return fake_settings(attention_weight=0.0)
+
+
 def _titles(n: int) -> list[str]:
     return [f"movie {i} about {'space war' if i % 3 == 0 else 'love story'} ({1950 + i % 60})" for i in range(n)]
 
@@ -32,7 +38,9 @@ def test_500_cached_candidates_match_a_reference_ranking(stub, service) -> None:
     assert (reply.cache_hits, reply.encoded, reply.without_vector) == (500, 0, 0)
     # Reference: the same scoring core over vectors computed independently of the cache.
     vectors = FakeEncoder(service.settings.fake_dim).encode(titles)
-    user = service.profiles.user_vector("u")
+    from reranker.profiles import user_vector
+
+    user = user_vector(service.profiles.get("u"), service.settings)
     ranking = scoring.rank(upstream, vectors, np.ones(500, bool), user, weight=service.settings.blend_weight)
     assert [it.item_id for it in reply.items] == [f"i{k}" for k in ranking.order]
     assert [it.original_rank for it in reply.items] == ranking.order.tolist()

@@ -1,0 +1,171 @@
+"""The generic evaluation data format: reading, writing, and the leave-last-out split.
+
+- items.tsv:      header, then `item_id<TAB>text`
+- events.tsv:     header, then `user_id<TAB>item_id<TAB>timestamp[<TAB>event_type]`
+                  timestamp = unix seconds (float); event_type = a reranker EventType name
+                  (view, click, add_to_cart, purchase, like, dislike, skip); default click.
+- candidates.tsv: header, then `user_id<TAB>item_id<TAB>score[<TAB>label]`, a user's rows in the
+                  retriever's order; label (0/1) marks relevant candidates where known (e.g. MIND
+                  clicks); without labels the user's leave-last-out target is the one relevant item.
+
+Leave-last-out: per user, events are sorted by timestamp (stable, so ties keep file order); the last
+one is the target, everything before it is the history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reranker.types import EventType
+
+EVENT_TYPES = {t.name.lower(): t for t in EventType if t is not EventType.UNSPECIFIED}
+
+
+class FormatError(ValueError):
+    """A data file does not follow the documented format; the message names file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    user_id: str
+    item_id: str
+    timestamp: float
+    event_type: str = "click"
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateRow:
+    item_id: str
+    score: float
+    label: int | None = None
+
+
+@dataclass
+class Split:
+    """Leave-last-out split: per user, the history (oldest first) and the target interaction."""
+
+    history: dict[str, list[Interaction]] = field(default_factory=dict)
+    target: dict[str, Interaction] = field(default_factory=dict)
+
+    @property
+    def users(self) -> list[str]:
+        return list(self.target)
+
+
+def _rows(path: Path, min_fields: int, max_fields: int) -> Iterable[tuple[int, list[str]]]:
+    with Path(path).open(encoding="utf-8", newline="") as fh:
+        header = fh.readline()
+        if not header:
+            raise FormatError(f"{path}: empty file (expected a header line)")
+        for number, line in enumerate(fh, start=2):
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if not min_fields <= len(parts) <= max_fields:
+                raise FormatError(
+                    f"{path}:{number}: expected {min_fields}-{max_fields} tab-separated fields, got {len(parts)}"
+                )
+            yield number, parts
+
+
+def read_items(path: Path) -> dict[str, str]:
+    items: dict[str, str] = {}
+    for number, (item_id, text) in _rows(path, 2, 2):
+        if not item_id:
+            raise FormatError(f"{path}:{number}: empty item_id")
+        items[item_id] = text
+    return items
+
+
+def read_events(path: Path) -> list[Interaction]:
+    events = []
+    for number, parts in _rows(path, 3, 4):
+        user_id, item_id, raw_ts = parts[:3]
+        if not user_id or not item_id:
+            raise FormatError(f"{path}:{number}: empty user_id or item_id")
+        try:
+            timestamp = float(raw_ts)
+        except ValueError:
+            raise FormatError(f"{path}:{number}: timestamp {raw_ts!r} is not a number") from None
+        kind = parts[3].strip().lower() if len(parts) == 4 and parts[3].strip() else "click"
+        if kind not in EVENT_TYPES:
+            raise FormatError(f"{path}:{number}: event_type {kind!r} is not one of {', '.join(EVENT_TYPES)}")
+        events.append(Interaction(user_id, item_id, timestamp, kind))
+    return events
+
+
+def read_candidates(path: Path) -> dict[str, list[CandidateRow]]:
+    out: dict[str, list[CandidateRow]] = {}
+    for number, parts in _rows(path, 3, 4):
+        user_id, item_id, raw_score = parts[:3]
+        try:
+            score = float(raw_score)
+            label = int(parts[3]) if len(parts) == 4 and parts[3] != "" else None
+        except ValueError:
+            raise FormatError(f"{path}:{number}: score must be a number and label 0 or 1") from None
+        out.setdefault(user_id, []).append(CandidateRow(item_id, score, label))
+    return out
+
+
+def leave_last_out(events: Sequence[Interaction]) -> Split:
+    by_user: dict[str, list[Interaction]] = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(e)
+    split = Split()
+    for user_id, rows in by_user.items():
+        rows.sort(key=lambda e: e.timestamp)  # stable: equal timestamps keep file order
+        split.history[user_id] = rows[:-1]
+        split.target[user_id] = rows[-1]
+    return split
+
+
+class _TsvWriter:
+    def __init__(self, path: Path, header: Sequence[str]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._fh = Path(path).open("w", encoding="utf-8", newline="\n")
+        self.writerow(header)
+
+    def writerow(self, fields: Sequence[object]) -> None:
+        self._fh.write("\t".join(str(f) for f in fields) + "\n")
+
+    def __enter__(self) -> _TsvWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.replace("\t", " ").split())
+
+
+def write_items(path: Path, items: Iterable[tuple[str, str]]) -> int:
+    with _TsvWriter(path, ["item_id", "text"]) as writer:
+        count = 0
+        for item_id, text in items:
+            writer.writerow([item_id, _clean(text)])
+            count += 1
+    return count
+
+
+def write_events(path: Path, events: Iterable[Interaction]) -> int:
+    with _TsvWriter(path, ["user_id", "item_id", "timestamp", "event_type"]) as writer:
+        count = 0
+        for e in events:
+            ts = int(e.timestamp) if float(e.timestamp).is_integer() else e.timestamp
+            writer.writerow([e.user_id, e.item_id, ts, e.event_type])
+            count += 1
+    return count
+
+
+def write_candidates(path: Path, lists: Iterable[tuple[str, Sequence[CandidateRow]]]) -> int:
+    with _TsvWriter(path, ["user_id", "item_id", "score", "label"]) as writer:
+        count = 0
+        for user_id, rows in lists:
+            for row in rows:
+                writer.writerow([user_id, row.item_id, repr(float(row.score)), "" if row.label is None else row.label])
+                count += 1
+    return count

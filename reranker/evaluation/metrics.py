@@ -1,0 +1,117 @@
+"""Ranking metrics, pure functions of ranked item ids and the relevant set. No I/O.
+
+All per-list metrics take `ranked` (item ids, best first) and `relevant` (a set of item ids).
+A relevant item missing from the list counts as not retrieved (rank = infinity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+
+def ndcg_at(ranked: Sequence[str], relevant: set[str], k: int = 10) -> float:
+    """Binary-relevance NDCG@k: DCG over the top k divided by the ideal DCG for |relevant| items."""
+    if not relevant:
+        return 0.0
+    dcg = sum(1.0 / math.log2(pos + 2) for pos, item in enumerate(ranked[:k]) if item in relevant)
+    ideal = sum(1.0 / math.log2(pos + 2) for pos in range(min(k, len(relevant))))
+    return dcg / ideal
+
+
+def recall_at(ranked: Sequence[str], relevant: set[str], k: int = 10) -> float:
+    """Share of the relevant items found in the top k (= hit rate with one relevant item)."""
+    if not relevant:
+        return 0.0
+    return sum(1 for item in ranked[:k] if item in relevant) / len(relevant)
+
+
+def reciprocal_rank(ranked: Sequence[str], relevant: set[str]) -> float:
+    """1 / (1-based position of the first relevant item); 0 when none is in the list."""
+    for pos, item in enumerate(ranked):
+        if item in relevant:
+            return 1.0 / (pos + 1)
+    return 0.0
+
+
+def auc(ranked: Sequence[str], relevant: set[str]) -> float | None:
+    """Share of (relevant, irrelevant) pairs ordered correctly; None without both kinds in the list."""
+    positives = negatives = correct = 0
+    for item in ranked:
+        if item in relevant:
+            positives += 1
+        else:
+            negatives += 1
+            correct += positives  # every relevant item seen so far is ranked above this one
+    if positives == 0 or negatives == 0:
+        return None
+    return correct / (positives * negatives)
+
+
+def coverage(top_lists: Iterable[Sequence[str]], catalog_size: int) -> float:
+    """Distinct items shown in any list / catalog size."""
+    if catalog_size <= 0:
+        return 0.0
+    return len({item for ranked in top_lists for item in ranked}) / catalog_size
+
+
+def exposure_entropy(top_lists: Iterable[Sequence[str]]) -> float:
+    """Normalized Shannon entropy of how often each item is shown (1 = every item shown equally often)."""
+    counts = Counter(item for ranked in top_lists for item in ranked)
+    total = sum(counts.values())
+    if len(counts) <= 1:
+        return 0.0
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values())
+    return entropy / math.log(len(counts))
+
+
+def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 95, 99)) -> dict[str, float]:
+    """Nearest-rank percentiles plus mean and max (empty input -> empty dict)."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    out = {f"p{q:g}": ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))] for q in qs}
+    out["mean"] = sum(ordered) / len(ordered)
+    out["max"] = ordered[-1]
+    return out
+
+
+class MetricAccumulator:
+    """Averages per-list metrics over users; AUC over the lists where it is defined."""
+
+    def __init__(self, k: int = 10) -> None:
+        self.k = k
+        self._sums = {"ndcg": 0.0, "recall": 0.0, "mrr": 0.0}
+        self._auc_sum = 0.0
+        self._auc_count = 0
+        self.count = 0
+        self.in_list = 0  # lists that contain at least one relevant item
+        self.top_lists: list[list[str]] = []
+
+    def add(self, ranked: Sequence[str], relevant: set[str], labelled: bool = False) -> None:
+        """Add one list; AUC is only taken for `labelled` lists (a label per candidate, as in MIND)."""
+        self.count += 1
+        self.in_list += any(item in relevant for item in ranked)
+        self._sums["ndcg"] += ndcg_at(ranked, relevant, self.k)
+        self._sums["recall"] += recall_at(ranked, relevant, self.k)
+        self._sums["mrr"] += reciprocal_rank(ranked, relevant)
+        value = auc(ranked, relevant) if labelled else None
+        if value is not None:
+            self._auc_sum += value
+            self._auc_count += 1
+        self.top_lists.append(list(ranked[: self.k]))
+
+    def summary(self, catalog_size: int) -> dict[str, float | int | None]:
+        n = max(self.count, 1)
+        k = self.k
+        return {
+            f"ndcg@{k}": self._sums["ndcg"] / n,
+            f"recall@{k}": self._sums["recall"] / n,
+            "mrr": self._sums["mrr"] / n,
+            "auc": self._auc_sum / self._auc_count if self._auc_count else None,
+            f"coverage@{k}": coverage(self.top_lists, catalog_size),
+            f"exposure_entropy@{k}": exposure_entropy(self.top_lists),
+            "lists": self.count,
+            "lists_with_relevant": self.in_list,
+        }

@@ -1,0 +1,315 @@
+"""`reranker train`: fit a ranking head on the histories of an events file (never on targets).
+
+Simulation on histories only: for every user, the leave-last-out target of the events file is
+dropped first (that is what `reranker eval` measures). Of the remaining history, the last item is
+the training label and the rest is the training history:
+
+1. Adapter: a low-rank residual map v -> v + (v @ down) @ up on the frozen item vectors, trained with a
+   full-catalog softmax next-item objective on the training histories (context = mean of the
+   last `session_length` adapted items; logit = cosine / T + learned item prior).
+2. Blend: for every user, candidates from each configured retriever fitted on the training
+   histories; features exactly as the server computes them (reranker.head), from a profile store
+   fed with the training history; linear weights fitted with a listwise softmax loss on the label.
+
+A slice of the training users (by stable hash) is held out of step 2 to report validation numbers
+(still on history labels, never eval targets); the final weights are then refitted on everyone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reranker import head as head_module
+from reranker.config import Settings
+from reranker.encoder import Encoder, load_encoder
+from reranker.evaluation import formats, retrievers
+from reranker.evaluation.metrics import MetricAccumulator
+from reranker import profiles
+from reranker.profiles import InProcessProfileStore, ProfileConfig
+from reranker.types import Event, EventType
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    retrievers: tuple[str, ...] = retrievers.RETRIEVERS
+    num_candidates: int = 100
+    sampled_negatives: int = 19
+    adapter_epochs: int = 3
+    adapter_rank: int = 64
+    adapter_lr: float = 3e-3
+    adapter_temperature: float = 0.05
+    session_length: int = 10
+    blend_steps: int = 300
+    blend_l2: float = 1e-3
+    validation_percent: float = 10.0
+    seed: int = 0
+    threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
+
+
+def data_hash(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def encode_catalog(encoder: Encoder, texts: Sequence[str], batch: int = 64, progress: Progress | None = None) -> np.ndarray:
+    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    for start in range(0, len(texts), batch):
+        out[start : start + batch] = encoder.encode(list(texts[start : start + batch]))
+        if progress:
+            progress("encode items", min(start + batch, len(texts)), len(texts))
+    return out
+
+
+def _is_validation(user_id: str, percent: float) -> bool:
+    return int.from_bytes(hashlib.sha256(user_id.encode()).digest()[:4], "big") % 10_000 < percent * 100
+
+
+def popularity_table(histories: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    counts: dict[str, int] = {}
+    for items in histories.values():
+        for item in items:
+            counts[item] = counts.get(item, 0) + 1
+    top = max(counts.values(), default=1)
+    return {item: float(np.log1p(c) / np.log1p(top)) for item, c in counts.items()}
+
+
+def train_adapter(
+    sequences: Sequence[Sequence[int]], vectors: np.ndarray, cfg: TrainConfig, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Next-item softmax over the whole catalog; returns (adapter down d x r, up r x d, prior d)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    dim, window = vectors.shape[1], cfg.session_length
+    contexts, targets = [], []
+    for seq in sequences:
+        for t in range(1, len(seq)):
+            ctx = list(seq[max(0, t - window) : t])
+            contexts.append(ctx + [-1] * (window - len(ctx)))
+            targets.append(seq[t])
+    if not targets:
+        zeros = np.zeros((dim, cfg.adapter_rank), dtype=np.float32)
+        return zeros, zeros.T.copy(), np.zeros(dim, dtype=np.float32)
+    ctx = torch.tensor(contexts)
+    tgt = torch.tensor(targets)
+    items = torch.from_numpy(np.vstack([vectors, np.zeros((1, dim), dtype=np.float32)]))  # row -1 = padding
+    # Low-rank residual: adapted = v + (v @ down) @ up (cheap to train and to apply at request time).
+    down = torch.nn.Parameter(torch.randn(dim, cfg.adapter_rank) * 0.01)
+    up = torch.nn.Parameter(torch.zeros(cfg.adapter_rank, dim))
+    prior = torch.nn.Parameter(torch.zeros(dim))
+    optim = torch.optim.Adam([down, up, prior], lr=cfg.adapter_lr)
+    batch = 1024
+    steps = cfg.adapter_epochs * ((len(targets) + batch - 1) // batch)
+    step = 0
+    for _ in range(cfg.adapter_epochs):
+        perm = torch.randperm(len(targets))
+        for start in range(0, len(targets), batch):
+            idx = perm[start : start + batch]
+            adapted = torch.nn.functional.normalize(items + (items @ down) @ up, dim=-1)
+            adapted = torch.cat([adapted[:-1], torch.zeros(1, dim)])
+            c = ctx[idx]
+            pooled = adapted[c].sum(dim=1) / (c >= 0).sum(dim=1, keepdim=True).clamp(min=1)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            catalog = adapted[:-1]
+            logits = pooled @ catalog.T / cfg.adapter_temperature + catalog @ prior
+            loss = torch.nn.functional.cross_entropy(logits, tgt[idx])
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            step += 1
+            if progress:
+                progress(f"adapter (loss {loss.item():.3f})", step, steps)
+    return (
+        down.detach().numpy().astype(np.float32),
+        up.detach().numpy().astype(np.float32),
+        prior.detach().numpy().astype(np.float32),
+    )
+
+
+def fit_blend(
+    lists: Sequence[np.ndarray], labels: Sequence[int], cfg: TrainConfig, progress: Progress | None = None
+) -> np.ndarray:
+    """Linear weights on standardized features minimizing the listwise softmax loss of the label (+ L2).
+
+    Plain numpy full-batch Adam: the problem is tiny (lists x candidates x features).
+    """
+    longest = max(x.shape[0] for x in lists)
+    f = lists[0].shape[1]
+    x = np.zeros((len(lists), longest, f))
+    mask = np.zeros((len(lists), longest), dtype=bool)
+    for i, feats in enumerate(lists):
+        x[i, : feats.shape[0]] = feats
+        mask[i, : feats.shape[0]] = True
+    y = np.asarray(labels)
+    rows = np.arange(len(lists))
+    w = np.zeros(f)
+    m = np.zeros(f)
+    v = np.zeros(f)
+    lr, beta1, beta2 = 0.05, 0.9, 0.999
+    for step in range(1, cfg.blend_steps + 1):
+        logits = np.where(mask, x @ w, -np.inf)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        loss = float(-np.log(p[rows, y] + 1e-12).mean() + cfg.blend_l2 * w @ w)
+        grad = np.einsum("ln,lnf->f", p, x) / len(lists) - x[rows, y].mean(axis=0) + 2 * cfg.blend_l2 * w
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad * grad
+        w -= lr * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + 1e-8)
+        if progress and (step % 20 == 0 or step == cfg.blend_steps):
+            progress(f"blend (loss {loss:.3f})", step, cfg.blend_steps)
+    return w
+
+
+def train(
+    items: Mapping[str, str],
+    events: Sequence[formats.Interaction],
+    settings: Settings,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    encoder: Encoder | None = None,
+    data_id: str = "",
+    progress: Progress | None = None,
+) -> tuple[head_module.RankingHead, dict[str, object]]:
+    """Train a head; returns it and a report (timings, validation metrics on history labels)."""
+    started = time.perf_counter()
+    encoder = encoder or load_encoder(settings)
+    split = formats.leave_last_out(events)  # the eval targets are dropped right here
+    history = {u: split.history[u] for u in split.users if len(split.history[u]) >= 2}
+    train_hist = {u: [e.item_id for e in h[:-1]] for u, h in history.items()}
+    labels = {u: h[-1].item_id for u, h in history.items()}
+
+    catalog = list(items)
+    index = {item: j for j, item in enumerate(catalog)}
+    vectors = encode_catalog(encoder, [items[i] for i in catalog], progress=progress)
+    timings = {"encode_s": time.perf_counter() - started}
+
+    t = time.perf_counter()
+    sequences = [[index[i] for i in seq if i in index] for seq in train_hist.values()]
+    down, up, prior = train_adapter(sequences, vectors, cfg, progress)
+    timings["adapter_s"] = time.perf_counter() - t
+
+    # Profiles exactly as the server builds them from RecordEvents.
+    t = time.perf_counter()
+    store = InProcessProfileStore(
+        ProfileConfig.from_settings(settings, encoder.dim),
+        max_users=max(1, len(history)) * 2,
+        ttl_seconds=settings.user_ttl_seconds,
+    )
+    pairs = []
+    for u, h in history.items():
+        for e in h[:-1]:
+            j = index.get(e.item_id)
+            pairs.append((Event(u, e.item_id, EventType[e.event_type.upper()], e.timestamp), None if j is None else vectors[j]))
+    store.apply(pairs, now=time.time())
+
+    # Features are standardized with statistics of the training lists; start from the identity scaling.
+    provisional = head_module.RankingHead(
+        weights=np.zeros(len(head_module.FEATURES)),
+        mean=np.zeros(len(head_module.FEATURES)),
+        std=np.ones(len(head_module.FEATURES)),
+        adapter_down=down,
+        adapter_up=up,
+        prior=prior,
+        popularity=popularity_table(train_hist),
+        encoder_version=encoder.version,
+        session_length=cfg.session_length,
+    )
+    rng = np.random.default_rng(cfg.seed)
+    raw_lists, list_labels, list_users, list_upstream, list_has = [], [], [], [], []
+    for name in cfg.retrievers:
+        if name == retrievers.SAMPLED:
+            cands = {
+                u: retrievers.sampled_candidates(train_hist[u], labels[u], catalog, cfg.sampled_negatives, rng)
+                for u in history
+            }
+        else:
+            cands = retrievers.make_retriever(name).fit(train_hist, catalog).recommend(list(history), cfg.num_candidates)
+        for n_done, u in enumerate(history, start=1):
+            rows = cands[u]
+            ids = [r.item_id for r in rows]
+            if labels[u] not in ids:
+                continue
+            state = store.get(u)
+            user_vector = profiles.user_vector(state, settings)
+            if state is None or user_vector is None:
+                continue
+            hist_vectors = profiles.positive_history(state)
+            rows_idx = [index.get(i, -1) for i in ids]
+            has_vector = np.array([j >= 0 for j in rows_idx])
+            cand_vectors = np.where(has_vector[:, None], vectors[np.maximum(rows_idx, 0)], 0.0).astype(np.float32)
+            upstream = np.array([r.score for r in rows])
+            raw_lists.append(provisional.features(ids, upstream, cand_vectors, has_vector, user_vector, hist_vectors))
+            list_has.append(has_vector)
+            list_labels.append(ids.index(labels[u]))
+            list_users.append(u)
+            list_upstream.append(ids)
+            if progress and n_done % 50 == 0:
+                progress(f"features ({name})", n_done, len(history))
+    timings["features_s"] = time.perf_counter() - t
+    if not raw_lists:
+        raise ValueError("no training list contains its label: too little history to train a head")
+
+    stacked = np.vstack(raw_lists)
+    mean = stacked.mean(axis=0)
+    std = np.maximum(stacked.std(axis=0), 1e-6)
+    base = dict(provisional.__dict__)
+    base.update(mean=mean, std=std)
+    scaled_head = head_module.RankingHead(**base)
+    std_lists = [scaled_head.standardize(x, h) for x, h in zip(raw_lists, list_has)]
+
+    t = time.perf_counter()
+    is_val = [_is_validation(u, cfg.validation_percent) for u in list_users]
+    train_idx = [i for i, v in enumerate(is_val) if not v] or list(range(len(std_lists)))
+    val_idx = [i for i, v in enumerate(is_val) if v]
+    w_train = fit_blend([std_lists[i] for i in train_idx], [list_labels[i] for i in train_idx], cfg, progress)
+    validation = {}
+    if val_idx:
+        up, rr = MetricAccumulator(), MetricAccumulator()
+        for i in val_idx:
+            ids, label = list_upstream[i], {list_upstream[i][list_labels[i]]}
+            up.add(ids, label)
+            order = np.argsort(-(std_lists[i] @ w_train), kind="stable")
+            rr.add([ids[j] for j in order], label)
+        validation = {
+            "lists": len(val_idx),
+            "upstream_ndcg@10": up.summary(1)["ndcg@10"],
+            "head_ndcg@10": rr.summary(1)["ndcg@10"],
+        }
+    weights = fit_blend(std_lists, list_labels, cfg, progress)
+    timings["blend_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
+
+    base.update(
+        weights=weights,
+        popularity=popularity_table({u: [e.item_id for e in h] for u, h in split.history.items()}),
+        meta={
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "training_data": data_id,
+            "retrievers": list(cfg.retrievers),
+            "num_candidates": cfg.num_candidates,
+            "training_users": len(history),
+            "training_lists": len(std_lists),
+            "weights": dict(zip(head_module.FEATURES, np.round(weights, 4).tolist())),
+            "validation_on_history_labels": validation,
+        },
+    )
+    trained = head_module.RankingHead(**base)
+    report = {"version": trained.version, "timings": timings, **trained.meta}
+    return trained, report

@@ -1,0 +1,365 @@
+"""RedisProfileStore: user profiles in one Redis shared by all replicas (read-your-writes everywhere).
+
+Keys per user (the `{user_id}` hash tag keeps them in one Redis Cluster slot):
+
+    <prefix>:{<user_id>}:p    hash: lt (L as packed float64), ref, folded, count, seq, updated
+    <prefix>:{<user_id>}:r    list: recent events (JSON), newest first, capped at max_recent
+    <prefix>:{<user_id>}:h    sorted set: events with a vector, score = event time, capped at max_history
+    <prefix>:{<user_id>}:i    sorted set: 8-byte event-id hashes, capped at max_event_ids
+
+Every update of a user is one Lua script run (atomic in Redis), so replicas updating the same user
+at the same time never lose an event and a replayed event id is never counted twice. The script
+does the same float64 arithmetic as usermodel.fold. All four keys expire `ttl_seconds` after the
+user's last event; bound the total with Redis' own `maxmemory` + `volatile-lru` policy.
+
+Redis down: the store never raises to the service. A failed call marks the store degraded for
+`retry_seconds` and serves from an in-process fallback store instead: events recorded meanwhile go
+there (so this replica still personalizes them) and into a bounded replay buffer, which a
+background thread writes to Redis (idempotently, by event id) once Redis answers again; then the
+fallback is cleared. The transition is logged and visible as `degraded` / `last_error` / `failovers`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from reranker import usermodel
+from reranker.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash
+from reranker.types import Event, EventType, RecordResult
+
+if TYPE_CHECKING:
+    from reranker.config import Settings
+
+log = logging.getLogger(__name__)
+
+APPLY_SCRIPT = r"""
+local hkey, rkey, zkey, ikey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local rate = tonumber(ARGV[1])
+local max_recent = tonumber(ARGV[2])
+local max_hist = tonumber(ARGV[3])
+local max_ids = tonumber(ARGV[4])
+local ttl_ms = tonumber(ARGV[5])
+local now = ARGV[6]
+local dim = tonumber(ARGV[7])
+local fmt_f = '<' .. string.rep('f', dim)
+local fmt_d = '<' .. string.rep('d', dim)
+
+local st = redis.call('HMGET', hkey, 'lt', 'ref', 'folded', 'count', 'seq')
+local ref = tonumber(st[2]) or 0
+local folded = tonumber(st[3]) or 0
+local count = tonumber(st[4]) or 0
+local seq = tonumber(st[5]) or 0
+local lt = nil
+
+local accepted, duplicates, without = 0, 0, 0
+for i = 8, #ARGV, 6 do
+  local id_hash, ts_s, w, vec, recent, header = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local ts = tonumber(ts_s)
+  local dup = false
+  if id_hash ~= '' then
+    if redis.call('ZSCORE', ikey, id_hash) then
+      dup = true
+    else
+      seq = seq + 1
+      redis.call('ZADD', ikey, seq, id_hash)
+      redis.call('ZREMRANGEBYRANK', ikey, 0, -(max_ids + 1))
+    end
+  end
+  if dup then
+    duplicates = duplicates + 1
+  else
+    accepted = accepted + 1
+    count = count + 1
+    seq = seq + 1
+    redis.call('LPUSH', rkey, recent)
+    if vec == '' then
+      without = without + 1
+    else
+      if lt == nil then
+        if st[1] then lt = {struct.unpack(fmt_d, st[1])} else lt = {} for k = 1, dim do lt[k] = 0.0 end end
+      end
+      local v = {struct.unpack(fmt_f, vec)}
+      if folded == 0 then ref = ts end
+      folded = folded + 1
+      if ts >= ref then
+        if ts > ref then
+          local f = math.exp(-rate * (ts - ref))
+          for k = 1, dim do lt[k] = lt[k] * f end
+        end
+        ref = ts
+        for k = 1, dim do lt[k] = lt[k] + w * v[k] end
+      else
+        local c = w * math.exp(-rate * (ref - ts))
+        for k = 1, dim do lt[k] = lt[k] + c * v[k] end
+      end
+      redis.call('ZADD', zkey, ts_s, string.format('%016d', seq) .. header .. vec)
+    end
+  end
+end
+if lt ~= nil then
+  lt[dim + 1] = nil
+  redis.call('HSET', hkey, 'lt', struct.pack(fmt_d, unpack(lt, 1, dim)))
+end
+if accepted > 0 then
+  redis.call('HSET', hkey, 'ref', string.format('%.17g', ref), 'folded', folded, 'count', count, 'seq', seq, 'updated', now)
+  redis.call('LTRIM', rkey, 0, max_recent - 1)
+  redis.call('ZREMRANGEBYRANK', zkey, 0, -(max_hist + 1))
+elseif seq > 0 then
+  redis.call('HSET', hkey, 'seq', seq)
+end
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
+return {accepted, duplicates, without}
+"""
+
+_HIST_HEADER = struct.Struct("<ddI")  # timestamp, weight, item id length; then item id, then float32 vector
+_SEQ_CHARS = 16
+_REPLAY_CHUNK = 500
+
+
+def _recent_json(event: Event) -> str:
+    return json.dumps([event.item_id, int(event.type), event.timestamp, event.event_id, event.weight],
+                      separators=(",", ":"))
+
+
+def _recent_from_json(user_id: str, raw: bytes) -> Event:
+    item_id, kind, timestamp, event_id, weight = json.loads(raw)
+    return Event(user_id, item_id, EventType(kind), timestamp, event_id, None, weight)
+
+
+class RedisProfileStore:
+    backend = "redis"
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        config: ProfileConfig,
+        *,
+        write_client: redis.Redis | None = None,
+        fallback: InProcessProfileStore,
+        ttl_seconds: float,
+        prefix: str = "reranker",
+        retry_seconds: float = 5.0,
+        replay_limit: int = 10_000,
+        clock: object = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.dim = config.dim
+        self._client = client  # reads on the Rerank path: short timeout
+        self._writer = write_client or client  # event batches: may take longer
+        self._script_sha = ""
+        self._fallback = fallback
+        self._ttl_ms = max(1, int(ttl_seconds * 1000))
+        self._prefix = prefix
+        self._retry_seconds = retry_seconds
+        self._replay: deque[tuple[Event, np.ndarray | None]] = deque(maxlen=replay_limit)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._replaying = False
+        self.degraded = False
+        self.last_error = ""
+        self.failovers = 0  # calls served by the fallback because Redis failed
+        self.hits = 0
+        self.misses = 0
+        self.replay_dropped = 0
+
+    @classmethod
+    def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore) -> RedisProfileStore:
+        timeout = s.redis_timeout_ms / 1000.0
+        write_timeout = s.redis_write_timeout_ms / 1000.0
+        # No client-side retries: a failed call fails over at once (the replay buffer is the retry).
+        client = redis.Redis.from_url(s.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
+        writer = redis.Redis.from_url(s.redis_url, socket_timeout=write_timeout, socket_connect_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
+        return cls(
+            client, config, write_client=writer, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
+            retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events,
+        )
+
+    def keys(self, user_id: str) -> list[str]:
+        base = f"{self._prefix}:{{{user_id}}}:"
+        return [base + "p", base + "r", base + "h", base + "i"]
+
+    # --- writes ----------------------------------------------------------------------------------
+    def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
+        if self._usable():
+            try:
+                result = self._apply_remote(events, now)
+                self._mark_up()
+                self._start_replay()
+                return result
+            except redis.RedisError as exc:
+                self._mark_down(exc)
+        with self._lock:
+            if len(self._replay) + len(events) > (self._replay.maxlen or 0):
+                self.replay_dropped += len(self._replay) + len(events) - (self._replay.maxlen or 0)
+            self._replay.extend(events)
+        return self._fallback.apply(events, now)
+
+    def _apply_remote(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
+        c = self.config
+        by_user: dict[str, list[str]] = {}
+        for event, vector in events:
+            args = by_user.setdefault(event.user_id, [])
+            id_hash = event_id_hash(event.event_id).to_bytes(8, "little") if event.event_id else b""
+            weight = c.weight_of(event)
+            if vector is None:
+                vec, header = b"", b""
+            else:
+                vec = np.asarray(vector, dtype="<f4").tobytes()
+                item = event.item_id.encode("utf-8", "surrogatepass")
+                header = _HIST_HEADER.pack(event.timestamp, weight, len(item)) + item
+            args.extend([id_hash, repr(event.timestamp), repr(weight), vec, _recent_json(event), header])
+        head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim]
+        for attempt in (1, 2):
+            if not self._script_sha:
+                self._script_sha = self._writer.script_load(APPLY_SCRIPT)
+            pipe = self._writer.pipeline(transaction=False)
+            for user_id, args in by_user.items():
+                pipe.evalsha(self._script_sha, 4, *self.keys(user_id), *head, *args)
+            try:
+                results = pipe.execute()
+                break
+            except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
+                self._script_sha = ""
+                if attempt == 2:
+                    raise
+        total = RecordResult()
+        for accepted, duplicates, without in results:
+            total = total + RecordResult(int(accepted), int(duplicates), int(without))
+        return total
+
+    def _start_replay(self) -> None:
+        """Write the events kept during an outage into Redis, in the background (requests don't wait).
+
+        Order does not matter: the fold is exact for out-of-order events and ids de-duplicate.
+        """
+        with self._lock:
+            if not self._replay or self._replaying:
+                return
+            self._replaying = True
+
+        def run() -> None:
+            try:
+                self._flush_replay()
+            except redis.RedisError as exc:
+                self._mark_down(exc)
+            finally:
+                self._replaying = False
+
+        threading.Thread(target=run, name="redis-replay", daemon=True).start()
+
+    def _flush_replay(self) -> None:
+        with self._lock:
+            if not self._replay:
+                return
+            pending = list(self._replay)
+            self._replay.clear()
+        try:
+            while pending:
+                self._apply_remote(pending[:_REPLAY_CHUNK], time.time())
+                del pending[:_REPLAY_CHUNK]
+        except redis.RedisError:
+            with self._lock:
+                self._replay.extendleft(reversed(pending))
+            raise
+        self._fallback.clear()
+        log.info("replayed the events recorded while Redis was unavailable")
+
+    # --- reads -----------------------------------------------------------------------------------
+    def get(self, user_id: str) -> UserState | None:
+        if self._usable():
+            try:
+                state = self._get_remote(user_id)
+                if state is None:
+                    self.misses += 1
+                else:
+                    self.hits += 1
+                self._mark_up()
+                self._start_replay()
+                return state
+            except redis.RedisError as exc:
+                self._mark_down(exc)
+        return self._fallback.get(user_id)
+
+    def _get_remote(self, user_id: str) -> UserState | None:
+        hkey, rkey, zkey, _ = self.keys(user_id)
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hmget(hkey, "lt", "ref", "count", "updated")
+        pipe.zrange(zkey, 0, -1)
+        pipe.lrange(rkey, 0, -1)
+        (lt, ref, count, updated), members, recent_raw = pipe.execute()
+        if count is None:
+            return None
+        if lt is not None and len(lt) == 8 * self.dim:
+            long_term = np.frombuffer(lt, dtype="<f8").astype(np.float64)
+        else:
+            long_term = np.zeros(self.dim)
+        history = self._parse_history(members)
+        recent = tuple(_recent_from_json(user_id, raw) for raw in reversed(recent_raw))
+        return UserState(user_id, long_term, float(ref or 0.0), int(count), float(updated or 0.0), recent, history)
+
+    def _parse_history(self, members: list[bytes]) -> usermodel.History:
+        if not members:
+            return usermodel.History.empty(self.dim)
+        items, times, weights, vectors = [], [], [], []
+        for member in members:
+            timestamp, weight, length = _HIST_HEADER.unpack_from(member, _SEQ_CHARS)
+            start = _SEQ_CHARS + _HIST_HEADER.size
+            items.append(member[start : start + length].decode("utf-8", "surrogatepass"))
+            times.append(timestamp)
+            weights.append(weight)
+            vectors.append(np.frombuffer(member, dtype="<f4", count=self.dim, offset=start + length))
+        return usermodel.History(
+            tuple(items), np.array(times), np.array(weights), np.stack(vectors).astype(np.float32)
+        )
+
+    def __len__(self) -> int:
+        """Users held in this process: the outage fallback's (0 while Redis is healthy)."""
+        return len(self._fallback)
+
+    # --- health ----------------------------------------------------------------------------------
+    def _usable(self) -> bool:
+        return not self.degraded or self._clock() >= self._down_until  # type: ignore[operator]
+
+    def _mark_down(self, exc: Exception) -> None:
+        was = self.degraded
+        self.failovers += 1
+        self.degraded = True
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._down_until = self._clock() + self._retry_seconds  # type: ignore[operator]
+        if not was:
+            log.warning("Redis profile store unavailable (%s); using the in-process fallback for %.0f s",
+                        self.last_error, self._retry_seconds)
+
+    def _mark_up(self) -> None:
+        if self.degraded:
+            log.info("Redis profile store is back")
+        self.degraded = False
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        try:
+            self._flush_replay()
+        except redis.RedisError as exc:
+            log.warning("could not replay %d events into Redis at shutdown: %s", len(self._replay), exc)
+        self._client.close()
+        self._writer.close()

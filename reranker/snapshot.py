@@ -1,0 +1,280 @@
+"""Snapshots of what a replica learned (item vectors, in-process user profiles) on local disk.
+
+Format (version 1): an uncompressed NumPy .npz archive (a zip of .npy arrays, read with
+allow_pickle=False):
+
+    header            uint8   UTF-8 JSON {"format": "reranker-snapshot", "version": 1, "created_at",
+                              "model_version", "dim", "items", "users", "user_parts"}
+    item_ids          uint8   JSON list of item ids (least recently used first)
+    item_hashes       uint64  text hash per item
+    item_vectors      float32 (items, dim)
+    users_<k>         uint8   JSON list, one object per user of part k: id, ref, folded, count,
+                              updated, recent [[item_id, type, ts, event_id, weight]],
+                              hist [[item_id, ts, weight]], seen
+    user_long_term_<k> float64 (users in part, dim)
+    hist_vectors_<k>  float32 (sum of len(hist), dim), the part's history rows in order
+    seen_hashes_<k>   uint64  (sum of seen,) event-id hashes, oldest first per user
+
+User profiles are written in parts of USERS_PER_PART users, so saving copies (and holds the
+store's lock for) one part at a time.
+
+Writes are atomic: a temp file in the same directory is written, fsync'ed, then os.replace'd
+over the old snapshot (and the directory fsync'ed), so a crash at any point leaves the old
+snapshot whole. A snapshot from another model version or dimension is ignored (its vectors would not be
+comparable); so is a snapshot of an unknown format version. Stale temp files of crashed writers
+are removed at load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import zipfile
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reranker.items import ItemVectorCache
+from reranker.profiles import InProcessProfileStore, _Profile, _SeenIds
+
+log = logging.getLogger(__name__)
+
+FORMAT = "reranker-snapshot"
+VERSION = 1
+USERS_PER_PART = 2000
+_PART_ARRAYS = ("users", "user_long_term", "hist_vectors", "seen_hashes")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    path: str
+    items: int
+    users: int
+    bytes: int
+    seconds: float
+
+
+def _json_array(value: object) -> np.ndarray:
+    return np.frombuffer(json.dumps(value, separators=(",", ":")).encode("utf-8"), dtype=np.uint8)
+
+
+def _json_value(array: np.ndarray) -> object:
+    return json.loads(array.tobytes().decode("utf-8"))
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _user_part(rows: list[tuple[str, _Profile]], dim: int) -> dict[str, np.ndarray]:
+    users, long_terms, hist_vectors, seen_hashes = [], [], [], []
+    for user_id, p in rows:
+        seen = p.seen.in_order()
+        users.append({
+            "id": user_id, "ref": p.ref_time, "folded": p.folded, "count": p.event_count, "updated": p.updated_at,
+            "recent": [list(row) for row in p.recent],
+            "hist": [list(row) for row in zip(p.hist_items, p.hist_times, p.hist_weights)],
+            "seen": int(seen.size),
+        })
+        long_terms.append(p.long_term)
+        hist_vectors.extend(p.hist_vectors)
+        seen_hashes.append(seen)
+    return {
+        "users": _json_array(users),
+        "user_long_term": np.asarray(long_terms, dtype=np.float64).reshape(-1, dim),
+        "hist_vectors": np.asarray(hist_vectors, dtype=np.float32).reshape(-1, dim),
+        "seen_hashes": np.concatenate(seen_hashes) if seen_hashes else np.zeros(0, np.uint64),
+    }
+
+
+def _write_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    with archive.open(name + ".npy", "w", force_zip64=True) as out:
+        np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def save_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    items: ItemVectorCache | None,
+    profiles: InProcessProfileStore | None,
+    model_version: str,
+    dim: int,
+    users_per_part: int = USERS_PER_PART,
+) -> SnapshotInfo:
+    """Write a snapshot atomically (temp file + fsync + os.replace).
+
+    Profiles are copied and written `users_per_part` at a time, so the store's lock is held only
+    for one part's copy and memory grows by one part, not by the whole state.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    item_ids, item_hashes, item_vectors = (
+        items.export() if items is not None else ([], np.zeros(0, np.uint64), np.zeros((0, dim), np.float32))
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    users = parts = 0
+    try:
+        with open(tmp, "wb") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                _write_array(archive, "item_ids", _json_array(item_ids))
+                _write_array(archive, "item_hashes", np.asarray(item_hashes, dtype=np.uint64))
+                _write_array(archive, "item_vectors", np.asarray(item_vectors, dtype=np.float32).reshape(-1, dim))
+                del item_vectors
+                chunks = profiles.export_chunks(users_per_part) if profiles is not None else iter(())
+                for rows in chunks:
+                    for name, array in _user_part(rows, dim).items():
+                        _write_array(archive, f"{name}_{parts}", array)
+                    users += len(rows)
+                    parts += 1
+                _write_array(archive, "header", _json_array({
+                    "format": FORMAT, "version": VERSION, "created_at": time.time(), "model_version": model_version,
+                    "dim": dim, "items": len(item_ids), "users": users, "user_parts": parts,
+                }))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    info = SnapshotInfo(str(path), len(item_ids), users, path.stat().st_size, time.perf_counter() - started)
+    log.info("snapshot saved: %d items, %d users, %d bytes in %.2f s", info.items, info.users, info.bytes, info.seconds)
+    return info
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> int:
+    """Delete temp files left by writers that crashed before their rename; returns how many."""
+    path = Path(path)
+    removed = 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def load_snapshot(
+    path: str | os.PathLike[str],
+    *,
+    items: ItemVectorCache | None,
+    profiles: InProcessProfileStore | None,
+    model_version: str,
+    dim: int,
+    now: float,
+    ttl_seconds: float,
+) -> SnapshotInfo | None:
+    """Restore a snapshot into empty caches; None (and a log line) when absent, foreign or unreadable."""
+    started = time.perf_counter()
+    path = Path(path)
+    if remove_stale_temps(path):
+        log.warning("removed stale snapshot temp files next to %s (a writer crashed)", path)
+    if not path.is_file():
+        log.info("no snapshot at %s; starting empty", path)
+        return None
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
+            header = _json_value(archive["header"])
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                log.warning("%s is not a reranker snapshot; ignored", path)
+                return None
+            if header.get("version") != VERSION:
+                log.warning("snapshot %s has format version %r; this build reads %d; ignored",
+                            path, header.get("version"), VERSION)
+                return None
+            if header.get("model_version") != model_version or header.get("dim") != dim:
+                log.warning("snapshot %s is for model %r (dim %r), not %r (dim %d); ignored",
+                            path, header.get("model_version"), header.get("dim"), model_version, dim)
+                return None
+            restored_items = restored_users = 0
+            try:
+                if items is not None:
+                    hashes = archive["item_hashes"]
+                    items.restore(_json_value(archive["item_ids"]), hashes, archive["item_vectors"])  # type: ignore[arg-type]
+                    restored_items = len(hashes)
+                if profiles is not None:
+                    for part in range(int(header.get("user_parts", 0))):
+                        restored_users += _restore_profiles(
+                            profiles, {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}, now, ttl_seconds
+                        )
+            except Exception as exc:  # readable header, damaged or inconsistent content: keep what was restored
+                log.warning("snapshot %s is damaged (%s); it was restored only in part", path, exc)
+    except Exception as exc:  # corrupt, truncated, not a zip, ...: start empty, never crash
+        log.warning("snapshot %s is unreadable (%s); starting empty", path, exc)
+        return None
+    info = SnapshotInfo(str(path), restored_items, restored_users, path.stat().st_size,
+                        time.perf_counter() - started)
+    log.info("snapshot loaded: %d items, %d users in %.2f s", info.items, info.users, info.seconds)
+    return info
+
+
+def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray], now: float, ttl: float) -> int:
+    c = store.config
+    users = _json_value(data["users"])
+    long_terms, hist_vectors, seen_hashes = data["user_long_term"], data["hist_vectors"], data["seen_hashes"]
+    hist_at = seen_at = restored = 0
+    for row, u in enumerate(users):  # type: ignore[arg-type]
+        hist, seen_count = u["hist"], u["seen"]
+        vectors = hist_vectors[hist_at : hist_at + len(hist)]
+        seen = seen_hashes[seen_at : seen_at + seen_count]
+        hist_at += len(hist)
+        seen_at += seen_count
+        if now - u["updated"] > ttl:
+            continue  # would have expired while the process was down
+        profile = _Profile(
+            long_term=np.array(long_terms[row], dtype=np.float64), ref_time=u["ref"], folded=u["folded"],
+            event_count=u["count"], updated_at=u["updated"], recent=deque(maxlen=c.max_recent),
+        )
+        for item_id, kind, ts, event_id, weight in u["recent"]:
+            profile.recent.append((item_id, int(kind), ts, event_id, weight))
+        for (item_id, ts, weight), vector in zip(hist, vectors):
+            profile.add_history(ts, item_id, weight, np.array(vector, dtype=np.float32), c.max_history)
+        profile.seen = _SeenIds()
+        for hashed in seen.tolist():
+            profile.seen.add(hashed, c.max_event_ids)
+        store.restore(u["id"], profile)
+        restored += 1
+    return restored
+
+
+class PeriodicSnapshots:
+    """Calls `save` every `interval_seconds` on a daemon thread until stopped."""
+
+    def __init__(self, save: Callable[[], object], interval_seconds: float) -> None:
+        self._save = save
+        self._interval = interval_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="snapshots", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._save()
+            except Exception:
+                log.exception("periodic snapshot failed; will retry")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -1,0 +1,107 @@
+"""End to end: `reranker convert`, `reranker train` and `reranker eval` on a slice of ml-100k,
+through a real gRPC server (fake encoder for speed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reranker import head as ranking_head
+from reranker.cli import main
+from reranker.evaluation import formats, metrics, retrievers
+
+from conftest import SHARED_DATA, ServerFactory
+
+USERS = 60
+
+
+@pytest.fixture(scope="module")
+def ml_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not (SHARED_DATA / "ml-100k" / "ml-100k.inter").is_file():
+        pytest.skip("shared ml-100k data missing")
+    out = tmp_path_factory.mktemp("ml100k")
+    assert main(["convert", "ml100k", "--input", str(SHARED_DATA / "ml-100k"), "--output", str(out / "full")]) == 0
+    events = formats.read_events(out / "full" / "events.tsv")
+    keep = {str(u) for u in range(1, USERS + 1)}
+    formats.write_events(out / "events.tsv", [e for e in events if e.user_id in keep])
+    (out / "items.tsv").write_bytes((out / "full" / "items.tsv").read_bytes())
+    return out
+
+
+def _eval(ml_slice: Path, *extra: str) -> dict:
+    report_path = ml_slice / f"report-{len(extra)}.json"
+    argv = ["eval", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"),
+            "--encoder", "fake", "--fake-dim", "64", "--output", str(report_path), "--no-progress", *extra]
+    assert main(argv) == 0
+    return json.loads(report_path.read_text())
+
+
+def test_eval_reports_upstream_and_reranked_metrics(ml_slice: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = _eval(ml_slice, "--retriever", "popularity,sampled", "--num-candidates", "50")
+    out = capsys.readouterr().out
+    assert "NDCG@10" in out and "popularity" in out and "sampled-1+19" in out
+    assert report["server"]["model_version"] == "fake-hash-v1"
+    assert report["loaded"]["items"] == 1682
+    pop = report["results"]["popularity"]
+    assert pop["users"] == USERS and pop["variants"] == {"VARIANT_RERANKED": USERS}
+    assert pop["latency_ms"]["p50"] > 0
+    # The upstream numbers are those of the retriever's own order, computed independently here.
+    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
+    histories = {u: [e.item_id for e in h] for u, h in split.history.items()}
+    top = retrievers.make_retriever("popularity").fit(histories, list(formats.read_items(ml_slice / "items.tsv"))).recommend(split.users, 50)
+    acc = metrics.MetricAccumulator()
+    for u in split.users:
+        acc.add([r.item_id for r in top[u]], {split.target[u].item_id})
+    assert pop["upstream"]["ndcg@10"] == pytest.approx(acc.summary(1682)["ndcg@10"])
+    assert pop["upstream"]["auc"] is None  # no per-candidate labels in leave-last-out
+    for result in report["results"].values():
+        for order in ("upstream", "reranked"):
+            assert 0.0 <= result[order]["ndcg@10"] <= result[order]["recall@10"] <= 1.0
+    sampled = report["results"]["sampled-1+19"]
+    assert sampled["upstream"]["lists_with_relevant"] == USERS  # the target is always among the 20
+
+
+def test_train_then_eval_with_the_head(ml_slice: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    head_path = ml_slice / "head.npz"
+    argv = ["train", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"),
+            "--encoder", "fake", "--fake-dim", "64", "--retriever", "popularity", "--num-candidates", "50",
+            "--adapter-epochs", "1", "--output", str(head_path), "--no-progress"]
+    assert main(argv) == 0
+    head = ranking_head.load(head_path)
+    assert head.meta["training_users"] == USERS and head.meta["training_data"]
+    assert f"head {head.version} written" in capsys.readouterr().out
+    report = _eval(ml_slice, "--retriever", "popularity", "--num-candidates", "50", "--head-path", str(head_path))
+    assert report["server"]["model_version"] == f"fake-hash-v1+{head.version}"
+    assert report["results"]["popularity"]["variants"] == {"VARIANT_RERANKED": USERS}
+
+
+def test_eval_against_a_running_server(ml_slice: Path, make_server: ServerFactory) -> None:
+    running, _ = make_server()
+    report = _eval(ml_slice, "--retriever", "itemknn", "--num-candidates", "20", "--max-users", "10",
+                   "--address", f"127.0.0.1:{running.port}")
+    assert report["server"]["address"] == f"127.0.0.1:{running.port}"
+    assert report["results"]["itemknn"]["users"] == 10
+    assert running.service.profiles is not None and len(running.service.profiles) == 10
+
+
+def test_eval_on_a_labelled_candidates_file(tmp_path: Path) -> None:
+    formats.write_items(tmp_path / "items.tsv", [("a", "space opera"), ("b", "space opera sequel"), ("c", "cooking"), ("d", "gardening tools")])
+    formats.write_events(tmp_path / "events.tsv", [formats.Interaction("u", "a", 1.0), formats.Interaction("u", "b", 2.0)])
+    formats.write_candidates(tmp_path / "cands.tsv", [("u", [formats.CandidateRow("c", 1.0, 0), formats.CandidateRow("b", 0.99, 1), formats.CandidateRow("d", 0.0, 0)])])
+    report_path = tmp_path / "r.json"
+    argv = ["eval", "--items", str(tmp_path / "items.tsv"), "--events", str(tmp_path / "events.tsv"),
+            "--candidates", str(tmp_path / "cands.tsv"), "--encoder", "fake", "--fake-dim", "64", "--blend-weight", "0.9",
+            "--output", str(report_path), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(report_path.read_text())["results"]["cands"]
+    assert result["labelled"] is True
+    assert result["upstream"]["auc"] == 0.5  # the clicked item was second of three upstream
+    assert result["reranked"]["auc"] == 1.0  # the history (space opera) pulls the sequel up
+
+
+def test_bad_retriever_name_is_a_usage_error(ml_slice: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"), "--retriever", "bm25"]
+    assert main(argv) == 2
+    assert "unknown ['bm25']" in capsys.readouterr().err

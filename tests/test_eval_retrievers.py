@@ -1,0 +1,85 @@
+"""Built-in retrievers: what they score, that seen items are excluded, and that targets never leak."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reranker.evaluation import formats, retrievers
+from reranker.evaluation.runner import EvalConfig, load_data
+
+HISTORIES = {
+    "u1": ["a", "b"],
+    "u2": ["a", "b", "c"],
+    "u3": ["a", "c"],
+    "u4": ["d", "e"],
+    "u5": ["d", "e", "f"],
+}
+CATALOG = ["a", "b", "c", "d", "e", "f", "g"]
+
+
+def ids(rows: list[formats.CandidateRow]) -> list[str]:
+    return [r.item_id for r in rows]
+
+
+def test_popularity_orders_by_count_and_skips_seen_items() -> None:
+    top = retrievers.make_retriever("popularity").fit(HISTORIES, CATALOG).recommend(["u4", "new"], 3)
+    assert ids(top["u4"]) == ["a", "b", "c"]  # a: 3, b: 2, c: 2 (ties keep catalog order)
+    assert [r.score for r in top["u4"]] == [3.0, 2.0, 2.0]
+    assert top["new"] == []  # a user without history gets no list from a fitted retriever
+
+
+def test_itemknn_scores_are_sums_of_cosines() -> None:
+    top = retrievers.make_retriever("itemknn").fit(HISTORIES, CATALOG).recommend(["u1"], 2)
+    # users of c = {u2, u3}; of a = {u1, u2, u3}; of b = {u1, u2}
+    # cos(c, a) = 2 / sqrt(2 * 3), cos(c, b) = 1 / sqrt(2 * 2); d..g share no user with a or b
+    assert ids(top["u1"])[0] == "c"
+    assert top["u1"][0].score == pytest.approx(2 / np.sqrt(6) + 1 / 2, rel=1e-5)
+    assert top["u1"][1].score == 0.0
+
+
+def test_als_learns_the_two_communities() -> None:
+    top = retrievers.make_retriever("als").fit(HISTORIES, CATALOG).recommend(["u1", "u4"], 1)
+    assert ids(top["u1"]) == ["c"]
+    assert ids(top["u4"]) == ["f"]
+
+
+def test_unknown_retriever_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown retriever 'bm25'"):
+        retrievers.make_retriever("bm25")
+
+
+def test_sampled_candidates_hold_the_target_and_unseen_negatives() -> None:
+    rng = np.random.default_rng(0)
+    rows = retrievers.sampled_candidates(["a", "b"], "c", CATALOG, 3, rng)
+    assert len(rows) == 4 and "c" in ids(rows)
+    assert not {"a", "b"} & set(ids(rows))
+    assert {r.score for r in rows} == {0.0}
+
+
+def _events_file(path: Path, targets: dict[str, str]) -> Path:
+    rows = []
+    for user, history in HISTORIES.items():
+        rows += [formats.Interaction(user, item, float(t)) for t, item in enumerate(history, start=1)]
+        rows.append(formats.Interaction(user, targets[user], 100.0))
+    formats.write_events(path, rows)
+    return path
+
+
+@pytest.mark.parametrize("name", retrievers.RETRIEVERS)
+def test_candidates_do_not_depend_on_the_targets(tmp_path: Path, name: str) -> None:
+    """Fit on history only: changing every user's held-out target leaves all candidate lists unchanged."""
+    items = tmp_path / "items.tsv"
+    formats.write_items(items, [(i, f"item {i}") for i in CATALOG])
+    first = _events_file(tmp_path / "a.tsv", {u: "g" for u in HISTORIES})
+    second = _events_file(tmp_path / "b.tsv", {"u1": "c", "u2": "d", "u3": "b", "u4": "f", "u5": "a"})
+    lists = []
+    for events in (first, second):
+        data = load_data(EvalConfig(items=items, events=events, retrievers=(name,), num_candidates=(5,)))
+        lists.append({u: [(r.item_id, round(r.score, 6)) for r in rows] for u, rows in data.list_sets[0].lists.items()})
+    assert lists[0] == lists[1]
+    # "g" is only ever a target: popularity and item-kNN give it nothing
+    if name != "als":
+        assert all(score == 0.0 for rows in lists[0].values() for item, score in rows if item == "g")

@@ -1,0 +1,256 @@
+"""The Redis profile store against a real redis-server: shared state across replicas and processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from reranker.encoder import FakeEncoder
+from reranker.profiles import InProcessProfileStore, ProfileConfig, make_profile_store
+from reranker.redis_store import RedisProfileStore
+from reranker.types import Event, EventType
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
+from conftest import REPO, ServerFactory, candidate, event, fake_settings
+from redis_server import RedisServer
+from test_user_events import PIANO, TOPIC_CANDIDATES, profile, ranked_ids, record
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+def stores(url: str, **overrides: object) -> tuple[InProcessProfileStore, RedisProfileStore]:
+    settings = fake_settings(redis_url=url, **overrides)
+    local = make_profile_store(dataclass_replace(settings, redis_url=""), 8)
+    shared = make_profile_store(settings, 8)
+    assert isinstance(local, InProcessProfileStore) and isinstance(shared, RedisProfileStore)
+    return local, shared
+
+
+def dataclass_replace(settings, **changes):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
+
+
+def random_events(rng: np.random.Generator, n: int, users: int = 3) -> list[tuple[Event, np.ndarray | None]]:
+    out = []
+    for i in range(n):
+        vector = rng.standard_normal(8).astype(np.float32)
+        vector /= np.linalg.norm(vector)
+        out.append((
+            Event(
+                f"user-{rng.integers(users)}", f"item-{rng.integers(20)}", EventType(int(rng.integers(1, 8))),
+                float(1_700_000_000 + rng.integers(0, 10_000)),  # out of order on purpose
+                f"id-{rng.integers(0, n)}" if rng.random() < 0.7 else "",
+                None, float(rng.normal()) if rng.random() < 0.2 else None,
+            ),
+            None if rng.random() < 0.1 else vector,
+        ))
+    return out
+
+
+def test_redis_store_keeps_exactly_the_state_the_in_process_store_keeps(redis_url: str) -> None:
+    local, shared = stores(redis_url, recent_events_per_user=7, vector_history_size=5, session_size=3,
+                           max_event_ids_per_user=9, half_life_seconds=3600.0)
+    events = random_events(np.random.default_rng(7), 300)
+    for start in range(0, len(events), 13):  # batches of mixed users
+        batch = events[start : start + 13]
+        assert local.apply(batch, now=123.0) == shared.apply(batch, now=123.0)
+    for user in ("user-0", "user-1", "user-2"):
+        a, b = local.get(user), shared.get(user)
+        assert a is not None and b is not None
+        np.testing.assert_allclose(b.long_term, a.long_term, rtol=1e-12, atol=1e-12)
+        assert (b.ref_time, b.event_count, b.updated_at) == (a.ref_time, a.event_count, a.updated_at)
+        assert b.recent == a.recent
+        assert b.history.item_ids == a.history.item_ids
+        np.testing.assert_array_equal(b.history.timestamps, a.history.timestamps)
+        np.testing.assert_array_equal(b.history.weights, a.history.weights)
+        np.testing.assert_array_equal(b.history.vectors, a.history.vectors)
+    assert shared.get("nobody") is None
+    shared.close()
+
+
+def test_concurrent_replicas_updating_one_user_lose_no_event(redis_url: str) -> None:
+    replicas = [stores(redis_url)[1] for _ in range(4)]
+    vector = (np.ones(8) / np.sqrt(8)).astype(np.float32)
+
+    def work(k: int) -> None:
+        for i in range(40):
+            replicas[k].apply([(Event("hot", f"i{i}", EventType.CLICK, 1000.0 + i, f"{k}-{i}"), vector)], now=1.0)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    state = replicas[0].get("hot")
+    assert state is not None and state.event_count == 160
+    rate = np.log(2) / fake_settings().half_life_seconds
+    expected = 4 * sum(np.exp(-rate * (39 - i)) for i in range(40)) * vector.astype(np.float64)
+    np.testing.assert_allclose(state.long_term, expected, rtol=1e-9)
+    for r in replicas:
+        r.close()
+
+
+def test_profile_keys_expire_with_the_user_ttl(redis_url: str, redis_server: RedisServer) -> None:
+    _, shared = stores(redis_url, user_ttl_seconds=60.0)
+    shared.apply([(Event("u", "i", timestamp=1.0, event_id="x"), np.ones(8, dtype=np.float32))], now=1.0)
+    client = redis_server.client()
+    for key in shared.keys("u"):
+        assert 0 < client.pttl(key) <= 60_000
+    client.close()
+    shared.close()
+
+
+def test_an_event_through_one_replica_is_seen_by_another(redis_url: str, make_server: ServerFactory) -> None:
+    _, a = make_server(fake_settings(redis_url=redis_url))
+    _, b = make_server(fake_settings(redis_url=redis_url))
+    assert ranked_ids(b, "u", TOPIC_CANDIDATES) == ["c-football", "c-piano"]
+    assert record(a, event("u", "p1", PIANO, event_id="e1")).accepted == 1
+    assert ranked_ids(b, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]  # read-your-writes on B
+    assert record(b, event("u", "p1", PIANO, event_id="e1")).duplicates == 1  # idempotent across replicas
+    assert profile(a, "u").event_count == profile(b, "u").event_count == 1
+    np.testing.assert_allclose(profile(a, "u").vector, profile(b, "u").vector)
+
+
+def test_redis_outage_fails_over_to_in_process_and_replays_after(
+    make_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer().start()
+    try:
+        settings = fake_settings(redis_url=server.url, redis_retry_seconds=0.0, redis_timeout_ms=200.0)
+        running, a = make_server(settings)
+        _, b = make_server(settings)
+        record(a, event("u", "f1", "football league match", event_id="before"))
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="reranker.redis_store"):
+            during = record(a, event("u", "p1", PIANO, event_id="during"), event("u", "p2", PIANO + " live", event_id="during2"))
+        assert during.accepted == 2
+        assert "Redis profile store unavailable" in caplog.text
+        assert running.service.profiles.degraded  # type: ignore[union-attr]
+        assert ranked_ids(a, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]  # A still personalizes
+        response = b.Rerank(pb.RerankRequest(user_id="u", candidates=TOPIC_CANDIDATES), timeout=10)
+        assert response.variant == pb.VARIANT_RERANKED and response.cold_user  # B knows nothing: upstream order
+        server.start()  # same port, empty (nothing was persisted): only the replay brings data back
+        assert record(a, event("u", "p3", PIANO, event_id="after")).accepted == 1
+        assert not running.service.profiles.degraded  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10  # the replay runs in the background
+        while profile(b, "u").event_count < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert profile(b, "u").event_count == 3  # the two events recorded during the outage + "after"
+        assert ranked_ids(b, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
+    finally:
+        server.cleanup()
+
+
+# --- two real server processes ---------------------------------------------------------------------
+class ServerProcess:
+    def __init__(self, redis_url: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "reranker", "serve", "--encoder", "fake", "--fake-dim", "64",
+             "--address", "127.0.0.1:0", "--redis-url", redis_url, "--grace-seconds", "1",
+             "--metrics-address", ""],
+            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+        )
+        self.port = self._read_port()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.RerankerServiceStub(self.channel)
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + 60
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "server process never became SERVING"
+            time.sleep(0.05)
+
+    def _read_port(self) -> int:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            match = re.search(r"listening on \S+ \(port (\d+)\)", line)
+            if match:
+                self._drain = threading.Thread(target=self.process.stderr.read, daemon=True)  # keep draining
+                self._drain.start()
+                return int(match.group(1))
+        self.process.stderr.close()
+        raise AssertionError(f"server exited with {self.process.wait()} before listening")
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(30)
+        self._drain.join(10)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+        assert code == 0
+
+
+def test_two_server_processes_sharing_one_redis_see_each_others_events(redis_url: str) -> None:
+    first, second = ServerProcess(redis_url), ServerProcess(redis_url)
+    try:
+        record(first.stub, event("u", "p1", PIANO, event_id="one"))
+        assert ranked_ids(second.stub, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
+        record(second.stub, *(event("u", f"f{i}", f"football league match goal striker {i}", event_id=f"f{i}")
+                              for i in range(5)))
+        assert ranked_ids(first.stub, "u", TOPIC_CANDIDATES) == ["c-football", "c-piano"]
+        assert profile(first.stub, "u").event_count == profile(second.stub, "u").event_count == 6
+        stream = first.stub.StreamEvents(iter([event("u", "p1", PIANO, event_id="one")]), timeout=10)
+        assert stream.duplicates == 1
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_snapshot_with_redis_keeps_item_vectors_only(redis_url: str, tmp_path, make_server: ServerFactory) -> None:  # type: ignore[no-untyped-def]
+    settings = fake_settings(redis_url=redis_url, snapshot_path=str(tmp_path / "s.npz"), snapshot_interval_seconds=0)
+    running, stub = make_server(settings)
+    record(stub, event("u", "p1", PIANO))
+    running.service.save_snapshot()
+    import json
+
+    with np.load(tmp_path / "s.npz") as archive:
+        header = json.loads(archive["header"].tobytes())
+    assert (header["items"], header["users"]) == (1, 0)  # profiles live in Redis
+    _, other = make_server(settings)
+    response = other.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("p1", 1.0), candidate("x", 2.0)]),
+                            timeout=10)
+    assert (response.cache_hits, response.without_vector) == (1, 1)  # p1's vector came from the snapshot
+
+
+def test_profile_config_weight_rules() -> None:
+    config = ProfileConfig.from_settings(fake_settings(), FakeEncoder(8).dim)
+    assert config.weight_of(Event("u", "i", EventType.DISLIKE)) == -1.5
+    assert config.weight_of(Event("u", "i", EventType.DISLIKE, weight=0.25)) == 0.25
+    assert config.weight_of(Event("u", "i", EventType.UNSPECIFIED)) == 1.0
+
+
+def test_a_server_starts_and_serves_with_redis_unreachable(make_server: ServerFactory) -> None:
+    from redis_server import free_port
+
+    running, stub = make_server(fake_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    assert record(stub, event("u", "p1", PIANO, event_id="e1")).accepted == 1
+    assert record(stub, event("u", "p1", PIANO, event_id="e1")).duplicates == 1  # dedup holds in the fallback
+    assert ranked_ids(stub, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
+    store = running.service.profiles
+    assert isinstance(store, RedisProfileStore) and store.degraded and "Connection" in store.last_error
