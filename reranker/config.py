@@ -43,7 +43,9 @@ class Settings:
     warmup: bool = _doc("Encode a few texts before reporting SERVING.", True)
     # --- caches and user model ---------------------------------------------------------------
     item_cache_size: int = _doc("Item vectors kept (LRU).", 100_000)
-    user_cache_size: int = _doc("User profiles kept (LRU within TTL).", 100_000)
+    user_cache_size: int = _doc(
+        "User profiles kept (LRU within TTL); ~44 KB each at vector_history_size=20, so 10k users ~ 450 MB.", 10_000
+    )
     user_ttl_seconds: float = _doc("A profile not touched for this long is dropped.", 7 * 24 * 3600.0)
     recent_events_per_user: int = _doc("Recent events kept per user (explanations, GetUserProfile).", 50)
     half_life_seconds: float = _doc("Event weight halves every this many seconds of event time.", 7 * 24 * 3600.0)
