@@ -237,13 +237,6 @@ class RerankService:
         score_started = time.perf_counter()
         state = self.profiles.get(query.user_id)
         user_vector = user_vector_of(state, self.settings)
-        semantic = None
-        if user_vector is not None and s.attention_weight > 0 and state is not None and len(state.history):
-            semantic = scoring.personal_semantic(
-                vectors, has_vector, user_vector, state.history.vectors,
-                usermodel.decayed_weights(state.history, state.ref_time, self._decay_rate),
-                attention_weight=s.attention_weight, temperature=s.attention_temperature,
-            )
         opts = query.options
         diversity = s.diversity if opts.diversity is None else opts.diversity
         # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
@@ -253,6 +246,13 @@ class RerankService:
                 diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
             )
         else:
+            semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)
+            if user_vector is not None and s.attention_weight > 0 and state is not None and len(state.history):
+                semantic = scoring.personal_semantic(
+                    vectors, has_vector, user_vector, state.history.vectors,
+                    usermodel.decayed_weights(state.history, state.ref_time, self._decay_rate),
+                    attention_weight=s.attention_weight, temperature=s.attention_temperature,
+                )
             ranking = scoring.rank(
                 candidates.scores,
                 vectors,
