@@ -14,14 +14,27 @@ of standardized features that the server can compute from what it has at request
   last_item        cosine to the most recent history item (recency of interest)
   item_prior       a learned direction in the adapted space: "items people go on to consume"
   popularity       log1p(interactions in the training histories) / log1p(max); 0 for unknown items
+  covisit          sum over the user's recent liked items h (newest weighted 1, then
+                   history_decay ** age, 0.8 by default) of cosine(h, item) on the binary
+                   user x item matrix of the training histories (item-kNN similarity), from a
+                   sparse top-k neighbour table carried in the artefact
+  transition       the same sum over a directed "what follows h" table: how often the item came
+                   within `window` events after h in the training histories (weight decay^(gap-1)),
+                   divided by (all weight leaving h + 1), sparse top-k per item
 
 "Adapted" vectors are the frozen encoder vectors v mapped to v + (v @ down) @ up (a low-rank residual
 adapter, i.e. the identity at start, trained with a next-item softmax objective), then L2-normalized. Item popularity is a
 table carried in the artefact (counted on the training events), so it is fixed until the head is
-retrained; unknown items get 0.
+retrained; unknown items get 0. The two collaborative tables (covisit, transition) are the same kind
+of thing: counted once on the training histories, frozen in the artefact, looked up by item id at
+request time (history ids come from the profile's recent events); an item or history item the
+tables never saw contributes 0. Each keeps at most k neighbours per item (`reranker train
+--neighbours`, default 50), so the artefact grows linearly with the catalog: about
+2 tables x k x 8 bytes per item (800 bytes at k = 50; 1.3 MB for ml-100k's 1,682 items).
 
-Artefact: a .npz with arrays (weights, mean, std, adapter_down/up, prior, popularity ids/values) and a JSON
-`meta` string: format version, feature names, encoder version, training data hash and statistics.
+Artefact: a .npz with arrays (weights, mean, std, adapter_down/up, prior, popularity ids/values, graph
+ids, covisit/transition CSR indptr/indices/values) and a JSON `meta` string: format version,
+feature names, encoder version, training data hash and statistics.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import numpy as np
 
 from reranker import scoring
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + covisit/transition tables (format 1 heads must be retrained)
 FEATURES = (
     "upstream_minmax",
     "upstream_rank",
@@ -49,13 +62,74 @@ FEATURES = (
     "last_item",
     "item_prior",
     "popularity",
+    "covisit",
+    "transition",
 )
 # Features that need the candidate's vector; they are neutral (the training mean) without one.
-VECTOR_FEATURES = tuple(i for i, name in enumerate(FEATURES) if not name.startswith(("upstream", "popularity")))
+VECTOR_FEATURES = tuple(
+    i for i, name in enumerate(FEATURES) if not name.startswith(("upstream", "popularity", "covisit", "transition"))
+)
 
 
 class HeadError(ValueError):
     """The artefact is missing, malformed, or does not fit the configured encoder."""
+
+
+@dataclass(frozen=True)
+class NeighbourTable:
+    """Sparse top-k neighbours per item, CSR over the positions of `ItemGraph.ids`:
+    the neighbours of item p are indices[indptr[p]:indptr[p + 1]] with weights values[...]."""
+
+    indptr: np.ndarray  # int64 (n + 1,)
+    indices: np.ndarray  # int32 (nnz,)
+    values: np.ndarray  # float32 (nnz,)
+
+    @staticmethod
+    def empty(n: int) -> NeighbourTable:
+        return NeighbourTable(np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32))
+
+    def scores(self, candidates: np.ndarray, history: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """sum_h weights[h] * table[history[h], candidates[c]] for every candidate (positions; -1 = unknown)."""
+        out = np.zeros(len(candidates))
+        if not len(history) or not len(candidates):
+            return out
+        starts = self.indptr[history]
+        lengths = self.indptr[history + 1] - starts
+        total = int(lengths.sum())
+        if total == 0:
+            return out
+        # Flat positions of all the history items' neighbour slices, without a Python loop.
+        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+        neighbours = self.indices[offsets]
+        values = self.values[offsets] * np.repeat(weights, lengths)
+        unique, inverse = np.unique(candidates, return_inverse=True)
+        pos = np.minimum(np.searchsorted(unique, neighbours), len(unique) - 1)
+        match = unique[pos] == neighbours
+        acc = np.zeros(len(unique))
+        np.add.at(acc, pos[match], values[match])
+        out = acc[inverse]
+        out[candidates < 0] = 0.0
+        return out
+
+
+@dataclass(frozen=True)
+class ItemGraph:
+    """Item-to-item tables counted on the training histories (see the module doc)."""
+
+    ids: tuple[str, ...] = ()
+    covisit: NeighbourTable = field(default_factory=lambda: NeighbourTable.empty(0))
+    transition: NeighbourTable = field(default_factory=lambda: NeighbourTable.empty(0))
+    index: Mapping[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {item: p for p, item in enumerate(self.ids)})
+
+    def positions(self, item_ids: Sequence[str]) -> np.ndarray:
+        get = self.index.get
+        return np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+    def tables(self) -> dict[str, NeighbourTable]:
+        return {"covisit": self.covisit, "transition": self.transition}
 
 
 @dataclass(frozen=True)
@@ -70,6 +144,9 @@ class RankingHead:
     encoder_version: str
     session_length: int = 10
     attention_temperature: float = 0.1
+    graph: ItemGraph = field(default_factory=ItemGraph)
+    history_length: int = 50  # newest history ids used by covisit/transition
+    history_decay: float = 0.8  # weight of a history item = decay ** (its age in events, newest = 0)
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -85,6 +162,11 @@ class RankingHead:
         ids = sorted(self.popularity)
         digest.update("\n".join(ids).encode())
         digest.update(np.array([self.popularity[i] for i in ids], dtype=np.float32).tobytes())
+        digest.update("\n".join(self.graph.ids).encode())
+        for table in self.graph.tables().values():
+            for arr, dtype in ((table.indptr, np.int64), (table.indices, np.int32), (table.values, np.float32)):
+                digest.update(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+        digest.update(np.array([self.history_length, self.history_decay]).tobytes())
         return f"head-v{FORMAT_VERSION}-{digest.hexdigest()[:12]}"
 
     # --- features and scoring --------------------------------------------------------------------
@@ -100,8 +182,10 @@ class RankingHead:
         has_vector: np.ndarray,
         user_vector: np.ndarray,
         history: np.ndarray,
+        history_ids: Sequence[str] = (),
     ) -> np.ndarray:
-        """(n, F) raw feature matrix. `history` is (h, d), oldest first (may be empty)."""
+        """(n, F) raw feature matrix. `history` is (h, d) and `history_ids` the ids the user liked
+        recently, both oldest first (may be empty)."""
         upstream = np.asarray(upstream, dtype=np.float64)
         n = upstream.size
         out = np.zeros((n, len(FEATURES)), dtype=np.float64)
@@ -129,6 +213,14 @@ class RankingHead:
         out[:, 8] = items @ self.prior
         pop = self.popularity
         out[:, 9] = [pop.get(item_id, 0.0) for item_id in item_ids]
+        if len(history_ids) and self.graph.ids:
+            hist = self.graph.positions(list(history_ids)[-self.history_length :])
+            weights = self.history_decay ** np.arange(len(hist) - 1, -1, -1, dtype=np.float64)
+            known = hist >= 0
+            hist, weights = hist[known], weights[known]
+            cands = self.graph.positions(item_ids)
+            out[:, 10] = self.graph.covisit.scores(cands, hist, weights)
+            out[:, 11] = self.graph.transition.scores(cands, hist, weights)
         return out
 
     def standardize(self, raw: np.ndarray, has_vector: np.ndarray) -> np.ndarray:
@@ -146,8 +238,9 @@ class RankingHead:
         has_vector: np.ndarray,
         user_vector: np.ndarray,
         history: np.ndarray,
+        history_ids: Sequence[str] = (),
     ) -> np.ndarray:
-        raw = self.features(item_ids, upstream, item_vectors, has_vector, user_vector, history)
+        raw = self.features(item_ids, upstream, item_vectors, has_vector, user_vector, history, history_ids)
         return self.standardize(raw, has_vector) @ self.weights
 
     def rank(
@@ -158,6 +251,7 @@ class RankingHead:
         has_vector: np.ndarray,
         user_vector: np.ndarray,
         history: np.ndarray,
+        history_ids: Sequence[str] = (),
         *,
         diversity: float = 0.0,
         mmr_window: int = 50,
@@ -165,7 +259,7 @@ class RankingHead:
     ) -> scoring.Ranking:
         """Like scoring.rank, with the head's score as relevance (MMR and top_k apply the same way)."""
         has_vector = np.asarray(has_vector, dtype=bool)
-        final = self.score(item_ids, upstream, item_vectors, has_vector, user_vector, history)
+        final = self.score(item_ids, upstream, item_vectors, has_vector, user_vector, history, history_ids)
         semantic = np.where(has_vector, np.asarray(item_vectors, dtype=np.float32) @ user_vector, 0.0)
         order = scoring.order_by_score(final)
         order = scoring.mmr_order(order, scoring.minmax(final), item_vectors, has_vector, diversity, mmr_window)
@@ -182,8 +276,15 @@ class RankingHead:
             encoder_version=self.encoder_version,
             session_length=self.session_length,
             attention_temperature=self.attention_temperature,
+            history_length=self.history_length,
+            history_decay=self.history_decay,
             version=self.version,
         )
+        tables = {
+            f"{name}_{part}": getattr(table, part)
+            for name, table in self.graph.tables().items()
+            for part in ("indptr", "indices", "values")
+        }
         ids = np.array(list(self.popularity), dtype=str)
         values = np.array([self.popularity[i] for i in ids.tolist()], dtype=np.float32)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +299,8 @@ class RankingHead:
                 prior=self.prior.astype(np.float32),
                 popularity_ids=ids,
                 popularity_values=values,
+                graph_ids=np.array(self.graph.ids, dtype=str),
+                **tables,
                 meta=np.array(json.dumps(meta, sort_keys=True)),
             )
 
@@ -211,13 +314,23 @@ def load(path: str | Path) -> RankingHead:
         raise HeadError(f"ranking head {path} does not exist") from None
     except Exception as exc:
         raise HeadError(f"ranking head {path} is not a readable .npz artefact: {exc}") from None
-    required = ("weights", "mean", "std", "adapter_down", "adapter_up", "prior", "popularity_ids", "popularity_values", "meta")
+    if "meta" not in arrays:
+        raise HeadError(f"ranking head {path} lacks meta")
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except ValueError as exc:
+        raise HeadError(f"ranking head {path} has an unreadable meta block: {exc}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise HeadError(
+            f"ranking head {path} has format {meta.get('format_version')}; this server reads format {FORMAT_VERSION} "
+            "(retrain it with `reranker train`)"
+        )
+    tables = [f"{name}_{part}" for name in ("covisit", "transition") for part in ("indptr", "indices", "values")]
+    required = ("weights", "mean", "std", "adapter_down", "adapter_up", "prior", "popularity_ids", "popularity_values",
+                "graph_ids", *tables)
     missing = [name for name in required if name not in arrays]
     if missing:
         raise HeadError(f"ranking head {path} lacks {', '.join(missing)}")
-    meta = json.loads(str(arrays["meta"]))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise HeadError(f"ranking head {path} has format {meta.get('format_version')}; this server reads {FORMAT_VERSION}")
     if list(meta.get("features", [])) != list(FEATURES):
         raise HeadError(f"ranking head {path} was trained on features {meta.get('features')}; expected {list(FEATURES)}")
     f, down, up = len(FEATURES), arrays["adapter_down"], arrays["adapter_up"]
@@ -230,6 +343,7 @@ def load(path: str | Path) -> RankingHead:
     if (arrays["std"] <= 0).any():
         raise HeadError(f"ranking head {path} has non-positive feature scales")
     popularity = dict(zip(arrays["popularity_ids"].tolist(), arrays["popularity_values"].astype(float).tolist()))
+    graph = _load_graph(path, arrays)
     return RankingHead(
         weights=arrays["weights"],
         mean=arrays["mean"],
@@ -241,8 +355,30 @@ def load(path: str | Path) -> RankingHead:
         encoder_version=str(meta.get("encoder_version", "")),
         session_length=int(meta.get("session_length", 10)),
         attention_temperature=float(meta.get("attention_temperature", 0.1)),
+        graph=graph,
+        history_length=int(meta.get("history_length", 50)),
+        history_decay=float(meta.get("history_decay", 0.8)),
         meta=meta,
     )
+
+
+def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray]) -> ItemGraph:
+    ids = tuple(arrays["graph_ids"].tolist())
+    n = len(ids)
+    tables = {}
+    for name in ("covisit", "transition"):
+        indptr, indices, values = (arrays[f"{name}_{part}"] for part in ("indptr", "indices", "values"))
+        ok = (
+            indptr.shape == (n + 1,) and indices.ndim == 1 and values.shape == indices.shape
+            and np.issubdtype(indptr.dtype, np.integer) and np.issubdtype(indices.dtype, np.integer)
+            and indptr[0] == 0 and indptr[-1] == indices.size and (np.diff(indptr) >= 0).all()
+            and (indices.size == 0 or (indices.min() >= 0 and indices.max() < n))
+            and np.isfinite(values).all()
+        )
+        if not ok:
+            raise HeadError(f"ranking head {path} has a malformed {name} table")
+        tables[name] = NeighbourTable(indptr.astype(np.int64), indices.astype(np.int32), values.astype(np.float32))
+    return ItemGraph(ids, tables["covisit"], tables["transition"])
 
 
 def single_threaded_blas() -> None:

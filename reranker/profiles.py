@@ -89,6 +89,18 @@ def positive_history(state: UserState) -> np.ndarray:
     return state.history.vectors[state.history.weights > 0].astype(np.float32, copy=False)
 
 
+def positive_history_ids(state: UserState, settings: Settings) -> list[str]:
+    """Ids of the recent events with positive weight (what the user liked), oldest first by event time.
+
+    The trained head's collaborative features (covisit, transition) look these up in its tables.
+    """
+    weights = settings.parsed_event_weights()
+    events = sorted(state.recent, key=lambda e: e.timestamp)  # stable: ties keep arrival order
+    return [
+        e.item_id for e in events if (e.weight if e.weight is not None else weights.get(e.type.name.lower(), 1.0)) > 0
+    ]
+
+
 class ProfileStore(Protocol):
     """What the service needs from a profile store (in-process or shared)."""
 

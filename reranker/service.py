@@ -24,6 +24,7 @@ from reranker.experiments import decide
 from reranker.items import ItemVectorCache
 from reranker.metrics import Metrics
 from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, make_profile_store, positive_history
+from reranker.profiles import positive_history_ids
 from reranker.profiles import user_vector as user_vector_of
 from reranker.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
 from reranker.types import (
@@ -243,7 +244,7 @@ class RerankService:
         if self.head is not None and user_vector is not None and state is not None and opts.blend_weight is None:
             ranking = self.head.rank(
                 candidates.item_ids, candidates.scores, vectors, has_vector, user_vector, positive_history(state),
-                diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
+                positive_history_ids(state, s), diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
             )
         else:
             semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)

@@ -47,7 +47,11 @@ def main() -> None:
     items = scoring.l2_normalize(rng.normal(size=(args.candidates, d)))
     history = scoring.l2_normalize(rng.normal(size=(args.history, d)))
     user = scoring.l2_normalize(history.mean(axis=0))
-    ids = [str(i) for i in range(args.candidates)]
+    # Ids the collaborative tables know (a trained head), so covisit/transition do their real lookups.
+    known = list(head.graph.ids) or [str(i) for i in range(max(args.candidates, args.history))]
+    picked = rng.choice(len(known), size=args.candidates + args.history, replace=len(known) < args.candidates + args.history)
+    ids = [known[j] for j in picked[: args.candidates]]
+    history_ids = [known[j] for j in picked[args.candidates :]]
     upstream = rng.normal(size=args.candidates)
     has_vector = np.ones(args.candidates, dtype=bool)
     timings: dict[str, list[float]] = {"fixed blend": [], "head": []}
@@ -56,7 +60,7 @@ def main() -> None:
         scoring.rank(upstream, items, has_vector, user, weight=0.5)
         timings["fixed blend"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        head.rank(ids, upstream, items, has_vector, user, history)
+        head.rank(ids, upstream, items, has_vector, user, history, history_ids)
         timings["head"].append(time.perf_counter() - t)
     print(f"candidates={args.candidates} history={args.history} d={d} repeat={args.repeat} blas_threads={args.blas_threads}")
     for name, samples in timings.items():

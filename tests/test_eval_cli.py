@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reranker import head as ranking_head
@@ -67,10 +68,15 @@ def test_train_then_eval_with_the_head(ml_slice: Path, capsys: pytest.CaptureFix
     head_path = ml_slice / "head.npz"
     argv = ["train", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"),
             "--encoder", "fake", "--fake-dim", "64", "--retriever", "popularity", "--num-candidates", "50",
-            "--adapter-epochs", "1", "--output", str(head_path), "--no-progress"]
+            "--adapter-epochs", "1", "--neighbours", "5", "--output", str(head_path), "--no-progress"]
     assert main(argv) == 0
     head = ranking_head.load(head_path)
     assert head.meta["training_users"] == USERS and head.meta["training_data"]
+    # The collaborative tables are counted on the histories (targets dropped), at most 5 neighbours per item.
+    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
+    assert set(head.graph.ids) == {e.item_id for h in split.history.values() for e in h}
+    for table in head.graph.tables().values():
+        assert table.indices.size > 0 and np.diff(table.indptr).max() <= 5
     assert f"head {head.version} written" in capsys.readouterr().out
     report = _eval(ml_slice, "--retriever", "popularity", "--num-candidates", "50", "--head-path", str(head_path))
     assert report["server"]["model_version"] == f"fake-hash-v1+{head.version}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import grpc
@@ -11,6 +12,7 @@ import pytest
 
 from reranker import head as ranking_head
 from reranker.encoder import FakeEncoder
+from reranker.evaluation import train
 from reranker.v1 import reranker_pb2 as pb
 
 from conftest import ServerFactory, candidate, event, fake_settings
@@ -67,7 +69,7 @@ def test_artefact_round_trip_and_version(tmp_path: Path) -> None:
     head = make_head(meta={"training_data": "abc"})
     head.save(tmp_path / "head.npz")
     loaded = ranking_head.load(tmp_path / "head.npz")
-    assert loaded.version == head.version and loaded.version.startswith("head-v1-")
+    assert loaded.version == head.version and loaded.version.startswith(f"head-v{ranking_head.FORMAT_VERSION}-")
     np.testing.assert_allclose(loaded.weights, head.weights)
     assert loaded.popularity == head.popularity
     assert loaded.meta["training_data"] == "abc" and loaded.meta["features"] == list(ranking_head.FEATURES)
@@ -123,3 +125,92 @@ def test_unloadable_head_keeps_the_server_failing_open(tmp_path: Path, make_serv
     with pytest.raises(grpc.RpcError) as err:
         stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "a", text="x")]))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --- collaborative features: covisit / transition tables ---------------------------------------------
+# Three users watched h1 and then c2; nobody watched c1 with h1.
+HISTORIES = {"a": ["h1", "c2", "x"], "b": ["h1", "c2"], "c": ["h1", "y", "c2"], "d": ["c1", "y"]}
+
+
+def test_item_graph_tables_by_hand() -> None:
+    graph = train.item_graph(HISTORIES, train.TrainConfig(neighbours=2, transition_window=2, transition_decay=0.5))
+    assert set(graph.ids) == {"h1", "c2", "x", "y", "c1"}
+    # covisit: cosine on the binary user x item matrix; h1 and c2 share all three users.
+    scores = graph.covisit.scores(graph.positions(["c2", "c1", "x", "nope"]), graph.positions(["h1"]), np.ones(1))
+    np.testing.assert_allclose(scores, [1.0, 0.0, 1 / np.sqrt(3), 0.0], rtol=1e-6)
+    # transition h1 -> c2: gap 1 for a, b (weight 1 each), gap 2 for c (0.5); h1's outgoing weight:
+    # a: c2 (1) + x (0.5), b: c2 (1), c: y (1) + c2 (0.5) = 4; value = 2.5 / (4 + 1).
+    t = graph.transition.scores(graph.positions(["c2", "y", "x"]), graph.positions(["h1"]), np.ones(1))
+    # h1 -> x (0.5 / 5 = 0.1) is h1's third-best follower: cut by the top-2 limit.
+    np.testing.assert_allclose(t, [0.5, 0.2, 0.0], rtol=1e-6)
+    # Directed: c2 is never followed by h1.
+    assert graph.transition.scores(graph.positions(["h1"]), graph.positions(["c2"]), np.ones(1))[0] == 0.0
+    # At most k neighbours per item (the artefact stays bounded).
+    for table in graph.tables().values():
+        assert np.diff(table.indptr).max() <= 2
+
+
+def test_collaborative_features_weigh_recent_history_more() -> None:
+    graph = train.item_graph(HISTORIES, train.TrainConfig())
+    head = make_head(dim=2, graph=graph, history_decay=0.5)
+    items = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    raw = head.features(["c2", "c1", "c2", "zz"], np.zeros(4), items, np.ones(4, bool), np.array([1.0, 0.0]),
+                        np.zeros((0, 2), np.float32), ["h1", "unknown", "c1"])
+    col = {name: raw[:, i] for i, name in enumerate(ranking_head.FEATURES)}
+    # h1 is two events old (weight 0.25), the unknown id is skipped, c1 is the newest (weight 1).
+    np.testing.assert_allclose(col["covisit"], [0.25, 0.0, 0.25, 0.0], rtol=1e-6)  # duplicates get the same value
+    assert col["transition"][0] > 0 and col["transition"][3] == 0.0
+    no_history = head.features(["c2"], np.zeros(1), items[:1], np.ones(1, bool), np.array([1.0, 0.0]), np.zeros((0, 2), np.float32))
+    assert no_history[0, ranking_head.FEATURES.index("covisit")] == 0.0
+
+
+def test_server_lifts_the_item_that_follows_the_users_history(tmp_path: Path, make_server: ServerFactory) -> None:
+    graph = train.item_graph(HISTORIES, train.TrainConfig())
+    for feature in ("covisit", "transition"):
+        path = tmp_path / f"{feature}.npz"
+        make_head(weights=only(feature) * 10 + only("upstream_minmax"), graph=graph).save(path)
+        _, stub = make_server(dataclasses.replace(fake_settings(), head_path=str(path)))
+        _user_with_history(stub)  # the user watched h1
+        cands = [candidate("c1", 2.0), candidate("c2", 1.0)]
+        reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=cands))
+        assert reply.variant == pb.VARIANT_RERANKED and ranking_head.load(path).version in reply.model_version
+        assert [it.item_id for it in reply.items] == ["c2", "c1"], feature
+        # A user without h1 in the history keeps the upstream order.
+        stub.RecordEvents(pb.RecordEventsRequest(events=[event("v", "c1")]))
+        other = stub.Rerank(pb.RerankRequest(user_id="v", candidates=[candidate("c1", 2.0), candidate("c2", 1.0)]))
+        assert [it.item_id for it in other.items] == ["c1", "c2"], feature
+        # Negative feedback on h1 is not "history the user liked": no lift.
+        stub.RecordEvents(pb.RecordEventsRequest(events=[event("w", "h1", type=pb.EVENT_TYPE_DISLIKE)]))
+        stub.RecordEvents(pb.RecordEventsRequest(events=[event("w", "c1")]))
+        disliked = stub.Rerank(pb.RerankRequest(user_id="w", candidates=[candidate("c1", 2.0), candidate("c2", 1.0)]))
+        assert [it.item_id for it in disliked.items] == ["c1", "c2"], feature
+
+
+def test_old_format_artefact_is_refused_with_a_clear_message(tmp_path: Path, make_server: ServerFactory) -> None:
+    # What a format-1 head looked like: no graph arrays, format_version 1 in its meta.
+    head = make_head()
+    head.save(tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if not k.startswith(("graph", "covisit", "transition"))}
+    meta = json.loads(str(arrays["meta"]))
+    meta.update(format_version=1, features=list(ranking_head.FEATURES[:10]))
+    arrays["meta"] = np.array(json.dumps(meta))
+    old = tmp_path / "old.npz"
+    with old.open("wb") as fh:
+        np.savez(fh, **arrays)
+    with pytest.raises(ranking_head.HeadError, match=r"has format 1; this server reads format 2 \(retrain it"):
+        ranking_head.load(old)
+    running, stub = make_server(dataclasses.replace(fake_settings(), head_path=str(old)), wait=False)
+    running.loader.join(30)
+    assert not running.service.ready and "has format 1" in running.service.load_error
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1.0), candidate("b", 2.0)]))
+    assert reply.variant == pb.VARIANT_FALLBACK and reply.fallback_reason == pb.FALLBACK_REASON_NOT_READY
+
+
+def test_malformed_neighbour_table_is_refused(tmp_path: Path) -> None:
+    graph = train.item_graph(HISTORIES, train.TrainConfig())
+    broken = ranking_head.NeighbourTable(graph.covisit.indptr, graph.covisit.indices + 100, graph.covisit.values)
+    make_head(graph=ranking_head.ItemGraph(graph.ids, broken, graph.transition)).save(tmp_path / "broken.npz")
+    with pytest.raises(ranking_head.HeadError, match="malformed covisit table"):
+        ranking_head.load(tmp_path / "broken.npz")
+

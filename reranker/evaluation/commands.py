@@ -34,9 +34,12 @@ def add_commands(commands: Any) -> None:
         "train", help="train a ranking head on an events file's histories", parents=[settings_parser()],
         description="Fits a ranking head (adapter + learned blend) on histories only; the last event per user is never used.",
     )
-    _data_args(tr)
+    # The default head learns from all list kinds, including the LLMRank 1+19 lists (no upstream signal).
+    _data_args(tr, retriever_default="popularity,itemknn,als,sampled")
     tr.add_argument("--output", type=Path, required=True, help="where to write the head artefact (.npz)")
     tr.add_argument("--adapter-epochs", type=int, default=3, help="epochs of the next-item adapter training")
+    tr.add_argument("--neighbours", type=int, default=50,
+                    help="neighbours kept per item in the head's covisit/transition tables (artefact ~ 2 x 8 x k bytes per item)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tr.set_defaults(handler=_train)
 
@@ -48,10 +51,10 @@ def add_commands(commands: Any) -> None:
     cv.set_defaults(handler=_convert)
 
 
-def _data_args(parser: argparse.ArgumentParser) -> None:
+def _data_args(parser: argparse.ArgumentParser, retriever_default: str = "popularity,itemknn,als") -> None:
     parser.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
     parser.add_argument("--events", type=Path, required=True, help="events.tsv (user_id, item_id, timestamp[, event_type])")
-    parser.add_argument("--retriever", default="popularity,itemknn,als",
+    parser.add_argument("--retriever", default=retriever_default,
                         help="comma list of popularity, itemknn, als, sampled (target + N random negatives)")
     parser.add_argument("--num-candidates", default="100", help="candidates per user from each retriever; a comma list compares counts")
     parser.add_argument("--negatives", type=int, default=19, help="random negatives per target for --retriever sampled")
@@ -124,9 +127,12 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         print(f"reranker train: {exc}", file=sys.stderr)
         return 2
     threads = settings.torch_threads or 1
+    if args.adapter_epochs < 0 or args.neighbours < 1:
+        print("reranker train: --adapter-epochs must be >= 0 and --neighbours >= 1", file=sys.stderr)
+        return 2
     cfg = train.TrainConfig(
         retrievers=names, num_candidates=counts[0], sampled_negatives=args.negatives,
-        adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads,
+        adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads, neighbours=args.neighbours,
     )
     items, events = formats.read_items(args.items), formats.read_events(args.events)
     head, report = train.train(

@@ -42,7 +42,7 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    retrievers: tuple[str, ...] = retrievers.RETRIEVERS
+    retrievers: tuple[str, ...] = retrievers.RETRIEVERS + (retrievers.SAMPLED,)
     num_candidates: int = 100
     sampled_negatives: int = 19
     adapter_epochs: int = 3
@@ -53,6 +53,11 @@ class TrainConfig:
     blend_steps: int = 300
     blend_l2: float = 1e-3
     validation_percent: float = 10.0
+    neighbours: int = 50  # top-k neighbours kept per item in the covisit / transition tables
+    transition_window: int = 10  # an item "follows" h when it comes at most this many events after h
+    transition_decay: float = 0.8  # weight of a follower at gap g: decay ** (g - 1)
+    history_length: int = 50  # newest history ids the collaborative features use (request time)
+    history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
     seed: int = 0
     threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
 
@@ -86,6 +91,68 @@ def popularity_table(histories: Mapping[str, Sequence[str]]) -> dict[str, float]
             counts[item] = counts.get(item, 0) + 1
     top = max(counts.values(), default=1)
     return {item: float(np.log1p(c) / np.log1p(top)) for item, c in counts.items()}
+
+
+def _top_k_rows(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int, k: int) -> head_module.NeighbourTable:
+    """CSR of the k largest positive values per row from (row, col, value) triplets."""
+    keep = vals > 0
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = np.lexsort((cols, -vals, rows))  # by row, then value descending, ties by column
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    starts = np.searchsorted(rows, np.arange(n))
+    rank = np.arange(rows.size) - starts[rows]
+    keep = rank < k
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int64)
+    return head_module.NeighbourTable(indptr, cols.astype(np.int32), vals.astype(np.float32))
+
+
+def item_graph(histories: Mapping[str, Sequence[str]], cfg: TrainConfig, block: int = 2048) -> head_module.ItemGraph:
+    """The head's collaborative tables, counted on `histories` (per user, oldest first).
+
+    covisit: cosine on the binary user x item matrix (dense: memory ~ users x items x 4 bytes, like the
+    built-in retrievers), top-k per item. transition: weighted counts of (h -> item within
+    `transition_window` events), divided by (h's total outgoing weight + 1), top-k per item.
+    """
+    ids = list(dict.fromkeys(i for h in histories.values() for i in h))
+    index = {item: p for p, item in enumerate(ids)}
+    n, k = len(ids), cfg.neighbours
+    if n == 0:
+        return head_module.ItemGraph()
+    seqs = [np.array([index[i] for i in h], dtype=np.int64) for h in histories.values()]
+    binary = np.zeros((len(seqs), n), dtype=np.float32)
+    for r, seq in enumerate(seqs):
+        binary[r, seq] = 1.0
+    counts = binary.sum(axis=0)
+    norm = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    parts_r, parts_c, parts_v = [], [], []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sim = (binary[:, start:stop].T @ binary) * norm[start:stop, None] * norm[None, :]
+        sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
+        top = min(k, n)
+        cols = np.argpartition(-sim, top - 1, axis=1)[:, :top] if top < n else np.tile(np.arange(n), (stop - start, 1))
+        parts_r.append(np.repeat(np.arange(start, stop), cols.shape[1]))
+        parts_c.append(cols.ravel())
+        parts_v.append(np.take_along_axis(sim, cols, axis=1).ravel())
+    covisit = _top_k_rows(np.concatenate(parts_r), np.concatenate(parts_c), np.concatenate(parts_v), n, k)
+
+    flat = np.concatenate(seqs)
+    owner = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
+    keys, weights = [], []
+    for gap in range(1, cfg.transition_window + 1):
+        same = owner[:-gap] == owner[gap:]
+        a, b = flat[:-gap][same], flat[gap:][same]
+        differ = a != b
+        keys.append(a[differ] * n + b[differ])
+        weights.append(np.full(int(differ.sum()), cfg.transition_decay ** (gap - 1)))
+    keys_all = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    unique, inverse = np.unique(keys_all, return_inverse=True)
+    summed = np.bincount(inverse, weights=np.concatenate(weights) if weights else None, minlength=unique.size)
+    src, dst = unique // n, unique % n
+    outgoing = np.bincount(src, weights=summed, minlength=n)
+    transition = _top_k_rows(src, dst, summed / (outgoing[src] + 1.0), n, k)
+    return head_module.ItemGraph(tuple(ids), covisit, transition)
 
 
 def train_adapter(
@@ -230,6 +297,9 @@ def train(
         popularity=popularity_table(train_hist),
         encoder_version=encoder.version,
         session_length=cfg.session_length,
+        graph=item_graph(train_hist, cfg),  # the labels are not in it, as the eval targets are not at eval time
+        history_length=cfg.history_length,
+        history_decay=cfg.history_decay,
     )
     rng = np.random.default_rng(cfg.seed)
     raw_lists, list_labels, list_users, list_upstream, list_has = [], [], [], [], []
@@ -251,11 +321,12 @@ def train(
             if state is None or user_vector is None:
                 continue
             hist_vectors = profiles.positive_history(state)
+            hist_ids = profiles.positive_history_ids(state, settings)
             rows_idx = [index.get(i, -1) for i in ids]
             has_vector = np.array([j >= 0 for j in rows_idx])
             cand_vectors = np.where(has_vector[:, None], vectors[np.maximum(rows_idx, 0)], 0.0).astype(np.float32)
             upstream = np.array([r.score for r in rows])
-            raw_lists.append(provisional.features(ids, upstream, cand_vectors, has_vector, user_vector, hist_vectors))
+            raw_lists.append(provisional.features(ids, upstream, cand_vectors, has_vector, user_vector, hist_vectors, hist_ids))
             list_has.append(has_vector)
             list_labels.append(ids.index(labels[u]))
             list_users.append(u)
@@ -296,9 +367,11 @@ def train(
     timings["blend_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 
+    full_history = {u: [e.item_id for e in h] for u, h in split.history.items()}
     base.update(
         weights=weights,
-        popularity=popularity_table({u: [e.item_id for e in h] for u, h in split.history.items()}),
+        popularity=popularity_table(full_history),
+        graph=item_graph(full_history, cfg),
         meta={
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "training_data": data_id,
@@ -306,6 +379,9 @@ def train(
             "num_candidates": cfg.num_candidates,
             "training_users": len(history),
             "training_lists": len(std_lists),
+            "neighbours": cfg.neighbours,
+            "transition_window": cfg.transition_window,
+            "transition_decay": cfg.transition_decay,
             "weights": dict(zip(head_module.FEATURES, np.round(weights, 4).tolist())),
             "validation_on_history_labels": validation,
         },
