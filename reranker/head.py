@@ -27,7 +27,8 @@ adapter, i.e. the identity at start, trained with a next-item softmax objective)
 table carried in the artefact (counted on the training events), so it is fixed until the head is
 retrained; unknown items get 0. The two collaborative tables (covisit, transition) are the same kind
 of thing: counted once on the training histories, frozen in the artefact, looked up by item id at
-request time (history ids come from the profile's recent events); an item or history item the
+request time (history ids: the profile's vector history, newest `vector_history_size` events with
+positive weight); an item or history item the
 tables never saw contributes 0. Each keeps at most k neighbours per item (`reranker train
 --neighbours`, default 50), so the artefact grows linearly with the catalog: about
 2 tables x k x 8 bytes per item (800 bytes at k = 50; 1.3 MB for ml-100k's 1,682 items).
@@ -145,7 +146,7 @@ class RankingHead:
     session_length: int = 10
     attention_temperature: float = 0.1
     graph: ItemGraph = field(default_factory=ItemGraph)
-    history_length: int = 50  # newest history ids used by covisit/transition
+    history_length: int = 50  # at most this many newest history ids feed covisit/transition
     history_decay: float = 0.8  # weight of a history item = decay ** (its age in events, newest = 0)
     meta: Mapping[str, Any] = field(default_factory=dict)
 

@@ -89,16 +89,15 @@ def positive_history(state: UserState) -> np.ndarray:
     return state.history.vectors[state.history.weights > 0].astype(np.float32, copy=False)
 
 
-def positive_history_ids(state: UserState, settings: Settings) -> list[str]:
-    """Ids of the recent events with positive weight (what the user liked), oldest first by event time.
+def positive_history_ids(state: UserState) -> list[str]:
+    """Ids of the history items with positive weight (what the user liked), oldest first.
 
     The trained head's collaborative features (covisit, transition) look these up in its tables.
+    They come from the vector history (the newest `vector_history_size` events), which the Rerank
+    path reads anyway, not from the recent-events buffer.
     """
-    weights = settings.parsed_event_weights()
-    events = sorted(state.recent, key=lambda e: e.timestamp)  # stable: ties keep arrival order
-    return [
-        e.item_id for e in events if (e.weight if e.weight is not None else weights.get(e.type.name.lower(), 1.0)) > 0
-    ]
+    history = state.history
+    return [item_id for item_id, weight in zip(history.item_ids, history.weights.tolist()) if weight > 0]
 
 
 class ProfileStore(Protocol):

@@ -244,7 +244,7 @@ class RerankService:
         if self.head is not None and user_vector is not None and state is not None and opts.blend_weight is None:
             ranking = self.head.rank(
                 candidates.item_ids, candidates.scores, vectors, has_vector, user_vector, positive_history(state),
-                positive_history_ids(state, s), diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
+                positive_history_ids(state), diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
             )
         else:
             semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)

@@ -82,7 +82,7 @@ def main() -> None:
             has_vector = np.array([j >= 0 for j in rows])
             cand = np.where(has_vector[:, None], vectors[np.maximum(rows, 0)], 0.0).astype(np.float32)
             scores = head.score(ids, np.array([r.score for r in lists[u]]), cand, has_vector, user_vector,
-                                profiles.positive_history(state), profiles.positive_history_ids(state, settings))
+                                profiles.positive_history(state), profiles.positive_history_ids(state))
             reranked.add([ids[j] for j in np.argsort(-scores, kind="stable")], {targets[u]})
         a, b = upstream.summary(1)["ndcg@10"], reranked.summary(1)["ndcg@10"]
         results[name] = {"upstream_ndcg@10": round(a, 4), "head_ndcg@10": round(b, 4), "ratio": round(b / a, 3) if a else None}

@@ -1,18 +1,21 @@
 """`reranker train`: fit a ranking head on the histories of an events file (never on targets).
 
 Simulation on histories only: for every user, the leave-last-out target of the events file is
-dropped first (that is what `reranker eval` measures). Of the remaining history, the last item is
-the training label and the rest is the training history:
+dropped first (that is what `reranker eval` measures). Of the remaining history, the last
+`labels_per_user` items are training labels (one list per label, each with the history before it)
+and the events before the earliest of them are the training history:
 
 1. Adapter: a low-rank residual map v -> v + (v @ down) @ up on the frozen item vectors, trained with a
    full-catalog softmax next-item objective on the training histories (context = mean of the
    last `session_length` adapted items; logit = cosine / T + learned item prior).
-2. Blend: for every user, candidates from each configured retriever fitted on the training
-   histories; features exactly as the server computes them (reranker.head), from a profile store
-   fed with the training history; linear weights fitted with a listwise softmax loss on the label.
+2. Collaborative tables (covisit, transition; see reranker.head) counted on the training histories.
+3. Blend: for every user and label, candidates from each configured retriever fitted on the
+   histories before that label; features exactly as the server computes them (reranker.head), from
+   a profile store fed with that history; linear weights fitted with a listwise softmax loss.
 
-A slice of the training users (by stable hash) is held out of step 2 to report validation numbers
+A slice of the training users (by stable hash) is held out of step 3 to report validation numbers
 (still on history labels, never eval targets); the final weights are then refitted on everyone.
+The shipped artefact's popularity and collaborative tables are recounted on all histories.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class TrainConfig:
     transition_decay: float = 0.8  # weight of a follower at gap g: decay ** (g - 1)
     history_length: int = 50  # newest history ids the collaborative features use (request time)
     history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
+    labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
     seed: int = 0
     threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
 
@@ -259,8 +263,12 @@ def train(
     encoder = encoder or load_encoder(settings)
     split = formats.leave_last_out(events)  # the eval targets are dropped right here
     history = {u: split.history[u] for u in split.users if len(split.history[u]) >= 2}
-    train_hist = {u: [e.item_id for e in h[:-1]] for u, h in history.items()}
-    labels = {u: h[-1].item_id for u, h in history.items()}
+    # Cut k = 1..K: the label is the k-th last history event, the user's profile and candidates come
+    # from the events before it. The adapter, popularity and the collaborative tables used for the
+    # training lists are fitted on the events before the *earliest* cut, so no label is in them
+    # (just as no eval target is in the shipped artefact).
+    cuts = max(1, cfg.labels_per_user)
+    train_hist = {u: [e.item_id for e in h[:-cuts]] for u, h in history.items()}
 
     catalog = list(items)
     index = {item: j for j, item in enumerate(catalog)}
@@ -272,18 +280,20 @@ def train(
     down, up, prior = train_adapter(sequences, vectors, cfg, progress)
     timings["adapter_s"] = time.perf_counter() - t
 
-    # Profiles exactly as the server builds them from RecordEvents.
+    # Profiles exactly as the server builds them from RecordEvents (one profile per user and cut).
     t = time.perf_counter()
     store = InProcessProfileStore(
         ProfileConfig.from_settings(settings, encoder.dim),
-        max_users=max(1, len(history)) * 2,
+        max_users=max(1, len(history)) * 2 * cuts,
         ttl_seconds=settings.user_ttl_seconds,
     )
     pairs = []
-    for u, h in history.items():
-        for e in h[:-1]:
-            j = index.get(e.item_id)
-            pairs.append((Event(u, e.item_id, EventType[e.event_type.upper()], e.timestamp), None if j is None else vectors[j]))
+    for k in range(1, cuts + 1):
+        for u, h in history.items():
+            for e in h[:-k]:
+                j = index.get(e.item_id)
+                event = Event(f"{u}\x1f{k}", e.item_id, EventType[e.event_type.upper()], e.timestamp)
+                pairs.append((event, None if j is None else vectors[j]))
     store.apply(pairs, now=time.time())
 
     # Features are standardized with statistics of the training lists; start from the identity scaling.
@@ -297,42 +307,48 @@ def train(
         popularity=popularity_table(train_hist),
         encoder_version=encoder.version,
         session_length=cfg.session_length,
-        graph=item_graph(train_hist, cfg),  # the labels are not in it, as the eval targets are not at eval time
+        graph=item_graph(train_hist, cfg),
         history_length=cfg.history_length,
         history_decay=cfg.history_decay,
     )
     rng = np.random.default_rng(cfg.seed)
     raw_lists, list_labels, list_users, list_upstream, list_has = [], [], [], [], []
-    for name in cfg.retrievers:
-        if name == retrievers.SAMPLED:
-            cands = {
-                u: retrievers.sampled_candidates(train_hist[u], labels[u], catalog, cfg.sampled_negatives, rng)
-                for u in history
-            }
-        else:
-            cands = retrievers.make_retriever(name).fit(train_hist, catalog).recommend(list(history), cfg.num_candidates)
-        for n_done, u in enumerate(history, start=1):
-            rows = cands[u]
-            ids = [r.item_id for r in rows]
-            if labels[u] not in ids:
-                continue
-            state = store.get(u)
-            user_vector = profiles.user_vector(state, settings)
-            if state is None or user_vector is None:
-                continue
-            hist_vectors = profiles.positive_history(state)
-            hist_ids = profiles.positive_history_ids(state, settings)
-            rows_idx = [index.get(i, -1) for i in ids]
-            has_vector = np.array([j >= 0 for j in rows_idx])
-            cand_vectors = np.where(has_vector[:, None], vectors[np.maximum(rows_idx, 0)], 0.0).astype(np.float32)
-            upstream = np.array([r.score for r in rows])
-            raw_lists.append(provisional.features(ids, upstream, cand_vectors, has_vector, user_vector, hist_vectors, hist_ids))
-            list_has.append(has_vector)
-            list_labels.append(ids.index(labels[u]))
-            list_users.append(u)
-            list_upstream.append(ids)
-            if progress and n_done % 50 == 0:
-                progress(f"features ({name})", n_done, len(history))
+    for k in range(1, cuts + 1):
+        users = [u for u, h in history.items() if len(h) > k]
+        cut_hist = {u: [e.item_id for e in history[u][:-k]] for u in users}
+        labels = {u: history[u][-k].item_id for u in users}
+        for name in cfg.retrievers:
+            if name == retrievers.SAMPLED:
+                cands = {
+                    u: retrievers.sampled_candidates(cut_hist[u], labels[u], catalog, cfg.sampled_negatives, rng)
+                    for u in users
+                }
+            else:
+                cands = retrievers.make_retriever(name).fit(cut_hist, catalog).recommend(users, cfg.num_candidates)
+            for n_done, u in enumerate(users, start=1):
+                rows = cands[u]
+                ids = [r.item_id for r in rows]
+                if labels[u] not in ids:
+                    continue
+                state = store.get(f"{u}\x1f{k}")
+                user_vector = profiles.user_vector(state, settings)
+                if state is None or user_vector is None:
+                    continue
+                hist_vectors = profiles.positive_history(state)
+                hist_ids = profiles.positive_history_ids(state)
+                rows_idx = [index.get(i, -1) for i in ids]
+                has_vector = np.array([j >= 0 for j in rows_idx])
+                cand_vectors = np.where(has_vector[:, None], vectors[np.maximum(rows_idx, 0)], 0.0).astype(np.float32)
+                upstream = np.array([r.score for r in rows])
+                raw_lists.append(
+                    provisional.features(ids, upstream, cand_vectors, has_vector, user_vector, hist_vectors, hist_ids)
+                )
+                list_has.append(has_vector)
+                list_labels.append(ids.index(labels[u]))
+                list_users.append(u)
+                list_upstream.append(ids)
+                if progress and n_done % 50 == 0:
+                    progress(f"features ({name}, label {k})", n_done, len(users))
     timings["features_s"] = time.perf_counter() - t
     if not raw_lists:
         raise ValueError("no training list contains its label: too little history to train a head")
@@ -379,6 +395,7 @@ def train(
             "num_candidates": cfg.num_candidates,
             "training_users": len(history),
             "training_lists": len(std_lists),
+            "labels_per_user": cuts,
             "neighbours": cfg.neighbours,
             "transition_window": cfg.transition_window,
             "transition_decay": cfg.transition_decay,
