@@ -65,10 +65,11 @@ FEATURES = (
     "popularity",
     "covisit",
     "transition",
+    "mf_foldin",
 )
 # Features that need the candidate's vector; they are neutral (the training mean) without one.
 VECTOR_FEATURES = tuple(
-    i for i, name in enumerate(FEATURES) if not name.startswith(("upstream", "popularity", "covisit", "transition"))
+    i for i, name in enumerate(FEATURES) if not name.startswith(("upstream", "popularity", "covisit", "transition", "mf_"))
 )
 
 
@@ -120,10 +121,30 @@ class ItemGraph:
     ids: tuple[str, ...] = ()
     covisit: NeighbourTable = field(default_factory=lambda: NeighbourTable.empty(0))
     transition: NeighbourTable = field(default_factory=lambda: NeighbourTable.empty(0))
+    # Implicit-ALS item factors (n, f) and their gram matrix Y^T Y (f, f), for the mf_foldin feature.
+    factors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    alpha: float = 10.0
+    reg: float = 0.1
     index: Mapping[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", {item: p for p, item in enumerate(self.ids)})
+        y = np.asarray(self.factors, dtype=np.float64)
+        object.__setattr__(self, "_gram", y.T @ y)
+
+    def foldin(self, candidates: np.ndarray, history: np.ndarray) -> np.ndarray:
+        """ALS fold-in: the user's factors from the history items alone (confidence 1 + alpha each),
+        u = (Y^T Y + alpha Yh^T Yh + reg I)^-1 (1 + alpha) Yh^T 1; score = Y[c] @ u (0 for unknown c)."""
+        out = np.zeros(len(candidates))
+        if not len(history) or self.factors.shape[1] == 0:
+            return out
+        yh = self.factors[history].astype(np.float64)
+        f = yh.shape[1]
+        a = self._gram + self.alpha * (yh.T @ yh) + self.reg * np.eye(f)  # type: ignore[attr-defined]
+        user = np.linalg.solve(a, (1.0 + self.alpha) * yh.sum(axis=0))
+        known = candidates >= 0
+        out[known] = self.factors[candidates[known]] @ user
+        return out
 
     def positions(self, item_ids: Sequence[str]) -> np.ndarray:
         get = self.index.get
@@ -167,7 +188,8 @@ class RankingHead:
         for table in self.graph.tables().values():
             for arr, dtype in ((table.indptr, np.int64), (table.indices, np.int32), (table.values, np.float32)):
                 digest.update(np.ascontiguousarray(arr, dtype=dtype).tobytes())
-        digest.update(np.array([self.history_length, self.history_decay]).tobytes())
+        digest.update(np.ascontiguousarray(self.graph.factors, dtype=np.float32).tobytes())
+        digest.update(np.array([self.history_length, self.history_decay, self.graph.alpha, self.graph.reg]).tobytes())
         return f"head-v{FORMAT_VERSION}-{digest.hexdigest()[:12]}"
 
     # --- features and scoring --------------------------------------------------------------------
@@ -222,6 +244,7 @@ class RankingHead:
             cands = self.graph.positions(item_ids)
             out[:, 10] = self.graph.covisit.scores(cands, hist, weights)
             out[:, 11] = self.graph.transition.scores(cands, hist, weights)
+            out[:, 12] = self.graph.foldin(cands, hist)
         return out
 
     def standardize(self, raw: np.ndarray, has_vector: np.ndarray) -> np.ndarray:
@@ -279,6 +302,8 @@ class RankingHead:
             attention_temperature=self.attention_temperature,
             history_length=self.history_length,
             history_decay=self.history_decay,
+            mf_alpha=self.graph.alpha,
+            mf_reg=self.graph.reg,
             version=self.version,
         )
         tables = {
@@ -301,6 +326,7 @@ class RankingHead:
                 popularity_ids=ids,
                 popularity_values=values,
                 graph_ids=np.array(self.graph.ids, dtype=str),
+                mf_factors=np.asarray(self.graph.factors, dtype=np.float32),
                 **tables,
                 meta=np.array(json.dumps(meta, sort_keys=True)),
             )
@@ -328,7 +354,7 @@ def load(path: str | Path) -> RankingHead:
         )
     tables = [f"{name}_{part}" for name in ("covisit", "transition") for part in ("indptr", "indices", "values")]
     required = ("weights", "mean", "std", "adapter_down", "adapter_up", "prior", "popularity_ids", "popularity_values",
-                "graph_ids", *tables)
+                "graph_ids", "mf_factors", *tables)
     missing = [name for name in required if name not in arrays]
     if missing:
         raise HeadError(f"ranking head {path} lacks {', '.join(missing)}")
@@ -344,7 +370,7 @@ def load(path: str | Path) -> RankingHead:
     if (arrays["std"] <= 0).any():
         raise HeadError(f"ranking head {path} has non-positive feature scales")
     popularity = dict(zip(arrays["popularity_ids"].tolist(), arrays["popularity_values"].astype(float).tolist()))
-    graph = _load_graph(path, arrays)
+    graph = _load_graph(path, arrays, meta)
     return RankingHead(
         weights=arrays["weights"],
         mean=arrays["mean"],
@@ -363,7 +389,7 @@ def load(path: str | Path) -> RankingHead:
     )
 
 
-def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray]) -> ItemGraph:
+def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> ItemGraph:
     ids = tuple(arrays["graph_ids"].tolist())
     n = len(ids)
     tables = {}
@@ -379,7 +405,13 @@ def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray]) -> ItemGraph
         if not ok:
             raise HeadError(f"ranking head {path} has a malformed {name} table")
         tables[name] = NeighbourTable(indptr.astype(np.int64), indices.astype(np.int32), values.astype(np.float32))
-    return ItemGraph(ids, tables["covisit"], tables["transition"])
+    factors = arrays["mf_factors"]
+    if factors.ndim != 2 or (factors.size and factors.shape[0] != n) or not np.isfinite(factors).all():
+        raise HeadError(f"ranking head {path} has malformed mf_factors {factors.shape} for {n} items")
+    return ItemGraph(
+        ids, tables["covisit"], tables["transition"], factors.astype(np.float32),
+        alpha=float(meta.get("mf_alpha", 10.0)), reg=float(meta.get("mf_reg", 0.1)),
+    )
 
 
 def single_threaded_blas() -> None:

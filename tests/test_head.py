@@ -160,13 +160,20 @@ def test_collaborative_features_weigh_recent_history_more() -> None:
     # h1 is two events old (weight 0.25), the unknown id is skipped, c1 is the newest (weight 1).
     np.testing.assert_allclose(col["covisit"], [0.25, 0.0, 0.25, 0.0], rtol=1e-6)  # duplicates get the same value
     assert col["transition"][0] > 0 and col["transition"][3] == 0.0
+    # ALS fold-in from the known history items (h1, c1), unweighted: u = (Y'Y + a Yh'Yh + r I)^-1 (1 + a) Yh'1.
+    y = graph.factors.astype(np.float64)
+    yh = y[graph.positions(["h1", "c1"])]
+    user = np.linalg.solve(y.T @ y + graph.alpha * yh.T @ yh + graph.reg * np.eye(y.shape[1]), (1 + graph.alpha) * yh.sum(0))
+    expected = y[graph.positions(["c2", "c1", "c2"])] @ user
+    np.testing.assert_allclose(col["mf_foldin"], [*expected, 0.0], rtol=1e-4, atol=1e-6)
     no_history = head.features(["c2"], np.zeros(1), items[:1], np.ones(1, bool), np.array([1.0, 0.0]), np.zeros((0, 2), np.float32))
-    assert no_history[0, ranking_head.FEATURES.index("covisit")] == 0.0
+    for name in ("covisit", "transition", "mf_foldin"):
+        assert no_history[0, ranking_head.FEATURES.index(name)] == 0.0
 
 
 def test_server_lifts_the_item_that_follows_the_users_history(tmp_path: Path, make_server: ServerFactory) -> None:
     graph = train.item_graph(HISTORIES, train.TrainConfig())
-    for feature in ("covisit", "transition"):
+    for feature in ("covisit", "transition", "mf_foldin"):
         path = tmp_path / f"{feature}.npz"
         make_head(weights=only(feature) * 10 + only("upstream_minmax"), graph=graph).save(path)
         _, stub = make_server(dataclasses.replace(fake_settings(), head_path=str(path)))
@@ -213,4 +220,8 @@ def test_malformed_neighbour_table_is_refused(tmp_path: Path) -> None:
     make_head(graph=ranking_head.ItemGraph(graph.ids, broken, graph.transition)).save(tmp_path / "broken.npz")
     with pytest.raises(ranking_head.HeadError, match="malformed covisit table"):
         ranking_head.load(tmp_path / "broken.npz")
+    short = ranking_head.ItemGraph(graph.ids, graph.covisit, graph.transition, graph.factors[:-1])
+    make_head(graph=short).save(tmp_path / "short.npz")
+    with pytest.raises(ranking_head.HeadError, match="malformed mf_factors"):
+        ranking_head.load(tmp_path / "short.npz")
 

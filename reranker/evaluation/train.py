@@ -61,6 +61,7 @@ class TrainConfig:
     transition_decay: float = 0.8  # weight of a follower at gap g: decay ** (g - 1)
     history_length: int = 50  # newest history ids the collaborative features use (request time)
     history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
+    mf_factors: int = 64  # implicit-ALS factors for the mf_foldin feature (0 = off)
     labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
     seed: int = 0
     threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
@@ -156,7 +157,12 @@ def item_graph(histories: Mapping[str, Sequence[str]], cfg: TrainConfig, block: 
     src, dst = unique // n, unique % n
     outgoing = np.bincount(src, weights=summed, minlength=n)
     transition = _top_k_rows(src, dst, summed / (outgoing[src] + 1.0), n, k)
-    return head_module.ItemGraph(tuple(ids), covisit, transition)
+    factors = np.zeros((n, 0), dtype=np.float32)
+    if cfg.mf_factors > 0:
+        als = retrievers.ImplicitALS(factors=cfg.mf_factors, seed=cfg.seed).fit(histories, ids)
+        assert als.items == ids
+        factors = als.item_factors.astype(np.float32)
+    return head_module.ItemGraph(tuple(ids), covisit, transition, factors, alpha=10.0, reg=0.1)
 
 
 def train_adapter(
