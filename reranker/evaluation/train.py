@@ -61,7 +61,7 @@ class TrainConfig:
     transition_decay: float = 0.8  # weight of a follower at gap g: decay ** (g - 1)
     history_length: int = 50  # newest history ids the collaborative features use (request time)
     history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
-    mf_factors: int = 64  # implicit-ALS factors for the mf_foldin feature (0 = off)
+    mf_factors: int = 32  # implicit-ALS factors for the mf_foldin feature (0 = off)
     labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
     seed: int = 0
     threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
