@@ -21,10 +21,9 @@ from reranker.interceptors import ErrorMappingInterceptor
 from reranker.metrics import MetricsEndpoint
 from reranker.observability import ObservabilityInterceptor
 from reranker.service import RerankService
-from reranker.servicer import RerankerServicer
+from reranker.servicer import RerankerServicer, add_to_server
 from reranker.tls import TransportConfigError, is_loopback, server_credentials
 from reranker.v1 import reranker_pb2 as pb
-from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def build_server(settings: Settings, service: RerankService, *, tracer_provider:
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
-    pb_grpc.add_RerankerServiceServicer_to_server(RerankerServicer(service), server)
+    add_to_server(RerankerServicer(service), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
