@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from reranker.config import Settings
+from reranker.convert import EncodedRerankResponse
 from reranker.interceptors import status_for
 from reranker.metrics import Metrics
 from reranker.v1 import reranker_pb2 as pb
@@ -112,10 +113,11 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 seconds = time.perf_counter() - started
                 fields["code"] = code
                 variant = reason = ""
-                if isinstance(response, pb.RerankResponse):
-                    variant = variant_label(response.variant)
-                    if response.variant == pb.VARIANT_FALLBACK:
-                        reason = reason_label(response.fallback_reason)
+                if isinstance(response, EncodedRerankResponse):
+                    result = response.result
+                    variant = variant_label(result.variant)
+                    if result.variant == pb.VARIANT_FALLBACK:
+                        reason = reason_label(result.fallback_reason)
                     self._metrics.rerank_candidates.observe(len(request.candidates))
                 self._metrics.observe_rpc(method, code, seconds, variant, reason)
                 if self._access_log and self._should_log(code, variant):
@@ -149,16 +151,17 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             out["items"] = len(request.items)
         if streamed is not None:
             out["events"] = streamed
-        if isinstance(response, pb.RerankResponse):
-            out["variant"] = variant_label(response.variant)
-            out["bucket"] = response.bucket
-            out["returned"] = len(response.items)
-            out["cold_user"] = response.cold_user
-            out["encoded"] = response.encoded
-            out["cache_hits"] = response.cache_hits
-            if response.variant == pb.VARIANT_FALLBACK:
-                out["fallback_reason"] = reason_label(response.fallback_reason)
-                out["fallback_detail"] = response.fallback_detail[:200]
+        if isinstance(response, EncodedRerankResponse):
+            result = response.result
+            out["variant"] = variant_label(result.variant)
+            out["bucket"] = result.bucket
+            out["returned"] = len(result.items)
+            out["cold_user"] = result.cold_user
+            out["encoded"] = result.encoded
+            out["cache_hits"] = result.cache_hits
+            if result.variant == pb.VARIANT_FALLBACK:
+                out["fallback_reason"] = reason_label(result.fallback_reason)
+                out["fallback_detail"] = result.fallback_detail[:200]
         return out
 
 

@@ -115,8 +115,9 @@ class ProfileStore(Protocol):
         """Fold events (with their item vector, or None when unknown) into their users' profiles."""
         ...
 
-    def get(self, user_id: str) -> UserState | None:
-        """The user's state, or None for an unknown user."""
+    def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
+        """The user's state, or None for an unknown user. `recent=False` leaves `recent` empty
+        (the Rerank hot path does not read it)."""
         ...
 
     def close(self) -> None: ...
@@ -201,7 +202,7 @@ class _Profile:
             if len(column) > cap:  # type: ignore[arg-type]
                 del column[0]  # type: ignore[attr-defined]
 
-    def state(self, user_id: str, dim: int) -> UserState:
+    def state(self, user_id: str, dim: int, recent: bool = True) -> UserState:
         if self.hist_items:
             history = usermodel.History(
                 tuple(self.hist_items),
@@ -213,7 +214,7 @@ class _Profile:
             history = usermodel.History.empty(dim)
         return UserState(
             user_id, self.long_term.copy(), self.ref_time, self.event_count, self.updated_at,
-            tuple(_recent_event(user_id, row) for row in self.recent), history,
+            tuple(_recent_event(user_id, row) for row in self.recent) if recent else (), history,
         )
 
 
@@ -266,14 +267,14 @@ class InProcessProfileStore:
                 profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
         return RecordResult(accepted, duplicates, without_vector)
 
-    def get(self, user_id: str) -> UserState | None:
+    def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
         with self._lock:
             profile = self._profiles.get(user_id)
             if profile is None:
                 self.misses += 1
                 return None
             self.hits += 1
-            return profile.state(user_id, self.dim)
+            return profile.state(user_id, self.dim, recent)
 
     def clear(self) -> None:
         with self._lock:

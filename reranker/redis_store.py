@@ -280,10 +280,10 @@ class RedisProfileStore:
         log.info("replayed the events recorded while Redis was unavailable")
 
     # --- reads -----------------------------------------------------------------------------------
-    def get(self, user_id: str) -> UserState | None:
+    def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
         if self._usable():
             try:
-                state = self._get_remote(user_id)
+                state = self._get_remote(user_id, recent)
                 if state is None:
                     self.misses += 1
                 else:
@@ -293,15 +293,16 @@ class RedisProfileStore:
                 return state
             except redis.RedisError as exc:
                 self._mark_down(exc)
-        return self._fallback.get(user_id)
+        return self._fallback.get(user_id, recent=recent)
 
-    def _get_remote(self, user_id: str) -> UserState | None:
+    def _get_remote(self, user_id: str, with_recent: bool = True) -> UserState | None:
         hkey, rkey, zkey, _ = self.keys(user_id)
         pipe = self._client.pipeline(transaction=True)
         pipe.hmget(hkey, "lt", "ref", "count", "updated")
         pipe.zrange(zkey, 0, -1)
-        pipe.lrange(rkey, 0, -1)
-        (lt, ref, count, updated), members, recent_raw = pipe.execute()
+        if with_recent:
+            pipe.lrange(rkey, 0, -1)
+        (lt, ref, count, updated), members, *recent_raw = pipe.execute()
         if count is None:
             return None
         if lt is not None and len(lt) == 8 * self.dim:
@@ -309,7 +310,7 @@ class RedisProfileStore:
         else:
             long_term = np.zeros(self.dim)
         history = self._parse_history(members)
-        recent = tuple(_recent_from_json(user_id, raw) for raw in reversed(recent_raw))
+        recent = tuple(_recent_from_json(user_id, raw) for raw in reversed(recent_raw[0])) if with_recent else ()
         return UserState(user_id, long_term, float(ref or 0.0), int(count), float(updated or 0.0), recent, history)
 
     def _parse_history(self, members: list[bytes]) -> usermodel.History:

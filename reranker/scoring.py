@@ -172,16 +172,19 @@ def attention_scores(
         return np.zeros(items.shape[0])
     # One matrix-vector product per history row rather than one (n, d) @ (d, k) product: OpenBLAS
     # spreads small matrix products over threads, which on a busy machine costs milliseconds for
-    # microseconds of work; k is small (vector_history_size).
-    sims = np.empty((items.shape[0], hist.shape[0]), dtype=np.float64)  # (n, k)
+    # microseconds of work; k is small (vector_history_size). Rows are history items, so each
+    # product fills a contiguous row and the reductions below are (k,) @ (k, n) products.
+    sims = np.empty((hist.shape[0], items.shape[0]), dtype=np.float32)  # (k, n)
     for j in range(hist.shape[0]):
-        sims[:, j] = items @ hist[j]
-    logits = sims / max(temperature, 1e-6)
-    attn = np.exp(logits - logits.max(axis=1, keepdims=True))
-    b = np.asarray(history_weights, dtype=np.float64)
-    num = (attn * (b * sims)).sum(axis=1)
-    den = (attn * np.abs(b)).sum(axis=1)
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 1e-12)
+        np.dot(items, hist[j], out=sims[j])
+    attn = sims - sims.max(axis=0)
+    attn *= np.float32(1.0 / max(temperature, 1e-6))
+    np.exp(attn, out=attn)
+    b = np.asarray(history_weights, dtype=np.float32)
+    den = np.abs(b) @ attn
+    attn *= sims
+    num = b @ attn
+    return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 1e-12)
 
 
 def personal_semantic(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -21,10 +22,9 @@ from reranker.interceptors import ErrorMappingInterceptor
 from reranker.metrics import MetricsEndpoint
 from reranker.observability import ObservabilityInterceptor
 from reranker.service import RerankService
-from reranker.servicer import RerankerServicer
+from reranker.servicer import RerankerServicer, add_to_server
 from reranker.tls import TransportConfigError, is_loopback, server_credentials
 from reranker.v1 import reranker_pb2 as pb
-from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,15 @@ class RunningServer:
         tracing.shutdown(self.tracer_provider)
 
 
-def build_server(settings: Settings, service: RerankService, *, tracer_provider: Any = None) -> RunningServer:
+def build_server(
+    settings: Settings, service: RerankService, *, tracer_provider: Any = None, freeze_gc: bool = False
+) -> RunningServer:
     """Create, bind and start the server; the model loads in the background (health flips when warm).
+
+    `freeze_gc` (for a process that runs one server: `serve`): once the model is loaded, and before
+    SERVING, collect and `gc.freeze()` everything alive. The model, tokenizer and libraries are
+    ~370k long-lived objects; a full cyclic collection over them takes ~200 ms, which would land on
+    some Rerank's latency. Frozen objects are never scanned again (reference counting still frees them).
 
     With `otel_enabled`, RPCs are traced on `tracer_provider` (default: OTLP export per settings).
     Raises TransportConfigError when a TLS certificate path is unusable.
@@ -104,7 +111,7 @@ def build_server(settings: Settings, service: RerankService, *, tracer_provider:
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
-    pb_grpc.add_RerankerServiceServicer_to_server(RerankerServicer(service), server)
+    add_to_server(RerankerServicer(service), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -133,6 +140,9 @@ def build_server(settings: Settings, service: RerankService, *, tracer_provider:
             else:
                 log.exception("model failed to load; staying NOT_SERVING, Rerank fails open (upstream order)")
             return
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         running.set_serving(True)
         log.info("serving on port %d (model %s)", port, service.model_version)
 
@@ -167,7 +177,7 @@ def serve(settings: Settings) -> int:
     answers with the upstream order); with on_load_failure=exit stop and return EXIT_LOAD_FAILED.
     """
     try:
-        running = build_server(settings, RerankService(settings))
+        running = build_server(settings, RerankService(settings), freeze_gc=True)
     except TransportConfigError as exc:
         log.error("cannot start: %s", exc)
         print(f"reranker: {exc}", file=sys.stderr)

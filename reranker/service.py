@@ -236,7 +236,7 @@ class RerankService:
         encode_ms = 1000.0 * (time.perf_counter() - encode_started)
 
         score_started = time.perf_counter()
-        state = self.profiles.get(query.user_id)
+        state = self.profiles.get(query.user_id, recent=False)
         user_vector = user_vector_of(state, self.settings)
         opts = query.options
         diversity = s.diversity if opts.diversity is None else opts.diversity

@@ -38,9 +38,10 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
         self._service = service
         self._limits = convert.Limits.from_settings(service.settings)
 
-    def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> pb.RerankResponse:
+    def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> convert.EncodedRerankResponse:
+        # Answered as bytes (see add_to_server).
         query = convert.rerank_query(request, self._limits)
-        return convert.rerank_response(self._service.rerank(query, _remaining(context), _cancel_token(context)))
+        return convert.encode_rerank_response(self._service.rerank(query, _remaining(context), _cancel_token(context)))
 
     def RecordEvents(self, request: pb.RecordEventsRequest, context: grpc.ServicerContext) -> pb.RecordEventsResponse:
         if not request.events:
@@ -70,3 +71,30 @@ class RerankerServicer(pb_grpc.RerankerServiceServicer):
         if not user_id:
             raise InvalidRequest("user_id must not be empty")
         return convert.profile_response(self._service.user_profile(user_id, request.include_vector))
+
+
+def add_to_server(servicer: RerankerServicer, server: grpc.Server) -> None:
+    """Register the RerankerService methods: the generated registration, except that Rerank sends
+    the bytes that convert.encode_rerank_response built (no RerankResponse object per call)."""
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_unary_rpc_method_handler
+    handlers = {
+        "Rerank": unary(
+            servicer.Rerank, pb.RerankRequest.FromString, convert.serialize_rerank_response
+        ),
+        "RecordEvents": unary(
+            servicer.RecordEvents, pb.RecordEventsRequest.FromString, pb.RecordEventsResponse.SerializeToString
+        ),
+        "StreamEvents": stream(servicer.StreamEvents, pb.Event.FromString, pb.RecordEventsResponse.SerializeToString),
+        "UpsertItems": unary(
+            servicer.UpsertItems, pb.UpsertItemsRequest.FromString, pb.UpsertItemsResponse.SerializeToString
+        ),
+        "GetUserProfile": unary(
+            servicer.GetUserProfile, pb.GetUserProfileRequest.FromString, pb.GetUserProfileResponse.SerializeToString
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["RerankerService"]
+    missing = {m.name for m in service.methods} - set(handlers)
+    if missing:
+        raise RuntimeError(f"no handler for {sorted(missing)}")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

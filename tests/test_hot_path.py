@@ -132,3 +132,5 @@ def test_wire_encoded_items_equal_protobuf_built_items(rows) -> None:
     got = convert.rerank_response(result)
     assert got == expected
     assert pb.RerankResponse.FromString(got.SerializeToString()) == expected
+    # What the server sends: the serialized header followed by the items, never a message per item.
+    assert pb.RerankResponse.FromString(convert.encode_rerank_response(result).data) == expected

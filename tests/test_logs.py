@@ -48,7 +48,7 @@ def records(stream: io.StringIO) -> list[dict[str, object]]:
 def test_one_access_line_per_rpc_with_id_bucket_variant_latency(
     make_server: ServerFactory, access_lines: io.StringIO
 ) -> None:
-    _, stub = make_server(fake_settings(log_user_salt="pepper", min_budget_ms=2000.0))
+    _, stub = make_server(fake_settings(log_user_salt="pepper", min_budget_ms=2000.0, access_log_sample=1.0))
     stub.RecordEvents(pb.RecordEventsRequest(events=[event(SECRET_USER, "h1", SECRET_TEXT)]))
     given = stub.Rerank(pb.RerankRequest(
         user_id=SECRET_USER, request_id="req-1", candidates=[candidate("h1", 1), candidate("c2", 2, SECRET_TEXT)]
@@ -95,7 +95,7 @@ def test_rejected_requests_log_the_status_but_not_the_message(
 
 
 def test_streamed_events_log_their_count(make_server: ServerFactory, access_lines: io.StringIO) -> None:
-    _, stub = make_server()
+    _, stub = make_server(fake_settings(access_log_sample=1.0))
     stub.StreamEvents(iter([event(SECRET_USER, f"i{n}", SECRET_TEXT) for n in range(4)]))
     (line,) = records(access_lines)
     assert (line["method"], line["code"], line["events"]) == ("StreamEvents", "OK", 4)
@@ -137,7 +137,7 @@ def _free_port() -> int:
 
 def test_reranker_serve_writes_json_lines_to_stderr() -> None:
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO), RERANKER_LOG_FORMAT="json")
+    env = dict(os.environ, PYTHONPATH=str(REPO), RERANKER_LOG_FORMAT="json", RERANKER_ACCESS_LOG_SAMPLE="1")
     cmd = [sys.executable, "-m", "reranker", "serve", f"--address=127.0.0.1:{port}", "--encoder=fake",
            "--metrics-address=", "--grace-seconds=1"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
