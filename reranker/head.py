@@ -21,20 +21,22 @@ of standardized features that the server can compute from what it has at request
   transition       the same sum over a directed "what follows h" table: how often the item came
                    within `window` events after h in the training histories (weight decay^(gap-1)),
                    divided by (all weight leaving h + 1), sparse top-k per item
+  mf_foldin        implicit-ALS score y_item . u, with u folded in from the history items alone:
+                   u = (Y'Y + alpha Yh'Yh + reg I)^-1 (1 + alpha) Yh' 1 (Y: item factors in the artefact)
 
 "Adapted" vectors are the frozen encoder vectors v mapped to v + (v @ down) @ up (a low-rank residual
 adapter, i.e. the identity at start, trained with a next-item softmax objective), then L2-normalized. Item popularity is a
 table carried in the artefact (counted on the training events), so it is fixed until the head is
-retrained; unknown items get 0. The two collaborative tables (covisit, transition) are the same kind
-of thing: counted once on the training histories, frozen in the artefact, looked up by item id at
-request time (history ids: the profile's vector history, newest `vector_history_size` events with
-positive weight); an item or history item the
-tables never saw contributes 0. Each keeps at most k neighbours per item (`reranker train
---neighbours`, default 50), so the artefact grows linearly with the catalog: about
-2 tables x k x 8 bytes per item (800 bytes at k = 50; 1.3 MB for ml-100k's 1,682 items).
+retrained; unknown items get 0. The collaborative tables (covisit, transition, ALS factors) are the
+same kind of thing: counted once on the training histories, frozen in the artefact, looked up by
+item id at request time (history ids: the profile's vector history, newest `vector_history_size`
+events with positive weight); an item or history item the tables never saw contributes 0. Each keeps at most k neighbours per item (`reranker train
+--neighbours`, default 50); with the 32 ALS factors per item (`mf_foldin`: the user's factors are
+folded in from the history items at request time, one f x f solve) the artefact grows linearly with
+the catalog, about 2 x k x 8 + 4 x 32 bytes per item (~930 bytes; 1.8 MB for ml-100k).
 
 Artefact: a .npz with arrays (weights, mean, std, adapter_down/up, prior, popularity ids/values, graph
-ids, covisit/transition CSR indptr/indices/values) and a JSON `meta` string: format version,
+ids, covisit/transition CSR indptr/indices/values, mf_factors) and a JSON `meta` string: format version,
 feature names, encoder version, training data hash and statistics.
 """
 
@@ -51,7 +53,7 @@ import numpy as np
 
 from reranker import scoring
 
-FORMAT_VERSION = 2  # 2: + covisit/transition tables (format 1 heads must be retrained)
+FORMAT_VERSION = 2  # 2: + covisit/transition tables and ALS factors (format 1 heads must be retrained)
 FEATURES = (
     "upstream_minmax",
     "upstream_rank",
