@@ -144,6 +144,37 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+class TextTokenizer:
+    """The model's fast (Rust) tokenizer, configured once: truncation on, padding off.
+
+    `token_ids` only reads it, so request threads can tokenize concurrently while the model thread
+    runs; `pad` builds the padded id and mask arrays of one batch. Shared by both runtimes.
+    """
+
+    def __init__(self, model_dir: Path, max_seq_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self._fast = copy.deepcopy(self.tokenizer.backend_tokenizer)
+        self._fast.no_padding()
+        self._fast.enable_truncation(max_length=max_seq_length)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in self._fast.encode_batch(texts, add_special_tokens=True)]
+
+    def pad(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), int64 arrays of shape (len(ids), longest)."""
+        width = max(1, max(map(len, ids)))
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        return input_ids, mask
+
+
 class TransformerEncoder:
     """Hugging Face AutoModel + attention-masked mean pooling + L2 normalization."""
 
@@ -152,7 +183,7 @@ class TransformerEncoder:
         if not (model_dir / "config.json").is_file():  # checked before the slow torch import: fail fast
             raise EncoderFailed(f"model directory {model_dir} has no config.json")
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         torch.set_num_threads(settings.torch_threads if settings.torch_threads > 0 else available_cpus())
         if settings.torch_interop_threads > 0:
@@ -169,7 +200,7 @@ class TransformerEncoder:
         self._torch = torch
         self.device = torch.device(device)
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            self._tokens = TextTokenizer(model_dir, settings.max_seq_length)
             model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as exc:  # corrupt or incomplete model directory
             raise EncoderFailed(f"cannot load model from {model_dir}: {exc}") from exc
@@ -199,29 +230,18 @@ class TransformerEncoder:
         name = PACKAGED_MODEL_NAME if not settings.model_dir else model_dir.name
         self.version = f"{name}@{model_fingerprint(model_dir)}/{dtype}"
         self._lock = threading.Lock()
-        # The Rust tokenizer, configured once (truncation on, padding off): encode_batch only reads
-        # it, so request threads can tokenize concurrently while the model thread runs.
-        self._fast_tokenizer = copy.deepcopy(self._tokenizer.backend_tokenizer)
-        self._fast_tokenizer.no_padding()
-        self._fast_tokenizer.enable_truncation(max_length=self.max_seq_length)
-        self._pad_id = int(self._tokenizer.pad_token_id or 0)
-        self._uses_token_types = "token_type_ids" in self._tokenizer.model_input_names
+        self._tokenizer = self._tokens.tokenizer
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return [enc.ids for enc in self._fast_tokenizer.encode_batch(texts, add_special_tokens=True)]
+        return self._tokens.token_ids(texts)
 
     def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
         if not ids:
             return np.zeros((0, self.dim), dtype=np.float32)
         torch = self._torch
-        width = max(1, max(map(len, ids)))
-        input_ids = np.full((len(ids), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
+        input_ids, mask = self._tokens.pad(ids)
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
-        if self._uses_token_types:
+        if self._tokens.uses_token_types:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
         return self.forward(batch)
 
@@ -251,4 +271,8 @@ def load_encoder(settings: Settings) -> Encoder:
     """Build the configured encoder (loads model weights for `transformer`)."""
     if settings.encoder == "fake":
         return FakeEncoder(settings.fake_dim)
+    if settings.runtime == "onnx":
+        from reranker.onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(settings)
     return TransformerEncoder(settings)
