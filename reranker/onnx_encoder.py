@@ -78,10 +78,19 @@ def export_pooled_model(model_dir: Path, out: Path) -> None:
         )
 
 
+def _not_preprocessing_advice(record: logging.LogRecord) -> bool:
+    return "pre-processing before quantization" not in record.getMessage()
+
+
 def quantize_int8(source: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    root = logging.getLogger()
+    root.addFilter(_not_preprocessing_advice)  # ONNX Runtime's advice for static (calibrated) quantization
+    try:
+        quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.removeFilter(_not_preprocessing_advice)
 
 
 def _write_atomically(target: Path, write: Any) -> None:
