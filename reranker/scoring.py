@@ -6,6 +6,7 @@ Arrays are indexed by candidate position in the (deduplicated) request.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -180,7 +181,12 @@ def attention_scores(
     attn = sims - sims.max(axis=0)
     attn *= np.float32(1.0 / max(temperature, 1e-6))
     np.exp(attn, out=attn)
-    b = np.asarray(history_weights, dtype=np.float32)
+    # num / den does not change when b is scaled: scale it to [-1, 1] so float32 cannot overflow.
+    b64 = np.asarray(history_weights, dtype=np.float64)
+    scale = float(np.abs(b64).max())
+    if not scale > 0.0 or not math.isfinite(scale):
+        return np.zeros(items.shape[0])
+    b = (b64 / scale).astype(np.float32)
     den = np.abs(b) @ attn
     attn *= sims
     num = b @ attn

@@ -85,3 +85,17 @@ def test_nearest_finds_the_most_similar_history_row() -> None:
     idx, sim = scoring.nearest(history, np.stack([unit(0.1, 1), unit(1, 0.2)]))
     assert idx.tolist() == [1, 0]
     assert sim[0] == pytest.approx(float(unit(0.1, 1) @ unit(0, 1)))
+
+
+def test_attention_stays_finite_for_the_largest_event_weights() -> None:
+    # Event weights are float32 on the wire; sums of several near float32's maximum overflow a
+    # float32 accumulator (found by tests/test_input_hardening.py's fuzzing).
+    rng = np.random.default_rng(3)
+    items = scoring.l2_normalize(rng.standard_normal((4, 8)).astype(np.float32))
+    history = scoring.l2_normalize(rng.standard_normal((3, 8)).astype(np.float32))
+    huge = np.array([3.4e38, 3.4e38, -3.4e38])
+    scores = scoring.attention_scores(items, history, huge, temperature=0.1)
+    reference = scoring.attention_scores(items, history, huge / 3.4e38, temperature=0.1)
+    assert np.isfinite(scores).all()
+    np.testing.assert_allclose(scores, reference, atol=1e-6)
+    assert (scoring.attention_scores(items, history, np.zeros(3), temperature=0.1) == 0).all()
