@@ -147,6 +147,13 @@ def ml100k_items() -> dict[str, tuple[str, str, str]]:
     return out
 
 
+def ml100k_title_sample(size: int = 200) -> list[str]:
+    """About `size` real titles, "Title (year)", spread over the ml-100k catalog."""
+    items = ml100k_items()
+    every = max(1, len(items) // size)
+    return [f"{title} ({year})" for title, year, _ in list(items.values())[::every]]
+
+
 class GatedEncoder:
     """Blocks every call (the warm-up first) until `gate` is set: a server stuck loading its model."""
 

@@ -7,16 +7,14 @@ import pytest
 
 from reranker.config import Settings
 from reranker.encoder import TransformerEncoder
-from conftest import ml100k_items
+from conftest import ml100k_title_sample
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
 def titles() -> list[str]:
-    items = ml100k_items()
-    every = max(1, len(items) // 200)
-    return [f"{title} ({year})" for title, year, _ in list(items.values())[::every]]
+    return ml100k_title_sample()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import candidate, event, fake_settings, ml100k_items
+from conftest import candidate, event, fake_settings, ml100k_title_sample
 from reranker.config import Settings
 from reranker.encoder import TransformerEncoder, load_encoder
 from reranker.v1 import reranker_pb2 as pb
@@ -23,9 +23,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def titles() -> list[str]:
-    items = ml100k_items()
-    every = max(1, len(items) // 200)
-    return [f"{title} ({year})" for title, year, _ in list(items.values())[::every]]
+    return ml100k_title_sample()
 
 
 @pytest.fixture(scope="module")
