@@ -118,7 +118,9 @@ def test_encoder_returning_nan_vectors_fails_open(make_server: ServerFactory) ->
 def test_encoder_hanging_past_the_deadline_fails_open_before_the_callers_deadline(
     make_server: ServerFactory, hanging: HangingEncoder
 ) -> None:
-    running, stub = make_server(fake_settings(encode_timeout_ms=5000.0), encoder=hanging)
+    # The reply leaves at (deadline - min_budget_ms); 100 ms of slack keeps it ahead of the caller's
+    # deadline on a loaded CI machine, where the default 5 ms can be eaten by scheduling alone.
+    running, stub = make_server(fake_settings(encode_timeout_ms=5000.0, min_budget_ms=100.0), encoder=hanging)
     req = _request()
     started = time.monotonic()
     resp = stub.Rerank(req, timeout=0.5)
