@@ -1,8 +1,9 @@
 """CancelToken: lets the gRPC edge tell the service that the caller has gone away.
 
-The servicer creates one token per RPC and fires it from the RPC's termination callback; the
-service registers callbacks that drop the request's queued encoder work and wake the waiting
-thread, so a cancelled request frees its worker thread at once instead of at its deadline.
+The servicer creates one token per RPC that waits on a pool thread and fires it when the RPC ends
+first (its coroutine is cancelled: the caller left or the deadline passed); the service registers
+callbacks that drop the request's queued encoder work and wake the waiting thread, so a cancelled
+request frees its pool thread at once instead of at its deadline.
 """
 
 from __future__ import annotations

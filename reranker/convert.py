@@ -235,7 +235,7 @@ def rerank_response(result: RerankResult) -> pb.RerankResponse:
 
 @dataclass(frozen=True, slots=True)
 class EncodedRerankResponse:
-    """A serialized RerankResponse and the result it encodes (read by the observability interceptor)."""
+    """A serialized RerankResponse and the result it encodes (read by observability.Observer)."""
 
     data: bytes
     result: RerankResult

@@ -1,4 +1,4 @@
-"""One error hierarchy for the whole service. No grpc import: interceptors.py maps these to statuses."""
+"""One error hierarchy for the whole service. No grpc import: errormapping.py maps these to statuses."""
 
 from __future__ import annotations
 

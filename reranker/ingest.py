@@ -5,17 +5,16 @@ idempotently (by event id) and visible to the very next Rerank. A consumer of an
 has to turn its messages into `Event`s and call it with batches of any size up to
 `max_events_per_request`.
 
-`ready_batches` turns a blocking iterator (a gRPC request stream) into batches without waiting for
-a batch to fill: a reader thread queues messages as they arrive and each batch is whatever is
+`ready_batches` turns an async message stream (a gRPC request stream) into batches without waiting
+for a batch to fill: a reader task queues messages as they arrive and each batch is whatever is
 queued (at least one, at most `max_batch`), plus what arrives within a millisecond. A trickle of
 events is applied one by one, about a millisecond after each arrives; a flood in large batches.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Iterable, Iterator
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -31,39 +30,33 @@ class _Failed:
         self.exc = exc
 
 
-def ready_batches(
-    messages: Iterable[T], max_batch: int, linger_s: float = LINGER_S, max_queued: int | None = None
-) -> Iterator[list[T]]:
+async def ready_batches(
+    messages: AsyncIterable[T], max_batch: int, linger_s: float = LINGER_S, max_queued: int | None = None
+) -> AsyncIterator[list[T]]:
     """Yield lists of the messages available so far (1..max_batch), in order, until the end.
 
     A batch closes when `max_batch` messages are in it, or when no further message arrived within
-    `linger_s` of the previous one.
+    `linger_s` of the batch's last one. At most `max_queued` (default 2 * max_batch) messages are
+    read ahead of the consumer.
     """
-    pending: queue.Queue[object] = queue.Queue(maxsize=max_queued or 2 * max_batch)
-    stop = threading.Event()
+    pending: asyncio.Queue[object] = asyncio.Queue(maxsize=max_queued or 2 * max_batch)
 
-    def read() -> None:
+    async def read() -> None:
         try:
-            for message in messages:
-                while not stop.is_set():
-                    try:
-                        pending.put(message, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            pending.put(_END)
+            async for message in messages:
+                await pending.put(message)
+            await pending.put(_END)
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # the stream broke (client cancelled, ...): hand it to the consumer
-            pending.put(_Failed(exc))
+            await pending.put(_Failed(exc))
 
-    reader = threading.Thread(target=read, name="event-stream-reader", daemon=True)
-    reader.start()
+    reader = asyncio.ensure_future(read())
     try:
         done = False
         while not done:
             batch: list[T] = []
-            item = pending.get()
+            item = await pending.get()
             while True:
                 if item is _END:
                     done = True
@@ -73,11 +66,12 @@ def ready_batches(
                 batch.append(item)  # type: ignore[arg-type]
                 if len(batch) >= max_batch:
                     break
-                try:
-                    item = pending.get(timeout=linger_s)
-                except queue.Empty:
-                    break
+                if pending.empty():
+                    await asyncio.sleep(linger_s)  # give the next message a moment to arrive
+                    if pending.empty():
+                        break
+                item = pending.get_nowait()
             if batch:
                 yield batch
     finally:
-        stop.set()
+        reader.cancel()

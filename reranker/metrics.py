@@ -1,7 +1,7 @@
 """Prometheus metrics of one server, in its own CollectorRegistry (several servers can share a process).
 
 Recorded at the edges, never inside the numpy core:
-- RPC latency / outcome / variant / fallback reason: the ObservabilityInterceptor (observability.py);
+- RPC latency / outcome / variant / fallback reason: the Observer wrapped around each handler (observability.py);
 - encoder batch size, queue wait and batch time: the MicroBatcher's observer callback;
 - model load time: RerankService.load();
 - cache hits and misses: read at scrape time from the counters ItemVectorCache and
@@ -132,7 +132,7 @@ class Metrics:
             source = self._cache_source
         return source()
 
-    # --- hooks called by the interceptor ---------------------------------------------------------
+    # --- hooks called by observability.Observer --------------------------------------------------
     def observe_rpc(self, method: str, code: str, seconds: float, variant: str = "", fallback_reason: str = "") -> None:
         self.rpc_latency.labels(method=method, variant=variant).observe(seconds)
         self.rpcs.labels(method=method, code=code).inc()

@@ -1,9 +1,9 @@
 """Per-RPC observation at the gRPC edge: request id, metrics, one access-log line.
 
-Sits inside ErrorMappingInterceptor, so it sees the service's own exceptions and derives the
-status code from the same table (interceptors.status_for) before they are mapped. Only the
-RerankerService methods are observed; health checks and reflection pass through untouched
-(kubelet probes would otherwise dominate the logs).
+Wraps each RerankerService handler inside errormapping.guarded, so it sees the service's own
+exceptions and derives the status code from the same table (errormapping.status_for) before they
+are mapped. Health checks and reflection are not observed (kubelet probes would otherwise dominate
+the logs).
 
 Never logged: user ids, item ids, texts. A Rerank line carries the experiment bucket and, when
 `log_user_salt` is set, a salted hash of the user id.
@@ -11,25 +11,25 @@ Never logged: user ids, item ids, texts. A Rerank line carries the experiment bu
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
+from grpc import aio
 
 from reranker.config import Settings
 from reranker.convert import EncodedRerankResponse
-from reranker.interceptors import status_for
+from reranker.errormapping import Handler, status_for
 from reranker.metrics import Metrics
 from reranker.v1 import reranker_pb2 as pb
 
 access_log = logging.getLogger("reranker.access")
 
-SERVICE_PREFIX = "/" + pb.DESCRIPTOR.services_by_name["RerankerService"].full_name + "/"
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -48,7 +48,7 @@ def user_hash(salt: str, user_id: str) -> str:
     return hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=8, key=salt.encode()[:64]).hexdigest()
 
 
-def _request_id(context: grpc.ServicerContext, from_request: str = "") -> str:
+def _request_id(context: aio.ServicerContext, from_request: str = "") -> str:
     if from_request:
         return from_request
     for key, value in context.invocation_metadata() or ():
@@ -57,39 +57,17 @@ def _request_id(context: grpc.ServicerContext, from_request: str = "") -> str:
     return uuid.uuid4().hex[:16]
 
 
-class ObservabilityInterceptor(grpc.ServerInterceptor):
+class Observer:
+    """Wraps each RerankerService handler when it is registered (no per-call interceptor)."""
+
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._metrics = metrics
         self._access_log = settings.access_log
         self._sample = settings.access_log_sample
         self._user_salt = settings.log_user_salt
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        full_method = handler_call_details.method
-        if handler is None or not full_method.startswith(SERVICE_PREFIX):
-            return handler
-        method = full_method[len(SERVICE_PREFIX) :]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._observed(handler.unary_unary, method, streaming=False),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._observed(handler.stream_unary, method, streaming=True),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
-
-    def _observed(self, behavior: Callable[..., Any], method: str, *, streaming: bool) -> Callable[..., Any]:
-        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+    def observed(self, behavior: Handler, method: str, *, streaming: bool) -> Handler:
+        async def observe(request: Any, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
             fields: dict[str, Any] = {"method": method}
             if streaming:
@@ -103,8 +81,11 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             code = "OK"
             response = None
             try:
-                response = behavior(request, context)
+                response = await behavior(request, context)
                 return response
+            except asyncio.CancelledError:
+                code = "CANCELLED"  # the caller went away or its deadline passed
+                raise
             except Exception as exc:
                 code = status_for(exc)[0].name
                 fields["error"] = type(exc).__name__  # messages may quote ids: not logged
@@ -128,7 +109,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                         extra={"fields": fields},
                     )
 
-        return observed
+        return observe
 
     def _should_log(self, code: str, variant: str) -> bool:
         """Always log failures and anything but a personalized answer; sample the rest."""
@@ -168,14 +149,14 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 class _CountingIterator:
     """Wraps a request stream and counts the messages the servicer pulled."""
 
-    def __init__(self, inner: Iterator[Any]) -> None:
+    def __init__(self, inner: AsyncIterator[Any]) -> None:
         self._inner = inner
         self.count = 0
 
-    def __iter__(self) -> _CountingIterator:
+    def __aiter__(self) -> _CountingIterator:
         return self
 
-    def __next__(self) -> Any:
-        item = next(self._inner)
+    async def __anext__(self) -> Any:
+        item = await self._inner.__anext__()
         self.count += 1
         return item

@@ -1,32 +1,43 @@
-"""Server assembly: gRPC server, health (NOT_SERVING until warm), reflection, graceful shutdown."""
+"""Server assembly: gRPC server, health (NOT_SERVING until warm), reflection, graceful shutdown.
+
+The server is grpc's asyncio server, running on its own event-loop thread: a warm Rerank is
+answered on that thread without a hop to a worker pool (see servicer.py), which is what keeps
+the added latency small under concurrency. Work that waits runs on a `max_workers` thread pool.
+`RunningServer` is the synchronous handle the rest of the program (and the tests) use.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from grpc import aio
+from grpc_health.v1 import _async as aio_health
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from reranker import tracing
 from reranker.config import Settings
-from reranker.interceptors import ErrorMappingInterceptor
 from reranker.metrics import MetricsEndpoint
-from reranker.observability import ObservabilityInterceptor
+from reranker.observability import Observer
 from reranker.service import RerankService
 from reranker.servicer import RerankerServicer, add_to_server
 from reranker.tls import TransportConfigError, is_loopback, server_credentials
 from reranker.v1 import reranker_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RerankerService"].full_name
 # `reranker serve` exit status when the model cannot load and on_load_failure=exit.
@@ -37,16 +48,56 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class EventLoopThread:
+    """An asyncio event loop on a daemon thread; `run` executes a coroutine there and waits."""
+
+    def __init__(self, name: str = "grpc-loop") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    @property
+    def closed(self) -> bool:
+        return self.loop.is_closed()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class HealthStatus:
+    """The asyncio health servicer, set from any thread but the loop's."""
+
+    def __init__(self, servicer: aio_health.HealthServicer, loop: EventLoopThread) -> None:
+        self.servicer = servicer
+        self._loop = loop
+
+    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        self._loop.run(self.servicer.set(service, status))
+
+    def enter_graceful_shutdown(self) -> None:
+        """Report NOT_SERVING for every service from now on (kubelet stops routing here)."""
+        self._loop.run(self.servicer.enter_graceful_shutdown())
+
+
 @dataclass
 class RunningServer:
-    server: grpc.Server
+    server: aio.Server
     port: int
-    health: health.HealthServicer
+    health: HealthStatus
     service: RerankService
     loader: threading.Thread
+    event_loop: EventLoopThread
+    blocking_pool: futures.ThreadPoolExecutor
     metrics_endpoint: MetricsEndpoint | None = None
     tracer_provider: Any = None
-    health_server: grpc.Server | None = None
+    health_server: aio.Server | None = None
     health_port: int = 0
     tls: bool = False
 
@@ -62,14 +113,18 @@ class RunningServer:
 
     def stop(self, grace: float | None, drain_delay: float = 0.0) -> None:
         """Graceful shutdown: report NOT_SERVING (still accepting RPCs for `drain_delay` seconds),
-        then refuse new RPCs and give in-flight ones up to `grace` seconds to finish."""
+        then refuse new RPCs and give in-flight ones up to `grace` seconds to finish. Idempotent."""
+        if self.event_loop.closed:
+            return
         self.health.enter_graceful_shutdown()
         if drain_delay > 0:
             time.sleep(drain_delay)
-        self.server.stop(grace).wait()
+        self.event_loop.run(self.server.stop(grace))
         if self.health_server is not None:
-            self.health_server.stop(0).wait()
+            self.event_loop.run(self.health_server.stop(0))
         self.service.close()
+        self.blocking_pool.shutdown(wait=False, cancel_futures=True)
+        self.event_loop.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         tracing.shutdown(self.tracer_provider)
@@ -94,42 +149,57 @@ def build_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    # Outermost first: tracing sees everything; observation sits inside the error mapping.
-    interceptors: list[grpc.ServerInterceptor] = [
-        ErrorMappingInterceptor(),
-        ObservabilityInterceptor(settings, service.metrics),
-    ]
+    interceptors: list[aio.ServerInterceptor] = []
     owned_provider = None
     if settings.otel_enabled:
         if tracer_provider is None:
             tracer_provider = owned_provider = tracing.build_tracer_provider(settings)
-        interceptors.insert(0, tracing.tracing_interceptor(tracer_provider))
+        interceptors.append(tracing.tracing_interceptor(tracer_provider))
     endpoint = MetricsEndpoint(service.metrics, settings.metrics_address) if settings.metrics_address else None
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=interceptors,
-        options=options,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
-    )
-    add_to_server(RerankerServicer(service), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if credentials is None:
-        port = server.add_insecure_port(settings.address)
-        if not is_loopback(settings.address):
+    event_loop = EventLoopThread()
+    pool = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="blocking")
+
+    async def start() -> tuple[aio.Server, int, aio_health.HealthServicer, aio.Server | None, int]:
+        server = aio.server(
+            interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None
+        )
+        add_to_server(RerankerServicer(service, pool), server, Observer(settings, service.metrics))
+        health_servicer = aio_health.HealthServicer()
+        for name in ("", SERVICE_NAME):  # before start: never SERVING while the model loads
+            await health_servicer.set(name, NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(settings.address)
+            else:
+                port = server.add_secure_port(settings.address, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise RuntimeError(f"could not bind {settings.address}")
+        if credentials is None and not is_loopback(settings.address):
             log.warning("listening on %s WITHOUT TLS: anyone who can reach it can call it", settings.address)
-    else:
-        port = server.add_secure_port(settings.address, credentials)
-    if port == 0:
+        health_server, health_port = None, 0
+        if settings.health_address:
+            health_server, health_port = _health_only_server(settings.health_address, health_servicer)
+            await health_server.start()
+        await server.start()
+        return server, port, health_servicer, health_server, health_port
+
+    try:
+        server, port, health_servicer, health_server, health_port = event_loop.run(start())
+    except BaseException:
+        event_loop.close()
+        pool.shutdown(wait=False)
         if endpoint is not None:
             endpoint.stop()
-        raise RuntimeError(f"could not bind {settings.address}")
+        raise
 
     running = RunningServer(
-        server, port, health_servicer, service, threading.Thread(), endpoint, owned_provider, tls=credentials is not None
+        server, port, HealthStatus(health_servicer, event_loop), service, threading.Thread(), event_loop, pool,
+        endpoint, owned_provider, health_server, health_port, tls=credentials is not None,
     )
-    running.set_serving(False)
 
     def load() -> None:
         try:
@@ -146,27 +216,21 @@ def build_server(
         running.set_serving(True)
         log.info("serving on port %d (model %s)", port, service.model_version)
 
-    if settings.health_address:
-        try:
-            running.health_server, running.health_port = _health_only_server(settings.health_address, health_servicer)
-        except RuntimeError:
-            if endpoint is not None:
-                endpoint.stop()
-            raise
     running.loader = threading.Thread(target=load, name="model-loader", daemon=True)
-    server.start()
     running.loader.start()
     return running
 
 
-def _health_only_server(address: str, health_servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+def _health_only_server(address: str, health_servicer: aio_health.HealthServicer) -> tuple[aio.Server, int]:
     """A second listener with only the health service, sharing the main server's status."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    server = aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise RuntimeError(f"could not bind health_address {address}")
-    server.start()
     return server, port
 
 

@@ -49,6 +49,18 @@ WARMUP_TEXTS = ["warm up the encoder", "a second, slightly longer warm-up text f
 # Writes (RecordEvents, UpsertItems) have no fail-open path; without a caller deadline they wait this long.
 WRITE_TIMEOUT_S = 60.0
 
+# (vectors, hit mask) of one ItemVectorCache.lookup
+Lookup = tuple[np.ndarray, np.ndarray]
+
+
+class WouldBlock(Exception):
+    """Raised by `rerank(..., may_block=False)` before anything blocking (encoding, writes) would
+    happen. Carries the cache lookup already made, so the blocking retry does not repeat it."""
+
+    def __init__(self, lookup: Lookup | None = None) -> None:
+        super().__init__("this request needs blocking work")
+        self.lookup = lookup
+
 
 class RerankService:
     def __init__(
@@ -162,14 +174,30 @@ class RerankService:
         )
 
     # --- Rerank ----------------------------------------------------------------------------------
+    @property
+    def profiles_in_process(self) -> bool:
+        """Profiles live in this process (no network round trip to read one)."""
+        return isinstance(self.profiles, InProcessProfileStore)
+
     def rerank(
-        self, query: RerankQuery, time_remaining: float | None = None, cancel: CancelToken | None = None
+        self,
+        query: RerankQuery,
+        time_remaining: float | None = None,
+        cancel: CancelToken | None = None,
+        *,
+        may_block: bool = True,
+        lookup: Lookup | None = None,
     ) -> RerankResult:
         """Personalized order, or the upstream order (with the reason) when anything goes wrong.
 
         `time_remaining` is the caller's remaining deadline in seconds (None = no deadline).
         `cancel` fires when the caller goes away: pending encoder work is dropped and
         RequestCancelled is raised (there is nobody left to answer).
+
+        With `may_block=False` the call never waits: a request that needs encoding or carries
+        context events raises WouldBlock instead (nothing changed yet); retry it with
+        `lookup=exc.lookup` where blocking is fine. Profile reads still happen: use it only
+        when `profiles_in_process`.
         """
         started = time.perf_counter()
         s = self.settings
@@ -197,8 +225,10 @@ class RerankService:
         if not self.ready:
             return upstream(Variant.FALLBACK, FallbackReason.NOT_READY, self.load_error or "model loading")
         try:
-            return self._personalize(query, candidates, keep, bucket, started, time_remaining, cancel)
-        except RequestCancelled:
+            return self._personalize(
+                query, candidates, keep, bucket, started, time_remaining, cancel, may_block=may_block, lookup=lookup
+            )
+        except (RequestCancelled, WouldBlock):
             raise
         except EncodeTimeout as exc:
             return upstream(Variant.FALLBACK, FallbackReason.DEADLINE, str(exc))
@@ -221,15 +251,20 @@ class RerankService:
         started: float,
         time_remaining: float | None,
         cancel: CancelToken | None = None,
+        *,
+        may_block: bool = True,
+        lookup: Lookup | None = None,
     ) -> RerankResult:
         s = self.settings
         assert self.items is not None and self.profiles is not None
+        if query.context_events and not may_block:
+            raise WouldBlock()
         encode_budget = s.encode_timeout_ms / 1000.0
         if time_remaining is not None:
             encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
         encode_started = time.perf_counter()
         vectors, has_vector, hits, encoded = self._resolve_vectors(
-            candidates.item_ids, candidates.texts, encode_budget, cancel
+            candidates.item_ids, candidates.texts, encode_budget, cancel, may_block=may_block, lookup=lookup
         )
         if query.context_events:
             self._record(query.context_events, time_remaining=encode_budget, cancel=cancel)
@@ -349,15 +384,27 @@ class RerankService:
 
     # --- vectors ---------------------------------------------------------------------------------
     def _resolve_vectors(
-        self, item_ids: Sequence[str], texts: Sequence[str | None], timeout_s: float, cancel: CancelToken | None = None
+        self,
+        item_ids: Sequence[str],
+        texts: Sequence[str | None],
+        timeout_s: float,
+        cancel: CancelToken | None = None,
+        *,
+        may_block: bool = True,
+        lookup: Lookup | None = None,
     ) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """Cached or freshly encoded vectors; returns (vectors, has_vector, cache hits, encoded count)."""
+        """Cached or freshly encoded vectors; returns (vectors, has_vector, cache hits, encoded count).
+
+        `lookup` is a lookup of these ids already made; may_block=False raises WouldBlock (with
+        the lookup) where texts would have to be encoded."""
         assert self.items is not None
-        vectors, hit = self.items.lookup(item_ids, texts)
+        vectors, hit = lookup if lookup is not None else self.items.lookup(item_ids, texts)
         has_vector = hit.copy()
         if hit.all():
             return vectors, has_vector, len(item_ids), 0
         misses = [i for i in np.flatnonzero(~hit).tolist() if texts[i] is not None]
+        if misses and not may_block:
+            raise WouldBlock((vectors, hit))
         # The same item may appear twice among misses (e.g. events): encode each text once.
         unique: dict[tuple[str, str], list[int]] = {}
         for i in misses:

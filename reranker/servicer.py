@@ -1,100 +1,154 @@
-"""The generated servicer, filled in: one short method per RPC; protobuf stays at this edge."""
+"""The RerankerService handlers: one short coroutine per RPC; protobuf stays at this edge.
+
+They run on the server's event loop. A warm Rerank (every vector cached, profiles in process) is
+answered right there, with no thread hop; anything that waits (encoding, writes, a Redis round
+trip) runs on `blocking_pool`, so the loop never stalls behind it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 import grpc
+from grpc import aio
 
 from reranker import convert
 from reranker.cancellation import CancelToken
+from reranker.errormapping import Handler, guarded, tolerant
 from reranker.errors import InvalidRequest
 from reranker.ingest import ready_batches
-from reranker.service import RerankService
+from reranker.observability import Observer
+from reranker.service import RerankService, WouldBlock
 from reranker.types import RecordResult
 from reranker.v1 import reranker_pb2 as pb
-from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
+R = TypeVar("R")
 
+SERVICE = pb.DESCRIPTOR.services_by_name["RerankerService"]
 # grpc reports "no deadline" as a huge remaining time; treat anything beyond a day as none.
 _NO_DEADLINE_S = 86_400.0
 
 
-def _remaining(context: grpc.ServicerContext) -> float | None:
+def _remaining(context: aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
 
 
-def _cancel_token(context: grpc.ServicerContext) -> CancelToken:
-    """A token fired when the RPC terminates; while we still work on it that means the caller left."""
-    token = CancelToken()
-    if not context.add_callback(token.cancel):
-        token.cancel()  # already terminated
-    return token
-
-
-class RerankerServicer(pb_grpc.RerankerServiceServicer):
-    def __init__(self, service: RerankService) -> None:
+class RerankerServicer:
+    def __init__(self, service: RerankService, blocking_pool: Executor) -> None:
         self._service = service
+        self._pool = blocking_pool
         self._limits = convert.Limits.from_settings(service.settings)
 
-    def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> convert.EncodedRerankResponse:
+    async def _blocking(
+        self, fn: Callable[..., R], arg: Any, context: aio.ServicerContext, **kwargs: Any
+    ) -> R:
+        """`fn(arg, time_remaining, cancel=token, **kwargs)` on the blocking pool.
+
+        time_remaining is taken when a pool thread picks the call up (time spent queued counts
+        against the caller's deadline). If this RPC ends first (caller cancelled, deadline
+        passed), the token fires: queued encoder work is dropped and the thread freed at once."""
+        remaining = _remaining(context)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        token = CancelToken()
+
+        def call() -> R:
+            left = None if deadline is None else deadline - time.monotonic()
+            return fn(arg, left, cancel=token, **kwargs)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
+
+    async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext) -> convert.EncodedRerankResponse:
         # Answered as bytes (see add_to_server).
         query = convert.rerank_query(request, self._limits)
-        return convert.encode_rerank_response(self._service.rerank(query, _remaining(context), _cancel_token(context)))
+        remaining, service = _remaining(context), self._service
+        if service.profiles_in_process:
+            try:
+                return convert.encode_rerank_response(service.rerank(query, remaining, may_block=False))
+            except WouldBlock as wait:
+                lookup = wait.lookup
+        else:
+            lookup = None
+        result = await self._blocking(service.rerank, query, context, lookup=lookup)
+        return convert.encode_rerank_response(result)
 
-    def RecordEvents(self, request: pb.RecordEventsRequest, context: grpc.ServicerContext) -> pb.RecordEventsResponse:
+    async def RecordEvents(self, request: pb.RecordEventsRequest, context: aio.ServicerContext) -> pb.RecordEventsResponse:
         if not request.events:
             raise InvalidRequest("events must not be empty")
         events = convert.events_from_pb(request.events, "events", self._limits)
-        return convert.record_response(
-            self._service.record_events(events, _remaining(context), _cancel_token(context))
-        )
+        return convert.record_response(await self._blocking(self._service.record_events, events, context))
 
-    def StreamEvents(self, request_iterator: Iterator[pb.Event], context: grpc.ServicerContext) -> pb.RecordEventsResponse:
-        total, seen, cancel = RecordResult(), 0, _cancel_token(context)
+    async def StreamEvents(
+        self, request_iterator: AsyncIterator[pb.Event], context: aio.ServicerContext
+    ) -> pb.RecordEventsResponse:
+        total, seen = RecordResult(), 0
         # Apply what has arrived at once: a click on a long-lived stream counts for the next Rerank.
-        for batch in ready_batches(request_iterator, self._limits.max_events):
+        async for batch in ready_batches(request_iterator, self._limits.max_events):
             events = tuple(convert.event_from_pb(m, f"event[{seen + i}]", self._limits) for i, m in enumerate(batch))
             seen += len(batch)
-            total = total + self._service.record_events(events, _remaining(context), cancel)
+            total = total + await self._blocking(self._service.record_events, events, context)
         return convert.record_response(total)
 
-    def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.ServicerContext) -> pb.UpsertItemsResponse:
+    async def UpsertItems(self, request: pb.UpsertItemsRequest, context: aio.ServicerContext) -> pb.UpsertItemsResponse:
         items = convert.items_from_pb(request, self._limits)
-        return convert.upsert_response(self._service.upsert_items(items, _remaining(context), _cancel_token(context)))
+        return convert.upsert_response(await self._blocking(self._service.upsert_items, items, context))
 
-    def GetUserProfile(
-        self, request: pb.GetUserProfileRequest, context: grpc.ServicerContext
+    async def GetUserProfile(
+        self, request: pb.GetUserProfileRequest, context: aio.ServicerContext
     ) -> pb.GetUserProfileResponse:
         user_id = request.user_id
         if not user_id:
             raise InvalidRequest("user_id must not be empty")
-        return convert.profile_response(self._service.user_profile(user_id, request.include_vector))
+        loop = asyncio.get_running_loop()
+        view = await loop.run_in_executor(self._pool, self._service.user_profile, user_id, request.include_vector)
+        return convert.profile_response(view)
 
 
-def add_to_server(servicer: RerankerServicer, server: grpc.Server) -> None:
-    """Register the RerankerService methods: the generated registration, except that Rerank sends
-    the bytes that convert.encode_rerank_response built (no RerankResponse object per call)."""
+def add_to_server(servicer: RerankerServicer, server: aio.Server, observer: Observer) -> None:
+    """Register the RerankerService methods, each wrapped once (not per call) with error mapping
+    outside observation. Rerank sends the bytes that convert.encode_rerank_response built (no
+    RerankResponse object per call)."""
+
+    def wrap(behavior: Handler, method: str, streaming: bool = False) -> Handler:
+        return guarded(observer.observed(behavior, method, streaming=streaming), method, streaming=streaming)
+
     unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_unary_rpc_method_handler
     handlers = {
         "Rerank": unary(
-            servicer.Rerank, pb.RerankRequest.FromString, convert.serialize_rerank_response
+            wrap(servicer.Rerank, "Rerank"),
+            tolerant(pb.RerankRequest.FromString),
+            convert.serialize_rerank_response,
         ),
         "RecordEvents": unary(
-            servicer.RecordEvents, pb.RecordEventsRequest.FromString, pb.RecordEventsResponse.SerializeToString
+            wrap(servicer.RecordEvents, "RecordEvents"),
+            tolerant(pb.RecordEventsRequest.FromString),
+            pb.RecordEventsResponse.SerializeToString,
         ),
-        "StreamEvents": stream(servicer.StreamEvents, pb.Event.FromString, pb.RecordEventsResponse.SerializeToString),
+        "StreamEvents": stream(
+            wrap(servicer.StreamEvents, "StreamEvents", streaming=True),
+            tolerant(pb.Event.FromString),
+            pb.RecordEventsResponse.SerializeToString,
+        ),
         "UpsertItems": unary(
-            servicer.UpsertItems, pb.UpsertItemsRequest.FromString, pb.UpsertItemsResponse.SerializeToString
+            wrap(servicer.UpsertItems, "UpsertItems"),
+            tolerant(pb.UpsertItemsRequest.FromString),
+            pb.UpsertItemsResponse.SerializeToString,
         ),
         "GetUserProfile": unary(
-            servicer.GetUserProfile, pb.GetUserProfileRequest.FromString, pb.GetUserProfileResponse.SerializeToString
+            wrap(servicer.GetUserProfile, "GetUserProfile"),
+            tolerant(pb.GetUserProfileRequest.FromString),
+            pb.GetUserProfileResponse.SerializeToString,
         ),
     }
-    service = pb.DESCRIPTOR.services_by_name["RerankerService"]
-    missing = {m.name for m in service.methods} - set(handlers)
+    missing = {m.name for m in SERVICE.methods} - set(handlers)
     if missing:
         raise RuntimeError(f"no handler for {sorted(missing)}")
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))

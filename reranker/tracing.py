@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 
 from reranker.config import Settings
 
@@ -40,13 +39,13 @@ def build_tracer_provider(settings: Settings, exporter: Any = None) -> Any:
     return provider
 
 
-def tracing_interceptor(tracer_provider: Any) -> grpc.ServerInterceptor:
-    """The server interceptor that opens one span per RPC on `tracer_provider`."""
+def tracing_interceptor(tracer_provider: Any) -> Any:
+    """The asyncio server interceptor that opens one span per RPC on `tracer_provider`."""
     try:
-        from opentelemetry.instrumentation.grpc import server_interceptor
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
     except ImportError as exc:
         raise RuntimeError(MISSING.format(error=exc)) from None
-    return server_interceptor(tracer_provider=tracer_provider)  # type: ignore[no-any-return]
+    return aio_server_interceptor(tracer_provider=tracer_provider)
 
 
 def shutdown(tracer_provider: Any) -> None:

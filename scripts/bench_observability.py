@@ -1,7 +1,7 @@
 """What metrics + access logging add to a Rerank round trip (in-process server, fake encoder).
 
 Runs the same warm Rerank traffic (cached items, a known user) against servers built with
-1. no observation at all (the interceptor replaced by a pass-through),
+1. no observation at all (observability.Observer replaced by a pass-through),
 2. metrics only (access_log off),
 3. metrics + a JSON access-log line per call (written to /dev/null),
 and prints client-side round-trip p50/p99. Interleaves the configurations over several rounds so
@@ -34,22 +34,22 @@ from reranker.v1 import reranker_pb2 as pb  # noqa: E402
 from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402
 
 
-class PassThrough(grpc.ServerInterceptor):
+class PassThrough:
     def __init__(self, *_args: object) -> None:
         pass
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        return continuation(handler_call_details)
+    def observed(self, behavior, _method, *, streaming):  # type: ignore[no-untyped-def]
+        return behavior
 
 
 def run(settings: Settings, observe: bool, calls: int, candidates: int) -> list[float]:
-    original = server_module.ObservabilityInterceptor
+    original = server_module.Observer
     if not observe:
-        server_module.ObservabilityInterceptor = PassThrough  # type: ignore[misc,assignment]
+        server_module.Observer = PassThrough  # type: ignore[misc,assignment]
     try:
         running = server_module.build_server(settings, RerankService(settings, FakeEncoder(settings.fake_dim)))
     finally:
-        server_module.ObservabilityInterceptor = original  # type: ignore[misc]
+        server_module.Observer = original  # type: ignore[misc]
     running.loader.join(30)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -1,19 +1,21 @@
-"""Server interceptor: maps the error hierarchy to gRPC status codes, in one table.
+"""Error mapping at the gRPC edge: the error hierarchy becomes gRPC status codes, in one table.
 
-Unknown exceptions become a generic INTERNAL message (logged here), never a stack trace to the caller.
-Request bytes that do not parse (corrupt wire format, invalid UTF-8 in a string field) become
-InvalidRequest too: the handlers' deserializers are wrapped so that a parse failure reaches the
-guarded handler instead of grpc's generic "Exception deserializing request".
+`guarded` wraps each RerankerService handler when it is registered (no per-call interceptor).
+Unknown exceptions become a generic INTERNAL message (logged here), never a stack trace to the
+caller. Request bytes that do not parse (corrupt wire format, invalid UTF-8 in a string field)
+become InvalidRequest too: `tolerant` wraps the handlers' deserializers so that a parse failure
+reaches the guarded handler instead of grpc's generic "Exception deserializing request".
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc import aio
 
 from reranker.errors import (
     EncoderFailed,
@@ -26,6 +28,8 @@ from reranker.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, aio.ServicerContext], Awaitable[Any]]
 
 # Most specific first.
 STATUS_FOR_ERROR: tuple[tuple[type[RerankerError], grpc.StatusCode], ...] = (
@@ -56,10 +60,7 @@ class _Undecodable:
         return InvalidRequest(f"{where} is not a valid protobuf message: {self.reason}")
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-
+def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
@@ -69,52 +70,29 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
-    for index, request in enumerate(requests):
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    index = 0
+    async for request in requests:
         if isinstance(request, _Undecodable):
             raise request.error(f"stream message {index}")
+        index += 1
         yield request
 
 
-def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str, streaming: bool) -> Callable[..., Any]:
-    def guarded(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+def guarded(behavior: Handler, method: str, *, streaming: bool) -> Handler:
+    async def guard(request_or_iterator: Any, context: aio.ServicerContext) -> Any:
         try:
             if streaming:
                 request_or_iterator = _checked_stream(request_or_iterator)
             elif isinstance(request_or_iterator, _Undecodable):
                 raise request_or_iterator.error("request")
-            return behavior(request_or_iterator, context)
+            return await behavior(request_or_iterator, context)
         except Exception as exc:
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("unhandled error in %s", method)
         # Abort outside the except block: no chained traceback (whose message may quote request
-        # fields) reaches tracing or other outer interceptors.
-        context.abort(code, message)
+        # fields) reaches tracing or other outer layers.
+        await context.abort(code, message)
 
-    return guarded
-
-
-class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard(handler.unary_unary, method, streaming=False),
-                _tolerant(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _guard(handler.stream_unary, method, streaming=True),
-                _tolerant(handler.request_deserializer),
-                handler.response_serializer,
-            )
-        return handler
+    return guard
