@@ -126,15 +126,25 @@ class LoadResult:
     fallbacks: int
     elapsed_s: float
     latencies_s: list[float]
+    server_cpu_s: float | None = None  # CPU the server process used while measured (None: unknown)
 
     def __add__(self, other: LoadResult) -> LoadResult:
+        cpu = None if self.server_cpu_s is None or other.server_cpu_s is None else self.server_cpu_s + other.server_cpu_s
         return LoadResult(
             self.requests + other.requests,
             self.errors + other.errors,
             self.fallbacks + other.fallbacks,
             self.elapsed_s + other.elapsed_s,
             self.latencies_s + other.latencies_s,
+            cpu,
         )
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """Server CPU time per request (user + system, all its threads), in microseconds."""
+        if self.server_cpu_s is None or not self.requests:
+            return None
+        return 1e6 * self.server_cpu_s / self.requests
 
     @property
     def qps(self) -> float:
@@ -146,6 +156,7 @@ class LoadResult:
             f"{label}: requests={self.requests} errors={self.errors} fallbacks={self.fallbacks} "
             f"qps={self.qps:.0f} p50_ms={p['p50']:.3f} p90_ms={p['p90']:.3f} p99_ms={p['p99']:.3f} "
             f"p999_ms={p['p999']:.3f}"
+            + (f" server_cpu_us_per_req={self.cpu_us_per_request:.0f}" if self.cpu_us_per_request is not None else "")
         )
 
 
@@ -266,7 +277,24 @@ def _echo_payload(stub: object, workload: RerankWorkload) -> bytes:
     return stub.Rerank(workload.request(0, 0), timeout=60).SerializeToString()  # type: ignore[attr-defined]
 
 
-def _measure(address: str, workload: RerankWorkload, args: argparse.Namespace, duration_s: float, warmup_s: float) -> LoadResult:
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere or if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _measure(
+    address: str,
+    workload: RerankWorkload,
+    args: argparse.Namespace,
+    duration_s: float,
+    warmup_s: float,
+    server_pid: int | None = None,
+) -> LoadResult:
+    """Drive `address`; with `server_pid`, also the CPU that process used while measured."""
     import grpc
 
     from reranker.v1 import reranker_pb2 as pb
@@ -284,11 +312,22 @@ def _measure(address: str, workload: RerankWorkload, args: argparse.Namespace, d
         reply = stubs[w % len(stubs)].Rerank(req, timeout=args.timeout)
         return reply.variant == pb.VARIANT_FALLBACK
 
+    cpu_at_start: list[float | None] = [None]
+    sampler = None
+    if server_pid is not None:
+        sampler = threading.Timer(warmup_s, lambda: cpu_at_start.__setitem__(0, process_cpu_seconds(server_pid)))
+        sampler.start()
     try:
-        return drive(call, args.concurrency, duration_s, warmup_s)
+        result = drive(call, args.concurrency, duration_s, warmup_s)
     finally:
         for ch in channels:
             ch.close()
+    if sampler is not None and server_pid is not None:
+        sampler.join()
+        start, end = cpu_at_start[0], process_cpu_seconds(server_pid)
+        if start is not None and end is not None:
+            result.server_cpu_s = end - start
+    return result
 
 
 def bench_rerank(args: argparse.Namespace) -> int:
@@ -333,17 +372,19 @@ def bench_rerank(args: argparse.Namespace) -> int:
                 sys.executable, "-m", "reranker.bench", "--echo-server", str(echo_port), str(response_path),
                 str(args.echo_workers),
             ]
-            children.append(subprocess.Popen(echo_cmd, env=_child_env()))
+            echo_child = subprocess.Popen(echo_cmd, env=_child_env())
+            children.append(echo_child)
             echo_address = f"127.0.0.1:{echo_port}"
             grpc.channel_ready_future(grpc.insecure_channel(echo_address)).result(timeout=30)
         # Alternate short slices of both servers so that both see the same background load.
         rounds = max(1, args.rounds)
-        rerank = echo = LoadResult(0, 0, 0, 0.0, [])
+        rerank, echo = LoadResult(0, 0, 0, 0.0, [], 0.0), LoadResult(0, 0, 0, 0.0, [], 0.0)
+        rerank_pid = child.pid if child is not None else None
         for r in range(rounds):
             warmup = args.warmup if r == 0 else min(args.warmup, 0.2)
-            rerank = rerank + _measure(address, workload, args, args.duration / rounds, warmup)
+            rerank = rerank + _measure(address, workload, args, args.duration / rounds, warmup, rerank_pid)
             if echo_address:
-                echo = echo + _measure(echo_address, workload, args, args.duration / rounds, warmup)
+                echo = echo + _measure(echo_address, workload, args, args.duration / rounds, warmup, echo_child.pid)
         print(rerank.line("rerank"), flush=True)
         if not echo_address:
             return 0
@@ -352,7 +393,12 @@ def bench_rerank(args: argparse.Namespace) -> int:
         print(
             "ratio rerank/echo: "
             + " ".join(f"{k}={r[k] / e[k]:.2f}x" for k in ("p50", "p90", "p99", "p999"))
-            + f" qps={rerank.qps / max(echo.qps, 1e-9):.2f}x",
+            + f" qps={rerank.qps / max(echo.qps, 1e-9):.2f}x"
+            + (
+                f" server_cpu_per_req={rerank.cpu_us_per_request / max(echo.cpu_us_per_request, 1e-9):.2f}x"
+                if rerank.cpu_us_per_request is not None and echo.cpu_us_per_request is not None
+                else ""
+            ),
             flush=True,
         )
         return 0

@@ -416,19 +416,6 @@ def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mappin
     )
 
 
-def single_threaded_blas() -> None:
-    """Run numpy's BLAS on one thread, process-wide.
-
-    The head's products are small (100 x 384 x 64): a multi-threaded BLAS gains nothing on them and,
-    on a busy machine, its threads spin-wait for other processes' cores: measured p50 0.3 ms on one
-    thread vs 50 ms with the default threads on 2 loaded cores (scripts/bench_head.py). The encoder
-    runs on torch's own thread pool and is not affected.
-    """
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
-
-
 def check_encoder(head: RankingHead, encoder_version: str, dim: int) -> None:
     """Refuse a head trained on another model (vectors would not mean the same thing).
 

@@ -100,6 +100,7 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("reranker_ready", "1 when the model is loaded and Rerank personalizes.", registry=r)
+        self._rpc_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._cache_lock = threading.Lock()
         self._cache_source: Callable[[], dict[str, tuple[int, int, int]]] = dict
         r.register(_CacheCollector(self._read_caches))
@@ -134,8 +135,15 @@ class Metrics:
 
     # --- hooks called by observability.Observer --------------------------------------------------
     def observe_rpc(self, method: str, code: str, seconds: float, variant: str = "", fallback_reason: str = "") -> None:
-        self.rpc_latency.labels(method=method, variant=variant).observe(seconds)
-        self.rpcs.labels(method=method, code=code).inc()
+        # Label lookups cost microseconds each; the few (method, variant, code) children are kept.
+        key = (method, code, variant)
+        children = self._rpc_children.get(key)
+        if children is None:
+            children = self._rpc_children[key] = (
+                self.rpc_latency.labels(method=method, variant=variant), self.rpcs.labels(method=method, code=code)
+            )
+        children[0].observe(seconds)
+        children[1].inc()
         if fallback_reason:
             self.fallbacks.labels(reason=fallback_reason).inc()
 

@@ -20,9 +20,9 @@ import dataclasses
 import hashlib
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import cachetools
 import numpy as np
@@ -32,6 +32,8 @@ from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
     from reranker.config import Settings
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,9 @@ class UserState:
     updated_at: float
     recent: tuple[Event, ...]  # oldest first, arrival order, text dropped
     history: usermodel.History
+    # Values derived from this state (user vector, decayed weights), memoized by their users: the
+    # in-process store hands out one UserState per profile version (see _Profile.state).
+    derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | None:
@@ -82,6 +87,16 @@ def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | Non
         return None
     session = usermodel.session_vector(state.history, settings.session_size, settings.session_gap_seconds)
     return usermodel.mix(state.long_term, session, settings.session_mix)
+
+
+def derived(state: UserState, key: str, compute: Callable[[], T]) -> T:
+    """`compute()`, once per UserState: the in-process store shares one state per profile version,
+    so a warm user's vector and weights are computed once per event, not once per request."""
+    try:
+        return state.derived[key]  # type: ignore[no-any-return]
+    except KeyError:
+        value = state.derived[key] = compute()
+        return value
 
 
 def positive_history(state: UserState) -> np.ndarray:
@@ -190,6 +205,8 @@ class _Profile:
     hist_weights: list[float] = dataclasses.field(default_factory=list)
     hist_vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
     seen: _SeenIds = dataclasses.field(default_factory=_SeenIds)
+    # The UserState (without recent events) of the current version; None after any change.
+    snapshot: UserState | None = None
 
     def add_history(self, timestamp: float, item_id: str, weight: float, vector: np.ndarray, cap: int) -> None:
         """Insert in event-time order (ties: arrival order), then drop the oldest beyond `cap`."""
@@ -203,6 +220,15 @@ class _Profile:
                 del column[0]  # type: ignore[attr-defined]
 
     def state(self, user_id: str, dim: int, recent: bool = True) -> UserState:
+        """A consistent copy. Without recent events it is built once per version of the profile
+        and shared by every reader until the next change (arrays read-only)."""
+        if not recent:
+            if self.snapshot is None or self.snapshot.user_id != user_id:
+                self.snapshot = self._build_state(user_id, dim, recent=False)
+            return self.snapshot
+        return self._build_state(user_id, dim, recent=True)
+
+    def _build_state(self, user_id: str, dim: int, recent: bool) -> UserState:
         if self.hist_items:
             history = usermodel.History(
                 tuple(self.hist_items),
@@ -212,8 +238,11 @@ class _Profile:
             )
         else:
             history = usermodel.History.empty(dim)
+        long_term = self.long_term.copy()
+        for array in (long_term, history.timestamps, history.weights, history.vectors):
+            array.flags.writeable = False
         return UserState(
-            user_id, self.long_term.copy(), self.ref_time, self.event_count, self.updated_at,
+            user_id, long_term, self.ref_time, self.event_count, self.updated_at,
             tuple(_recent_event(user_id, row) for row in self.recent) if recent else (), history,
         )
 
@@ -251,6 +280,7 @@ class InProcessProfileStore:
                         continue
                     profile.seen.add(hashed, c.max_event_ids)
                 accepted += 1
+                profile.snapshot = None
                 profile.event_count += 1
                 profile.updated_at = now
                 profile.recent.append(_recent_tuple(event))

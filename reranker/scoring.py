@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 FloatArray = np.ndarray
+# History rows from which attention_scores computes similarities with one matrix product.
+_ATTENTION_GEMM_ROWS = 8
 
 
 def l2_normalize(vectors: FloatArray, eps: float = 1e-12) -> FloatArray:
@@ -171,13 +173,17 @@ def attention_scores(
     hist = np.asarray(history, dtype=np.float32)
     if hist.shape[0] == 0 or items.shape[0] == 0:
         return np.zeros(items.shape[0])
-    # One matrix-vector product per history row rather than one (n, d) @ (d, k) product: OpenBLAS
-    # spreads small matrix products over threads, which on a busy machine costs milliseconds for
-    # microseconds of work; k is small (vector_history_size). Rows are history items, so each
-    # product fills a contiguous row and the reductions below are (k,) @ (k, n) products.
-    sims = np.empty((hist.shape[0], items.shape[0]), dtype=np.float32)  # (k, n)
-    for j in range(hist.shape[0]):
-        np.dot(items, hist[j], out=sims[j])
+    # Rows are history items, so the reductions below are (k,) @ (k, n) products. A few rows: one
+    # matrix-vector product each (cheaper than a matrix product's set-up); more: one (k, d) @ (d, n)
+    # product, which reads the candidate vectors once (2x faster at k = 20). The server runs BLAS
+    # on one thread (RerankService.load), so the product never waits on spinning BLAS threads.
+    k = hist.shape[0]
+    if k >= _ATTENTION_GEMM_ROWS:
+        sims = hist @ items.T
+    else:
+        sims = np.empty((k, items.shape[0]), dtype=np.float32)  # (k, n)
+        for j in range(k):
+            np.dot(items, hist[j], out=sims[j])
     attn = sims - sims.max(axis=0)
     attn *= np.float32(1.0 / max(temperature, 1e-6))
     np.exp(attn, out=attn)
@@ -214,3 +220,17 @@ def personal_semantic(
         att = attention_scores(item_vectors, history, history_weights, temperature)
         semantic = (1.0 - attention_weight) * semantic + attention_weight * att
     return np.where(has_vector, semantic, 0.0)
+
+
+def single_threaded_blas() -> None:
+    """Run numpy's BLAS on one thread, process-wide (the server does, at load).
+
+    Scoring's products are small (hundreds x 384 x tens): a multi-threaded BLAS gains nothing on
+    them and, on a busy machine, its threads spin-wait for other processes' cores: measured p50
+    0.3 ms on one thread vs 50 ms with the default threads on 2 loaded cores for the trained
+    head's products (scripts/bench_head.py). The encoders run on their own thread pools (torch,
+    ONNX Runtime) and are not affected.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")

@@ -56,8 +56,8 @@ class EventLoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     @property
     def closed(self) -> bool:
@@ -79,11 +79,23 @@ class HealthStatus:
         self._loop = loop
 
     def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        self._loop.run(self.servicer.set(service, status))
+        self._run(self.servicer.set(service, status))
 
     def enter_graceful_shutdown(self) -> None:
         """Report NOT_SERVING for every service from now on (kubelet stops routing here)."""
-        self._loop.run(self.servicer.enter_graceful_shutdown())
+        self._run(self.servicer.enter_graceful_shutdown())
+
+    def _run(self, coro: Coroutine[Any, Any, None]) -> None:
+        # The model may finish loading after the server stopped: then there is nobody to tell.
+        if self._loop.closed:
+            coro.close()
+            return
+        try:
+            self._loop.run(coro, timeout=10)
+        except (RuntimeError, futures.TimeoutError):
+            coro.close()
+            if not self._loop.closed:
+                raise
 
 
 @dataclass

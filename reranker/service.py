@@ -23,8 +23,8 @@ from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, 
 from reranker.experiments import decide
 from reranker.items import ItemVectorCache
 from reranker.metrics import Metrics
-from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, make_profile_store, positive_history
-from reranker.profiles import positive_history_ids
+from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, derived, make_profile_store
+from reranker.profiles import positive_history, positive_history_ids
 from reranker.profiles import user_vector as user_vector_of
 from reranker.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
 from reranker.types import (
@@ -98,6 +98,7 @@ class RerankService:
             if self.settings.warmup:
                 encoder.encode(WARMUP_TEXTS)
             log.info("encoder %s warmed in %.0f ms", encoder.version, 1000 * (time.perf_counter() - started))
+            scoring.single_threaded_blas()
             head = self._load_head(encoder)
         except Exception as exc:
             self.load_error = str(exc)
@@ -141,7 +142,6 @@ class RerankService:
             return None
         head = ranking_head.load(self.settings.head_path)
         ranking_head.check_encoder(head, encoder.version, encoder.dim)
-        ranking_head.single_threaded_blas()
         log.info("ranking head %s loaded from %s", head.version, self.settings.head_path)
         return head
 
@@ -272,21 +272,22 @@ class RerankService:
 
         score_started = time.perf_counter()
         state = self.profiles.get(query.user_id, recent=False)
-        user_vector = user_vector_of(state, self.settings)
+        user_vector = None if state is None else derived(state, "user_vector", lambda: self._user_vector(state))
         opts = query.options
         diversity = s.diversity if opts.diversity is None else opts.diversity
         # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
         if self.head is not None and user_vector is not None and state is not None and opts.blend_weight is None:
             ranking = self.head.rank(
-                candidates.item_ids, candidates.scores, vectors, has_vector, user_vector, positive_history(state),
-                positive_history_ids(state), diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
+                candidates.item_ids, candidates.scores, vectors, has_vector, user_vector,
+                derived(state, "positive_history", lambda: positive_history(state)),
+                derived(state, "positive_history_ids", lambda: positive_history_ids(state)), diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
             )
         else:
             semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)
             if user_vector is not None and s.attention_weight > 0 and state is not None and len(state.history):
                 semantic = scoring.personal_semantic(
                     vectors, has_vector, user_vector, state.history.vectors,
-                    usermodel.decayed_weights(state.history, state.ref_time, self._decay_rate),
+                    derived(state, "decayed_weights", lambda: self._decayed_weights(state)),
                     attention_weight=s.attention_weight, temperature=s.attention_temperature,
                 )
             ranking = scoring.rank(
@@ -324,6 +325,17 @@ class RerankService:
             without_vector=int((~has_vector).sum()),
             bucket=bucket,
         )
+
+    def _user_vector(self, state: UserState) -> np.ndarray | None:
+        vector = user_vector_of(state, self.settings)
+        if vector is not None:
+            vector.flags.writeable = False  # shared by every request until the user's next event
+        return vector
+
+    def _decayed_weights(self, state: UserState) -> np.ndarray:
+        weights = usermodel.decayed_weights(state.history, state.ref_time, self._decay_rate)
+        weights.flags.writeable = False
+        return weights
 
     @property
     def _decay_rate(self) -> float:

@@ -28,10 +28,10 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=500)
     parser.add_argument("--blas-threads", choices=("default", "1"), default="1",
-                        help="1 = what the server does when a head is loaded (ranking_head.single_threaded_blas)")
+                        help="1 = what the server does (scoring.single_threaded_blas at load)")
     args = parser.parse_args()
     if args.blas_threads == "1":
-        ranking_head.single_threaded_blas()
+        scoring.single_threaded_blas()
     rng = np.random.default_rng(0)
     if args.head:
         head = ranking_head.load(args.head)
