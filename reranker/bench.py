@@ -3,7 +3,8 @@
 Modes:
   rerank   drive a Rerank server over gRPC (one it starts, or --target) with N client threads, and a
            plain gRPC echo server with the same request and response sizes in the same run; prints
-           QPS and p50/p90/p99/p999 latency of both and their ratio.
+           QPS and p50/p90/p99/p999 latency of both and their ratio, and (for servers it started)
+           each server process's CPU time per request.
   encoder  texts/s of our encoder path (micro-batcher, length-sorted batches) next to
            sentence-transformers' `encode` on the same model and machine, plus their cosine agreement.
   memory   process RSS with the model loaded, then with N cached item vectors.
