@@ -208,8 +208,11 @@ class RerankWorkload:
     """Requests of `candidates` items: a share `hit_ratio` drawn from a pre-upserted pool, the rest
     never seen before (they must be encoded), always with text, for users with a history."""
 
-    def __init__(self, candidates: int, hit_ratio: float, pool: int, users: int, texts: list[str]) -> None:
+    def __init__(
+        self, candidates: int, hit_ratio: float, pool: int, users: int, texts: list[str], columns: bool = False
+    ) -> None:
         self.candidates, self.hit_ratio, self.users = candidates, hit_ratio, users
+        self.columns = columns  # send RerankRequest.candidate_columns instead of one message per candidate
         self.pool_texts = [texts[i % len(texts)] for i in range(pool)]
         self.texts = texts
         self._fresh = 0
@@ -232,7 +235,13 @@ class RerankWorkload:
         for n in range(first, first + self.candidates - len(cands)):
             text = self.texts[n % len(self.texts)] + f" #{n}"
             cands.append(pb.Candidate(item_id=f"new-{n}", score=float(rng.random()), text=text))
-        return pb.RerankRequest(user_id=f"user-{(worker + i) % self.users}", candidates=cands, request_id=f"{worker}-{i}")
+        user, request_id = f"user-{(worker + i) % self.users}", f"{worker}-{i}"
+        if self.columns:
+            columns = pb.CandidateColumns(
+                item_ids=[c.item_id for c in cands], scores=[c.score for c in cands], texts=[c.text for c in cands]
+            )
+            return pb.RerankRequest(user_id=user, candidate_columns=columns, request_id=request_id)
+        return pb.RerankRequest(user_id=user, candidates=cands, request_id=request_id)
 
 
 def _wait_serving(address: str, timeout_s: float, child: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> None:
@@ -337,7 +346,9 @@ def bench_rerank(args: argparse.Namespace) -> int:
     from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
     texts = load_texts(args.titles, 0)
-    workload = RerankWorkload(args.candidates, args.hit_ratio, max(args.pool, args.candidates), args.users, texts)
+    workload = RerankWorkload(
+        args.candidates, args.hit_ratio, max(args.pool, args.candidates), args.users, texts, args.form == "columns"
+    )
     children: list[subprocess.Popen[bytes]] = []
     tmp = tempfile.TemporaryDirectory(prefix="reranker-bench-")
     try:
@@ -360,7 +371,7 @@ def bench_rerank(args: argparse.Namespace) -> int:
             payload = _echo_payload(stub, workload)
         print(
             f"bench rerank: target={args.target or 'started ' + address} candidates={args.candidates} "
-            f"hit_ratio={args.hit_ratio:.2f} concurrency={args.concurrency} duration_s={args.duration:g} "
+            f"hit_ratio={args.hit_ratio:.2f} form={args.form} concurrency={args.concurrency} duration_s={args.duration:g} "
             f"response_bytes={len(payload)} server_args={args.server_args!r}",
             flush=True,
         )
@@ -518,6 +529,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--server-args", default="", help="flags for the started server, e.g. '--dtype int8'")
     rerank.add_argument("--concurrency", type=int, default=1, help="client threads")
     rerank.add_argument("--candidates", type=int, default=500, help="candidates per request")
+    rerank.add_argument(
+        "--form", choices=("messages", "columns"), default="messages",
+        help="candidates as one message each (RerankRequest.candidates) or as candidate_columns",
+    )
     rerank.add_argument("--hit-ratio", type=float, default=1.0, help="share of candidates whose vector is cached")
     rerank.add_argument("--duration", type=float, default=10.0, help="measured seconds per server")
     rerank.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before measuring")

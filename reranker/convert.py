@@ -118,17 +118,11 @@ def candidates_from_pb(msgs: Sequence[pb.Candidate], limits: Limits) -> Candidat
         add_id(c.item_id)
         add_score(c.score)
         add_text(c.text)
-    id_lengths = np.fromiter(map(len, item_ids), dtype=np.int64, count=n)
     score_array = np.asarray(scores, dtype=np.float64)
-    text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
-    bad = (id_lengths == 0) | (id_lengths > limits.max_id_chars) | ~np.isfinite(score_array)
-    bad |= text_lengths > limits.max_text_chars
-    if bad.any():  # report the first offending candidate, its fields in declaration order
-        i = int(np.argmax(bad))
-        _check_id(item_ids[i], f"candidates[{i}].item_id", limits)
-        if not math.isfinite(scores[i]):
-            raise InvalidRequest(f"candidates[{i}].score must be finite, got {scores[i]}")
-        _check_text(texts[i], f"candidates[{i}].text", limits)  # type: ignore[arg-type]
+    text_lengths = _validated_columns(
+        item_ids, score_array, texts, limits,  # type: ignore[arg-type]
+        ("candidates[{}].item_id", "candidates[{}].score", "candidates[{}].text"),
+    )
     # proto3 `optional`: an empty string may be unset (no text) or set to "" (encode "").
     for i in np.flatnonzero(text_lengths == 0).tolist():
         if not msgs[i].HasField("text"):
@@ -136,9 +130,74 @@ def candidates_from_pb(msgs: Sequence[pb.Candidate], limits: Limits) -> Candidat
     return CandidateColumns(item_ids, score_array, texts)
 
 
+def candidates_from_columns(msg: pb.CandidateColumns, limits: Limits) -> CandidateColumns:
+    """CandidateColumns message -> columns: three repeated fields read as whole lists (C), no
+    message per candidate. An empty text means "no text"."""
+    item_ids = list(msg.item_ids)
+    n = len(item_ids)
+    if n == 0:
+        raise InvalidRequest("candidate_columns.item_ids must not be empty")
+    _check_count(n, limits.max_candidates, "candidate_columns.item_ids", "max_candidates")
+    scores = np.array(msg.scores, dtype=np.float64)
+    if scores.shape[0] != n:
+        raise InvalidRequest(f"candidate_columns.scores has {scores.shape[0]} values for {n} item_ids")
+    texts: list[str | None] = list(msg.texts)
+    if not texts:
+        return _columns_without_text(item_ids, scores, limits)
+    if len(texts) != n:
+        raise InvalidRequest(f"candidate_columns.texts has {len(texts)} values for {n} item_ids (give none or one each)")
+    text_lengths = _validated_columns(
+        item_ids, scores, texts, limits,  # type: ignore[arg-type]
+        ("candidate_columns.item_ids[{}]", "candidate_columns.scores[{}]", "candidate_columns.texts[{}]"),
+    )
+    for i in np.flatnonzero(text_lengths == 0).tolist():
+        texts[i] = None
+    return CandidateColumns(item_ids, scores, texts)
+
+
+def _columns_without_text(item_ids: list[str], scores: np.ndarray, limits: Limits) -> CandidateColumns:
+    no_text = [""] * len(item_ids)
+    _validated_columns(
+        item_ids, scores, no_text, limits,
+        ("candidate_columns.item_ids[{}]", "candidate_columns.scores[{}]", "candidate_columns.texts[{}]"),
+    )
+    return CandidateColumns(item_ids, scores, [None] * len(item_ids))
+
+
+def _validated_columns(
+    item_ids: list[str], scores: np.ndarray, texts: list[str], limits: Limits, names: tuple[str, str, str]
+) -> np.ndarray:
+    """Check ids, scores and texts with array operations; the error names the first offending
+    candidate, its fields in declaration order (`names`: id, score, text field name patterns).
+    Returns the text lengths."""
+    n = len(item_ids)
+    id_lengths = np.fromiter(map(len, item_ids), dtype=np.int64, count=n)
+    text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+    bad = (id_lengths == 0) | (id_lengths > limits.max_id_chars) | ~np.isfinite(scores)
+    bad |= text_lengths > limits.max_text_chars
+    if bad.any():
+        i = int(np.argmax(bad))
+        id_name, score_name, text_name = (name.format(i) for name in names)
+        _check_id(item_ids[i], id_name, limits)
+        if not math.isfinite(scores[i]):
+            raise InvalidRequest(f"{score_name} must be finite, got {scores[i]}")
+        _check_text(texts[i], text_name, limits)
+    return text_lengths
+
+
+def candidate_count(req: pb.RerankRequest) -> int:
+    """Candidates in a request, in whichever form it sent them."""
+    return len(req.candidates) or len(req.candidate_columns.item_ids)
+
+
 def rerank_query(req: pb.RerankRequest, limits: Limits) -> RerankQuery:
     user_id = _check_id(req.user_id, "user_id", limits)
-    candidates = candidates_from_pb(req.candidates, limits)
+    if req.HasField("candidate_columns"):
+        if req.candidates:
+            raise InvalidRequest("set candidates or candidate_columns, not both")
+        candidates = candidates_from_columns(req.candidate_columns, limits)
+    else:
+        candidates = candidates_from_pb(req.candidates, limits)
     opts = req.options
     options = RerankOptions(
         blend_weight=_check_fraction(opts.blend_weight, "options.blend_weight") if opts.HasField("blend_weight") else None,

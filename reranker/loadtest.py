@@ -208,8 +208,9 @@ class LoadReport:
 def check_reordering(request: pb.RerankRequest, response: pb.RerankResponse) -> str | None:
     """None if `response` is a valid reordering of the request's candidates, else what is wrong."""
     positions: dict[str, int] = {}
-    for i, c in enumerate(request.candidates):
-        positions.setdefault(c.item_id, i)
+    ids = [c.item_id for c in request.candidates] or list(request.candidate_columns.item_ids)
+    for i, item_id in enumerate(ids):
+        positions.setdefault(item_id, i)
     returned = [it.item_id for it in response.items]
     expected = min(len(positions), request.top_k or len(positions))
     if len(returned) != expected:

@@ -23,7 +23,7 @@ from typing import Any
 from grpc import aio
 
 from reranker.config import Settings
-from reranker.convert import EncodedRerankResponse
+from reranker.convert import EncodedRerankResponse, candidate_count
 from reranker.errormapping import Handler, status_for
 from reranker.metrics import Metrics
 from reranker.v1 import reranker_pb2 as pb
@@ -99,7 +99,7 @@ class Observer:
                     variant = variant_label(result.variant)
                     if result.variant == pb.VARIANT_FALLBACK:
                         reason = reason_label(result.fallback_reason)
-                    self._metrics.rerank_candidates.observe(len(request.candidates))
+                    self._metrics.rerank_candidates.observe(candidate_count(request))
                 self._metrics.observe_rpc(method, code, seconds, variant, reason)
                 if self._access_log and self._should_log(code, variant):
                     fields.update(self._describe(request, response, counter.count if streaming else None))
@@ -121,7 +121,7 @@ class Observer:
         """Counts and outcome of one call: sizes, bucket, variant; never ids or texts."""
         out: dict[str, Any] = {}
         if isinstance(request, pb.RerankRequest):
-            out["candidates"] = len(request.candidates)
+            out["candidates"] = candidate_count(request)
             if self._user_salt and request.user_id:
                 out["user_hash"] = user_hash(self._user_salt, request.user_id)
             if request.experiment:

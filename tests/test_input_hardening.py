@@ -142,6 +142,11 @@ def rerank_requests(draw: st.DrawFn) -> pb.RerankRequest:
             c.text = text
     if draw(st.booleans()):
         req.candidates.extend(list(req.candidates))  # every id duplicated
+    form = draw(st.sampled_from(["messages", "columns", "both", "ragged columns"]))
+    if form != "messages":
+        _to_columns(req, keep_messages=form == "both")
+        if form == "ragged columns":  # columns of different lengths
+            req.candidate_columns.scores.append(draw(SCORES))
     same_user = st.one_of(st.just(user_id), st.just(""), IDS)
     req.context_events.extend(draw(st.lists(events(same_user), max_size=4)))
     if draw(st.booleans()):
@@ -177,7 +182,21 @@ def valid_rerank_requests(draw: st.DrawFn) -> pb.RerankRequest:
     if draw(st.booleans()):
         req.options.diversity = draw(st.floats(0, 1, width=32))
     req.options.explain = draw(st.booleans())
+    if draw(st.booleans()):
+        _to_columns(req, keep_messages=False)
     return req
+
+
+def _to_columns(req: pb.RerankRequest, *, keep_messages: bool) -> None:
+    """Move (or copy) the request's candidates into candidate_columns."""
+    cands = list(req.candidates)
+    req.candidate_columns.SetInParent()
+    req.candidate_columns.item_ids.extend(c.item_id for c in cands)
+    req.candidate_columns.scores.extend(c.score for c in cands)
+    if any(c.HasField("text") for c in cands):
+        req.candidate_columns.texts.extend(c.text for c in cands)
+    if not keep_messages:
+        del req.candidates[:]
 
 
 def _assert_sane_rerank(req: pb.RerankRequest, resp: pb.RerankResponse) -> None:

@@ -216,6 +216,8 @@ def test_no_request_field_can_name_a_file_path_or_model() -> None:
         "reranker.v1.RerankRequest.options", "reranker.v1.RerankRequest.experiment",
         "reranker.v1.RerankRequest.request_id",
         "reranker.v1.Candidate.item_id", "reranker.v1.Candidate.score", "reranker.v1.Candidate.text",
+        "reranker.v1.RerankRequest.candidate_columns", "reranker.v1.CandidateColumns.item_ids",
+        "reranker.v1.CandidateColumns.scores", "reranker.v1.CandidateColumns.texts",
         "reranker.v1.Event.event_id", "reranker.v1.Event.user_id", "reranker.v1.Event.item_id",
         "reranker.v1.Event.type", "reranker.v1.Event.timestamp", "reranker.v1.Event.text", "reranker.v1.Event.weight",
         "google.protobuf.Timestamp.seconds", "google.protobuf.Timestamp.nanos",

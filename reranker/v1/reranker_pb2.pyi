@@ -67,6 +67,16 @@ class Candidate(_message.Message):
     text: str
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
 
+class CandidateColumns(_message.Message):
+    __slots__ = ("item_ids", "scores", "texts")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Event(_message.Message):
     __slots__ = ("event_id", "user_id", "item_id", "type", "timestamp", "text", "weight")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -98,9 +108,10 @@ class RerankOptions(_message.Message):
     def __init__(self, blend_weight: _Optional[float] = ..., diversity: _Optional[float] = ..., bypass: _Optional[bool] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("user_id", "candidates", "context_events", "top_k", "options", "experiment", "request_id")
+    __slots__ = ("user_id", "candidates", "candidate_columns", "context_events", "top_k", "options", "experiment", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_EVENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -108,12 +119,13 @@ class RerankRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    candidate_columns: CandidateColumns
     context_events: _containers.RepeatedCompositeFieldContainer[Event]
     top_k: int
     options: RerankOptions
     experiment: str
     request_id: str
-    def __init__(self, user_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., context_events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., top_k: _Optional[int] = ..., options: _Optional[_Union[RerankOptions, _Mapping]] = ..., experiment: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, user_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., candidate_columns: _Optional[_Union[CandidateColumns, _Mapping]] = ..., context_events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., top_k: _Optional[int] = ..., options: _Optional[_Union[RerankOptions, _Mapping]] = ..., experiment: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("nearest_history_item_id", "nearest_history_similarity", "has_vector", "summary")
