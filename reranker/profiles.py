@@ -265,37 +265,45 @@ class InProcessProfileStore:
             return len(self._profiles)
 
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
+        """Fold events in order. The lock is taken per event, so a large batch never holds up a
+        Rerank (which runs on the server's event loop) for longer than one event's fold."""
         accepted = duplicates = without_vector = 0
-        c = self.config
-        with self._lock:
-            for event, vector in events:
-                profile = self._profiles.get(event.user_id)
-                if profile is None:
-                    profile = _Profile(np.zeros(self.dim, dtype=np.float64), recent=deque(maxlen=c.max_recent))
-                self._profiles[event.user_id] = profile  # (re)insert refreshes the TTL
-                if event.event_id:
-                    hashed = event_id_hash(event.event_id)
-                    if hashed in profile.seen:
-                        duplicates += 1
-                        continue
-                    profile.seen.add(hashed, c.max_event_ids)
-                accepted += 1
-                profile.snapshot = None
-                profile.event_count += 1
-                profile.updated_at = now
-                profile.recent.append(_recent_tuple(event))
-                if vector is None:
-                    without_vector += 1
-                    continue
-                weight = c.weight_of(event)
-                profile.ref_time = usermodel.fold(
-                    profile.long_term, profile.ref_time, profile.folded == 0, event.timestamp, weight, vector,
-                    c.decay_rate,
-                )
-                profile.folded += 1
-                vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
-                profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
+        for event, vector in events:
+            with self._lock:
+                outcome = self._apply_one(event, vector, now)
+            if outcome == "duplicate":
+                duplicates += 1
+                continue
+            accepted += 1
+            without_vector += outcome == "no vector"
         return RecordResult(accepted, duplicates, without_vector)
+
+    def _apply_one(self, event: Event, vector: np.ndarray | None, now: float) -> str:
+        """One event, under the lock: "duplicate", "no vector" or "folded"."""
+        c = self.config
+        profile = self._profiles.get(event.user_id)
+        if profile is None:
+            profile = _Profile(np.zeros(self.dim, dtype=np.float64), recent=deque(maxlen=c.max_recent))
+        self._profiles[event.user_id] = profile  # (re)insert refreshes the TTL
+        if event.event_id:
+            hashed = event_id_hash(event.event_id)
+            if hashed in profile.seen:
+                return "duplicate"
+            profile.seen.add(hashed, c.max_event_ids)
+        profile.snapshot = None
+        profile.event_count += 1
+        profile.updated_at = now
+        profile.recent.append(_recent_tuple(event))
+        if vector is None:
+            return "no vector"
+        weight = c.weight_of(event)
+        profile.ref_time = usermodel.fold(
+            profile.long_term, profile.ref_time, profile.folded == 0, event.timestamp, weight, vector, c.decay_rate
+        )
+        profile.folded += 1
+        vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
+        profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
+        return "folded"
 
     def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
         with self._lock:

@@ -54,12 +54,14 @@ Lookup = tuple[np.ndarray, np.ndarray]
 
 
 class WouldBlock(Exception):
-    """Raised by `rerank(..., may_block=False)` before anything blocking (encoding, writes) would
-    happen. Carries the cache lookup already made, so the blocking retry does not repeat it."""
+    """Raised by `rerank(..., may_block=False)` before anything blocking (encoding) would happen,
+    and before anything was written. Carries the cache lookups already made (candidates, context
+    events), so the blocking retry does not repeat them."""
 
-    def __init__(self, lookup: Lookup | None = None) -> None:
+    def __init__(self, lookup: Lookup | None = None, event_lookup: Lookup | None = None) -> None:
         super().__init__("this request needs blocking work")
         self.lookup = lookup
+        self.event_lookup = event_lookup
 
 
 class RerankService:
@@ -187,6 +189,7 @@ class RerankService:
         *,
         may_block: bool = True,
         lookup: Lookup | None = None,
+        event_lookup: Lookup | None = None,
     ) -> RerankResult:
         """Personalized order, or the upstream order (with the reason) when anything goes wrong.
 
@@ -194,10 +197,10 @@ class RerankService:
         `cancel` fires when the caller goes away: pending encoder work is dropped and
         RequestCancelled is raised (there is nobody left to answer).
 
-        With `may_block=False` the call never waits: a request that needs encoding or carries
-        context events raises WouldBlock instead (nothing changed yet); retry it with
-        `lookup=exc.lookup` where blocking is fine. Profile reads still happen: use it only
-        when `profiles_in_process`.
+        With `may_block=False` the call never waits: a request whose candidates or context events
+        need encoding raises WouldBlock instead (nothing written yet); retry it with
+        `lookup=exc.lookup, event_lookup=exc.event_lookup` where blocking is fine. Profile reads
+        and writes still happen: use it only when `profiles_in_process`.
         """
         started = time.perf_counter()
         s = self.settings
@@ -226,7 +229,8 @@ class RerankService:
             return upstream(Variant.FALLBACK, FallbackReason.NOT_READY, self.load_error or "model loading")
         try:
             return self._personalize(
-                query, candidates, keep, bucket, started, time_remaining, cancel, may_block=may_block, lookup=lookup
+                query, candidates, keep, bucket, started, time_remaining, cancel,
+                may_block=may_block, lookup=lookup, event_lookup=event_lookup,
             )
         except (RequestCancelled, WouldBlock):
             raise
@@ -254,11 +258,10 @@ class RerankService:
         *,
         may_block: bool = True,
         lookup: Lookup | None = None,
+        event_lookup: Lookup | None = None,
     ) -> RerankResult:
         s = self.settings
         assert self.items is not None and self.profiles is not None
-        if query.context_events and not may_block:
-            raise WouldBlock()
         encode_budget = s.encode_timeout_ms / 1000.0
         if time_remaining is not None:
             encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
@@ -267,7 +270,12 @@ class RerankService:
             candidates.item_ids, candidates.texts, encode_budget, cancel, may_block=may_block, lookup=lookup
         )
         if query.context_events:
-            self._record(query.context_events, time_remaining=encode_budget, cancel=cancel)
+            try:
+                self._record(
+                    query.context_events, encode_budget, cancel, may_block=may_block, lookup=event_lookup
+                )
+            except WouldBlock as wait:  # nothing encoded yet: (vectors, has_vector) is the lookup
+                raise WouldBlock((vectors, has_vector), wait.lookup) from None
         encode_ms = 1000.0 * (time.perf_counter() - encode_started)
 
         score_started = time.perf_counter()
@@ -466,7 +474,13 @@ class RerankService:
             raise NotReady(self.load_error or "model is loading; retry shortly")
 
     def _record(
-        self, events: Sequence[Event], time_remaining: float | None, cancel: CancelToken | None = None
+        self,
+        events: Sequence[Event],
+        time_remaining: float | None,
+        cancel: CancelToken | None = None,
+        *,
+        may_block: bool = True,
+        lookup: Lookup | None = None,
     ) -> RecordResult:
         assert self.profiles is not None
         now = self._clock()
@@ -476,6 +490,8 @@ class RerankService:
             [e.text for e in stamped],
             WRITE_TIMEOUT_S if time_remaining is None else time_remaining,
             cancel,
+            may_block=may_block,
+            lookup=lookup,
         )
         pairs = [(e, vectors[i] if has_vector[i] else None) for i, e in enumerate(stamped)]
         return self.profiles.apply(pairs, now)

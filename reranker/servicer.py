@@ -74,10 +74,10 @@ class RerankerServicer:
             try:
                 return convert.encode_rerank_response(service.rerank(query, remaining, may_block=False))
             except WouldBlock as wait:
-                lookup = wait.lookup
+                lookups = {"lookup": wait.lookup, "event_lookup": wait.event_lookup}
         else:
-            lookup = None
-        result = await self._blocking(service.rerank, query, context, lookup=lookup)
+            lookups = {}
+        result = await self._blocking(service.rerank, query, context, **lookups)
         return convert.encode_rerank_response(result)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest, context: aio.ServicerContext) -> pb.RecordEventsResponse:

@@ -65,3 +65,32 @@ def test_a_cold_rerank_moved_to_the_pool_looks_each_item_up_once(make_server: Se
     again = stub.Rerank(_warm_request("u"), timeout=5)  # w0 is cached now; w1..w4 are not
     assert (again.cache_hits, again.encoded) == (1, 4)
     assert (items.hits - hits, items.misses - misses) == (1, 6)
+
+
+def test_context_events_on_cached_items_are_applied_on_the_loop(make_server: ServerFactory, encoder: HangingEncoder) -> None:
+    running, stub = make_server(fake_settings(max_workers=1, encode_timeout_ms=30_000.0), encoder=encoder)
+    stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=f"w{i}", text=f"warm {i}") for i in range(5)]))
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "h1", "a history item")]))
+    cold = stub.Rerank.future(pb.RerankRequest(user_id="u", candidates=[candidate("c1", 1.0, "never seen")]), timeout=30)
+    assert encoder.entered.wait(5)  # the only pool thread is stuck
+    request = _warm_request("u")
+    request.context_events.append(event("u", "w3"))  # a cached item: no encoding needed
+    warm = stub.Rerank(request, timeout=5)
+    assert warm.variant == pb.VARIANT_RERANKED and warm.items[0].item_id == "w3"
+    encoder.release()
+    assert cold.result().variant == pb.VARIANT_RERANKED
+    assert stub.GetUserProfile(pb.GetUserProfileRequest(user_id="u"), timeout=5).event_count == 2
+
+
+def test_a_context_event_that_needs_encoding_moves_the_request_to_the_pool_once(make_server: ServerFactory) -> None:
+    running, stub = make_server(fake_settings())
+    stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=f"w{i}", text=f"warm {i}") for i in range(5)]))
+    items = running.service.items
+    assert items is not None
+    hits, misses = items.hits, items.misses
+    request = _warm_request("u")
+    request.context_events.append(event("u", "e1", "warm 2 sequel"))  # not cached: must be encoded
+    resp = stub.Rerank(request, timeout=5)
+    assert resp.variant == pb.VARIANT_RERANKED and not resp.cold_user
+    assert (items.hits - hits, items.misses - misses) == (5, 1)  # each lookup once, on the loop
+    assert stub.GetUserProfile(pb.GetUserProfileRequest(user_id="u"), timeout=5).event_count == 1
