@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import _async as aio_health
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -74,7 +73,7 @@ class EventLoopThread:
 class HealthStatus:
     """The asyncio health servicer, set from any thread but the loop's."""
 
-    def __init__(self, servicer: aio_health.HealthServicer, loop: EventLoopThread) -> None:
+    def __init__(self, servicer: health.aio.HealthServicer, loop: EventLoopThread) -> None:
         self.servicer = servicer
         self._loop = loop
 
@@ -171,12 +170,12 @@ def build_server(
     event_loop = EventLoopThread()
     pool = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="blocking")
 
-    async def start() -> tuple[aio.Server, int, aio_health.HealthServicer, aio.Server | None, int]:
+    async def start() -> tuple[aio.Server, int, health.aio.HealthServicer, aio.Server | None, int]:
         server = aio.server(
             interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None
         )
         add_to_server(RerankerServicer(service, pool), server, Observer(settings, service.metrics))
-        health_servicer = aio_health.HealthServicer()
+        health_servicer = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):  # before start: never SERVING while the model loads
             await health_servicer.set(name, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -233,7 +232,7 @@ def build_server(
     return running
 
 
-def _health_only_server(address: str, health_servicer: aio_health.HealthServicer) -> tuple[aio.Server, int]:
+def _health_only_server(address: str, health_servicer: health.aio.HealthServicer) -> tuple[aio.Server, int]:
     """A second listener with only the health service, sharing the main server's status."""
     server = aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
