@@ -47,6 +47,12 @@ class Settings:
         "User profiles kept (LRU within TTL); ~44 KB each at vector_history_size=20, so 10k users ~ 450 MB.", 10_000
     )
     user_ttl_seconds: float = _doc("A profile not touched for this long is dropped.", 7 * 24 * 3600.0)
+    user_state_cache_size: int = _doc(
+        "Users whose scoring state (stacked history vectors, user vector, attention weights) is kept ready "
+        "between requests, LRU, dropped on the user's next event; ~38 KB each at vector_history_size=20. "
+        "0 = rebuild it on every request.",
+        1024,
+    )
     recent_events_per_user: int = _doc("Recent events kept per user (explanations, GetUserProfile).", 50)
     half_life_seconds: float = _doc("Event weight halves every this many seconds of event time.", 7 * 24 * 3600.0)
     event_weights: str = _doc("Weight per event type, `type=weight,...`; negative = negative feedback.", DEFAULT_EVENT_WEIGHTS)
@@ -187,6 +193,8 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if self.user_state_cache_size < 0:
+            problems.append("user_state_cache_size must not be negative")
         for name in ("half_life_seconds", "user_ttl_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")

@@ -74,7 +74,7 @@ class UserState:
     recent: tuple[Event, ...]  # oldest first, arrival order, text dropped
     history: usermodel.History
     # Values derived from this state (user vector, decayed weights), memoized by their users: the
-    # in-process store hands out one UserState per profile version (see _Profile.state).
+    # in-process store shares one UserState per profile version (see InProcessProfileStore.get).
     derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
@@ -90,8 +90,9 @@ def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | Non
 
 
 def derived(state: UserState, key: str, compute: Callable[[], T]) -> T:
-    """`compute()`, once per UserState: the in-process store shares one state per profile version,
-    so a warm user's vector and weights are computed once per event, not once per request."""
+    """`compute()`, once per UserState: the in-process store shares one state per profile version
+    (for its `user_state_cache_size` most recently read users), so a warm user's vector and
+    weights are computed once per event, not once per request."""
     try:
         return state.derived[key]  # type: ignore[no-any-return]
     except KeyError:
@@ -101,7 +102,10 @@ def derived(state: UserState, key: str, compute: Callable[[], T]) -> T:
 
 def positive_history(state: UserState) -> np.ndarray:
     """Vectors of the history items with positive weight (what the user liked), float32."""
-    return state.history.vectors[state.history.weights > 0].astype(np.float32, copy=False)
+    liked = state.history.weights > 0
+    if liked.all():  # the usual case: no copy
+        return state.history.vectors.astype(np.float32, copy=False)
+    return state.history.vectors[liked].astype(np.float32, copy=False)
 
 
 def positive_history_ids(state: UserState) -> list[str]:
@@ -205,8 +209,6 @@ class _Profile:
     hist_weights: list[float] = dataclasses.field(default_factory=list)
     hist_vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
     seen: _SeenIds = dataclasses.field(default_factory=_SeenIds)
-    # The UserState (without recent events) of the current version; None after any change.
-    snapshot: UserState | None = None
 
     def add_history(self, timestamp: float, item_id: str, weight: float, vector: np.ndarray, cap: int) -> None:
         """Insert in event-time order (ties: arrival order), then drop the oldest beyond `cap`."""
@@ -220,15 +222,7 @@ class _Profile:
                 del column[0]  # type: ignore[attr-defined]
 
     def state(self, user_id: str, dim: int, recent: bool = True) -> UserState:
-        """A consistent copy. Without recent events it is built once per version of the profile
-        and shared by every reader until the next change (arrays read-only)."""
-        if not recent:
-            if self.snapshot is None or self.snapshot.user_id != user_id:
-                self.snapshot = self._build_state(user_id, dim, recent=False)
-            return self.snapshot
-        return self._build_state(user_id, dim, recent=True)
-
-    def _build_state(self, user_id: str, dim: int, recent: bool) -> UserState:
+        """A consistent copy (arrays read-only: the store may share it between readers)."""
         if self.hist_items:
             history = usermodel.History(
                 tuple(self.hist_items),
@@ -248,14 +242,16 @@ class _Profile:
 
 
 class InProcessProfileStore:
-    """Profiles in this process: at most `max_users`, each dropped after `ttl_seconds` untouched."""
+    """Profiles in this process: at most `max_users`, each dropped after `ttl_seconds` untouched;
+    the ready-to-score states of the `max_states` most recently read users."""
 
     backend = "in-process"
 
-    def __init__(self, config: ProfileConfig, *, max_users: int, ttl_seconds: float) -> None:
+    def __init__(self, config: ProfileConfig, *, max_users: int, ttl_seconds: float, max_states: int = 0) -> None:
         self.config = config
         self.dim = config.dim
         self._profiles: cachetools.TTLCache[str, _Profile] = cachetools.TTLCache(max_users, ttl_seconds)
+        self._states: cachetools.LRUCache[str, UserState] = cachetools.LRUCache(max_states)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -290,7 +286,7 @@ class InProcessProfileStore:
             if hashed in profile.seen:
                 return "duplicate"
             profile.seen.add(hashed, c.max_event_ids)
-        profile.snapshot = None
+        self._states.pop(event.user_id, None)
         profile.event_count += 1
         profile.updated_at = now
         profile.recent.append(_recent_tuple(event))
@@ -306,17 +302,27 @@ class InProcessProfileStore:
         return "folded"
 
     def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
+        """Without recent events, the state of a recently read user is shared, not rebuilt: one
+        UserState per profile version for up to `max_states` users (derived values memoized on
+        it, see `derived`), dropped on the user's next event."""
         with self._lock:
             profile = self._profiles.get(user_id)
             if profile is None:
                 self.misses += 1
+                self._states.pop(user_id, None)
                 return None
             self.hits += 1
-            return profile.state(user_id, self.dim, recent)
+            if recent or not self._states.maxsize:
+                return profile.state(user_id, self.dim, recent)
+            state = self._states.get(user_id)
+            if state is None:
+                state = self._states[user_id] = profile.state(user_id, self.dim, recent=False)
+            return state
 
     def clear(self) -> None:
         with self._lock:
             self._profiles.clear()
+            self._states.clear()
 
     def close(self) -> None:
         pass
@@ -343,6 +349,7 @@ class InProcessProfileStore:
     def restore(self, user_id: str, profile: _Profile) -> None:
         with self._lock:
             self._profiles[user_id] = profile
+            self._states.pop(user_id, None)
 
 
 def _copy(profile: _Profile) -> _Profile:
@@ -367,7 +374,10 @@ UserProfileStore = InProcessProfileStore
 def make_profile_store(settings: Settings, dim: int) -> ProfileStore:
     """The in-process store, or the Redis store when `redis_url` is set."""
     config = ProfileConfig.from_settings(settings, dim)
-    local = InProcessProfileStore(config, max_users=settings.user_cache_size, ttl_seconds=settings.user_ttl_seconds)
+    local = InProcessProfileStore(
+        config, max_users=settings.user_cache_size, ttl_seconds=settings.user_ttl_seconds,
+        max_states=settings.user_state_cache_size,
+    )
     if not settings.redis_url:
         return local
     try:

@@ -35,6 +35,7 @@ BASE_MIB = 520
 ITEM_KIB = 1.7
 USER_KIB = 8.0
 RECENT_EVENT_KIB = 1.6
+STATE_KIB = 38.0  # one ready-to-score user state at vector_history_size=20 (user_state_cache_size)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ def test_memory_limit_covers_the_configured_caches(overlay: str) -> None:
         BASE_MIB
         + s.item_cache_size * ITEM_KIB / 1024
         + s.user_cache_size * (USER_KIB + RECENT_EVENT_KIB * s.recent_events_per_user) / 1024
+        + s.user_state_cache_size * STATE_KIB / 1024
     )
     assert mib(resources["limits"]["memory"]) >= need, f"{overlay}: limit below the {need:.0f} MiB the caches can take"
     assert mib(resources["requests"]["memory"]) >= BASE_MIB
