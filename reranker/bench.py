@@ -212,7 +212,7 @@ class RerankWorkload:
         self, candidates: int, hit_ratio: float, pool: int, users: int, texts: list[str], columns: bool = False
     ) -> None:
         self.candidates, self.hit_ratio, self.users = candidates, hit_ratio, users
-        self.columns = columns  # send RerankRequest.candidate_columns instead of one message per candidate
+        self.columns = columns  # candidate_columns in, item_columns out, instead of a message per item
         self.pool_texts = [texts[i % len(texts)] for i in range(pool)]
         self.texts = texts
         self._fresh = 0
@@ -240,7 +240,9 @@ class RerankWorkload:
             columns = pb.CandidateColumns(
                 item_ids=[c.item_id for c in cands], scores=[c.score for c in cands], texts=[c.text for c in cands]
             )
-            return pb.RerankRequest(user_id=user, candidate_columns=columns, request_id=request_id)
+            return pb.RerankRequest(
+                user_id=user, candidate_columns=columns, request_id=request_id, options=pb.RerankOptions(columns=True)
+            )
         return pb.RerankRequest(user_id=user, candidates=cands, request_id=request_id)
 
 
@@ -531,7 +533,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--candidates", type=int, default=500, help="candidates per request")
     rerank.add_argument(
         "--form", choices=("messages", "columns"), default="messages",
-        help="candidates as one message each (RerankRequest.candidates) or as candidate_columns",
+        help="one message per candidate and per answered item, or columns both ways "
+        "(RerankRequest.candidate_columns and RerankOptions.columns)",
     )
     rerank.add_argument("--hit-ratio", type=float, default=1.0, help="share of candidates whose vector is cached")
     rerank.add_argument("--duration", type=float, default=10.0, help="measured seconds per server")

@@ -72,6 +72,13 @@ def to_columns(candidates: Sequence[CandidateLike]) -> pb.CandidateColumns | Non
     return pb.CandidateColumns(item_ids=item_ids, scores=scores, texts=texts if any_text else [])
 
 
+def item_ids_of(response: pb.RerankResponse) -> list[str]:
+    """The answer's order, whether it came as `items` or as `item_columns`."""
+    if response.HasField("item_columns"):
+        return list(response.item_columns.item_ids)
+    return [it.item_id for it in response.items]
+
+
 def upstream_order(candidates: Sequence[pb.Candidate], top_k: int = 0) -> list[str]:
     """The caller's own order, de-duplicated by item id (first wins) and cut to top_k, as the server does."""
     seen: set[str] = set()
@@ -179,11 +186,13 @@ class RerankerClient:
         request_id: str = "",
         options: pb.RerankOptions | None = None,
         timeout_s: float | None = None,
+        columns: bool = False,
     ) -> pb.RerankResponse:
-        """The raw Rerank call (raises grpc.RpcError). Most callers want `rerank_or_upstream`."""
+        """The raw Rerank call (raises grpc.RpcError). Most callers want `rerank_or_upstream`.
+        `columns`: ask for the answer as `item_columns` (see item_ids_of)."""
         request = self.rerank_request(
             user_id, candidates, top_k=top_k, context_events=context_events, experiment=experiment,
-            request_id=request_id, options=options,
+            request_id=request_id, options=options, columns=columns,
         )
         return self._call(self._stub.Rerank, request, timeout_s)
 
@@ -197,14 +206,19 @@ class RerankerClient:
         experiment: str = "",
         request_id: str = "",
         options: pb.RerankOptions | None = None,
+        columns: bool = False,
     ) -> pb.RerankRequest:
-        """The request, with the candidates as columns (see to_columns) where they allow it."""
+        """The request, with the candidates as columns (see to_columns) where they allow it;
+        `columns` asks for the answer as columns too (RerankOptions.columns)."""
         given = list(candidates)
-        columns = to_columns(given)
+        candidate_columns = to_columns(given)
+        if columns:
+            options = pb.RerankOptions() if options is None else pb.RerankOptions.FromString(options.SerializeToString())
+            options.columns = True
         return pb.RerankRequest(
             user_id=user_id,
-            candidates=[to_candidate(c) for c in given] if columns is None else None,
-            candidate_columns=columns,
+            candidates=[to_candidate(c) for c in given] if candidate_columns is None else None,
+            candidate_columns=candidate_columns,
             context_events=list(context_events),
             top_k=top_k,
             options=options,
@@ -223,15 +237,18 @@ class RerankerClient:
         request_id: str = "",
         options: pb.RerankOptions | None = None,
         timeout_s: float | None = None,
+        columns: bool = False,
     ) -> RerankOutcome:
-        """Rerank, or the upstream order on *any* error or timeout. Never raises."""
+        """Rerank, or the upstream order on *any* error or timeout. Never raises. `columns`: the
+        server answers with `item_columns` (cheaper for hundreds of items; no explanations);
+        `outcome.item_ids` is the order either way."""
         started = time.monotonic()
         attempts = [0]
         given = list(candidates)
         try:
             request = self.rerank_request(
                 user_id, given, top_k=top_k, context_events=context_events, experiment=experiment,
-                request_id=request_id, options=options,
+                request_id=request_id, options=options, columns=columns,
             )
             response = self._call(self._stub.Rerank, request, timeout_s, attempts)
         except grpc.RpcError as exc:
@@ -247,7 +264,7 @@ class RerankerClient:
         if response.variant == pb.VARIANT_FALLBACK:
             reason = pb.FallbackReason.Name(response.fallback_reason).removeprefix("FALLBACK_REASON_").lower()
         return RerankOutcome(
-            item_ids=[it.item_id for it in response.items],
+            item_ids=item_ids_of(response),
             reranked=response.variant == pb.VARIANT_RERANKED,
             variant=variant,
             reason=reason,

@@ -204,7 +204,10 @@ def rerank_query(req: pb.RerankRequest, limits: Limits) -> RerankQuery:
         diversity=_check_fraction(opts.diversity, "options.diversity") if opts.HasField("diversity") else None,
         bypass=opts.bypass,
         explain=opts.explain,
+        columns=opts.columns,
     )
+    if options.columns and options.explain:
+        raise InvalidRequest("options.columns answers without explanations: unset explain or columns")
     if len(req.experiment) > limits.max_id_chars or len(req.request_id) > limits.max_id_chars:
         raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
     return RerankQuery(
@@ -300,11 +303,21 @@ class EncodedRerankResponse:
     result: RerankResult
 
 
-def encode_rerank_response(result: RerankResult) -> EncodedRerankResponse:
+def encode_rerank_response(result: RerankResult, columns: bool = False) -> EncodedRerankResponse:
     """The RerankResponse bytes, without building a message per item when there are no explanations:
-    the serialized header followed by the `items` field (protobuf merges fields in any order)."""
+    the serialized header followed by the `items` field (protobuf merges fields in any order), or
+    with `columns`, the header with `item_columns` (whole columns, no message per item)."""
     items = RankedItems.of(result.items)
-    if items.explanations is None:
+    if columns:
+        msg = _response_header(result)
+        msg.item_columns.SetInParent()
+        msg.item_columns.item_ids.extend(items.item_ids)
+        msg.item_columns.scores.extend(np.asarray(items.scores, dtype=np.float64).tolist())
+        msg.item_columns.semantic_scores.extend(np.asarray(items.semantic_scores, dtype=np.float64).tolist())
+        msg.item_columns.upstream_scores.extend(np.asarray(items.upstream_scores, dtype=np.float64).tolist())
+        msg.item_columns.original_ranks.extend(np.asarray(items.original_ranks, dtype=np.int64).tolist())
+        data = msg.SerializeToString()
+    elif items.explanations is None:
         data = _response_header(result).SerializeToString() + wire.encode_ranked_items(items)
     else:
         data = rerank_response(result).SerializeToString()

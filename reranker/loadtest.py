@@ -211,17 +211,22 @@ def check_reordering(request: pb.RerankRequest, response: pb.RerankResponse) -> 
     ids = [c.item_id for c in request.candidates] or list(request.candidate_columns.item_ids)
     for i, item_id in enumerate(ids):
         positions.setdefault(item_id, i)
-    returned = [it.item_id for it in response.items]
+    if response.HasField("item_columns"):
+        returned = list(response.item_columns.item_ids)
+        ranks = list(response.item_columns.original_ranks)
+    else:
+        returned = [it.item_id for it in response.items]
+        ranks = [it.original_rank for it in response.items]
     expected = min(len(positions), request.top_k or len(positions))
     if len(returned) != expected:
         return f"{len(returned)} items returned, expected {expected}"
     if len(set(returned)) != len(returned):
         return "duplicate items in the response"
-    for it in response.items:
-        if it.item_id not in positions:
-            return f"item {it.item_id!r} was not a candidate"
-        if it.original_rank != positions[it.item_id]:
-            return f"item {it.item_id!r} has original_rank {it.original_rank}, expected {positions[it.item_id]}"
+    for item_id, rank in zip(returned, ranks):
+        if item_id not in positions:
+            return f"item {item_id!r} was not a candidate"
+        if rank != positions[item_id]:
+            return f"item {item_id!r} has original_rank {rank}, expected {positions[item_id]}"
     if response.variant == pb.VARIANT_UNSPECIFIED:
         return "variant unspecified"
     return None

@@ -134,6 +134,7 @@ class RerankOptions:
     diversity: float | None = None
     bypass: bool = False
     explain: bool = False
+    columns: bool = False  # answer with item columns instead of one item message each
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,3 +101,52 @@ def test_the_client_sends_columns_and_falls_back_to_messages_for_an_empty_text(m
         outcome = client.rerank_or_upstream("u", [("a", 0.5, "x"), ("b", 0.9)])
         assert outcome.reranked and outcome.response is not None and outcome.response.cache_hits == 1
     assert b"reranker_rerank_candidates_sum 5.0" in running.service.metrics.exposition()
+
+
+def _answer_of_columns(reply: pb.RerankResponse) -> list[tuple[str, float, float, float, int]]:
+    c = reply.item_columns
+    return list(zip(c.item_ids, c.scores, c.semantic_scores, c.upstream_scores, c.original_ranks, strict=True))
+
+
+def test_columns_answer_carries_the_same_order_and_scores_as_items(stub) -> None:  # type: ignore[no-untyped-def]
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "h", "space war epic")]))
+    ids, scores = ["c0", "c1", "c2", "c3", "c4", "c0"], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    as_items = stub.Rerank(pb.RerankRequest(user_id="u", candidate_columns=_as_columns(ids, scores, TEXTS), top_k=4))
+    as_columns = stub.Rerank(
+        pb.RerankRequest(
+            user_id="u", candidate_columns=_as_columns(ids, scores, TEXTS), top_k=4, options=pb.RerankOptions(columns=True)
+        )
+    )
+    assert as_columns.variant == as_items.variant == pb.VARIANT_RERANKED
+    assert not as_columns.items and as_columns.HasField("item_columns") and not as_items.HasField("item_columns")
+    assert _answer_of_columns(as_columns) == _answer(as_items)
+    assert len(_answer(as_items)) == 4
+    bypassed = stub.Rerank(  # the upstream-order paths answer in columns too
+        pb.RerankRequest(
+            user_id="u", candidate_columns=_as_columns(ids, scores, TEXTS), options=pb.RerankOptions(columns=True, bypass=True)
+        )
+    )
+    assert bypassed.variant == pb.VARIANT_BYPASSED
+    assert list(bypassed.item_columns.item_ids) == ["c0", "c1", "c2", "c3", "c4"]
+    assert list(bypassed.item_columns.original_ranks) == [0, 1, 2, 3, 4]
+
+
+def test_columns_answer_with_explanations_is_refused(stub) -> None:  # type: ignore[no-untyped-def]
+    request = pb.RerankRequest(
+        user_id="u", candidates=[candidate("a", 1.0)], options=pb.RerankOptions(columns=True, explain=True)
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Rerank(request, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "options.columns answers without explanations" in info.value.details()
+
+
+def test_the_client_reads_a_columns_answer(make_server: ServerFactory) -> None:
+    running, stub = make_server(fake_settings())
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "h", "space war epic")]))
+    given = [("a", 0.9, "love story in paris"), ("b", 0.1, "space war epic"), ("c", 0.5)]
+    with RerankerClient(f"127.0.0.1:{running.port}", timeout_s=5) as client:
+        by_items = client.rerank_or_upstream("u", given)
+        by_columns = client.rerank_or_upstream("u", given, columns=True)
+    assert by_columns.reranked and by_columns.response is not None and by_columns.response.HasField("item_columns")
+    assert by_columns.item_ids == by_items.item_ids and sorted(by_columns.item_ids) == ["a", "b", "c"]

@@ -155,6 +155,7 @@ def rerank_requests(draw: st.DrawFn) -> pb.RerankRequest:
         req.options.diversity = draw(FLOAT32)
     req.options.bypass = draw(st.booleans())
     req.options.explain = draw(st.booleans())
+    req.options.columns = draw(st.booleans())  # with explain: a clear rejection
     return req
 
 
@@ -182,6 +183,7 @@ def valid_rerank_requests(draw: st.DrawFn) -> pb.RerankRequest:
     if draw(st.booleans()):
         req.options.diversity = draw(st.floats(0, 1, width=32))
     req.options.explain = draw(st.booleans())
+    req.options.columns = not req.options.explain and draw(st.booleans())
     if draw(st.booleans()):
         _to_columns(req, keep_messages=False)
     return req
@@ -204,6 +206,9 @@ def _assert_sane_rerank(req: pb.RerankRequest, resp: pb.RerankResponse) -> None:
     assert problem is None, problem
     for it in resp.items:
         assert math.isfinite(it.score) and math.isfinite(it.semantic_score) and math.isfinite(it.upstream_score), it
+    columns = resp.item_columns
+    assert req.options.columns == resp.HasField("item_columns")
+    assert all(map(math.isfinite, [*columns.scores, *columns.semantic_scores, *columns.upstream_scores]))
     if resp.variant == pb.VARIANT_FALLBACK:
         # Fail-open for these inputs would mean an internal error, not a model problem.
         assert resp.fallback_reason != pb.FALLBACK_REASON_INTERNAL, resp.fallback_detail

@@ -96,16 +96,18 @@ class Event(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., text: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("blend_weight", "diversity", "bypass", "explain")
+    __slots__ = ("blend_weight", "diversity", "bypass", "explain", "columns")
     BLEND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     BYPASS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     blend_weight: float
     diversity: float
     bypass: bool
     explain: bool
-    def __init__(self, blend_weight: _Optional[float] = ..., diversity: _Optional[float] = ..., bypass: _Optional[bool] = ..., explain: _Optional[bool] = ...) -> None: ...
+    columns: bool
+    def __init__(self, blend_weight: _Optional[float] = ..., diversity: _Optional[float] = ..., bypass: _Optional[bool] = ..., explain: _Optional[bool] = ..., columns: _Optional[bool] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
     __slots__ = ("user_id", "candidates", "candidate_columns", "context_events", "top_k", "options", "experiment", "request_id")
@@ -165,8 +167,22 @@ class Timing(_message.Message):
     score_ms: float
     def __init__(self, total_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., score_ms: _Optional[float] = ...) -> None: ...
 
+class ItemColumns(_message.Message):
+    __slots__ = ("item_ids", "scores", "semantic_scores", "upstream_scores", "original_ranks")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_SCORES_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_SCORES_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_RANKS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    semantic_scores: _containers.RepeatedScalarFieldContainer[float]
+    upstream_scores: _containers.RepeatedScalarFieldContainer[float]
+    original_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., semantic_scores: _Optional[_Iterable[float]] = ..., upstream_scores: _Optional[_Iterable[float]] = ..., original_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class RerankResponse(_message.Message):
-    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket")
+    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket", "item_columns")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +195,7 @@ class RerankResponse(_message.Message):
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     WITHOUT_VECTOR_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     variant: Variant
     fallback_reason: FallbackReason
@@ -191,7 +208,8 @@ class RerankResponse(_message.Message):
     encoded: int
     without_vector: int
     bucket: int
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ...) -> None: ...
+    item_columns: ItemColumns
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ..., item_columns: _Optional[_Union[ItemColumns, _Mapping]] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("events",)
