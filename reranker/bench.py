@@ -130,7 +130,8 @@ class LoadResult:
     server_cpu_s: float | None = None  # CPU the server process used while measured (None: unknown)
 
     def __add__(self, other: LoadResult) -> LoadResult:
-        cpu = None if self.server_cpu_s is None or other.server_cpu_s is None else self.server_cpu_s + other.server_cpu_s
+        known = self.server_cpu_s is not None and other.server_cpu_s is not None
+        cpu = self.server_cpu_s + other.server_cpu_s if known else None  # type: ignore[operator]
         return LoadResult(
             self.requests + other.requests,
             self.errors + other.errors,
@@ -373,7 +374,8 @@ def bench_rerank(args: argparse.Namespace) -> int:
             payload = _echo_payload(stub, workload)
         print(
             f"bench rerank: target={args.target or 'started ' + address} candidates={args.candidates} "
-            f"hit_ratio={args.hit_ratio:.2f} form={args.form} concurrency={args.concurrency} duration_s={args.duration:g} "
+            f"hit_ratio={args.hit_ratio:.2f} form={args.form} concurrency={args.concurrency} "
+            f"duration_s={args.duration:g} "
             f"response_bytes={len(payload)} server_args={args.server_args!r}",
             flush=True,
         )

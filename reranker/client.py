@@ -213,7 +213,9 @@ class RerankerClient:
         given = list(candidates)
         candidate_columns = to_columns(given)
         if columns:
-            options = pb.RerankOptions() if options is None else pb.RerankOptions.FromString(options.SerializeToString())
+            given_options, options = options, pb.RerankOptions()
+            if given_options is not None:
+                options.CopyFrom(given_options)  # never change the caller's message
             options.columns = True
         return pb.RerankRequest(
             user_id=user_id,

@@ -26,7 +26,9 @@ def _doc(text: str, default: Any) -> Any:
 class Settings:
     # --- transport ---------------------------------------------------------------------------
     address: str = _doc("host:port to bind; loopback by default because this is a sidecar.", "127.0.0.1:50051")
-    max_workers: int = _doc("Threads for RPC work that waits (encoding, writes, Redis reads); a warm in-process Rerank needs none.", 16)
+    max_workers: int = _doc(
+        "Threads for RPC work that waits (encoding, writes, Redis reads); a warm in-process Rerank needs none.", 16
+    )
     max_message_bytes: int = _doc("Largest request/response message accepted, in bytes.", 16 * 1024 * 1024)
     grace_seconds: float = _doc("On SIGTERM: health goes NOT_SERVING, in-flight RPCs get this long to finish.", 10.0)
     # --- encoder -----------------------------------------------------------------------------

@@ -288,7 +288,8 @@ class RerankService:
             ranking = self.head.rank(
                 candidates.item_ids, candidates.scores, vectors, has_vector, user_vector,
                 derived(state, "positive_history", lambda: positive_history(state)),
-                derived(state, "positive_history_ids", lambda: positive_history_ids(state)), diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
+                derived(state, "positive_history_ids", lambda: positive_history_ids(state)),
+                diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
             )
         else:
             semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)
