@@ -238,11 +238,11 @@ class RerankWorkload:
             cands.append(pb.Candidate(item_id=f"new-{n}", score=float(rng.random()), text=text))
         user, request_id = f"user-{(worker + i) % self.users}", f"{worker}-{i}"
         if self.columns:
-            columns = pb.CandidateColumns(
-                item_ids=[c.item_id for c in cands], scores=[c.score for c in cands], texts=[c.text for c in cands]
-            )
+            from reranker.client import to_columns
+
             return pb.RerankRequest(
-                user_id=user, candidate_columns=columns, request_id=request_id, options=pb.RerankOptions(columns=True)
+                user_id=user, candidate_columns=to_columns(cands), request_id=request_id,
+                options=pb.RerankOptions(columns=True),
             )
         return pb.RerankRequest(user_id=user, candidates=cands, request_id=request_id)
 

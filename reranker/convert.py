@@ -141,27 +141,21 @@ def candidates_from_columns(msg: pb.CandidateColumns, limits: Limits) -> Candida
     scores = np.array(msg.scores, dtype=np.float64)
     if scores.shape[0] != n:
         raise InvalidRequest(f"candidate_columns.scores has {scores.shape[0]} values for {n} item_ids")
-    texts: list[str | None] = list(msg.texts)
-    if not texts:
-        return _columns_without_text(item_ids, scores, limits)
-    if len(texts) != n:
-        raise InvalidRequest(f"candidate_columns.texts has {len(texts)} values for {n} item_ids (give none or one each)")
+    given_texts = list(msg.texts)
+    if given_texts and len(given_texts) != n:
+        raise InvalidRequest(
+            f"candidate_columns.texts has {len(given_texts)} values for {n} item_ids (give none or one each)"
+        )
+    texts: list[str | None] = given_texts or [""] * n  # type: ignore[assignment]
     text_lengths = _validated_columns(
         item_ids, scores, texts, limits,  # type: ignore[arg-type]
         ("candidate_columns.item_ids[{}]", "candidate_columns.scores[{}]", "candidate_columns.texts[{}]"),
     )
+    if not given_texts:
+        return CandidateColumns(item_ids, scores, [None] * n)
     for i in np.flatnonzero(text_lengths == 0).tolist():
         texts[i] = None
     return CandidateColumns(item_ids, scores, texts)
-
-
-def _columns_without_text(item_ids: list[str], scores: np.ndarray, limits: Limits) -> CandidateColumns:
-    no_text = [""] * len(item_ids)
-    _validated_columns(
-        item_ids, scores, no_text, limits,
-        ("candidate_columns.item_ids[{}]", "candidate_columns.scores[{}]", "candidate_columns.texts[{}]"),
-    )
-    return CandidateColumns(item_ids, scores, [None] * len(item_ids))
 
 
 def _validated_columns(
@@ -312,10 +306,10 @@ def encode_rerank_response(result: RerankResult, columns: bool = False) -> Encod
         msg = _response_header(result)
         msg.item_columns.SetInParent()
         msg.item_columns.item_ids.extend(items.item_ids)
-        msg.item_columns.scores.extend(np.asarray(items.scores, dtype=np.float64).tolist())
-        msg.item_columns.semantic_scores.extend(np.asarray(items.semantic_scores, dtype=np.float64).tolist())
-        msg.item_columns.upstream_scores.extend(np.asarray(items.upstream_scores, dtype=np.float64).tolist())
-        msg.item_columns.original_ranks.extend(np.asarray(items.original_ranks, dtype=np.int64).tolist())
+        msg.item_columns.scores.extend(items.scores.tolist())  # RankedItems columns are float64 / int64
+        msg.item_columns.semantic_scores.extend(items.semantic_scores.tolist())
+        msg.item_columns.upstream_scores.extend(items.upstream_scores.tolist())
+        msg.item_columns.original_ranks.extend(items.original_ranks.tolist())
         data = msg.SerializeToString()
     elif items.explanations is None:
         data = _response_header(result).SerializeToString() + wire.encode_ranked_items(items)

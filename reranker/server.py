@@ -20,7 +20,6 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection

@@ -87,7 +87,7 @@ def test_both_forms_at_once_are_refused(stub) -> None:  # type: ignore[no-untype
 
 
 def test_the_client_sends_columns_and_falls_back_to_messages_for_an_empty_text(make_server: ServerFactory) -> None:
-    running, _ = make_server(fake_settings(access_log_sample=1.0))
+    running, _ = make_server(fake_settings())
     columns = to_columns([("a", 0.5, "text a"), ("b", 0.25), pb.Candidate(item_id="c", score=0.1)])
     assert columns == pb.CandidateColumns(item_ids=["a", "b", "c"], scores=[0.5, 0.25, 0.1], texts=["text a", "", ""])
     assert to_columns([("a", 0.5), ("b", 0.25)]) == pb.CandidateColumns(item_ids=["a", "b"], scores=[0.5, 0.25])
