@@ -9,7 +9,10 @@ event as the training label). The head is then scored offline, with the server's
 candidate lists built from the validation histories: NDCG@10 of the upstream order and of the head,
 per retriever and for the 1+19 protocol. The eval targets are never read.
 
-`--config` takes TrainConfig fields as JSON (e.g. `{"adapter_epochs": 8, "history_decay": 0.8}`).
+`--config` takes TrainConfig fields as JSON (e.g. `{"adapter_epochs": 8, "history_decay": 0.8}`),
+`--settings` server Settings fields (e.g. `{"vector_history_size": 50}`). The offline scoring is
+`reranker.evaluation.offline.OfflineScorer`, which orders lists exactly as the server does
+(tests/test_eval_cli.py checks that against `reranker eval`).
 Prints one JSON line per run; no assertions.
 """
 
@@ -21,13 +24,11 @@ import time
 
 import numpy as np
 
-from reranker import profiles
 from reranker.config import Settings
 from reranker.encoder import load_encoder
 from reranker.evaluation import formats, retrievers, train
 from reranker.evaluation.metrics import MetricAccumulator
-from reranker.profiles import InProcessProfileStore, ProfileConfig
-from reranker.types import Event, EventType
+from reranker.evaluation.offline import OfflineScorer
 
 
 def main() -> None:
@@ -35,9 +36,10 @@ def main() -> None:
     parser.add_argument("--items", required=True)
     parser.add_argument("--events", required=True)
     parser.add_argument("--config", default="{}", help="TrainConfig overrides as JSON")
+    parser.add_argument("--settings", default="{}", help="server Settings overrides as JSON (e.g. vector_history_size)")
     parser.add_argument("--num-candidates", type=int, default=100)
     args = parser.parse_args()
-    settings = Settings(torch_threads=1)
+    settings = Settings(**{"torch_threads": 1, **json.loads(args.settings)})
     cfg = train.TrainConfig(**json.loads(args.config))
     items = formats.read_items(args.items)
     split = formats.leave_last_out(formats.read_events(args.events))
@@ -52,16 +54,8 @@ def main() -> None:
     histories = {u: [e.item_id for e in val.history[u]] for u in users}
     targets = {u: val.target[u].item_id for u in users}
     catalog = list(items)
-    index = {item: j for j, item in enumerate(catalog)}
     vectors = train.encode_catalog(encoder, [items[i] for i in catalog])
-    store = InProcessProfileStore(
-        ProfileConfig.from_settings(settings, encoder.dim), max_users=2 * len(users), ttl_seconds=settings.user_ttl_seconds
-    )
-    store.apply(
-        [(Event(u, e.item_id, EventType[e.event_type.upper()], e.timestamp), vectors[index[e.item_id]] if e.item_id in index else None)
-         for u in users for e in val.history[u]],
-        now=time.time(),
-    )
+    scorer = OfflineScorer(head, settings, catalog, vectors, {u: val.history[u] for u in users})
     rng = np.random.default_rng(cfg.seed)
     results = {}
     for name in (*retrievers.RETRIEVERS, retrievers.SAMPLED):
@@ -71,22 +65,14 @@ def main() -> None:
             lists = retrievers.make_retriever(name).fit(histories, catalog).recommend(users, args.num_candidates)
         upstream, reranked = MetricAccumulator(), MetricAccumulator()
         for u in users:
-            ids = [r.item_id for r in lists[u]]
-            state = store.get(u)
-            user_vector = profiles.user_vector(state, settings)
-            upstream.add(ids, {targets[u]})
-            if state is None or user_vector is None or not ids:
-                reranked.add(ids, {targets[u]})
-                continue
-            rows = [index.get(i, -1) for i in ids]
-            has_vector = np.array([j >= 0 for j in rows])
-            cand = np.where(has_vector[:, None], vectors[np.maximum(rows, 0)], 0.0).astype(np.float32)
-            scores = head.score(ids, np.array([r.score for r in lists[u]]), cand, has_vector, user_vector,
-                                profiles.positive_history(state), profiles.positive_history_ids(state))
-            reranked.add([ids[j] for j in np.argsort(-scores, kind="stable")], {targets[u]})
+            upstream.add([r.item_id for r in lists[u]], {targets[u]})
+            reranked.add(scorer.order(u, lists[u]), {targets[u]})
         a, b = upstream.summary(1)["ndcg@10"], reranked.summary(1)["ndcg@10"]
         results[name] = {"upstream_ndcg@10": round(a, 4), "head_ndcg@10": round(b, 4), "ratio": round(b / a, 3) if a else None}
-    print(json.dumps({"config": json.loads(args.config), "train_s": round(train_s, 1), "validation": results}))
+    print(json.dumps({
+        "config": json.loads(args.config), "settings": json.loads(args.settings),
+        "train_s": round(train_s, 1), "validation": results,
+    }))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ import pytest
 
 from reranker import head as ranking_head
 from reranker.cli import main
-from reranker.evaluation import formats, metrics, retrievers
+from reranker.config import Settings
+from reranker.encoder import FakeEncoder
+from reranker.evaluation import formats, metrics, retrievers, train
+from reranker.evaluation.offline import OfflineScorer
 
 from conftest import SHARED_DATA, ServerFactory
 
@@ -81,6 +84,35 @@ def test_train_then_eval_with_the_head(ml_slice: Path, capsys: pytest.CaptureFix
     report = _eval(ml_slice, "--retriever", "popularity", "--num-candidates", "50", "--head-path", str(head_path))
     assert report["server"]["model_version"] == f"fake-hash-v1+{head.version}"
     assert report["results"]["popularity"]["variants"] == {"VARIANT_RERANKED": USERS}
+
+
+def test_offline_scoring_orders_lists_as_the_server_does(ml_slice: Path, tmp_path: Path) -> None:
+    # validate_head.py chooses training settings with OfflineScorer: its numbers must be the
+    # numbers `reranker eval` gets from a real server with the same head.
+    head_path = tmp_path / "head.npz"
+    argv = ["train", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"),
+            "--encoder", "fake", "--fake-dim", "64", "--retriever", "popularity,itemknn", "--num-candidates", "30",
+            "--adapter-epochs", "1", "--neighbours", "10", "--output", str(head_path), "--no-progress"]
+    assert main(argv) == 0
+    report = _eval(ml_slice, "--retriever", "popularity,itemknn", "--num-candidates", "30", "--head-path", str(head_path))
+
+    items = formats.read_items(ml_slice / "items.tsv")
+    catalog = list(items)
+    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
+    vectors = train.encode_catalog(FakeEncoder(64), [items[i] for i in catalog])
+    scorer = OfflineScorer(ranking_head.load(head_path), Settings(encoder="fake", fake_dim=64), catalog, vectors, split.history)
+    histories = {u: [e.item_id for e in h] for u, h in split.history.items()}
+    for name in ("popularity", "itemknn"):
+        lists = retrievers.make_retriever(name).fit(histories, catalog).recommend(split.users, 30)
+        offline, reordered = metrics.MetricAccumulator(), 0
+        for u in split.users:
+            order = scorer.order(u, lists[u])
+            offline.add(order, {split.target[u].item_id})
+            reordered += order != [r.item_id for r in lists[u]]
+        assert reordered > USERS // 2  # the head does reorder these lists
+        served = report["results"][name]["reranked"]
+        for metric in ("ndcg@10", "recall@10", "mrr"):
+            assert served[metric] == pytest.approx(offline.summary(len(catalog))[metric], abs=1e-9), (name, metric)
 
 
 def test_eval_against_a_running_server(ml_slice: Path, make_server: ServerFactory) -> None:
