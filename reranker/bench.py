@@ -100,11 +100,21 @@ def _child_env() -> dict[str, str]:
 
 
 # --- echo server ----------------------------------------------------------------------------------
-def run_echo_server(port: int, response_path: str, workers: int) -> None:
-    """A plain gRPC server answering Rerank with fixed bytes: transport cost only, no work."""
+ECHO_KINDS = ("threads", "asyncio")
+
+
+def run_echo_server(port: int, response_path: str, workers: int, kind: str = "threads") -> None:
+    """A plain gRPC server answering Rerank with fixed bytes: transport cost only, no work.
+
+    `threads`: grpc's thread-pool server (the issue's "plain echo"). `asyncio`: grpc.aio on one
+    event loop, the transport `reranker serve` itself runs on, so the ratio to it is the cost of
+    the reranking work alone."""
     import grpc
 
     payload = Path(response_path).read_bytes()
+    if kind == "asyncio":
+        _run_asyncio_echo(port, payload)
+        return
 
     def echo(_request: bytes, _context: grpc.ServicerContext) -> bytes:
         return payload
@@ -117,6 +127,28 @@ def run_echo_server(port: int, response_path: str, workers: int) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
+
+
+def _run_asyncio_echo(port: int, payload: bytes) -> None:
+    import asyncio
+
+    import grpc
+    from grpc import aio
+
+    async def echo(_request: bytes, _context: aio.ServicerContext) -> bytes:
+        return payload
+
+    async def serve() -> None:
+        server = aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "reranker.v1.RerankerService",
+            {"Rerank": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)},
+        ),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
 
 
 # --- rerank mode ----------------------------------------------------------------------------------
@@ -375,7 +407,7 @@ def bench_rerank(args: argparse.Namespace) -> int:
         print(
             f"bench rerank: target={args.target or 'started ' + address} candidates={args.candidates} "
             f"hit_ratio={args.hit_ratio:.2f} form={args.form} concurrency={args.concurrency} "
-            f"duration_s={args.duration:g} "
+            f"duration_s={args.duration:g} echo={'none' if args.no_echo else args.echo_kind} "
             f"response_bytes={len(payload)} server_args={args.server_args!r}",
             flush=True,
         )
@@ -386,7 +418,7 @@ def bench_rerank(args: argparse.Namespace) -> int:
             response_path.write_bytes(payload)
             echo_cmd = [
                 sys.executable, "-m", "reranker.bench", "--echo-server", str(echo_port), str(response_path),
-                str(args.echo_workers),
+                str(args.echo_workers), args.echo_kind,
             ]
             echo_child = subprocess.Popen(echo_cmd, env=_child_env())
             children.append(echo_child)
@@ -550,6 +582,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--titles", default="", help="texts: a text file (one per line) or a RecBole .item file")
     rerank.add_argument("--no-echo", action="store_true", help="skip the echo-server comparison")
     rerank.add_argument("--echo-workers", type=int, default=16, help="echo server threads (match --max-workers)")
+    rerank.add_argument(
+        "--echo-kind", choices=ECHO_KINDS, default="threads",
+        help="the echo server: grpc's thread-pool server (the plain echo), or grpc.aio on one event loop "
+        "(the transport reranker serve runs on: the ratio to it is the reranking work alone)",
+    )
     rerank.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for SERVING")
     from reranker.config import settings_parser
 
@@ -583,8 +620,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--echo-server":
-        run_echo_server(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--echo-server":
+        run_echo_server(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
     else:
         print("usage: reranker bench {rerank,encoder,memory} ...", file=sys.stderr)
         sys.exit(2)

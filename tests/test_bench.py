@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from reranker.bench import load_texts, percentiles_ms
 from conftest import REPO, SHARED_DATA
 
@@ -24,11 +26,14 @@ def _fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", line))
 
 
-def test_rerank_mode_reports_latency_and_the_echo_ratio() -> None:
+@pytest.mark.parametrize("echo_kind", ["threads", "asyncio"])
+def test_rerank_mode_reports_latency_and_the_echo_ratio(echo_kind: str) -> None:
     out = _bench(
         "rerank", "--server-args", "--encoder fake --log-level WARNING", "--candidates", "50",
         "--concurrency", "2", "--duration", "1", "--warmup", "0.3", "--pool", "100", "--users", "3",
+        "--echo-kind", echo_kind,
     )
+    assert f"echo={echo_kind}" in out
     lines = {line.split(":")[0]: line for line in out.splitlines()}
     for label in ("rerank", "echo"):
         fields = _fields(lines[label])
