@@ -60,6 +60,12 @@ def test_eval_reports_upstream_and_reranked_metrics(ml_slice: Path, capsys: pyte
         acc.add([r.item_id for r in top[u]], {split.target[u].item_id})
     assert pop["upstream"]["ndcg@10"] == pytest.approx(acc.summary(1682)["ndcg@10"])
     assert pop["upstream"]["auc"] is None  # no per-candidate labels in leave-last-out
+    # The gain comes with a 95% paired bootstrap interval over users that holds the point ratio.
+    ratio = pop["ndcg_ratio"]
+    assert ratio["ratio"] == pytest.approx(pop["reranked"]["ndcg@10"] / pop["upstream"]["ndcg@10"])
+    assert ratio["ci95"][0] <= ratio["ratio"] <= ratio["ci95"][1]
+    assert pop["upstream"]["ndcg@10_se"] > 0
+    assert "95% CI" in out
     for result in report["results"].values():
         for order in ("upstream", "reranked"):
             assert 0.0 <= result[order]["ndcg@10"] <= result[order]["recall@10"] <= 1.0

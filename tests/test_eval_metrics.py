@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from reranker.evaluation import metrics
@@ -70,3 +71,34 @@ def test_accumulator_averages_and_takes_auc_only_for_labelled_lists() -> None:
     assert summary["coverage@2"] == pytest.approx(0.5)
     acc.add(["x", "y"], {"y"}, labelled=True)
     assert acc.summary(4)["auc"] == 0.0
+
+
+def test_standard_error_of_the_mean() -> None:
+    # values 0, 1, 0, 1: sample sd = sqrt(1/3), se = sd / 2
+    assert metrics.standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert metrics.standard_error([0.5]) == 0.0
+    acc = metrics.MetricAccumulator(k=10)
+    acc.add(["a", "b"], {"a"})  # ndcg 1
+    acc.add(["a", "b"], {"z"})  # ndcg 0
+    assert acc.summary(2)["ndcg@10_se"] == pytest.approx(0.5)
+
+
+def test_paired_ratio_interval() -> None:
+    base = [0.0, 0.2, 0.5, 1.0, 0.3, 0.0, 0.7, 0.1]
+    # Every list doubled: every resample has ratio exactly 2.
+    assert metrics.paired_ratio_ci(base, [2 * v for v in base]) == pytest.approx((2.0, 2.0))
+    # Unrelated noise: the interval holds the point ratio and narrows with more lists.
+    rng = np.random.default_rng(3)
+    small_base, small_new = rng.random(50), rng.random(50) * 1.5
+    big_base, big_new = rng.random(5000), rng.random(5000) * 1.5
+    for b, n in ((small_base, small_new), (big_base, big_new)):
+        low, high = metrics.paired_ratio_ci(b, n)
+        assert low < n.mean() / b.mean() < high
+    small_width = np.subtract(*metrics.paired_ratio_ci(small_base, small_new)[::-1])
+    big_width = np.subtract(*metrics.paired_ratio_ci(big_base, big_new)[::-1])
+    assert big_width < small_width / 4
+    # The same seed gives the same interval (reports are reproducible).
+    assert metrics.paired_ratio_ci(small_base, small_new, seed=1) == metrics.paired_ratio_ci(small_base, small_new, seed=1)
+    assert metrics.paired_ratio_ci([0.0, 0.0], [1.0, 0.5]) is None  # no gain is defined over a zero base
+    with pytest.raises(ValueError):
+        metrics.paired_ratio_ci([0.1, 0.2], [0.1])

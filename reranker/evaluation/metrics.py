@@ -10,6 +10,8 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 
 def ndcg_at(ranked: Sequence[str], relevant: set[str], k: int = 10) -> float:
     """Binary-relevance NDCG@k: DCG over the top k divided by the ideal DCG for |relevant| items."""
@@ -77,12 +79,44 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 95, 99))
     return out
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); 0 for fewer than 2 values."""
+    if len(values) < 2:
+        return 0.0
+    return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def paired_ratio_ci(
+    base: Sequence[float], new: Sequence[float], *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float] | None:
+    """Bootstrap confidence interval of mean(new) / mean(base) over paired per-list values.
+
+    Lists (users) are resampled with replacement, both orders together, so the interval reflects
+    which users happened to be evaluated. None when the base mean can be 0 (no relevant item
+    ranked anywhere in the base order) or there are fewer than 2 lists."""
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(new, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values differ in length: {a.shape} vs {b.shape}")
+    if a.size < 2 or not a.any():
+        return None
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(resamples)
+    for start in range(0, resamples, 256):  # bounded memory: 256 resamples of n indices at a time
+        idx = rng.integers(0, a.size, size=(min(256, resamples - start), a.size))
+        base_means = a[idx].mean(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios[start : start + len(idx)] = np.where(base_means > 0, b[idx].mean(axis=1) / base_means, np.inf)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 class MetricAccumulator:
     """Averages per-list metrics over users; AUC over the lists where it is defined."""
 
     def __init__(self, k: int = 10) -> None:
         self.k = k
-        self._sums = {"ndcg": 0.0, "recall": 0.0, "mrr": 0.0}
+        self.values: dict[str, list[float]] = {"ndcg": [], "recall": [], "mrr": []}  # one value per list
         self._auc_sum = 0.0
         self._auc_count = 0
         self.count = 0
@@ -93,9 +127,9 @@ class MetricAccumulator:
         """Add one list; AUC is only taken for `labelled` lists (a label per candidate, as in MIND)."""
         self.count += 1
         self.in_list += any(item in relevant for item in ranked)
-        self._sums["ndcg"] += ndcg_at(ranked, relevant, self.k)
-        self._sums["recall"] += recall_at(ranked, relevant, self.k)
-        self._sums["mrr"] += reciprocal_rank(ranked, relevant)
+        self.values["ndcg"].append(ndcg_at(ranked, relevant, self.k))
+        self.values["recall"].append(recall_at(ranked, relevant, self.k))
+        self.values["mrr"].append(reciprocal_rank(ranked, relevant))
         value = auc(ranked, relevant) if labelled else None
         if value is not None:
             self._auc_sum += value
@@ -106,9 +140,10 @@ class MetricAccumulator:
         n = max(self.count, 1)
         k = self.k
         return {
-            f"ndcg@{k}": self._sums["ndcg"] / n,
-            f"recall@{k}": self._sums["recall"] / n,
-            "mrr": self._sums["mrr"] / n,
+            f"ndcg@{k}": sum(self.values["ndcg"]) / n,
+            f"ndcg@{k}_se": standard_error(self.values["ndcg"]),
+            f"recall@{k}": sum(self.values["recall"]) / n,
+            "mrr": sum(self.values["mrr"]) / n,
             "auc": self._auc_sum / self._auc_count if self._auc_count else None,
             f"coverage@{k}": coverage(self.top_lists, catalog_size),
             f"exposure_entropy@{k}": exposure_entropy(self.top_lists),

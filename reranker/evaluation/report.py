@@ -15,8 +15,13 @@ def _fmt(value: Any) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
+    """Metrics per candidate source and order; the NDCG gain with its 95% paired bootstrap interval
+    over users (how much of the gain is which users happened to be evaluated)."""
     lines = [f"model: {report.get('server', {}).get('model_version', '?')}   users: {report['config']['users']}"]
-    header = f"{'candidates':<18} {'order':<9} " + " ".join(f"{title:>10}" for _, title in COLUMNS) + f" {'NDCG gain':>10}"
+    header = (
+        f"{'candidates':<18} {'order':<9} " + " ".join(f"{title:>10}" for _, title in COLUMNS)
+        + f" {'NDCG gain':>10}  {'95% CI':<16}"
+    )
     lines += [header, "-" * len(header)]
     for name, result in report["results"].items():
         up, rr = result["upstream"], result["reranked"]
@@ -24,6 +29,9 @@ def table(report: dict[str, Any]) -> str:
             row = f"{name:<18} {order:<9} " + " ".join(f"{_fmt(metrics.get(key)):>10}" for key, _ in COLUMNS)
             if order == "reranked" and up["ndcg@10"] > 0:
                 row += f" {100 * (rr['ndcg@10'] / up['ndcg@10'] - 1):>+9.1f}%"
+                ci = (result.get("ndcg_ratio") or {}).get("ci95")
+                if ci:
+                    row += f"  [{100 * (ci[0] - 1):+.1f}%, {100 * (ci[1] - 1):+.1f}%]"
             lines.append(row)
     lines.append("")
     lines.append(f"{'candidates':<18} {'Rerank RPC latency ms':<24} p50      p90      p99      max   variants")
