@@ -100,5 +100,8 @@ def test_paired_ratio_interval() -> None:
     # The same seed gives the same interval (reports are reproducible).
     assert metrics.paired_ratio_ci(small_base, small_new, seed=1) == metrics.paired_ratio_ci(small_base, small_new, seed=1)
     assert metrics.paired_ratio_ci([0.0, 0.0], [1.0, 0.5]) is None  # no gain is defined over a zero base
+    # One relevant hit among 10 base lists: a third of the resamples miss it, so the upper bound is unbounded.
+    low, high = metrics.paired_ratio_ci([0.0] * 9 + [1.0], [1.0] * 10)
+    assert math.isfinite(low) and high == math.inf
     with pytest.raises(ValueError):
         metrics.paired_ratio_ci([0.1, 0.2], [0.1])

@@ -92,8 +92,9 @@ def paired_ratio_ci(
     """Bootstrap confidence interval of mean(new) / mean(base) over paired per-list values.
 
     Lists (users) are resampled with replacement, both orders together, so the interval reflects
-    which users happened to be evaluated. None when the base mean can be 0 (no relevant item
-    ranked anywhere in the base order) or there are fewer than 2 lists."""
+    which users happened to be evaluated. None with fewer than 2 lists or when every base value is
+    0 (no ratio is defined); a resample whose base mean is 0 counts as an infinite ratio, so a
+    bound may be inf."""
     a, b = np.asarray(base, dtype=np.float64), np.asarray(new, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired values differ in length: {a.shape} vs {b.shape}")

@@ -3,7 +3,8 @@
 `scripts/validate_head.py` chooses `reranker train` settings with it (thousands of lists in
 seconds). It is only worth that if it orders a list exactly as the server does: the profiles are
 built by the server's own `InProcessProfileStore` from the same events, and the head is called
-with the same user vector, liked history and liked history ids as `RerankService`.
+with the same user vector, liked history and liked history ids as `RerankService` (and the
+settings' default MMR diversity).
 tests/test_eval_cli.py checks the parity against `reranker eval` through a real server.
 """
 
@@ -64,8 +65,9 @@ class OfflineScorer:
         rows_idx = np.array([self._index.get(i, -1) for i in ids], dtype=np.int64)
         has_vector = rows_idx >= 0
         candidates = np.where(has_vector[:, None], self._vectors[np.maximum(rows_idx, 0)], 0.0).astype(np.float32)
-        scores = self._head.score(
+        ranking = self._head.rank(
             ids, np.array([r.score for r in rows], dtype=np.float64), candidates, has_vector, user_vector,
             profiles.positive_history(state), profiles.positive_history_ids(state),
+            diversity=self._settings.diversity, mmr_window=self._settings.mmr_window,
         )
-        return [ids[j] for j in np.argsort(-scores, kind="stable")]
+        return [ids[j] for j in ranking.order.tolist()]

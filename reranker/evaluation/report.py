@@ -20,7 +20,7 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"model: {report.get('server', {}).get('model_version', '?')}   users: {report['config']['users']}"]
     header = (
         f"{'candidates':<18} {'order':<9} " + " ".join(f"{title:>10}" for _, title in COLUMNS)
-        + f" {'NDCG gain':>10}  {'95% CI':<16}"
+        + f" {'NDCG gain':>10}  95% CI"
     )
     lines += [header, "-" * len(header)]
     for name, result in report["results"].items():
@@ -31,7 +31,8 @@ def table(report: dict[str, Any]) -> str:
                 row += f" {100 * (rr['ndcg@10'] / up['ndcg@10'] - 1):>+9.1f}%"
                 ci = (result.get("ndcg_ratio") or {}).get("ci95")
                 if ci:
-                    row += f"  [{100 * (ci[0] - 1):+.1f}%, {100 * (ci[1] - 1):+.1f}%]"
+                    low, high = ("inf" if b is None else f"{100 * (b - 1):+.1f}%" for b in ci)
+                    row += f"  [{low}, {high}]"
             lines.append(row)
     lines.append("")
     lines.append(f"{'candidates':<18} {'Rerank RPC latency ms':<24} p50      p90      p99      max   variants")

@@ -206,7 +206,7 @@ def evaluate_list_set(
         # reranked / upstream NDCG@k, with a 95% paired bootstrap interval over users
         "ndcg_ratio": {
             "ratio": rr[f"ndcg@{cfg.k}"] / up[f"ndcg@{cfg.k}"] if up[f"ndcg@{cfg.k}"] else None,
-            "ci95": None if ci is None else list(ci),
+            "ci95": None if ci is None else [bound if np.isfinite(bound) else None for bound in ci],  # JSON has no inf
         },
         "latency_ms": percentiles(latencies),
         "server_total_ms": percentiles(server_ms),
