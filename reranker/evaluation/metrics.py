@@ -108,7 +108,7 @@ def paired_ratio_ci(
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios[start : start + len(idx)] = np.where(base_means > 0, b[idx].mean(axis=1) / base_means, np.inf)
     tail = (1.0 - level) / 2.0
-    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    low, high = np.quantile(ratios, [tail, 1.0 - tail], method="inverted_cdf")  # no interpolation: bounds may be inf
     return float(low), float(high)
 
 
