@@ -10,7 +10,9 @@ candidate lists built from the validation histories: NDCG@10 of the upstream ord
 per retriever and for the 1+19 protocol. The eval targets are never read.
 
 `--config` takes TrainConfig fields as JSON (e.g. `{"adapter_epochs": 8, "history_decay": 0.8}`),
-`--settings` server Settings fields (e.g. `{"vector_history_size": 50}`). The offline scoring is
+`--settings` server Settings fields (e.g. `{"vector_history_size": 50}`), `--baseline-config` a
+second head scored on the same validation lists: its paired ratio and 95% bootstrap interval say
+whether a change is more than which users happened to be in the split. The offline scoring is
 `reranker.evaluation.offline.OfflineScorer`, which orders lists exactly as the server does
 (tests/test_eval_cli.py checks that against `reranker eval`).
 Prints one JSON line per run; no assertions.
@@ -27,7 +29,7 @@ import numpy as np
 from reranker.config import Settings
 from reranker.encoder import load_encoder
 from reranker.evaluation import formats, retrievers, train
-from reranker.evaluation.metrics import MetricAccumulator
+from reranker.evaluation.metrics import MetricAccumulator, paired_ratio_ci
 from reranker.evaluation.offline import OfflineScorer
 
 
@@ -36,6 +38,10 @@ def main() -> None:
     parser.add_argument("--items", required=True)
     parser.add_argument("--events", required=True)
     parser.add_argument("--config", default="{}", help="TrainConfig overrides as JSON")
+    parser.add_argument(
+        "--baseline-config", default=None,
+        help="TrainConfig overrides (JSON) of a second head scored on the same lists: paired ratio and 95%% CI",
+    )
     parser.add_argument("--settings", default="{}", help="server Settings overrides as JSON (e.g. vector_history_size)")
     parser.add_argument("--num-candidates", type=int, default=100)
     args = parser.parse_args()
@@ -48,6 +54,10 @@ def main() -> None:
     started = time.perf_counter()
     head, _ = train.train(items, history_events, settings, cfg, encoder=encoder)
     train_s = time.perf_counter() - started
+    baseline = None
+    if args.baseline_config is not None:
+        baseline_cfg = train.TrainConfig(**json.loads(args.baseline_config))
+        baseline, _ = train.train(items, history_events, settings, baseline_cfg, encoder=encoder)
 
     val = formats.leave_last_out(history_events)
     users = [u for u in val.users if val.history[u]]
@@ -55,7 +65,10 @@ def main() -> None:
     targets = {u: val.target[u].item_id for u in users}
     catalog = list(items)
     vectors = train.encode_catalog(encoder, [items[i] for i in catalog])
-    scorer = OfflineScorer(head, settings, catalog, vectors, {u: val.history[u] for u in users})
+    val_histories = {u: val.history[u] for u in users}
+    scorers = {"head": OfflineScorer(head, settings, catalog, vectors, val_histories)}
+    if baseline is not None:
+        scorers["baseline"] = OfflineScorer(baseline, settings, catalog, vectors, val_histories)
     rng = np.random.default_rng(cfg.seed)
     results = {}
     for name in (*retrievers.RETRIEVERS, retrievers.SAMPLED):
@@ -63,16 +76,30 @@ def main() -> None:
             lists = {u: retrievers.sampled_candidates(histories[u], targets[u], catalog, 19, rng) for u in users}
         else:
             lists = retrievers.make_retriever(name).fit(histories, catalog).recommend(users, args.num_candidates)
-        upstream, reranked = MetricAccumulator(), MetricAccumulator()
+        acc = {"upstream": MetricAccumulator(), **{key: MetricAccumulator() for key in scorers}}
         for u in users:
-            upstream.add([r.item_id for r in lists[u]], {targets[u]})
-            reranked.add(scorer.order(u, lists[u]), {targets[u]})
-        a, b = upstream.summary(1)["ndcg@10"], reranked.summary(1)["ndcg@10"]
-        results[name] = {"upstream_ndcg@10": round(a, 4), "head_ndcg@10": round(b, 4), "ratio": round(b / a, 3) if a else None}
+            acc["upstream"].add([r.item_id for r in lists[u]], {targets[u]})
+            for key, scorer in scorers.items():
+                acc[key].add(scorer.order(u, lists[u]), {targets[u]})
+        ndcg = {key: a.summary(1)["ndcg@10"] for key, a in acc.items()}
+        row: dict[str, object] = {"upstream_ndcg@10": round(ndcg["upstream"], 4), "head_ndcg@10": round(ndcg["head"], 4)}
+        row.update(_ratio("ratio", acc["upstream"], acc["head"]))
+        if baseline is not None:
+            row["baseline_ndcg@10"] = round(ndcg["baseline"], 4)
+            row.update(_ratio("vs_baseline", acc["baseline"], acc["head"]))
+        results[name] = row
     print(json.dumps({
-        "config": json.loads(args.config), "settings": json.loads(args.settings),
-        "train_s": round(train_s, 1), "validation": results,
+        "config": json.loads(args.config), "baseline_config": json.loads(args.baseline_config or "null"),
+        "settings": json.loads(args.settings), "train_s": round(train_s, 1), "validation": results,
     }))
+
+
+def _ratio(label: str, base: MetricAccumulator, new: MetricAccumulator) -> dict[str, object]:
+    """NDCG@10 of `new` over `base` on the same lists, with its 95% paired bootstrap interval."""
+    a, b = base.summary(1)["ndcg@10"], new.summary(1)["ndcg@10"]
+    ci = paired_ratio_ci(base.values["ndcg"], new.values["ndcg"])
+    bounds = None if ci is None else [round(x, 3) if np.isfinite(x) else None for x in ci]  # None = unbounded
+    return {label: round(b / a, 3) if a else None, f"{label}_ci95": bounds}
 
 
 if __name__ == "__main__":
