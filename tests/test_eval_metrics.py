@@ -97,6 +97,12 @@ def test_paired_ratio_interval() -> None:
     small_width = np.subtract(*metrics.paired_ratio_ci(small_base, small_new)[::-1])
     big_width = np.subtract(*metrics.paired_ratio_ci(big_base, big_new)[::-1])
     assert big_width < small_width / 4
+    # ... and, on many lists, matches the normal (delta-method) interval of a ratio of means.
+    ratio = big_new.mean() / big_base.mean()
+    cov = np.cov(big_base, big_new) / big_base.size
+    se = ratio * math.sqrt(cov[0, 0] / big_base.mean() ** 2 + cov[1, 1] / big_new.mean() ** 2
+                           - 2 * cov[0, 1] / (big_base.mean() * big_new.mean()))
+    assert big_width == pytest.approx(2 * 1.96 * se, rel=0.15)
     # The same seed gives the same interval (reports are reproducible).
     assert metrics.paired_ratio_ci(small_base, small_new, seed=1) == metrics.paired_ratio_ci(small_base, small_new, seed=1)
     assert metrics.paired_ratio_ci([0.0, 0.0], [1.0, 0.5]) is None  # no gain is defined over a zero base
