@@ -303,14 +303,7 @@ def encode_rerank_response(result: RerankResult, columns: bool = False) -> Encod
     with `columns`, the header with `item_columns` (whole columns, no message per item)."""
     items = RankedItems.of(result.items)
     if columns:
-        msg = _response_header(result)
-        msg.item_columns.SetInParent()
-        msg.item_columns.item_ids.extend(items.item_ids)
-        msg.item_columns.scores.extend(items.scores.tolist())  # RankedItems columns are float64 / int64
-        msg.item_columns.semantic_scores.extend(items.semantic_scores.tolist())
-        msg.item_columns.upstream_scores.extend(items.upstream_scores.tolist())
-        msg.item_columns.original_ranks.extend(items.original_ranks.tolist())
-        data = msg.SerializeToString()
+        data = _response_header(result).SerializeToString() + wire.encode_item_columns(items)
     elif items.explanations is None:
         data = _response_header(result).SerializeToString() + wire.encode_ranked_items(items)
     else:

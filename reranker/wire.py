@@ -1,5 +1,6 @@
 """Protobuf wire format written with array operations: the repeated `items` field of a
-RerankResponse (hundreds of scored items) without one Python protobuf object per item.
+RerankResponse (hundreds of scored items) without one Python protobuf object per item, and its
+`item_columns` field without one Python float per value.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from reranker.types import RankedItems
+from reranker.v1 import reranker_pb2 as pb
 
 
 def _varint_sizes(values: np.ndarray) -> np.ndarray:
@@ -33,6 +35,39 @@ def _put_varints(out: np.ndarray, starts: np.ndarray, values: np.ndarray, sizes:
         out[starts[write] + k] = byte[write]
 
 
+def _utf8(strings: list[str]) -> tuple[bytes, np.ndarray]:
+    """All strings UTF-8 encoded back to back, and the byte length of each."""
+    n = len(strings)
+    joined = "".join(strings)
+    if joined.isascii():  # one character = one byte: no per-string encoding needed
+        return joined.encode("ascii"), np.fromiter(map(len, strings), dtype=np.int64, count=n)
+    encoded = [text.encode("utf-8") for text in strings]
+    return b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=n)
+
+
+def _varint_bytes(values: np.ndarray) -> bytes:
+    """Non-negative integers as back-to-back varints (a packed repeated integer field's payload)."""
+    values = np.asarray(values, dtype=np.int64)
+    sizes = _varint_sizes(values)
+    ends = np.cumsum(sizes)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
+    _put_varints(out, ends - sizes, values, sizes)
+    return out.tobytes()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(tag: int, payload: bytes) -> bytes:
+    return bytes([tag]) + _varint(len(payload)) + payload
+
+
 _SCORED_ITEM_DOUBLES = (0x11, 0x19, 0x21)  # tags of ScoredItem fields 2, 3, 4 (fixed64)
 _ITEMS_TAG = 0x0A  # RerankResponse.items = 1 (length-delimited); also ScoredItem.item_id = 1
 _RANK_TAG = 0x28  # ScoredItem.original_rank = 5 (varint)
@@ -49,14 +84,7 @@ def encode_ranked_items(items: RankedItems) -> bytes:
     n = len(items)
     if n == 0:
         return b""
-    joined = "".join(items.item_ids)
-    if joined.isascii():  # one character = one byte: no per-id encoding needed
-        all_id_bytes = joined.encode("ascii")
-        id_sizes = np.fromiter(map(len, items.item_ids), dtype=np.int64, count=n)
-    else:
-        id_bytes = [item_id.encode("utf-8") for item_id in items.item_ids]
-        all_id_bytes = b"".join(id_bytes)
-        id_sizes = np.fromiter(map(len, id_bytes), dtype=np.int64, count=n)
+    all_id_bytes, id_sizes = _utf8(items.item_ids)
     ranks = items.original_ranks.astype(np.int64)
     rank_sizes = _varint_sizes(ranks)
     id_len_sizes = _varint_sizes(id_sizes)
@@ -90,3 +118,43 @@ def encode_ranked_items(items: RankedItems) -> bytes:
     return out.tobytes()
 
 
+
+
+_ITEM_COLUMNS_TAG = 0x6A  # RerankResponse.item_columns = 13 (length-delimited)
+_COLUMN_DOUBLES = (0x12, 0x1A, 0x22)  # ItemColumns.scores / semantic_scores / upstream_scores (packed)
+_COLUMN_RANKS = 0x2A  # ItemColumns.original_ranks = 5 (packed varints)
+
+
+def encode_item_columns(items: RankedItems) -> bytes:
+    """The `item_columns` field of a RerankResponse in wire format: the ids through protobuf's own
+    repeated-string encoder (one C call), the three score columns as packed little-endian doubles
+    straight from their arrays, the original ranks as packed varints. Parses to the same message
+    as filling every ItemColumns field (present, even when empty), without a Python float or int
+    per value."""
+    ids = pb.ItemColumns()
+    ids.item_ids.extend(items.item_ids)
+    parts = [ids.SerializeToString()]
+    if len(items):
+        for tag, column in zip(
+            _COLUMN_DOUBLES, (items.scores, items.semantic_scores, items.upstream_scores), strict=True
+        ):
+            parts.append(_length_delimited(tag, np.ascontiguousarray(column, dtype="<f8").tobytes()))
+        parts.append(_length_delimited(_COLUMN_RANKS, _packed_varints(items.original_ranks)))
+    return _length_delimited(_ITEM_COLUMNS_TAG, b"".join(parts))
+
+
+def _packed_varints(values: np.ndarray) -> bytes:
+    """Non-negative integers as back-to-back varints; one or two bytes each (values below 2**14,
+    i.e. any candidate rank) without a loop over byte positions."""
+    values = np.asarray(values, dtype=np.int64)
+    top = int(values.max(initial=0))
+    if top < 0x80:
+        return values.astype(np.uint8).tobytes()
+    if top < 0x4000:
+        low = (values & 0x7F).astype(np.uint8)
+        high = (values >> 7).astype(np.uint8)
+        two = high > 0
+        low[two] |= 0x80
+        keep = np.stack([np.ones(len(values), dtype=bool), two], axis=1)
+        return np.stack([low, high], axis=1)[keep].tobytes()
+    return _varint_bytes(values)

@@ -134,3 +134,33 @@ def test_wire_encoded_items_equal_protobuf_built_items(rows) -> None:
     assert pb.RerankResponse.FromString(got.SerializeToString()) == expected
     # What the server sends: the serialized header followed by the items, never a message per item.
     assert pb.RerankResponse.FromString(convert.encode_rerank_response(result).data) == expected
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_ids, _doubles, _doubles, _doubles, st.integers(0, 2**32 - 1)), min_size=0, max_size=40))
+def test_wire_encoded_item_columns_equal_protobuf_built_columns(rows) -> None:
+    items = RankedItems(
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
+    )
+    result = RerankResult(items=items, variant=Variant.RERANKED, model_version="m", request_id="r", bucket=3)
+    expected = pb.RerankResponse(
+        variant=pb.VARIANT_RERANKED, model_version="m", request_id="r", bucket=3, timing=pb.Timing(),
+        item_columns=pb.ItemColumns(
+            item_ids=[r[0] for r in rows], scores=[r[1] for r in rows], semantic_scores=[r[2] for r in rows],
+            upstream_scores=[r[3] for r in rows], original_ranks=[r[4] for r in rows],
+        ),
+    )
+    expected.item_columns.SetInParent()  # present even when empty: the caller asked for columns
+    got = pb.RerankResponse.FromString(convert.encode_rerank_response(result, columns=True).data)
+    assert got == expected
+    assert got.HasField("item_columns")
+
+
+@pytest.mark.parametrize("top", [0, 127, 128, 300, 16383, 16384, 2**32 - 1])
+def test_packed_rank_varints_match_protobuf(top: int) -> None:
+    from reranker import wire
+
+    ranks = np.unique(np.concatenate([np.arange(min(top, 500) + 1), np.linspace(0, top, 50).astype(np.int64)]))
+    reference = pb.ItemColumns(original_ranks=ranks.tolist()).SerializeToString()
+    payload = wire._packed_varints(ranks)
+    assert reference == bytes([0x2A]) + wire._varint(len(payload)) + payload
