@@ -113,21 +113,26 @@ def test_explanations_still_reach_the_caller(stub) -> None:
 
 _ids = st.text(min_size=1, max_size=300)
 _doubles = st.floats(allow_nan=False, allow_infinity=True, width=64)
+# Rows of (item_id, score, semantic_score, upstream_score, original_rank).
+_rows = st.lists(st.tuples(_ids, _doubles, _doubles, _doubles, st.integers(0, 2**32 - 1)), min_size=0, max_size=40)
+_HEADER = dict(model_version="m", request_id="r", bucket=3)
+
+
+def _result_of(rows: list[tuple]) -> RerankResult:
+    columns = ([r[k] for r in rows] for k in range(5))
+    return RerankResult(items=RankedItems(*columns), variant=Variant.RERANKED, **_HEADER)  # type: ignore[arg-type]
 
 
 @hsettings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(_ids, _doubles, _doubles, _doubles, st.integers(0, 2**32 - 1)), min_size=0, max_size=40))
+@given(_rows)
 def test_wire_encoded_items_equal_protobuf_built_items(rows) -> None:
-    items = RankedItems(
-        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
-    )
-    result = RerankResult(items=items, variant=Variant.RERANKED, model_version="m", request_id="r", bucket=3)
+    result = _result_of(rows)
     expected = pb.RerankResponse(
         items=[
             pb.ScoredItem(item_id=r[0], score=r[1], semantic_score=r[2], upstream_score=r[3], original_rank=r[4])
             for r in rows
         ],
-        variant=pb.VARIANT_RERANKED, model_version="m", request_id="r", bucket=3, timing=pb.Timing(),
+        variant=pb.VARIANT_RERANKED, timing=pb.Timing(), **_HEADER,
     )
     got = convert.rerank_response(result)
     assert got == expected
@@ -137,21 +142,18 @@ def test_wire_encoded_items_equal_protobuf_built_items(rows) -> None:
 
 
 @hsettings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(_ids, _doubles, _doubles, _doubles, st.integers(0, 2**32 - 1)), min_size=0, max_size=40))
+@given(_rows)
 def test_wire_encoded_item_columns_equal_protobuf_built_columns(rows) -> None:
-    items = RankedItems(
-        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows]
-    )
-    result = RerankResult(items=items, variant=Variant.RERANKED, model_version="m", request_id="r", bucket=3)
+    columns = [[r[k] for r in rows] for k in range(5)]
     expected = pb.RerankResponse(
-        variant=pb.VARIANT_RERANKED, model_version="m", request_id="r", bucket=3, timing=pb.Timing(),
+        variant=pb.VARIANT_RERANKED, timing=pb.Timing(), **_HEADER,
         item_columns=pb.ItemColumns(
-            item_ids=[r[0] for r in rows], scores=[r[1] for r in rows], semantic_scores=[r[2] for r in rows],
-            upstream_scores=[r[3] for r in rows], original_ranks=[r[4] for r in rows],
+            item_ids=columns[0], scores=columns[1], semantic_scores=columns[2], upstream_scores=columns[3],
+            original_ranks=columns[4],
         ),
     )
     expected.item_columns.SetInParent()  # present even when empty: the caller asked for columns
-    got = pb.RerankResponse.FromString(convert.encode_rerank_response(result, columns=True).data)
+    got = pb.RerankResponse.FromString(convert.encode_rerank_response(_result_of(rows), columns=True).data)
     assert got == expected
     assert got.HasField("item_columns")
 
