@@ -52,6 +52,14 @@ def test_columns_without_texts_rank_uncached_items_by_upstream_score(stub) -> No
     assert (reply.encoded, reply.without_vector) == (0, 2)
 
 
+def _assert_refused(stub, request: pb.RerankRequest, message: str) -> None:  # type: ignore[no-untyped-def]
+    """Rerank answers INVALID_ARGUMENT with `message` in its details."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Rerank(request, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
 @pytest.mark.parametrize(
     ("columns", "message"),
     [
@@ -70,20 +78,14 @@ def test_malformed_columns_are_invalid_argument_naming_the_column(
     _, stub = make_server(fake_settings(max_candidates=10, max_text_chars=4096))
     request = pb.RerankRequest(user_id="u", candidate_columns=columns)
     request.candidate_columns.SetInParent()  # present even when empty
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Rerank(request, timeout=5)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in info.value.details()
+    _assert_refused(stub, request, message)
 
 
 def test_both_forms_at_once_are_refused(stub) -> None:  # type: ignore[no-untyped-def]
     request = pb.RerankRequest(
         user_id="u", candidates=[candidate("a", 1.0)], candidate_columns=pb.CandidateColumns(item_ids=["b"], scores=[1.0])
     )
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Rerank(request, timeout=5)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "set candidates or candidate_columns, not both" in info.value.details()
+    _assert_refused(stub, request, "set candidates or candidate_columns, not both")
 
 
 def test_the_client_sends_columns_and_falls_back_to_messages_for_an_empty_text(make_server: ServerFactory) -> None:
@@ -135,10 +137,7 @@ def test_columns_answer_with_explanations_is_refused(stub) -> None:  # type: ign
     request = pb.RerankRequest(
         user_id="u", candidates=[candidate("a", 1.0)], options=pb.RerankOptions(columns=True, explain=True)
     )
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Rerank(request, timeout=5)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "options.columns answers without explanations" in info.value.details()
+    _assert_refused(stub, request, "options.columns answers without explanations")
 
 
 def test_the_client_reads_a_columns_answer(make_server: ServerFactory) -> None:
