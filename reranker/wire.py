@@ -45,16 +45,6 @@ def _utf8(strings: list[str]) -> tuple[bytes, np.ndarray]:
     return b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=n)
 
 
-def _varint_bytes(values: np.ndarray) -> bytes:
-    """Non-negative integers as back-to-back varints (a packed repeated integer field's payload)."""
-    values = np.asarray(values, dtype=np.int64)
-    sizes = _varint_sizes(values)
-    ends = np.cumsum(sizes)
-    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
-    _put_varints(out, ends - sizes, values, sizes)
-    return out.tobytes()
-
-
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
@@ -144,8 +134,9 @@ def encode_item_columns(items: RankedItems) -> bytes:
 
 
 def _packed_varints(values: np.ndarray) -> bytes:
-    """Non-negative integers as back-to-back varints; one or two bytes each (values below 2**14,
-    i.e. any candidate rank) without a loop over byte positions."""
+    """Non-negative integers as back-to-back varints (a packed repeated integer field's payload).
+    One or two bytes each (values below 2**14, i.e. any candidate rank) without a loop over byte
+    positions; larger values through _put_varints."""
     values = np.asarray(values, dtype=np.int64)
     top = int(values.max(initial=0))
     if top < 0x80:
@@ -157,4 +148,8 @@ def _packed_varints(values: np.ndarray) -> bytes:
         low[two] |= 0x80
         keep = np.stack([np.ones(len(values), dtype=bool), two], axis=1)
         return np.stack([low, high], axis=1)[keep].tobytes()
-    return _varint_bytes(values)
+    sizes = _varint_sizes(values)
+    ends = np.cumsum(sizes)
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    _put_varints(out, ends - sizes, values, sizes)
+    return out.tobytes()
