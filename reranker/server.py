@@ -20,6 +20,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -179,15 +180,7 @@ def build_server(
             await health_servicer.set(name, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        try:
-            if credentials is None:
-                port = server.add_insecure_port(settings.address)
-            else:
-                port = server.add_secure_port(settings.address, credentials)
-        except RuntimeError:
-            port = 0
-        if port == 0:
-            raise RuntimeError(f"could not bind {settings.address}")
+        port = _bind(server, settings.address, credentials, "")
         if credentials is None and not is_loopback(settings.address):
             log.warning("listening on %s WITHOUT TLS: anyone who can reach it can call it", settings.address)
         health_server, health_port = None, 0
@@ -235,13 +228,22 @@ def _health_only_server(address: str, health_servicer: health.aio.HealthServicer
     """A second listener with only the health service, sharing the main server's status."""
     server = aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, _bind(server, address, None, "health_address ")
+
+
+def _bind(server: aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> int:
+    """Listen on `address` (TLS with `credentials`); RuntimeError naming `what` when that fails
+    (grpc reports a failed bind either by raising or by returning port 0)."""
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port == 0:
-        raise RuntimeError(f"could not bind health_address {address}")
-    return server, port
+        raise RuntimeError(f"could not bind {what}{address}")
+    return port
 
 
 def serve(settings: Settings) -> int:
