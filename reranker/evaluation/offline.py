@@ -23,6 +23,17 @@ from reranker.profiles import InProcessProfileStore, ProfileConfig
 from reranker.types import Event, EventType
 
 
+def gather_vectors(
+    ids: Sequence[str], index: Mapping[str, int], vectors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 vectors, has_vector) of `ids` from a catalog matrix whose rows `index` gives; an
+    id outside the catalog gets a zero row and has_vector False, as an uncached item does in the
+    server."""
+    rows = np.array([index.get(i, -1) for i in ids], dtype=np.int64)
+    has_vector = rows >= 0
+    return np.where(has_vector[:, None], vectors[np.maximum(rows, 0)], 0.0).astype(np.float32), has_vector
+
+
 class OfflineScorer:
     """Profiles of `histories` (per user, oldest first) and catalog vectors; `order` reranks one list."""
 
@@ -62,9 +73,7 @@ class OfflineScorer:
         user_vector = profiles.user_vector(state, self._settings)
         if state is None or user_vector is None or not ids:
             return ids
-        rows_idx = np.array([self._index.get(i, -1) for i in ids], dtype=np.int64)
-        has_vector = rows_idx >= 0
-        candidates = np.where(has_vector[:, None], self._vectors[np.maximum(rows_idx, 0)], 0.0).astype(np.float32)
+        candidates, has_vector = gather_vectors(ids, self._index, self._vectors)
         ranking = self._head.rank(
             ids, np.array([r.score for r in rows], dtype=np.float64), candidates, has_vector, user_vector,
             profiles.positive_history(state), profiles.positive_history_ids(state),

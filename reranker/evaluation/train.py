@@ -34,6 +34,7 @@ from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
 from reranker.evaluation import formats, retrievers
 from reranker.evaluation.metrics import MetricAccumulator
+from reranker.evaluation.offline import gather_vectors
 from reranker import profiles
 from reranker.profiles import InProcessProfileStore, ProfileConfig
 from reranker.types import Event, EventType
@@ -342,9 +343,7 @@ def train(
                     continue
                 hist_vectors = profiles.positive_history(state)
                 hist_ids = profiles.positive_history_ids(state)
-                rows_idx = [index.get(i, -1) for i in ids]
-                has_vector = np.array([j >= 0 for j in rows_idx])
-                cand_vectors = np.where(has_vector[:, None], vectors[np.maximum(rows_idx, 0)], 0.0).astype(np.float32)
+                cand_vectors, has_vector = gather_vectors(ids, index, vectors)
                 upstream = np.array([r.score for r in rows])
                 raw_lists.append(
                     provisional.features(ids, upstream, cand_vectors, has_vector, user_vector, hist_vectors, hist_ids)
