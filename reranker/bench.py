@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,20 +120,24 @@ def run_echo_server(port: int, response_path: str, workers: int, kind: str = "th
     def echo(_request: bytes, _context: grpc.ServicerContext) -> bytes:
         return payload
 
-    handler = grpc.method_handlers_generic_handler(
-        "reranker.v1.RerankerService",
-        {"Rerank": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)},
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), handlers=[handler])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), handlers=[_echo_handler(echo)])
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
 
 
+def _echo_handler(echo: Callable[[bytes, Any], Any]) -> Any:
+    """RerankerService.Rerank answered by `echo`, raw bytes in and out (no protobuf parsing)."""
+    import grpc
+
+    return grpc.method_handlers_generic_handler(
+        "reranker.v1.RerankerService", {"Rerank": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)}
+    )
+
+
 def _run_asyncio_echo(port: int, payload: bytes) -> None:
     import asyncio
 
-    import grpc
     from grpc import aio
 
     async def echo(_request: bytes, _context: aio.ServicerContext) -> bytes:
@@ -140,10 +145,7 @@ def _run_asyncio_echo(port: int, payload: bytes) -> None:
 
     async def serve() -> None:
         server = aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "reranker.v1.RerankerService",
-            {"Rerank": grpc.unary_unary_rpc_method_handler(echo, lambda b: b, lambda b: b)},
-        ),))
+        server.add_generic_rpc_handlers((_echo_handler(echo),))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
