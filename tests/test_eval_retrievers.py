@@ -46,6 +46,34 @@ def test_als_learns_the_two_communities() -> None:
     assert ids(top["u4"]) == ["f"]
 
 
+def test_ease_learns_the_two_communities() -> None:
+    top = retrievers.make_retriever("ease").fit(HISTORIES, CATALOG).recommend(["u1", "u4"], 1)
+    assert ids(top["u1"]) == ["c"]
+    assert ids(top["u4"]) == ["f"]
+
+
+@pytest.mark.parametrize("lam", [0.5, 50.0])
+def test_ease_weights_solve_the_constrained_ridge_problem(lam: float) -> None:
+    """B minimizes ||X - XB||^2 + lam ||B||^2 subject to diag(B) = 0: the gradient
+    (X^T X + lam I) B - X^T X is zero off the diagonal (only the constraint's multipliers remain)."""
+    ease = retrievers.EASE(lam=lam).fit(HISTORIES, CATALOG)
+    x = ease.binary
+    gram = x.T @ x
+    gradient = (gram + lam * np.eye(len(gram))) @ ease.weights - gram
+    assert np.allclose(np.diag(ease.weights), 0.0)
+    assert np.allclose(gradient - np.diag(np.diag(gradient)), 0.0, atol=1e-9)
+    assert np.abs(ease.weights).max() > 1e-3  # not the trivial all-zero answer
+
+
+@pytest.mark.parametrize("name", retrievers.ALL_RETRIEVERS)
+def test_score_gives_the_values_recommend_ranks_by(name: str) -> None:
+    fitted = retrievers.make_retriever(name).fit(HISTORIES, CATALOG)
+    top = fitted.recommend(["u1"], 4)["u1"]
+    assert fitted.score("u1", ids(top)) == pytest.approx([r.score for r in top])
+    assert fitted.score("u1", ["nope"])[0] == -np.inf
+    assert (fitted.score("stranger", ["a", "b"]) == -np.inf).all()
+
+
 def test_unknown_retriever_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown retriever 'bm25'"):
         retrievers.make_retriever("bm25")
@@ -68,7 +96,7 @@ def _events_file(path: Path, targets: dict[str, str]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", retrievers.RETRIEVERS)
+@pytest.mark.parametrize("name", retrievers.ALL_RETRIEVERS)
 def test_candidates_do_not_depend_on_the_targets(tmp_path: Path, name: str) -> None:
     """Fit on history only: changing every user's held-out target leaves all candidate lists unchanged."""
     items = tmp_path / "items.tsv"
@@ -80,6 +108,6 @@ def test_candidates_do_not_depend_on_the_targets(tmp_path: Path, name: str) -> N
         data = load_data(EvalConfig(items=items, events=events, retrievers=(name,), num_candidates=(5,)))
         lists.append({u: [(r.item_id, round(r.score, 6)) for r in rows] for u, rows in data.list_sets[0].lists.items()})
     assert lists[0] == lists[1]
-    # "g" is only ever a target: popularity and item-kNN give it nothing
+    # "g" is only ever a target: popularity, item-kNN and EASE give it nothing
     if name != "als":
         assert all(score == 0.0 for rows in lists[0].values() for item, score in rows if item == "g")

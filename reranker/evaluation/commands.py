@@ -55,7 +55,7 @@ def _data_args(parser: argparse.ArgumentParser, retriever_default: str = "popula
     parser.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
     parser.add_argument("--events", type=Path, required=True, help="events.tsv (user_id, item_id, timestamp[, event_type])")
     parser.add_argument("--retriever", default=retriever_default,
-                        help="comma list of popularity, itemknn, als, sampled (target + N random negatives)")
+                        help="comma list of popularity, itemknn, als, ease, sampled (target + N random negatives)")
     parser.add_argument("--num-candidates", default="100", help="candidates per user from each retriever; a comma list compares counts")
     parser.add_argument("--negatives", type=int, default=19, help="random negatives per target for --retriever sampled")
     parser.add_argument("--seed", type=int, default=0, help="random seed (sampled negatives, training)")
@@ -76,11 +76,11 @@ def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = tuple(n.strip() for n in args.retriever.split(",") if n.strip())
-    from reranker.evaluation.retrievers import RETRIEVERS, SAMPLED
+    from reranker.evaluation.retrievers import ALL_RETRIEVERS, SAMPLED
 
-    unknown = [n for n in names if n not in RETRIEVERS + (SAMPLED,)]
+    unknown = [n for n in names if n not in ALL_RETRIEVERS + (SAMPLED,)]
     if unknown or not names:
-        raise ValueError(f"--retriever: unknown {unknown}; choose from {', '.join(RETRIEVERS + (SAMPLED,))}")
+        raise ValueError(f"--retriever: unknown {unknown}; choose from {', '.join(ALL_RETRIEVERS + (SAMPLED,))}")
     counts = tuple(int(n) for n in args.num_candidates.split(",") if n.strip())
     if not counts or min(counts) <= 0:
         raise ValueError("--num-candidates must be positive integers")
