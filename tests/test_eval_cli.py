@@ -16,7 +16,7 @@ from reranker.encoder import FakeEncoder
 from reranker.evaluation import formats, metrics, retrievers, train
 from reranker.evaluation.offline import OfflineScorer
 
-from conftest import SHARED_DATA, ServerFactory
+from conftest import REPO, SHARED_DATA, ServerFactory
 
 USERS = 60
 
@@ -149,3 +149,46 @@ def test_bad_retriever_name_is_a_usage_error(ml_slice: Path, capsys: pytest.Capt
     argv = ["eval", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"), "--retriever", "bm25"]
     assert main(argv) == 2
     assert "unknown ['bm25']" in capsys.readouterr().err
+
+
+def test_eval_with_the_ease_retriever(ml_slice: Path) -> None:
+    """`--retriever ease` builds EASE lists (the upstream numbers are EASE's own order) and the
+    server reranks them."""
+    report = _eval(ml_slice, "--retriever", "ease", "--num-candidates", "30")
+    result = report["results"]["ease"]
+    assert result["variants"] == {"VARIANT_RERANKED": USERS}
+    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
+    histories = {u: [e.item_id for e in h] for u, h in split.history.items()}
+    catalog = list(formats.read_items(ml_slice / "items.tsv"))
+    top = retrievers.EASE().fit(histories, catalog).recommend(split.users, 30)
+    acc = metrics.MetricAccumulator()
+    for u in split.users:
+        acc.add([r.item_id for r in top[u]], {split.target[u].item_id})
+    assert result["upstream"]["ndcg@10"] == pytest.approx(acc.summary(1682)["ndcg@10"])
+
+
+def test_cf_reference_reorders_a_list_by_another_retrievers_score(
+    ml_slice: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/cf_reference.py: reordering the popularity list by popularity gives the list back
+    (ratio exactly 1); reordering it by item-kNN gives what sorting by item-kNN's score gives."""
+    import runpy
+
+    argv = ["cf_reference.py", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"),
+            "--split", "eval", "--scorers", "popularity,itemknn", "--num-candidates", "50"]
+    monkeypatch.setattr("sys.argv", argv)
+    runpy.run_path(str(REPO / "scripts" / "cf_reference.py"), run_name="__main__")
+    rows = {row["scorer"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["popularity"]["ratio"] == 1.0 and rows["popularity"]["users"] == USERS
+    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
+    histories = {u: [e.item_id for e in h] for u, h in split.history.items()}
+    catalog = list(formats.read_items(ml_slice / "items.tsv"))
+    lists = retrievers.make_retriever("popularity").fit(histories, catalog).recommend(split.users, 50)
+    knn = retrievers.make_retriever("itemknn").fit(histories, catalog)
+    acc = metrics.MetricAccumulator()
+    for u in split.users:
+        ids = [r.item_id for r in lists[u]]
+        scores = knn.score(u, ids)
+        acc.add([ids[j] for j in np.argsort(-scores, kind="stable")], {split.target[u].item_id})
+    assert rows["itemknn"]["reordered_ndcg@10"] == pytest.approx(acc.summary(1682)["ndcg@10"], abs=5e-5)
+    assert rows["itemknn"]["list_ndcg@10"] != rows["itemknn"]["reordered_ndcg@10"]
