@@ -29,7 +29,7 @@ import numpy as np
 from reranker.config import Settings
 from reranker.encoder import load_encoder
 from reranker.evaluation import formats, retrievers, train
-from reranker.evaluation.metrics import MetricAccumulator, paired_ratio_ci
+from reranker.evaluation.metrics import MetricAccumulator, ndcg_ratio
 from reranker.evaluation.offline import OfflineScorer
 
 
@@ -96,10 +96,8 @@ def main() -> None:
 
 def _ratio(label: str, base: MetricAccumulator, new: MetricAccumulator) -> dict[str, object]:
     """NDCG@10 of `new` over `base` on the same lists, with its 95% paired bootstrap interval."""
-    a, b = base.summary(1)["ndcg@10"], new.summary(1)["ndcg@10"]
-    ci = paired_ratio_ci(base.values["ndcg"], new.values["ndcg"])
-    bounds = None if ci is None else [round(x, 3) if np.isfinite(x) else None for x in ci]  # None = unbounded
-    return {label: round(b / a, 3) if a else None, f"{label}_ci95": bounds}
+    gain = ndcg_ratio(base, new, digits=3)
+    return {label: gain["ratio"], f"{label}_ci95": gain["ci95"]}  # a None bound = unbounded
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -111,3 +112,22 @@ def test_paired_ratio_interval() -> None:
     assert math.isfinite(low) and high == math.inf
     with pytest.raises(ValueError):
         metrics.paired_ratio_ci([0.1, 0.2], [0.1])
+
+
+def test_ndcg_ratio_is_ready_for_json() -> None:
+    """The ratio of mean NDCG with its interval; an unbounded bound becomes None (JSON has no inf)."""
+    base, new = metrics.MetricAccumulator(), metrics.MetricAccumulator()
+    for hit in range(10):
+        base.add(["a", "b"], {"a"} if hit == 9 else {"z"})  # one hit at rank 1 among ten lists
+        new.add(["a", "b"], {"a"})
+    gain = metrics.ndcg_ratio(base, new)
+    assert gain["ratio"] == pytest.approx(10.0)
+    low, high = gain["ci95"]
+    assert math.isfinite(low) and high is None
+    json.dumps(gain, allow_nan=False)
+    rounded = metrics.ndcg_ratio(base, new, digits=1)
+    assert rounded["ratio"] == 10.0 and rounded["ci95"] == [round(low, 1), None]
+    misses = metrics.MetricAccumulator()
+    for _ in range(10):
+        misses.add(["a", "b"], {"z"})
+    assert metrics.ndcg_ratio(misses, new) == {"ratio": None, "ci95": None}  # no gain over a zero base

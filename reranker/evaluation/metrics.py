@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -110,6 +111,27 @@ def paired_ratio_ci(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(ratios, [tail, 1.0 - tail], method="inverted_cdf")  # no interpolation: bounds may be inf
     return float(low), float(high)
+
+
+def ndcg_ratio(
+    base: MetricAccumulator, new: MetricAccumulator, *, seed: int = 0, digits: int | None = None
+) -> dict[str, Any]:
+    """Mean NDCG@k of `new` over `base` on the same lists, with its 95% paired bootstrap interval,
+    ready for JSON: {"ratio": float | None, "ci95": [low, high] | None}, an unbounded bound as None
+    (JSON has no inf); `digits` rounds the numbers for printing."""
+    a, b = base.values["ndcg"], new.values["ndcg"]
+    mean_a = sum(a) / max(len(a), 1)
+    ci = paired_ratio_ci(a, b, seed=seed)
+
+    def shown(x: float) -> float | None:
+        if not np.isfinite(x):
+            return None
+        return x if digits is None else round(x, digits)
+
+    return {
+        "ratio": shown(sum(b) / max(len(b), 1) / mean_a) if mean_a else None,
+        "ci95": None if ci is None else [shown(bound) for bound in ci],
+    }
 
 
 class MetricAccumulator:

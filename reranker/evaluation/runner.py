@@ -25,7 +25,7 @@ import numpy as np
 
 from reranker.config import Settings
 from reranker.evaluation import formats, retrievers
-from reranker.evaluation.metrics import MetricAccumulator, paired_ratio_ci, percentiles
+from reranker.evaluation.metrics import MetricAccumulator, ndcg_ratio, percentiles
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
@@ -195,19 +195,14 @@ def evaluate_list_set(
         if progress and (n % 20 == 0 or n == len(users)):
             progress(f"rerank {list_set.name}", n, len(users))
     catalog = len(data.items)
-    up, rr = upstream.summary(catalog), reranked.summary(catalog)
-    ci = paired_ratio_ci(upstream.values["ndcg"], reranked.values["ndcg"], seed=cfg.seed)
     return {
         "num_candidates": list_set.num_candidates or None,
         "labelled": list_set.labelled,
         "users": len(users),
-        "upstream": up,
-        "reranked": rr,
+        "upstream": upstream.summary(catalog),
+        "reranked": reranked.summary(catalog),
         # reranked / upstream NDCG@k, with a 95% paired bootstrap interval over users
-        "ndcg_ratio": {
-            "ratio": rr[f"ndcg@{cfg.k}"] / up[f"ndcg@{cfg.k}"] if up[f"ndcg@{cfg.k}"] else None,
-            "ci95": None if ci is None else [bound if np.isfinite(bound) else None for bound in ci],  # JSON has no inf
-        },
+        "ndcg_ratio": ndcg_ratio(upstream, reranked, seed=cfg.seed),
         "latency_ms": percentiles(latencies),
         "server_total_ms": percentiles(server_ms),
         "variants": dict(variants),
