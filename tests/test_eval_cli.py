@@ -42,6 +42,23 @@ def _eval(ml_slice: Path, *extra: str) -> dict:
     return json.loads(report_path.read_text())
 
 
+def _split(ml_slice: Path) -> tuple[formats.Split, dict[str, list[str]], list[str]]:
+    """The slice's leave-last-out split, its histories as item ids, and the catalog."""
+    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
+    histories = {u: [e.item_id for e in h] for u, h in split.history.items()}
+    return split, histories, list(formats.read_items(ml_slice / "items.tsv"))
+
+
+def _own_order_ndcg(ml_slice: Path, retriever: retrievers.Retriever, n: int) -> float:
+    """NDCG@10 of the retriever's own top-n order, computed here independently of `reranker eval`."""
+    split, histories, catalog = _split(ml_slice)
+    top = retriever.fit(histories, catalog).recommend(split.users, n)
+    acc = metrics.MetricAccumulator()
+    for u in split.users:
+        acc.add([r.item_id for r in top[u]], {split.target[u].item_id})
+    return float(acc.summary(len(catalog))["ndcg@10"])
+
+
 def test_eval_reports_upstream_and_reranked_metrics(ml_slice: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = _eval(ml_slice, "--retriever", "popularity,sampled", "--num-candidates", "50")
     out = capsys.readouterr().out
@@ -52,13 +69,7 @@ def test_eval_reports_upstream_and_reranked_metrics(ml_slice: Path, capsys: pyte
     assert pop["users"] == USERS and pop["variants"] == {"VARIANT_RERANKED": USERS}
     assert pop["latency_ms"]["p50"] > 0
     # The upstream numbers are those of the retriever's own order, computed independently here.
-    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
-    histories = {u: [e.item_id for e in h] for u, h in split.history.items()}
-    top = retrievers.make_retriever("popularity").fit(histories, list(formats.read_items(ml_slice / "items.tsv"))).recommend(split.users, 50)
-    acc = metrics.MetricAccumulator()
-    for u in split.users:
-        acc.add([r.item_id for r in top[u]], {split.target[u].item_id})
-    assert pop["upstream"]["ndcg@10"] == pytest.approx(acc.summary(1682)["ndcg@10"])
+    assert pop["upstream"]["ndcg@10"] == pytest.approx(_own_order_ndcg(ml_slice, retrievers.make_retriever("popularity"), 50))
     assert pop["upstream"]["auc"] is None  # no per-candidate labels in leave-last-out
     # The gain comes with a 95% paired bootstrap interval over users that holds the point ratio.
     ratio = pop["ndcg_ratio"]
@@ -157,14 +168,7 @@ def test_eval_with_the_ease_retriever(ml_slice: Path) -> None:
     report = _eval(ml_slice, "--retriever", "ease", "--num-candidates", "30")
     result = report["results"]["ease"]
     assert result["variants"] == {"VARIANT_RERANKED": USERS}
-    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
-    histories = {u: [e.item_id for e in h] for u, h in split.history.items()}
-    catalog = list(formats.read_items(ml_slice / "items.tsv"))
-    top = retrievers.EASE().fit(histories, catalog).recommend(split.users, 30)
-    acc = metrics.MetricAccumulator()
-    for u in split.users:
-        acc.add([r.item_id for r in top[u]], {split.target[u].item_id})
-    assert result["upstream"]["ndcg@10"] == pytest.approx(acc.summary(1682)["ndcg@10"])
+    assert result["upstream"]["ndcg@10"] == pytest.approx(_own_order_ndcg(ml_slice, retrievers.EASE(), 30))
 
 
 def test_cf_reference_reorders_a_list_by_another_retrievers_score(
@@ -180,9 +184,7 @@ def test_cf_reference_reorders_a_list_by_another_retrievers_score(
     runpy.run_path(str(REPO / "scripts" / "cf_reference.py"), run_name="__main__")
     rows = {row["scorer"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
     assert rows["popularity"]["ratio"] == 1.0 and rows["popularity"]["users"] == USERS
-    split = formats.leave_last_out(formats.read_events(ml_slice / "events.tsv"))
-    histories = {u: [e.item_id for e in h] for u, h in split.history.items()}
-    catalog = list(formats.read_items(ml_slice / "items.tsv"))
+    split, histories, catalog = _split(ml_slice)
     lists = retrievers.make_retriever("popularity").fit(histories, catalog).recommend(split.users, 50)
     knn = retrievers.make_retriever("itemknn").fit(histories, catalog)
     acc = metrics.MetricAccumulator()
