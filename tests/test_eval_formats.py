@@ -39,6 +39,33 @@ def test_round_trip_of_all_three_files(tmp_path: Path) -> None:
     }
 
 
+def test_served_lists_round_trip_with_timestamps_and_list_ids(tmp_path: Path) -> None:
+    lists = [
+        formats.ServedList("r1", "u", 10.0, (formats.CandidateRow("a", 1.0), formats.CandidateRow("b", 0.5))),
+        formats.ServedList("r2", "u", 20.0, (formats.CandidateRow("a", 2.0),)),
+        formats.ServedList("r3", "v", None, (formats.CandidateRow("c", 0.0, 1),)),
+    ]
+    formats.write_served_lists(tmp_path / "c.tsv", lists)
+    assert formats.read_served_lists(tmp_path / "c.tsv") == lists
+
+
+def test_served_lists_by_header_names_group_runs_and_ignore_other_columns(tmp_path: Path) -> None:
+    path = tmp_path / "c.tsv"
+    path.write_text(
+        "user_id\titem_id\tscore\tvariant\ttimestamp\n"
+        "u\ta\t1\tRERANKED\t5\nu\tb\t0.5\tRERANKED\t5\nu\tc\t1\tCONTROL\t7\nv\ta\t1\tCONTROL\t5\n"
+    )
+    got = formats.read_served_lists(path)
+    assert [(s.user_id, s.timestamp, [r.item_id for r in s.rows]) for s in got] == [
+        ("u", 5.0, ["a", "b"]), ("u", 7.0, ["c"]), ("v", 5.0, ["a"]),
+    ]
+    # The eval reader gives one list per user.
+    assert [r.item_id for r in formats.read_candidates(path)["u"]] == ["a", "b", "c"]
+    path.write_text("user_id\titem_id\tscore\ttimestamp\nu\ta\t1\tsoon\n")
+    with pytest.raises(formats.FormatError, match="c.tsv:2: score and timestamp must be numbers"):
+        formats.read_served_lists(path)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

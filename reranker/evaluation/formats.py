@@ -7,6 +7,13 @@
 - candidates.tsv: header, then `user_id<TAB>item_id<TAB>score[<TAB>label]`, a user's rows in the
                   retriever's order; label (0/1) marks relevant candidates where known (e.g. MIND
                   clicks); without labels the user's leave-last-out target is the one relevant item.
+                  The header names the columns: besides the three required ones (first, in this
+                  order) it may name `label`, `timestamp` (unix seconds: when the list was served)
+                  and `list_id` (rows with the same list id form one list), in any order, and any
+                  other column, which readers ignore (the training log adds `returned_rank`,
+                  `variant`, `model_version`). Without `list_id`, a list is a run of consecutive rows
+                  of one user (and one timestamp). A header that is not made of known names is read
+                  the old way: the 4th column is the label.
 
 Leave-last-out: per user, events are sorted by timestamp (stable, so ties keep file order); the last
 one is the target, everything before it is the history.
@@ -14,6 +21,7 @@ one is the target, everything before it is the history.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +48,21 @@ class CandidateRow:
     item_id: str
     score: float
     label: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServedList:
+    """One upstream list as served: its rows in the upstream's order, and when it was served
+    (None: unknown; then its label is the user's leave-last-out target)."""
+
+    list_id: str
+    user_id: str
+    timestamp: float | None
+    rows: tuple[CandidateRow, ...]
+
+
+CANDIDATE_COLUMNS = ("user_id", "item_id", "score")
+OPTIONAL_CANDIDATE_COLUMNS = ("label", "timestamp", "list_id")
 
 
 @dataclass
@@ -97,16 +120,58 @@ def read_events(path: Path) -> list[Interaction]:
     return events
 
 
-def read_candidates(path: Path) -> dict[str, list[CandidateRow]]:
-    out: dict[str, list[CandidateRow]] = {}
-    for number, parts in _rows(path, 3, 4):
-        user_id, item_id, raw_score = parts[:3]
+def _candidate_columns(path: Path) -> dict[str, int]:
+    """Column positions from the header (see the module doc); unknown headers read positionally."""
+    with Path(path).open(encoding="utf-8", newline="") as fh:
+        header = [h.strip().lower() for h in fh.readline().rstrip("\r\n").split("\t")]
+    named = {name: i for i, name in enumerate(header)}
+    if tuple(header[:3]) == CANDIDATE_COLUMNS and any(n in named for n in OPTIONAL_CANDIDATE_COLUMNS):
+        return {n: named[n] for n in CANDIDATE_COLUMNS + OPTIONAL_CANDIDATE_COLUMNS if n in named}
+    return {"user_id": 0, "item_id": 1, "score": 2, "label": 3}
+
+
+def read_served_lists(path: Path) -> list[ServedList]:
+    """Every list of a candidates file, in file order (see the module doc for columns and grouping)."""
+    columns = _candidate_columns(path)
+    width = max(columns.values()) + 1
+    lists: list[ServedList] = []
+    current: tuple[str, str, float | None] | None = None
+    rows: list[CandidateRow] = []
+
+    def close() -> None:
+        if current is not None and rows:
+            lists.append(ServedList(current[1], current[0], current[2], tuple(rows)))
+
+    named = "timestamp" in columns or "list_id" in columns
+    # With a named header, other columns are allowed (and ignored); the old positional form has at most 4.
+    for number, parts in _rows(path, 3, width + 100 if named else 4):
+        field_of = {name: parts[i] if i < len(parts) else "" for name, i in columns.items()}
+        user_id, item_id = field_of["user_id"], field_of["item_id"]
+        if not user_id or not item_id:
+            raise FormatError(f"{path}:{number}: empty user_id or item_id")
         try:
-            score = float(raw_score)
-            label = int(parts[3]) if len(parts) == 4 and parts[3] != "" else None
+            score = float(field_of["score"])
+            label = int(field_of["label"]) if field_of.get("label", "") != "" else None
+            timestamp = float(field_of["timestamp"]) if field_of.get("timestamp", "") != "" else None
         except ValueError:
-            raise FormatError(f"{path}:{number}: score must be a number and label 0 or 1") from None
-        out.setdefault(user_id, []).append(CandidateRow(item_id, score, label))
+            raise FormatError(f"{path}:{number}: score and timestamp must be numbers and label 0 or 1") from None
+        if timestamp is not None and not math.isfinite(timestamp):
+            raise FormatError(f"{path}:{number}: timestamp must be finite")
+        list_id = field_of.get("list_id", "") or f"{user_id}@{'' if timestamp is None else repr(timestamp)}"
+        key = (user_id, list_id, timestamp)
+        if key != current:
+            close()
+            current, rows = key, []
+        rows.append(CandidateRow(item_id, score, label))
+    close()
+    return lists
+
+
+def read_candidates(path: Path) -> dict[str, list[CandidateRow]]:
+    """One list per user (all of a user's rows in file order): the eval format without timestamps."""
+    out: dict[str, list[CandidateRow]] = {}
+    for served in read_served_lists(path):
+        out.setdefault(served.user_id, []).extend(served.rows)
     return out
 
 
@@ -167,5 +232,18 @@ def write_candidates(path: Path, lists: Iterable[tuple[str, Sequence[CandidateRo
         for user_id, rows in lists:
             for row in rows:
                 writer.writerow([user_id, row.item_id, repr(float(row.score)), "" if row.label is None else row.label])
+                count += 1
+    return count
+
+
+def write_served_lists(path: Path, lists: Iterable[ServedList]) -> int:
+    """candidates.tsv with `timestamp` and `list_id` columns (what `reranker train --candidates` reads)."""
+    with _TsvWriter(path, ["user_id", "item_id", "score", "label", "timestamp", "list_id"]) as writer:
+        count = 0
+        for served in lists:
+            ts = "" if served.timestamp is None else repr(float(served.timestamp))
+            for row in served.rows:
+                label = "" if row.label is None else row.label
+                writer.writerow([served.user_id, row.item_id, repr(float(row.score)), label, ts, served.list_id])
                 count += 1
     return count
