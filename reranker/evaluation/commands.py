@@ -37,6 +37,12 @@ def add_commands(commands: Any) -> None:
     # The default head learns from all list kinds, including the LLMRank 1+19 lists (no upstream signal).
     _data_args(tr, retriever_default="popularity,itemknn,als,sampled")
     tr.add_argument("--output", type=Path, required=True, help="where to write the head artefact (.npz)")
+    tr.add_argument(
+        "--candidates", type=Path, default=None,
+        help="the upstream's own served lists (candidates.tsv; a `timestamp` column labels each list with the "
+             "user's first event at or after it, else the user's last event is its label); with it the built-in "
+             "retrievers are used only when --retriever is given",
+    )
     tr.add_argument("--adapter-epochs", type=int, default=3, help="epochs of the next-item adapter training")
     tr.add_argument("--neighbours", type=int, default=50,
                     help="neighbours kept per item in the head's covisit/transition tables (artefact ~ 2 x 8 x k bytes per item)")
@@ -54,8 +60,12 @@ def add_commands(commands: Any) -> None:
 def _data_args(parser: argparse.ArgumentParser, retriever_default: str = "popularity,itemknn,als") -> None:
     parser.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
     parser.add_argument("--events", type=Path, required=True, help="events.tsv (user_id, item_id, timestamp[, event_type])")
-    parser.add_argument("--retriever", default=retriever_default,
-                        help="comma list of popularity, itemknn, als, ease, sampled (target + N random negatives)")
+    parser.add_argument("--retriever", default=None,
+                        help=f"comma list of popularity, itemknn, als, ease, sampled (target + N random negatives); default {retriever_default}")
+    parser.set_defaults(retriever_default=retriever_default)
+    parser.add_argument("--include-seen", action=argparse.BooleanOptionalAction, default=None,
+                        help="built-in retrievers keep items the user already consumed, as real upstream lists do "
+                             "(default: on for train, off for eval)")
     parser.add_argument("--num-candidates", default="100", help="candidates per user from each retriever; a comma list compares counts")
     parser.add_argument("--negatives", type=int, default=19, help="random negatives per target for --retriever sampled")
     parser.add_argument("--seed", type=int, default=0, help="random seed (sampled negatives, training)")
@@ -75,11 +85,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[int, ...]]:
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    names = tuple(n.strip() for n in args.retriever.split(",") if n.strip())
+    given = args.retriever
+    if given is None and getattr(args, "candidates", None) is not None and args.handler is _train:
+        given = ""  # train --candidates: the served lists alone, unless retrievers are asked for
+    names = tuple(n.strip() for n in (args.retriever_default if given is None else given).split(",") if n.strip())
     from reranker.evaluation.retrievers import ALL_RETRIEVERS, SAMPLED
 
     unknown = [n for n in names if n not in ALL_RETRIEVERS + (SAMPLED,)]
-    if unknown or not names:
+    if unknown or (not names and args.handler is not _train):
         raise ValueError(f"--retriever: unknown {unknown}; choose from {', '.join(ALL_RETRIEVERS + (SAMPLED,))}")
     counts = tuple(int(n) for n in args.num_candidates.split(",") if n.strip())
     if not counts or min(counts) <= 0:
@@ -100,6 +113,7 @@ def _eval(args: argparse.Namespace, _argv: Any) -> int:
     cfg = EvalConfig(
         items=args.items, events=args.events, candidates=args.candidates, retrievers=names, num_candidates=counts,
         sampled_negatives=args.negatives, max_users=args.max_users, address=args.address or "", seed=args.seed,
+        include_seen=bool(args.include_seen),
     )
     report = run(cfg, settings, ProgressBar(enabled=not args.no_progress))
     print(report_module.table(report))
@@ -133,11 +147,17 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
     cfg = train.TrainConfig(
         retrievers=names, num_candidates=counts[0], sampled_negatives=args.negatives,
         adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads, neighbours=args.neighbours,
+        include_seen=args.include_seen is not False,
     )
     items, events = formats.read_items(args.items), formats.read_events(args.events)
+    served = formats.read_served_lists(args.candidates) if args.candidates is not None else []
+    if not names and not served:
+        print("reranker train: no training lists: give --retriever or a non-empty --candidates file", file=sys.stderr)
+        return 2
+    sources = [args.items, args.events] + ([args.candidates] if args.candidates is not None else [])
     head, report = train.train(
-        items, events, settings, cfg, data_id=train.data_hash([args.items, args.events]),
-        progress=ProgressBar(enabled=not args.no_progress),
+        items, events, settings, cfg, data_id=train.data_hash(sources),
+        progress=ProgressBar(enabled=not args.no_progress), served_lists=served,
     )
     head.save(args.output)
     print(json.dumps(report, indent=2))
