@@ -244,26 +244,39 @@ class EASE(_MatrixRetriever):
         return np.asarray(self.binary[rows] @ self.weights)
 
 
-def make_retriever(name: str, **kwargs: object) -> Retriever:
-    """A fresh retriever by name; `kwargs` go to its constructor (e.g. seed, threads)."""
+def make_retriever(name: str, *, seed: int = 0, threads: int = 1, **kwargs: object) -> Retriever:
+    """A fresh retriever by name; `seed` and `threads` go to those that train (als, sasrec), `kwargs`
+    to its constructor."""
     from reranker.evaluation.sequential import SASRec
 
     factories = {"popularity": Popularity, "itemknn": ItemKNN, "als": ImplicitALS, "ease": EASE, "sasrec": SASRec}
     if name not in factories:
         raise ValueError(f"unknown retriever {name!r}; choose from {', '.join(factories)} or {SAMPLED}")
+    if name in ("als", "sasrec"):
+        kwargs = {"seed": seed, "threads": threads, **kwargs}
     return factories[name](**kwargs)
 
 
 def sampled_candidates(
-    history: Sequence[str], target: str, catalog: Sequence[str], negatives: int, rng: np.random.Generator
+    history: Sequence[str],
+    target: str,
+    catalog: Sequence[str],
+    negatives: int,
+    rng: np.random.Generator,
+    index: Mapping[str, int] | None = None,
 ) -> list[CandidateRow]:
     """LLMRank protocol: the target plus `negatives` random items the user never saw, shuffled; no scores.
 
     All upstream scores are 0, so the upstream order carries no information (it is random).
+    `index` (item -> position in `catalog`) makes a call O(history) in Python instead of
+    O(catalog): pass it when drawing lists for many users from a large catalog.
     """
-    seen = set(history) | {target}
-    pool = [item for item in catalog if item not in seen]
+    if index is None:
+        index = {item: j for j, item in enumerate(catalog)}
+    unseen = np.ones(len(catalog), dtype=bool)
+    unseen[[index[i] for i in {*history, target} if i in index]] = False
+    pool = np.flatnonzero(unseen)  # the unseen items in catalog order
     picked = rng.choice(len(pool), size=min(negatives, len(pool)), replace=False)
-    items = [target] + [pool[int(j)] for j in picked]
+    items = [target] + [catalog[int(pool[int(j)])] for j in picked]
     order = rng.permutation(len(items))
     return [CandidateRow(items[int(j)], 0.0) for j in order]

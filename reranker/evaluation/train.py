@@ -66,6 +66,8 @@ class TrainConfig:
     history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
     mf_factors: int = 32  # implicit-ALS factors for the mf_foldin feature (0 = off)
     adapter_negatives: int = 4096  # full softmax up to this many items, else this many sampled negatives
+    include_seen: bool = False  # the built-in retrievers' training lists keep the user's consumed items
+    blend_users: int = 5000  # users whose lists and profiles the blend is fitted on (memory bound); 0 = all
     labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
     seed: int = 0
     threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
@@ -296,6 +298,15 @@ def fit_blend(
     return w
 
 
+def _blend_users(history: Mapping[str, object], cfg: TrainConfig) -> list[str]:
+    """All users in file order, or a seeded random `cfg.blend_users` of them (still in file order)."""
+    users = list(history)
+    if cfg.blend_users <= 0 or len(users) <= cfg.blend_users:
+        return users
+    picked = np.random.default_rng([cfg.seed, 1]).choice(len(users), size=cfg.blend_users, replace=False)
+    return [users[j] for j in np.sort(picked)]
+
+
 def train(
     items: Mapping[str, str],
     events: Sequence[formats.Interaction],
@@ -328,17 +339,20 @@ def train(
     down, up, prior = train_adapter(sequences, vectors, cfg, progress)
     timings["adapter_s"] = time.perf_counter() - t
 
-    # Profiles exactly as the server builds them from RecordEvents (one profile per user and cut).
+    # Profiles exactly as the server builds them from RecordEvents (one profile per user and cut), for
+    # the users the blend is fitted on (at most cfg.blend_users: the profiles and the feature lists
+    # are what grows with users; the retrievers still learn from everyone's history).
     t = time.perf_counter()
+    blend_users = _blend_users(history, cfg)
     store = InProcessProfileStore(
         ProfileConfig.from_settings(settings, encoder.dim),
-        max_users=max(1, len(history)) * 2 * cuts,
+        max_users=max(1, len(blend_users)) * 2 * cuts,
         ttl_seconds=settings.user_ttl_seconds,
     )
     pairs = []
     for k in range(1, cuts + 1):
-        for u, h in history.items():
-            for e in h[:-k]:
+        for u in blend_users:
+            for e in history[u][:-k]:
                 j = index.get(e.item_id)
                 event = Event(f"{u}\x1f{k}", e.item_id, EventType[e.event_type.upper()], e.timestamp)
                 pairs.append((event, None if j is None else vectors[j]))
@@ -362,17 +376,18 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     raw_lists, list_labels, list_users, list_upstream, list_has = [], [], [], [], []
     for k in range(1, cuts + 1):
-        users = [u for u, h in history.items() if len(h) > k]
-        cut_hist = {u: [e.item_id for e in history[u][:-k]] for u in users}
+        cut_hist = {u: [e.item_id for e in h[:-k]] for u, h in history.items() if len(h) > k}
+        users = [u for u in blend_users if u in cut_hist]
         labels = {u: history[u][-k].item_id for u in users}
         for name in cfg.retrievers:
             if name == retrievers.SAMPLED:
                 cands = {
-                    u: retrievers.sampled_candidates(cut_hist[u], labels[u], catalog, cfg.sampled_negatives, rng)
+                    u: retrievers.sampled_candidates(cut_hist[u], labels[u], catalog, cfg.sampled_negatives, rng, index)
                     for u in users
                 }
             else:
-                cands = retrievers.make_retriever(name).fit(cut_hist, catalog).recommend(users, cfg.num_candidates)
+                fitted = retrievers.make_retriever(name, seed=cfg.seed, threads=cfg.threads).fit(cut_hist, catalog)
+                cands = fitted.recommend(users, cfg.num_candidates, include_seen=cfg.include_seen)
             for n_done, u in enumerate(users, start=1):
                 rows = cands[u]
                 ids = [r.item_id for r in rows]
@@ -440,6 +455,8 @@ def train(
             "retrievers": list(cfg.retrievers),
             "num_candidates": cfg.num_candidates,
             "training_users": len(history),
+            "blend_users": len(blend_users),
+            "include_seen": cfg.include_seen,
             "training_lists": len(std_lists),
             "labels_per_user": cuts,
             "neighbours": cfg.neighbours,
