@@ -65,7 +65,8 @@ class TrainConfig:
     history_length: int = 50  # newest history ids the collaborative features use (request time)
     history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
     mf_factors: int = 32  # implicit-ALS factors for the mf_foldin feature (0 = off)
-    adapter_negatives: int = 4096  # full softmax up to this many items, else this many sampled negatives
+    adapter_negatives: int = 2048  # full softmax up to this many items, else this many sampled negatives
+    adapter_examples: int = 300_000  # next-item examples per adapter epoch (a fresh random subset when more; 0 = all)
     include_seen: bool = False  # the built-in retrievers' training lists keep the user's consumed items
     blend_users: int = 5000  # users whose lists and profiles the blend is fitted on (memory bound); 0 = all
     labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
@@ -221,11 +222,12 @@ def train_adapter(
         return torch.nn.functional.normalize(v + (v @ down) @ up, dim=-1)
 
     batch = 1024
-    steps = cfg.adapter_epochs * ((len(targets) + batch - 1) // batch)
     step = 0
+    per_epoch = min(len(targets), cfg.adapter_examples) if cfg.adapter_examples > 0 else len(targets)
+    steps = cfg.adapter_epochs * ((per_epoch + batch - 1) // batch)
     for _ in range(cfg.adapter_epochs):
-        perm = torch.randperm(len(targets))
-        for start in range(0, len(targets), batch):
+        perm = torch.randperm(len(targets))[:per_epoch]
+        for start in range(0, per_epoch, batch):
             idx = perm[start : start + batch]
             c = ctx[idx]
             if sampled:
@@ -444,11 +446,14 @@ def train(
     timings["blend_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 
+    t = time.perf_counter()
     full_history = {u: [e.item_id for e in h] for u, h in split.history.items()}
+    graph = item_graph(full_history, cfg)
+    timings["final_tables_s"] = time.perf_counter() - t
     base.update(
         weights=weights,
         popularity=popularity_table(full_history),
-        graph=item_graph(full_history, cfg),
+        graph=graph,
         meta={
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "training_data": data_id,
