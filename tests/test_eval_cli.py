@@ -49,10 +49,10 @@ def _split(ml_slice: Path) -> tuple[formats.Split, dict[str, list[str]], list[st
     return split, histories, list(formats.read_items(ml_slice / "items.tsv"))
 
 
-def _own_order_ndcg(ml_slice: Path, retriever: retrievers.Retriever, n: int) -> float:
+def _own_order_ndcg(ml_slice: Path, retriever: retrievers.Retriever, n: int, include_seen: bool = False) -> float:
     """NDCG@10 of the retriever's own top-n order, computed here independently of `reranker eval`."""
     split, histories, catalog = _split(ml_slice)
-    top = retriever.fit(histories, catalog).recommend(split.users, n)
+    top = retriever.fit(histories, catalog).recommend(split.users, n, include_seen=include_seen)
     acc = metrics.MetricAccumulator()
     for u in split.users:
         acc.add([r.item_id for r in top[u]], {split.target[u].item_id})
@@ -194,3 +194,30 @@ def test_cf_reference_reorders_a_list_by_another_retrievers_score(
         acc.add([ids[j] for j in np.argsort(-scores, kind="stable")], {split.target[u].item_id})
     assert rows["itemknn"]["reordered_ndcg@10"] == pytest.approx(acc.summary(1682)["ndcg@10"], abs=5e-5)
     assert rows["itemknn"]["list_ndcg@10"] != rows["itemknn"]["reordered_ndcg@10"]
+
+
+def test_eval_include_seen_reports_the_share_of_consumed_items(
+    ml_slice: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = _eval(ml_slice, "--retriever", "popularity", "--num-candidates", "30", "--include-seen")
+    assert "Seen@10" in capsys.readouterr().out
+    assert report["config"]["include_seen"] is True
+    result = report["results"]["popularity"]
+    # computed here independently: the share of each user's top 10 that is in their history
+    split, histories, catalog = _split(ml_slice)
+    top = retrievers.make_retriever("popularity").fit(histories, catalog).recommend(split.users, 30, include_seen=True)
+    shares = [sum(r.item_id in set(histories[u]) for r in top[u][:10]) / 10 for u in split.users]
+    assert result["upstream"]["consumed@10"] == pytest.approx(np.mean(shares)) and np.mean(shares) > 0.2
+    assert 0.0 <= result["reranked"]["consumed@10"] <= 1.0
+    own = _own_order_ndcg(ml_slice, retrievers.make_retriever("popularity"), 30, include_seen=True)
+    assert result["upstream"]["ndcg@10"] == pytest.approx(own)
+
+
+def test_train_caps_the_blend_users_and_keeps_consumed_items_when_asked(ml_slice: Path) -> None:
+    items = formats.read_items(ml_slice / "items.tsv")
+    events = formats.read_events(ml_slice / "events.tsv")
+    cfg = train.TrainConfig(retrievers=("popularity",), num_candidates=30, adapter_epochs=1, blend_users=20,
+                            include_seen=True, mf_factors=8)
+    head, report = train.train(items, events, Settings(encoder="fake", fake_dim=32), cfg, encoder=FakeEncoder(32))
+    assert report["training_users"] == USERS and report["blend_users"] == 20
+    assert report["training_lists"] <= 20 and report["include_seen"] is True
