@@ -71,8 +71,8 @@ class Settings:
     consumed_policy: str = _doc(
         "Candidates the user already consumed (request may override): `keep` (scored like the others), "
         "`demote` (after all unconsumed ones, in their order), `drop` (removed; the response counts them), or "
-        "`learned`: a loaded head decides from its re-consumption features; without a head, each user's own "
-        "repeat rate decides (demote below consumed_repeat_rate, else keep). Similarity never credits a "
+        "`learned`: a loaded head decides from its re-consumption features; without a head, the user's "
+        "repeat rate decides (demote below consumed_repeat_rate, else keep; see consumed_prior_events). Similarity never credits a "
         "candidate for matching its own past events, whatever the policy.",
         "learned",
     )
@@ -80,6 +80,11 @@ class Settings:
         "consumed_policy=learned without a head: users whose share of events on an already consumed item is "
         "below this get consumed candidates demoted; users at or above it keep them.",
         0.05,
+    )
+    consumed_prior_events: float = _doc(
+        "consumed_policy=learned without a head: a user's repeat rate is estimated as (their repeats + n * the "
+        "population's rate) / (their events + n), n = this; so a new user starts from what everyone does.",
+        10.0,
     )
     consumed_items_per_user: int = _doc(
         "Distinct consumed items remembered per user (20 bytes each; the least recently consumed are forgotten "
@@ -216,6 +221,8 @@ class Settings:
             problems.append(f"consumed_policy must be one of {', '.join(CONSUMED_POLICIES)}")
         if not 0.0 <= self.consumed_repeat_rate <= 1.0:
             problems.append("consumed_repeat_rate must be in [0, 1]")
+        if self.consumed_prior_events < 0:
+            problems.append("consumed_prior_events must not be negative")
         if self.consumed_items_per_user < 0:
             problems.append("consumed_items_per_user must not be negative")
         if not 0.0 <= self.treatment_percent <= 100.0:

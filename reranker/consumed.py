@@ -108,8 +108,9 @@ class ConsumedItems:
         """Share of this user's events that went to an item already consumed (0 with no events)."""
         return self.repeats / self.events if self.events else 0.0
 
-    def add(self, key: int, timestamp: float, mass: float, capacity: int) -> None:
-        """Count one event on the item `key` (mass: its weight in L's current frame, 0 without a vector)."""
+    def add(self, key: int, timestamp: float, mass: float, capacity: int) -> bool:
+        """Count one event on the item `key` (mass: its weight in L's current frame, 0 without a
+        vector); True when the item was already consumed (a repeat)."""
         self.events += 1
         k = np.uint64(key)
         at = int(np.searchsorted(self.keys, k))
@@ -118,9 +119,9 @@ class ConsumedItems:
             self.counts[at] += 1
             self.last[at] = max(self.last[at], timestamp)
             self.mass[at] += mass
-            return
+            return True
         if capacity <= 0:
-            return
+            return False
         if self.keys.size >= capacity:  # forget the least recently consumed item
             drop = int(np.argmin(self.last))
             self.keys, self.counts = np.delete(self.keys, drop), np.delete(self.counts, drop)
@@ -130,6 +131,7 @@ class ConsumedItems:
         self.counts = np.insert(self.counts, at, 1)
         self.last = np.insert(self.last, at, timestamp)
         self.mass = np.insert(self.mass, at, mass)
+        return False
 
     def rescale(self, factor: float) -> None:
         """L was multiplied by `factor` (a newer event moved its reference time): masses follow."""

@@ -177,6 +177,8 @@ class ProfileStore(Protocol):
     backend: str
     hits: int  # get() calls that found the user (metrics)
     misses: int
+    repeats: int  # events on an already consumed item, over all users this store has seen
+    consumed_events: int  # all events counted for `repeats`
 
     def __len__(self) -> int:
         """Users held in this process."""
@@ -309,6 +311,8 @@ class InProcessProfileStore:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.repeats = 0  # events on an item their user had already consumed, over all users (the
+        self.consumed_events = 0  # population's repeat rate: the prior of consumed_policy=learned)
 
     def __len__(self) -> int:
         with self._lock:
@@ -346,7 +350,7 @@ class InProcessProfileStore:
         profile.recent.append(_recent_tuple(event))
         key = item_key(event.item_id)
         if vector is None:
-            profile.consumed.add(key, event.timestamp, 0.0, c.max_consumed)
+            self._count_consumed(profile.consumed.add(key, event.timestamp, 0.0, c.max_consumed))
             return "no vector"
         weight = c.weight_of(event)
         previous, first = profile.ref_time, profile.folded == 0
@@ -355,11 +359,15 @@ class InProcessProfileStore:
         )
         profile.consumed.rescale(usermodel.frame_factor(previous, profile.ref_time, first, c.decay_rate))
         mass = weight * usermodel.frame_factor(event.timestamp, profile.ref_time, False, c.decay_rate)
-        profile.consumed.add(key, event.timestamp, mass, c.max_consumed)
+        self._count_consumed(profile.consumed.add(key, event.timestamp, mass, c.max_consumed))
         profile.folded += 1
         vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
         profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
         return "folded"
+
+    def _count_consumed(self, repeat: bool) -> None:
+        self.consumed_events += 1
+        self.repeats += repeat
 
     def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
         """Without recent events, the state of a recently read user is shared, not rebuilt: one

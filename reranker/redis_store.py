@@ -157,7 +157,7 @@ elseif seq > 0 then
   redis.call('HSET', hkey, 'seq', seq)
 end
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
-return {accepted, duplicates, without}
+return {accepted, duplicates, without, repeats - (tonumber(st[6]) or 0), cevents - (tonumber(st[7]) or 0)}
 """
 
 _HIST_HEADER = struct.Struct("<ddI")  # timestamp, weight, item id length; then item id, then float32 vector
@@ -211,6 +211,7 @@ class RedisProfileStore:
         self.hits = 0
         self.misses = 0
         self.replay_dropped = 0
+        self._repeats = self._consumed_events = 0  # written through this replica (see `repeats`)
 
     @classmethod
     def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore) -> RedisProfileStore:
@@ -277,8 +278,10 @@ class RedisProfileStore:
                 if attempt == 2:
                     raise
         total = RecordResult()
-        for accepted, duplicates, without in results:
+        for accepted, duplicates, without, repeats, consumed_events in results:
             total = total + RecordResult(int(accepted), int(duplicates), int(without))
+            self._repeats += int(repeats)
+            self._consumed_events += int(consumed_events)
         return total
 
     def _start_replay(self) -> None:
@@ -382,6 +385,15 @@ class RedisProfileStore:
         return usermodel.History(
             tuple(items), np.array(times), np.array(weights), np.stack(vectors).astype(np.float32)
         )
+
+    @property
+    def repeats(self) -> int:
+        """Repeats among the events this replica wrote (to Redis, or to its fallback during an outage)."""
+        return self._repeats + self._fallback.repeats
+
+    @property
+    def consumed_events(self) -> int:
+        return self._consumed_events + self._fallback.consumed_events
 
     def __len__(self) -> int:
         """Users held in this process: the outage fallback's (0 while Redis is healthy)."""

@@ -326,7 +326,8 @@ class RerankService:
         order, dropped = ranking.order, 0
         if consumed_count:
             if policy == "learned" and not use_head:
-                policy = "demote" if seen.repeat_rate < s.consumed_repeat_rate else "keep"
+                assert state is not None
+                policy = "demote" if self._repeat_rate(state) < s.consumed_repeat_rate else "keep"
             order, dropped = scoring.apply_consumed_policy(order, consumed, policy)
         if query.top_k > 0:
             order = order[: query.top_k]
@@ -356,6 +357,14 @@ class RerankService:
             consumed_candidates=consumed_count,
             consumed_dropped=dropped,
         )
+
+    def _repeat_rate(self, state: UserState) -> float:
+        """The user's repeat rate shrunk towards the population's: (r + n g) / (e + n)."""
+        assert self.profiles is not None
+        store, prior = self.profiles, self.settings.consumed_prior_events
+        population = store.repeats / store.consumed_events if store.consumed_events else 0.0
+        consumed = state.consumed
+        return (consumed.repeats + prior * population) / max(consumed.events + prior, 1e-12)
 
     def _user_vector(self, state: UserState) -> np.ndarray | None:
         vector = user_vector_of(state, self.settings)
