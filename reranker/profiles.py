@@ -7,7 +7,8 @@ an immutable `UserState` for scoring; the math is in usermodel.py. Two stores im
 * `InProcessProfileStore` (default): a TTL + LRU bounded dict in this process.
 * `RedisProfileStore` (redis_store.py): one Redis shared by many replicas.
 
-Per user the state is: the decayed long-term sum L (float64, d) with its reference time, counters,
+Per user the state is: the decayed long-term sum L and session sum S (float64, d each) with their
+reference time, counters,
 the last `max_recent` events (without text), the newest `max_history` events that had a vector
 (their vectors too; the session vector and attention pooling use them), and the 64-bit hashes of
 the last `max_event_ids` event ids (idempotency: a replayed event id is not counted twice).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class ProfileConfig:
@@ -44,6 +48,8 @@ class ProfileConfig:
     max_recent: int
     max_history: int
     max_event_ids: int
+    session_rate: float = usermodel.decay_rate(1800.0)  # mu = ln 2 / session half-life
+    max_clock_ahead: float = 3600.0  # a profile clock further ahead of now than this is repaired on load / read
 
     @classmethod
     def from_settings(cls, s: Settings, dim: int) -> ProfileConfig:
@@ -54,6 +60,8 @@ class ProfileConfig:
             max_recent=s.recent_events_per_user,
             max_history=s.vector_history_size,
             max_event_ids=s.max_event_ids_per_user,
+            session_rate=usermodel.decay_rate(s.session_half_life_seconds),
+            max_clock_ahead=s.max_event_skew_seconds,
         )
 
     def weight_of(self, event: Event) -> float:
@@ -73,6 +81,7 @@ class UserState:
     updated_at: float
     recent: tuple[Event, ...]  # oldest first, arrival order, text dropped
     history: usermodel.History
+    session: np.ndarray | None = None  # float64 (d,): S relative to ref_time; None = rebuild it from history
     # Values derived from this state (user vector, decayed weights), memoized by their users: the
     # in-process store shares one UserState per profile version (see InProcessProfileStore.get).
     derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -85,7 +94,9 @@ def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | Non
     """
     if state is None:
         return None
-    session = usermodel.session_vector(state.history, settings.session_size, settings.session_gap_seconds)
+    session = state.session
+    if session is None:
+        session = usermodel.decayed_sum(state.history, state.ref_time, usermodel.decay_rate(settings.session_half_life_seconds))
     return usermodel.mix(state.long_term, session, settings.session_mix)
 
 
@@ -209,6 +220,7 @@ class _Profile:
     hist_weights: list[float] = dataclasses.field(default_factory=list)
     hist_vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
     seen: _SeenIds = dataclasses.field(default_factory=_SeenIds)
+    session: np.ndarray | None = None  # float64 (d,), relative to ref_time; set on the first folded event
 
     def add_history(self, timestamp: float, item_id: str, weight: float, vector: np.ndarray, cap: int) -> None:
         """Insert in event-time order (ties: arrival order), then drop the oldest beyond `cap`."""
@@ -221,24 +233,47 @@ class _Profile:
             if len(column) > cap:  # type: ignore[arg-type]
                 del column[0]  # type: ignore[attr-defined]
 
+    def history(self, dim: int) -> usermodel.History:
+        """The vector history as arrays (copies)."""
+        if not self.hist_items:
+            return usermodel.History.empty(dim)
+        return usermodel.History(
+            tuple(self.hist_items),
+            np.array(self.hist_times, dtype=np.float64),
+            np.array(self.hist_weights, dtype=np.float64),
+            np.stack(self.hist_vectors),
+        )
+
     def state(self, user_id: str, dim: int, recent: bool = True) -> UserState:
         """A consistent copy (arrays read-only: the store may share it between readers)."""
-        if self.hist_items:
-            history = usermodel.History(
-                tuple(self.hist_items),
-                np.array(self.hist_times, dtype=np.float64),
-                np.array(self.hist_weights, dtype=np.float64),
-                np.stack(self.hist_vectors),
-            )
-        else:
-            history = usermodel.History.empty(dim)
+        history = self.history(dim)
         long_term = self.long_term.copy()
-        for array in (long_term, history.timestamps, history.weights, history.vectors):
-            array.flags.writeable = False
+        session = None if self.session is None else self.session.copy()
+        for array in (long_term, session, history.timestamps, history.weights, history.vectors):
+            if array is not None:
+                array.flags.writeable = False
         return UserState(
             user_id, long_term, self.ref_time, self.event_count, self.updated_at,
-            tuple(_recent_event(user_id, row) for row in self.recent) if recent else (), history,
+            tuple(_recent_event(user_id, row) for row in self.recent) if recent else (), history, session,
         )
+
+    def repair_future_clock(self, now: float, config: ProfileConfig) -> bool:
+        """Re-anchor a reference time more than `max_clock_ahead` after `now` (see
+        usermodel.repair_future_clock); True when it was repaired."""
+        if self.folded == 0 or not self.ref_time > now + config.max_clock_ahead:
+            return False
+        history = self.history(config.dim)
+        session = usermodel.decayed_sum(history, self.ref_time, config.session_rate) if self.session is None else self.session
+        fixed = usermodel.repair_future_clock(
+            self.long_term, session, self.ref_time, history, now, config.decay_rate, config.session_rate
+        )
+        self.long_term, self.session, self.ref_time = fixed.long_term, fixed.session, fixed.ref_time
+        self.hist_times = fixed.history.timestamps.tolist()
+        self.recent = deque(
+            ((item_id, kind, min(ts, now), event_id, weight) for item_id, kind, ts, event_id, weight in self.recent),
+            maxlen=self.recent.maxlen,
+        )
+        return True
 
 
 class InProcessProfileStore:
@@ -255,6 +290,7 @@ class InProcessProfileStore:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.repairs = 0  # profiles whose future clock was repaired (metrics)
 
     def __len__(self) -> int:
         with self._lock:
@@ -279,7 +315,9 @@ class InProcessProfileStore:
         c = self.config
         profile = self._profiles.get(event.user_id)
         if profile is None:
-            profile = _Profile(np.zeros(self.dim, dtype=np.float64), recent=deque(maxlen=c.max_recent))
+            profile = _Profile(
+                np.zeros(self.dim, dtype=np.float64), recent=deque(maxlen=c.max_recent), session=np.zeros(self.dim)
+            )
         self._profiles[event.user_id] = profile  # (re)insert refreshes the TTL
         if event.event_id:
             hashed = event_id_hash(event.event_id)
@@ -293,8 +331,11 @@ class InProcessProfileStore:
         if vector is None:
             return "no vector"
         weight = c.weight_of(event)
+        if profile.session is None:
+            profile.session = np.zeros(self.dim)
         profile.ref_time = usermodel.fold(
-            profile.long_term, profile.ref_time, profile.folded == 0, event.timestamp, weight, vector, c.decay_rate
+            profile.long_term, profile.ref_time, profile.folded == 0, event.timestamp, weight, vector, c.decay_rate,
+            profile.session, c.session_rate,
         )
         profile.folded += 1
         vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
@@ -346,10 +387,18 @@ class InProcessProfileStore:
             if chunk:
                 yield chunk
 
-    def restore(self, user_id: str, profile: _Profile) -> None:
+    def restore(self, user_id: str, profile: _Profile, now: float | None = None) -> bool:
+        """Put a profile (from a snapshot) in place; with `now`, a clock more than `max_clock_ahead`
+        after it is repaired first (logged, counted). True when it was repaired."""
+        ahead = 0.0 if now is None else profile.ref_time - now
+        repaired = now is not None and profile.repair_future_clock(now, self.config)
+        if repaired:
+            log_repair("snapshot", user_id, ahead)
         with self._lock:
+            self.repairs += repaired
             self._profiles[user_id] = profile
             self._states.pop(user_id, None)
+        return repaired
 
 
 def _copy(profile: _Profile) -> _Profile:
@@ -358,6 +407,7 @@ def _copy(profile: _Profile) -> _Profile:
     return dataclasses.replace(
         profile,
         long_term=profile.long_term.copy(),
+        session=None if profile.session is None else profile.session.copy(),
         recent=deque(profile.recent, maxlen=profile.recent.maxlen),
         hist_times=list(profile.hist_times),
         hist_items=list(profile.hist_items),
@@ -367,12 +417,19 @@ def _copy(profile: _Profile) -> _Profile:
     )
 
 
+def log_repair(source: str, user_id: str, ahead: float) -> None:
+    log.warning("profile of user %r from %s had its decay clock %.0f s ahead of now (a future event folded by an "
+                "older build, or the server clock went back); repaired: its events after now count as at now",
+                user_id, source, ahead)
+
+
 # Kept for code written against the first version.
 UserProfileStore = InProcessProfileStore
 
 
-def make_profile_store(settings: Settings, dim: int) -> ProfileStore:
-    """The in-process store, or the Redis store when `redis_url` is set."""
+def make_profile_store(settings: Settings, dim: int, now: Callable[[], float] | None = None) -> ProfileStore:
+    """The in-process store, or the Redis store when `redis_url` is set (`now`: the wall clock that
+    a profile's decay clock is checked against, time.time by default)."""
     config = ProfileConfig.from_settings(settings, dim)
     local = InProcessProfileStore(
         config, max_users=settings.user_cache_size, ttl_seconds=settings.user_ttl_seconds,
@@ -385,4 +442,6 @@ def make_profile_store(settings: Settings, dim: int) -> ProfileStore:
     except ImportError as exc:  # the optional extra is not installed
         raise RuntimeError(f"redis_url is set but {exc}; install `reranker[redis]`") from exc
 
-    return RedisProfileStore.from_settings(settings, config, fallback=local)
+    if now is None:
+        return RedisProfileStore.from_settings(settings, config, fallback=local)
+    return RedisProfileStore.from_settings(settings, config, fallback=local, now=now)

@@ -2,7 +2,7 @@
 
 Keys per user (the `{user_id}` hash tag keeps them in one Redis Cluster slot):
 
-    <prefix>:{<user_id>}:p    hash: lt (L as packed float64), ref, folded, count, seq, updated
+    <prefix>:{<user_id>}:p    hash: lt (L as packed float64), st (S, the same), ref, folded, count, seq, updated
     <prefix>:{<user_id>}:r    list: recent events (JSON), newest first, capped at max_recent
     <prefix>:{<user_id>}:h    sorted set: events with a vector, score = event time, capped at max_history
     <prefix>:{<user_id>}:i    sorted set: 8-byte event-id hashes, capped at max_event_ids
@@ -11,6 +11,12 @@ Every update of a user is one Lua script run (atomic in Redis), so replicas upda
 at the same time never lose an event and a replayed event id is never counted twice. The script
 does the same float64 arithmetic as usermodel.fold. All four keys expire `ttl_seconds` after the
 user's last event; bound the total with Redis' own `maxmemory` + `volatile-lru` policy.
+
+A user whose decay clock `ref` is more than `max_event_skew_seconds` after now (a future event
+folded by an older build), or whose state has no `st` yet (written before issue 17), is repaired
+before anything is folded into it and when it is read: the script refuses to fold into it, the
+store rebuilds the state in Python (usermodel.repair_future_clock) and writes it back with a
+compare-and-set script, then folds. A clock repair is logged and counted (`repairs`).
 
 Redis down: the store never raises to the service. A failed call marks the store degraded for
 `retry_seconds` and serves from an in-process fallback store instead: events recorded meanwhile go
@@ -27,7 +33,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,7 +42,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from reranker import usermodel
-from reranker.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash
+from reranker.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash, log_repair
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
@@ -53,18 +59,24 @@ local max_ids = tonumber(ARGV[4])
 local ttl_ms = tonumber(ARGV[5])
 local now = ARGV[6]
 local dim = tonumber(ARGV[7])
+local srate = tonumber(ARGV[8])
+local max_ref = tonumber(ARGV[9])
 local fmt_f = '<' .. string.rep('f', dim)
 local fmt_d = '<' .. string.rep('d', dim)
 
-local st = redis.call('HMGET', hkey, 'lt', 'ref', 'folded', 'count', 'seq')
+local st = redis.call('HMGET', hkey, 'lt', 'ref', 'folded', 'count', 'seq', 'st')
 local ref = tonumber(st[2]) or 0
 local folded = tonumber(st[3]) or 0
 local count = tonumber(st[4]) or 0
 local seq = tonumber(st[5]) or 0
+if folded > 0 and (ref > max_ref or not st[6]) then
+  return {-1, 0, 0}  -- a clock ahead of now, or no session sum yet: the store repairs it first
+end
 local lt = nil
+local ss = nil
 
 local accepted, duplicates, without = 0, 0, 0
-for i = 8, #ARGV, 6 do
+for i = 10, #ARGV, 6 do
   local id_hash, ts_s, w, vec, recent, header = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local ts = tonumber(ts_s)
   local dup = false
@@ -89,6 +101,7 @@ for i = 8, #ARGV, 6 do
     else
       if lt == nil then
         if st[1] then lt = {struct.unpack(fmt_d, st[1])} else lt = {} for k = 1, dim do lt[k] = 0.0 end end
+        if st[6] then ss = {struct.unpack(fmt_d, st[6])} else ss = {} for k = 1, dim do ss[k] = 0.0 end end
       end
       local v = {struct.unpack(fmt_f, vec)}
       if folded == 0 then ref = ts end
@@ -97,12 +110,17 @@ for i = 8, #ARGV, 6 do
         if ts > ref then
           local f = math.exp(-rate * (ts - ref))
           for k = 1, dim do lt[k] = lt[k] * f end
+          f = math.exp(-srate * (ts - ref))
+          for k = 1, dim do ss[k] = ss[k] * f end
         end
         ref = ts
         for k = 1, dim do lt[k] = lt[k] + w * v[k] end
+        for k = 1, dim do ss[k] = ss[k] + w * v[k] end
       else
         local c = w * math.exp(-rate * (ref - ts))
         for k = 1, dim do lt[k] = lt[k] + c * v[k] end
+        c = w * math.exp(-srate * (ref - ts))
+        for k = 1, dim do ss[k] = ss[k] + c * v[k] end
       end
       redis.call('ZADD', zkey, ts_s, string.format('%016d', seq) .. header .. vec)
     end
@@ -110,7 +128,8 @@ for i = 8, #ARGV, 6 do
 end
 if lt ~= nil then
   lt[dim + 1] = nil
-  redis.call('HSET', hkey, 'lt', struct.pack(fmt_d, unpack(lt, 1, dim)))
+  ss[dim + 1] = nil
+  redis.call('HSET', hkey, 'lt', struct.pack(fmt_d, unpack(lt, 1, dim)), 'st', struct.pack(fmt_d, unpack(ss, 1, dim)))
 end
 if accepted > 0 then
   redis.call('HSET', hkey, 'ref', string.format('%.17g', ref), 'folded', folded, 'count', count, 'seq', seq, 'updated', now)
@@ -121,6 +140,18 @@ elseif seq > 0 then
 end
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
 return {accepted, duplicates, without}
+"""
+
+# Replaces a user's L, S, reference time and history rows, if `ref` is still what the repair read.
+REPAIR_SCRIPT = r"""
+local hkey, zkey = KEYS[1], KEYS[2]
+if redis.call('HGET', hkey, 'ref') ~= ARGV[1] then return 0 end
+redis.call('HSET', hkey, 'lt', ARGV[2], 'st', ARGV[3], 'ref', ARGV[4])
+if ARGV[5] == '1' then
+  redis.call('DEL', zkey)
+  for i = 6, #ARGV, 2 do redis.call('ZADD', zkey, ARGV[i], ARGV[i + 1]) end
+end
+return 1
 """
 
 _HIST_HEADER = struct.Struct("<ddI")  # timestamp, weight, item id length; then item id, then float32 vector
@@ -153,6 +184,7 @@ class RedisProfileStore:
         retry_seconds: float = 5.0,
         replay_limit: int = 10_000,
         clock: object = time.monotonic,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.dim = config.dim
@@ -165,6 +197,9 @@ class RedisProfileStore:
         self._retry_seconds = retry_seconds
         self._replay: deque[tuple[Event, np.ndarray | None]] = deque(maxlen=replay_limit)
         self._clock = clock
+        self._now = now  # wall clock: is a profile's decay clock ahead of it?
+        self._repair_sha = ""
+        self.repairs = 0  # profiles whose future clock was repaired (metrics)
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._replaying = False
@@ -176,7 +211,8 @@ class RedisProfileStore:
         self.replay_dropped = 0
 
     @classmethod
-    def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore) -> RedisProfileStore:
+    def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore,
+                      now: Callable[[], float] = time.time) -> RedisProfileStore:
         timeout = s.redis_timeout_ms / 1000.0
         write_timeout = s.redis_write_timeout_ms / 1000.0
         # No client-side retries: a failed call fails over at once (the replay buffer is the retry).
@@ -186,7 +222,7 @@ class RedisProfileStore:
                                       retry=Retry(NoBackoff(), 0))
         return cls(
             client, config, write_client=writer, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
-            retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events,
+            retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events, now=now,
         )
 
     def keys(self, user_id: str) -> list[str]:
@@ -223,7 +259,25 @@ class RedisProfileStore:
                 item = event.item_id.encode("utf-8", "surrogatepass")
                 header = _HIST_HEADER.pack(event.timestamp, weight, len(item)) + item
             args.extend([id_hash, repr(event.timestamp), repr(weight), vec, _recent_json(event), header])
-        head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim]
+        wall = self._now()  # `now` stamps `updated`; the decay clock is checked against the store's clock
+        head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim,
+                repr(c.session_rate), repr(wall + c.max_clock_ahead)]
+        total = RecordResult()
+        for _ in range(3):  # users refused for repair go round again (once repaired they fold)
+            results = self._run_apply(head, by_user)
+            refused = {}
+            for (user_id, args), (accepted, duplicates, without) in zip(by_user.items(), results):
+                if int(accepted) < 0:
+                    refused[user_id] = args
+                    self._repair_remote(user_id, wall)
+                else:
+                    total = total + RecordResult(int(accepted), int(duplicates), int(without))
+            by_user = refused
+            if not by_user:
+                return total
+        raise redis.RedisError(f"could not repair the profiles of {len(by_user)} users")
+
+    def _run_apply(self, head: list[object], by_user: dict[str, list[str]]) -> list[list[int]]:
         for attempt in (1, 2):
             if not self._script_sha:
                 self._script_sha = self._writer.script_load(APPLY_SCRIPT)
@@ -231,16 +285,57 @@ class RedisProfileStore:
             for user_id, args in by_user.items():
                 pipe.evalsha(self._script_sha, 4, *self.keys(user_id), *head, *args)
             try:
-                results = pipe.execute()
-                break
+                return pipe.execute()  # type: ignore[no-any-return]
             except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
                 self._script_sha = ""
                 if attempt == 2:
                     raise
-        total = RecordResult()
-        for accepted, duplicates, without in results:
-            total = total + RecordResult(int(accepted), int(duplicates), int(without))
-        return total
+        raise AssertionError("unreachable")
+
+    def _repair_remote(self, user_id: str, now: float) -> None:
+        """Repair a user whose clock is more than `max_clock_ahead` after `now`, or who has no S yet
+        (state written before issue 17); a compare-and-set on `ref` makes a concurrent repair harmless."""
+        c = self.config
+        hkey, _, zkey, _ = self.keys(user_id)
+        pipe = self._writer.pipeline(transaction=True)
+        pipe.hmget(hkey, "lt", "st", "ref")
+        pipe.zrange(zkey, 0, -1)
+        (lt, st, ref_raw), members = pipe.execute()
+        if ref_raw is None:
+            return
+        ref = float(ref_raw)
+        long_term = self._unpack(lt)
+        history = self._parse_history(members)
+        session = self._unpack(st) if st is not None else usermodel.decayed_sum(history, ref, c.session_rate)
+        rows: list[object] = []
+        clock_ahead = ref > now + c.max_clock_ahead
+        if clock_ahead:
+            fixed = usermodel.repair_future_clock(long_term, session, ref, history, now, c.decay_rate, c.session_rate)
+            long_term, session, new_ref = fixed.long_term, fixed.session, fixed.ref_time
+            for member, timestamp in zip(members, fixed.history.timestamps.tolist()):
+                _, weight, length = _HIST_HEADER.unpack_from(member, _SEQ_CHARS)
+                start = _SEQ_CHARS + _HIST_HEADER.size
+                rows += [repr(timestamp), member[:_SEQ_CHARS] + _HIST_HEADER.pack(timestamp, weight, length) + member[start:]]
+        else:
+            new_ref = ref
+        if not self._repair_sha:
+            self._repair_sha = self._writer.script_load(REPAIR_SCRIPT)
+        args = [ref_raw, np.asarray(long_term, "<f8").tobytes(), np.asarray(session, "<f8").tobytes(), repr(new_ref),
+                "1" if clock_ahead else "0", *rows]
+        try:
+            done = self._writer.evalsha(self._repair_sha, 2, hkey, zkey, *args)
+        except redis.exceptions.NoScriptError:
+            self._repair_sha = self._writer.script_load(REPAIR_SCRIPT)
+            done = self._writer.evalsha(self._repair_sha, 2, hkey, zkey, *args)
+        if clock_ahead and int(done):
+            with self._lock:
+                self.repairs += 1
+            log_repair("Redis", user_id, ref - now)
+
+    def _unpack(self, raw: bytes | None) -> np.ndarray:
+        if raw is not None and len(raw) == 8 * self.dim:
+            return np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        return np.zeros(self.dim)
 
     def _start_replay(self) -> None:
         """Write the events kept during an outage into Redis, in the background (requests don't wait).
@@ -295,23 +390,24 @@ class RedisProfileStore:
                 self._mark_down(exc)
         return self._fallback.get(user_id, recent=recent)
 
-    def _get_remote(self, user_id: str, with_recent: bool = True) -> UserState | None:
+    def _get_remote(self, user_id: str, with_recent: bool = True, repaired: bool = False) -> UserState | None:
         hkey, rkey, zkey, _ = self.keys(user_id)
         pipe = self._client.pipeline(transaction=True)
-        pipe.hmget(hkey, "lt", "ref", "count", "updated")
+        pipe.hmget(hkey, "lt", "ref", "count", "updated", "st", "folded")
         pipe.zrange(zkey, 0, -1)
         if with_recent:
             pipe.lrange(rkey, 0, -1)
-        (lt, ref, count, updated), members, *recent_raw = pipe.execute()
+        (lt, ref, count, updated, st, folded), members, *recent_raw = pipe.execute()
         if count is None:
             return None
-        if lt is not None and len(lt) == 8 * self.dim:
-            long_term = np.frombuffer(lt, dtype="<f8").astype(np.float64)
-        else:
-            long_term = np.zeros(self.dim)
+        ref_time = float(ref or 0.0)
+        if not repaired and int(folded or 0) and (st is None or ref_time > self._now() + self.config.max_clock_ahead):
+            self._repair_remote(user_id, self._now())
+            return self._get_remote(user_id, with_recent, repaired=True)
         history = self._parse_history(members)
         recent = tuple(_recent_from_json(user_id, raw) for raw in reversed(recent_raw[0])) if with_recent else ()
-        return UserState(user_id, long_term, float(ref or 0.0), int(count), float(updated or 0.0), recent, history)
+        return UserState(user_id, self._unpack(lt), ref_time, int(count), float(updated or 0.0), recent, history,
+                         None if st is None else self._unpack(st))
 
     def _parse_history(self, members: list[bytes]) -> usermodel.History:
         if not members:

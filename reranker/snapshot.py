@@ -12,6 +12,8 @@ allow_pickle=False):
                               updated, recent [[item_id, type, ts, event_id, weight]],
                               hist [[item_id, ts, weight]], seen
     user_long_term_<k> float64 (users in part, dim)
+    user_session_<k>  float64 (users in part, dim), the session sum S (absent in snapshots written
+                              before issue 17: S is then rebuilt from the history rows)
     hist_vectors_<k>  float32 (sum of len(hist), dim), the part's history rows in order
     seen_hashes_<k>   uint64  (sum of seen,) event-id hashes, oldest first per user
 
@@ -22,7 +24,9 @@ Writes are atomic: a temp file in the same directory is written, fsync'ed, then 
 over the old snapshot (and the directory fsync'ed), so a crash at any point leaves the old
 snapshot whole. A snapshot from another model version or dimension is ignored (its vectors would not be
 comparable); so is a snapshot of an unknown format version. Stale temp files of crashed writers
-are removed at load.
+are removed at load. A profile whose decay clock is more than `max_event_skew_seconds` after now
+(a future event folded by an older build) is repaired as it is loaded, logged and counted (see
+usermodel.repair_future_clock).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reranker import usermodel
 from reranker.items import ItemVectorCache
 from reranker.profiles import InProcessProfileStore, _Profile, _SeenIds
 
@@ -49,6 +54,7 @@ FORMAT = "reranker-snapshot"
 VERSION = 1
 USERS_PER_PART = 2000
 _PART_ARRAYS = ("users", "user_long_term", "hist_vectors", "seen_hashes")
+_OPTIONAL_PART_ARRAYS = ("user_session",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +79,7 @@ def _temp_path(path: Path) -> Path:
 
 
 def _user_part(rows: list[tuple[str, _Profile]], dim: int) -> dict[str, np.ndarray]:
-    users, long_terms, hist_vectors, seen_hashes = [], [], [], []
+    users, long_terms, sessions, hist_vectors, seen_hashes = [], [], [], [], []
     for user_id, p in rows:
         seen = p.seen.in_order()
         users.append({
@@ -83,11 +89,13 @@ def _user_part(rows: list[tuple[str, _Profile]], dim: int) -> dict[str, np.ndarr
             "seen": int(seen.size),
         })
         long_terms.append(p.long_term)
+        sessions.append(np.zeros(dim) if p.session is None else p.session)
         hist_vectors.extend(p.hist_vectors)
         seen_hashes.append(seen)
     return {
         "users": _json_array(users),
         "user_long_term": np.asarray(long_terms, dtype=np.float64).reshape(-1, dim),
+        "user_session": np.asarray(sessions, dtype=np.float64).reshape(-1, dim),
         "hist_vectors": np.asarray(hist_vectors, dtype=np.float32).reshape(-1, dim),
         "seen_hashes": np.concatenate(seen_hashes) if seen_hashes else np.zeros(0, np.uint64),
     }
@@ -212,9 +220,10 @@ def load_snapshot(
                     restored_items = len(hashes)
                 if profiles is not None:
                     for part in range(int(header.get("user_parts", 0))):
-                        restored_users += _restore_profiles(
-                            profiles, {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}, now, ttl_seconds
-                        )
+                        arrays = {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}
+                        arrays.update({name: archive[f"{name}_{part}"] for name in _OPTIONAL_PART_ARRAYS
+                                       if f"{name}_{part}" in archive})
+                        restored_users += _restore_profiles(profiles, arrays, now, ttl_seconds)
             except Exception as exc:  # readable header, damaged or inconsistent content: keep what was restored
                 log.warning("snapshot %s is damaged (%s); it was restored only in part", path, exc)
     except Exception as exc:  # corrupt, truncated, not a zip, ...: start empty, never crash
@@ -230,6 +239,7 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
     c = store.config
     users = _json_value(data["users"])
     long_terms, hist_vectors, seen_hashes = data["user_long_term"], data["hist_vectors"], data["seen_hashes"]
+    sessions = data.get("user_session")
     hist_at = seen_at = restored = 0
     for row, u in enumerate(users):  # type: ignore[arg-type]
         hist, seen_count = u["hist"], u["seen"]
@@ -247,10 +257,14 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
             profile.recent.append((item_id, int(kind), ts, event_id, weight))
         for (item_id, ts, weight), vector in zip(hist, vectors):
             profile.add_history(ts, item_id, weight, np.array(vector, dtype=np.float32), c.max_history)
+        if sessions is not None:
+            profile.session = np.array(sessions[row], dtype=np.float64)
+        else:  # written before S was kept: the history rows are the session's recent events
+            profile.session = usermodel.decayed_sum(profile.history(c.dim), profile.ref_time, c.session_rate)
         profile.seen = _SeenIds()
         for hashed in seen.tolist():
             profile.seen.add(hashed, c.max_event_ids)
-        store.restore(u["id"], profile)
+        store.restore(u["id"], profile, now)
         restored += 1
     return restored
 

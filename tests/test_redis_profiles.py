@@ -73,7 +73,7 @@ def random_events(rng: np.random.Generator, n: int, users: int = 3) -> list[tupl
 
 
 def test_redis_store_keeps_exactly_the_state_the_in_process_store_keeps(redis_url: str) -> None:
-    local, shared = stores(redis_url, recent_events_per_user=7, vector_history_size=5, session_size=3,
+    local, shared = stores(redis_url, recent_events_per_user=7, vector_history_size=5, session_half_life_seconds=600.0,
                            max_event_ids_per_user=9, half_life_seconds=3600.0)
     events = random_events(np.random.default_rng(7), 300)
     for start in range(0, len(events), 13):  # batches of mixed users
@@ -83,6 +83,7 @@ def test_redis_store_keeps_exactly_the_state_the_in_process_store_keeps(redis_ur
         a, b = local.get(user), shared.get(user)
         assert a is not None and b is not None
         np.testing.assert_allclose(b.long_term, a.long_term, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(b.session, a.session, rtol=1e-12, atol=1e-12)
         assert (b.ref_time, b.event_count, b.updated_at) == (a.ref_time, a.event_count, a.updated_at)
         assert b.recent == a.recent
         assert b.history.item_ids == a.history.item_ids
