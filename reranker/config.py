@@ -80,7 +80,8 @@ class Settings:
     # --- user model (issue 3) ----------------------------------------------------------------
     session_half_life_seconds: float = _doc(
         "Half-life of the session (short-term) vector S, in event time: S is decayed like L, only faster, so after "
-        "a pause of a few half-lives the next event makes a new session.", 1800.0
+        "a pause of a few half-lives the next event makes a new session (300 s: best of 300-86400 s on validation).",
+        300.0,
     )
     session_mix: float = _doc(
         "Share m of the session in the user vector u = normalize((1-m) L/‖L‖ + m S/‖S‖), in [0, 1]; 0 = long-term only.",

@@ -95,6 +95,8 @@ def event_from_pb(msg: pb.Event, name: str, limits: Limits, default_user: str = 
         if not 0 <= nanos < 1_000_000_000:
             raise InvalidRequest(f"{name}.timestamp.nanos must be in [0, 999999999], got {nanos}")
         if seconds > _MAX_TIMESTAMP_SECONDS:
+            if now is not None:  # the policy's message names the unit the value was probably sent in
+                check_event_time(float(seconds), f"{name}.timestamp", now, limits.max_event_skew)
             raise InvalidRequest(f"{name}.timestamp is after 9999-12-31")
         timestamp = seconds + nanos / 1e9
         if timestamp <= 0:

@@ -20,6 +20,7 @@ import bisect
 import dataclasses
 import hashlib
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +49,7 @@ class ProfileConfig:
     max_recent: int
     max_history: int
     max_event_ids: int
-    session_rate: float = usermodel.decay_rate(1800.0)  # mu = ln 2 / session half-life
+    session_rate: float = usermodel.decay_rate(300.0)  # mu = ln 2 / session half-life
     max_clock_ahead: float = 3600.0  # a profile clock further ahead of now than this is repaired on load / read
 
     @classmethod
@@ -359,6 +360,18 @@ class InProcessProfileStore:
             if state is None:
                 state = self._states[user_id] = profile.state(user_id, self.dim, recent=False)
             return state
+
+    def held_bytes(self, user_id: str) -> int:
+        """Bytes held for one user (arrays, history lists, recent-event tuples, id ring); 0 if unknown.
+        Every part is capped by a setting, so this is bounded however many events the user sends."""
+        with self._lock:
+            p = self._profiles.get(user_id)
+            if p is None:
+                return 0
+            total = p.long_term.nbytes + (0 if p.session is None else p.session.nbytes) + p.seen.hashes.nbytes
+            total += sum(v.nbytes for v in p.hist_vectors) + sum(map(sys.getsizeof, p.hist_items))
+            total += 8 * 2 * len(p.hist_times)
+            return total + sum(sys.getsizeof(row) + sum(map(sys.getsizeof, row)) for row in p.recent)
 
     def clear(self) -> None:
         with self._lock:

@@ -255,3 +255,26 @@ def test_a_server_starts_and_serves_with_redis_unreachable(make_server: ServerFa
     assert ranked_ids(stub, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
     store = running.service.profiles
     assert isinstance(store, RedisProfileStore) and store.degraded and "Connection" in store.last_error
+
+
+def test_state_written_before_the_session_sum_was_kept_gets_it_from_the_history(redis_url: str) -> None:
+    """Redis state of an older build has no `st`: it is rebuilt from the history rows on read and on
+    the next write (exact while the user has no more events than the vector history keeps)."""
+    local, shared = stores(redis_url)
+    events = [(e, v) for e, v in random_events(np.random.default_rng(3), 15, users=1) if v is not None]
+    local.apply(events, now=1.0)
+    shared.apply(events, now=1.0)
+    client = shared._writer
+    client.hdel(shared.keys("user-0")[0], "st")
+    state, expected = shared.get("user-0"), local.get("user-0")
+    assert state is not None and expected is not None and state.session is not None
+    np.testing.assert_allclose(state.session, expected.session, rtol=1e-9, atol=1e-12)
+    assert client.hget(shared.keys("user-0")[0], "st") is not None  # written back
+    client.hdel(shared.keys("user-0")[0], "st")
+    more = [(Event("user-0", "late", EventType.CLICK, 1_700_020_000.0), events[0][1])]
+    local.apply(more, now=2.0)
+    shared.apply(more, now=2.0)
+    state, expected = shared.get("user-0"), local.get("user-0")
+    np.testing.assert_allclose(state.session, expected.session, rtol=1e-9, atol=1e-12)  # type: ignore[union-attr]
+    assert shared.repairs == 0  # a migration, not a clock repair
+    shared.close()
