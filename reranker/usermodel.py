@@ -6,7 +6,7 @@ dislike/skip) and an event time t_i; lambda = ln 2 / half_life, mu = ln 2 / sess
 * long-term  L = sum_i w_i * exp(-lambda * (T - t_i)) * v_i, kept relative to T = the newest event
   time seen. A newer event rescales L once and adds; an older (out-of-order) one is added with its
   own decay factor. Both are O(d) and give exactly the L a recomputation from scratch would.
-* session    S = sum_i w_i * exp(-mu * (T - t_i)) * v_i: the same fold with a short half-life (30
+* session    S = sum_i w_i * exp(-mu * (T - t_i)) * v_i: the same fold with a short half-life (5
   minutes by default), kept next to L relative to the same T. A user who comes back after a pause
   and clicks something new has a session about that click at once (the older terms have decayed).
 * user       u = normalize((1 - m) * L / |L| + m * S / |S|), m = `session_mix`; a zero part adds

@@ -329,20 +329,18 @@ def redis_stack() -> Iterator[Stack]:
 
 
 # --- bounded influence ------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["local", "redis"])
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The in-process store, then the Redis store (its Lua script)."""
+    return request.getfixturevalue(f"{request.param}_stack")  # type: ignore[no-any-return]
+
+
 @FUZZ
 @given(history=normal_histories(), probe=probes(), path=PATHS)
 def test_one_event_moves_a_profile_no_more_than_a_max_weight_event_now(
-    local_stack: Stack, history: list[pb.Event], probe: pb.Event, path: str
+    stack: Stack, history: list[pb.Event], probe: pb.Event, path: str
 ) -> None:
-    check_probe(local_stack, path, history, probe)
-
-
-@FUZZ
-@given(history=normal_histories(), probe=probes(), path=PATHS)
-def test_one_event_moves_a_redis_profile_no_more_than_a_max_weight_event_now(
-    redis_stack: Stack, history: list[pb.Event], probe: pb.Event, path: str
-) -> None:
-    check_probe(redis_stack, path, history, probe)
+    check_probe(stack, path, history, probe)
 
 
 @settings(max_examples=max(2, EXAMPLES // 10), deadline=None,
