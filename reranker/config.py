@@ -98,13 +98,13 @@ class Settings:
         "Softmax temperature of attention pooling; lower = the history item most like the candidate dominates.", 0.1
     )
     max_event_skew_seconds: float = _doc(
-        "Event times after server time are clamped to now (counted in reranker_event_hygiene); more than this "
+        "Event times after server time are clamped to now (counted in reranker_event_times_clamped_total); more than this "
         "many seconds after it (a wrong clock, milliseconds sent as seconds) the request gets INVALID_ARGUMENT.",
         3600.0,
     )
     max_event_weight: float = _doc(
-        "Largest |weight| an event may carry (INVALID_ARGUMENT beyond it); 0 = twice the largest |event_weights| "
-        "value (or 1, the weight of an unlisted type): 6 with the default weights.",
+        "Largest absolute weight an event may carry (INVALID_ARGUMENT beyond it); 0 = twice the largest absolute "
+        "event_weights value (or 1, the weight of an unlisted type): 6 with the default weights.",
         0.0,
     )
     max_event_ids_per_user: int = _doc(
