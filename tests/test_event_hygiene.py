@@ -417,6 +417,7 @@ def semantic(stub: pb_grpc.RerankerServiceStub, user: str) -> dict[str, float]:
     ({"seconds": int(NOW * 1000)}, "events[1].timestamp"),  # milliseconds sent as seconds
     ({"seconds": int(NOW + SKEW) + 5}, "events[1].timestamp"),
     ({"weight": 1e30}, "events[1].weight"),
+    ({"weight": W * 1.01}, "events[1].weight"),  # just over the limit
     ({"weight": -1e30}, "events[1].weight"),
     ({"weight": math.nan}, "events[1].weight"),
 ])
