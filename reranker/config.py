@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,8 +107,11 @@ class Settings:
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
     # --- user model (issue 3) ----------------------------------------------------------------
-    session_size: int = _doc("Most events in the session (short-term) vector S.", 10)
-    session_gap_seconds: float = _doc("A pause longer than this between two events starts a new session.", 1800.0)
+    session_half_life_seconds: float = _doc(
+        "Half-life of the session (short-term) vector S, in event time: S is decayed like L, only faster, so after "
+        "a pause of a few half-lives the next event makes a new session (300 s: best of 300-86400 s on validation).",
+        300.0,
+    )
     session_mix: float = _doc(
         "Share m of the session in the user vector u = normalize((1-m) L/‖L‖ + m S/‖S‖), in [0, 1]; 0 = long-term only.",
         0.5,
@@ -121,6 +125,16 @@ class Settings:
     )
     attention_temperature: float = _doc(
         "Softmax temperature of attention pooling; lower = the history item most like the candidate dominates.", 0.1
+    )
+    max_event_skew_seconds: float = _doc(
+        "Event times after server time are clamped to now (counted in reranker_event_times_clamped_total); more than this "
+        "many seconds after it (a wrong clock, milliseconds sent as seconds) the request gets INVALID_ARGUMENT.",
+        3600.0,
+    )
+    max_event_weight: float = _doc(
+        "Largest absolute weight an event may carry (INVALID_ARGUMENT beyond it); 0 = twice the largest absolute "
+        "event_weights value (or 1, the weight of an unlisted type): 6 with the default weights.",
+        0.0,
     )
     max_event_ids_per_user: int = _doc(
         "Event ids remembered per user for de-duplication (8 bytes each); older ids may count again.", 1000
@@ -242,16 +256,16 @@ class Settings:
         for name in ("session_mix", "attention_weight"):  # user model (issue 3)
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1]")
-        for name in ("session_size", "vector_history_size", "max_event_ids_per_user", "redis_replay_events",
-                     "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
+        for name in ("session_half_life_seconds", "vector_history_size", "max_event_ids_per_user",
+                     "redis_replay_events", "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             problems.append("redis_url must start with redis://, rediss:// or unix://")
-        if self.session_size > self.vector_history_size:
-            problems.append("session_size must not exceed vector_history_size")
-        if self.session_gap_seconds < 0 or self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
-            problems.append("session_gap_seconds, redis_retry_seconds and snapshot_interval_seconds must be >= 0")
+        if self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
+            problems.append("redis_retry_seconds and snapshot_interval_seconds must be >= 0")
+        if not (self.max_event_skew_seconds >= 0 and self.max_event_weight >= 0):
+            problems.append("max_event_skew_seconds and max_event_weight must be >= 0")
         if self.overload_policy not in ("fail_open", "reject"):
             problems.append("overload_policy must be 'fail_open' or 'reject'")
         if self.runtime not in ("torch", "onnx"):
@@ -277,9 +291,15 @@ class Settings:
         if self.drain_delay_seconds < 0 or self.max_concurrent_rpcs < 0:
             problems.append("drain_delay_seconds and max_concurrent_rpcs must not be negative")
         try:
-            self.parsed_event_weights()
+            weights = self.parsed_event_weights()
         except ValueError as exc:
             problems.append(str(exc))
+        else:
+            largest = max([1.0, *(abs(w) for w in weights.values())])  # 1 = the weight of an unlisted type
+            if self.max_event_weight and self.max_event_weight < largest:
+                problems.append(f"max_event_weight {self.max_event_weight} is below the largest event_weights value {largest}")
+            if not all(math.isfinite(w) for w in weights.values()):
+                problems.append("event_weights must be finite")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -295,6 +315,12 @@ class Settings:
             except ValueError:
                 raise ValueError(f"event_weights entry {part!r} has a non-numeric weight") from None
         return weights
+
+    def event_weight_limit(self) -> float:
+        """W: the largest |weight| an event may carry (`max_event_weight`, or twice the largest type weight)."""
+        if self.max_event_weight:
+            return self.max_event_weight
+        return 2.0 * max([1.0, *(abs(w) for w in self.parsed_event_weights().values())])
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Settings:

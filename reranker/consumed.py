@@ -7,9 +7,9 @@ keeps what is needed to learn it:
 
 * per consumed item (at most `capacity`, the least recently consumed dropped first): a stable
   64-bit key of the item id, the number of events on it, the time of the newest one, and its
-  decayed mass in the long-term sum L (the same exp(-lambda (T - t)) frame as L, so
-  L - mass_c * v_c is L without item c: similarity features never credit a candidate for
-  matching its own past events);
+  decayed masses in the long-term sum L and the session sum S (the same exp(-rate (T - t))
+  frames as L and S, so L - mass_c v_c and S - session_mass_c v_c are L and S without item c:
+  similarity features never credit a candidate for matching its own past events);
 * per user: how many events were repeats of an item already consumed (the user's repeat rate).
 
 `item_keys` hashes ids vectorized (a polynomial hash of the code points with a splitmix64
@@ -86,21 +86,27 @@ class ConsumedItems:
     counts: np.ndarray  # int64 (n,)
     last: np.ndarray  # float64 (n,): newest event time on the item
     mass: np.ndarray  # float64 (n,): sum of w * exp(-lambda (ref - t)) over the item's events with a vector
+    session_mass: np.ndarray  # float64 (n,): the same with the session's rate (its share of S)
     repeats: int = 0  # events on an item that was already in memory
     events: int = 0  # events seen
 
     @staticmethod
     def empty() -> ConsumedItems:
         return ConsumedItems(
-            np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
+            np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
         )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.counts, self.last, self.mass, self.session_mass))
 
     def __len__(self) -> int:
         return int(self.keys.size)
 
     def copy(self) -> ConsumedItems:
         return ConsumedItems(
-            self.keys.copy(), self.counts.copy(), self.last.copy(), self.mass.copy(), self.repeats, self.events
+            self.keys.copy(), self.counts.copy(), self.last.copy(), self.mass.copy(), self.session_mass.copy(),
+            self.repeats, self.events,
         )
 
     @property
@@ -108,9 +114,9 @@ class ConsumedItems:
         """Share of this user's events that went to an item already consumed (0 with no events)."""
         return self.repeats / self.events if self.events else 0.0
 
-    def add(self, key: int, timestamp: float, mass: float, capacity: int) -> bool:
-        """Count one event on the item `key` (mass: its weight in L's current frame, 0 without a
-        vector); True when the item was already consumed (a repeat)."""
+    def add(self, key: int, timestamp: float, mass: float, capacity: int, session_mass: float = 0.0) -> bool:
+        """Count one event on the item `key` (mass, session_mass: its weight in L's and S's current
+        frames, 0 without a vector); True when the item was already consumed (a repeat)."""
         self.events += 1
         k = np.uint64(key)
         at = int(np.searchsorted(self.keys, k))
@@ -119,6 +125,7 @@ class ConsumedItems:
             self.counts[at] += 1
             self.last[at] = max(self.last[at], timestamp)
             self.mass[at] += mass
+            self.session_mass[at] += session_mass
             return True
         if capacity <= 0:
             return False
@@ -126,35 +133,38 @@ class ConsumedItems:
             drop = int(np.argmin(self.last))
             self.keys, self.counts = np.delete(self.keys, drop), np.delete(self.counts, drop)
             self.last, self.mass = np.delete(self.last, drop), np.delete(self.mass, drop)
+            self.session_mass = np.delete(self.session_mass, drop)
             at = int(np.searchsorted(self.keys, k))
         self.keys = np.insert(self.keys, at, k)
         self.counts = np.insert(self.counts, at, 1)
         self.last = np.insert(self.last, at, timestamp)
         self.mass = np.insert(self.mass, at, mass)
+        self.session_mass = np.insert(self.session_mass, at, session_mass)
         return False
 
-    def rescale(self, factor: float) -> None:
-        """L was multiplied by `factor` (a newer event moved its reference time): masses follow."""
+    def rescale(self, factor: float, session_factor: float = 1.0) -> None:
+        """L and S were multiplied by these factors (a newer event moved their reference time): masses follow."""
         if factor != 1.0:
             self.mass *= factor
+        if session_factor != 1.0:
+            self.session_mass *= session_factor
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(counts, last times, masses) for candidate keys; 0, -inf, 0 where never consumed."""
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(counts, last times, masses, session masses) for candidate keys; 0, -inf, 0, 0 where never consumed."""
         n = keys.size
-        counts, last, mass = np.zeros(n), np.full(n, -math.inf), np.zeros(n)
+        counts, last, mass, session = np.zeros(n), np.full(n, -math.inf), np.zeros(n), np.zeros(n)
         if n == 0 or self.keys.size == 0:
-            return counts, last, mass
+            return counts, last, mass, session
         pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
         hit = self.keys[pos] == keys
-        counts[hit] = self.counts[pos[hit]]
-        last[hit] = self.last[pos[hit]]
-        mass[hit] = self.mass[pos[hit]]
-        return counts, last, mass
+        at = pos[hit]
+        counts[hit], last[hit], mass[hit], session[hit] = self.counts[at], self.last[at], self.mass[at], self.session_mass[at]
+        return counts, last, mass, session
 
     def freeze(self) -> ConsumedItems:
         """A read-only copy (shared between readers of one profile version)."""
         out = self.copy()
-        for array in (out.keys, out.counts, out.last, out.mass):
+        for array in (out.keys, out.counts, out.last, out.mass, out.session_mass):
             array.flags.writeable = False
         return out
 

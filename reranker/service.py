@@ -21,6 +21,7 @@ from reranker.consumed import CandidateHistory
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
 from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, RequestCancelled
+from reranker.eventpolicy import check_event_time, check_event_weight
 from reranker.experiments import decide
 from reranker.items import ItemVectorCache
 from reranker.metrics import Metrics
@@ -86,8 +87,13 @@ class RerankService:
         self.model_version = ""
         self._snapshots: PeriodicSnapshots | None = None
         self.head: ranking_head.RankingHead | None = None
+        self._weight_limit = settings.event_weight_limit()
 
     # --- lifecycle -------------------------------------------------------------------------------
+    def now(self) -> float:
+        """Server time (the clock event times are checked against and stamped with)."""
+        return self._clock()
+
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
@@ -111,7 +117,7 @@ class RerankService:
         self.head = head
         self.model_version = encoder.version if head is None else f"{encoder.version}+{head.version}"
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
-        self.profiles = make_profile_store(s, encoder.dim)
+        self.profiles = make_profile_store(s, encoder.dim, self._clock)
         if s.snapshot_path:
             load_snapshot(
                 s.snapshot_path, items=self.items, profiles=self._local_profiles(), model_version=self.model_version,
@@ -128,6 +134,7 @@ class RerankService:
             observer=self.metrics.observe_batch,
         )
         self.metrics.watch_caches(self._cache_counters)
+        self.metrics.watch_profile_repairs(lambda: int(getattr(self.profiles, "repairs", 0)))
         self._ready.set()
         self.metrics.model_loaded(time.perf_counter() - load_started, self.model_version)
 
@@ -516,7 +523,7 @@ class RerankService:
     ) -> RecordResult:
         assert self.profiles is not None
         now = self._clock()
-        stamped = [e if e.timestamp > 0 else _with_timestamp(e, now) for e in events]
+        stamped = self._stamped(events, now)
         vectors, has_vector, _, _ = self._resolve_vectors(
             [e.item_id for e in stamped],
             [e.text for e in stamped],
@@ -527,6 +534,23 @@ class RerankService:
         )
         pairs = [(e, vectors[i] if has_vector[i] else None) for i, e in enumerate(stamped)]
         return self.profiles.apply(pairs, now)
+
+    def _stamped(self, events: Sequence[Event], now: float) -> list[Event]:
+        """Events with their time stamped (none given) or clamped (after now) to `now`; refused
+        (InvalidRequest) beyond the time / weight policy (eventpolicy.py; the servicer checked it
+        already with the request's field names, this guards the Python API)."""
+        s = self.settings
+        out, clamped = [], 0
+        for i, e in enumerate(events):
+            if e.weight is not None:
+                check_event_weight(e.weight, f"events[{i}].weight", self._weight_limit)
+            if e.timestamp > now or e.timestamp != e.timestamp:
+                check_event_time(e.timestamp, f"events[{i}].timestamp", now, s.max_event_skew_seconds)
+                clamped += 1
+            out.append(e if 0 < e.timestamp <= now else _with_timestamp(e, now))
+        if clamped:
+            self.metrics.event_times_clamped.inc(clamped)
+        return out
 
     def record_events(
         self, events: Sequence[Event], time_remaining: float | None = None, cancel: CancelToken | None = None

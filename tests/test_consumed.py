@@ -39,7 +39,7 @@ def test_consumed_memory_counts_repeats_and_forgets_the_least_recent() -> None:
     memory = ConsumedItems.empty()
     for key, ts in [(5, 1.0), (3, 2.0), (5, 3.0), (9, 4.0)]:
         memory.add(key, ts, 1.0, capacity=3)
-    counts, last, _ = memory.lookup(np.array([5, 3, 9, 7], dtype=np.uint64))
+    counts, last, _, _ = memory.lookup(np.array([5, 3, 9, 7], dtype=np.uint64))
     assert counts.tolist() == [2, 1, 1, 0] and last[:3].tolist() == [3.0, 2.0, 4.0] and last[3] == -math.inf
     assert memory.repeats == 1 and memory.events == 4 and memory.repeat_rate == 0.25
     memory.add(11, 5.0, 1.0, capacity=3)  # full: item 3 (newest event at 2.0) is forgotten
@@ -68,7 +68,7 @@ def test_long_term_mass_removes_exactly_the_items_own_events(rows: list[tuple[st
     state = full.get("u")
     assert state is not None
     for c in "abcde":
-        _, _, mass = state.consumed.lookup(item_keys([c]))
+        _, _, mass, session_mass = state.consumed.lookup(item_keys([c]))
         without = _store(dim)
         rest = [(Event("u", i, t, ts), vectors[i]) for i, ts, t in rows if i != c]
         without.apply(rest, now=0.0)
