@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from reranker.profiles import InProcessProfileStore, ProfileConfig
 from reranker.types import Event, EventType
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Progress = Callable[[str, int, int], None]
 
@@ -70,6 +72,7 @@ class TrainConfig:
     adapter_examples: int = 300_000  # next-item examples per adapter epoch (a fresh random subset when more; 0 = all)
     include_seen: bool = True  # retriever training lists keep the users' consumed items, as real upstream lists do
     blend_users: int = 5000  # users whose lists and profiles the blend is fitted on (memory bound); 0 = all
+    max_served_lists: int = 20_000  # served lists (--candidates) the blend is fitted on, a seeded sample; 0 = all
     labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
     seed: int = 0
     threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
@@ -346,6 +349,14 @@ def label_served_lists(
     return LabelledServedLists(out, timelines, earliest, skipped)
 
 
+def _sample(items: Sequence[T], limit: int, seed: int) -> list[T]:
+    """All of `items`, or a seeded random `limit` of them in their order (limit 0 = all)."""
+    if limit <= 0 or len(items) <= limit:
+        return list(items)
+    picked = np.random.default_rng([seed, 2]).choice(len(items), size=limit, replace=False)
+    return [items[j] for j in np.sort(picked)]
+
+
 def _blend_users(history: Mapping[str, object], cfg: TrainConfig) -> list[str]:
     """All users in file order, or a seeded random `cfg.blend_users` of them (still in file order)."""
     users = list(history)
@@ -403,7 +414,7 @@ def train(
     blend_users = _blend_users(history, cfg)
     store = InProcessProfileStore(
         ProfileConfig.from_settings(settings, encoder.dim),
-        max_users=max(1, len(blend_users) * 2 * cuts + len(served.lists)),
+        max_users=max(1, len(blend_users) * 2 * cuts + len(served.timelines)),
         ttl_seconds=settings.user_ttl_seconds,
     )
 
@@ -418,8 +429,6 @@ def train(
     for k in range(1, cuts + 1):
         for u in blend_users:
             feed(f"{u}\x1f{k}", history[u][:-k])
-    for n_list, (served_list, label_at) in enumerate(served.lists):
-        feed(f"{served_list.user_id}\x1fs{n_list}", served.timelines[served_list.user_id][:label_at])
 
     # Features are standardized with statistics of the training lists; start from the identity scaling.
     provisional = head_module.RankingHead(
@@ -461,11 +470,17 @@ def train(
         list_users.append(user)
         list_upstream.append(ids)
 
-    for n_list, (served_list, label_at) in enumerate(served.lists):
-        label = served.timelines[served_list.user_id][label_at].item_id
-        add_list(f"{served_list.user_id}\x1fs{n_list}", served_list.user_id, served_list.rows, label)
-        if progress and (n_list + 1) % 200 == 0:
-            progress("features (served lists)", n_list + 1, len(served.lists))
+    # One profile per served user, fed forward in time: each list is scored from the events before
+    # its label, then the profile moves on to the next list's label (no rebuild per list).
+    picked = _sample(served.lists, cfg.max_served_lists, cfg.seed)
+    fed: dict[str, int] = {}
+    for n_list, (served_list, label_at) in enumerate(sorted(picked, key=lambda pair: (pair[0].user_id, pair[1])), 1):
+        user = served_list.user_id
+        feed(f"{user}\x1fs", served.timelines[user][fed.get(user, 0) : label_at])
+        fed[user] = label_at
+        add_list(f"{user}\x1fs", user, served_list.rows, served.timelines[user][label_at].item_id)
+        if progress and (n_list % 200 == 0 or n_list == len(picked)):
+            progress("features (served lists)", n_list, len(picked))
     served_used = len(raw_lists)
     for k in range(1, cuts + 1):
         cut_hist = {u: [e.item_id for e in h[:-k]] for u, h in history.items() if len(h) > k}
@@ -535,7 +550,8 @@ def train(
             "blend_users": len(blend_users),
             "include_seen": cfg.include_seen,
             "training_lists": len(std_lists),
-            "served_lists": {"given": len(served_lists), "labelled": len(served.lists), "used": served_used,
+            "served_lists": {"given": len(served_lists), "labelled": len(served.lists), "sampled": len(picked),
+                             "used": served_used,
                              "skipped": served.skipped},
             "labels_per_user": cuts,
             "neighbours": cfg.neighbours,
