@@ -266,6 +266,7 @@ def _response_header(result: RerankResult) -> pb.RerankResponse:
         encoded=result.encoded,
         without_vector=result.without_vector,
         bucket=result.bucket,
+        arm=result.arm,
     )
 
 

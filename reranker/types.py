@@ -266,6 +266,7 @@ class RerankResult:
     encoded: int = 0
     without_vector: int = 0
     bucket: int = 0
+    arm: str = ""  # "control", "treatment" or an experiment_arms name; "" when bypassed
 
 
 @dataclass(frozen=True, slots=True)
