@@ -175,6 +175,7 @@ def test_sigkill_while_writing_loses_at_most_the_unflushed_tail(tmp_path: Path) 
         flushed = int(child.stdout.readline() or 0)
     child.send_signal(signal.SIGKILL)
     child.wait(10)
+    child.stdout.close()
     assert flushed >= 40
     log = read_training_log(tmp_path)  # raises on any corrupt row
     seqs = [int(e.item_id.removeprefix("item-")) for e in log.events]
