@@ -390,6 +390,12 @@ def _complete_lines(path: Path) -> tuple[str, list[str], bool]:
     return lines[0], lines[1:], torn
 
 
+def log_files(directory: str | Path) -> list[Path]:
+    """The files of a training-log directory (events, then served lists), each kind in time order."""
+    directory = Path(directory)
+    return sorted(directory.glob(f"{EVENTS_PREFIX}*.tsv")) + sorted(directory.glob(f"{SERVED_PREFIX}*.tsv"))
+
+
 def read_training_log(directory: str | Path, *, variants: Iterable[str] | None = None) -> TrainingLogData:
     """Events and served lists of a training-log directory (every file, in time order).
 

@@ -35,13 +35,35 @@ def add_commands(commands: Any) -> None:
         description="Fits a ranking head (adapter + learned blend) on histories only; the last event per user is never used.",
     )
     # The default head learns from all list kinds, including the LLMRank 1+19 lists (no upstream signal).
-    _data_args(tr, retriever_default="popularity,itemknn,als,sampled")
+    _data_args(tr, retriever_default="popularity,itemknn,als,sampled", events_required=False)
+    tr.add_argument("--training-log", type=Path, default=None,
+                    help="a server's training_log_dir: its events (instead of --events) and its served lists")
     tr.add_argument("--output", type=Path, required=True, help="where to write the head artefact (.npz)")
     tr.add_argument("--adapter-epochs", type=int, default=3, help="epochs of the next-item adapter training")
     tr.add_argument("--neighbours", type=int, default=50,
                     help="neighbours kept per item in the head's covisit/transition tables (artefact ~ 2 x 8 x k bytes per item)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tr.set_defaults(handler=_train)
+
+    rp = commands.add_parser(
+        "replay", help="play an events file against a running server as live traffic (Rerank before each event)",
+        description="Replays events in time order: a Rerank of the upstream (item-kNN) list before each event, then "
+        "the event (see reranker/evaluation/replay.py). With the server's training log on, the log is what "
+        "`reranker train --training-log` learns from.",
+    )
+    rp.add_argument("--target", required=True, help="host:port of the running server")
+    rp.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
+    rp.add_argument("--events", type=Path, required=True, help="events.tsv (user_id, item_id, timestamp[, event_type])")
+    rp.add_argument("--max-users", type=int, default=0, help="replay only the first N users to appear (0 = all)")
+    rp.add_argument("--fit-fraction", type=float, default=0.5, help="share of the timeline the upstream retriever is fitted on")
+    rp.add_argument("--start", type=float, default=0.5, help="share of the timeline recorded without lists (profiles) before lists start")
+    rp.add_argument("--stop", type=float, default=1.0, help="share of the timeline where the replay stops")
+    rp.add_argument("--num-candidates", type=int, default=50, help="upstream list length")
+    rp.add_argument("--top-k", type=int, default=10, help="top_k of each Rerank (and the k of the client-side hits@k)")
+    rp.add_argument("--no-upsert", action="store_true", help="do not send the catalog texts (UpsertItems) first")
+    rp.add_argument("--no-bootstrap", action="store_true",
+                    help="do not send the events before --start (an earlier replay that stopped there sent them)")
+    rp.set_defaults(handler=_replay)
 
     cv = commands.add_parser("convert", help="convert ml-100k (RecBole) or MIND files to the eval format")
     cv.add_argument("format", choices=("ml100k", "mind"))
@@ -51,9 +73,11 @@ def add_commands(commands: Any) -> None:
     cv.set_defaults(handler=_convert)
 
 
-def _data_args(parser: argparse.ArgumentParser, retriever_default: str = "popularity,itemknn,als") -> None:
+def _data_args(
+    parser: argparse.ArgumentParser, retriever_default: str = "popularity,itemknn,als", events_required: bool = True
+) -> None:
     parser.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
-    parser.add_argument("--events", type=Path, required=True, help="events.tsv (user_id, item_id, timestamp[, event_type])")
+    parser.add_argument("--events", type=Path, required=events_required, help="events.tsv (user_id, item_id, timestamp[, event_type])")
     parser.add_argument("--retriever", default=retriever_default,
                         help="comma list of popularity, itemknn, als, ease, sampled (target + N random negatives)")
     parser.add_argument("--num-candidates", default="100", help="candidates per user from each retriever; a comma list compares counts")
@@ -134,15 +158,51 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         retrievers=names, num_candidates=counts[0], sampled_negatives=args.negatives,
         adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads, neighbours=args.neighbours,
     )
-    items, events = formats.read_items(args.items), formats.read_events(args.events)
+    if (args.events is None) == (args.training_log is None):
+        print("reranker train: give --events or --training-log (not both)", file=sys.stderr)
+        return 2
+    items = formats.read_items(args.items)
+    if args.training_log is not None:
+        from reranker.traininglog import log_files, read_training_log
+
+        try:
+            logged = read_training_log(args.training_log)
+        except formats.FormatError as exc:
+            print(f"reranker train: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"training_log": str(args.training_log), "files": logged.files, "events": len(logged.events),
+                          "served_lists": len(logged.lists), "torn_lines": logged.torn_lines,
+                          "incomplete_lists": logged.incomplete_lists}), file=sys.stderr)
+        events, data_id = logged.events, train.data_hash([args.items, *log_files(args.training_log)])
+    else:
+        events, data_id = formats.read_events(args.events), train.data_hash([args.items, args.events])
     head, report = train.train(
-        items, events, settings, cfg, data_id=train.data_hash([args.items, args.events]),
-        progress=ProgressBar(enabled=not args.no_progress),
+        items, events, settings, cfg, data_id=data_id, progress=ProgressBar(enabled=not args.no_progress),
     )
     head.save(args.output)
     print(json.dumps(report, indent=2))
     print(f"head {head.version} written to {args.output}")
     return 0
+
+
+def _replay(args: argparse.Namespace, _argv: Any) -> int:
+    from reranker.client import RerankerClient
+    from reranker.evaluation import formats, replay
+
+    if not 0.0 <= args.fit_fraction <= 1.0 or not 0.0 <= args.start <= args.stop <= 1.0 or args.num_candidates < 1:
+        print("reranker replay: need 0 <= --start <= --stop <= 1, --fit-fraction in [0, 1], --num-candidates >= 1",
+              file=sys.stderr)
+        return 2
+    items = formats.read_items(args.items)
+    events = replay.timeline(formats.read_events(args.events), args.max_users)
+    with RerankerClient(args.target, timeout_s=30.0) as client:
+        report = replay.replay(
+            client, items, events, fit_fraction=args.fit_fraction, start=args.start, stop=args.stop,
+            num_candidates=args.num_candidates, top_k=args.top_k, upsert=not args.no_upsert,
+            bootstrap=not args.no_bootstrap,
+        )
+    print(json.dumps(report.summary(args.top_k), indent=2))
+    return 0 if report.failed == 0 else 1
 
 
 def _convert(args: argparse.Namespace, _argv: Any) -> int:
