@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
@@ -218,18 +219,11 @@ class RerankService:
         return isinstance(self.profiles, InProcessProfileStore)
 
     def rerank(
-        self,
-        query: RerankQuery,
-        time_remaining: float | None = None,
-        cancel: CancelToken | None = None,
-        *,
-        may_block: bool = True,
-        lookup: Lookup | None = None,
-        event_lookup: Lookup | None = None,
+        self, query: RerankQuery, time_remaining: float | None = None, cancel: CancelToken | None = None, **blocking: Any
     ) -> RerankResult:
-        result = self._rerank(
-            query, time_remaining, cancel, may_block=may_block, lookup=lookup, event_lookup=event_lookup
-        )
+        """`_rerank` (see there; `blocking` = may_block, lookup, event_lookup), then the answer goes
+        to the training log / online metrics when they are on."""
+        result = self._rerank(query, time_remaining, cancel, **blocking)
         training_log = self.training_log
         if training_log is not None:
             training_log.served(query, result)  # a deque append; the writer thread does the rest

@@ -16,23 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from reranker.cli import main
 from reranker.evaluation import formats
 from reranker.loadtest import ServerProcess
 from reranker.traininglog import read_training_log
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
+from test_eval_cli import ml_slice  # noqa: F401 (the 60-user ml-100k slice, a module fixture)
 
 USERS = 20
-
-
-@pytest.fixture(scope="module")
-def ml_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (SHARED_DATA / "ml-100k" / "ml-100k.inter").is_file():
-        pytest.skip("shared ml-100k data missing")
-    out = tmp_path_factory.mktemp("ml100k-loop")
-    assert main(["convert", "ml100k", "--input", str(SHARED_DATA / "ml-100k"), "--output", str(out)]) == 0
-    return out
 
 
 def _free_port() -> int:
@@ -58,7 +49,7 @@ def _samples(port: int, name: str) -> dict[frozenset[tuple[str, str]], float]:
     return out
 
 
-def test_serve_replay_train_reload_and_watch_the_arm(ml_files: Path, tmp_path: Path) -> None:
+def test_serve_replay_train_reload_and_watch_the_arm(ml_slice: Path, tmp_path: Path) -> None:
     log_dir, heads, metrics_port = tmp_path / "log", tmp_path / "heads", _free_port()
     heads.mkdir()
     served = [
@@ -67,7 +58,7 @@ def test_serve_replay_train_reload_and_watch_the_arm(ml_files: Path, tmp_path: P
         "--online-metrics-window-seconds", "600", "--experiment-arms", f"b=50:{heads / 'b.npz'}",
         "--head-reload-seconds", "0",  # SIGHUP only: the test sends it
     ]
-    replay = ["replay", "--items", str(ml_files / "items.tsv"), "--events", str(ml_files / "events.tsv"),
+    replay = ["replay", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"),
               "--max-users", str(USERS), "--num-candidates", "30"]
     with ServerProcess(served) as server:
         server.wait_serving()
@@ -78,7 +69,7 @@ def test_serve_replay_train_reload_and_watch_the_arm(ml_files: Path, tmp_path: P
         logged = read_training_log(log_dir)
         assert len(logged.lists) == first["lists"] and len(logged.events) == first["bootstrap_events"] + first["events"]
 
-        report = _cli("train", "--items", str(ml_files / "items.tsv"), "--training-log", str(log_dir),
+        report = _cli("train", "--items", str(ml_slice / "items.tsv"), "--training-log", str(log_dir),
                       "--encoder", "fake", "--fake-dim", "64", "--retriever", "popularity,itemknn",
                       "--num-candidates", "30", "--adapter-epochs", "1", "--output", str(heads / "b.tmp.npz"),
                       "--no-progress")
