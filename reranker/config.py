@@ -17,7 +17,7 @@ ENV_PREFIX = "RERANKER_"
 
 # Arm names the server uses itself (the response's `arm`, the online metrics' `arm` label).
 RESERVED_ARMS = ("control", "treatment", "bypassed")
-
+CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
 DEFAULT_EVENT_WEIGHTS = "view=0.5,click=1,add_to_cart=2,purchase=3,like=2,dislike=-1.5,skip=-0.5"
 
 
@@ -63,8 +63,31 @@ class Settings:
     event_weights: str = _doc("Weight per event type, `type=weight,...`; negative = negative feedback.", DEFAULT_EVENT_WEIGHTS)
     # --- scoring -----------------------------------------------------------------------------
     blend_weight: float = _doc("Default weight of the semantic score in [0, 1] (request may override).", 0.5)
+    blend_upstream: str = _doc(
+        "What the fixed blend reads of the upstream: `score` (its scores, min-max scaled per request) or `rank` "
+        "(its order only, 1/log2(2 + rank), min-max scaled): rank ignores how the upstream's scores are spread.",
+        "score",
+    )
     diversity: float = _doc("Default MMR diversity strength in [0, 1]; 0 = off (request may override).", 0.0)
     mmr_window: int = _doc("MMR reorders at most this many top positions; the rest follow by score.", 50)
+    consumed_policy: str = _doc(
+        "Candidates the user already consumed (request may override): `keep` (scored like the others), "
+        "`demote` (after all unconsumed ones, in their order), `drop` (removed; the response counts them), or "
+        "`learned`: a loaded head decides from its re-consumption features; without a head, each user's own "
+        "repeat rate decides (demote below consumed_repeat_rate, else keep). Similarity never credits a "
+        "candidate for matching its own past events, whatever the policy.",
+        "learned",
+    )
+    consumed_repeat_rate: float = _doc(
+        "consumed_policy=learned without a head: users whose share of events on an already consumed item is "
+        "below this get consumed candidates demoted; users at or above it keep them.",
+        0.05,
+    )
+    consumed_items_per_user: int = _doc(
+        "Distinct consumed items remembered per user (20 bytes each; the least recently consumed are forgotten "
+        "first); they feed consumed_policy and the head's re-consumption features.",
+        500,
+    )
     # --- limits ------------------------------------------------------------------------------
     max_candidates: int = _doc("Most candidates in one Rerank request.", 2000)
     max_text_chars: int = _doc("Longest item text accepted, in characters.", 4000)
@@ -235,6 +258,14 @@ class Settings:
             problems.append("blend_weight must be in [0, 1]")
         if not 0.0 <= self.diversity <= 1.0:
             problems.append("diversity must be in [0, 1]")
+        if self.blend_upstream not in ("score", "rank"):
+            problems.append("blend_upstream must be 'score' or 'rank'")
+        if self.consumed_policy not in CONSUMED_POLICIES:
+            problems.append(f"consumed_policy must be one of {', '.join(CONSUMED_POLICIES)}")
+        if not 0.0 <= self.consumed_repeat_rate <= 1.0:
+            problems.append("consumed_repeat_rate must be in [0, 1]")
+        if self.consumed_items_per_user < 0:
+            problems.append("consumed_items_per_user must not be negative")
         if not 0.0 <= self.treatment_percent <= 100.0:
             problems.append("treatment_percent must be in [0, 100]")
         for name in (

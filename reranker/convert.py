@@ -199,6 +199,7 @@ def rerank_query(req: pb.RerankRequest, limits: Limits) -> RerankQuery:
         bypass=opts.bypass,
         explain=opts.explain,
         columns=opts.columns,
+        consumed=_consumed_policy(opts.consumed),
     )
     if options.columns and options.explain:
         raise InvalidRequest("options.columns answers without explanations: unset explain or columns")
@@ -213,6 +214,15 @@ def rerank_query(req: pb.RerankRequest, limits: Limits) -> RerankQuery:
         experiment=req.experiment,
         request_id=req.request_id,
     )
+
+
+def _consumed_policy(value: int) -> str | None:
+    if value == pb.CONSUMED_POLICY_UNSPECIFIED:
+        return None
+    try:
+        return pb.ConsumedPolicy.Name(value).removeprefix("CONSUMED_POLICY_").lower()
+    except ValueError:
+        raise InvalidRequest(f"options.consumed: unknown policy {value}") from None
 
 
 def items_from_pb(req: pb.UpsertItemsRequest, limits: Limits) -> tuple[Item, ...]:
@@ -267,6 +277,8 @@ def _response_header(result: RerankResult) -> pb.RerankResponse:
         without_vector=result.without_vector,
         bucket=result.bucket,
         arm=result.arm,
+        consumed_candidates=result.consumed_candidates,
+        consumed_dropped=result.consumed_dropped,
     )
 
 

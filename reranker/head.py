@@ -23,6 +23,17 @@ of standardized features that the server can compute from what it has at request
                    divided by (all weight leaving h + 1), sparse top-k per item
   mf_foldin        implicit-ALS score y_item . u, with u folded in from the history items alone:
                    u = (Y'Y + alpha Yh'Yh + reg I)^-1 (1 + alpha) Yh' 1 (Y: item factors in the artefact)
+  consumed         1 if the user already had an event on the candidate (reranker.consumed), else 0
+  consumed_count   log1p(events on the candidate)
+  consumed_recency 1 / (1 + log1p(hours from its newest event to the user's newest event)); 0 if never
+  consumed_repeat  consumed x the user's repeat rate (share of their events on items already consumed)
+
+Leave-one-out: every similarity feature compares a consumed candidate with the user *without* its
+own past events: zero_shot and long_term with the user vector rebuilt without it
+(reranker.profiles.candidate_history), session / max_sim / attention / last_item over the history
+rows that are not its own, mf_foldin with its own rows removed from the fold-in (a Sherman-Morrison
+downdate, exact), covisit / transition by construction (their tables hold no item-to-itself
+weight). So the head learns the domain's repeat behaviour from the consumed_* features alone.
 
 "Adapted" vectors are the frozen encoder vectors v mapped to v + (v @ down) @ up (a low-rank residual
 adapter, i.e. the identity at start, trained with a next-item softmax objective), then L2-normalized. Item popularity is a
@@ -52,8 +63,10 @@ from typing import Any
 import numpy as np
 
 from reranker import scoring
+from reranker.consumed import CandidateHistory
 
-FORMAT_VERSION = 2  # 2: + covisit/transition tables and ALS factors (format 1 heads must be retrained)
+# 2: + covisit/transition tables and ALS factors; 3: + re-consumption features (older heads must be retrained)
+FORMAT_VERSION = 3
 FEATURES = (
     "upstream_minmax",
     "upstream_rank",
@@ -68,10 +81,15 @@ FEATURES = (
     "covisit",
     "transition",
     "mf_foldin",
+    "consumed",
+    "consumed_count",
+    "consumed_recency",
+    "consumed_repeat",
 )
 # Features that need the candidate's vector; they are neutral (the training mean) without one.
 VECTOR_FEATURES = tuple(
-    i for i, name in enumerate(FEATURES) if not name.startswith(("upstream", "popularity", "covisit", "transition", "mf_"))
+    i for i, name in enumerate(FEATURES)
+    if not name.startswith(("upstream", "popularity", "covisit", "transition", "mf_", "consumed"))
 )
 
 
@@ -134,9 +152,13 @@ class ItemGraph:
         y = np.asarray(self.factors, dtype=np.float64)
         object.__setattr__(self, "_gram", y.T @ y)
 
-    def foldin(self, candidates: np.ndarray, history: np.ndarray) -> np.ndarray:
+    def foldin(self, candidates: np.ndarray, history: np.ndarray, leave_out: bool = False) -> np.ndarray:
         """ALS fold-in: the user's factors from the history items alone (confidence 1 + alpha each),
-        u = (Y^T Y + alpha Yh^T Yh + reg I)^-1 (1 + alpha) Yh^T 1; score = Y[c] @ u (0 for unknown c)."""
+        u = (Y^T Y + alpha Yh^T Yh + reg I)^-1 (1 + alpha) Yh^T 1; score = Y[c] @ u (0 for unknown c).
+
+        With `leave_out`, a candidate that is itself in the history (k times) is scored against the
+        fold-in without those rows: with s = y.u and q = y' A^-1 y, the Sherman-Morrison downdate
+        gives exactly (s - (1 + alpha) k q) / (1 - alpha k q)."""
         out = np.zeros(len(candidates))
         if not len(history) or self.factors.shape[1] == 0:
             return out
@@ -146,6 +168,15 @@ class ItemGraph:
         user = np.linalg.solve(a, (1.0 + self.alpha) * yh.sum(axis=0))
         known = candidates >= 0
         out[known] = self.factors[candidates[known]] @ user
+        if leave_out:
+            positions, times = np.unique(history, return_counts=True)
+            at = np.minimum(np.searchsorted(positions, candidates), positions.size - 1)
+            own = known & (positions[at] == candidates)
+            if own.any():
+                k = times[at[own]].astype(np.float64)
+                y = self.factors[candidates[own]].astype(np.float64)  # (m, f)
+                q = np.einsum("mf,fm->m", y, np.linalg.solve(a, y.T))
+                out[own] = (out[own] - (1.0 + self.alpha) * k * q) / (1.0 - self.alpha * k * q)
         return out
 
     def positions(self, item_ids: Sequence[str]) -> np.ndarray:
@@ -208,31 +239,44 @@ class RankingHead:
         user_vector: np.ndarray,
         history: np.ndarray,
         history_ids: Sequence[str] = (),
+        seen: CandidateHistory | None = None,
     ) -> np.ndarray:
         """(n, F) raw feature matrix. `history` is (h, d) and `history_ids` the ids the user liked
-        recently, both oldest first (may be empty)."""
+        recently, both oldest first (may be empty). `seen` (reranker.profiles.candidate_history,
+        its own_rows aligned with `history`) gives the re-consumption features and the
+        leave-one-out comparisons; None = no candidate was consumed."""
         upstream = np.asarray(upstream, dtype=np.float64)
         n = upstream.size
         out = np.zeros((n, len(FEATURES)), dtype=np.float64)
         out[:, 0] = scoring.minmax(upstream)
-        ascending = np.sort(upstream)
-        higher = n - np.searchsorted(ascending, upstream, side="right")
-        out[:, 1] = 1.0 / np.log2(2.0 + higher)
+        out[:, 1] = scoring.rank_discount(upstream)
         items = self.adapt(item_vectors)
         user = np.asarray(user_vector, dtype=np.float32)
-        out[:, 2] = np.asarray(item_vectors, dtype=np.float32) @ user
         out[:, 3] = items @ self.adapt(user[None, :])[0]
+        excluded = None
+        if seen is not None and seen.excluded is not None and seen.user_vectors is not None and seen.excluded.size:
+            excluded = seen.excluded
+            out[:, 2] = seen.cosine(item_vectors, user)
+            out[excluded, 3] = np.einsum("md,md->m", items[excluded], self.adapt(seen.user_vectors))
+        else:
+            out[:, 2] = np.asarray(item_vectors, dtype=np.float32) @ user
+        own = None if seen is None or seen.own_rows is None or not len(history) else seen.own_rows.T  # (n, h)
+        if own is not None and not own.any():
+            own = None
         if len(history):
             hist = self.adapt(history)
-            session = scoring.l2_normalize(hist[-self.session_length :].mean(axis=0))
+            tail = hist[-self.session_length :]
             sims = items @ hist.T  # (n, h)
-            out[:, 4] = items @ session
-            out[:, 5] = sims.max(axis=1)
-            logits = sims / self.attention_temperature
-            logits -= logits.max(axis=1, keepdims=True)
-            attn = np.exp(logits)
-            out[:, 6] = (attn * sims).sum(axis=1) / attn.sum(axis=1)
-            out[:, 7] = sims[:, -1]
+            out[:, 4] = items @ scoring.l2_normalize(tail.mean(axis=0))
+            if own is None:
+                out[:, 5] = sims.max(axis=1)
+                logits = sims / self.attention_temperature
+                logits -= logits.max(axis=1, keepdims=True)
+                attn = np.exp(logits)
+                out[:, 6] = (attn * sims).sum(axis=1) / attn.sum(axis=1)
+                out[:, 7] = sims[:, -1]
+            else:
+                self._leave_own_rows_out(out, items, tail, sims, own)
         else:
             out[:, 4:8] = out[:, 3:4]
         out[:, 8] = items @ self.prior
@@ -246,8 +290,41 @@ class RankingHead:
             cands = self.graph.positions(item_ids)
             out[:, 10] = self.graph.covisit.scores(cands, hist, weights)
             out[:, 11] = self.graph.transition.scores(cands, hist, weights)
-            out[:, 12] = self.graph.foldin(cands, hist)
+            out[:, 12] = self.graph.foldin(cands, hist, leave_out=seen is not None and bool(seen.consumed.any()))
+        if seen is not None:
+            consumed = seen.consumed
+            out[:, 13] = consumed
+            out[:, 14] = np.log1p(seen.counts)
+            with np.errstate(divide="ignore"):
+                out[:, 15] = np.where(consumed, 1.0 / (1.0 + np.log1p(np.minimum(seen.hours_since, 1e12))), 0.0)
+            out[:, 16] = consumed * seen.repeat_rate
         return out
+
+    def _leave_own_rows_out(
+        self, out: np.ndarray, items: np.ndarray, tail: np.ndarray, sims: np.ndarray, own: np.ndarray
+    ) -> None:
+        """session / max_sim / attention / last_item over the history rows that are not the
+        candidate's own (`own` (n, h)); a candidate with no other row gets its long_term value."""
+        h = sims.shape[1]
+        others = ~own
+        none_left = ~others.any(axis=1)
+        t = tail.shape[0]
+        own_tail = own[:, h - t :].astype(np.float32)  # (n, t)
+        kept = t - own_tail.sum(axis=1)
+        pooled = tail.sum(axis=0)[None, :] - own_tail @ tail  # (n, d): the session sum without own rows
+        norms = np.linalg.norm(pooled, axis=1)
+        session = np.einsum("nd,nd->n", items, pooled) / np.maximum(norms, 1e-12)
+        out[:, 4] = np.where(kept > 0, session, out[:, 3])
+        masked = np.where(own, -np.inf, sims)
+        best = masked.max(axis=1)
+        logits = (masked - np.where(none_left, 0.0, best)[:, None]) / self.attention_temperature
+        attn = np.exp(logits)  # own rows: exp(-inf) = 0
+        total = attn.sum(axis=1)
+        pooled_sims = (attn * np.where(own, 0.0, sims)).sum(axis=1)
+        last = h - 1 - np.argmax(others[:, ::-1], axis=1)  # newest row that is not the candidate's own
+        out[:, 5] = np.where(none_left, out[:, 3], best)
+        out[:, 6] = np.where(none_left, out[:, 3], pooled_sims / np.maximum(total, 1e-300))
+        out[:, 7] = np.where(none_left, out[:, 3], sims[np.arange(sims.shape[0]), last])
 
     def standardize(self, raw: np.ndarray, has_vector: np.ndarray) -> np.ndarray:
         z = (raw - self.mean) / self.std
@@ -265,8 +342,9 @@ class RankingHead:
         user_vector: np.ndarray,
         history: np.ndarray,
         history_ids: Sequence[str] = (),
+        seen: CandidateHistory | None = None,
     ) -> np.ndarray:
-        raw = self.features(item_ids, upstream, item_vectors, has_vector, user_vector, history, history_ids)
+        raw = self.features(item_ids, upstream, item_vectors, has_vector, user_vector, history, history_ids, seen)
         return self.standardize(raw, has_vector) @ self.weights
 
     def rank(
@@ -282,11 +360,13 @@ class RankingHead:
         diversity: float = 0.0,
         mmr_window: int = 50,
         top_k: int = 0,
+        seen: CandidateHistory | None = None,
     ) -> scoring.Ranking:
         """Like scoring.rank, with the head's score as relevance (MMR and top_k apply the same way)."""
         has_vector = np.asarray(has_vector, dtype=bool)
-        final = self.score(item_ids, upstream, item_vectors, has_vector, user_vector, history, history_ids)
-        semantic = np.where(has_vector, np.asarray(item_vectors, dtype=np.float32) @ user_vector, 0.0)
+        final = self.score(item_ids, upstream, item_vectors, has_vector, user_vector, history, history_ids, seen)
+        cosine = np.asarray(item_vectors, dtype=np.float32) @ user_vector if seen is None else seen.cosine(item_vectors, user_vector)
+        semantic = np.where(has_vector, cosine, 0.0)
         order = scoring.order_by_score(final)
         order = scoring.mmr_order(order, scoring.minmax(final), item_vectors, has_vector, diversity, mmr_window)
         if top_k > 0:

@@ -28,6 +28,7 @@ import cachetools
 import numpy as np
 
 from reranker import usermodel
+from reranker.consumed import CandidateHistory, ConsumedItems, hours_between, item_key, item_keys
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class ProfileConfig:
     max_recent: int
     max_history: int
     max_event_ids: int
+    max_consumed: int = 0  # consumed items remembered per user (see reranker.consumed)
 
     @classmethod
     def from_settings(cls, s: Settings, dim: int) -> ProfileConfig:
@@ -54,6 +56,7 @@ class ProfileConfig:
             max_recent=s.recent_events_per_user,
             max_history=s.vector_history_size,
             max_event_ids=s.max_event_ids_per_user,
+            max_consumed=s.consumed_items_per_user,
         )
 
     def weight_of(self, event: Event) -> float:
@@ -73,6 +76,8 @@ class UserState:
     updated_at: float
     recent: tuple[Event, ...]  # oldest first, arrival order, text dropped
     history: usermodel.History
+    # The consumed-item memory (read-only arrays): counts, times and long-term masses per item.
+    consumed: ConsumedItems = dataclasses.field(default_factory=ConsumedItems.empty)
     # Values derived from this state (user vector, decayed weights), memoized by their users: the
     # in-process store shares one UserState per profile version (see InProcessProfileStore.get).
     derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -87,6 +92,53 @@ def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | Non
         return None
     session = usermodel.session_vector(state.history, settings.session_size, settings.session_gap_seconds)
     return usermodel.mix(state.long_term, session, settings.session_mix)
+
+
+def candidate_history(
+    state: UserState,
+    settings: Settings,
+    item_ids: Sequence[str],
+    vectors: np.ndarray,
+    has_vector: np.ndarray,
+    user_vector: np.ndarray | None,
+) -> CandidateHistory:
+    """Which candidates the user consumed, when and how often; for consumed candidates, the user
+    vector without their own events (leave-one-out: L - mass_c v_c, S minus their session rows)
+    and which history rows are their own. The one recipe: the server and `reranker train` call it."""
+    consumed = state.consumed
+    n = len(item_ids)
+    if not len(consumed):
+        return CandidateHistory.none(n)
+    keys = item_keys(item_ids)
+    counts, last, mass = consumed.lookup(keys)
+    hours = hours_between(last, float(consumed.last.max()))
+    hit = counts > 0
+    if not hit.any():
+        return CandidateHistory(counts, hours, consumed.repeat_rate)
+    history = state.history
+    history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
+    own_rows = history_keys[:, None] == keys[None, :]
+    excluded = np.flatnonzero(hit & np.asarray(has_vector, dtype=bool))
+    user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
+    if excluded.size and user_vector is not None:
+        start = usermodel.session_start(history.timestamps, settings.session_size, settings.session_gap_seconds)
+        session = derived(state, "session_vector", lambda: usermodel.session_vector(
+            history, settings.session_size, settings.session_gap_seconds))
+        session_mass = history.weights[start:] @ own_rows[start:, excluded] if len(history) else np.zeros(excluded.size)
+        user_vectors = usermodel.mix_without(
+            state.long_term, session, settings.session_mix, np.asarray(vectors)[excluded], mass[excluded], session_mass
+        )
+    else:
+        excluded = excluded[:0]
+    return CandidateHistory(counts, hours, consumed.repeat_rate, excluded, user_vectors, own_rows)
+
+
+def on_liked_rows(seen: CandidateHistory, state: UserState) -> CandidateHistory:
+    """`seen` with `own_rows` restricted to the history rows the head reads (`positive_history`)."""
+    if seen.own_rows is None:
+        return seen
+    liked = state.history.weights > 0
+    return seen if liked.all() else dataclasses.replace(seen, own_rows=seen.own_rows[liked])
 
 
 def derived(state: UserState, key: str, compute: Callable[[], T]) -> T:
@@ -209,6 +261,7 @@ class _Profile:
     hist_weights: list[float] = dataclasses.field(default_factory=list)
     hist_vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
     seen: _SeenIds = dataclasses.field(default_factory=_SeenIds)
+    consumed: ConsumedItems = dataclasses.field(default_factory=ConsumedItems.empty)
 
     def add_history(self, timestamp: float, item_id: str, weight: float, vector: np.ndarray, cap: int) -> None:
         """Insert in event-time order (ties: arrival order), then drop the oldest beyond `cap`."""
@@ -238,6 +291,7 @@ class _Profile:
         return UserState(
             user_id, long_term, self.ref_time, self.event_count, self.updated_at,
             tuple(_recent_event(user_id, row) for row in self.recent) if recent else (), history,
+            self.consumed.freeze(),
         )
 
 
@@ -290,12 +344,18 @@ class InProcessProfileStore:
         profile.event_count += 1
         profile.updated_at = now
         profile.recent.append(_recent_tuple(event))
+        key = item_key(event.item_id)
         if vector is None:
+            profile.consumed.add(key, event.timestamp, 0.0, c.max_consumed)
             return "no vector"
         weight = c.weight_of(event)
+        previous, first = profile.ref_time, profile.folded == 0
         profile.ref_time = usermodel.fold(
-            profile.long_term, profile.ref_time, profile.folded == 0, event.timestamp, weight, vector, c.decay_rate
+            profile.long_term, profile.ref_time, first, event.timestamp, weight, vector, c.decay_rate
         )
+        profile.consumed.rescale(usermodel.frame_factor(previous, profile.ref_time, first, c.decay_rate))
+        mass = weight * usermodel.frame_factor(event.timestamp, profile.ref_time, False, c.decay_rate)
+        profile.consumed.add(key, event.timestamp, mass, c.max_consumed)
         profile.folded += 1
         vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
         profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
@@ -364,6 +424,7 @@ def _copy(profile: _Profile) -> _Profile:
         hist_weights=list(profile.hist_weights),
         hist_vectors=list(profile.hist_vectors),
         seen=seen,
+        consumed=profile.consumed.copy(),
     )
 
 

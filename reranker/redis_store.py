@@ -6,10 +6,14 @@ Keys per user (the `{user_id}` hash tag keeps them in one Redis Cluster slot):
     <prefix>:{<user_id>}:r    list: recent events (JSON), newest first, capped at max_recent
     <prefix>:{<user_id>}:h    sorted set: events with a vector, score = event time, capped at max_history
     <prefix>:{<user_id>}:i    sorted set: 8-byte event-id hashes, capped at max_event_ids
+    <prefix>:{<user_id>}:c    hash: 8-byte item key -> (count, newest time, mass, mass frame) as 4 float64
+                              (reranker.consumed; the mass is in L's frame at `mass frame`, scaled
+                              to the current reference time when read), capped at max_consumed
+    <prefix>:{<user_id>}:cz   sorted set: item key by newest time (which consumed item to forget first)
 
 Every update of a user is one Lua script run (atomic in Redis), so replicas updating the same user
 at the same time never lose an event and a replayed event id is never counted twice. The script
-does the same float64 arithmetic as usermodel.fold. All four keys expire `ttl_seconds` after the
+does the same float64 arithmetic as usermodel.fold. All six keys expire `ttl_seconds` after the
 user's last event; bound the total with Redis' own `maxmemory` + `volatile-lru` policy.
 
 Redis down: the store never raises to the service. A failed call marks the store degraded for
@@ -36,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from reranker import usermodel
+from reranker.consumed import ConsumedItems, item_key
 from reranker.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash
 from reranker.types import Event, EventType, RecordResult
 
@@ -45,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 APPLY_SCRIPT = r"""
-local hkey, rkey, zkey, ikey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local hkey, rkey, zkey, ikey, ckey, czkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local rate = tonumber(ARGV[1])
 local max_recent = tonumber(ARGV[2])
 local max_hist = tonumber(ARGV[3])
@@ -53,19 +58,47 @@ local max_ids = tonumber(ARGV[4])
 local ttl_ms = tonumber(ARGV[5])
 local now = ARGV[6]
 local dim = tonumber(ARGV[7])
+local max_consumed = tonumber(ARGV[8])
 local fmt_f = '<' .. string.rep('f', dim)
 local fmt_d = '<' .. string.rep('d', dim)
 
-local st = redis.call('HMGET', hkey, 'lt', 'ref', 'folded', 'count', 'seq')
+local st = redis.call('HMGET', hkey, 'lt', 'ref', 'folded', 'count', 'seq', 'repeats', 'cevents')
 local ref = tonumber(st[2]) or 0
 local folded = tonumber(st[3]) or 0
 local count = tonumber(st[4]) or 0
 local seq = tonumber(st[5]) or 0
+local repeats = tonumber(st[6]) or 0
+local cevents = tonumber(st[7]) or 0
 local lt = nil
 
+-- One event on item `ck` (8-byte key) at time ts whose weight in L's frame at `ref` is `mass`.
+local function consume(ck, ts, mass)
+  cevents = cevents + 1
+  local old = redis.call('HGET', ckey, ck)
+  local n, last, m = 1, ts, mass
+  if old then
+    local on, olast, om, oref = struct.unpack('<dddd', old)
+    repeats = repeats + 1
+    n = on + 1
+    if olast > last then last = olast end
+    m = om * math.exp(-rate * (ref - oref)) + mass
+  else
+    if max_consumed <= 0 then return end
+    if redis.call('HLEN', ckey) >= max_consumed then
+      local oldest = redis.call('ZRANGE', czkey, 0, 0)
+      if oldest[1] then
+        redis.call('HDEL', ckey, oldest[1])
+        redis.call('ZREM', czkey, oldest[1])
+      end
+    end
+  end
+  redis.call('HSET', ckey, ck, struct.pack('<dddd', n, last, m, ref))
+  redis.call('ZADD', czkey, last, ck)
+end
+
 local accepted, duplicates, without = 0, 0, 0
-for i = 8, #ARGV, 6 do
-  local id_hash, ts_s, w, vec, recent, header = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+for i = 9, #ARGV, 7 do
+  local id_hash, ts_s, w, vec, recent, header, ck = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local ts = tonumber(ts_s)
   local dup = false
   if id_hash ~= '' then
@@ -86,6 +119,7 @@ for i = 8, #ARGV, 6 do
     redis.call('LPUSH', rkey, recent)
     if vec == '' then
       without = without + 1
+      consume(ck, ts, 0.0)
     else
       if lt == nil then
         if st[1] then lt = {struct.unpack(fmt_d, st[1])} else lt = {} for k = 1, dim do lt[k] = 0.0 end end
@@ -100,9 +134,11 @@ for i = 8, #ARGV, 6 do
         end
         ref = ts
         for k = 1, dim do lt[k] = lt[k] + w * v[k] end
+        consume(ck, ts, w)
       else
         local c = w * math.exp(-rate * (ref - ts))
         for k = 1, dim do lt[k] = lt[k] + c * v[k] end
+        consume(ck, ts, c)
       end
       redis.call('ZADD', zkey, ts_s, string.format('%016d', seq) .. header .. vec)
     end
@@ -113,7 +149,8 @@ if lt ~= nil then
   redis.call('HSET', hkey, 'lt', struct.pack(fmt_d, unpack(lt, 1, dim)))
 end
 if accepted > 0 then
-  redis.call('HSET', hkey, 'ref', string.format('%.17g', ref), 'folded', folded, 'count', count, 'seq', seq, 'updated', now)
+  redis.call('HSET', hkey, 'ref', string.format('%.17g', ref), 'folded', folded, 'count', count, 'seq', seq, 'updated', now,
+             'repeats', repeats, 'cevents', cevents)
   redis.call('LTRIM', rkey, 0, max_recent - 1)
   redis.call('ZREMRANGEBYRANK', zkey, 0, -(max_hist + 1))
 elseif seq > 0 then
@@ -191,7 +228,7 @@ class RedisProfileStore:
 
     def keys(self, user_id: str) -> list[str]:
         base = f"{self._prefix}:{{{user_id}}}:"
-        return [base + "p", base + "r", base + "h", base + "i"]
+        return [base + "p", base + "r", base + "h", base + "i", base + "c", base + "cz"]
 
     # --- writes ----------------------------------------------------------------------------------
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
@@ -222,14 +259,16 @@ class RedisProfileStore:
                 vec = np.asarray(vector, dtype="<f4").tobytes()
                 item = event.item_id.encode("utf-8", "surrogatepass")
                 header = _HIST_HEADER.pack(event.timestamp, weight, len(item)) + item
-            args.extend([id_hash, repr(event.timestamp), repr(weight), vec, _recent_json(event), header])
-        head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim]
+            item_key_bytes = item_key(event.item_id).to_bytes(8, "little")
+            args.extend([id_hash, repr(event.timestamp), repr(weight), vec, _recent_json(event), header, item_key_bytes])
+        head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim,
+                c.max_consumed]
         for attempt in (1, 2):
             if not self._script_sha:
                 self._script_sha = self._writer.script_load(APPLY_SCRIPT)
             pipe = self._writer.pipeline(transaction=False)
             for user_id, args in by_user.items():
-                pipe.evalsha(self._script_sha, 4, *self.keys(user_id), *head, *args)
+                pipe.evalsha(self._script_sha, 6, *self.keys(user_id), *head, *args)
             try:
                 results = pipe.execute()
                 break
@@ -296,13 +335,14 @@ class RedisProfileStore:
         return self._fallback.get(user_id, recent=recent)
 
     def _get_remote(self, user_id: str, with_recent: bool = True) -> UserState | None:
-        hkey, rkey, zkey, _ = self.keys(user_id)
+        hkey, rkey, zkey, _, ckey, _ = self.keys(user_id)
         pipe = self._client.pipeline(transaction=True)
-        pipe.hmget(hkey, "lt", "ref", "count", "updated")
+        pipe.hmget(hkey, "lt", "ref", "count", "updated", "repeats", "cevents")
         pipe.zrange(zkey, 0, -1)
+        pipe.hgetall(ckey)
         if with_recent:
             pipe.lrange(rkey, 0, -1)
-        (lt, ref, count, updated), members, *recent_raw = pipe.execute()
+        (lt, ref, count, updated, repeats, cevents), members, consumed_raw, *recent_raw = pipe.execute()
         if count is None:
             return None
         if lt is not None and len(lt) == 8 * self.dim:
@@ -311,7 +351,22 @@ class RedisProfileStore:
             long_term = np.zeros(self.dim)
         history = self._parse_history(members)
         recent = tuple(_recent_from_json(user_id, raw) for raw in reversed(recent_raw[0])) if with_recent else ()
-        return UserState(user_id, long_term, float(ref or 0.0), int(count), float(updated or 0.0), recent, history)
+        ref_time = float(ref or 0.0)
+        consumed = self._parse_consumed(consumed_raw, ref_time, int(repeats or 0), int(cevents or 0))
+        return UserState(user_id, long_term, ref_time, int(count), float(updated or 0.0), recent, history, consumed)
+
+    def _parse_consumed(self, raw: dict[bytes, bytes], ref_time: float, repeats: int, events: int) -> ConsumedItems:
+        """The consumed-item memory from the `c` hash, masses brought into L's frame at `ref_time`."""
+        if not raw:
+            out = ConsumedItems.empty()
+            out.repeats, out.events = repeats, events
+            return out.freeze()
+        keys = np.frombuffer(b"".join(raw.keys()), dtype="<u8").astype(np.uint64)
+        values = np.frombuffer(b"".join(raw.values()), dtype="<f8").reshape(-1, 4)
+        order = np.argsort(keys)
+        count, last, mass, frame = (values[order, j] for j in range(4))
+        mass = mass * np.exp(-self.config.decay_rate * (ref_time - frame))
+        return ConsumedItems(keys[order], count.astype(np.int64), last, mass, repeats, events).freeze()
 
     def _parse_history(self, members: list[bytes]) -> usermodel.History:
         if not members:

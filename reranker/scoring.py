@@ -48,13 +48,26 @@ def first_occurrences(ids: Sequence[str]) -> list[int]:
     return keep
 
 
-def blend(upstream: FloatArray, semantic: FloatArray, has_vector: FloatArray, weight: float) -> FloatArray:
+def rank_discount(upstream: FloatArray) -> FloatArray:
+    """1 / log2(2 + r), r = the number of candidates with a strictly higher upstream score: the
+    upstream's order with DCG's position discount, blind to how its scores are scaled."""
+    upstream = np.asarray(upstream, dtype=np.float64)
+    higher = upstream.size - np.searchsorted(np.sort(upstream), upstream, side="right")
+    return 1.0 / np.log2(2.0 + higher)
+
+
+def blend(
+    upstream: FloatArray, semantic: FloatArray, has_vector: FloatArray, weight: float, upstream_form: str = "score"
+) -> FloatArray:
     """Final score = (1 - weight) * minmax(upstream) + weight * minmax(semantic).
+
+    `upstream_form` "rank" uses minmax(rank_discount(upstream)) instead of the scores: the blend
+    then depends only on the upstream's order, not on how its scores are spread.
 
     Items without a vector get the mean normalized semantic score of the items that have one: a
     neutral value, so their position relative to each other is decided by the upstream score alone.
     """
-    up = minmax(upstream)
+    up = minmax(rank_discount(upstream) if upstream_form == "rank" else upstream)
     has_vector = np.asarray(has_vector, dtype=bool)
     if weight <= 0.0 or not has_vector.any():
         return up
@@ -126,6 +139,7 @@ def rank(
     mmr_window: int = 50,
     top_k: int = 0,
     semantic: FloatArray | None = None,
+    upstream_form: str = "score",
 ) -> Ranking:
     """Score and order candidates. `item_vectors` is (n, d) with arbitrary rows where no vector.
 
@@ -141,13 +155,25 @@ def rank(
     else:
         if semantic is None:
             semantic = np.where(has_vector, item_vectors @ np.asarray(user_vector, dtype=np.float32), 0.0)
-        final = blend(upstream, semantic, has_vector, weight)
+        final = blend(upstream, semantic, has_vector, weight, upstream_form)
     order = order_by_score(final)
     if user_vector is not None:
         order = mmr_order(order, final, item_vectors, has_vector, diversity, mmr_window)
     if top_k > 0:
         order = order[:top_k]
     return Ranking(order=order, final=final, semantic=semantic)
+
+
+def apply_consumed_policy(order: np.ndarray, consumed: np.ndarray, policy: str) -> tuple[np.ndarray, int]:
+    """(order, dropped) after a consumed-item policy: `demote` moves consumed candidates after all
+    the others (both keep their relative order), `drop` removes them; `keep` and `learned` (the
+    head already decided) leave the order as it is."""
+    if policy not in ("demote", "drop"):
+        return order, 0
+    mask = np.asarray(consumed, dtype=bool)[order]
+    if policy == "drop":
+        return order[~mask], int(mask.sum())
+    return np.concatenate([order[~mask], order[mask]]), 0
 
 
 def nearest(history: FloatArray, items: FloatArray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +184,11 @@ def nearest(history: FloatArray, items: FloatArray) -> tuple[np.ndarray, np.ndar
 
 
 def attention_scores(
-    item_vectors: FloatArray, history: FloatArray, history_weights: FloatArray, temperature: float
+    item_vectors: FloatArray,
+    history: FloatArray,
+    history_weights: FloatArray,
+    temperature: float,
+    own_rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Candidate-aware (target) attention over a user's history, one score in [-1, 1] per item.
 
@@ -168,6 +198,8 @@ def attention_scores(
     candidate count most. Disliked items similar to the candidate pull its score down. A high
     temperature approaches the plain b-weighted mean; a low one the most similar item alone.
     Cost O(n * k * d) for n candidates and k history rows. No history -> zeros.
+    `own_rows` (k, n) marks history rows that are events on the candidate itself: they are left
+    out of its pooling (a candidate is never similar to the user through its own past events).
     """
     items = np.asarray(item_vectors, dtype=np.float32)
     hist = np.asarray(history, dtype=np.float32)
@@ -184,9 +216,17 @@ def attention_scores(
         sims = np.empty((k, items.shape[0]), dtype=np.float32)  # (k, n)
         for j in range(k):
             np.dot(items, hist[j], out=sims[j])
-    attn = sims - sims.max(axis=0)
+    if own_rows is not None:
+        sims = np.where(own_rows, np.float32(-np.inf), sims)
+        peak = sims.max(axis=0)
+        peak[~np.isfinite(peak)] = 0.0  # a candidate whose every history row is its own: no pooling
+        attn = sims - peak
+    else:
+        attn = sims - sims.max(axis=0)
     attn *= np.float32(1.0 / max(temperature, 1e-6))
     np.exp(attn, out=attn)
+    if own_rows is not None:
+        sims = np.where(own_rows, np.float32(0.0), sims)
     # num / den does not change when b is scaled: scale it to [-1, 1] so float32 cannot overflow.
     b64 = np.asarray(history_weights, dtype=np.float64)
     scale = float(np.abs(b64).max())
@@ -208,16 +248,21 @@ def personal_semantic(
     *,
     attention_weight: float,
     temperature: float,
+    own_rows: np.ndarray | None = None,
+    cosine: np.ndarray | None = None,
 ) -> np.ndarray:
     """Semantic score = (1 - a) * cos(u, c) + a * attention_scores(c); a = attention_weight.
 
     Rows without a vector score 0. With a = 0 (or no history) this is the plain cosine.
+    `cosine` replaces cos(u, c) (e.g. with leave-one-out user vectors for consumed candidates);
+    `own_rows` (history rows x candidates) leaves a candidate's own events out of its attention.
     """
     has_vector = np.asarray(has_vector, dtype=bool)
-    semantic = np.asarray(item_vectors, dtype=np.float32) @ np.asarray(user_vector, dtype=np.float32)
-    semantic = semantic.astype(np.float64)
+    if cosine is None:
+        cosine = np.asarray(item_vectors, dtype=np.float32) @ np.asarray(user_vector, dtype=np.float32)
+    semantic = np.asarray(cosine, dtype=np.float64)
     if attention_weight > 0.0 and len(history):
-        att = attention_scores(item_vectors, history, history_weights, temperature)
+        att = attention_scores(item_vectors, history, history_weights, temperature, own_rows)
         semantic = (1.0 - attention_weight) * semantic + attention_weight * att
     return np.where(has_vector, semantic, 0.0)
 

@@ -19,6 +19,7 @@ from reranker import head as ranking_head
 from reranker import scoring, usermodel
 from reranker.batching import MicroBatcher
 from reranker.cancellation import CancelToken
+from reranker.consumed import CandidateHistory
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
 from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, RequestCancelled
@@ -28,7 +29,7 @@ from reranker.items import ItemVectorCache
 from reranker.metrics import Metrics
 from reranker.onlinemetrics import OnlineMetrics
 from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, derived, make_profile_store
-from reranker.profiles import positive_history, positive_history_ids
+from reranker.profiles import candidate_history, on_liked_rows, positive_history, positive_history_ids
 from reranker.profiles import user_vector as user_vector_of
 from reranker.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
 from reranker.traininglog import TrainingLog
@@ -342,21 +343,31 @@ class RerankService:
         user_vector = None if state is None else derived(state, "user_vector", lambda: self._user_vector(state))
         opts = query.options
         diversity = s.diversity if opts.diversity is None else opts.diversity
+        policy = opts.consumed or s.consumed_policy
+        seen = (
+            CandidateHistory.none(len(candidates)) if state is None
+            else candidate_history(state, s, candidates.item_ids, vectors, has_vector, user_vector)
+        )
         # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
-        if head is not None and user_vector is not None and state is not None and opts.blend_weight is None:
+        use_head = head is not None and user_vector is not None and state is not None and opts.blend_weight is None
+        if use_head:
+            assert head is not None and state is not None and user_vector is not None
             ranking = head.rank(
                 candidates.item_ids, candidates.scores, vectors, has_vector, user_vector,
                 derived(state, "positive_history", lambda: positive_history(state)),
                 derived(state, "positive_history_ids", lambda: positive_history_ids(state)),
-                diversity=diversity, mmr_window=s.mmr_window, top_k=query.top_k,
+                diversity=diversity, mmr_window=s.mmr_window, seen=on_liked_rows(seen, state),
             )
         else:
             semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)
+            if user_vector is not None and seen.excluded is not None:
+                semantic = seen.cosine(vectors, user_vector)
             if user_vector is not None and s.attention_weight > 0 and state is not None and len(state.history):
                 semantic = scoring.personal_semantic(
                     vectors, has_vector, user_vector, state.history.vectors,
                     derived(state, "decayed_weights", lambda: self._decayed_weights(state)),
                     attention_weight=s.attention_weight, temperature=s.attention_temperature,
+                    own_rows=seen.own_rows, cosine=semantic,
                 )
             ranking = scoring.rank(
                 candidates.scores,
@@ -366,11 +377,20 @@ class RerankService:
                 weight=s.blend_weight if opts.blend_weight is None else opts.blend_weight,
                 diversity=diversity,
                 mmr_window=s.mmr_window,
-                top_k=query.top_k,
                 semantic=semantic,
+                upstream_form=s.blend_upstream,
             )
+        consumed = seen.consumed
+        consumed_count = int(consumed.sum())
+        order, dropped = ranking.order, 0
+        if consumed_count:
+            if policy == "learned" and not use_head:
+                policy = "demote" if seen.repeat_rate < s.consumed_repeat_rate else "keep"
+            order, dropped = scoring.apply_consumed_policy(order, consumed, policy)
+        if query.top_k > 0:
+            order = order[: query.top_k]
+        ranking = scoring.Ranking(order=order, final=ranking.final, semantic=ranking.semantic)
         explanations = self._explain(state, ranking, vectors, has_vector) if opts.explain else None
-        order = ranking.order
         ids = candidates.item_ids
         items = RankedItems(
             list(map(ids.__getitem__, order.tolist())),
@@ -393,6 +413,8 @@ class RerankService:
             without_vector=int((~has_vector).sum()),
             bucket=bucket,
             arm=arms_module.TREATMENT if arm is None else arm.name,
+            consumed_candidates=consumed_count,
+            consumed_dropped=dropped,
         )
 
     def _user_vector(self, state: UserState) -> np.ndarray | None:

@@ -14,6 +14,10 @@ allow_pickle=False):
     user_long_term_<k> float64 (users in part, dim)
     hist_vectors_<k>  float32 (sum of len(hist), dim), the part's history rows in order
     seen_hashes_<k>   uint64  (sum of seen,) event-id hashes, oldest first per user
+    consumed_keys_<k> uint64  (sum of consumed,) consumed-item keys per user (reranker.consumed)
+    consumed_values_<k> float64 (sum of consumed, 3): count, newest time, mass in L's frame
+                      (users_<k> rows carry "consumed": [n, repeats, events]; snapshots written
+                      before these arrays existed load with an empty consumed-item memory)
 
 User profiles are written in parts of USERS_PER_PART users, so saving copies (and holds the
 store's lock for) one part at a time.
@@ -40,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reranker.consumed import ConsumedItems
 from reranker.items import ItemVectorCache
 from reranker.profiles import InProcessProfileStore, _Profile, _SeenIds
 
@@ -49,6 +54,7 @@ FORMAT = "reranker-snapshot"
 VERSION = 1
 USERS_PER_PART = 2000
 _PART_ARRAYS = ("users", "user_long_term", "hist_vectors", "seen_hashes")
+_OPTIONAL_PART_ARRAYS = ("consumed_keys", "consumed_values")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,23 +79,29 @@ def _temp_path(path: Path) -> Path:
 
 
 def _user_part(rows: list[tuple[str, _Profile]], dim: int) -> dict[str, np.ndarray]:
-    users, long_terms, hist_vectors, seen_hashes = [], [], [], []
+    users, long_terms, hist_vectors, seen_hashes, consumed_keys, consumed_values = [], [], [], [], [], []
     for user_id, p in rows:
         seen = p.seen.in_order()
+        c = p.consumed
         users.append({
             "id": user_id, "ref": p.ref_time, "folded": p.folded, "count": p.event_count, "updated": p.updated_at,
             "recent": [list(row) for row in p.recent],
             "hist": [list(row) for row in zip(p.hist_items, p.hist_times, p.hist_weights)],
             "seen": int(seen.size),
+            "consumed": [len(c), c.repeats, c.events],
         })
         long_terms.append(p.long_term)
         hist_vectors.extend(p.hist_vectors)
         seen_hashes.append(seen)
+        consumed_keys.append(c.keys)
+        consumed_values.append(np.stack([c.counts.astype(np.float64), c.last, c.mass], axis=1))
     return {
         "users": _json_array(users),
         "user_long_term": np.asarray(long_terms, dtype=np.float64).reshape(-1, dim),
         "hist_vectors": np.asarray(hist_vectors, dtype=np.float32).reshape(-1, dim),
         "seen_hashes": np.concatenate(seen_hashes) if seen_hashes else np.zeros(0, np.uint64),
+        "consumed_keys": np.concatenate(consumed_keys) if consumed_keys else np.zeros(0, np.uint64),
+        "consumed_values": np.concatenate(consumed_values).reshape(-1, 3) if consumed_values else np.zeros((0, 3)),
     }
 
 
@@ -213,7 +225,11 @@ def load_snapshot(
                 if profiles is not None:
                     for part in range(int(header.get("user_parts", 0))):
                         restored_users += _restore_profiles(
-                            profiles, {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}, now, ttl_seconds
+                            profiles,
+                            {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}
+                            | {name: archive[f"{name}_{part}"] for name in _OPTIONAL_PART_ARRAYS
+                               if f"{name}_{part}" in archive.files},
+                            now, ttl_seconds,
                         )
             except Exception as exc:  # readable header, damaged or inconsistent content: keep what was restored
                 log.warning("snapshot %s is damaged (%s); it was restored only in part", path, exc)
@@ -230,13 +246,19 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
     c = store.config
     users = _json_value(data["users"])
     long_terms, hist_vectors, seen_hashes = data["user_long_term"], data["hist_vectors"], data["seen_hashes"]
-    hist_at = seen_at = restored = 0
+    consumed_keys = data.get("consumed_keys", np.zeros(0, np.uint64))
+    consumed_values = data.get("consumed_values", np.zeros((0, 3)))
+    hist_at = seen_at = consumed_at = restored = 0
     for row, u in enumerate(users):  # type: ignore[arg-type]
         hist, seen_count = u["hist"], u["seen"]
+        consumed_count, repeats, consumed_events = u.get("consumed", [0, 0, 0])
         vectors = hist_vectors[hist_at : hist_at + len(hist)]
         seen = seen_hashes[seen_at : seen_at + seen_count]
+        keys = consumed_keys[consumed_at : consumed_at + consumed_count]
+        values = consumed_values[consumed_at : consumed_at + consumed_count]
         hist_at += len(hist)
         seen_at += seen_count
+        consumed_at += consumed_count
         if now - u["updated"] > ttl:
             continue  # would have expired while the process was down
         profile = _Profile(
@@ -250,6 +272,12 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
         profile.seen = _SeenIds()
         for hashed in seen.tolist():
             profile.seen.add(hashed, c.max_event_ids)
+        keep = np.argsort(values[:, 1], kind="stable")[-c.max_consumed :] if c.max_consumed > 0 else np.zeros(0, np.int64)
+        keep = np.sort(keep)  # keys were written sorted; the newest max_consumed are kept
+        profile.consumed = ConsumedItems(
+            np.asarray(keys[keep], dtype=np.uint64), values[keep, 0].astype(np.int64), values[keep, 1].copy(),
+            values[keep, 2].copy(), int(repeats), int(consumed_events),
+        )
         store.restore(u["id"], profile)
         restored += 1
     return restored

@@ -135,6 +135,7 @@ class RerankOptions:
     bypass: bool = False
     explain: bool = False
     columns: bool = False  # answer with item columns instead of one item message each
+    consumed: str | None = None  # consumed-item policy (config.CONSUMED_POLICIES); None = the server's
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +268,8 @@ class RerankResult:
     without_vector: int = 0
     bucket: int = 0
     arm: str = ""  # "control", "treatment" or an experiment_arms name; "" when bypassed
+    consumed_candidates: int = 0  # candidates the user had already consumed
+    consumed_dropped: int = 0  # of those, removed by consumed_policy=drop
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,14 @@ def fold(long_term: np.ndarray, ref_time: float, first: bool, timestamp: float, 
     return ref_time
 
 
+def frame_factor(time: float, ref_time: float, first: bool, rate: float) -> float:
+    """exp(-lambda (ref_time - time)): what a weight at `time` counts in L's frame at `ref_time`
+    (1 for the first event, which sets the frame). Used to keep per-item masses in step with L."""
+    if first or time >= ref_time:
+        return 1.0
+    return math.exp(-rate * (ref_time - time))
+
+
 @dataclass(frozen=True, slots=True)
 class History:
     """The newest events of a user that had an item vector, oldest first (sorted by event time)."""
@@ -98,3 +106,27 @@ def mix(long_term: np.ndarray, session: np.ndarray, session_mix: float) -> np.nd
 def decayed_weights(history: History, ref_time: float, rate: float) -> np.ndarray:
     """b_i = w_i * exp(-lambda * (T - t_i)) for the history rows (attention pooling weights)."""
     return history.weights * np.exp(-rate * np.maximum(ref_time - history.timestamps, 0.0))
+
+
+def mix_without(
+    long_term: np.ndarray,
+    session: np.ndarray,
+    session_mix: float,
+    vectors: np.ndarray,
+    long_term_mass: np.ndarray,
+    session_mass: np.ndarray,
+) -> np.ndarray:
+    """The user vector without one item each: row c is `mix(L - a_c v_c, S - b_c v_c)` (float32,
+    zeros where that is zero), with v_c = vectors[c], a_c its decayed mass in L and b_c its summed
+    weight in the session. Leave-one-out pooling: a candidate is never similar to the user merely
+    because the user's own past events on it are in the pooled vector."""
+    v = np.asarray(vectors, dtype=np.float32).astype(np.float64)
+    out = np.zeros(v.shape)
+    for part, mass, share in ((long_term, long_term_mass, 1.0 - session_mix), (session, session_mass, session_mix)):
+        if share <= 0.0:
+            continue
+        rows = part[None, :] - np.asarray(mass, dtype=np.float64)[:, None] * v
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        out += np.where(norms > _EPS, share * rows / np.maximum(norms, _EPS), 0.0)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.where(norms > _EPS, out / np.maximum(norms, _EPS), 0.0).astype(np.float32)

@@ -76,7 +76,10 @@ def test_context_events_on_cached_items_are_applied_on_the_loop(make_server: Ser
     request = _warm_request("u")
     request.context_events.append(event("u", "w3"))  # a cached item: no encoding needed
     warm = stub.Rerank(request, timeout=5)
-    assert warm.variant == pb.VARIANT_RERANKED and warm.items[0].item_id == "w3"
+    # The context event counts for this very request: w3 is now consumed, and for a user who has
+    # never repeated an item the learned policy (no head) puts it after the others.
+    assert warm.variant == pb.VARIANT_RERANKED and warm.consumed_candidates == 1
+    assert warm.items[-1].item_id == "w3"
     encoder.release()
     assert cold.result().variant == pb.VARIANT_RERANKED
     assert stub.GetUserProfile(pb.GetUserProfileRequest(user_id="u"), timeout=5).event_count == 2

@@ -205,7 +205,7 @@ def test_old_format_artefact_is_refused_with_a_clear_message(tmp_path: Path, mak
     old = tmp_path / "old.npz"
     with old.open("wb") as fh:
         np.savez(fh, **arrays)
-    with pytest.raises(ranking_head.HeadError, match=r"has format 1; this server reads format 2 \(retrain it"):
+    with pytest.raises(ranking_head.HeadError, match=r"has format 1; this server reads format 3 \(retrain it"):
         ranking_head.load(old)
     running, stub = make_server(dataclasses.replace(fake_settings(), head_path=str(old)), wait=False)
     running.loader.join(30)

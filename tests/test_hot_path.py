@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from reranker import convert, scoring, usermodel
-from reranker.profiles import user_vector
+from reranker.profiles import candidate_history, user_vector
 from reranker.encoder import FakeEncoder
 from reranker.types import RankedItems, RerankResult, Variant
 from reranker.v1 import reranker_pb2 as pb
@@ -37,17 +37,22 @@ def test_500_cached_candidates_match_a_reference_ranking(stub, service) -> None:
     state = service.profiles.get("u")
     user = user_vector(state, s)
     has = np.ones(500, bool)
+    ids = [f"i{k}" for k in range(500)]
+    seen = candidate_history(state, s, ids, vectors, has, user)  # i0 and i3 were consumed
     semantic = scoring.personal_semantic(
         vectors, has, user, state.history.vectors,
         usermodel.decayed_weights(state.history, state.ref_time, usermodel.decay_rate(s.half_life_seconds)),
         attention_weight=s.attention_weight, temperature=s.attention_temperature,
+        own_rows=seen.own_rows, cosine=seen.cosine(vectors, user),
     )
     ranking = scoring.rank(upstream, vectors, has, user, weight=s.blend_weight, semantic=semantic)
-    assert [it.item_id for it in reply.items] == [f"i{k}" for k in ranking.order]
-    assert [it.original_rank for it in reply.items] == ranking.order.tolist()
-    np.testing.assert_allclose([it.score for it in reply.items], ranking.final[ranking.order], rtol=1e-6)
-    np.testing.assert_allclose([it.semantic_score for it in reply.items], ranking.semantic[ranking.order], atol=1e-6)
-    assert [it.upstream_score for it in reply.items] == upstream[ranking.order].tolist()
+    order, _ = scoring.apply_consumed_policy(ranking.order, seen.consumed, "demote")  # learned, no repeats
+    assert reply.consumed_candidates == 2 and {it.item_id for it in reply.items[-2:]} == {"i0", "i3"}
+    assert [it.item_id for it in reply.items] == [f"i{k}" for k in order]
+    assert [it.original_rank for it in reply.items] == order.tolist()
+    np.testing.assert_allclose([it.score for it in reply.items], ranking.final[order], rtol=1e-6)
+    np.testing.assert_allclose([it.semantic_score for it in reply.items], ranking.semantic[order], atol=1e-6)
+    assert [it.upstream_score for it in reply.items] == upstream[order].tolist()
 
 
 def test_changed_text_reencodes_and_missing_text_uses_cache(stub) -> None:

@@ -74,7 +74,7 @@ def random_events(rng: np.random.Generator, n: int, users: int = 3) -> list[tupl
 
 def test_redis_store_keeps_exactly_the_state_the_in_process_store_keeps(redis_url: str) -> None:
     local, shared = stores(redis_url, recent_events_per_user=7, vector_history_size=5, session_size=3,
-                           max_event_ids_per_user=9, half_life_seconds=3600.0)
+                           max_event_ids_per_user=9, half_life_seconds=3600.0, consumed_items_per_user=6)
     events = random_events(np.random.default_rng(7), 300)
     for start in range(0, len(events), 13):  # batches of mixed users
         batch = events[start : start + 13]
@@ -89,6 +89,13 @@ def test_redis_store_keeps_exactly_the_state_the_in_process_store_keeps(redis_ur
         np.testing.assert_array_equal(b.history.timestamps, a.history.timestamps)
         np.testing.assert_array_equal(b.history.weights, a.history.weights)
         np.testing.assert_array_equal(b.history.vectors, a.history.vectors)
+        # The consumed-item memory (counts, newest times, masses in L's frame, repeat counts).
+        np.testing.assert_array_equal(b.consumed.keys, a.consumed.keys)
+        np.testing.assert_array_equal(b.consumed.counts, a.consumed.counts)
+        np.testing.assert_array_equal(b.consumed.last, a.consumed.last)
+        np.testing.assert_allclose(b.consumed.mass, a.consumed.mass, rtol=1e-9, atol=1e-12)
+        assert (b.consumed.repeats, b.consumed.events) == (a.consumed.repeats, a.consumed.events)
+        assert a.consumed.repeats > 0 and len(a.consumed) == 6  # 20 items: repeats happen; capacity binds
     assert shared.get("nobody") is None
     shared.close()
 

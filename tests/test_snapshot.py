@@ -120,6 +120,17 @@ def loaded_service(path: Path, clock: float | None = None, **overrides: object) 
     return service
 
 
+def test_the_consumed_item_memory_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "state.npz"
+    events = [Event("u", item, timestamp=1000.0 + n, text=f"text of {item}") for n, item in enumerate("ababc")]
+    before = saved_service(path, *events).profiles.get("u")  # type: ignore[union-attr]
+    after = loaded_service(path).profiles.get("u")  # type: ignore[union-attr]
+    assert before is not None and after is not None and len(after.consumed) == 3
+    for name in ("keys", "counts", "last", "mass"):
+        np.testing.assert_array_equal(getattr(after.consumed, name), getattr(before.consumed, name))
+    assert (after.consumed.repeats, after.consumed.events) == (2, 5)
+
+
 def test_failure_between_write_and_rename_keeps_the_old_snapshot(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "state.npz"
     service = saved_service(path, Event("old", "i1", text="apples"))

@@ -223,6 +223,7 @@ def test_no_request_field_can_name_a_file_path_or_model() -> None:
         "google.protobuf.Timestamp.seconds", "google.protobuf.Timestamp.nanos",
         "reranker.v1.RerankOptions.blend_weight", "reranker.v1.RerankOptions.diversity",
         "reranker.v1.RerankOptions.bypass", "reranker.v1.RerankOptions.explain", "reranker.v1.RerankOptions.columns",
+        "reranker.v1.RerankOptions.consumed",
         "reranker.v1.RecordEventsRequest.events", "reranker.v1.UpsertItemsRequest.items",
         "reranker.v1.Item.item_id", "reranker.v1.Item.text",
         "reranker.v1.GetUserProfileRequest.user_id", "reranker.v1.GetUserProfileRequest.include_vector",

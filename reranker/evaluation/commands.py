@@ -37,8 +37,16 @@ def add_commands(commands: Any) -> None:
     # The default head learns from all list kinds, including the LLMRank 1+19 lists (no upstream signal).
     _data_args(tr, retriever_default="popularity,itemknn,als,sampled", events_required=False)
     tr.add_argument("--training-log", type=Path, default=None,
-                    help="a server's training_log_dir: its events (instead of --events) and its served lists")
+                    help="a server's training_log_dir: its events (instead of --events) and its served lists (instead "
+                         "of --candidates; each labelled by its user's first event at or after it); the built-in "
+                         "retrievers are used only when --retriever is given")
     tr.add_argument("--output", type=Path, required=True, help="where to write the head artefact (.npz)")
+    tr.add_argument(
+        "--candidates", type=Path, default=None,
+        help="the upstream's own served lists (candidates.tsv; a `timestamp` column labels each list with the "
+             "user's first event at or after it, else the user's last event is its label); with it the built-in "
+             "retrievers are used only when --retriever is given",
+    )
     tr.add_argument("--adapter-epochs", type=int, default=3, help="epochs of the next-item adapter training")
     tr.add_argument("--neighbours", type=int, default=50,
                     help="neighbours kept per item in the head's covisit/transition tables (artefact ~ 2 x 8 x k bytes per item)")
@@ -78,8 +86,12 @@ def _data_args(
 ) -> None:
     parser.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
     parser.add_argument("--events", type=Path, required=events_required, help="events.tsv (user_id, item_id, timestamp[, event_type])")
-    parser.add_argument("--retriever", default=retriever_default,
-                        help="comma list of popularity, itemknn, als, ease, sampled (target + N random negatives)")
+    parser.add_argument("--retriever", default=None,
+                        help=f"comma list of popularity, itemknn, als, ease, sampled (target + N random negatives); default {retriever_default}")
+    parser.set_defaults(retriever_default=retriever_default)
+    parser.add_argument("--include-seen", action=argparse.BooleanOptionalAction, default=None,
+                        help="built-in retrievers keep items the user already consumed, as real upstream lists do "
+                             "(default: on for train, off for eval)")
     parser.add_argument("--num-candidates", default="100", help="candidates per user from each retriever; a comma list compares counts")
     parser.add_argument("--negatives", type=int, default=19, help="random negatives per target for --retriever sampled")
     parser.add_argument("--seed", type=int, default=0, help="random seed (sampled negatives, training)")
@@ -99,11 +111,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[int, ...]]:
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    names = tuple(n.strip() for n in args.retriever.split(",") if n.strip())
+    given = args.retriever
+    served = getattr(args, "candidates", None) is not None or getattr(args, "training_log", None) is not None
+    if given is None and served and args.handler is _train:
+        given = ""  # train --candidates / --training-log: the served lists alone, unless retrievers are asked for
+    names = tuple(n.strip() for n in (args.retriever_default if given is None else given).split(",") if n.strip())
     from reranker.evaluation.retrievers import ALL_RETRIEVERS, SAMPLED
 
     unknown = [n for n in names if n not in ALL_RETRIEVERS + (SAMPLED,)]
-    if unknown or not names:
+    if unknown or (not names and args.handler is not _train):
         raise ValueError(f"--retriever: unknown {unknown}; choose from {', '.join(ALL_RETRIEVERS + (SAMPLED,))}")
     counts = tuple(int(n) for n in args.num_candidates.split(",") if n.strip())
     if not counts or min(counts) <= 0:
@@ -124,6 +140,7 @@ def _eval(args: argparse.Namespace, _argv: Any) -> int:
     cfg = EvalConfig(
         items=args.items, events=args.events, candidates=args.candidates, retrievers=names, num_candidates=counts,
         sampled_negatives=args.negatives, max_users=args.max_users, address=args.address or "", seed=args.seed,
+        include_seen=bool(args.include_seen),
     )
     report = run(cfg, settings, ProgressBar(enabled=not args.no_progress))
     print(report_module.table(report))
@@ -157,9 +174,10 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
     cfg = train.TrainConfig(
         retrievers=names, num_candidates=counts[0], sampled_negatives=args.negatives,
         adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads, neighbours=args.neighbours,
+        include_seen=args.include_seen is not False,
     )
-    if (args.events is None) == (args.training_log is None):
-        print("reranker train: give --events or --training-log (not both)", file=sys.stderr)
+    if (args.events is None) == (args.training_log is None) or (args.training_log is not None and args.candidates is not None):
+        print("reranker train: give --events (optionally with --candidates) or --training-log", file=sys.stderr)
         return 2
     items = formats.read_items(args.items)
     if args.training_log is not None:
@@ -173,11 +191,19 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         print(json.dumps({"training_log": str(args.training_log), "files": logged.files, "events": len(logged.events),
                           "served_lists": len(logged.lists), "torn_lines": logged.torn_lines,
                           "incomplete_lists": logged.incomplete_lists}), file=sys.stderr)
-        events, data_id = logged.events, train.data_hash([args.items, *log_files(args.training_log)])
+        events, served = logged.events, logged.lists
+        sources = [args.items, *log_files(args.training_log)]
     else:
-        events, data_id = formats.read_events(args.events), train.data_hash([args.items, args.events])
+        events = formats.read_events(args.events)
+        served = formats.read_served_lists(args.candidates) if args.candidates is not None else []
+        sources = [args.items, args.events] + ([args.candidates] if args.candidates is not None else [])
+    if not names and not served:
+        print("reranker train: no training lists: give --retriever, or --candidates / --training-log with lists",
+              file=sys.stderr)
+        return 2
     head, report = train.train(
-        items, events, settings, cfg, data_id=data_id, progress=ProgressBar(enabled=not args.no_progress),
+        items, events, settings, cfg, data_id=train.data_hash(sources),
+        progress=ProgressBar(enabled=not args.no_progress), served_lists=served,
     )
     head.save(args.output)
     print(json.dumps(report, indent=2))

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from reranker import profiles
+from reranker import profiles, scoring
 from reranker.config import Settings
 from reranker.evaluation import formats
 from reranker.head import RankingHead
@@ -74,9 +74,12 @@ class OfflineScorer:
         if state is None or user_vector is None or not ids:
             return ids
         candidates, has_vector = gather_vectors(ids, self._index, self._vectors)
+        seen = profiles.candidate_history(state, self._settings, ids, candidates, has_vector, user_vector)
         ranking = self._head.rank(
             ids, np.array([r.score for r in rows], dtype=np.float64), candidates, has_vector, user_vector,
             profiles.positive_history(state), profiles.positive_history_ids(state),
             diversity=self._settings.diversity, mmr_window=self._settings.mmr_window,
+            seen=profiles.on_liked_rows(seen, state),
         )
-        return [ids[j] for j in ranking.order.tolist()]
+        order, _ = scoring.apply_consumed_policy(ranking.order, seen.consumed, self._settings.consumed_policy)
+        return [ids[j] for j in order.tolist()]

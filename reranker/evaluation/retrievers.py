@@ -26,7 +26,7 @@ class Retriever(Protocol):
 
     def fit(self, histories: Mapping[str, Sequence[str]], catalog: Sequence[str]) -> Retriever: ...
 
-    def recommend(self, users: Sequence[str], n: int) -> dict[str, list[CandidateRow]]: ...
+    def recommend(self, users: Sequence[str], n: int, *, include_seen: bool = False) -> dict[str, list[CandidateRow]]: ...
 
     def score(self, user: str, item_ids: Sequence[str]) -> np.ndarray: ...
 
@@ -67,7 +67,11 @@ class _MatrixRetriever:
         out[known] = row[cols[known]]
         return out
 
-    def recommend(self, users: Sequence[str], n: int, batch: int = 256) -> dict[str, list[CandidateRow]]:
+    def recommend(
+        self, users: Sequence[str], n: int, batch: int = 256, *, include_seen: bool = False
+    ) -> dict[str, list[CandidateRow]]:
+        """Top-n per user, best first; items the user already interacted with are left out unless
+        `include_seen` (real upstream lists contain them)."""
         out: dict[str, list[CandidateRow]] = {}
         known = [u for u in users if u in self.user_index]
         for user in users:
@@ -77,7 +81,8 @@ class _MatrixRetriever:
             chunk = known[start : start + batch]
             rows = np.array([self.user_index[u] for u in chunk])
             scores = self._scores(rows).astype(np.float64)
-            scores[self.matrix[rows] > 0] = -np.inf
+            if not include_seen:
+                scores[self.matrix[rows] > 0] = -np.inf
             top = min(n, scores.shape[1])
             for r, user in enumerate(chunk):
                 row = scores[r]

@@ -46,6 +46,7 @@ class EvalConfig:
     seed: int = 0
     k: int = 10
     rpc_timeout_s: float = 30.0
+    include_seen: bool = False  # built-in retrievers keep consumed items (real upstreams do)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def load_data(cfg: EvalConfig, progress: Progress | None = None) -> EvalData:
         if progress:
             progress(f"fit {name}", 0, 1)
         fitted = retrievers.make_retriever(name).fit(histories, catalog)
-        top = fitted.recommend(users, max(cfg.num_candidates))
+        top = fitted.recommend(users, max(cfg.num_candidates), include_seen=cfg.include_seen)
         if progress:
             progress(f"fit {name}", 1, 1)
         for n in cfg.num_candidates:
@@ -227,6 +228,8 @@ def run(cfg: EvalConfig, settings: Settings, progress: Progress | None = None) -
             "head_path": settings.head_path or None,
             "encoder": settings.encoder,
             "blend_weight": settings.blend_weight,
+            "include_seen": cfg.include_seen,
+            "consumed_policy": settings.consumed_policy,
         },
         "results": {},
     }

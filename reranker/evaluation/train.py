@@ -20,6 +20,7 @@ The shipped artefact's popularity and collaborative tables are recounted on all 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import time
@@ -35,7 +36,7 @@ from reranker.encoder import Encoder, load_encoder
 from reranker.evaluation import formats, retrievers
 from reranker.evaluation.metrics import MetricAccumulator
 from reranker.evaluation.offline import gather_vectors
-from reranker import profiles
+from reranker import profiles, scoring
 from reranker.profiles import InProcessProfileStore, ProfileConfig
 from reranker.types import Event, EventType
 
@@ -64,6 +65,7 @@ class TrainConfig:
     history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
     mf_factors: int = 32  # implicit-ALS factors for the mf_foldin feature (0 = off)
     labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
+    include_seen: bool = True  # retriever training lists keep consumed items (as real upstream lists do)
     seed: int = 0
     threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
 
@@ -255,6 +257,51 @@ def fit_blend(
     return w
 
 
+@dataclass(frozen=True)
+class LabelledServedLists:
+    """Served lists with their labels: `lists` holds (list, index of its label in its user's
+    timeline); `timelines` every event of those users, sorted by time (stable); `earliest` per
+    user (index of the earliest label, its time); `skipped` counts lists left out and why."""
+
+    lists: list[tuple[formats.ServedList, int]]
+    timelines: dict[str, list[formats.Interaction]]
+    earliest: dict[str, tuple[int, float]]
+    skipped: dict[str, int]
+
+
+def label_served_lists(
+    served_lists: Sequence[formats.ServedList], events: Sequence[formats.Interaction]
+) -> LabelledServedLists:
+    """Label each served list with its user's first event at or after the list's timestamp (no
+    timestamp: the user's last event); lists with no such event, or no event before it, are skipped."""
+    wanted = {sl.user_id for sl in served_lists}
+    timelines: dict[str, list[formats.Interaction]] = {}
+    for e in events:
+        if e.user_id in wanted:
+            timelines.setdefault(e.user_id, []).append(e)
+    for timeline in timelines.values():
+        timeline.sort(key=lambda e: e.timestamp)  # stable: equal times keep file order (as leave_last_out)
+    times = {u: [e.timestamp for e in t] for u, t in timelines.items()}
+    out: list[tuple[formats.ServedList, int]] = []
+    earliest: dict[str, tuple[int, float]] = {}
+    skipped = {"no_events": 0, "no_later_event": 0, "no_history": 0}
+    for sl in served_lists:
+        if sl.user_id not in timelines:
+            skipped["no_events"] += 1
+            continue
+        at = len(times[sl.user_id]) - 1 if sl.timestamp is None else bisect.bisect_left(times[sl.user_id], sl.timestamp)
+        if at >= len(times[sl.user_id]):
+            skipped["no_later_event"] += 1
+            continue
+        if at == 0:
+            skipped["no_history"] += 1
+            continue
+        out.append((sl, at))
+        if sl.user_id not in earliest or at < earliest[sl.user_id][0]:
+            earliest[sl.user_id] = (at, times[sl.user_id][at])
+    return LabelledServedLists(out, timelines, earliest, skipped)
+
+
 def train(
     items: Mapping[str, str],
     events: Sequence[formats.Interaction],
@@ -264,18 +311,27 @@ def train(
     encoder: Encoder | None = None,
     data_id: str = "",
     progress: Progress | None = None,
+    served_lists: Sequence[formats.ServedList] = (),
 ) -> tuple[head_module.RankingHead, dict[str, object]]:
-    """Train a head; returns it and a report (timings, validation metrics on history labels)."""
+    """Train a head; returns it and a report (timings, validation metrics on history labels).
+
+    `served_lists` are the deployment's own upstream lists (`reranker train --candidates`): each
+    is labelled with its user's first event at or after the list's timestamp (without one: the
+    user's last event) and scored from the events before that label. They train alongside the
+    lists of `cfg.retrievers` (which may be empty)."""
     started = time.perf_counter()
     encoder = encoder or load_encoder(settings)
     split = formats.leave_last_out(events)  # the eval targets are dropped right here
-    history = {u: split.history[u] for u in split.users if len(split.history[u]) >= 2}
+    history = {u: split.history[u] for u in split.users if len(split.history[u]) >= 2} if cfg.retrievers else {}
     # Cut k = 1..K: the label is the k-th last history event, the user's profile and candidates come
     # from the events before it. The adapter, popularity and the collaborative tables used for the
-    # training lists are fitted on the events before the *earliest* cut, so no label is in them
-    # (just as no eval target is in the shipped artefact).
+    # training lists are fitted on the events before the *earliest* label of each user (a cut or a
+    # served list's label), so no label is in them (just as no eval target is in the shipped artefact).
     cuts = max(1, cfg.labels_per_user)
-    train_hist = {u: [e.item_id for e in h[:-cuts]] for u, h in history.items()}
+    served = label_served_lists(served_lists, events)
+    train_hist = {u: [e.item_id for e in h[: len(h) - cuts if u in history else len(h)]] for u, h in split.history.items()}
+    for u, (start, _) in served.earliest.items():
+        train_hist[u] = [e.item_id for e in served.timelines[u][: min(start, len(split.history.get(u, [])))]]
 
     catalog = list(items)
     index = {item: j for j, item in enumerate(catalog)}
@@ -291,17 +347,23 @@ def train(
     t = time.perf_counter()
     store = InProcessProfileStore(
         ProfileConfig.from_settings(settings, encoder.dim),
-        max_users=max(1, len(history)) * 2 * cuts,
+        max_users=max(1, len(history) * 2 * cuts + len(served.lists)),
         ttl_seconds=settings.user_ttl_seconds,
     )
-    pairs = []
+
+    def feed(profile_id: str, events_before: Sequence[formats.Interaction]) -> None:
+        pairs = []
+        for e in events_before:
+            j = index.get(e.item_id)
+            event = Event(profile_id, e.item_id, EventType[e.event_type.upper()], e.timestamp)
+            pairs.append((event, None if j is None else vectors[j]))
+        store.apply(pairs, now=time.time())
+
     for k in range(1, cuts + 1):
         for u, h in history.items():
-            for e in h[:-k]:
-                j = index.get(e.item_id)
-                event = Event(f"{u}\x1f{k}", e.item_id, EventType[e.event_type.upper()], e.timestamp)
-                pairs.append((event, None if j is None else vectors[j]))
-    store.apply(pairs, now=time.time())
+            feed(f"{u}\x1f{k}", h[:-k])
+    for n_list, (served_list, label_at) in enumerate(served.lists):
+        feed(f"{served_list.user_id}\x1fs{n_list}", served.timelines[served_list.user_id][:label_at])
 
     # Features are standardized with statistics of the training lists; start from the identity scaling.
     provisional = head_module.RankingHead(
@@ -320,6 +382,35 @@ def train(
     )
     rng = np.random.default_rng(cfg.seed)
     raw_lists, list_labels, list_users, list_upstream, list_has = [], [], [], [], []
+
+    def add_list(profile_id: str, user: str, rows: Sequence[formats.CandidateRow], label: str) -> None:
+        """Features of one training list exactly as the server computes them (first occurrences)."""
+        keep = scoring.first_occurrences([r.item_id for r in rows])
+        ids = [rows[i].item_id for i in keep]
+        if label not in ids:
+            return
+        state = store.get(profile_id)
+        user_vector = profiles.user_vector(state, settings)
+        if state is None or user_vector is None:
+            return
+        cand_vectors, has_vector = gather_vectors(ids, index, vectors)
+        seen = profiles.candidate_history(state, settings, ids, cand_vectors, has_vector, user_vector)
+        upstream = np.array([rows[i].score for i in keep])
+        raw_lists.append(provisional.features(
+            ids, upstream, cand_vectors, has_vector, user_vector, profiles.positive_history(state),
+            profiles.positive_history_ids(state), profiles.on_liked_rows(seen, state),
+        ))
+        list_has.append(has_vector)
+        list_labels.append(ids.index(label))
+        list_users.append(user)
+        list_upstream.append(ids)
+
+    for n_list, (served_list, label_at) in enumerate(served.lists):
+        label = served.timelines[served_list.user_id][label_at].item_id
+        add_list(f"{served_list.user_id}\x1fs{n_list}", served_list.user_id, served_list.rows, label)
+        if progress and (n_list + 1) % 200 == 0:
+            progress("features (served lists)", n_list + 1, len(served.lists))
+    served_used = len(raw_lists)
     for k in range(1, cuts + 1):
         users = [u for u, h in history.items() if len(h) > k]
         cut_hist = {u: [e.item_id for e in history[u][:-k]] for u in users}
@@ -331,27 +422,10 @@ def train(
                     for u in users
                 }
             else:
-                cands = retrievers.make_retriever(name).fit(cut_hist, catalog).recommend(users, cfg.num_candidates)
+                fitted = retrievers.make_retriever(name).fit(cut_hist, catalog)
+                cands = fitted.recommend(users, cfg.num_candidates, include_seen=cfg.include_seen)
             for n_done, u in enumerate(users, start=1):
-                rows = cands[u]
-                ids = [r.item_id for r in rows]
-                if labels[u] not in ids:
-                    continue
-                state = store.get(f"{u}\x1f{k}")
-                user_vector = profiles.user_vector(state, settings)
-                if state is None or user_vector is None:
-                    continue
-                hist_vectors = profiles.positive_history(state)
-                hist_ids = profiles.positive_history_ids(state)
-                cand_vectors, has_vector = gather_vectors(ids, index, vectors)
-                upstream = np.array([r.score for r in rows])
-                raw_lists.append(
-                    provisional.features(ids, upstream, cand_vectors, has_vector, user_vector, hist_vectors, hist_ids)
-                )
-                list_has.append(has_vector)
-                list_labels.append(ids.index(labels[u]))
-                list_users.append(u)
-                list_upstream.append(ids)
+                add_list(f"{u}\x1f{k}", u, cands[u], labels[u])
                 if progress and n_done % 50 == 0:
                     progress(f"features ({name}, label {k})", n_done, len(users))
     timings["features_s"] = time.perf_counter() - t
@@ -400,6 +474,9 @@ def train(
             "num_candidates": cfg.num_candidates,
             "training_users": len(history),
             "training_lists": len(std_lists),
+            "served_lists": {"given": len(served_lists), "labelled": len(served.lists), "used": served_used,
+                             "skipped": served.skipped},
+            "include_seen": cfg.include_seen,
             "labels_per_user": cuts,
             "neighbours": cfg.neighbours,
             "transition_window": cfg.transition_window,

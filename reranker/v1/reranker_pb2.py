@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areranker/v1/reranker.proto\x12\x0breranker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\x04text\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_text\"C\n\x10\x43\x61ndidateColumns\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\r\n\x05texts\x18\x03 \x03(\t\"\xcc\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12$\n\x04type\x18\x04 \x01(\x0e\x32\x16.reranker.v1.EventType\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\x04text\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06weight\x18\x07 \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05_textB\t\n\x07_weight\"\x93\x01\n\rRerankOptions\x12\x19\n\x0c\x62lend_weight\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x16\n\tdiversity\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06\x62ypass\x18\x03 \x01(\x08\x12\x0f\n\x07\x65xplain\x18\x04 \x01(\x08\x12\x0f\n\x07\x63olumns\x18\x05 \x01(\x08\x42\x0f\n\r_blend_weightB\x0c\n\n_diversity\"\x96\x02\n\rRerankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12*\n\ncandidates\x18\x02 \x03(\x0b\x32\x16.reranker.v1.Candidate\x12\x38\n\x11\x63\x61ndidate_columns\x18\x08 \x01(\x0b\x32\x1d.reranker.v1.CandidateColumns\x12*\n\x0e\x63ontext_events\x18\x03 \x03(\x0b\x32\x12.reranker.v1.Event\x12\r\n\x05top_k\x18\x04 \x01(\r\x12+\n\x07options\x18\x05 \x01(\x0b\x32\x1a.reranker.v1.RerankOptions\x12\x12\n\nexperiment\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"w\n\x0b\x45xplanation\x12\x1f\n\x17nearest_history_item_id\x18\x01 \x01(\t\x12\"\n\x1anearest_history_similarity\x18\x02 \x01(\x02\x12\x12\n\nhas_vector\x18\x03 \x01(\x08\x12\x0f\n\x07summary\x18\x04 \x01(\t\"\xa2\x01\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x16\n\x0esemantic_score\x18\x03 \x01(\x01\x12\x16\n\x0eupstream_score\x18\x04 \x01(\x01\x12\x15\n\roriginal_rank\x18\x05 \x01(\r\x12-\n\x0b\x65xplanation\x18\x06 \x01(\x0b\x32\x18.reranker.v1.Explanation\"?\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x10\n\x08score_ms\x18\x03 \x01(\x01\"y\n\x0bItemColumns\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\x17\n\x0fsemantic_scores\x18\x03 \x03(\x01\x12\x17\n\x0fupstream_scores\x18\x04 \x03(\x01\x12\x16\n\x0eoriginal_ranks\x18\x05 \x03(\r\"\x9b\x03\n\x0eRerankResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.reranker.v1.ScoredItem\x12%\n\x07variant\x18\x02 \x01(\x0e\x32\x14.reranker.v1.Variant\x12\x34\n\x0f\x66\x61llback_reason\x18\x03 \x01(\x0e\x32\x1b.reranker.v1.FallbackReason\x12\x17\n\x0f\x66\x61llback_detail\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\tcold_user\x18\x07 \x01(\x08\x12#\n\x06timing\x18\x08 \x01(\x0b\x32\x13.reranker.v1.Timing\x12\x12\n\ncache_hits\x18\t \x01(\r\x12\x0f\n\x07\x65ncoded\x18\n \x01(\r\x12\x16\n\x0ewithout_vector\x18\x0b \x01(\r\x12\x0e\n\x06\x62ucket\x18\x0c \x01(\r\x12.\n\x0citem_columns\x18\r \x01(\x0b\x32\x18.reranker.v1.ItemColumns\x12\x0b\n\x03\x61rm\x18( \x01(\t\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.reranker.v1.Event\"T\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x16\n\x0ewithout_vector\x18\x03 \x01(\r\"%\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"6\n\x12UpsertItemsRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.reranker.v1.Item\"8\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x0f\n\x07\x65ncoded\x18\x02 \x01(\r\"@\n\x15GetUserProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_vector\x18\x02 \x01(\x08\"\xb8\x01\n\x16GetUserProfileResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x13\n\x0b\x65vent_count\x18\x03 \x01(\r\x12)\n\rrecent_events\x18\x04 \x03(\x0b\x32\x12.reranker.v1.Event\x12\x0e\n\x06vector\x18\x05 \x03(\x02\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xc9\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x13\n\x0f\x45VENT_TYPE_LIKE\x10\x05\x12\x16\n\x12\x45VENT_TYPE_DISLIKE\x10\x06\x12\x13\n\x0f\x45VENT_TYPE_SKIP\x10\x07*y\n\x07Variant\x12\x17\n\x13VARIANT_UNSPECIFIED\x10\x00\x12\x14\n\x10VARIANT_RERANKED\x10\x01\x12\x13\n\x0fVARIANT_CONTROL\x10\x02\x12\x14\n\x10VARIANT_BYPASSED\x10\x03\x12\x14\n\x10VARIANT_FALLBACK\x10\x04*\xcf\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41LLBACK_REASON_DEADLINE\x10\x01\x12!\n\x1d\x46\x41LLBACK_REASON_ENCODER_ERROR\x10\x02\x12\x1d\n\x19\x46\x41LLBACK_REASON_NOT_READY\x10\x03\x12\x1e\n\x1a\x46\x41LLBACK_REASON_OVERLOADED\x10\x04\x12\x1c\n\x18\x46\x41LLBACK_REASON_INTERNAL\x10\x05\x32\x9f\x03\n\x0fRerankerService\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12S\n\x0cRecordEvents\x12 .reranker.v1.RecordEventsRequest\x1a!.reranker.v1.RecordEventsResponse\x12G\n\x0cStreamEvents\x12\x12.reranker.v1.Event\x1a!.reranker.v1.RecordEventsResponse(\x01\x12P\n\x0bUpsertItems\x12\x1f.reranker.v1.UpsertItemsRequest\x1a .reranker.v1.UpsertItemsResponse\x12Y\n\x0eGetUserProfile\x12\".reranker.v1.GetUserProfileRequest\x1a#.reranker.v1.GetUserProfileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areranker/v1/reranker.proto\x12\x0breranker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\x04text\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_text\"C\n\x10\x43\x61ndidateColumns\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\r\n\x05texts\x18\x03 \x03(\t\"\xcc\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12$\n\x04type\x18\x04 \x01(\x0e\x32\x16.reranker.v1.EventType\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\x04text\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06weight\x18\x07 \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05_textB\t\n\x07_weight\"\xc2\x01\n\rRerankOptions\x12\x19\n\x0c\x62lend_weight\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x16\n\tdiversity\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x0e\n\x06\x62ypass\x18\x03 \x01(\x08\x12\x0f\n\x07\x65xplain\x18\x04 \x01(\x08\x12\x0f\n\x07\x63olumns\x18\x05 \x01(\x08\x12-\n\x08\x63onsumed\x18\n \x01(\x0e\x32\x1b.reranker.v1.ConsumedPolicyB\x0f\n\r_blend_weightB\x0c\n\n_diversity\"\x96\x02\n\rRerankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12*\n\ncandidates\x18\x02 \x03(\x0b\x32\x16.reranker.v1.Candidate\x12\x38\n\x11\x63\x61ndidate_columns\x18\x08 \x01(\x0b\x32\x1d.reranker.v1.CandidateColumns\x12*\n\x0e\x63ontext_events\x18\x03 \x03(\x0b\x32\x12.reranker.v1.Event\x12\r\n\x05top_k\x18\x04 \x01(\r\x12+\n\x07options\x18\x05 \x01(\x0b\x32\x1a.reranker.v1.RerankOptions\x12\x12\n\nexperiment\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"w\n\x0b\x45xplanation\x12\x1f\n\x17nearest_history_item_id\x18\x01 \x01(\t\x12\"\n\x1anearest_history_similarity\x18\x02 \x01(\x02\x12\x12\n\nhas_vector\x18\x03 \x01(\x08\x12\x0f\n\x07summary\x18\x04 \x01(\t\"\xa2\x01\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x16\n\x0esemantic_score\x18\x03 \x01(\x01\x12\x16\n\x0eupstream_score\x18\x04 \x01(\x01\x12\x15\n\roriginal_rank\x18\x05 \x01(\r\x12-\n\x0b\x65xplanation\x18\x06 \x01(\x0b\x32\x18.reranker.v1.Explanation\"?\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x10\n\x08score_ms\x18\x03 \x01(\x01\"y\n\x0bItemColumns\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x01\x12\x17\n\x0fsemantic_scores\x18\x03 \x03(\x01\x12\x17\n\x0fupstream_scores\x18\x04 \x03(\x01\x12\x16\n\x0eoriginal_ranks\x18\x05 \x03(\r\"\xd2\x03\n\x0eRerankResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.reranker.v1.ScoredItem\x12%\n\x07variant\x18\x02 \x01(\x0e\x32\x14.reranker.v1.Variant\x12\x34\n\x0f\x66\x61llback_reason\x18\x03 \x01(\x0e\x32\x1b.reranker.v1.FallbackReason\x12\x17\n\x0f\x66\x61llback_detail\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\tcold_user\x18\x07 \x01(\x08\x12#\n\x06timing\x18\x08 \x01(\x0b\x32\x13.reranker.v1.Timing\x12\x12\n\ncache_hits\x18\t \x01(\r\x12\x0f\n\x07\x65ncoded\x18\n \x01(\r\x12\x16\n\x0ewithout_vector\x18\x0b \x01(\r\x12\x0e\n\x06\x62ucket\x18\x0c \x01(\r\x12.\n\x0citem_columns\x18\r \x01(\x0b\x32\x18.reranker.v1.ItemColumns\x12\x0b\n\x03\x61rm\x18( \x01(\t\x12\x1b\n\x13\x63onsumed_candidates\x18\x14 \x01(\r\x12\x18\n\x10\x63onsumed_dropped\x18\x15 \x01(\r\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.reranker.v1.Event\"T\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x16\n\x0ewithout_vector\x18\x03 \x01(\r\"%\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"6\n\x12UpsertItemsRequest\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.reranker.v1.Item\"8\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x0f\n\x07\x65ncoded\x18\x02 \x01(\r\"@\n\x15GetUserProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0einclude_vector\x18\x02 \x01(\x08\"\xb8\x01\n\x16GetUserProfileResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x13\n\x0b\x65vent_count\x18\x03 \x01(\r\x12)\n\rrecent_events\x18\x04 \x03(\x0b\x32\x12.reranker.v1.Event\x12\x0e\n\x06vector\x18\x05 \x03(\x02\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xc9\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x13\n\x0f\x45VENT_TYPE_LIKE\x10\x05\x12\x16\n\x12\x45VENT_TYPE_DISLIKE\x10\x06\x12\x13\n\x0f\x45VENT_TYPE_SKIP\x10\x07*\x9e\x01\n\x0e\x43onsumedPolicy\x12\x1f\n\x1b\x43ONSUMED_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43ONSUMED_POLICY_KEEP\x10\x01\x12\x1a\n\x16\x43ONSUMED_POLICY_DEMOTE\x10\x02\x12\x18\n\x14\x43ONSUMED_POLICY_DROP\x10\x03\x12\x1b\n\x17\x43ONSUMED_POLICY_LEARNED\x10\x04*y\n\x07Variant\x12\x17\n\x13VARIANT_UNSPECIFIED\x10\x00\x12\x14\n\x10VARIANT_RERANKED\x10\x01\x12\x13\n\x0fVARIANT_CONTROL\x10\x02\x12\x14\n\x10VARIANT_BYPASSED\x10\x03\x12\x14\n\x10VARIANT_FALLBACK\x10\x04*\xcf\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41LLBACK_REASON_DEADLINE\x10\x01\x12!\n\x1d\x46\x41LLBACK_REASON_ENCODER_ERROR\x10\x02\x12\x1d\n\x19\x46\x41LLBACK_REASON_NOT_READY\x10\x03\x12\x1e\n\x1a\x46\x41LLBACK_REASON_OVERLOADED\x10\x04\x12\x1c\n\x18\x46\x41LLBACK_REASON_INTERNAL\x10\x05\x32\x9f\x03\n\x0fRerankerService\x12\x41\n\x06Rerank\x12\x1a.reranker.v1.RerankRequest\x1a\x1b.reranker.v1.RerankResponse\x12S\n\x0cRecordEvents\x12 .reranker.v1.RecordEventsRequest\x1a!.reranker.v1.RecordEventsResponse\x12G\n\x0cStreamEvents\x12\x12.reranker.v1.Event\x1a!.reranker.v1.RecordEventsResponse(\x01\x12P\n\x0bUpsertItems\x12\x1f.reranker.v1.UpsertItemsRequest\x1a .reranker.v1.UpsertItemsResponse\x12Y\n\x0eGetUserProfile\x12\".reranker.v1.GetUserProfileRequest\x1a#.reranker.v1.GetUserProfileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reranker.v1.reranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=2296
-  _globals['_EVENTTYPE']._serialized_end=2497
-  _globals['_VARIANT']._serialized_start=2499
-  _globals['_VARIANT']._serialized_end=2620
-  _globals['_FALLBACKREASON']._serialized_start=2623
-  _globals['_FALLBACKREASON']._serialized_end=2830
+  _globals['_EVENTTYPE']._serialized_start=2398
+  _globals['_EVENTTYPE']._serialized_end=2599
+  _globals['_CONSUMEDPOLICY']._serialized_start=2602
+  _globals['_CONSUMEDPOLICY']._serialized_end=2760
+  _globals['_VARIANT']._serialized_start=2762
+  _globals['_VARIANT']._serialized_end=2883
+  _globals['_FALLBACKREASON']._serialized_start=2886
+  _globals['_FALLBACKREASON']._serialized_end=3093
   _globals['_CANDIDATE']._serialized_start=76
   _globals['_CANDIDATE']._serialized_end=147
   _globals['_CANDIDATECOLUMNS']._serialized_start=149
@@ -45,33 +47,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT']._serialized_start=219
   _globals['_EVENT']._serialized_end=423
   _globals['_RERANKOPTIONS']._serialized_start=426
-  _globals['_RERANKOPTIONS']._serialized_end=573
-  _globals['_RERANKREQUEST']._serialized_start=576
-  _globals['_RERANKREQUEST']._serialized_end=854
-  _globals['_EXPLANATION']._serialized_start=856
-  _globals['_EXPLANATION']._serialized_end=975
-  _globals['_SCOREDITEM']._serialized_start=978
-  _globals['_SCOREDITEM']._serialized_end=1140
-  _globals['_TIMING']._serialized_start=1142
-  _globals['_TIMING']._serialized_end=1205
-  _globals['_ITEMCOLUMNS']._serialized_start=1207
-  _globals['_ITEMCOLUMNS']._serialized_end=1328
-  _globals['_RERANKRESPONSE']._serialized_start=1331
-  _globals['_RERANKRESPONSE']._serialized_end=1742
-  _globals['_RECORDEVENTSREQUEST']._serialized_start=1744
-  _globals['_RECORDEVENTSREQUEST']._serialized_end=1801
-  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1803
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1887
-  _globals['_ITEM']._serialized_start=1889
-  _globals['_ITEM']._serialized_end=1926
-  _globals['_UPSERTITEMSREQUEST']._serialized_start=1928
-  _globals['_UPSERTITEMSREQUEST']._serialized_end=1982
-  _globals['_UPSERTITEMSRESPONSE']._serialized_start=1984
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=2040
-  _globals['_GETUSERPROFILEREQUEST']._serialized_start=2042
-  _globals['_GETUSERPROFILEREQUEST']._serialized_end=2106
-  _globals['_GETUSERPROFILERESPONSE']._serialized_start=2109
-  _globals['_GETUSERPROFILERESPONSE']._serialized_end=2293
-  _globals['_RERANKERSERVICE']._serialized_start=2833
-  _globals['_RERANKERSERVICE']._serialized_end=3248
+  _globals['_RERANKOPTIONS']._serialized_end=620
+  _globals['_RERANKREQUEST']._serialized_start=623
+  _globals['_RERANKREQUEST']._serialized_end=901
+  _globals['_EXPLANATION']._serialized_start=903
+  _globals['_EXPLANATION']._serialized_end=1022
+  _globals['_SCOREDITEM']._serialized_start=1025
+  _globals['_SCOREDITEM']._serialized_end=1187
+  _globals['_TIMING']._serialized_start=1189
+  _globals['_TIMING']._serialized_end=1252
+  _globals['_ITEMCOLUMNS']._serialized_start=1254
+  _globals['_ITEMCOLUMNS']._serialized_end=1375
+  _globals['_RERANKRESPONSE']._serialized_start=1378
+  _globals['_RERANKRESPONSE']._serialized_end=1844
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=1846
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=1903
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1905
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1989
+  _globals['_ITEM']._serialized_start=1991
+  _globals['_ITEM']._serialized_end=2028
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=2030
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=2084
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=2086
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=2142
+  _globals['_GETUSERPROFILEREQUEST']._serialized_start=2144
+  _globals['_GETUSERPROFILEREQUEST']._serialized_end=2208
+  _globals['_GETUSERPROFILERESPONSE']._serialized_start=2211
+  _globals['_GETUSERPROFILERESPONSE']._serialized_end=2395
+  _globals['_RERANKERSERVICE']._serialized_start=3096
+  _globals['_RERANKERSERVICE']._serialized_end=3511
 # @@protoc_insertion_point(module_scope)

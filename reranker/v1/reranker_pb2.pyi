@@ -21,6 +21,14 @@ class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_TYPE_DISLIKE: _ClassVar[EventType]
     EVENT_TYPE_SKIP: _ClassVar[EventType]
 
+class ConsumedPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONSUMED_POLICY_UNSPECIFIED: _ClassVar[ConsumedPolicy]
+    CONSUMED_POLICY_KEEP: _ClassVar[ConsumedPolicy]
+    CONSUMED_POLICY_DEMOTE: _ClassVar[ConsumedPolicy]
+    CONSUMED_POLICY_DROP: _ClassVar[ConsumedPolicy]
+    CONSUMED_POLICY_LEARNED: _ClassVar[ConsumedPolicy]
+
 class Variant(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     VARIANT_UNSPECIFIED: _ClassVar[Variant]
@@ -45,6 +53,11 @@ EVENT_TYPE_PURCHASE: EventType
 EVENT_TYPE_LIKE: EventType
 EVENT_TYPE_DISLIKE: EventType
 EVENT_TYPE_SKIP: EventType
+CONSUMED_POLICY_UNSPECIFIED: ConsumedPolicy
+CONSUMED_POLICY_KEEP: ConsumedPolicy
+CONSUMED_POLICY_DEMOTE: ConsumedPolicy
+CONSUMED_POLICY_DROP: ConsumedPolicy
+CONSUMED_POLICY_LEARNED: ConsumedPolicy
 VARIANT_UNSPECIFIED: Variant
 VARIANT_RERANKED: Variant
 VARIANT_CONTROL: Variant
@@ -96,18 +109,20 @@ class Event(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., text: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("blend_weight", "diversity", "bypass", "explain", "columns")
+    __slots__ = ("blend_weight", "diversity", "bypass", "explain", "columns", "consumed")
     BLEND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     BYPASS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
     blend_weight: float
     diversity: float
     bypass: bool
     explain: bool
     columns: bool
-    def __init__(self, blend_weight: _Optional[float] = ..., diversity: _Optional[float] = ..., bypass: _Optional[bool] = ..., explain: _Optional[bool] = ..., columns: _Optional[bool] = ...) -> None: ...
+    consumed: ConsumedPolicy
+    def __init__(self, blend_weight: _Optional[float] = ..., diversity: _Optional[float] = ..., bypass: _Optional[bool] = ..., explain: _Optional[bool] = ..., columns: _Optional[bool] = ..., consumed: _Optional[_Union[ConsumedPolicy, str]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
     __slots__ = ("user_id", "candidates", "candidate_columns", "context_events", "top_k", "options", "experiment", "request_id")
@@ -182,7 +197,7 @@ class ItemColumns(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., semantic_scores: _Optional[_Iterable[float]] = ..., upstream_scores: _Optional[_Iterable[float]] = ..., original_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket", "item_columns", "arm")
+    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket", "item_columns", "arm", "consumed_candidates", "consumed_dropped")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +212,8 @@ class RerankResponse(_message.Message):
     BUCKET_FIELD_NUMBER: _ClassVar[int]
     ITEM_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     ARM_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_DROPPED_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     variant: Variant
     fallback_reason: FallbackReason
@@ -211,7 +228,9 @@ class RerankResponse(_message.Message):
     bucket: int
     item_columns: ItemColumns
     arm: str
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ..., item_columns: _Optional[_Union[ItemColumns, _Mapping]] = ..., arm: _Optional[str] = ...) -> None: ...
+    consumed_candidates: int
+    consumed_dropped: int
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ..., item_columns: _Optional[_Union[ItemColumns, _Mapping]] = ..., arm: _Optional[str] = ..., consumed_candidates: _Optional[int] = ..., consumed_dropped: _Optional[int] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("events",)
