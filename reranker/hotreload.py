@@ -54,7 +54,7 @@ class HeadReloader:
         self._interval = settings.head_reload_seconds
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._lock = threading.Lock()  # one reload at a time (watcher tick and SIGHUP)
+        self._lock = threading.Lock()  # one reload at a time (watcher tick and SIGHUP's check(force=True))
         table = get_table()
         self._seen: dict[str, Signature] = {name: _signature(path) for name, path in table.paths().items()}
         self.reloads = Counter(
@@ -69,22 +69,14 @@ class HeadReloader:
     def start(self) -> None:
         self._thread.start()
 
-    def request_reload(self) -> None:
-        """SIGHUP: reload every head file now (even if it looks unchanged). Safe from a signal handler."""
-        self._force = True
-        self._wake.set()
-
-    _force = False
-
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self._interval if self._interval > 0 else None)
             if self._stop.is_set():
                 return
             self._wake.clear()
-            force, self._force = self._force, False
             try:
-                self.check(force=force)
+                self.check()
             except Exception:
                 log.exception("head reload failed; the old head is kept")
 

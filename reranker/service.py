@@ -285,7 +285,6 @@ class RerankService:
         if not self.ready:
             return upstream(Variant.FALLBACK, FallbackReason.NOT_READY, self.load_error or "model loading")
         try:
-            assert arm is not None
             return self._personalize(
                 query, candidates, keep, bucket, started, time_remaining, cancel,
                 may_block=may_block, lookup=lookup, event_lookup=event_lookup, arm=arm,
