@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,8 +74,8 @@ class Settings:
     consumed_policy: str = _doc(
         "Candidates the user already consumed (request may override): `keep` (scored like the others), "
         "`demote` (after all unconsumed ones, in their order), `drop` (removed; the response counts them), or "
-        "`learned`: a loaded head decides from its re-consumption features; without a head, each user's own "
-        "repeat rate decides (demote below consumed_repeat_rate, else keep). Similarity never credits a "
+        "`learned`: a loaded head decides from its re-consumption features; without a head, the user's "
+        "repeat rate decides (demote below consumed_repeat_rate, else keep; see consumed_prior_events). Similarity never credits a "
         "candidate for matching its own past events, whatever the policy.",
         "learned",
     )
@@ -82,6 +83,11 @@ class Settings:
         "consumed_policy=learned without a head: users whose share of events on an already consumed item is "
         "below this get consumed candidates demoted; users at or above it keep them.",
         0.05,
+    )
+    consumed_prior_events: float = _doc(
+        "consumed_policy=learned without a head: a user's repeat rate is estimated as (their repeats + n * the "
+        "population's rate) / (their events + n), n = this; so a new user starts from what everyone does.",
+        10.0,
     )
     consumed_items_per_user: int = _doc(
         "Distinct consumed items remembered per user (20 bytes each; the least recently consumed are forgotten "
@@ -103,8 +109,11 @@ class Settings:
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
     # --- user model (issue 3) ----------------------------------------------------------------
-    session_size: int = _doc("Most events in the session (short-term) vector S.", 10)
-    session_gap_seconds: float = _doc("A pause longer than this between two events starts a new session.", 1800.0)
+    session_half_life_seconds: float = _doc(
+        "Half-life of the session (short-term) vector S, in event time: S is decayed like L, only faster, so after "
+        "a pause of a few half-lives the next event makes a new session (300 s: best of 300-86400 s on validation).",
+        300.0,
+    )
     session_mix: float = _doc(
         "Share m of the session in the user vector u = normalize((1-m) L/‖L‖ + m S/‖S‖), in [0, 1]; 0 = long-term only.",
         0.5,
@@ -118,6 +127,16 @@ class Settings:
     )
     attention_temperature: float = _doc(
         "Softmax temperature of attention pooling; lower = the history item most like the candidate dominates.", 0.1
+    )
+    max_event_skew_seconds: float = _doc(
+        "Event times after server time are clamped to now (counted in reranker_event_times_clamped_total); more than this "
+        "many seconds after it (a wrong clock, milliseconds sent as seconds) the request gets INVALID_ARGUMENT.",
+        3600.0,
+    )
+    max_event_weight: float = _doc(
+        "Largest absolute weight an event may carry (INVALID_ARGUMENT beyond it); 0 = twice the largest absolute "
+        "event_weights value (or 1, the weight of an unlisted type): 6 with the default weights.",
+        0.0,
     )
     max_event_ids_per_user: int = _doc(
         "Event ids remembered per user for de-duplication (8 bytes each); older ids may count again.", 1000
@@ -264,6 +283,8 @@ class Settings:
             problems.append(f"consumed_policy must be one of {', '.join(CONSUMED_POLICIES)}")
         if not 0.0 <= self.consumed_repeat_rate <= 1.0:
             problems.append("consumed_repeat_rate must be in [0, 1]")
+        if self.consumed_prior_events < 0:
+            problems.append("consumed_prior_events must not be negative")
         if self.consumed_items_per_user < 0:
             problems.append("consumed_items_per_user must not be negative")
         if not 0.0 <= self.treatment_percent <= 100.0:
@@ -283,16 +304,16 @@ class Settings:
         for name in ("session_mix", "attention_weight"):  # user model (issue 3)
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1]")
-        for name in ("session_size", "vector_history_size", "max_event_ids_per_user", "redis_replay_events",
-                     "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
+        for name in ("session_half_life_seconds", "vector_history_size", "max_event_ids_per_user",
+                     "redis_replay_events", "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             problems.append("redis_url must start with redis://, rediss:// or unix://")
-        if self.session_size > self.vector_history_size:
-            problems.append("session_size must not exceed vector_history_size")
-        if self.session_gap_seconds < 0 or self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
-            problems.append("session_gap_seconds, redis_retry_seconds and snapshot_interval_seconds must be >= 0")
+        if self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
+            problems.append("redis_retry_seconds and snapshot_interval_seconds must be >= 0")
+        if not (self.max_event_skew_seconds >= 0 and self.max_event_weight >= 0):
+            problems.append("max_event_skew_seconds and max_event_weight must be >= 0")
         if self.overload_policy not in ("fail_open", "reject"):
             problems.append("overload_policy must be 'fail_open' or 'reject'")
         if self.runtime not in ("torch", "onnx"):
@@ -332,9 +353,15 @@ class Settings:
         except ValueError as exc:
             problems.append(str(exc))
         try:
-            self.parsed_event_weights()
+            weights = self.parsed_event_weights()
         except ValueError as exc:
             problems.append(str(exc))
+        else:
+            largest = max([1.0, *(abs(w) for w in weights.values())])  # 1 = the weight of an unlisted type
+            if self.max_event_weight and self.max_event_weight < largest:
+                problems.append(f"max_event_weight {self.max_event_weight} is below the largest event_weights value {largest}")
+            if not all(math.isfinite(w) for w in weights.values()):
+                problems.append("event_weights must be finite")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -372,6 +399,12 @@ class Settings:
                 raise ValueError(f"experiment_arms entry {part!r}: percent must be in (0, 100]")
             arms.append((name, value, path.strip()))
         return arms
+
+    def event_weight_limit(self) -> float:
+        """W: the largest |weight| an event may carry (`max_event_weight`, or twice the largest type weight)."""
+        if self.max_event_weight:
+            return self.max_event_weight
+        return 2.0 * max([1.0, *(abs(w) for w in self.parsed_event_weights().values())])
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Settings:

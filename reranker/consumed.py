@@ -7,12 +7,12 @@ keeps what is needed to learn it:
 
 * per consumed item (at most `capacity`, the least recently consumed dropped first): a stable
   64-bit key of the item id, the number of events on it, the time of the newest one, and its
-  decayed mass in the long-term sum L (the same exp(-lambda (T - t)) frame as L, so
-  L - mass_c * v_c is L without item c: similarity features never credit a candidate for
-  matching its own past events);
+  decayed masses in the long-term sum L and the session sum S (the same exp(-rate (T - t))
+  frames as L and S, so L - mass_c v_c and S - session_mass_c v_c are L and S without item c:
+  similarity features never credit a candidate for matching its own past events);
 * per user: how many events were repeats of an item already consumed (the user's repeat rate).
 
-`item_keys` hashes ids vectorized (a polynomial hash of the UTF-32 code points with a splitmix64
+`item_keys` hashes ids vectorized (a polynomial hash of the code points with a splitmix64
 finalizer), so keying 500 candidates costs tens of microseconds and gives the same keys in every
 process (snapshots and Redis store them).
 """
@@ -25,32 +25,46 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_MULTIPLIER = 0x9E3779B97F4A7C15  # odd: code point j is weighted by MULTIPLIER ** (j + 1) mod 2^64
-_MASK = (1 << 64) - 1
-_POWERS = np.array([pow(_MULTIPLIER, j + 1, 1 << 64) for j in range(64)], dtype=np.uint64)
+_MULTIPLIER = 0x9E3779B97F4A7C15  # odd, so invertible mod 2^64
+_INVERSE = pow(_MULTIPLIER, -1, 1 << 64)
+_LENGTH_MIX = np.uint64(0xD6E8FEB86659FD93)
+_powers = np.ones(1, dtype=np.uint64)  # MULTIPLIER ** j mod 2^64
+_inverse_powers = np.ones(1, dtype=np.uint64)  # INVERSE ** j mod 2^64
 
 
-def _powers(length: int) -> np.ndarray:
-    global _POWERS
-    if length > len(_POWERS):
-        _POWERS = np.array([pow(_MULTIPLIER, j + 1, 1 << 64) for j in range(2 * length)], dtype=np.uint64)
-    return _POWERS[:length]
+def _cumulative_powers(base: int, size: int) -> np.ndarray:
+    factors = np.full(size, np.uint64(base), dtype=np.uint64)
+    factors[0] = 1
+    return np.cumprod(factors, dtype=np.uint64)  # wraps mod 2^64, as intended
+
+
+def _power_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
+    global _powers, _inverse_powers
+    if size > _powers.size:
+        grown = max(size, 2 * _powers.size, 4096)
+        _powers = _cumulative_powers(_MULTIPLIER, grown)
+        _inverse_powers = _cumulative_powers(_INVERSE, grown)
+    return _powers, _inverse_powers
 
 
 def item_keys(item_ids: Sequence[str]) -> np.ndarray:
-    """Stable 64-bit keys (uint64) of item ids, one vectorized pass over all of them."""
+    """Stable 64-bit keys (uint64) of item ids, computed for all of them in one vectorized pass.
+
+    key = mix(sum_j c_j M^j + len * K) over the id's code points c_j (mod 2^64, then a splitmix64
+    finalizer). All ids are joined into one code-point array; each id's sum is a difference of
+    prefix sums rescaled by M^-start (M is odd, so invertible mod 2^64)."""
     n = len(item_ids)
     if n == 0:
         return np.zeros(0, dtype=np.uint64)
-    text = np.array(item_ids, dtype=np.str_)
-    width = text.dtype.itemsize // 4
-    if width == 0:
-        codes = np.zeros((n, 1), dtype=np.uint64)
-        width = 1
-    else:
-        codes = text.view(np.uint32).reshape(n, width).astype(np.uint64)
-    # Padding code points are 0, so a key does not depend on the other ids' lengths.
-    h = codes @ _powers(width)
+    codes = np.frombuffer("".join(item_ids).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    lengths = np.fromiter(map(len, item_ids), dtype=np.int64, count=n)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    powers, inverse = _power_tables(codes.size + 1)
+    prefix = np.zeros(codes.size + 1, dtype=np.uint64)
+    np.cumsum(codes.astype(np.uint64) * powers[: codes.size], out=prefix[1:])
+    h = (prefix[ends] - prefix[starts]) * inverse[starts]
+    h += lengths.astype(np.uint64) * _LENGTH_MIX
     h ^= h >> np.uint64(30)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(27)
@@ -72,21 +86,27 @@ class ConsumedItems:
     counts: np.ndarray  # int64 (n,)
     last: np.ndarray  # float64 (n,): newest event time on the item
     mass: np.ndarray  # float64 (n,): sum of w * exp(-lambda (ref - t)) over the item's events with a vector
+    session_mass: np.ndarray  # float64 (n,): the same with the session's rate (its share of S)
     repeats: int = 0  # events on an item that was already in memory
     events: int = 0  # events seen
 
     @staticmethod
     def empty() -> ConsumedItems:
         return ConsumedItems(
-            np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0)
+            np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
         )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.keys, self.counts, self.last, self.mass, self.session_mass))
 
     def __len__(self) -> int:
         return int(self.keys.size)
 
     def copy(self) -> ConsumedItems:
         return ConsumedItems(
-            self.keys.copy(), self.counts.copy(), self.last.copy(), self.mass.copy(), self.repeats, self.events
+            self.keys.copy(), self.counts.copy(), self.last.copy(), self.mass.copy(), self.session_mass.copy(),
+            self.repeats, self.events,
         )
 
     @property
@@ -94,8 +114,9 @@ class ConsumedItems:
         """Share of this user's events that went to an item already consumed (0 with no events)."""
         return self.repeats / self.events if self.events else 0.0
 
-    def add(self, key: int, timestamp: float, mass: float, capacity: int) -> None:
-        """Count one event on the item `key` (mass: its weight in L's current frame, 0 without a vector)."""
+    def add(self, key: int, timestamp: float, mass: float, capacity: int, session_mass: float = 0.0) -> bool:
+        """Count one event on the item `key` (mass, session_mass: its weight in L's and S's current
+        frames, 0 without a vector); True when the item was already consumed (a repeat)."""
         self.events += 1
         k = np.uint64(key)
         at = int(np.searchsorted(self.keys, k))
@@ -104,41 +125,46 @@ class ConsumedItems:
             self.counts[at] += 1
             self.last[at] = max(self.last[at], timestamp)
             self.mass[at] += mass
-            return
+            self.session_mass[at] += session_mass
+            return True
         if capacity <= 0:
-            return
+            return False
         if self.keys.size >= capacity:  # forget the least recently consumed item
             drop = int(np.argmin(self.last))
             self.keys, self.counts = np.delete(self.keys, drop), np.delete(self.counts, drop)
             self.last, self.mass = np.delete(self.last, drop), np.delete(self.mass, drop)
+            self.session_mass = np.delete(self.session_mass, drop)
             at = int(np.searchsorted(self.keys, k))
         self.keys = np.insert(self.keys, at, k)
         self.counts = np.insert(self.counts, at, 1)
         self.last = np.insert(self.last, at, timestamp)
         self.mass = np.insert(self.mass, at, mass)
+        self.session_mass = np.insert(self.session_mass, at, session_mass)
+        return False
 
-    def rescale(self, factor: float) -> None:
-        """L was multiplied by `factor` (a newer event moved its reference time): masses follow."""
+    def rescale(self, factor: float, session_factor: float = 1.0) -> None:
+        """L and S were multiplied by these factors (a newer event moved their reference time): masses follow."""
         if factor != 1.0:
             self.mass *= factor
+        if session_factor != 1.0:
+            self.session_mass *= session_factor
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(counts, last times, masses) for candidate keys; 0, -inf, 0 where never consumed."""
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(counts, last times, masses, session masses) for candidate keys; 0, -inf, 0, 0 where never consumed."""
         n = keys.size
-        counts, last, mass = np.zeros(n), np.full(n, -math.inf), np.zeros(n)
+        counts, last, mass, session = np.zeros(n), np.full(n, -math.inf), np.zeros(n), np.zeros(n)
         if n == 0 or self.keys.size == 0:
-            return counts, last, mass
+            return counts, last, mass, session
         pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
         hit = self.keys[pos] == keys
-        counts[hit] = self.counts[pos[hit]]
-        last[hit] = self.last[pos[hit]]
-        mass[hit] = self.mass[pos[hit]]
-        return counts, last, mass
+        at = pos[hit]
+        counts[hit], last[hit], mass[hit], session[hit] = self.counts[at], self.last[at], self.mass[at], self.session_mass[at]
+        return counts, last, mass, session
 
     def freeze(self) -> ConsumedItems:
         """A read-only copy (shared between readers of one profile version)."""
         out = self.copy()
-        for array in (out.keys, out.counts, out.last, out.mass):
+        for array in (out.keys, out.counts, out.last, out.mass, out.session_mass):
             array.flags.writeable = False
         return out
 

@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from reranker import wire
 from reranker.config import Settings
 from reranker.errors import InvalidRequest
+from reranker.eventpolicy import check_event_time, check_event_weight
 from reranker.types import (
     CandidateColumns,
     Event,
@@ -39,10 +40,13 @@ class Limits:
     max_text_chars: int
     max_id_chars: int
     max_events: int
+    max_event_weight: float = math.inf
+    max_event_skew: float = math.inf
 
     @classmethod
     def from_settings(cls, s: Settings) -> Limits:
-        return cls(s.max_candidates, s.max_text_chars, s.max_id_chars, s.max_events_per_request)
+        return cls(s.max_candidates, s.max_text_chars, s.max_id_chars, s.max_events_per_request,
+                   s.event_weight_limit(), s.max_event_skew_seconds)
 
 
 def _check_id(value: str, name: str, limits: Limits) -> str:
@@ -70,7 +74,8 @@ def _check_fraction(value: float, name: str) -> float:
     return value
 
 
-def event_from_pb(msg: pb.Event, name: str, limits: Limits, default_user: str = "") -> Event:
+def event_from_pb(msg: pb.Event, name: str, limits: Limits, default_user: str = "", now: float | None = None) -> Event:
+    """An Event, validated; with `now` (server time) its timestamp is checked against max_event_skew."""
     user_id = msg.user_id or default_user
     _check_id(user_id, f"{name}.user_id", limits)
     if default_user and user_id != default_user:
@@ -83,25 +88,29 @@ def event_from_pb(msg: pb.Event, name: str, limits: Limits, default_user: str = 
     weight = None
     if msg.HasField("weight"):
         weight = msg.weight
-        if not math.isfinite(weight):
-            raise InvalidRequest(f"{name}.weight must be finite, got {weight}")
+        check_event_weight(weight, f"{name}.weight", limits.max_event_weight)
     timestamp = 0.0
     if msg.HasField("timestamp"):
         seconds, nanos = msg.timestamp.seconds, msg.timestamp.nanos
         if not 0 <= nanos < 1_000_000_000:
             raise InvalidRequest(f"{name}.timestamp.nanos must be in [0, 999999999], got {nanos}")
         if seconds > _MAX_TIMESTAMP_SECONDS:
+            if now is not None:  # the policy's message names the unit the value was probably sent in
+                check_event_time(float(seconds), f"{name}.timestamp", now, limits.max_event_skew)
             raise InvalidRequest(f"{name}.timestamp is after 9999-12-31")
         timestamp = seconds + nanos / 1e9
         if timestamp <= 0:
             raise InvalidRequest(f"{name}.timestamp must be after 1970-01-01")
+        if now is not None:
+            check_event_time(timestamp, f"{name}.timestamp", now, limits.max_event_skew)
     text = _check_text(msg.text, f"{name}.text", limits) if msg.HasField("text") else None
     return Event(user_id, msg.item_id, EventType(msg.type), timestamp, msg.event_id, text, weight)
 
 
-def events_from_pb(msgs: Sequence[pb.Event], field: str, limits: Limits, default_user: str = "") -> tuple[Event, ...]:
+def events_from_pb(msgs: Sequence[pb.Event], field: str, limits: Limits, default_user: str = "",
+                   now: float | None = None) -> tuple[Event, ...]:
     _check_count(len(msgs), limits.max_events, field, "max_events_per_request")
-    return tuple(event_from_pb(m, f"{field}[{i}]", limits, default_user) for i, m in enumerate(msgs))
+    return tuple(event_from_pb(m, f"{field}[{i}]", limits, default_user, now) for i, m in enumerate(msgs))
 
 
 def candidates_from_pb(msgs: Sequence[pb.Candidate], limits: Limits) -> CandidateColumns:
@@ -184,7 +193,7 @@ def candidate_count(req: pb.RerankRequest) -> int:
     return len(req.candidates) or len(req.candidate_columns.item_ids)
 
 
-def rerank_query(req: pb.RerankRequest, limits: Limits) -> RerankQuery:
+def rerank_query(req: pb.RerankRequest, limits: Limits, now: float | None = None) -> RerankQuery:
     user_id = _check_id(req.user_id, "user_id", limits)
     if req.HasField("candidate_columns"):
         if req.candidates:
@@ -208,7 +217,7 @@ def rerank_query(req: pb.RerankRequest, limits: Limits) -> RerankQuery:
     return RerankQuery(
         user_id=user_id,
         candidates=candidates,
-        context_events=events_from_pb(req.context_events, "context_events", limits, default_user=user_id),
+        context_events=events_from_pb(req.context_events, "context_events", limits, default_user=user_id, now=now),
         top_k=req.top_k,
         options=options,
         experiment=req.experiment,

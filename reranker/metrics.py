@@ -52,6 +52,19 @@ class _CacheCollector(Collector):
         yield size
 
 
+class _RepairCollector(Collector):
+    def __init__(self, source: Callable[[], int]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "reranker_profile_repairs",
+            "User profiles whose decay clock was ahead of server time (a future event folded by an older build, "
+            "from a snapshot or Redis) and were repaired on load or read.",
+            value=self._source(),
+        )
+
+
 class Metrics:
     """All series of one server. Thread-safe (prometheus_client metrics are)."""
 
@@ -100,10 +113,23 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("reranker_ready", "1 when the model is loaded and Rerank personalizes.", registry=r)
+        self.event_times_clamped = Counter(
+            "reranker_event_times_clamped",
+            "Accepted events whose time was after server time (by at most max_event_skew_seconds), clamped to now.",
+            registry=r,
+        )
+        self.events_refused = Counter(
+            "reranker_events_refused",
+            "Requests refused (INVALID_ARGUMENT) for an event's field beyond the event policy: `timestamp` more than "
+            "max_event_skew_seconds after server time, or `weight` beyond max_event_weight / not finite.",
+            ["field"], registry=r,
+        )
         self._rpc_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._cache_lock = threading.Lock()
         self._cache_source: Callable[[], dict[str, tuple[int, int, int]]] = dict
         r.register(_CacheCollector(self._read_caches))
+        self._repairs_source: Callable[[], int] = lambda: 0
+        r.register(_RepairCollector(lambda: self._repairs_source()))
 
     # --- hooks called by the service -------------------------------------------------------------
     def model_loaded(self, seconds: float, model_version: str) -> None:
@@ -127,6 +153,10 @@ class Metrics:
         """`source()` -> {cache name: (hits, misses, entries)}, read at every scrape."""
         with self._cache_lock:
             self._cache_source = source
+
+    def watch_profile_repairs(self, source: Callable[[], int]) -> None:
+        """`source()` -> profiles repaired so far (a decay clock ahead of now), read at every scrape."""
+        self._repairs_source = source
 
     def _read_caches(self) -> dict[str, tuple[int, int, int]]:
         with self._cache_lock:

@@ -7,7 +7,8 @@ an immutable `UserState` for scoring; the math is in usermodel.py. Two stores im
 * `InProcessProfileStore` (default): a TTL + LRU bounded dict in this process.
 * `RedisProfileStore` (redis_store.py): one Redis shared by many replicas.
 
-Per user the state is: the decayed long-term sum L (float64, d) with its reference time, counters,
+Per user the state is: the decayed long-term sum L and session sum S (float64, d each) with their
+reference time, counters,
 the last `max_recent` events (without text), the newest `max_history` events that had a vector
 (their vectors too; the session vector and attention pooling use them), and the 64-bit hashes of
 the last `max_event_ids` event ids (idempotency: a replayed event id is not counted twice).
@@ -18,6 +19,9 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import logging
+import math
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +40,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class ProfileConfig:
@@ -46,6 +52,8 @@ class ProfileConfig:
     max_history: int
     max_event_ids: int
     max_consumed: int = 0  # consumed items remembered per user (see reranker.consumed)
+    session_rate: float = usermodel.decay_rate(300.0)  # mu = ln 2 / session half-life
+    max_clock_ahead: float = 3600.0  # a profile clock further ahead of now than this is repaired on load / read
 
     @classmethod
     def from_settings(cls, s: Settings, dim: int) -> ProfileConfig:
@@ -57,6 +65,8 @@ class ProfileConfig:
             max_history=s.vector_history_size,
             max_event_ids=s.max_event_ids_per_user,
             max_consumed=s.consumed_items_per_user,
+            session_rate=usermodel.decay_rate(s.session_half_life_seconds),
+            max_clock_ahead=s.max_event_skew_seconds,
         )
 
     def weight_of(self, event: Event) -> float:
@@ -76,6 +86,7 @@ class UserState:
     updated_at: float
     recent: tuple[Event, ...]  # oldest first, arrival order, text dropped
     history: usermodel.History
+    session: np.ndarray | None = None  # float64 (d,): S relative to ref_time; None = rebuild it from history
     # The consumed-item memory (read-only arrays): counts, times and long-term masses per item.
     consumed: ConsumedItems = dataclasses.field(default_factory=ConsumedItems.empty)
     # Values derived from this state (user vector, decayed weights), memoized by their users: the
@@ -90,8 +101,14 @@ def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | Non
     """
     if state is None:
         return None
-    session = usermodel.session_vector(state.history, settings.session_size, settings.session_gap_seconds)
-    return usermodel.mix(state.long_term, session, settings.session_mix)
+    return usermodel.mix(state.long_term, session_of(state, settings), settings.session_mix)
+
+
+def session_of(state: UserState, settings: Settings) -> np.ndarray:
+    """S of the state; rebuilt from the vector history for a state saved before S was kept."""
+    if state.session is not None:
+        return state.session
+    return usermodel.decayed_sum(state.history, state.ref_time, usermodel.decay_rate(settings.session_half_life_seconds))
 
 
 def candidate_history(
@@ -103,14 +120,14 @@ def candidate_history(
     user_vector: np.ndarray | None,
 ) -> CandidateHistory:
     """Which candidates the user consumed, when and how often; for consumed candidates, the user
-    vector without their own events (leave-one-out: L - mass_c v_c, S minus their session rows)
+    vector without their own events (leave-one-out: L - mass_c v_c, S - session_mass_c v_c)
     and which history rows are their own. The one recipe: the server and `reranker train` call it."""
     consumed = state.consumed
     n = len(item_ids)
     if not len(consumed):
         return CandidateHistory.none(n)
     keys = item_keys(item_ids)
-    counts, last, mass = consumed.lookup(keys)
+    counts, last, mass, session_mass = consumed.lookup(keys)
     hours = hours_between(last, float(consumed.last.max()))
     hit = counts > 0
     if not hit.any():
@@ -121,12 +138,10 @@ def candidate_history(
     excluded = np.flatnonzero(hit & np.asarray(has_vector, dtype=bool))
     user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
     if excluded.size and user_vector is not None:
-        start = usermodel.session_start(history.timestamps, settings.session_size, settings.session_gap_seconds)
-        session = derived(state, "session_vector", lambda: usermodel.session_vector(
-            history, settings.session_size, settings.session_gap_seconds))
-        session_mass = history.weights[start:] @ own_rows[start:, excluded] if len(history) else np.zeros(excluded.size)
+        session = derived(state, "session_vector", lambda: session_of(state, settings))
         user_vectors = usermodel.mix_without(
-            state.long_term, session, settings.session_mix, np.asarray(vectors)[excluded], mass[excluded], session_mass
+            state.long_term, session, settings.session_mix, np.asarray(vectors)[excluded], mass[excluded],
+            session_mass[excluded],
         )
     else:
         excluded = excluded[:0]
@@ -177,6 +192,8 @@ class ProfileStore(Protocol):
     backend: str
     hits: int  # get() calls that found the user (metrics)
     misses: int
+    repeats: int  # events on an already consumed item, over all users this store has seen
+    consumed_events: int  # all events counted for `repeats`
 
     def __len__(self) -> int:
         """Users held in this process."""
@@ -261,6 +278,7 @@ class _Profile:
     hist_weights: list[float] = dataclasses.field(default_factory=list)
     hist_vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
     seen: _SeenIds = dataclasses.field(default_factory=_SeenIds)
+    session: np.ndarray | None = None  # float64 (d,), relative to ref_time; set on the first folded event
     consumed: ConsumedItems = dataclasses.field(default_factory=ConsumedItems.empty)
 
     def add_history(self, timestamp: float, item_id: str, weight: float, vector: np.ndarray, cap: int) -> None:
@@ -274,25 +292,76 @@ class _Profile:
             if len(column) > cap:  # type: ignore[arg-type]
                 del column[0]  # type: ignore[attr-defined]
 
+    def history(self, dim: int) -> usermodel.History:
+        """The vector history as arrays (copies)."""
+        if not self.hist_items:
+            return usermodel.History.empty(dim)
+        return usermodel.History(
+            tuple(self.hist_items),
+            np.array(self.hist_times, dtype=np.float64),
+            np.array(self.hist_weights, dtype=np.float64),
+            np.stack(self.hist_vectors),
+        )
+
     def state(self, user_id: str, dim: int, recent: bool = True) -> UserState:
         """A consistent copy (arrays read-only: the store may share it between readers)."""
-        if self.hist_items:
-            history = usermodel.History(
-                tuple(self.hist_items),
-                np.array(self.hist_times, dtype=np.float64),
-                np.array(self.hist_weights, dtype=np.float64),
-                np.stack(self.hist_vectors),
-            )
-        else:
-            history = usermodel.History.empty(dim)
+        history = self.history(dim)
         long_term = self.long_term.copy()
-        for array in (long_term, history.timestamps, history.weights, history.vectors):
-            array.flags.writeable = False
+        session = None if self.session is None else self.session.copy()
+        for array in (long_term, session, history.timestamps, history.weights, history.vectors):
+            if array is not None:
+                array.flags.writeable = False
         return UserState(
             user_id, long_term, self.ref_time, self.event_count, self.updated_at,
-            tuple(_recent_event(user_id, row) for row in self.recent) if recent else (), history,
+            tuple(_recent_event(user_id, row) for row in self.recent) if recent else (), history, session,
             self.consumed.freeze(),
         )
+
+    def repair_future_clock(self, now: float, config: ProfileConfig) -> bool:
+        """Re-anchor a reference time more than `max_clock_ahead` after `now` (see
+        usermodel.repair_future_clock); True when it was repaired."""
+        if self.folded == 0 or not self.ref_time > now + config.max_clock_ahead:
+            return False
+        history = self.history(config.dim)
+        session = usermodel.decayed_sum(history, self.ref_time, config.session_rate) if self.session is None else self.session
+        fixed = usermodel.repair_future_clock(
+            self.long_term, session, self.ref_time, history, now, config.decay_rate, config.session_rate
+        )
+        self.consumed = repaired_consumed(self.consumed, history, self.ref_time, fixed, now, config)
+        self.long_term, self.session, self.ref_time = fixed.long_term, fixed.session, fixed.ref_time
+        self.hist_times = fixed.history.timestamps.tolist()
+        self.recent = deque(
+            ((item_id, kind, min(ts, now), event_id, weight) for item_id, kind, ts, event_id, weight in self.recent),
+            maxlen=self.recent.maxlen,
+        )
+        return True
+
+
+def repaired_consumed(
+    consumed: ConsumedItems, history: usermodel.History, ref_time: float, fixed: usermodel.Repaired, now: float,
+    config: ProfileConfig,
+) -> ConsumedItems:
+    """The consumed-item memory after a future-clock repair (usermodel.repair_future_clock), in
+    step with the repaired L and S: newest times clamped to now; an exact repair rescales every
+    mass as L and S were rescaled and moves the future rows' terms to now; a rebuild recounts the
+    masses from the history rows L and S were rebuilt from. `history` and `ref_time` are before."""
+    out = consumed.copy()
+    out.last = np.minimum(out.last, now)
+    if not len(out):
+        return out
+    pos = np.minimum(np.searchsorted(out.keys, item_keys(history.item_ids)), len(out) - 1)
+    hit = out.keys[pos] == item_keys(history.item_ids)
+    future = history.timestamps > now
+    for rate, masses in ((config.decay_rate, out.mass), (config.session_rate, out.session_mass)):
+        if fixed.exact:
+            taken = usermodel.decayed_weights(history, ref_time, rate) * future
+            np.subtract.at(masses, pos[hit], taken[hit])
+            masses *= math.exp(rate * (ref_time - now))
+            np.add.at(masses, pos[hit], (history.weights * future)[hit])
+        else:
+            masses[:] = 0.0
+            np.add.at(masses, pos[hit], usermodel.decayed_weights(fixed.history, now, rate)[hit])
+    return out
 
 
 class InProcessProfileStore:
@@ -309,6 +378,9 @@ class InProcessProfileStore:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.repeats = 0  # events on an item their user had already consumed, over all users (the
+        self.consumed_events = 0  # population's repeat rate: the prior of consumed_policy=learned)
+        self.repairs = 0  # profiles whose future clock was repaired (metrics)
 
     def __len__(self) -> int:
         with self._lock:
@@ -333,7 +405,9 @@ class InProcessProfileStore:
         c = self.config
         profile = self._profiles.get(event.user_id)
         if profile is None:
-            profile = _Profile(np.zeros(self.dim, dtype=np.float64), recent=deque(maxlen=c.max_recent))
+            profile = _Profile(
+                np.zeros(self.dim, dtype=np.float64), recent=deque(maxlen=c.max_recent), session=np.zeros(self.dim)
+            )
         self._profiles[event.user_id] = profile  # (re)insert refreshes the TTL
         if event.event_id:
             hashed = event_id_hash(event.event_id)
@@ -346,20 +420,31 @@ class InProcessProfileStore:
         profile.recent.append(_recent_tuple(event))
         key = item_key(event.item_id)
         if vector is None:
-            profile.consumed.add(key, event.timestamp, 0.0, c.max_consumed)
+            self._count_consumed(profile.consumed.add(key, event.timestamp, 0.0, c.max_consumed))
             return "no vector"
         weight = c.weight_of(event)
+        if profile.session is None:
+            profile.session = np.zeros(self.dim)
         previous, first = profile.ref_time, profile.folded == 0
         profile.ref_time = usermodel.fold(
-            profile.long_term, profile.ref_time, first, event.timestamp, weight, vector, c.decay_rate
+            profile.long_term, profile.ref_time, first, event.timestamp, weight, vector, c.decay_rate,
+            profile.session, c.session_rate,
         )
-        profile.consumed.rescale(usermodel.frame_factor(previous, profile.ref_time, first, c.decay_rate))
+        profile.consumed.rescale(
+            usermodel.frame_factor(previous, profile.ref_time, first, c.decay_rate),
+            usermodel.frame_factor(previous, profile.ref_time, first, c.session_rate),
+        )
         mass = weight * usermodel.frame_factor(event.timestamp, profile.ref_time, False, c.decay_rate)
-        profile.consumed.add(key, event.timestamp, mass, c.max_consumed)
+        session_mass = weight * usermodel.frame_factor(event.timestamp, profile.ref_time, False, c.session_rate)
+        self._count_consumed(profile.consumed.add(key, event.timestamp, mass, c.max_consumed, session_mass))
         profile.folded += 1
         vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
         profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
         return "folded"
+
+    def _count_consumed(self, repeat: bool) -> None:
+        self.consumed_events += 1
+        self.repeats += repeat
 
     def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
         """Without recent events, the state of a recently read user is shared, not rebuilt: one
@@ -378,6 +463,19 @@ class InProcessProfileStore:
             if state is None:
                 state = self._states[user_id] = profile.state(user_id, self.dim, recent=False)
             return state
+
+    def held_bytes(self, user_id: str) -> int:
+        """Bytes held for one user (arrays, history lists, recent-event tuples, id ring); 0 if unknown.
+        Every part is capped by a setting, so this is bounded however many events the user sends."""
+        with self._lock:
+            p = self._profiles.get(user_id)
+            if p is None:
+                return 0
+            total = p.long_term.nbytes + (0 if p.session is None else p.session.nbytes) + p.seen.hashes.nbytes
+            total += p.consumed.nbytes
+            total += sum(v.nbytes for v in p.hist_vectors) + sum(map(sys.getsizeof, p.hist_items))
+            total += 8 * 2 * len(p.hist_times)
+            return total + sum(sys.getsizeof(row) + sum(map(sys.getsizeof, row)) for row in p.recent)
 
     def clear(self) -> None:
         with self._lock:
@@ -406,10 +504,18 @@ class InProcessProfileStore:
             if chunk:
                 yield chunk
 
-    def restore(self, user_id: str, profile: _Profile) -> None:
+    def restore(self, user_id: str, profile: _Profile, now: float | None = None) -> bool:
+        """Put a profile (from a snapshot) in place; with `now`, a clock more than `max_clock_ahead`
+        after it is repaired first (logged, counted). True when it was repaired."""
+        ahead = 0.0 if now is None else profile.ref_time - now
+        repaired = now is not None and profile.repair_future_clock(now, self.config)
+        if repaired:
+            log_repair("snapshot", user_id, ahead)
         with self._lock:
+            self.repairs += repaired
             self._profiles[user_id] = profile
             self._states.pop(user_id, None)
+        return repaired
 
 
 def _copy(profile: _Profile) -> _Profile:
@@ -418,6 +524,7 @@ def _copy(profile: _Profile) -> _Profile:
     return dataclasses.replace(
         profile,
         long_term=profile.long_term.copy(),
+        session=None if profile.session is None else profile.session.copy(),
         recent=deque(profile.recent, maxlen=profile.recent.maxlen),
         hist_times=list(profile.hist_times),
         hist_items=list(profile.hist_items),
@@ -428,12 +535,19 @@ def _copy(profile: _Profile) -> _Profile:
     )
 
 
+def log_repair(source: str, user_id: str, ahead: float) -> None:
+    log.warning("profile of user %r from %s had its decay clock %.0f s ahead of now (a future event folded by an "
+                "older build, or the server clock went back); repaired: its events after now count as at now",
+                user_id, source, ahead)
+
+
 # Kept for code written against the first version.
 UserProfileStore = InProcessProfileStore
 
 
-def make_profile_store(settings: Settings, dim: int) -> ProfileStore:
-    """The in-process store, or the Redis store when `redis_url` is set."""
+def make_profile_store(settings: Settings, dim: int, now: Callable[[], float] | None = None) -> ProfileStore:
+    """The in-process store, or the Redis store when `redis_url` is set (`now`: the wall clock that
+    a profile's decay clock is checked against, time.time by default)."""
     config = ProfileConfig.from_settings(settings, dim)
     local = InProcessProfileStore(
         config, max_users=settings.user_cache_size, ttl_seconds=settings.user_ttl_seconds,
@@ -446,4 +560,6 @@ def make_profile_store(settings: Settings, dim: int) -> ProfileStore:
     except ImportError as exc:  # the optional extra is not installed
         raise RuntimeError(f"redis_url is set but {exc}; install `reranker[redis]`") from exc
 
-    return RedisProfileStore.from_settings(settings, config, fallback=local)
+    if now is None:
+        return RedisProfileStore.from_settings(settings, config, fallback=local)
+    return RedisProfileStore.from_settings(settings, config, fallback=local, now=now)

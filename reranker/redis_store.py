@@ -2,7 +2,7 @@
 
 Keys per user (the `{user_id}` hash tag keeps them in one Redis Cluster slot):
 
-    <prefix>:{<user_id>}:p    hash: lt (L as packed float64), ref, folded, count, seq, updated
+    <prefix>:{<user_id>}:p    hash: lt (L as packed float64), st (S, the same), ref, folded, count, seq, updated
     <prefix>:{<user_id>}:r    list: recent events (JSON), newest first, capped at max_recent
     <prefix>:{<user_id>}:h    sorted set: events with a vector, score = event time, capped at max_history
     <prefix>:{<user_id>}:i    sorted set: 8-byte event-id hashes, capped at max_event_ids
@@ -15,6 +15,12 @@ Every update of a user is one Lua script run (atomic in Redis), so replicas upda
 at the same time never lose an event and a replayed event id is never counted twice. The script
 does the same float64 arithmetic as usermodel.fold. All six keys expire `ttl_seconds` after the
 user's last event; bound the total with Redis' own `maxmemory` + `volatile-lru` policy.
+
+A user whose decay clock `ref` is more than `max_event_skew_seconds` after now (a future event
+folded by an older build), or whose state has no `st` yet (written before issue 17), is repaired
+before anything is folded into it and when it is read: the script refuses to fold into it, the
+store rebuilds the state in Python (usermodel.repair_future_clock) and writes it back with a
+compare-and-set script, then folds. A clock repair is logged and counted (`repairs`).
 
 Redis down: the store never raises to the service. A failed call marks the store degraded for
 `retry_seconds` and serves from an in-process fallback store instead: events recorded meanwhile go
@@ -31,7 +37,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,7 +47,7 @@ from redis.retry import Retry
 
 from reranker import usermodel
 from reranker.consumed import ConsumedItems, item_key
-from reranker.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash
+from reranker.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash, log_repair
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
@@ -58,30 +64,38 @@ local max_ids = tonumber(ARGV[4])
 local ttl_ms = tonumber(ARGV[5])
 local now = ARGV[6]
 local dim = tonumber(ARGV[7])
-local max_consumed = tonumber(ARGV[8])
+local srate = tonumber(ARGV[8])
+local max_ref = tonumber(ARGV[9])
+local max_consumed = tonumber(ARGV[10])
 local fmt_f = '<' .. string.rep('f', dim)
 local fmt_d = '<' .. string.rep('d', dim)
 
-local st = redis.call('HMGET', hkey, 'lt', 'ref', 'folded', 'count', 'seq', 'repeats', 'cevents')
+local st = redis.call('HMGET', hkey, 'lt', 'ref', 'folded', 'count', 'seq', 'st', 'repeats', 'cevents')
 local ref = tonumber(st[2]) or 0
 local folded = tonumber(st[3]) or 0
 local count = tonumber(st[4]) or 0
 local seq = tonumber(st[5]) or 0
-local repeats = tonumber(st[6]) or 0
-local cevents = tonumber(st[7]) or 0
+local repeats = tonumber(st[7]) or 0
+local cevents = tonumber(st[8]) or 0
+if folded > 0 and (ref > max_ref or not st[6]) then
+  return {-1, 0, 0, 0, 0}  -- a clock ahead of now, or no session sum yet: the store repairs it first
+end
 local lt = nil
+local ss = nil
 
--- One event on item `ck` (8-byte key) at time ts whose weight in L's frame at `ref` is `mass`.
-local function consume(ck, ts, mass)
+-- One event on item `ck` (8-byte key) at time ts whose weights in L's and S's frames at `ref`
+-- are `mass` and `smass`. Stored: count, newest time, both masses and the frame they are in.
+local function consume(ck, ts, mass, smass)
   cevents = cevents + 1
   local old = redis.call('HGET', ckey, ck)
-  local n, last, m = 1, ts, mass
+  local n, last, m, sm = 1, ts, mass, smass
   if old then
-    local on, olast, om, oref = struct.unpack('<dddd', old)
+    local on, olast, om, osm, oref = struct.unpack('<ddddd', old)
     repeats = repeats + 1
     n = on + 1
     if olast > last then last = olast end
     m = om * math.exp(-rate * (ref - oref)) + mass
+    sm = osm * math.exp(-srate * (ref - oref)) + smass
   else
     if max_consumed <= 0 then return end
     if redis.call('HLEN', ckey) >= max_consumed then
@@ -92,12 +106,12 @@ local function consume(ck, ts, mass)
       end
     end
   end
-  redis.call('HSET', ckey, ck, struct.pack('<dddd', n, last, m, ref))
+  redis.call('HSET', ckey, ck, struct.pack('<ddddd', n, last, m, sm, ref))
   redis.call('ZADD', czkey, last, ck)
 end
 
 local accepted, duplicates, without = 0, 0, 0
-for i = 9, #ARGV, 7 do
+for i = 11, #ARGV, 7 do
   local id_hash, ts_s, w, vec, recent, header, ck = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local ts = tonumber(ts_s)
   local dup = false
@@ -119,10 +133,11 @@ for i = 9, #ARGV, 7 do
     redis.call('LPUSH', rkey, recent)
     if vec == '' then
       without = without + 1
-      consume(ck, ts, 0.0)
+      consume(ck, ts, 0.0, 0.0)
     else
       if lt == nil then
         if st[1] then lt = {struct.unpack(fmt_d, st[1])} else lt = {} for k = 1, dim do lt[k] = 0.0 end end
+        if st[6] then ss = {struct.unpack(fmt_d, st[6])} else ss = {} for k = 1, dim do ss[k] = 0.0 end end
       end
       local v = {struct.unpack(fmt_f, vec)}
       if folded == 0 then ref = ts end
@@ -131,14 +146,19 @@ for i = 9, #ARGV, 7 do
         if ts > ref then
           local f = math.exp(-rate * (ts - ref))
           for k = 1, dim do lt[k] = lt[k] * f end
+          f = math.exp(-srate * (ts - ref))
+          for k = 1, dim do ss[k] = ss[k] * f end
         end
         ref = ts
         for k = 1, dim do lt[k] = lt[k] + w * v[k] end
-        consume(ck, ts, w)
+        for k = 1, dim do ss[k] = ss[k] + w * v[k] end
+        consume(ck, ts, w, w)
       else
         local c = w * math.exp(-rate * (ref - ts))
         for k = 1, dim do lt[k] = lt[k] + c * v[k] end
-        consume(ck, ts, c)
+        local sc = w * math.exp(-srate * (ref - ts))
+        for k = 1, dim do ss[k] = ss[k] + sc * v[k] end
+        consume(ck, ts, c, sc)
       end
       redis.call('ZADD', zkey, ts_s, string.format('%016d', seq) .. header .. vec)
     end
@@ -146,7 +166,8 @@ for i = 9, #ARGV, 7 do
 end
 if lt ~= nil then
   lt[dim + 1] = nil
-  redis.call('HSET', hkey, 'lt', struct.pack(fmt_d, unpack(lt, 1, dim)))
+  ss[dim + 1] = nil
+  redis.call('HSET', hkey, 'lt', struct.pack(fmt_d, unpack(lt, 1, dim)), 'st', struct.pack(fmt_d, unpack(ss, 1, dim)))
 end
 if accepted > 0 then
   redis.call('HSET', hkey, 'ref', string.format('%.17g', ref), 'folded', folded, 'count', count, 'seq', seq, 'updated', now,
@@ -157,7 +178,19 @@ elseif seq > 0 then
   redis.call('HSET', hkey, 'seq', seq)
 end
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
-return {accepted, duplicates, without}
+return {accepted, duplicates, without, repeats - (tonumber(st[7]) or 0), cevents - (tonumber(st[8]) or 0)}
+"""
+
+# Replaces a user's L, S, reference time and history rows, if `ref` is still what the repair read.
+REPAIR_SCRIPT = r"""
+local hkey, zkey = KEYS[1], KEYS[2]
+if redis.call('HGET', hkey, 'ref') ~= ARGV[1] then return 0 end
+redis.call('HSET', hkey, 'lt', ARGV[2], 'st', ARGV[3], 'ref', ARGV[4])
+if ARGV[5] == '1' then
+  redis.call('DEL', zkey)
+  for i = 6, #ARGV, 2 do redis.call('ZADD', zkey, ARGV[i], ARGV[i + 1]) end
+end
+return 1
 """
 
 _HIST_HEADER = struct.Struct("<ddI")  # timestamp, weight, item id length; then item id, then float32 vector
@@ -175,6 +208,14 @@ def _recent_from_json(user_id: str, raw: bytes) -> Event:
     return Event(user_id, item_id, EventType(kind), timestamp, event_id, None, weight)
 
 
+def _frame_factor(rate: float, ref_time: float, frame: np.ndarray) -> np.ndarray:
+    """exp(-rate (ref_time - frame)): masses stored in an older frame brought to ref_time. A frame
+    later than ref_time by more than a future-clock repair rescales exactly (rate x ahead > 20) was
+    written under a clock the repair rebuilt L and S from the history rows: those masses count 0."""
+    exponent = -rate * (ref_time - frame)
+    return np.where(exponent > 20.0, 0.0, np.exp(np.minimum(exponent, 20.0)))
+
+
 class RedisProfileStore:
     backend = "redis"
 
@@ -190,6 +231,7 @@ class RedisProfileStore:
         retry_seconds: float = 5.0,
         replay_limit: int = 10_000,
         clock: object = time.monotonic,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.dim = config.dim
@@ -202,6 +244,9 @@ class RedisProfileStore:
         self._retry_seconds = retry_seconds
         self._replay: deque[tuple[Event, np.ndarray | None]] = deque(maxlen=replay_limit)
         self._clock = clock
+        self._now = now  # wall clock: is a profile's decay clock ahead of it?
+        self._repair_sha = ""
+        self.repairs = 0  # profiles whose future clock was repaired (metrics)
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._replaying = False
@@ -211,9 +256,11 @@ class RedisProfileStore:
         self.hits = 0
         self.misses = 0
         self.replay_dropped = 0
+        self._repeats = self._consumed_events = 0  # written through this replica (see `repeats`)
 
     @classmethod
-    def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore) -> RedisProfileStore:
+    def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore,
+                      now: Callable[[], float] = time.time) -> RedisProfileStore:
         timeout = s.redis_timeout_ms / 1000.0
         write_timeout = s.redis_write_timeout_ms / 1000.0
         # No client-side retries: a failed call fails over at once (the replay buffer is the retry).
@@ -223,7 +270,7 @@ class RedisProfileStore:
                                       retry=Retry(NoBackoff(), 0))
         return cls(
             client, config, write_client=writer, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
-            retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events,
+            retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events, now=now,
         )
 
     def keys(self, user_id: str) -> list[str]:
@@ -261,8 +308,28 @@ class RedisProfileStore:
                 header = _HIST_HEADER.pack(event.timestamp, weight, len(item)) + item
             item_key_bytes = item_key(event.item_id).to_bytes(8, "little")
             args.extend([id_hash, repr(event.timestamp), repr(weight), vec, _recent_json(event), header, item_key_bytes])
+        wall = self._now()  # `now` stamps `updated`; the decay clock is checked against the store's clock
         head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim,
-                c.max_consumed]
+                repr(c.session_rate), repr(wall + c.max_clock_ahead), c.max_consumed]
+        total = RecordResult()
+        for _ in range(3):  # users refused for repair go round again (once repaired they fold)
+            results = self._run_apply(head, by_user)
+            refused = {}
+            for (user_id, args), (accepted, duplicates, without, repeats, consumed_events) in zip(by_user.items(), results):
+                if int(accepted) < 0:
+                    refused[user_id] = args
+                    self._repair_remote(user_id, wall)
+                else:
+                    total = total + RecordResult(int(accepted), int(duplicates), int(without))
+                    with self._lock:
+                        self._repeats += int(repeats)
+                        self._consumed_events += int(consumed_events)
+            by_user = refused
+            if not by_user:
+                return total
+        raise redis.RedisError(f"could not repair the profiles of {len(by_user)} users")
+
+    def _run_apply(self, head: list[object], by_user: dict[str, list[str]]) -> list[list[int]]:
         for attempt in (1, 2):
             if not self._script_sha:
                 self._script_sha = self._writer.script_load(APPLY_SCRIPT)
@@ -270,16 +337,57 @@ class RedisProfileStore:
             for user_id, args in by_user.items():
                 pipe.evalsha(self._script_sha, 6, *self.keys(user_id), *head, *args)
             try:
-                results = pipe.execute()
-                break
+                return pipe.execute()  # type: ignore[no-any-return]
             except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
                 self._script_sha = ""
                 if attempt == 2:
                     raise
-        total = RecordResult()
-        for accepted, duplicates, without in results:
-            total = total + RecordResult(int(accepted), int(duplicates), int(without))
-        return total
+        raise AssertionError("unreachable")
+
+    def _repair_remote(self, user_id: str, now: float) -> None:
+        """Repair a user whose clock is more than `max_clock_ahead` after `now`, or who has no S yet
+        (state written before issue 17); a compare-and-set on `ref` makes a concurrent repair harmless."""
+        c = self.config
+        hkey, _, zkey, *_ = self.keys(user_id)
+        pipe = self._writer.pipeline(transaction=True)
+        pipe.hmget(hkey, "lt", "st", "ref")
+        pipe.zrange(zkey, 0, -1)
+        (lt, st, ref_raw), members = pipe.execute()
+        if ref_raw is None:
+            return
+        ref = float(ref_raw)
+        long_term = self._unpack(lt)
+        history = self._parse_history(members)
+        session = self._unpack(st) if st is not None else usermodel.decayed_sum(history, ref, c.session_rate)
+        rows: list[object] = []
+        clock_ahead = ref > now + c.max_clock_ahead
+        if clock_ahead:
+            fixed = usermodel.repair_future_clock(long_term, session, ref, history, now, c.decay_rate, c.session_rate)
+            long_term, session, new_ref = fixed.long_term, fixed.session, fixed.ref_time
+            for member, timestamp in zip(members, fixed.history.timestamps.tolist()):
+                _, weight, length = _HIST_HEADER.unpack_from(member, _SEQ_CHARS)
+                start = _SEQ_CHARS + _HIST_HEADER.size
+                rows += [repr(timestamp), member[:_SEQ_CHARS] + _HIST_HEADER.pack(timestamp, weight, length) + member[start:]]
+        else:
+            new_ref = ref
+        if not self._repair_sha:
+            self._repair_sha = self._writer.script_load(REPAIR_SCRIPT)
+        args = [ref_raw, np.asarray(long_term, "<f8").tobytes(), np.asarray(session, "<f8").tobytes(), repr(new_ref),
+                "1" if clock_ahead else "0", *rows]
+        try:
+            done = self._writer.evalsha(self._repair_sha, 2, hkey, zkey, *args)
+        except redis.exceptions.NoScriptError:
+            self._repair_sha = self._writer.script_load(REPAIR_SCRIPT)
+            done = self._writer.evalsha(self._repair_sha, 2, hkey, zkey, *args)
+        if clock_ahead and int(done):
+            with self._lock:
+                self.repairs += 1
+            log_repair("Redis", user_id, ref - now)
+
+    def _unpack(self, raw: bytes | None) -> np.ndarray:
+        if raw is not None and len(raw) == 8 * self.dim:
+            return np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        return np.zeros(self.dim)
 
     def _start_replay(self) -> None:
         """Write the events kept during an outage into Redis, in the background (requests don't wait).
@@ -334,39 +442,42 @@ class RedisProfileStore:
                 self._mark_down(exc)
         return self._fallback.get(user_id, recent=recent)
 
-    def _get_remote(self, user_id: str, with_recent: bool = True) -> UserState | None:
+    def _get_remote(self, user_id: str, with_recent: bool = True, repaired: bool = False) -> UserState | None:
         hkey, rkey, zkey, _, ckey, _ = self.keys(user_id)
         pipe = self._client.pipeline(transaction=True)
-        pipe.hmget(hkey, "lt", "ref", "count", "updated", "repeats", "cevents")
+        pipe.hmget(hkey, "lt", "ref", "count", "updated", "st", "folded", "repeats", "cevents")
         pipe.zrange(zkey, 0, -1)
         pipe.hgetall(ckey)
         if with_recent:
             pipe.lrange(rkey, 0, -1)
-        (lt, ref, count, updated, repeats, cevents), members, consumed_raw, *recent_raw = pipe.execute()
+        (lt, ref, count, updated, st, folded, repeats, cevents), members, consumed_raw, *recent_raw = pipe.execute()
         if count is None:
             return None
-        if lt is not None and len(lt) == 8 * self.dim:
-            long_term = np.frombuffer(lt, dtype="<f8").astype(np.float64)
-        else:
-            long_term = np.zeros(self.dim)
+        ref_time = float(ref or 0.0)
+        if not repaired and int(folded or 0) and (st is None or ref_time > self._now() + self.config.max_clock_ahead):
+            self._repair_remote(user_id, self._now())
+            return self._get_remote(user_id, with_recent, repaired=True)
         history = self._parse_history(members)
         recent = tuple(_recent_from_json(user_id, raw) for raw in reversed(recent_raw[0])) if with_recent else ()
-        ref_time = float(ref or 0.0)
         consumed = self._parse_consumed(consumed_raw, ref_time, int(repeats or 0), int(cevents or 0))
-        return UserState(user_id, long_term, ref_time, int(count), float(updated or 0.0), recent, history, consumed)
+        return UserState(user_id, self._unpack(lt), ref_time, int(count), float(updated or 0.0), recent, history,
+                         None if st is None else self._unpack(st), consumed)
 
     def _parse_consumed(self, raw: dict[bytes, bytes], ref_time: float, repeats: int, events: int) -> ConsumedItems:
-        """The consumed-item memory from the `c` hash, masses brought into L's frame at `ref_time`."""
-        if not raw:
-            out = ConsumedItems.empty()
-            out.repeats, out.events = repeats, events
-            return out.freeze()
-        keys = np.frombuffer(b"".join(raw.keys()), dtype="<u8").astype(np.uint64)
-        values = np.frombuffer(b"".join(raw.values()), dtype="<f8").reshape(-1, 4)
-        order = np.argsort(keys)
-        count, last, mass, frame = (values[order, j] for j in range(4))
-        mass = mass * np.exp(-self.config.decay_rate * (ref_time - frame))
-        return ConsumedItems(keys[order], count.astype(np.int64), last, mass, repeats, events).freeze()
+        """The consumed-item memory from the `c` hash, masses brought into L's and S's frames at `ref_time`."""
+        out = ConsumedItems.empty()
+        if raw:
+            keys = np.frombuffer(b"".join(raw.keys()), dtype="<u8").astype(np.uint64)
+            values = np.frombuffer(b"".join(raw.values()), dtype="<f8").reshape(-1, 5)
+            order = np.argsort(keys)
+            count, last, mass, session_mass, frame = (values[order, j] for j in range(5))
+            out = ConsumedItems(
+                keys[order], count.astype(np.int64), last,
+                mass * _frame_factor(self.config.decay_rate, ref_time, frame),
+                session_mass * _frame_factor(self.config.session_rate, ref_time, frame),
+            )
+        out.repeats, out.events = repeats, events
+        return out.freeze()
 
     def _parse_history(self, members: list[bytes]) -> usermodel.History:
         if not members:
@@ -382,6 +493,15 @@ class RedisProfileStore:
         return usermodel.History(
             tuple(items), np.array(times), np.array(weights), np.stack(vectors).astype(np.float32)
         )
+
+    @property
+    def repeats(self) -> int:
+        """Repeats among the events this replica wrote (to Redis, or to its fallback during an outage)."""
+        return self._repeats + self._fallback.repeats
+
+    @property
+    def consumed_events(self) -> int:
+        return self._consumed_events + self._fallback.consumed_events
 
     def __len__(self) -> int:
         """Users held in this process: the outage fallback's (0 while Redis is healthy)."""

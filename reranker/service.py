@@ -23,6 +23,7 @@ from reranker.consumed import CandidateHistory
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
 from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, RequestCancelled
+from reranker.eventpolicy import check_event_time, check_event_weight
 from reranker.experiments import decide
 from reranker.hotreload import HeadReloader
 from reranker.items import ItemVectorCache
@@ -96,8 +97,13 @@ class RerankService:
         self.training_log: TrainingLog | None = None
         self.online_metrics: OnlineMetrics | None = None
         self._reloader: HeadReloader | None = None
+        self._weight_limit = settings.event_weight_limit()
 
     # --- lifecycle -------------------------------------------------------------------------------
+    def now(self) -> float:
+        """Server time (the clock event times are checked against and stamped with)."""
+        return self._clock()
+
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
@@ -120,7 +126,7 @@ class RerankService:
         self._encoder = encoder
         self._set_arms(table)
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
-        self.profiles = make_profile_store(s, encoder.dim)
+        self.profiles = make_profile_store(s, encoder.dim, self._clock)
         if s.snapshot_path:
             load_snapshot(
                 s.snapshot_path, items=self.items, profiles=self._local_profiles(), model_version=self.model_version,
@@ -138,6 +144,7 @@ class RerankService:
         )
         self.metrics.watch_caches(self._cache_counters)
         self._start_learning(encoder)
+        self.metrics.watch_profile_repairs(lambda: int(getattr(self.profiles, "repairs", 0)))
         self._ready.set()
         self.metrics.model_loaded(time.perf_counter() - load_started, self.model_version)
 
@@ -384,7 +391,8 @@ class RerankService:
         order, dropped = ranking.order, 0
         if consumed_count:
             if policy == "learned" and not use_head:
-                policy = "demote" if seen.repeat_rate < s.consumed_repeat_rate else "keep"
+                assert state is not None
+                policy = "demote" if self._repeat_rate(state) < s.consumed_repeat_rate else "keep"
             order, dropped = scoring.apply_consumed_policy(order, consumed, policy)
         if query.top_k > 0:
             order = order[: query.top_k]
@@ -415,6 +423,14 @@ class RerankService:
             consumed_candidates=consumed_count,
             consumed_dropped=dropped,
         )
+
+    def _repeat_rate(self, state: UserState) -> float:
+        """The user's repeat rate shrunk towards the population's: (r + n g) / (e + n)."""
+        assert self.profiles is not None
+        store, prior = self.profiles, self.settings.consumed_prior_events
+        population = store.repeats / store.consumed_events if store.consumed_events else 0.0
+        consumed = state.consumed
+        return (consumed.repeats + prior * population) / max(consumed.events + prior, 1e-12)
 
     def _user_vector(self, state: UserState) -> np.ndarray | None:
         vector = user_vector_of(state, self.settings)
@@ -569,7 +585,7 @@ class RerankService:
     ) -> RecordResult:
         assert self.profiles is not None
         now = self._clock()
-        stamped = [e if e.timestamp > 0 else _with_timestamp(e, now) for e in events]
+        stamped = self._stamped(events, now)
         vectors, has_vector, _, _ = self._resolve_vectors(
             [e.item_id for e in stamped],
             [e.text for e in stamped],
@@ -583,6 +599,23 @@ class RerankService:
         if self.training_log is not None:
             self.training_log.events(stamped)
         return result
+
+    def _stamped(self, events: Sequence[Event], now: float) -> list[Event]:
+        """Events with their time stamped (none given) or clamped (after now) to `now`; refused
+        (InvalidRequest) beyond the time / weight policy (eventpolicy.py; the servicer checked it
+        already with the request's field names, this guards the Python API)."""
+        s = self.settings
+        out, clamped = [], 0
+        for i, e in enumerate(events):
+            if e.weight is not None:
+                check_event_weight(e.weight, f"events[{i}].weight", self._weight_limit)
+            if e.timestamp > now or e.timestamp != e.timestamp:
+                check_event_time(e.timestamp, f"events[{i}].timestamp", now, s.max_event_skew_seconds)
+                clamped += 1
+            out.append(e if 0 < e.timestamp <= now else _with_timestamp(e, now))
+        if clamped:
+            self.metrics.event_times_clamped.inc(clamped)
+        return out
 
     def record_events(
         self, events: Sequence[Event], time_remaining: float | None = None, cancel: CancelToken | None = None

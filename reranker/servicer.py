@@ -20,6 +20,7 @@ from reranker import convert
 from reranker.cancellation import CancelToken
 from reranker.errormapping import Handler, guarded, tolerant
 from reranker.errors import InvalidRequest
+from reranker.eventpolicy import EventRefused
 from reranker.ingest import ready_batches
 from reranker.observability import Observer
 from reranker.service import RerankService, WouldBlock
@@ -66,9 +67,20 @@ class RerankerServicer:
             token.cancel()
             raise
 
+    def _counted(self, convert_fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """`convert_fn(...)`, counting a refusal by the event policy in reranker_events_refused."""
+        try:
+            return convert_fn(*args, **kwargs)
+        except EventRefused as exc:
+            self._service.metrics.events_refused.labels(field=exc.field).inc()
+            raise
+
     async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext) -> convert.EncodedRerankResponse:
         # Answered as bytes (see add_to_server).
-        query = convert.rerank_query(request, self._limits)
+        if request.context_events:
+            query = self._counted(convert.rerank_query, request, self._limits, self._service.now())
+        else:
+            query = convert.rerank_query(request, self._limits)
         remaining, service, columns = _remaining(context), self._service, query.options.columns
         if service.profiles_in_process:
             try:
@@ -83,7 +95,7 @@ class RerankerServicer:
     async def RecordEvents(self, request: pb.RecordEventsRequest, context: aio.ServicerContext) -> pb.RecordEventsResponse:
         if not request.events:
             raise InvalidRequest("events must not be empty")
-        events = convert.events_from_pb(request.events, "events", self._limits)
+        events = self._counted(convert.events_from_pb, request.events, "events", self._limits, now=self._service.now())
         return convert.record_response(await self._blocking(self._service.record_events, events, context))
 
     async def StreamEvents(
@@ -92,7 +104,11 @@ class RerankerServicer:
         total, seen = RecordResult(), 0
         # Apply what has arrived at once: a click on a long-lived stream counts for the next Rerank.
         async for batch in ready_batches(request_iterator, self._limits.max_events):
-            events = tuple(convert.event_from_pb(m, f"event[{seen + i}]", self._limits) for i, m in enumerate(batch))
+            now = self._service.now()
+            events = tuple(
+                self._counted(convert.event_from_pb, m, f"event[{seen + i}]", self._limits, now=now)
+                for i, m in enumerate(batch)
+            )
             seen += len(batch)
             total = total + await self._blocking(self._service.record_events, events, context)
         return convert.record_response(total)

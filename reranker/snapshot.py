@@ -12,10 +12,12 @@ allow_pickle=False):
                               updated, recent [[item_id, type, ts, event_id, weight]],
                               hist [[item_id, ts, weight]], seen
     user_long_term_<k> float64 (users in part, dim)
+    user_session_<k>  float64 (users in part, dim), the session sum S (absent in snapshots written
+                              before issue 17: S is then rebuilt from the history rows)
     hist_vectors_<k>  float32 (sum of len(hist), dim), the part's history rows in order
     seen_hashes_<k>   uint64  (sum of seen,) event-id hashes, oldest first per user
     consumed_keys_<k> uint64  (sum of consumed,) consumed-item keys per user (reranker.consumed)
-    consumed_values_<k> float64 (sum of consumed, 3): count, newest time, mass in L's frame
+    consumed_values_<k> float64 (sum of consumed, 4): count, newest time, masses in L's and S's frames
                       (users_<k> rows carry "consumed": [n, repeats, events]; snapshots written
                       before these arrays existed load with an empty consumed-item memory)
 
@@ -26,7 +28,9 @@ Writes are atomic: a temp file in the same directory is written, fsync'ed, then 
 over the old snapshot (and the directory fsync'ed), so a crash at any point leaves the old
 snapshot whole. A snapshot from another model version or dimension is ignored (its vectors would not be
 comparable); so is a snapshot of an unknown format version. Stale temp files of crashed writers
-are removed at load.
+are removed at load. A profile whose decay clock is more than `max_event_skew_seconds` after now
+(a future event folded by an older build) is repaired as it is loaded, logged and counted (see
+usermodel.repair_future_clock).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from reranker.consumed import ConsumedItems
+from reranker import usermodel
 from reranker.items import ItemVectorCache
 from reranker.profiles import InProcessProfileStore, _Profile, _SeenIds
 
@@ -54,7 +59,7 @@ FORMAT = "reranker-snapshot"
 VERSION = 1
 USERS_PER_PART = 2000
 _PART_ARRAYS = ("users", "user_long_term", "hist_vectors", "seen_hashes")
-_OPTIONAL_PART_ARRAYS = ("consumed_keys", "consumed_values")
+_OPTIONAL_PART_ARRAYS = ("user_session", "consumed_keys", "consumed_values")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +84,7 @@ def _temp_path(path: Path) -> Path:
 
 
 def _user_part(rows: list[tuple[str, _Profile]], dim: int) -> dict[str, np.ndarray]:
-    users, long_terms, hist_vectors, seen_hashes, consumed_keys, consumed_values = [], [], [], [], [], []
+    users, long_terms, sessions, hist_vectors, seen_hashes, consumed_keys, consumed_values = [], [], [], [], [], [], []
     for user_id, p in rows:
         seen = p.seen.in_order()
         c = p.consumed
@@ -91,17 +96,19 @@ def _user_part(rows: list[tuple[str, _Profile]], dim: int) -> dict[str, np.ndarr
             "consumed": [len(c), c.repeats, c.events],
         })
         long_terms.append(p.long_term)
+        sessions.append(np.zeros(dim) if p.session is None else p.session)
         hist_vectors.extend(p.hist_vectors)
         seen_hashes.append(seen)
         consumed_keys.append(c.keys)
-        consumed_values.append(np.stack([c.counts.astype(np.float64), c.last, c.mass], axis=1))
+        consumed_values.append(np.stack([c.counts.astype(np.float64), c.last, c.mass, c.session_mass], axis=1))
     return {
         "users": _json_array(users),
         "user_long_term": np.asarray(long_terms, dtype=np.float64).reshape(-1, dim),
+        "user_session": np.asarray(sessions, dtype=np.float64).reshape(-1, dim),
         "hist_vectors": np.asarray(hist_vectors, dtype=np.float32).reshape(-1, dim),
         "seen_hashes": np.concatenate(seen_hashes) if seen_hashes else np.zeros(0, np.uint64),
         "consumed_keys": np.concatenate(consumed_keys) if consumed_keys else np.zeros(0, np.uint64),
-        "consumed_values": np.concatenate(consumed_values).reshape(-1, 3) if consumed_values else np.zeros((0, 3)),
+        "consumed_values": np.concatenate(consumed_values).reshape(-1, 4) if consumed_values else np.zeros((0, 4)),
     }
 
 
@@ -224,13 +231,10 @@ def load_snapshot(
                     restored_items = len(hashes)
                 if profiles is not None:
                     for part in range(int(header.get("user_parts", 0))):
-                        restored_users += _restore_profiles(
-                            profiles,
-                            {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}
-                            | {name: archive[f"{name}_{part}"] for name in _OPTIONAL_PART_ARRAYS
-                               if f"{name}_{part}" in archive.files},
-                            now, ttl_seconds,
-                        )
+                        arrays = {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}
+                        arrays.update({name: archive[f"{name}_{part}"] for name in _OPTIONAL_PART_ARRAYS
+                                       if f"{name}_{part}" in archive})
+                        restored_users += _restore_profiles(profiles, arrays, now, ttl_seconds)
             except Exception as exc:  # readable header, damaged or inconsistent content: keep what was restored
                 log.warning("snapshot %s is damaged (%s); it was restored only in part", path, exc)
     except Exception as exc:  # corrupt, truncated, not a zip, ...: start empty, never crash
@@ -247,7 +251,8 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
     users = _json_value(data["users"])
     long_terms, hist_vectors, seen_hashes = data["user_long_term"], data["hist_vectors"], data["seen_hashes"]
     consumed_keys = data.get("consumed_keys", np.zeros(0, np.uint64))
-    consumed_values = data.get("consumed_values", np.zeros((0, 3)))
+    consumed_values = data.get("consumed_values", np.zeros((0, 4)))
+    sessions = data.get("user_session")
     hist_at = seen_at = consumed_at = restored = 0
     for row, u in enumerate(users):  # type: ignore[arg-type]
         hist, seen_count = u["hist"], u["seen"]
@@ -269,6 +274,10 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
             profile.recent.append((item_id, int(kind), ts, event_id, weight))
         for (item_id, ts, weight), vector in zip(hist, vectors):
             profile.add_history(ts, item_id, weight, np.array(vector, dtype=np.float32), c.max_history)
+        if sessions is not None:
+            profile.session = np.array(sessions[row], dtype=np.float64)
+        else:  # written before S was kept: the history rows are the session's recent events
+            profile.session = usermodel.decayed_sum(profile.history(c.dim), profile.ref_time, c.session_rate)
         profile.seen = _SeenIds()
         for hashed in seen.tolist():
             profile.seen.add(hashed, c.max_event_ids)
@@ -276,9 +285,9 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
         keep = np.sort(keep)  # keys were written sorted; the newest max_consumed are kept
         profile.consumed = ConsumedItems(
             np.asarray(keys[keep], dtype=np.uint64), values[keep, 0].astype(np.int64), values[keep, 1].copy(),
-            values[keep, 2].copy(), int(repeats), int(consumed_events),
+            values[keep, 2].copy(), values[keep, 3].copy(), int(repeats), int(consumed_events),
         )
-        store.restore(u["id"], profile)
+        store.restore(u["id"], profile, now)
         restored += 1
     return restored
 

@@ -73,7 +73,8 @@ def main() -> None:
     results = {}
     for name in (*retrievers.RETRIEVERS, retrievers.SAMPLED):
         if name == retrievers.SAMPLED:
-            lists = {u: retrievers.sampled_candidates(histories[u], targets[u], catalog, 19, rng) for u in users}
+            index = {item: j for j, item in enumerate(catalog)}
+            lists = {u: retrievers.sampled_candidates(histories[u], targets[u], catalog, 19, rng, index) for u in users}
         else:
             lists = retrievers.make_retriever(name).fit(histories, catalog).recommend(users, args.num_candidates)
         acc = {"upstream": MetricAccumulator(), **{key: MetricAccumulator() for key in scorers}}

@@ -39,7 +39,7 @@ def test_consumed_memory_counts_repeats_and_forgets_the_least_recent() -> None:
     memory = ConsumedItems.empty()
     for key, ts in [(5, 1.0), (3, 2.0), (5, 3.0), (9, 4.0)]:
         memory.add(key, ts, 1.0, capacity=3)
-    counts, last, _ = memory.lookup(np.array([5, 3, 9, 7], dtype=np.uint64))
+    counts, last, _, _ = memory.lookup(np.array([5, 3, 9, 7], dtype=np.uint64))
     assert counts.tolist() == [2, 1, 1, 0] and last[:3].tolist() == [3.0, 2.0, 4.0] and last[3] == -math.inf
     assert memory.repeats == 1 and memory.events == 4 and memory.repeat_rate == 0.25
     memory.add(11, 5.0, 1.0, capacity=3)  # full: item 3 (newest event at 2.0) is forgotten
@@ -68,7 +68,7 @@ def test_long_term_mass_removes_exactly_the_items_own_events(rows: list[tuple[st
     state = full.get("u")
     assert state is not None
     for c in "abcde":
-        _, _, mass = state.consumed.lookup(item_keys([c]))
+        _, _, mass, session_mass = state.consumed.lookup(item_keys([c]))
         without = _store(dim)
         rest = [(Event("u", i, t, ts), vectors[i]) for i, ts, t in rows if i != c]
         without.apply(rest, now=0.0)
@@ -126,7 +126,8 @@ def _rerank(stub: object, user: str, policy: int = pb.CONSUMED_POLICY_UNSPECIFIE
 
 
 def test_policies_through_the_server(make_server: ServerFactory) -> None:
-    _, stub = make_server(fake_settings(blend_weight=0.0))  # upstream order, so only the policy moves items
+    # Upstream order (blend 0), so only the policy moves items; no population prior (see below).
+    _, stub = make_server(fake_settings(blend_weight=0.0, consumed_prior_events=0.0))
     _load(stub, "u", ["g1", "g3", "g3"])
     keep = _rerank(stub, "u", pb.CONSUMED_POLICY_KEEP)
     assert [it.item_id for it in keep.items] == ["g1", "k1", "g2", "s1"] and keep.consumed_candidates == 1
@@ -137,11 +138,23 @@ def test_policies_through_the_server(make_server: ServerFactory) -> None:
     top = stub.Rerank(pb.RerankRequest(user_id="u", top_k=2, candidates=[candidate("g1", 3.0), candidate("k1", 2.0),
                       candidate("g2", 1.0)], options=pb.RerankOptions(consumed=pb.CONSUMED_POLICY_DEMOTE)))
     assert [it.item_id for it in top.items] == ["k1", "g2"]  # the policy applies before top_k
-    # learned without a head: this user never repeats an item twice in a row... but g3 twice is a repeat
-    # (1 of 3 events): above consumed_repeat_rate, so consumed items are kept.
+    # learned without a head: g3 twice is a repeat (1 of 3 events), above consumed_repeat_rate: kept.
     assert [it.item_id for it in _rerank(stub, "u").items] == ["g1", "k1", "g2", "s1"]
     _load(stub, "v", ["g1", "g3"])  # no repeats: learned demotes
     assert [it.item_id for it in _rerank(stub, "v").items] == ["k1", "g2", "s1", "g1"]
+
+
+@pytest.mark.parametrize(("population_repeats", "expected_last"), [(False, "g1"), (True, "s1")])
+def test_a_new_user_starts_from_the_populations_repeat_rate(
+    make_server: ServerFactory, population_repeats: bool, expected_last: str
+) -> None:
+    _, stub = make_server(fake_settings(blend_weight=0.0))  # consumed_prior_events: 10 pseudo-events
+    for n in range(10):
+        _load(stub, f"p{n}", ["g2", "g3", "g2", "g3"] if population_repeats else ["g2", "g3", "k1", "s1"])
+    _load(stub, "new", ["g1", "g3"])  # two events, no repeat yet
+    # A population that repeats half the time: the new user's estimate (0 + 10 * 0.5) / 12 keeps g1;
+    # one that never repeats: (0 + 0) / 12, demoted.
+    assert _rerank(stub, "new").items[-1].item_id == expected_last
 
 
 def test_a_candidate_is_never_similar_through_its_own_events(make_server: ServerFactory) -> None:

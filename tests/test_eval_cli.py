@@ -3,6 +3,7 @@ through a real gRPC server (fake encoder for speed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from reranker.encoder import FakeEncoder
 from reranker.evaluation import formats, metrics, retrievers, train
 from reranker.evaluation.offline import OfflineScorer
 
-from conftest import REPO, SHARED_DATA, ServerFactory
+from reranker.v1 import reranker_pb2 as pb
+
+from conftest import REPO, SHARED_DATA, ServerFactory, candidate, event, fake_settings
 
 USERS = 60
 
@@ -49,10 +52,10 @@ def _split(ml_slice: Path) -> tuple[formats.Split, dict[str, list[str]], list[st
     return split, histories, list(formats.read_items(ml_slice / "items.tsv"))
 
 
-def _own_order_ndcg(ml_slice: Path, retriever: retrievers.Retriever, n: int) -> float:
+def _own_order_ndcg(ml_slice: Path, retriever: retrievers.Retriever, n: int, include_seen: bool = False) -> float:
     """NDCG@10 of the retriever's own top-n order, computed here independently of `reranker eval`."""
     split, histories, catalog = _split(ml_slice)
-    top = retriever.fit(histories, catalog).recommend(split.users, n)
+    top = retriever.fit(histories, catalog).recommend(split.users, n, include_seen=include_seen)
     acc = metrics.MetricAccumulator()
     for u in split.users:
         acc.add([r.item_id for r in top[u]], {split.target[u].item_id})
@@ -194,3 +197,102 @@ def test_cf_reference_reorders_a_list_by_another_retrievers_score(
         acc.add([ids[j] for j in np.argsort(-scores, kind="stable")], {split.target[u].item_id})
     assert rows["itemknn"]["reordered_ndcg@10"] == pytest.approx(acc.summary(1682)["ndcg@10"], abs=5e-5)
     assert rows["itemknn"]["list_ndcg@10"] != rows["itemknn"]["reordered_ndcg@10"]
+
+
+def test_eval_include_seen_reports_the_share_of_consumed_items(
+    ml_slice: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = _eval(ml_slice, "--retriever", "popularity", "--num-candidates", "30", "--include-seen")
+    assert "Seen@10" in capsys.readouterr().out
+    assert report["config"]["include_seen"] is True
+    result = report["results"]["popularity"]
+    # computed here independently: the share of each user's top 10 that is in their history
+    split, histories, catalog = _split(ml_slice)
+    top = retrievers.make_retriever("popularity").fit(histories, catalog).recommend(split.users, 30, include_seen=True)
+    shares = [sum(r.item_id in set(histories[u]) for r in top[u][:10]) / 10 for u in split.users]
+    assert result["upstream"]["consumed@10"] == pytest.approx(np.mean(shares)) and np.mean(shares) > 0.2
+    assert 0.0 <= result["reranked"]["consumed@10"] <= 1.0
+    own = _own_order_ndcg(ml_slice, retrievers.make_retriever("popularity"), 30, include_seen=True)
+    assert result["upstream"]["ndcg@10"] == pytest.approx(own)
+
+
+def test_train_caps_the_blend_users_and_keeps_consumed_items_when_asked(ml_slice: Path) -> None:
+    items = formats.read_items(ml_slice / "items.tsv")
+    events = formats.read_events(ml_slice / "events.tsv")
+    cfg = train.TrainConfig(retrievers=("popularity",), num_candidates=30, adapter_epochs=1, blend_users=20,
+                            include_seen=True, mf_factors=8)
+    head, report = train.train(items, events, Settings(encoder="fake", fake_dim=32), cfg, encoder=FakeEncoder(32))
+    assert report["training_users"] == USERS and report["blend_users"] == 20
+    assert report["training_lists"] <= 20 and report["include_seen"] is True
+
+
+def test_served_lists_are_labelled_by_the_first_event_at_or_after_their_time() -> None:
+    events = [formats.Interaction("u", item, ts) for item, ts in [("a", 1.0), ("b", 2.0), ("c", 5.0), ("d", 9.0)]]
+    events.append(formats.Interaction("v", "a", 1.0))
+    rows = (formats.CandidateRow("c", 1.0),)
+    lists = [
+        formats.ServedList("l1", "u", 3.0, rows),  # label c (5.0): history a, b
+        formats.ServedList("l2", "u", 5.0, rows),  # at the same time: c again
+        formats.ServedList("l3", "u", None, rows),  # no time: the user's last event, d
+        formats.ServedList("l4", "u", 10.0, rows),  # nothing after: skipped
+        formats.ServedList("l5", "u", 0.5, rows),  # label a, but no history before it: skipped
+        formats.ServedList("l6", "w", 1.0, rows),  # a user without events: skipped
+    ]
+    labelled = train.label_served_lists(lists, events)
+    assert [(sl.list_id, labelled.timelines[sl.user_id][at].item_id, at) for sl, at in labelled.lists] == [
+        ("l1", "c", 2), ("l2", "c", 2), ("l3", "d", 3),
+    ]
+    assert labelled.skipped == {"no_events": 1, "no_later_event": 1, "no_history": 1}
+    assert labelled.earliest == {"u": (2, 5.0)}
+
+
+def test_train_on_the_upstreams_own_lists(ml_slice: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`reranker train --candidates`: the served lists alone (no built-in retriever lists), labelled
+    by each user's last event; the head learns to trust an upstream whose order is good."""
+    split, histories, catalog = _split(ml_slice)
+    # An upstream that ranks each user's real next item 3rd among 20 items of its own choosing.
+    rng = np.random.default_rng(0)
+    lists = []
+    for u in split.users:
+        others = [i for i in rng.permutation(catalog)[:40].tolist() if i != split.target[u].item_id][:19]
+        ids = others[:2] + [split.target[u].item_id] + others[2:]
+        lists.append((u, [formats.CandidateRow(i, float(20 - r)) for r, i in enumerate(ids)]))
+    formats.write_candidates(tmp_path / "served.tsv", lists)
+    head_path = tmp_path / "head.npz"
+    argv = ["train", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"),
+            "--candidates", str(tmp_path / "served.tsv"), "--encoder", "fake", "--fake-dim", "64",
+            "--adapter-epochs", "1", "--output", str(head_path), "--no-progress"]
+    assert main(argv) == 0
+    head = ranking_head.load(head_path)
+    assert head.meta["retrievers"] == [] and head.meta["served_lists"]["used"] == USERS
+    assert head.meta["training_lists"] == USERS
+    weights = head.meta["weights"]
+    assert weights["upstream_rank"] + weights["upstream_minmax"] > 0.5  # this upstream's order is worth trusting
+    # Without --retriever and without served lists there is nothing to train on.
+    (tmp_path / "empty.tsv").write_text("user_id\titem_id\tscore\n")
+    argv[argv.index(str(tmp_path / "served.tsv"))] = str(tmp_path / "empty.tsv")
+    assert main(argv) == 2 and "no training lists" in capsys.readouterr().err
+
+
+def test_on_ml100k_a_head_learns_that_consumed_items_are_not_watched_again(ml_slice: Path, make_server: ServerFactory) -> None:
+    """ml-100k has no repeats: trained on include-seen lists, the head ranks consumed items down."""
+    items = formats.read_items(ml_slice / "items.tsv")
+    events = formats.read_events(ml_slice / "events.tsv")
+    cfg = train.TrainConfig(retrievers=("popularity", "itemknn"), num_candidates=30, adapter_epochs=1, mf_factors=8)
+    head, report = train.train(items, events, Settings(encoder="fake", fake_dim=64), cfg, encoder=FakeEncoder(64))
+    assert report["include_seen"] is True
+    path = ml_slice / "head_consumed.npz"
+    head.save(path)
+    _, stub = make_server(dataclasses.replace(fake_settings(), head_path=str(path)))
+    split, histories, catalog = _split(ml_slice)
+    user = split.users[0]
+    seen, unseen = histories[user][:10], [i for i in catalog if i not in set(histories[user])][:10]
+    stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=i, text=items[i]) for i in set(histories[user] + unseen)]))
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, e.item_id, event_id=f"{user}:{n}")
+                                                     for n, e in enumerate(split.history[user])]))
+    # Interleaved, consumed items first in each pair and with the higher upstream score.
+    cands = [candidate(i, float(20 - 2 * n - k)) for n, pair in enumerate(zip(seen, unseen)) for k, i in enumerate(pair)]
+    reply = stub.Rerank(pb.RerankRequest(user_id=user, candidates=cands))
+    assert reply.consumed_candidates == 10
+    ranked = [it.item_id for it in reply.items]
+    assert np.mean([ranked.index(i) for i in seen]) > np.mean([ranked.index(i) for i in unseen]) + 5

@@ -174,10 +174,10 @@ def valid_rerank_requests(draw: st.DrawFn) -> pb.RerankRequest:
     for _ in range(draw(st.integers(0, 3))):
         e = req.context_events.add(user_id=user_id, item_id=draw(ids), type=draw(st.sampled_from([1, 2, 3, 4, 5, 6, 7])))
         e.text = draw(st.text(max_size=30))
-        if draw(st.booleans()):
-            e.weight = draw(st.floats(width=32, allow_nan=False, allow_infinity=False))
-        if draw(st.booleans()):
-            e.timestamp.seconds = draw(st.integers(1, 253_402_300_799))
+        if draw(st.booleans()):  # within max_event_weight (6 with the default event weights)
+            e.weight = draw(st.floats(-6.0, 6.0, width=32))
+        if draw(st.booleans()):  # up to server time (later ones are refused, see test_event_hygiene.py)
+            e.timestamp.seconds = draw(st.integers(1, 1_750_000_000))
     if draw(st.booleans()):
         req.options.blend_weight = draw(st.floats(0, 1, width=32))
     if draw(st.booleans()):

@@ -73,7 +73,7 @@ def random_events(rng: np.random.Generator, n: int, users: int = 3) -> list[tupl
 
 
 def test_redis_store_keeps_exactly_the_state_the_in_process_store_keeps(redis_url: str) -> None:
-    local, shared = stores(redis_url, recent_events_per_user=7, vector_history_size=5, session_size=3,
+    local, shared = stores(redis_url, recent_events_per_user=7, vector_history_size=5, session_half_life_seconds=600.0,
                            max_event_ids_per_user=9, half_life_seconds=3600.0, consumed_items_per_user=6)
     events = random_events(np.random.default_rng(7), 300)
     for start in range(0, len(events), 13):  # batches of mixed users
@@ -83,6 +83,7 @@ def test_redis_store_keeps_exactly_the_state_the_in_process_store_keeps(redis_ur
         a, b = local.get(user), shared.get(user)
         assert a is not None and b is not None
         np.testing.assert_allclose(b.long_term, a.long_term, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(b.session, a.session, rtol=1e-12, atol=1e-12)
         assert (b.ref_time, b.event_count, b.updated_at) == (a.ref_time, a.event_count, a.updated_at)
         assert b.recent == a.recent
         assert b.history.item_ids == a.history.item_ids
@@ -94,6 +95,7 @@ def test_redis_store_keeps_exactly_the_state_the_in_process_store_keeps(redis_ur
         np.testing.assert_array_equal(b.consumed.counts, a.consumed.counts)
         np.testing.assert_array_equal(b.consumed.last, a.consumed.last)
         np.testing.assert_allclose(b.consumed.mass, a.consumed.mass, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(b.consumed.session_mass, a.consumed.session_mass, rtol=1e-9, atol=1e-12)
         assert (b.consumed.repeats, b.consumed.events) == (a.consumed.repeats, a.consumed.events)
         assert a.consumed.repeats > 0 and len(a.consumed) == 6  # 20 items: repeats happen; capacity binds
     assert shared.get("nobody") is None
@@ -261,3 +263,26 @@ def test_a_server_starts_and_serves_with_redis_unreachable(make_server: ServerFa
     assert ranked_ids(stub, "u", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
     store = running.service.profiles
     assert isinstance(store, RedisProfileStore) and store.degraded and "Connection" in store.last_error
+
+
+def test_state_written_before_the_session_sum_was_kept_gets_it_from_the_history(redis_url: str) -> None:
+    """Redis state of an older build has no `st`: it is rebuilt from the history rows on read and on
+    the next write (exact while the user has no more events than the vector history keeps)."""
+    local, shared = stores(redis_url)
+    events = [(e, v) for e, v in random_events(np.random.default_rng(3), 15, users=1) if v is not None]
+    local.apply(events, now=1.0)
+    shared.apply(events, now=1.0)
+    client = shared._writer
+    client.hdel(shared.keys("user-0")[0], "st")
+    state, expected = shared.get("user-0"), local.get("user-0")
+    assert state is not None and expected is not None and state.session is not None
+    np.testing.assert_allclose(state.session, expected.session, rtol=1e-9, atol=1e-12)
+    assert client.hget(shared.keys("user-0")[0], "st") is not None  # written back
+    client.hdel(shared.keys("user-0")[0], "st")
+    more = [(Event("user-0", "late", EventType.CLICK, 1_700_020_000.0), events[0][1])]
+    local.apply(more, now=2.0)
+    shared.apply(more, now=2.0)
+    state, expected = shared.get("user-0"), local.get("user-0")
+    np.testing.assert_allclose(state.session, expected.session, rtol=1e-9, atol=1e-12)  # type: ignore[union-attr]
+    assert shared.repairs == 0  # a migration, not a clock repair
+    shared.close()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -236,3 +237,29 @@ def test_profiles_are_written_in_parts_and_all_come_back(tmp_path: Path) -> None
         assert after.event_count == 3 and after.recent_events == before.recent_events
         np.testing.assert_allclose(after.vector, before.vector)
     assert restored.record_events([Event("user-6", "i0", event_id="6-0")]).duplicates == 1
+
+
+def test_a_snapshot_written_before_the_session_sum_was_kept_rebuilds_it(tmp_path: Path) -> None:
+    from reranker.profiles import InProcessProfileStore, ProfileConfig
+
+    settings = fake_settings(fake_dim=8)
+    config = ProfileConfig.from_settings(settings, 8)
+    store = InProcessProfileStore(config, max_users=10, ttl_seconds=1e12)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((6, 8)).astype(np.float32)
+    store.apply([(Event("u", f"i{k}", timestamp=1_700_000_000.0 + 37 * k), vectors[k]) for k in range(6)], time.time())
+    path = tmp_path / "s.npz"
+    snapshot.save_snapshot(path, items=None, profiles=store, model_version="m", dim=8)
+    old = tmp_path / "old.npz"  # the same archive without the session arrays (format of an older build)
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w") as dst:
+        for name in src.namelist():
+            if not name.startswith("user_session_"):
+                dst.writestr(name, src.read(name))
+    for source in (path, old):
+        restored = InProcessProfileStore(config, max_users=10, ttl_seconds=1e12)
+        snapshot.load_snapshot(source, items=None, profiles=restored, model_version="m", dim=8, now=time.time(),
+                               ttl_seconds=1e12)
+        a, b = store.get("u"), restored.get("u")
+        assert a is not None and b is not None
+        np.testing.assert_allclose(b.session, a.session, rtol=1e-9)
+        np.testing.assert_allclose(b.long_term, a.long_term, rtol=1e-12)

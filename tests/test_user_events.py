@@ -192,7 +192,7 @@ def test_stream_rejects_a_bad_event_and_keeps_what_came_before(stub) -> None:  #
 
 
 def test_recent_events_are_bounded_and_drop_text(make_server: ServerFactory) -> None:
-    _, stub = make_server(fake_settings(recent_events_per_user=3, vector_history_size=4, session_size=2))
+    _, stub = make_server(fake_settings(recent_events_per_user=3, vector_history_size=4))
     record(stub, *(event("u", f"i{i}", f"text {i}", **at(T0 + i)) for i in range(6)))
     view = profile(stub, "u")
     assert view.event_count == 6
@@ -210,8 +210,9 @@ def test_explanations_name_the_nearest_liked_history_item(stub) -> None:  # type
 
 
 def test_user_model_settings_are_validated() -> None:
-    for bad in ({"session_mix": 1.5}, {"attention_weight": -0.1}, {"session_size": 0},
-                {"session_size": 30, "vector_history_size": 20}, {"max_event_ids_per_user": 0}):
+    for bad in ({"session_mix": 1.5}, {"attention_weight": -0.1}, {"session_half_life_seconds": 0},
+                {"max_event_ids_per_user": 0}, {"max_event_weight": 2.0}, {"max_event_skew_seconds": -1.0},
+                {"event_weights": "click=inf"}):
         with pytest.raises(ValueError):
             fake_settings(**bad)
     assert math.isclose(fake_settings().session_mix, 0.5)

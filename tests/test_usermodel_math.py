@@ -45,20 +45,44 @@ def test_long_term_vector_does_not_depend_on_arrival_order() -> None:
         np.testing.assert_allclose(long_term, expected, rtol=1e-12)
 
 
-def test_session_is_the_newest_run_of_events_without_a_long_pause() -> None:
-    times = np.array([0.0, 10.0, 5000.0, 5010.0, 5020.0])
-    assert usermodel.session_start(times, size=10, gap_seconds=1800.0) == 2  # the pause after t=10 ends it
-    assert usermodel.session_start(times, size=2, gap_seconds=1800.0) == 3  # at most `size` events
-    assert usermodel.session_start(times, size=10, gap_seconds=1e9) == 0
-    assert usermodel.session_start(np.zeros(0), size=10, gap_seconds=1.0) == 0
+def test_session_sum_is_folded_with_its_own_half_life_next_to_the_long_term_sum() -> None:
+    # Half-lives: long-term 100 s, session 10 s. Events at t=0 (e0, w=1), t=20 (e1, w=2), then t=10
+    # (e2, w=-1) arriving last. Reference time 20.
+    rate, session_rate = usermodel.decay_rate(100.0), usermodel.decay_rate(10.0)
+    long_term, session, ref = np.zeros(4), np.zeros(4), 0.0
+    for i, (t, w, v) in enumerate([(0.0, 1.0, E[0]), (20.0, 2.0, E[1]), (10.0, -1.0, E[2])]):
+        ref = usermodel.fold(long_term, ref, i == 0, t, w, v, rate, session, session_rate)
+    assert ref == 20.0
+    np.testing.assert_allclose(long_term, [2**-0.2, 2.0, -(2**-0.1), 0.0], rtol=1e-12)
+    np.testing.assert_allclose(session, [2**-2, 2.0, -0.5, 0.0], rtol=1e-12)
+    history = usermodel.History(("a", "c", "b"), np.array([0.0, 10.0, 20.0]), np.array([1.0, -1.0, 2.0]), E[[0, 2, 1]])
+    np.testing.assert_allclose(usermodel.decayed_sum(history, 20.0, session_rate), session, rtol=1e-12)
+    np.testing.assert_allclose(usermodel.decayed_sum(usermodel.History.empty(4), 0.0, 1.0), np.zeros(4))
 
 
-def test_session_vector_sums_weighted_session_events() -> None:
-    history = usermodel.History(
-        ("a", "b", "c"), np.array([0.0, 5000.0, 5010.0]), np.array([2.0, 1.0, -0.5]), E[[0, 1, 2]]
-    )
-    np.testing.assert_allclose(usermodel.session_vector(history, 10, 1800.0), [0.0, 1.0, -0.5, 0.0])
-    np.testing.assert_allclose(usermodel.session_vector(usermodel.History.empty(4), 10, 1800.0), np.zeros(4))
+def test_a_future_clock_is_repaired_exactly_when_it_is_near() -> None:
+    # Folded by an older build: e0 at t=0 and e1 at t=1000 while "now" is 100. After the repair,
+    # the state is what folding e0 at 0 and e1 at now (100) gives.
+    rate, session_rate = usermodel.decay_rate(100.0), usermodel.decay_rate(30.0)
+    long_term, session = np.zeros(4), np.zeros(4)
+    ref = usermodel.fold(long_term, 0.0, True, 0.0, 1.0, E[0], rate, session, session_rate)
+    ref = usermodel.fold(long_term, ref, False, 1000.0, 2.0, E[1], rate, session, session_rate)
+    history = usermodel.History(("a", "b"), np.array([0.0, 1000.0]), np.array([1.0, 2.0]), E[[0, 1]])
+    expected_l, expected_s = np.zeros(4), np.zeros(4)
+    expected_ref = usermodel.fold(expected_l, 0.0, True, 0.0, 1.0, E[0], rate, expected_s, session_rate)
+    expected_ref = usermodel.fold(expected_l, expected_ref, False, 100.0, 2.0, E[1], rate, expected_s, session_rate)
+    fixed = usermodel.repair_future_clock(long_term, session, ref, history, 100.0, rate, rate)  # rate*900 = 6.2: exact
+    assert fixed.exact and fixed.ref_time == expected_ref == 100.0
+    np.testing.assert_allclose(fixed.long_term, expected_l, rtol=1e-9)
+    np.testing.assert_array_equal(fixed.history.timestamps, [0.0, 100.0])
+    # Year 9999: everything before now decayed to nothing; L and S are rebuilt from the history rows.
+    long_term = np.array([0.0, 2.0, 0.0, 0.0])  # e0's term underflowed against the future clock
+    far = usermodel.repair_future_clock(long_term, long_term.copy(), 253_402_300_799.0,
+                                        usermodel.History(("a", "b"), np.array([0.0, 253_402_300_799.0]),
+                                                          np.array([1.0, 2.0]), E[[0, 1]]), 100.0, rate, session_rate)
+    assert not far.exact and far.ref_time == 100.0
+    np.testing.assert_allclose(far.long_term, expected_l, rtol=1e-9)
+    np.testing.assert_allclose(far.session, expected_s, rtol=1e-9)
 
 
 def test_mix_of_long_term_and_session() -> None:

@@ -50,6 +50,8 @@ def add_commands(commands: Any) -> None:
     tr.add_argument("--adapter-epochs", type=int, default=3, help="epochs of the next-item adapter training")
     tr.add_argument("--neighbours", type=int, default=50,
                     help="neighbours kept per item in the head's covisit/transition tables (artefact ~ 2 x 8 x k bytes per item)")
+    tr.add_argument("--blend-users", type=int, default=5000,
+                    help="users whose lists and profiles the blend is fitted on (bounds memory; 0 = all)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tr.set_defaults(handler=_train)
 
@@ -87,14 +89,15 @@ def _data_args(
     parser.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
     parser.add_argument("--events", type=Path, required=events_required, help="events.tsv (user_id, item_id, timestamp[, event_type])")
     parser.add_argument("--retriever", default=None,
-                        help=f"comma list of popularity, itemknn, als, ease, sampled (target + N random negatives); default {retriever_default}")
+                        help="comma list of popularity, itemknn, als, ease, sasrec (sequential), sampled (target + N random "
+                             "negatives); default " + retriever_default)
     parser.set_defaults(retriever_default=retriever_default)
-    parser.add_argument("--include-seen", action=argparse.BooleanOptionalAction, default=None,
-                        help="built-in retrievers keep items the user already consumed, as real upstream lists do "
-                             "(default: on for train, off for eval)")
     parser.add_argument("--num-candidates", default="100", help="candidates per user from each retriever; a comma list compares counts")
     parser.add_argument("--negatives", type=int, default=19, help="random negatives per target for --retriever sampled")
     parser.add_argument("--seed", type=int, default=0, help="random seed (sampled negatives, training)")
+    parser.add_argument("--include-seen", action=argparse.BooleanOptionalAction, default=None,
+                        help="built-in retrievers keep items the user already consumed, as real upstream lists do "
+                             "(default: on for train, off for eval)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -142,7 +145,9 @@ def _eval(args: argparse.Namespace, _argv: Any) -> int:
         sampled_negatives=args.negatives, max_users=args.max_users, address=args.address or "", seed=args.seed,
         include_seen=bool(args.include_seen),
     )
-    report = run(cfg, settings, ProgressBar(enabled=not args.no_progress))
+    progress = ProgressBar(enabled=not args.no_progress)
+    report = run(cfg, settings, progress)
+    progress.close()
     print(report_module.table(report))
     if args.output:
         report_module.write_json(report, args.output)
@@ -168,13 +173,13 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         print(f"reranker train: {exc}", file=sys.stderr)
         return 2
     threads = settings.torch_threads or 1
-    if args.adapter_epochs < 0 or args.neighbours < 1:
-        print("reranker train: --adapter-epochs must be >= 0 and --neighbours >= 1", file=sys.stderr)
+    if args.adapter_epochs < 0 or args.neighbours < 1 or args.blend_users < 0:
+        print("reranker train: --adapter-epochs and --blend-users must be >= 0 and --neighbours >= 1", file=sys.stderr)
         return 2
     cfg = train.TrainConfig(
         retrievers=names, num_candidates=counts[0], sampled_negatives=args.negatives,
         adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads, neighbours=args.neighbours,
-        include_seen=args.include_seen is not False,
+        include_seen=args.include_seen is not False, blend_users=args.blend_users,
     )
     if (args.events is None) == (args.training_log is None) or (args.training_log is not None and args.candidates is not None):
         print("reranker train: give --events (optionally with --candidates) or --training-log", file=sys.stderr)
@@ -201,10 +206,16 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         print("reranker train: no training lists: give --retriever, or --candidates / --training-log with lists",
               file=sys.stderr)
         return 2
-    head, report = train.train(
-        items, events, settings, cfg, data_id=train.data_hash(sources),
-        progress=ProgressBar(enabled=not args.no_progress), served_lists=served,
-    )
+    progress = ProgressBar(enabled=not args.no_progress)
+    try:
+        head, report = train.train(
+            items, events, settings, cfg, data_id=train.data_hash(sources), progress=progress, served_lists=served,
+        )
+    except ValueError as exc:  # e.g. too little history, or EASE asked for on a catalog too large for it
+        print(f"reranker train: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        progress.close()
     head.save(args.output)
     print(json.dumps(report, indent=2))
     print(f"head {head.version} written to {args.output}")

@@ -22,7 +22,7 @@ one is the target, everything before it is the history.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +103,12 @@ def read_items(path: Path) -> dict[str, str]:
     return items
 
 
-def read_events(path: Path) -> list[Interaction]:
-    events = []
+def iter_events(path: Path) -> Iterator[Interaction]:
+    """The events of an events file, one at a time, in file order. Ids are interned (one string
+    object per distinct user or item id, however many events name it) and event types are the
+    shared constants, so a million events cost their Interaction objects and little else."""
+    names: dict[str, str] = {}
+    kinds = {kind: kind for kind in EVENT_TYPES}
     for number, parts in _rows(path, 3, 4):
         user_id, item_id, raw_ts = parts[:3]
         if not user_id or not item_id:
@@ -114,10 +118,13 @@ def read_events(path: Path) -> list[Interaction]:
         except ValueError:
             raise FormatError(f"{path}:{number}: timestamp {raw_ts!r} is not a number") from None
         kind = parts[3].strip().lower() if len(parts) == 4 and parts[3].strip() else "click"
-        if kind not in EVENT_TYPES:
+        if kind not in kinds:
             raise FormatError(f"{path}:{number}: event_type {kind!r} is not one of {', '.join(EVENT_TYPES)}")
-        events.append(Interaction(user_id, item_id, timestamp, kind))
-    return events
+        yield Interaction(names.setdefault(user_id, user_id), names.setdefault(item_id, item_id), timestamp, kinds[kind])
+
+
+def read_events(path: Path) -> list[Interaction]:
+    return list(iter_events(path))
 
 
 def _candidate_columns(path: Path) -> dict[str, int]:
@@ -175,7 +182,7 @@ def read_candidates(path: Path) -> dict[str, list[CandidateRow]]:
     return out
 
 
-def leave_last_out(events: Sequence[Interaction]) -> Split:
+def leave_last_out(events: Iterable[Interaction]) -> Split:
     by_user: dict[str, list[Interaction]] = {}
     for e in events:
         by_user.setdefault(e.user_id, []).append(e)

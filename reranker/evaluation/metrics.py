@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -139,16 +139,20 @@ class MetricAccumulator:
 
     def __init__(self, k: int = 10) -> None:
         self.k = k
-        self.values: dict[str, list[float]] = {"ndcg": [], "recall": [], "mrr": []}  # one value per list
+        self.values: dict[str, list[float]] = {"ndcg": [], "recall": [], "mrr": [], "consumed": []}  # one per list
         self._auc_sum = 0.0
         self._auc_count = 0
         self.count = 0
         self.in_list = 0  # lists that contain at least one relevant item
         self.top_lists: list[list[str]] = []
 
-    def add(self, ranked: Sequence[str], relevant: set[str], labelled: bool = False) -> None:
-        """Add one list; AUC is only taken for `labelled` lists (a label per candidate, as in MIND)."""
+    def add(
+        self, ranked: Sequence[str], relevant: set[str], labelled: bool = False, consumed: Collection[str] = ()
+    ) -> None:
+        """Add one list; AUC is only taken for `labelled` lists (a label per candidate, as in MIND);
+        `consumed`: the items in the user's history, for the share of them in the top k."""
         self.count += 1
+        self.values["consumed"].append(sum(item in consumed for item in ranked[: self.k]) / self.k)
         self.in_list += any(item in relevant for item in ranked)
         self.values["ndcg"].append(ndcg_at(ranked, relevant, self.k))
         self.values["recall"].append(recall_at(ranked, relevant, self.k))
@@ -166,6 +170,8 @@ class MetricAccumulator:
             f"ndcg@{k}": sum(self.values["ndcg"]) / n,
             f"ndcg@{k}_se": standard_error(self.values["ndcg"]),
             f"recall@{k}": sum(self.values["recall"]) / n,
+            # share of the top k that the user already consumed (items in the history given to add)
+            f"consumed@{k}": sum(self.values["consumed"]) / n,
             "mrr": sum(self.values["mrr"]) / n,
             "auc": self._auc_sum / self._auc_count if self._auc_count else None,
             f"coverage@{k}": coverage(self.top_lists, catalog_size),

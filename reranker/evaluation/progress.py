@@ -1,46 +1,40 @@
-"""A small progress bar on stderr (one line, redrawn in place on a terminal, sparse lines otherwise)."""
+"""Progress of `reranker eval` / `reranker train` on stderr: one tqdm bar per phase.
+
+The pipeline reports progress as `progress(stage, done, total)` calls (no tqdm inside the
+library code); a stage's text before " (" names the phase (one bar each), the part in parentheses
+(e.g. the current loss) is shown after the bar.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from tqdm import tqdm
 
 
 class ProgressBar:
-    def __init__(self, stream: TextIO | None = None, enabled: bool = True, width: int = 30) -> None:
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.width = width
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._last_stage = ""
-        self._last_draw = 0.0
-        self._last_decile = -1
-        self._started = time.perf_counter()
+        self._bar: tqdm | None = None
+        self._phase = ""
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        label = stage.split(" (")[0]
-        if label != self._last_stage:
-            if self._tty and self._last_stage:
-                self.stream.write("\n")
-            self._last_stage, self._last_decile, self._started = label, -1, time.perf_counter()
-        fraction = done / total if total else 1.0
-        now = time.perf_counter()
-        if self._tty:
-            if now - self._last_draw < 0.1 and done < total:
-                return
-            filled = int(self.width * fraction)
-            line = f"\r{stage:<34} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {now - self._started:5.1f}s"
-            self.stream.write(line + ("\n" if done >= total else ""))
-            if done >= total:
-                self._last_stage = ""
-        else:
-            decile = int(fraction * 10)
-            if decile == self._last_decile:
-                return
-            self._last_decile = decile
-            self.stream.write(f"{stage}: {done}/{total} ({fraction:.0%}, {now - self._started:.1f}s)\n")
-        self._last_draw = now
-        self.stream.flush()
+        phase, _, detail = stage.partition(" (")
+        if self._bar is None or phase != self._phase or total != self._bar.total or done < self._bar.n:
+            self.close()
+            self._bar = tqdm(total=total, desc=phase, file=self.stream, mininterval=0.5, dynamic_ncols=True)
+            self._phase = phase
+        if detail:
+            self._bar.set_postfix_str(detail.removesuffix(")"), refresh=False)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (("ndcg@10", "NDCG@10"), ("recall@10", "Recall@10"), ("mrr", "MRR"), ("auc", "AUC"),
-           ("coverage@10", "Cov@10"), ("exposure_entropy@10", "Entropy@10"))
+           ("coverage@10", "Cov@10"), ("exposure_entropy@10", "Entropy@10"), ("consumed@10", "Seen@10"))
 
 
 def _fmt(value: Any) -> str:
@@ -16,7 +16,8 @@ def _fmt(value: Any) -> str:
 
 def table(report: dict[str, Any]) -> str:
     """Metrics per candidate source and order; the NDCG gain with its 95% paired bootstrap interval
-    over users (how much of the gain is which users happened to be evaluated)."""
+    over users (how much of the gain is which users happened to be evaluated). Seen@10 is the share
+    of the top 10 that the user already consumed (in the history the server was given)."""
     lines = [f"model: {report.get('server', {}).get('model_version', '?')}   users: {report['config']['users']}"]
     header = (
         f"{'candidates':<18} {'order':<9} " + " ".join(f"{title:>10}" for _, title in COLUMNS)

@@ -1,8 +1,15 @@
-"""Built-in candidate generators (pure numpy): popularity, item-kNN (cosine), implicit ALS, EASE.
+"""Built-in candidate generators: popularity, item-kNN (cosine), implicit ALS, EASE, SASRec.
 
-Each is fitted on histories only (user -> item ids), never on targets, and recommends the top-n
-items a user has not interacted with yet, best first, with its score. The interaction matrix is
-dense float32 (users x items): fine for ml-100k-sized data (tens of thousands of items at most).
+Each is fitted on histories only (user -> item ids, oldest first), never on targets, and recommends
+the top-n items for a user, best first, with its score. By default the items the user already
+consumed are left out; `include_seen=True` keeps them, as real upstream lists do (on real retail
+data 13-22% of a BPR/SASRec top 10 are consumed items).
+
+The interaction matrix is a scipy.sparse CSR (users x items, memory ~ events): no users x items
+array is ever dense, so these scale to 10^5-10^6 items. Scoring runs in batches of users whose
+dense score block stays under `SCORE_BLOCK` floats. ALS is the `implicit` package's
+conjugate-gradient solver. EASE alone is dense in items x items and refuses catalogs above
+`EASE.max_items`. The sequential retriever (`sasrec`) lives in reranker.evaluation.sequential.
 
 `sampled_candidates` builds the LLMRank protocol lists instead: the target plus random negatives.
 """
@@ -13,12 +20,14 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
+import scipy.sparse as sp
 
 from reranker.evaluation.formats import CandidateRow
 
 RETRIEVERS = ("popularity", "itemknn", "als")  # the default set (eval, train, validation)
-ALL_RETRIEVERS = RETRIEVERS + ("ease",)  # what --retriever accepts (besides SAMPLED)
+ALL_RETRIEVERS = RETRIEVERS + ("ease", "sasrec")  # what --retriever accepts (besides SAMPLED)
 SAMPLED = "sampled"
+SCORE_BLOCK = 1 << 24  # floats in one dense (users x items) block of scores: 64 MB of float32
 
 
 class Retriever(Protocol):
@@ -26,26 +35,49 @@ class Retriever(Protocol):
 
     def fit(self, histories: Mapping[str, Sequence[str]], catalog: Sequence[str]) -> Retriever: ...
 
-    def recommend(self, users: Sequence[str], n: int, *, include_seen: bool = False) -> dict[str, list[CandidateRow]]: ...
+    def recommend(
+        self, users: Sequence[str], n: int, *, include_seen: bool = False
+    ) -> dict[str, list[CandidateRow]]: ...
 
     def score(self, user: str, item_ids: Sequence[str]) -> np.ndarray: ...
 
 
+def interaction_matrix(
+    histories: Mapping[str, Sequence[str]], catalog: Sequence[str]
+) -> tuple[list[str], dict[str, int], list[str], dict[str, int], sp.csr_matrix]:
+    """(items, item index, users, user index, counts): the catalog then any history item not in it;
+    counts[u, i] = how often user u consumed item i (CSR, float32)."""
+    items = list(dict.fromkeys([*catalog, *(i for h in histories.values() for i in h)]))
+    item_index = {item: j for j, item in enumerate(items)}
+    users = list(histories)
+    user_index = {user: u for u, user in enumerate(users)}
+    lengths = np.fromiter((len(h) for h in histories.values()), dtype=np.int64, count=len(users))
+    rows = np.repeat(np.arange(len(users), dtype=np.int32), lengths)
+    cols = np.fromiter((item_index[i] for h in histories.values() for i in h), dtype=np.int32, count=int(lengths.sum()))
+    counts = sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(len(users), len(items)), dtype=np.float32
+    )
+    counts.sum_duplicates()
+    return items, item_index, users, user_index, counts
+
+
+def top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Column indices of the n largest finite scores of one row, best first (ties: lower index)."""
+    top = min(n, scores.size)
+    if top <= 0:
+        return np.zeros(0, dtype=np.int64)
+    idx = np.argpartition(-scores, top - 1)[:top] if top < scores.size else np.arange(scores.size)
+    idx = idx[np.lexsort((idx, -scores[idx]))]
+    return idx[np.isfinite(scores[idx])]
+
+
 class _MatrixRetriever:
-    """Shared plumbing: id <-> index maps, the interaction matrix, seen-item masking, top-n."""
+    """Shared plumbing: id <-> index maps, the sparse interaction matrix, seen-item masking, top-n."""
 
     name = "base"
 
     def fit(self, histories: Mapping[str, Sequence[str]], catalog: Sequence[str]) -> _MatrixRetriever:
-        self.items = list(dict.fromkeys(list(catalog) + [i for h in histories.values() for i in h]))
-        self.item_index = {item: j for j, item in enumerate(self.items)}
-        self.users = list(histories)
-        self.user_index = {user: u for u, user in enumerate(self.users)}
-        matrix = np.zeros((len(self.users), len(self.items)), dtype=np.float32)
-        for user, history in histories.items():
-            for item in history:
-                matrix[self.user_index[user], self.item_index[item]] += 1.0
-        self.matrix = matrix
+        self.items, self.item_index, self.users, self.user_index, self.matrix = interaction_matrix(histories, catalog)
         self._fit()
         return self
 
@@ -53,6 +85,7 @@ class _MatrixRetriever:
         pass
 
     def _scores(self, rows: np.ndarray) -> np.ndarray:
+        """Dense scores (len(rows) x items) of the users at `rows`."""
         raise NotImplementedError
 
     def score(self, user: str, item_ids: Sequence[str]) -> np.ndarray:
@@ -68,27 +101,23 @@ class _MatrixRetriever:
         return out
 
     def recommend(
-        self, users: Sequence[str], n: int, batch: int = 256, *, include_seen: bool = False
+        self, users: Sequence[str], n: int, *, include_seen: bool = False, batch: int = 0
     ) -> dict[str, list[CandidateRow]]:
-        """Top-n per user, best first; items the user already interacted with are left out unless
-        `include_seen` (real upstream lists contain them)."""
-        out: dict[str, list[CandidateRow]] = {}
+        """The top `n` items per user, best first; the user's consumed items are left out unless
+        `include_seen`. A user without history gets an empty list."""
+        out: dict[str, list[CandidateRow]] = {u: [] for u in users}
         known = [u for u in users if u in self.user_index]
-        for user in users:
-            if user not in self.user_index:  # no history: the popularity order of an empty profile
-                out[user] = []
+        batch = batch or max(1, min(1024, SCORE_BLOCK // max(1, len(self.items))))
         for start in range(0, len(known), batch):
             chunk = known[start : start + batch]
             rows = np.array([self.user_index[u] for u in chunk])
-            scores = self._scores(rows).astype(np.float64)
+            scores = np.asarray(self._scores(rows), dtype=np.float64)
             if not include_seen:
-                scores[self.matrix[rows] > 0] = -np.inf
-            top = min(n, scores.shape[1])
+                seen = self.matrix[rows].tocoo()
+                scores[seen.row, seen.col] = -np.inf
             for r, user in enumerate(chunk):
                 row = scores[r]
-                idx = np.argpartition(-row, top - 1)[:top] if top < row.size else np.arange(row.size)
-                idx = idx[np.lexsort((idx, -row[idx]))]
-                out[user] = [CandidateRow(self.items[j], float(row[j])) for j in idx if np.isfinite(row[j])]
+                out[user] = [CandidateRow(self.items[j], float(row[j])) for j in top_n(row, n)]
         return out
 
 
@@ -98,59 +127,86 @@ class Popularity(_MatrixRetriever):
     name = "popularity"
 
     def _fit(self) -> None:
-        self.counts = self.matrix.sum(axis=0)
+        self.counts = np.asarray(self.matrix.sum(axis=0), dtype=np.float32).ravel()
 
     def _scores(self, rows: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.counts, (rows.size, self.counts.size)).copy()
 
 
+def binary_matrix(counts: sp.csr_matrix) -> sp.csr_matrix:
+    binary = counts.copy()
+    binary.data[:] = 1.0
+    return binary
+
+
 class ItemKNN(_MatrixRetriever):
-    """score(u, i) = sum over the user's items j of cosine(i, j), cosine on the binary interaction matrix."""
+    """score(u, i) = sum over the user's items j of cosine(i, j), cosine on the binary interaction
+    matrix. The item x item similarity is sparse (non-zeros <= sum over users of history length^2);
+    `neighbours` > 0 keeps only each item's top similar items (bounded memory for huge logs)."""
 
     name = "itemknn"
 
+    def __init__(self, neighbours: int = 0):
+        self.neighbours = neighbours
+
     def _fit(self) -> None:
-        binary = (self.matrix > 0).astype(np.float32)
-        norms = np.sqrt(binary.sum(axis=0))
-        normalized = binary / np.maximum(norms, 1e-9)
-        sim = normalized.T @ normalized
-        np.fill_diagonal(sim, 0.0)
+        binary = binary_matrix(self.matrix)
+        norms = np.sqrt(np.asarray(binary.sum(axis=0)).ravel())
+        normalized = (binary @ sp.diags(1.0 / np.maximum(norms, 1e-9))).astype(np.float32).tocsc()
+        sim = (normalized.T @ normalized).tocsr()
+        sim.setdiag(0.0)
+        sim.eliminate_zeros()
+        if self.neighbours > 0:
+            sim = keep_top_per_row(sim, self.neighbours)
         self.binary, self.sim = binary, sim
 
     def _scores(self, rows: np.ndarray) -> np.ndarray:
-        return self.binary[rows] @ self.sim
+        return (self.binary[rows] @ self.sim).toarray()
+
+
+def keep_top_per_row(matrix: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """The k largest values of each CSR row (ties: lower column), as a new CSR matrix."""
+    coo = matrix.tocoo()
+    order = np.lexsort((coo.col, -coo.data, coo.row))
+    rows, cols, vals = coo.row[order], coo.col[order], coo.data[order]
+    starts = np.searchsorted(rows, np.arange(matrix.shape[0]))
+    keep = (np.arange(rows.size) - starts[rows]) < k
+    return sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=matrix.shape)
 
 
 class ImplicitALS(_MatrixRetriever):
-    """Implicit-feedback ALS (Hu, Koren & Volinsky 2008): confidence 1 + alpha * count, L2 reg."""
+    """Implicit-feedback ALS (Hu, Koren & Volinsky 2008): confidence 1 + alpha * count, L2 reg,
+    solved by the `implicit` package's conjugate-gradient ALS (Takacs et al. 2011) on the sparse
+    matrix. `threads` is its OpenMP thread count (BLAS is pinned to one thread while it runs)."""
 
     name = "als"
 
-    def __init__(self, factors: int = 64, reg: float = 0.1, alpha: float = 10.0, iterations: int = 10, seed: int = 0):
+    def __init__(
+        self, factors: int = 64, reg: float = 0.1, alpha: float = 10.0, iterations: int = 10, seed: int = 0,
+        threads: int = 1,
+    ):
         self.factors, self.reg, self.alpha, self.iterations, self.seed = factors, reg, alpha, iterations, seed
-
-    def _solve(self, counts: np.ndarray, fixed: np.ndarray) -> np.ndarray:
-        gram = fixed.T @ fixed
-        eye = self.reg * np.eye(self.factors)
-        out = np.zeros((counts.shape[0], self.factors))
-        for r in range(counts.shape[0]):
-            idx = np.flatnonzero(counts[r])
-            if idx.size == 0:
-                continue
-            f = fixed[idx]
-            confidence = self.alpha * counts[r, idx]
-            a = gram + (f.T * confidence) @ f + eye
-            out[r] = np.linalg.solve(a, f.T @ (1.0 + confidence))
-        return out
+        self.threads = threads
 
     def _fit(self) -> None:
-        rng = np.random.default_rng(self.seed)
-        counts = self.matrix.astype(np.float64)
-        self.item_factors = rng.normal(0, 0.01, (counts.shape[1], self.factors))
-        self.user_factors = np.zeros((counts.shape[0], self.factors))
-        for _ in range(self.iterations):
-            self.user_factors = self._solve(counts, self.item_factors)
-            self.item_factors = self._solve(counts.T, self.user_factors)
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        confidence = self.matrix.copy()
+        confidence.data = 1.0 + self.alpha * confidence.data  # implicit reads C_ui itself (alpha=1 below)
+        with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=self.factors, regularization=self.reg, alpha=1.0, iterations=self.iterations,
+                random_state=self.seed, num_threads=self.threads,
+            )
+            # The classic start (small centred item factors, users solved first): implicit's default,
+            # uniform positive factors, gave 10% lower NDCG@10 on the ml-100k validation split (0.0671 vs 0.0741).
+            rng = np.random.default_rng(self.seed)
+            model.item_factors = rng.normal(0, 0.01, (confidence.shape[1], self.factors)).astype(np.float32)
+            model.user_factors = np.zeros((confidence.shape[0], self.factors), dtype=np.float32)
+            model.fit(confidence, show_progress=False)
+        self.user_factors = np.asarray(model.user_factors, dtype=np.float32)
+        self.item_factors = np.asarray(model.item_factors, dtype=np.float32)
 
     def _scores(self, rows: np.ndarray) -> np.ndarray:
         return self.user_factors[rows] @ self.item_factors.T
@@ -161,16 +217,23 @@ class EASE(_MatrixRetriever):
     closed form B = I - P diagMat(1 / diag(P)), P = (X^T X + lam I)^-1, on the binary matrix X;
     score(u, i) = X[u] @ B[:, i]. A strong linear CF baseline. Fitting holds a few dense items x items
     float64 matrices (8 x items^2 bytes each: 23 MB for ml-100k, 3.2 GB at 2 x 10^4 items), so it
-    is for catalogs up to about that size. lam = 50 was chosen on the ml-100k validation split."""
+    refuses catalogs above `max_items` (default 20,000) with a clear error. lam = 50 was chosen on
+    the ml-100k validation split."""
 
     name = "ease"
 
-    def __init__(self, lam: float = 50.0):
-        self.lam = lam
+    def __init__(self, lam: float = 50.0, max_items: int = 20_000):
+        self.lam, self.max_items = lam, max_items
 
     def _fit(self) -> None:
-        binary = (self.matrix > 0).astype(np.float64)
-        gram = binary.T @ binary
+        n = len(self.items)
+        if n > self.max_items:
+            raise ValueError(
+                f"EASE needs dense {n} x {n} float64 matrices (~{3 * 8 * n * n / 1e9:.0f} GB for {n} items); "
+                f"it is limited to {self.max_items} items: use itemknn, als or sasrec for this catalog"
+            )
+        binary = binary_matrix(self.matrix)
+        gram = (binary.T @ binary).toarray().astype(np.float64)
         gram[np.diag_indices_from(gram)] += self.lam
         inverse = np.linalg.inv(gram)
         weights = -inverse / np.diag(inverse)[None, :]
@@ -178,26 +241,42 @@ class EASE(_MatrixRetriever):
         self.binary, self.weights = binary, weights
 
     def _scores(self, rows: np.ndarray) -> np.ndarray:
-        return self.binary[rows] @ self.weights
+        return np.asarray(self.binary[rows] @ self.weights)
 
 
-def make_retriever(name: str) -> Retriever:
-    factories = {"popularity": Popularity, "itemknn": ItemKNN, "als": ImplicitALS, "ease": EASE}
+def make_retriever(name: str, *, seed: int = 0, threads: int = 1, **kwargs: object) -> Retriever:
+    """A fresh retriever by name; `seed` and `threads` go to those that train (als, sasrec), `kwargs`
+    to its constructor."""
+    from reranker.evaluation.sequential import SASRec
+
+    factories = {"popularity": Popularity, "itemknn": ItemKNN, "als": ImplicitALS, "ease": EASE, "sasrec": SASRec}
     if name not in factories:
         raise ValueError(f"unknown retriever {name!r}; choose from {', '.join(factories)} or {SAMPLED}")
-    return factories[name]()
+    if name in ("als", "sasrec"):
+        kwargs = {"seed": seed, "threads": threads, **kwargs}
+    return factories[name](**kwargs)
 
 
 def sampled_candidates(
-    history: Sequence[str], target: str, catalog: Sequence[str], negatives: int, rng: np.random.Generator
+    history: Sequence[str],
+    target: str,
+    catalog: Sequence[str],
+    negatives: int,
+    rng: np.random.Generator,
+    index: Mapping[str, int] | None = None,
 ) -> list[CandidateRow]:
     """LLMRank protocol: the target plus `negatives` random items the user never saw, shuffled; no scores.
 
     All upstream scores are 0, so the upstream order carries no information (it is random).
+    `index` (item -> position in `catalog`) makes a call O(history) in Python instead of
+    O(catalog): pass it when drawing lists for many users from a large catalog.
     """
-    seen = set(history) | {target}
-    pool = [item for item in catalog if item not in seen]
+    if index is None:
+        index = {item: j for j, item in enumerate(catalog)}
+    unseen = np.ones(len(catalog), dtype=bool)
+    unseen[[index[i] for i in {*history, target} if i in index]] = False
+    pool = np.flatnonzero(unseen)  # the unseen items in catalog order
     picked = rng.choice(len(pool), size=min(negatives, len(pool)), replace=False)
-    items = [target] + [pool[int(j)] for j in picked]
+    items = [target] + [catalog[int(pool[int(j)])] for j in picked]
     order = rng.permutation(len(items))
     return [CandidateRow(items[int(j)], 0.0) for j in order]

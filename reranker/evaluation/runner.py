@@ -44,9 +44,9 @@ class EvalConfig:
     max_users: int = 0  # 0 = all users
     address: str = ""  # empty = start a server in-process
     seed: int = 0
+    include_seen: bool = False  # built-in retrievers keep the user's consumed items, as real upstreams do
     k: int = 10
     rpc_timeout_s: float = 30.0
-    include_seen: bool = False  # built-in retrievers keep consumed items (real upstreams do)
 
 
 @dataclass
@@ -82,15 +82,18 @@ def load_data(cfg: EvalConfig, progress: Progress | None = None) -> EvalData:
     for name in cfg.retrievers:
         if name == retrievers.SAMPLED:
             rng = np.random.default_rng(cfg.seed)
+            index = {item: j for j, item in enumerate(catalog)}
             lists = {
-                u: retrievers.sampled_candidates(histories[u], split.target[u].item_id, catalog, cfg.sampled_negatives, rng)
+                u: retrievers.sampled_candidates(
+                    histories[u], split.target[u].item_id, catalog, cfg.sampled_negatives, rng, index
+                )
                 for u in users
             }
             data.list_sets.append(ListSet(f"sampled-1+{cfg.sampled_negatives}", lists, num_candidates=cfg.sampled_negatives + 1))
             continue
         if progress:
             progress(f"fit {name}", 0, 1)
-        fitted = retrievers.make_retriever(name).fit(histories, catalog)
+        fitted = retrievers.make_retriever(name, seed=cfg.seed).fit(histories, catalog)
         top = fitted.recommend(users, max(cfg.num_candidates), include_seen=cfg.include_seen)
         if progress:
             progress(f"fit {name}", 1, 1)
@@ -179,7 +182,8 @@ def evaluate_list_set(
         rows = list_set.lists[user]
         relevant = relevant_items(data, list_set, user)
         ids = [r.item_id for r in rows]
-        upstream.add(ids, relevant, list_set.labelled)
+        consumed = {e.item_id for e in data.split.history.get(user, ())}
+        upstream.add(ids, relevant, list_set.labelled, consumed)
         request = pb.RerankRequest(
             user_id=user,
             candidates=[pb.Candidate(item_id=r.item_id, score=r.score) for r in rows],
@@ -192,7 +196,7 @@ def evaluate_list_set(
         variants[pb.Variant.Name(reply.variant)] += 1
         cold += reply.cold_user
         model_version = reply.model_version
-        reranked.add([it.item_id for it in reply.items], relevant, list_set.labelled)
+        reranked.add([it.item_id for it in reply.items], relevant, list_set.labelled, consumed)
         if progress and (n % 20 == 0 or n == len(users)):
             progress(f"rerank {list_set.name}", n, len(users))
     catalog = len(data.items)
@@ -222,13 +226,13 @@ def run(cfg: EvalConfig, settings: Settings, progress: Progress | None = None) -
             "candidates": None if cfg.candidates is None else str(cfg.candidates),
             "protocol": "leave-last-out" if cfg.candidates is None else "candidates file",
             "retrievers": [s.name for s in data.list_sets],
+            "include_seen": cfg.include_seen,
             "users": len(data.users),
             "k": cfg.k,
             "seed": cfg.seed,
             "head_path": settings.head_path or None,
             "encoder": settings.encoder,
             "blend_weight": settings.blend_weight,
-            "include_seen": cfg.include_seen,
             "consumed_policy": settings.consumed_policy,
         },
         "results": {},

@@ -23,12 +23,14 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from reranker import head as head_module
 from reranker.config import Settings
@@ -64,8 +66,11 @@ class TrainConfig:
     history_length: int = 50  # newest history ids the collaborative features use (request time)
     history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
     mf_factors: int = 32  # implicit-ALS factors for the mf_foldin feature (0 = off)
+    adapter_negatives: int = 2048  # full softmax up to this many items, else this many sampled negatives
+    adapter_examples: int = 300_000  # next-item examples per adapter epoch (a fresh random subset when more; 0 = all)
+    include_seen: bool = True  # retriever training lists keep the users' consumed items, as real upstream lists do
+    blend_users: int = 5000  # users whose lists and profiles the blend is fitted on (memory bound); 0 = all
     labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
-    include_seen: bool = True  # retriever training lists keep consumed items (as real upstream lists do)
     seed: int = 0
     threads: int = 1  # torch threads; more than 1 is slower on a busy machine (spin-waiting)
 
@@ -101,50 +106,56 @@ def popularity_table(histories: Mapping[str, Sequence[str]]) -> dict[str, float]
     return {item: float(np.log1p(c) / np.log1p(top)) for item, c in counts.items()}
 
 
-def _top_k_rows(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int, k: int) -> head_module.NeighbourTable:
-    """CSR of the k largest positive values per row from (row, col, value) triplets."""
+def _top_k_triplets(
+    rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (row, col, value) triplets among the k largest positive values of each row, sorted by row,
+    then value descending (ties by column)."""
     keep = vals > 0
     rows, cols, vals = rows[keep], cols[keep], vals[keep]
-    order = np.lexsort((cols, -vals, rows))  # by row, then value descending, ties by column
+    order = np.lexsort((cols, -vals, rows))
     rows, cols, vals = rows[order], cols[order], vals[order]
-    starts = np.searchsorted(rows, np.arange(n))
-    rank = np.arange(rows.size) - starts[rows]
-    keep = rank < k
-    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    starts = np.searchsorted(rows, rows)  # first position of each row's run (rows are sorted)
+    keep = np.arange(rows.size) - starts < k
+    return rows[keep], cols[keep], vals[keep]
+
+
+def _top_k_rows(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int, k: int) -> head_module.NeighbourTable:
+    """CSR of the k largest positive values per row from (row, col, value) triplets."""
+    rows, cols, vals = _top_k_triplets(rows, cols, vals, k)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int64)
     return head_module.NeighbourTable(indptr, cols.astype(np.int32), vals.astype(np.float32))
 
 
-def item_graph(histories: Mapping[str, Sequence[str]], cfg: TrainConfig, block: int = 2048) -> head_module.ItemGraph:
+def item_graph(histories: Mapping[str, Sequence[str]], cfg: TrainConfig, block: int = 4096) -> head_module.ItemGraph:
     """The head's collaborative tables, counted on `histories` (per user, oldest first).
 
-    covisit: cosine on the binary user x item matrix (dense: memory ~ users x items x 4 bytes, like the
-    built-in retrievers), top-k per item. transition: weighted counts of (h -> item within
-    `transition_window` events), divided by (h's total outgoing weight + 1), top-k per item.
+    covisit: cosine on the binary user x item matrix (scipy.sparse; item x item products in blocks
+    of `block` items, each cut to its top k at once: memory ~ events + one block's co-occurrences),
+    top-k per item. transition: weighted counts of (h -> item within `transition_window` events),
+    divided by (h's total outgoing weight + 1), top-k per item.
     """
     ids = list(dict.fromkeys(i for h in histories.values() for i in h))
-    index = {item: p for p, item in enumerate(ids)}
     n, k = len(ids), cfg.neighbours
     if n == 0:
         return head_module.ItemGraph()
-    seqs = [np.array([index[i] for i in h], dtype=np.int64) for h in histories.values()]
-    binary = np.zeros((len(seqs), n), dtype=np.float32)
-    for r, seq in enumerate(seqs):
-        binary[r, seq] = 1.0
-    counts = binary.sum(axis=0)
-    norm = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    _, index, _, _, counts = retrievers.interaction_matrix(histories, ids)
+    binary = retrievers.binary_matrix(counts)
+    norm = 1.0 / np.sqrt(np.maximum(np.asarray(binary.sum(axis=0)).ravel(), 1.0))
+    normalized = (binary @ sp.diags(norm.astype(np.float32))).tocsc()
     parts_r, parts_c, parts_v = [], [], []
     for start in range(0, n, block):
         stop = min(n, start + block)
-        sim = (binary[:, start:stop].T @ binary) * norm[start:stop, None] * norm[None, :]
-        sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
-        top = min(k, n)
-        cols = np.argpartition(-sim, top - 1, axis=1)[:, :top] if top < n else np.tile(np.arange(n), (stop - start, 1))
-        parts_r.append(np.repeat(np.arange(start, stop), cols.shape[1]))
-        parts_c.append(cols.ravel())
-        parts_v.append(np.take_along_axis(sim, cols, axis=1).ravel())
+        sim = (normalized[:, start:stop].T @ normalized).tocoo()
+        rows = sim.row.astype(np.int64) + start
+        off_diagonal = rows != sim.col
+        top = _top_k_triplets(rows[off_diagonal], sim.col[off_diagonal].astype(np.int64), sim.data[off_diagonal], k)
+        parts_r.append(top[0])
+        parts_c.append(top[1])
+        parts_v.append(top[2])
     covisit = _top_k_rows(np.concatenate(parts_r), np.concatenate(parts_c), np.concatenate(parts_v), n, k)
 
+    seqs = [np.array([index[i] for i in h], dtype=np.int64) for h in histories.values()]
     flat = np.concatenate(seqs)
     owner = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
     keys, weights = [], []
@@ -162,7 +173,7 @@ def item_graph(histories: Mapping[str, Sequence[str]], cfg: TrainConfig, block: 
     transition = _top_k_rows(src, dst, summed / (outgoing[src] + 1.0), n, k)
     factors = np.zeros((n, 0), dtype=np.float32)
     if cfg.mf_factors > 0:
-        als = retrievers.ImplicitALS(factors=cfg.mf_factors, seed=cfg.seed).fit(histories, ids)
+        als = retrievers.ImplicitALS(factors=cfg.mf_factors, seed=cfg.seed, threads=cfg.threads).fit(histories, ids)
         assert als.items == ids
         factors = als.item_factors.astype(np.float32)
     return head_module.ItemGraph(tuple(ids), covisit, transition, factors, alpha=10.0, reg=0.1)
@@ -171,44 +182,77 @@ def item_graph(histories: Mapping[str, Sequence[str]], cfg: TrainConfig, block: 
 def train_adapter(
     sequences: Sequence[Sequence[int]], vectors: np.ndarray, cfg: TrainConfig, progress: Progress | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Next-item softmax over the whole catalog; returns (adapter down d x r, up r x d, prior d)."""
+    """Next-item softmax; returns (adapter down d x r, up r x d, prior d).
+
+    Over the whole catalog when it has at most `cfg.adapter_negatives` items; otherwise a sampled
+    softmax: the target against `adapter_negatives` items drawn uniformly for the batch (shared),
+    their logits corrected by log(n / K) (logQ: each sampled item stands for n / K of the catalog),
+    accidental hits of the target masked. Per step it adapts only the rows the batch touches, so
+    its cost does not grow with the catalog."""
     import torch
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     dim, window = vectors.shape[1], cfg.session_length
-    contexts, targets = [], []
-    for seq in sequences:
-        for t in range(1, len(seq)):
-            ctx = list(seq[max(0, t - window) : t])
-            contexts.append(ctx + [-1] * (window - len(ctx)))
-            targets.append(seq[t])
-    if not targets:
+    # Every position t >= 1 of every sequence is a target; its context is seq[max(0, t - window):t],
+    # left-aligned and padded with -1 (built with numpy: no Python list per position).
+    lengths = np.array([len(seq) for seq in sequences], dtype=np.int64)
+    flat = np.fromiter((i for seq in sequences for i in seq), dtype=np.int64, count=int(lengths.sum()))
+    seq_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    positions = np.flatnonzero(np.arange(flat.size) > seq_start)
+    first = np.maximum(seq_start[positions], positions - window)
+    columns = first[:, None] + np.arange(window)[None, :]
+    contexts = np.where(columns < positions[:, None], flat[np.minimum(columns, flat.size - 1)], -1)
+    targets = flat[positions]
+    if not targets.size:
         zeros = np.zeros((dim, cfg.adapter_rank), dtype=np.float32)
         return zeros, zeros.T.copy(), np.zeros(dim, dtype=np.float32)
-    ctx = torch.tensor(contexts)
-    tgt = torch.tensor(targets)
+    ctx = torch.from_numpy(contexts)
+    tgt = torch.from_numpy(targets)
     items = torch.from_numpy(np.vstack([vectors, np.zeros((1, dim), dtype=np.float32)]))  # row -1 = padding
     # Low-rank residual: adapted = v + (v @ down) @ up (cheap to train and to apply at request time).
     down = torch.nn.Parameter(torch.randn(dim, cfg.adapter_rank) * 0.01)
     up = torch.nn.Parameter(torch.zeros(cfg.adapter_rank, dim))
     prior = torch.nn.Parameter(torch.zeros(dim))
     optim = torch.optim.Adam([down, up, prior], lr=cfg.adapter_lr)
+    n_items = vectors.shape[0]
+    sampled = n_items > cfg.adapter_negatives
+    log_q = math.log(n_items / cfg.adapter_negatives) if sampled else 0.0  # uniform proposal: q = K / n
+
+    def adapt(v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(v + (v @ down) @ up, dim=-1)
+
     batch = 1024
-    steps = cfg.adapter_epochs * ((len(targets) + batch - 1) // batch)
     step = 0
+    per_epoch = min(len(targets), cfg.adapter_examples) if cfg.adapter_examples > 0 else len(targets)
+    steps = cfg.adapter_epochs * ((per_epoch + batch - 1) // batch)
     for _ in range(cfg.adapter_epochs):
-        perm = torch.randperm(len(targets))
-        for start in range(0, len(targets), batch):
+        perm = torch.randperm(len(targets))[:per_epoch]
+        for start in range(0, per_epoch, batch):
             idx = perm[start : start + batch]
-            adapted = torch.nn.functional.normalize(items + (items @ down) @ up, dim=-1)
-            adapted = torch.cat([adapted[:-1], torch.zeros(1, dim)])
             c = ctx[idx]
-            pooled = adapted[c].sum(dim=1) / (c >= 0).sum(dim=1, keepdim=True).clamp(min=1)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            catalog = adapted[:-1]
-            logits = pooled @ catalog.T / cfg.adapter_temperature + catalog @ prior
-            loss = torch.nn.functional.cross_entropy(logits, tgt[idx])
+            if sampled:
+                # Only the rows this batch touches are adapted: contexts, targets and the negatives.
+                valid = (c >= 0).unsqueeze(-1)
+                context = adapt(items[c.clamp(min=0)]) * valid
+                pooled = context.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                t_idx = tgt[idx]
+                negatives = torch.randint(0, n_items, (cfg.adapter_negatives,))
+                target_vecs, negative_vecs = adapt(items[t_idx]), adapt(items[negatives])
+                positive = (pooled * target_vecs).sum(-1) / cfg.adapter_temperature + target_vecs @ prior
+                negative = pooled @ negative_vecs.T / cfg.adapter_temperature + negative_vecs @ prior + log_q
+                negative = negative.masked_fill(negatives[None, :] == t_idx[:, None], -torch.inf)
+                logits = torch.cat([positive.unsqueeze(-1), negative], dim=1)
+                loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(idx), dtype=torch.long))
+            else:
+                adapted = adapt(items)
+                adapted = torch.cat([adapted[:-1], torch.zeros(1, dim)])
+                pooled = adapted[c].sum(dim=1) / (c >= 0).sum(dim=1, keepdim=True).clamp(min=1)
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                catalog = adapted[:-1]
+                logits = pooled @ catalog.T / cfg.adapter_temperature + catalog @ prior
+                loss = torch.nn.functional.cross_entropy(logits, tgt[idx])
             optim.zero_grad()
             loss.backward()
             optim.step()
@@ -302,6 +346,15 @@ def label_served_lists(
     return LabelledServedLists(out, timelines, earliest, skipped)
 
 
+def _blend_users(history: Mapping[str, object], cfg: TrainConfig) -> list[str]:
+    """All users in file order, or a seeded random `cfg.blend_users` of them (still in file order)."""
+    users = list(history)
+    if cfg.blend_users <= 0 or len(users) <= cfg.blend_users:
+        return users
+    picked = np.random.default_rng([cfg.seed, 1]).choice(len(users), size=cfg.blend_users, replace=False)
+    return [users[j] for j in np.sort(picked)]
+
+
 def train(
     items: Mapping[str, str],
     events: Sequence[formats.Interaction],
@@ -343,11 +396,14 @@ def train(
     down, up, prior = train_adapter(sequences, vectors, cfg, progress)
     timings["adapter_s"] = time.perf_counter() - t
 
-    # Profiles exactly as the server builds them from RecordEvents (one profile per user and cut).
+    # Profiles exactly as the server builds them from RecordEvents (one profile per user and cut), for
+    # the users the blend is fitted on (at most cfg.blend_users: the profiles and the feature lists
+    # are what grows with users; the retrievers still learn from everyone's history).
     t = time.perf_counter()
+    blend_users = _blend_users(history, cfg)
     store = InProcessProfileStore(
         ProfileConfig.from_settings(settings, encoder.dim),
-        max_users=max(1, len(history) * 2 * cuts + len(served.lists)),
+        max_users=max(1, len(blend_users) * 2 * cuts + len(served.lists)),
         ttl_seconds=settings.user_ttl_seconds,
     )
 
@@ -360,8 +416,8 @@ def train(
         store.apply(pairs, now=time.time())
 
     for k in range(1, cuts + 1):
-        for u, h in history.items():
-            feed(f"{u}\x1f{k}", h[:-k])
+        for u in blend_users:
+            feed(f"{u}\x1f{k}", history[u][:-k])
     for n_list, (served_list, label_at) in enumerate(served.lists):
         feed(f"{served_list.user_id}\x1fs{n_list}", served.timelines[served_list.user_id][:label_at])
 
@@ -412,17 +468,17 @@ def train(
             progress("features (served lists)", n_list + 1, len(served.lists))
     served_used = len(raw_lists)
     for k in range(1, cuts + 1):
-        users = [u for u, h in history.items() if len(h) > k]
-        cut_hist = {u: [e.item_id for e in history[u][:-k]] for u in users}
+        cut_hist = {u: [e.item_id for e in h[:-k]] for u, h in history.items() if len(h) > k}
+        users = [u for u in blend_users if u in cut_hist]
         labels = {u: history[u][-k].item_id for u in users}
         for name in cfg.retrievers:
             if name == retrievers.SAMPLED:
                 cands = {
-                    u: retrievers.sampled_candidates(cut_hist[u], labels[u], catalog, cfg.sampled_negatives, rng)
+                    u: retrievers.sampled_candidates(cut_hist[u], labels[u], catalog, cfg.sampled_negatives, rng, index)
                     for u in users
                 }
             else:
-                fitted = retrievers.make_retriever(name).fit(cut_hist, catalog)
+                fitted = retrievers.make_retriever(name, seed=cfg.seed, threads=cfg.threads).fit(cut_hist, catalog)
                 cands = fitted.recommend(users, cfg.num_candidates, include_seen=cfg.include_seen)
             for n_done, u in enumerate(users, start=1):
                 add_list(f"{u}\x1f{k}", u, cands[u], labels[u])
@@ -462,21 +518,25 @@ def train(
     timings["blend_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 
+    t = time.perf_counter()
     full_history = {u: [e.item_id for e in h] for u, h in split.history.items()}
+    graph = item_graph(full_history, cfg)
+    timings["final_tables_s"] = time.perf_counter() - t
     base.update(
         weights=weights,
         popularity=popularity_table(full_history),
-        graph=item_graph(full_history, cfg),
+        graph=graph,
         meta={
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "training_data": data_id,
             "retrievers": list(cfg.retrievers),
             "num_candidates": cfg.num_candidates,
             "training_users": len(history),
+            "blend_users": len(blend_users),
+            "include_seen": cfg.include_seen,
             "training_lists": len(std_lists),
             "served_lists": {"given": len(served_lists), "labelled": len(served.lists), "used": served_used,
                              "skipped": served.skipped},
-            "include_seen": cfg.include_seen,
             "labels_per_user": cuts,
             "neighbours": cfg.neighbours,
             "transition_window": cfg.transition_window,
