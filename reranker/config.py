@@ -16,6 +16,8 @@ from typing import Any
 
 ENV_PREFIX = "RERANKER_"
 
+# Arm names the server uses itself (the response's `arm`, the online metrics' `arm` label).
+RESERVED_ARMS = ("control", "treatment", "bypassed")
 CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
 DEFAULT_EVENT_WEIGHTS = "view=0.5,click=1,add_to_cart=2,purchase=3,like=2,dislike=-1.5,skip=-0.5"
 
@@ -214,6 +216,52 @@ class Settings:
         "FALLBACK_REASON_NOT_READY) or `exit` (log the error, exit with status 3).",
         "fail_open",
     )
+    # --- learning from live traffic (issue 15) ----------------------------------------------------
+    training_log_dir: str = _doc(
+        "Directory the training log is appended to: sampled served lists (served-*.tsv, the candidates.tsv "
+        "form) and every ingested event (events-*.tsv); `reranker train --training-log DIR` reads it. Empty = off.",
+        "",
+    )
+    training_log_sample: float = _doc(
+        "Share in [0, 1] of Rerank lists that are logged (training log) and joined with the next events (online "
+        "metrics); decided per request. Events are always all logged.",
+        1.0,
+    )
+    training_log_max_file_bytes: int = _doc("A training-log file is closed and a new one started past this size.", 64 * 1024 * 1024)
+    training_log_max_file_seconds: float = _doc("... or when it is this old (seconds).", 3600.0)
+    training_log_keep_files: int = _doc("Newest files kept per kind (served, events); older ones are deleted. 0 = keep all.", 0)
+    training_log_queue_size: int = _doc(
+        "Records (one list or one batch of events) waiting for the writer thread; when full, new ones are dropped "
+        "and counted (reranker_training_log_dropped), never waited for.",
+        10_000,
+    )
+    training_log_flush_seconds: float = _doc(
+        "The writer hands what it has to the OS at least this often: a SIGKILL loses at most the records of the "
+        "last interval plus the queue; a file is fsynced when it is closed (rotation, shutdown).",
+        1.0,
+    )
+    training_log_fsync: bool = _doc("fsync after every flush too (power-loss bound = one flush interval; costs disk I/O).", False)
+    head_reload_seconds: float = _doc(
+        "How often head_path (and the arms' head files) are checked for a new file (atomic rename); the new head "
+        "is loaded and validated off the request path and swapped in. SIGHUP reloads at once. 0 = SIGHUP only.",
+        2.0,
+    )
+    experiment_arms: str = _doc(
+        "Arms with their own ranking head, `name=percent:path,...` (e.g. `b=10:/heads/b.npz`): each takes that "
+        "percent of users from the treatment buckets (the sum must not exceed treatment_percent); the rest of "
+        "treatment uses head_path. An arm whose file does not exist yet serves like the rest of treatment until it appears.",
+        "",
+    )
+    online_metrics_window_seconds: float = _doc(
+        "Online metrics: each logged list is joined with the user's next positive event within this many seconds "
+        "(hits@k and NDCG@k per arm on /metrics). 0 = off.",
+        0.0,
+    )
+    online_metrics_k: int = _doc("Cut-off k of the online hits@k and NDCG@k.", 10)
+    online_metrics_max_lists: int = _doc(
+        "Lists waiting for their user's next event (bounded memory, ~0.5 KB each); the oldest is dropped and counted when full.",
+        50_000,
+    )
     drain_delay_seconds: float = _doc("On SIGTERM: health is NOT_SERVING but RPCs are still accepted this long, then the grace period.", 0.0)
     max_concurrent_rpcs: int = _doc("RPCs admitted at once (running + waiting); more get RESOURCE_EXHAUSTED. 0 = no limit.", 256)
 
@@ -290,6 +338,20 @@ class Settings:
             problems.append("TLS needs tls_cert_path and tls_key_path together (tls_client_ca_path adds mTLS)")
         if self.drain_delay_seconds < 0 or self.max_concurrent_rpcs < 0:
             problems.append("drain_delay_seconds and max_concurrent_rpcs must not be negative")
+        if not 0.0 <= self.training_log_sample <= 1.0:
+            problems.append("training_log_sample must be in [0, 1]")
+        for name in ("training_log_max_file_bytes", "training_log_queue_size", "training_log_flush_seconds",
+                     "training_log_max_file_seconds", "online_metrics_k", "online_metrics_max_lists"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.training_log_keep_files < 0 or self.head_reload_seconds < 0 or self.online_metrics_window_seconds < 0:
+            problems.append("training_log_keep_files, head_reload_seconds and online_metrics_window_seconds must be >= 0")
+        try:
+            arms = self.parsed_experiment_arms()
+            if sum(percent for _, percent, _ in arms) > self.treatment_percent + 1e-9:
+                problems.append("experiment_arms: the arms' percents add up to more than treatment_percent")
+        except ValueError as exc:
+            problems.append(str(exc))
         try:
             weights = self.parsed_event_weights()
         except ValueError as exc:
@@ -315,6 +377,28 @@ class Settings:
             except ValueError:
                 raise ValueError(f"event_weights entry {part!r} has a non-numeric weight") from None
         return weights
+
+    def parsed_experiment_arms(self) -> list[tuple[str, float, str]]:
+        """`experiment_arms` as [(name, percent, head path)], in the order given (their buckets follow that order)."""
+        arms: list[tuple[str, float, str]] = []
+        for part in filter(None, (p.strip() for p in self.experiment_arms.split(","))):
+            name, sep, rest = part.partition("=")
+            percent, sep2, path = rest.partition(":")
+            name = name.strip()
+            if not sep or not sep2 or not path.strip():
+                raise ValueError(f"experiment_arms entry {part!r} is not name=percent:path")
+            if not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_ARMS:
+                raise ValueError(f"experiment_arms: arm name {name!r} must be [A-Za-z0-9_-] and not one of {RESERVED_ARMS}")
+            if name in {a[0] for a in arms}:
+                raise ValueError(f"experiment_arms: arm {name!r} is named twice")
+            try:
+                value = float(percent)
+            except ValueError:
+                raise ValueError(f"experiment_arms entry {part!r} has a non-numeric percent") from None
+            if not 0.0 < value <= 100.0:
+                raise ValueError(f"experiment_arms entry {part!r}: percent must be in (0, 100]")
+            arms.append((name, value, path.strip()))
+        return arms
 
     def event_weight_limit(self) -> float:
         """W: the largest |weight| an event may carry (`max_event_weight`, or twice the largest type weight)."""

@@ -285,6 +285,7 @@ def _response_header(result: RerankResult) -> pb.RerankResponse:
         encoded=result.encoded,
         without_vector=result.without_vector,
         bucket=result.bucket,
+        arm=result.arm,
         consumed_candidates=result.consumed_candidates,
         consumed_dropped=result.consumed_dropped,
     )

@@ -417,7 +417,8 @@ class RankingHead:
 def load(path: str | Path) -> RankingHead:
     """Read and validate an artefact written by `RankingHead.save` (no pickle)."""
     try:
-        with np.load(Path(path), allow_pickle=False) as data:
+        # Opened here: np.load leaks its own handle when the file is not a valid zip (a torn hot-reload file).
+        with Path(path).open("rb") as fh, np.load(fh, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except FileNotFoundError:
         raise HeadError(f"ranking head {path} does not exist") from None

@@ -247,7 +247,8 @@ def _bind(server: aio.Server, address: str, credentials: grpc.ServerCredentials 
 
 
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then drain gracefully. Returns the process exit status.
+    """Run until SIGTERM/SIGINT, then drain gracefully; SIGHUP reloads the ranking heads (hotreload.py).
+    Returns the process exit status.
 
     If the model fails to load: with on_load_failure=fail_open keep running NOT_SERVING (Rerank
     answers with the upstream order); with on_load_failure=exit stop and return EXIT_LOAD_FAILED.
@@ -276,8 +277,13 @@ def serve(settings: Settings) -> int:
             load_failed.append(running.service.load_error or "unknown error")
             stopping.set()
 
+    def on_hangup(_signum: int, _frame: object) -> None:
+        log.info("SIGHUP: reloading the ranking heads")
+        threading.Thread(target=running.service.reload_heads, name="sighup-reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     threading.Thread(target=watch_loader, name="load-watcher", daemon=True).start()
     stopping.wait()
     if load_failed:

@@ -10,9 +10,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
+from reranker import arms as arms_module
 from reranker import head as ranking_head
 from reranker import scoring, usermodel
 from reranker.batching import MicroBatcher
@@ -23,12 +25,15 @@ from reranker.encoder import Encoder, load_encoder
 from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, RequestCancelled
 from reranker.eventpolicy import check_event_time, check_event_weight
 from reranker.experiments import decide
+from reranker.hotreload import HeadReloader
 from reranker.items import ItemVectorCache
 from reranker.metrics import Metrics
+from reranker.onlinemetrics import OnlineMetrics
 from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, derived, make_profile_store
 from reranker.profiles import candidate_history, on_liked_rows, positive_history, positive_history_ids
 from reranker.profiles import user_vector as user_vector_of
 from reranker.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
+from reranker.traininglog import TrainingLog
 from reranker.types import (
     CandidateColumns,
     Event,
@@ -87,6 +92,11 @@ class RerankService:
         self.model_version = ""
         self._snapshots: PeriodicSnapshots | None = None
         self.head: ranking_head.RankingHead | None = None
+        # Head per experiment arm; replaced whole by a hot reload (a request reads it once).
+        self.arms: arms_module.ArmTable | None = None
+        self.training_log: TrainingLog | None = None
+        self.online_metrics: OnlineMetrics | None = None
+        self._reloader: HeadReloader | None = None
         self._weight_limit = settings.event_weight_limit()
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -108,14 +118,13 @@ class RerankService:
                 encoder.encode(WARMUP_TEXTS)
             log.info("encoder %s warmed in %.0f ms", encoder.version, 1000 * (time.perf_counter() - started))
             scoring.single_threaded_blas()
-            head = self._load_head(encoder)
+            table = arms_module.initial_table(self.settings, encoder.version, encoder.dim)
         except Exception as exc:
             self.load_error = str(exc)
             raise
         s = self.settings
         self._encoder = encoder
-        self.head = head
-        self.model_version = encoder.version if head is None else f"{encoder.version}+{head.version}"
+        self._set_arms(table)
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
         self.profiles = make_profile_store(s, encoder.dim, self._clock)
         if s.snapshot_path:
@@ -134,6 +143,7 @@ class RerankService:
             observer=self.metrics.observe_batch,
         )
         self.metrics.watch_caches(self._cache_counters)
+        self._start_learning(encoder)
         self.metrics.watch_profile_repairs(lambda: int(getattr(self.profiles, "repairs", 0)))
         self._ready.set()
         self.metrics.model_loaded(time.perf_counter() - load_started, self.model_version)
@@ -147,13 +157,36 @@ class RerankService:
             out["users"] = (self.profiles.hits, self.profiles.misses, len(self.profiles))
         return out
 
-    def _load_head(self, encoder: Encoder) -> ranking_head.RankingHead | None:
-        if not self.settings.head_path:
-            return None
-        head = ranking_head.load(self.settings.head_path)
-        ranking_head.check_encoder(head, encoder.version, encoder.dim)
-        log.info("ranking head %s loaded from %s", head.version, self.settings.head_path)
-        return head
+    # --- learning from live traffic: arms, hot reload, training log, online metrics ---------------
+    def _set_arms(self, table: arms_module.ArmTable) -> None:
+        """Swap in a new arm table (one reference: a request in flight keeps the table it read)."""
+        self.arms = table
+        self.head = table.default.head
+        self.model_version = table.default.model_version
+
+    def _swap_arms(self, table: arms_module.ArmTable) -> None:
+        self._set_arms(table)
+        self.metrics.model_info.clear()
+        for version in {table.default.model_version, *(a.model_version for a in table.arms)}:
+            self.metrics.model_info.labels(model_version=version).set(1)
+
+    def _start_learning(self, encoder: Encoder) -> None:
+        s, registry = self.settings, self.metrics.registry
+        assert self.arms is not None
+        if self.arms.paths():
+            self._reloader = HeadReloader(
+                s, encoder.version, encoder.dim, lambda: self.arms, self._swap_arms, registry  # type: ignore[arg-type,return-value]
+            )
+            self._reloader.start()
+        if s.online_metrics_window_seconds > 0:
+            self.online_metrics = OnlineMetrics(s, registry)
+        if s.training_log_dir or self.online_metrics is not None:
+            sinks = [self.online_metrics] if self.online_metrics is not None else []
+            self.training_log = TrainingLog(s, registry, sinks=sinks, clock=self._clock)
+
+    def reload_heads(self) -> bool:
+        """Reload every head file now (SIGHUP); True when a new head was swapped in."""
+        return self._reloader.check(force=True) if self._reloader is not None else False
 
     def close(self) -> None:
         was_ready = self.ready
@@ -163,6 +196,10 @@ class RerankService:
             self._batcher.close()
         if self._snapshots is not None:
             self._snapshots.stop()
+        if self._reloader is not None:
+            self._reloader.stop()
+        if self.training_log is not None:
+            self.training_log.close()
         if was_ready and self.settings.snapshot_path:
             try:
                 self.save_snapshot()
@@ -190,6 +227,17 @@ class RerankService:
         return isinstance(self.profiles, InProcessProfileStore)
 
     def rerank(
+        self, query: RerankQuery, time_remaining: float | None = None, cancel: CancelToken | None = None, **blocking: Any
+    ) -> RerankResult:
+        """`_rerank` (see there; `blocking` = may_block, lookup, event_lookup), then the answer goes
+        to the training log / online metrics when they are on."""
+        result = self._rerank(query, time_remaining, cancel, **blocking)
+        training_log = self.training_log
+        if training_log is not None:
+            training_log.served(query, result)  # a deque append; the writer thread does the rest
+        return result
+
+    def _rerank(
         self,
         query: RerankQuery,
         time_remaining: float | None = None,
@@ -225,9 +273,17 @@ class RerankService:
             treatment_percent=s.treatment_percent,
             default_salt=s.experiment_salt,
         )
+        table = self.arms  # read once: a hot reload swaps the whole table
+        arm = None if skip is not None or table is None else table.for_bucket(bucket)
+        arm_name = "" if skip is Variant.BYPASSED else arms_module.CONTROL if skip is not None else (
+            arm.name if arm is not None else arms_module.TREATMENT
+        )
 
         def upstream(variant: Variant, reason: FallbackReason = FallbackReason.NONE, detail: str = "") -> RerankResult:
-            return self._upstream_result(query, candidates, keep, variant, reason, detail, bucket, started)
+            return self._upstream_result(
+                query, candidates, keep, variant, reason, detail, bucket, started, arm_name,
+                arm.model_version if arm is not None else self.model_version,
+            )
 
         if skip is not None:
             return upstream(skip)
@@ -238,7 +294,7 @@ class RerankService:
         try:
             return self._personalize(
                 query, candidates, keep, bucket, started, time_remaining, cancel,
-                may_block=may_block, lookup=lookup, event_lookup=event_lookup,
+                may_block=may_block, lookup=lookup, event_lookup=event_lookup, arm=arm,
             )
         except (RequestCancelled, WouldBlock):
             raise
@@ -267,9 +323,11 @@ class RerankService:
         may_block: bool = True,
         lookup: Lookup | None = None,
         event_lookup: Lookup | None = None,
+        arm: arms_module.Arm | None = None,
     ) -> RerankResult:
         s = self.settings
         assert self.items is not None and self.profiles is not None
+        head = self.head if arm is None else arm.head
         encode_budget = s.encode_timeout_ms / 1000.0
         if time_remaining is not None:
             encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
@@ -297,10 +355,10 @@ class RerankService:
             else candidate_history(state, s, candidates.item_ids, vectors, has_vector, user_vector)
         )
         # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
-        use_head = self.head is not None and user_vector is not None and state is not None and opts.blend_weight is None
+        use_head = head is not None and user_vector is not None and state is not None and opts.blend_weight is None
         if use_head:
-            assert self.head is not None and state is not None and user_vector is not None
-            ranking = self.head.rank(
+            assert head is not None and state is not None and user_vector is not None
+            ranking = head.rank(
                 candidates.item_ids, candidates.scores, vectors, has_vector, user_vector,
                 derived(state, "positive_history", lambda: positive_history(state)),
                 derived(state, "positive_history_ids", lambda: positive_history_ids(state)),
@@ -353,7 +411,7 @@ class RerankService:
         return RerankResult(
             items=items,
             variant=Variant.RERANKED,
-            model_version=self.model_version,
+            model_version=self.model_version if arm is None else arm.model_version,
             request_id=query.request_id,
             cold_user=user_vector is None,
             timing=Timing(1000.0 * (time.perf_counter() - started), encode_ms, score_ms),
@@ -361,6 +419,7 @@ class RerankService:
             encoded=encoded,
             without_vector=int((~has_vector).sum()),
             bucket=bucket,
+            arm=arms_module.TREATMENT if arm is None else arm.name,
             consumed_candidates=consumed_count,
             consumed_dropped=dropped,
         )
@@ -424,6 +483,8 @@ class RerankService:
         detail: str,
         bucket: int,
         started: float,
+        arm: str = "",
+        model_version: str | None = None,
     ) -> RerankResult:
         limit = query.top_k or len(candidates)
         scores = candidates.scores[:limit]
@@ -433,12 +494,13 @@ class RerankService:
         return RerankResult(
             items=items,
             variant=variant,
-            model_version=self.model_version,
+            model_version=self.model_version if model_version is None else model_version,
             request_id=query.request_id,
             fallback_reason=reason,
             fallback_detail=detail,
             timing=Timing(total_ms=1000.0 * (time.perf_counter() - started)),
             bucket=bucket,
+            arm=arm,
         )
 
     # --- vectors ---------------------------------------------------------------------------------
@@ -533,7 +595,10 @@ class RerankService:
             lookup=lookup,
         )
         pairs = [(e, vectors[i] if has_vector[i] else None) for i, e in enumerate(stamped)]
-        return self.profiles.apply(pairs, now)
+        result = self.profiles.apply(pairs, now)
+        if self.training_log is not None:
+            self.training_log.events(stamped)
+        return result
 
     def _stamped(self, events: Sequence[Event], now: float) -> list[Event]:
         """Events with their time stamped (none given) or clamped (after now) to `now`; refused

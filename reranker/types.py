@@ -267,6 +267,7 @@ class RerankResult:
     encoded: int = 0
     without_vector: int = 0
     bucket: int = 0
+    arm: str = ""  # "control", "treatment" or an experiment_arms name; "" when bypassed
     consumed_candidates: int = 0  # candidates the user had already consumed
     consumed_dropped: int = 0  # of those, removed by consumed_policy=drop
 

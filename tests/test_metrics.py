@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -181,13 +182,18 @@ def _check_real_model_metrics(metrics_port: int, stub: pb_grpc.RerankerServiceSt
     assert value(m, "reranker_rpc_duration_seconds_count", method="Rerank", variant="reranked") == 1
 
 
-def test_readme_documents_exactly_the_exposed_series(make_server: ServerFactory) -> None:
+def test_readme_documents_exactly_the_exposed_series(make_server: ServerFactory, tmp_path: Path) -> None:
     from tests.conftest import REPO
+    from tests.test_head import make_head
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(reranker_[a-z_]+)` \|", section, re.M))
-    running, stub = make_server(fake_settings(metrics_address="127.0.0.1:0"))
+    make_head().save(tmp_path / "head.npz")  # every optional series on: a head file, the training log, online metrics
+    running, stub = make_server(fake_settings(
+        metrics_address="127.0.0.1:0", head_path=str(tmp_path / "head.npz"), training_log_dir=str(tmp_path / "log"),
+        online_metrics_window_seconds=60.0,
+    ))
     stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1, "text")]))
     body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()
     exposed = {f.name for f in text_string_to_metric_families(body) if not f.name.endswith("_created")}

@@ -35,7 +35,11 @@ def add_commands(commands: Any) -> None:
         description="Fits a ranking head (adapter + learned blend) on histories only; the last event per user is never used.",
     )
     # The default head learns from all list kinds, including the LLMRank 1+19 lists (no upstream signal).
-    _data_args(tr, retriever_default="popularity,itemknn,als,sampled")
+    _data_args(tr, retriever_default="popularity,itemknn,als,sampled", events_required=False)
+    tr.add_argument("--training-log", type=Path, default=None,
+                    help="a server's training_log_dir: its events (instead of --events) and its served lists (instead "
+                         "of --candidates; each labelled by its user's first event at or after it); the built-in "
+                         "retrievers are used only when --retriever is given")
     tr.add_argument("--output", type=Path, required=True, help="where to write the head artefact (.npz)")
     tr.add_argument(
         "--candidates", type=Path, default=None,
@@ -51,6 +55,26 @@ def add_commands(commands: Any) -> None:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     tr.set_defaults(handler=_train)
 
+    rp = commands.add_parser(
+        "replay", help="play an events file against a running server as live traffic (Rerank before each event)",
+        description="Replays events in time order: a Rerank of the upstream (item-kNN) list before each event, then "
+        "the event (see reranker/evaluation/replay.py). With the server's training log on, the log is what "
+        "`reranker train --training-log` learns from.",
+    )
+    rp.add_argument("--target", required=True, help="host:port of the running server")
+    rp.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
+    rp.add_argument("--events", type=Path, required=True, help="events.tsv (user_id, item_id, timestamp[, event_type])")
+    rp.add_argument("--max-users", type=int, default=0, help="replay only the first N users to appear (0 = all)")
+    rp.add_argument("--fit-fraction", type=float, default=0.5, help="share of the timeline the upstream retriever is fitted on")
+    rp.add_argument("--start", type=float, default=0.5, help="share of the timeline recorded without lists (profiles) before lists start")
+    rp.add_argument("--stop", type=float, default=1.0, help="share of the timeline where the replay stops")
+    rp.add_argument("--num-candidates", type=int, default=50, help="upstream list length")
+    rp.add_argument("--top-k", type=int, default=10, help="top_k of each Rerank (and the k of the client-side hits@k)")
+    rp.add_argument("--no-upsert", action="store_true", help="do not send the catalog texts (UpsertItems) first")
+    rp.add_argument("--no-bootstrap", action="store_true",
+                    help="do not send the events before --start (an earlier replay that stopped there sent them)")
+    rp.set_defaults(handler=_replay)
+
     cv = commands.add_parser("convert", help="convert ml-100k (RecBole) or MIND files to the eval format")
     cv.add_argument("format", choices=("ml100k", "mind"))
     cv.add_argument("--input", type=Path, required=True, help="directory with ml-100k.inter/.item or behaviors.tsv/news.tsv")
@@ -59,9 +83,11 @@ def add_commands(commands: Any) -> None:
     cv.set_defaults(handler=_convert)
 
 
-def _data_args(parser: argparse.ArgumentParser, retriever_default: str = "popularity,itemknn,als") -> None:
+def _data_args(
+    parser: argparse.ArgumentParser, retriever_default: str = "popularity,itemknn,als", events_required: bool = True
+) -> None:
     parser.add_argument("--items", type=Path, required=True, help="items.tsv (item_id, text)")
-    parser.add_argument("--events", type=Path, required=True, help="events.tsv (user_id, item_id, timestamp[, event_type])")
+    parser.add_argument("--events", type=Path, required=events_required, help="events.tsv (user_id, item_id, timestamp[, event_type])")
     parser.add_argument("--retriever", default=None,
                         help="comma list of popularity, itemknn, als, ease, sasrec (sequential), sampled (target + N random "
                              "negatives); default " + retriever_default)
@@ -89,8 +115,9 @@ def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = args.retriever
-    if given is None and getattr(args, "candidates", None) is not None and args.handler is _train:
-        given = ""  # train --candidates: the served lists alone, unless retrievers are asked for
+    served = getattr(args, "candidates", None) is not None or getattr(args, "training_log", None) is not None
+    if given is None and served and args.handler is _train:
+        given = ""  # train --candidates / --training-log: the served lists alone, unless retrievers are asked for
     names = tuple(n.strip() for n in (args.retriever_default if given is None else given).split(",") if n.strip())
     from reranker.evaluation.retrievers import ALL_RETRIEVERS, SAMPLED
 
@@ -154,12 +181,31 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads, neighbours=args.neighbours,
         include_seen=args.include_seen is not False, blend_users=args.blend_users,
     )
-    items, events = formats.read_items(args.items), formats.read_events(args.events)
-    served = formats.read_served_lists(args.candidates) if args.candidates is not None else []
-    if not names and not served:
-        print("reranker train: no training lists: give --retriever or a non-empty --candidates file", file=sys.stderr)
+    if (args.events is None) == (args.training_log is None) or (args.training_log is not None and args.candidates is not None):
+        print("reranker train: give --events (optionally with --candidates) or --training-log", file=sys.stderr)
         return 2
-    sources = [args.items, args.events] + ([args.candidates] if args.candidates is not None else [])
+    items = formats.read_items(args.items)
+    if args.training_log is not None:
+        from reranker.traininglog import log_files, read_training_log
+
+        try:
+            logged = read_training_log(args.training_log)
+        except formats.FormatError as exc:
+            print(f"reranker train: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"training_log": str(args.training_log), "files": logged.files, "events": len(logged.events),
+                          "served_lists": len(logged.lists), "torn_lines": logged.torn_lines,
+                          "incomplete_lists": logged.incomplete_lists}), file=sys.stderr)
+        events, served = logged.events, logged.lists
+        sources = [args.items, *log_files(args.training_log)]
+    else:
+        events = formats.read_events(args.events)
+        served = formats.read_served_lists(args.candidates) if args.candidates is not None else []
+        sources = [args.items, args.events] + ([args.candidates] if args.candidates is not None else [])
+    if not names and not served:
+        print("reranker train: no training lists: give --retriever, or --candidates / --training-log with lists",
+              file=sys.stderr)
+        return 2
     progress = ProgressBar(enabled=not args.no_progress)
     try:
         head, report = train.train(
@@ -174,6 +220,26 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
     print(json.dumps(report, indent=2))
     print(f"head {head.version} written to {args.output}")
     return 0
+
+
+def _replay(args: argparse.Namespace, _argv: Any) -> int:
+    from reranker.client import RerankerClient
+    from reranker.evaluation import formats, replay
+
+    if not 0.0 <= args.fit_fraction <= 1.0 or not 0.0 <= args.start <= args.stop <= 1.0 or args.num_candidates < 1:
+        print("reranker replay: need 0 <= --start <= --stop <= 1, --fit-fraction in [0, 1], --num-candidates >= 1",
+              file=sys.stderr)
+        return 2
+    items = formats.read_items(args.items)
+    events = replay.timeline(formats.read_events(args.events), args.max_users)
+    with RerankerClient(args.target, timeout_s=30.0) as client:
+        report = replay.replay(
+            client, items, events, fit_fraction=args.fit_fraction, start=args.start, stop=args.stop,
+            num_candidates=args.num_candidates, top_k=args.top_k, upsert=not args.no_upsert,
+            bootstrap=not args.no_bootstrap,
+        )
+    print(json.dumps(report.summary(args.top_k), indent=2))
+    return 0 if report.failed == 0 else 1
 
 
 def _convert(args: argparse.Namespace, _argv: Any) -> int:

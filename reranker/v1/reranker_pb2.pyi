@@ -197,7 +197,7 @@ class ItemColumns(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., semantic_scores: _Optional[_Iterable[float]] = ..., upstream_scores: _Optional[_Iterable[float]] = ..., original_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket", "item_columns", "consumed_candidates", "consumed_dropped")
+    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket", "item_columns", "arm", "consumed_candidates", "consumed_dropped")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,7 @@ class RerankResponse(_message.Message):
     WITHOUT_VECTOR_FIELD_NUMBER: _ClassVar[int]
     BUCKET_FIELD_NUMBER: _ClassVar[int]
     ITEM_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_DROPPED_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
@@ -226,9 +227,10 @@ class RerankResponse(_message.Message):
     without_vector: int
     bucket: int
     item_columns: ItemColumns
+    arm: str
     consumed_candidates: int
     consumed_dropped: int
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ..., item_columns: _Optional[_Union[ItemColumns, _Mapping]] = ..., consumed_candidates: _Optional[int] = ..., consumed_dropped: _Optional[int] = ...) -> None: ...
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ..., item_columns: _Optional[_Union[ItemColumns, _Mapping]] = ..., arm: _Optional[str] = ..., consumed_candidates: _Optional[int] = ..., consumed_dropped: _Optional[int] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("events",)

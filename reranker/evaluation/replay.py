@@ -1,0 +1,144 @@
+"""`reranker replay`: play an events file against a running server as live traffic.
+
+The timeline (events sorted by time, optionally only some users) is cut in three:
+1. events before `fit_fraction` train the upstream (an item-kNN retriever, "yesterday's model");
+2. events before `start` only build profiles (RecordEvents, no list served; skipped with
+   `bootstrap=False` when an earlier replay up to `start` sent them already);
+3. from `start` to `stop`, every event is preceded by a Rerank of that user's upstream list: the
+   retriever's top `num_candidates` unseen items given the user's history so far, in its order,
+   with its scores; then the event itself is recorded (timestamp left to the server's clock, so
+   the served list comes before the event it is judged by, as in production).
+
+With the server's training log on, the log then holds what a deployment would: the served lists
+and every event. The replay also keeps its own client-side score per arm (was the event's item in
+the first k of the answer?), to set beside the server's online metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from reranker.client import RerankerClient
+from reranker.evaluation import formats
+from reranker.evaluation.retrievers import ItemKNN
+from reranker.v1 import reranker_pb2 as pb
+
+
+@dataclass
+class ReplayReport:
+    bootstrap_events: int = 0
+    lists: int = 0
+    events: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    # arm -> [lists, hits@k, ndcg@k sums] as the client saw them
+    arms: dict[str, list[float]] = field(default_factory=dict)
+
+    def summary(self, k: int) -> dict[str, object]:
+        return {
+            "bootstrap_events": self.bootstrap_events, "lists": self.lists, "events": self.events,
+            "failed_rpcs": self.failed, "seconds": round(self.seconds, 1),
+            "per_arm": {
+                arm: {"lists": int(n), f"hits@{k}": round(h / n, 4), f"ndcg@{k}": round(g / n, 4)}
+                for arm, (n, h, g) in sorted(self.arms.items()) if n
+            },
+        }
+
+
+def timeline(events: Sequence[formats.Interaction], max_users: int = 0) -> list[formats.Interaction]:
+    """Events in time order (stable), of the first `max_users` users by first appearance (0 = all)."""
+    ordered = sorted(events, key=lambda e: e.timestamp)
+    if max_users > 0:
+        users: dict[str, None] = {}
+        for e in ordered:
+            if len(users) >= max_users:
+                break
+            users.setdefault(e.user_id)
+        ordered = [e for e in ordered if e.user_id in users]
+    return ordered
+
+
+def replay(
+    client: RerankerClient,
+    items: dict[str, str],
+    events: Sequence[formats.Interaction],
+    *,
+    fit_fraction: float = 0.5,
+    start: float = 0.5,
+    stop: float = 1.0,
+    num_candidates: int = 50,
+    top_k: int = 10,
+    batch: int = 500,
+    upsert: bool = True,
+    bootstrap: bool = True,
+) -> ReplayReport:
+    """Replay `events` (already in time order, see `timeline`) against the server behind `client`."""
+    report = ReplayReport()
+    started = time.perf_counter()
+    n = len(events)
+    fit_end, start_at, stop_at = int(n * fit_fraction), int(n * start), int(n * stop)
+    past: dict[str, list[str]] = {}
+    for e in events[:fit_end]:
+        past.setdefault(e.user_id, []).append(e.item_id)
+    catalog = list(items)
+    upstream = ItemKNN().fit(past, catalog)
+    index = upstream.item_index
+    if upsert:
+        ids = list(items)
+        for i in range(0, len(ids), batch):
+            client.upsert_items([(x, items[x]) for x in ids[i : i + batch]])
+    history: dict[str, np.ndarray] = {}
+    seen: dict[str, set[str]] = {}
+
+    def remember(e: formats.Interaction) -> None:
+        row = history.setdefault(e.user_id, np.zeros((1, len(upstream.items)), dtype=np.float32))
+        j = index.get(e.item_id)
+        if j is not None:
+            row[0, j] += 1.0
+        seen.setdefault(e.user_id, set()).add(e.item_id)
+
+    def to_pb(e: formats.Interaction) -> pb.Event:
+        return pb.Event(user_id=e.user_id, item_id=e.item_id, type=pb.EventType.Value("EVENT_TYPE_" + e.event_type.upper()))
+
+    before = events[:start_at]  # the server has them already when `bootstrap` is False (an earlier replay)
+    for i in range(0, len(before) if bootstrap else 0, batch):
+        client.record_events([to_pb(e) for e in before[i : i + batch]])
+    for e in before:
+        remember(e)
+    report.bootstrap_events = len(before) if bootstrap else 0
+    for e in events[start_at:stop_at]:
+        row = history.get(e.user_id)
+        if row is not None:
+            # ItemKNN's score of this history: sum of cosines to the items seen so far
+            scores = ((row > 0).astype(np.float32) @ upstream.sim)[0].astype(np.float64)
+            for item in seen[e.user_id]:
+                j = index.get(item)
+                if j is not None:
+                    scores[j] = -np.inf
+            top = np.argsort(-scores, kind="stable")[:num_candidates]
+            cands = [(upstream.items[j], float(scores[j])) for j in top.tolist() if np.isfinite(scores[j])]
+            if cands:
+                try:
+                    reply = client.rerank(e.user_id, cands, top_k=top_k)
+                except Exception:
+                    report.failed += 1
+                else:
+                    report.lists += 1
+                    returned = [it.item_id for it in reply.items]
+                    stats = report.arms.setdefault(reply.arm or "bypassed", [0.0, 0.0, 0.0])
+                    stats[0] += 1
+                    if e.item_id in returned:
+                        stats[1] += 1
+                        stats[2] += 1.0 / float(np.log2(returned.index(e.item_id) + 2))
+        try:
+            client.record_events([to_pb(e)])
+            report.events += 1
+        except Exception:
+            report.failed += 1
+        remember(e)
+    report.seconds = time.perf_counter() - started
+    return report

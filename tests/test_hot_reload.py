@@ -1,0 +1,174 @@
+"""Head hot reload and a head per experiment arm, through a real server."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from reranker import arms
+from reranker.config import Settings
+from reranker.experiments import bucket_of
+from reranker.v1 import reranker_pb2 as pb
+
+from conftest import ServerFactory, candidate, event, fake_settings
+from test_head import make_head, only
+
+CANDS = [candidate("c1", 2.0), candidate("c2", 1.0)]
+
+
+def _publish(head: object, path: Path) -> str:
+    """Write a head the way a trainer should: a temporary file, then an atomic rename."""
+    tmp = path.with_suffix(".tmp.npz")
+    head.save(tmp)  # type: ignore[attr-defined]
+    os.replace(tmp, path)
+    return f"fake-hash-v1+{head.version}"  # type: ignore[attr-defined]
+
+
+def _user(stub: object, user: str = "u") -> None:
+    stub.UpsertItems(pb.UpsertItemsRequest(items=[  # type: ignore[attr-defined]
+        pb.Item(item_id=i, text=t) for i, t in [("h1", "space opera"), ("c1", "space opera sequel"), ("c2", "cooking")]
+    ]))
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, "h1")]))  # type: ignore[attr-defined]
+
+
+def _wait_for(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_renamed_file_is_served_from_the_next_request_and_a_bad_one_keeps_the_old_head(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
+    path = tmp_path / "head.npz"
+    first = _publish(make_head(weights=only("upstream_minmax")), path)
+    running, stub = make_server(fake_settings(head_path=str(path), head_reload_seconds=0.05))
+    _user(stub)
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS))
+    assert reply.model_version == first and [it.item_id for it in reply.items] == ["c1", "c2"]
+    second = _publish(make_head(weights=-only("upstream_minmax")), path)  # the upstream order reversed
+    _wait_for(lambda: running.service.model_version == second)
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS))
+    assert reply.model_version == second and [it.item_id for it in reply.items] == ["c2", "c1"]
+    assert f'reranker_model_info{{model_version="{second}"}} 1.0' in running.service.metrics.exposition().decode()
+    # A truncated file, then a head for another encoder: both refused, the old head stays, still SERVING.
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(path.read_bytes()[:100])
+    os.replace(broken, path)
+    make_head(dim=32).save(tmp_path / "dim32.npz")
+    metrics = running.service.metrics
+    _wait_for(lambda: metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "error"}) == 1)
+    os.replace(tmp_path / "dim32.npz", path)
+    _wait_for(lambda: metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "error"}) == 2)
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS))
+    assert reply.model_version == second and reply.variant == pb.VARIANT_RERANKED
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    # SIGHUP's reload (forced) right after a publish serves it at once (the watcher may have been first);
+    # forced again, the same head is not swapped.
+    third = _publish(make_head(weights=only("popularity"), popularity={"c2": 1.0}), path)
+    running.service.reload_heads()
+    assert running.service.model_version == third
+    assert not running.service.reload_heads()
+    assert metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "unchanged"}) >= 1
+
+
+def test_no_request_fails_while_heads_are_swapped_under_load(tmp_path: Path, make_server: ServerFactory) -> None:
+    path = tmp_path / "head.npz"
+    heads = [make_head(weights=only("upstream_minmax") * (i + 1)) for i in range(2)]
+    versions = [f"fake-hash-v1+{h.version}" for h in heads]
+    _publish(heads[0], path)
+    running, stub = make_server(fake_settings(head_path=str(path), head_reload_seconds=0.01))
+    _user(stub)
+    stop, seen, errors = threading.Event(), Counter[str](), []
+
+    def client() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            call = ch.unary_unary("/reranker.v1.RerankerService/Rerank", pb.RerankRequest.SerializeToString,
+                                  pb.RerankResponse.FromString)
+            while not stop.is_set():
+                try:
+                    reply = call(pb.RerankRequest(user_id="u", candidates=CANDS), timeout=10)
+                    seen[reply.model_version] += 1
+                    if reply.variant != pb.VARIANT_RERANKED:
+                        errors.append(pb.Variant.Name(reply.variant))
+                except grpc.RpcError as exc:
+                    errors.append(str(exc.code()))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for swap in range(1, 7):
+        _publish(heads[swap % 2], path)
+        _wait_for(lambda: running.service.model_version == versions[swap % 2])
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(20)
+    assert errors == [] and set(seen) == set(versions) and sum(seen.values()) > 50
+
+
+def test_each_arm_gets_its_own_head_and_control_and_bypass_are_unchanged(tmp_path: Path, make_server: ServerFactory) -> None:
+    make_head(weights=only("upstream_minmax")).save(tmp_path / "a.npz")
+    settings = fake_settings(
+        head_path=str(tmp_path / "a.npz"), treatment_percent=80.0, experiment_arms=f"b=40:{tmp_path / 'b.npz'}",
+        head_reload_seconds=0.05,
+    )
+    running, stub = make_server(settings)  # b.npz does not exist yet: arm b serves like treatment
+    users = [f"user-{i}" for i in range(60)]
+    for user in users:
+        _user(stub, user)
+
+    def by_arm() -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for user in users:
+            reply = stub.Rerank(pb.RerankRequest(user_id=user, candidates=CANDS))
+            bucket = bucket_of(settings.experiment_salt, user)
+            expected = "b" if bucket < 4000 else "treatment" if bucket < 8000 else "control"
+            assert reply.arm == expected and reply.bucket == bucket
+            assert reply.variant == (pb.VARIANT_CONTROL if expected == "control" else pb.VARIANT_RERANKED)
+            out.setdefault(reply.arm, set()).add(reply.model_version)
+        return out
+
+    a_version = running.service.model_version
+    assert by_arm() == {"b": {a_version}, "treatment": {a_version}, "control": {a_version}}
+    b_version = _publish(make_head(weights=-only("upstream_minmax")), tmp_path / "b.npz")
+    _wait_for(lambda: running.service.arms is not None and running.service.arms.arms[0].model_version == b_version)
+    assert by_arm() == {"b": {b_version}, "treatment": {a_version}, "control": {a_version}}
+    reply = stub.Rerank(pb.RerankRequest(user_id=users[0], candidates=CANDS, options=pb.RerankOptions(bypass=True)))
+    assert reply.variant == pb.VARIANT_BYPASSED and reply.arm == ""
+
+
+def test_arm_settings_are_validated() -> None:
+    assert Settings(experiment_arms="b=10:/x.npz, c=5.5:/y.npz").parsed_experiment_arms() == [
+        ("b", 10.0, "/x.npz"), ("c", 5.5, "/y.npz")
+    ]
+    for bad, message in [
+        ("b=10", "not name=percent:path"), ("control=10:/x", "must be"), ("b=x:/p", "non-numeric"),
+        ("b=0:/p", r"in \(0, 100\]"), ("b=60:/p,c=50:/q", "more than treatment_percent"), ("b=1:/p,b=2:/q", "twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Settings(experiment_arms=bad)
+
+
+def test_arm_buckets_follow_the_order_given() -> None:
+    settings = Settings(treatment_percent=50.0, experiment_arms="b=10:/b.npz,c=5:/c.npz")
+    table = arms.build_table(settings, "enc", {})
+    assert [(a.name, a.end, a.borrowed) for a in table.arms] == [("b", 1000, True), ("c", 1500, True)]
+    assert [table.for_bucket(x).name for x in (0, 999, 1000, 1499, 1500, 4999)] == ["b", "b", "c", "c", "treatment", "treatment"]
+    head = make_head()
+    table = arms.build_table(dataclasses.replace(settings, head_path="/a.npz"), "enc", {"c": head})
+    assert table.arms[1].model_version == f"enc+{head.version}" and table.arms[0].model_version == "enc"
+    assert table.paths() == {"treatment": "/a.npz", "b": "/b.npz", "c": "/c.npz"} and set(table.heads()) == {"treatment", "c"}
+    assert np.isfinite(table.arms[1].head.weights).all()  # type: ignore[union-attr]

@@ -1,0 +1,81 @@
+"""Online metrics: lists joined with the user's next positive event, per arm; through a real server too."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from reranker.onlinemetrics import OnlineMetrics
+from reranker.traininglog import EventsRecord, ServedRecord
+from reranker.types import Candidate, Event, EventType, RankedItems, RerankQuery, RerankResult, Variant
+from reranker.v1 import reranker_pb2 as pb
+
+from conftest import ServerFactory, candidate, event, fake_settings
+
+
+def served(at: float, user: str, order: list[str], arm: str = "treatment", variant: Variant = Variant.RERANKED,
+           version: str = "m1") -> ServedRecord:
+    n = len(order)
+    result = RerankResult(RankedItems(order, [0.0] * n, [0.0] * n, [0.0] * n, list(range(n))), variant, version, arm=arm)
+    return ServedRecord(at, RerankQuery(user, tuple(Candidate(i, 0.0) for i in order)), result)
+
+
+def events(at: float, *pairs: tuple[str, str], kind: EventType = EventType.CLICK) -> EventsRecord:
+    return EventsRecord(at, tuple(Event(u, i, kind, at) for u, i in pairs))
+
+
+def test_hits_and_ndcg_by_hand_per_arm() -> None:
+    online = OnlineMetrics(fake_settings(online_metrics_window_seconds=60, online_metrics_k=3))
+    online(served(0, "a", ["x", "y", "z", "w"]))
+    online(served(1, "b", ["x", "y", "z", "w"]))
+    online(served(2, "c", ["x", "y", "z", "w"], arm="control", variant=Variant.CONTROL))
+    online(served(3, "d", ["x"], arm="", variant=Variant.BYPASSED))  # no arm: not joined
+    online(events(5, ("a", "y"), ("b", "w"), ("c", "x"), ("d", "x")))  # b's target is below k=3
+    online(events(6, ("a", "x")))  # a's list was judged by its first event already
+    stats = online.snapshot()
+    treat, control = stats[("treatment", "m1")], stats[("control", "m1")]
+    assert (treat.lists, treat.judged, treat.hits) == (2, 2, 1.0) and math.isclose(treat.ndcg, 1 / math.log2(3))
+    assert (control.lists, control.judged, control.hits, control.ndcg) == (1, 1, 1.0, 1.0)
+    assert len(stats) == 2 and online.waiting == 0
+
+
+def test_window_expiry_negative_events_and_the_memory_bound() -> None:
+    online = OnlineMetrics(fake_settings(online_metrics_window_seconds=10, online_metrics_max_lists=2))
+    online(served(0, "a", ["x"]))
+    online(events(1, ("a", "x"), kind=EventType.DISLIKE))  # negative feedback is not a target
+    online(events(20, ("a", "x")))  # too late: the list expired
+    online(served(21, "b", ["x"]))
+    online(served(22, "c", ["x"]))
+    online(served(23, "d", ["x"]))  # evicts b's list (two lists at most)
+    online(events(24, ("b", "x"), ("c", "x"), ("d", "y")))
+    s = online.snapshot()[("treatment", "m1")]
+    assert (s.lists, s.expired, s.evicted, s.judged, s.hits) == (4, 1, 1, 2, 1.0)
+    assert online.waiting == 0
+
+
+def test_the_server_exposes_per_arm_online_metrics(tmp_path: Path, make_server: ServerFactory) -> None:
+    running, stub = make_server(fake_settings(online_metrics_window_seconds=60, treatment_percent=50.0))
+    stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=i, text=i) for i in ("h", "a", "b", "c")]))
+    users = [f"u{i}" for i in range(40)]
+    arms = {}
+    for user in users:
+        stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, "h")]))
+        reply = stub.Rerank(pb.RerankRequest(user_id=user, candidates=[candidate("a", 3), candidate("b", 2), candidate("c", 1)]))
+        arms[user] = reply.arm
+        stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, reply.items[0].item_id)]))  # clicks the top item
+    registry = running.service.metrics.registry
+    version = running.service.model_version
+    deadline = time.monotonic() + 10
+    while registry.get_sample_value("reranker_online_lists_judged_total", {"arm": "control", "model_version": version}) != \
+            sum(a == "control" for a in arms.values()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for arm in ("control", "treatment"):
+        labels = {"arm": arm, "model_version": version}
+        n = sum(a == arm for a in arms.values())
+        assert n > 5
+        assert registry.get_sample_value("reranker_online_lists_total", labels) == n
+        assert registry.get_sample_value("reranker_online_lists_judged_total", labels) == n
+        assert registry.get_sample_value("reranker_online_hits_at_k", {**labels, "k": "10"}) == 1.0
+        assert registry.get_sample_value("reranker_online_ndcg_total", {**labels, "k": "10"}) == n
+    assert b"reranker_online_lists_waiting 0.0" in running.service.metrics.exposition()
