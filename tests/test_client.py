@@ -144,7 +144,9 @@ def test_example_caller_runs_against_a_real_server(make_server: ServerFactory) -
     assert "recorded events: accepted=2" in run.stdout
     assert "variant=reranked reranked=True" in run.stdout
     served = run.stdout.split("serving:")[1].split()
-    assert set(served[:2]) == {"m2", "m4"}  # the space items move up, for a space fan
+    # For a space fan the space items move up: m4 (upstream 4th) passes the cooking show m3. At the
+    # default blend weight (0.3) the upstream's favourite m1 keeps its place.
+    assert "m2" in served[:2] and served.index("m4") < served.index("m3")
 
 
 def test_example_caller_serves_upstream_order_when_the_sidecar_is_down() -> None:

@@ -83,7 +83,8 @@ def test_response_fields_top_k_dedup_and_explanations(stub) -> None:
     cands = mixed_candidates() + [candidate("item-0", 0.5, COOKING[0]), candidate("no-text", 0.1)]
     response = stub.Rerank(
         pb.RerankRequest(
-            user_id="u3", candidates=cands, top_k=7, request_id="req-9", options=pb.RerankOptions(explain=True)
+            user_id="u3", candidates=cands, top_k=7, request_id="req-9",
+            options=pb.RerankOptions(explain=True, blend_weight=0.5),  # semantic strong enough to lead
         ),
         timeout=5,
     )
@@ -237,7 +238,8 @@ def test_upsert_items_precomputes_and_reencodes_changed_text(stub) -> None:
     again = stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id="a", text="x"), pb.Item(item_id="b", text="z")]))
     assert (again.upserted, again.encoded) == (2, 1)
     stub.RecordEvents(pb.RecordEventsRequest(events=[event("u7", "h", "x")]))
-    response = stub.Rerank(pb.RerankRequest(user_id="u7", candidates=[candidate("a", 1), candidate("b", 2)]))
+    response = stub.Rerank(pb.RerankRequest(user_id="u7", candidates=[candidate("a", 1), candidate("b", 2)],
+                                            options=pb.RerankOptions(blend_weight=0.5)))
     assert response.cache_hits == 2 and response.without_vector == 0 and ids(response)[0] == "a"
 
 
