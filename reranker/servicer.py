@@ -69,16 +69,17 @@ class RerankerServicer:
     async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext) -> convert.EncodedRerankResponse:
         # Answered as bytes (see add_to_server).
         query = convert.rerank_query(request, self._limits)
-        remaining, service, columns = _remaining(context), self._service, query.options.columns
+        remaining, service, options = _remaining(context), self._service, query.options
+        columns, packed = options.columns, (options if options.packed else None)
         if service.profiles_in_process:
             try:
-                return convert.encode_rerank_response(service.rerank(query, remaining, may_block=False), columns)
+                return convert.encode_rerank_response(service.rerank(query, remaining, may_block=False), columns, packed)
             except WouldBlock as wait:
                 lookups = {"lookup": wait.lookup, "event_lookup": wait.event_lookup}
         else:
             lookups = {}
         result = await self._blocking(service.rerank, query, context, **lookups)
-        return convert.encode_rerank_response(result, columns)
+        return convert.encode_rerank_response(result, columns, packed)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest, context: aio.ServicerContext) -> pb.RecordEventsResponse:
         if not request.events:
