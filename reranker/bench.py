@@ -257,7 +257,8 @@ class RerankWorkload:
     never seen before (they must be encoded), always with text, for users with a history.
 
     `form`: one message per candidate and per answered item; `columns` both ways; or `packed`
-    both ways (integer ids: the pool is upserted with decimal string ids "0", "1", ...)."""
+    both ways (integer ids: the pool is upserted with decimal string ids "0", "1", ..., and its
+    items travel without text; only never-seen items carry one)."""
 
     def __init__(
         self, candidates: int, hit_ratio: float, pool: int, users: int, texts: list[str], form: str = "messages"
@@ -296,8 +297,11 @@ class RerankWorkload:
         if self.form == "packed":
             from reranker.client import packed_candidates
 
+            # Warm items go without text (the catalog was upserted: the point of the packed form is
+            # no per-candidate payload); texts travel only when some candidate must be encoded.
+            texts = [c.text if k >= len(cands) - (self.candidates - warm) else None for k, c in enumerate(cands)]
             packed = packed_candidates(
-                [int(c.item_id) for c in cands], [c.score for c in cands], [c.text for c in cands]
+                [int(c.item_id) for c in cands], [c.score for c in cands], texts if any(texts) else None
             )
             return pb.RerankRequest(user_id=user, packed_candidates=packed, request_id=request_id)
         if self.form == "columns":
