@@ -154,3 +154,24 @@ def test_example_caller_serves_upstream_order_when_the_sidecar_is_down() -> None
     )
     assert run.returncode == 0, run.stderr
     assert "reason=UNAVAILABLE" in run.stdout and "serving: m1 m2 m3 m4" in run.stdout
+
+
+def test_example_packed_caller_runs_against_a_real_server(make_server: ServerFactory) -> None:
+    running, _ = make_server()
+    run = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "packed_caller.py"), f"--address=127.0.0.1:{running.port}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "variant=reranked reranked=True" in run.stdout
+    served = run.stdout.split("serving:")[1].split()
+    assert len(served) == 4 and set(served[:2]) == {"102", "104"}  # the space items move up, for a space fan
+
+
+def test_example_packed_caller_serves_upstream_order_when_the_sidecar_is_down() -> None:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "packed_caller.py"), f"--address={dead_address()}", "--timeout-ms=200"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "reason=UNAVAILABLE" in run.stdout and "serving: 101 102 103 104" in run.stdout
