@@ -134,44 +134,35 @@ def test_client_rejects_nonsense_configuration() -> None:
         RerankerClient(dead_address(), retries=-1)
 
 
+def _run_example(name: str, *args: str) -> str:
+    """Run examples/<name> and return its stdout (it must exit 0 whatever happens)."""
+    run = subprocess.run([sys.executable, str(REPO / "examples" / name), *args], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
 def test_example_caller_runs_against_a_real_server(make_server: ServerFactory) -> None:
     running, _ = make_server()
-    run = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "caller.py"), f"--address=127.0.0.1:{running.port}"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "recorded events: accepted=2" in run.stdout
-    assert "variant=reranked reranked=True" in run.stdout
-    served = run.stdout.split("serving:")[1].split()
+    out = _run_example("caller.py", f"--address=127.0.0.1:{running.port}")
+    assert "recorded events: accepted=2" in out
+    assert "variant=reranked reranked=True" in out
+    served = out.split("serving:")[1].split()
     assert set(served[:2]) == {"m2", "m4"}  # the space items move up, for a space fan
 
 
 def test_example_caller_serves_upstream_order_when_the_sidecar_is_down() -> None:
-    run = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "caller.py"), f"--address={dead_address()}", "--timeout-ms=200"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "reason=UNAVAILABLE" in run.stdout and "serving: m1 m2 m3 m4" in run.stdout
+    out = _run_example("caller.py", f"--address={dead_address()}", "--timeout-ms=200")
+    assert "reason=UNAVAILABLE" in out and "serving: m1 m2 m3 m4" in out
 
 
 def test_example_packed_caller_runs_against_a_real_server(make_server: ServerFactory) -> None:
     running, _ = make_server()
-    run = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "packed_caller.py"), f"--address=127.0.0.1:{running.port}"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "variant=reranked reranked=True" in run.stdout
-    served = run.stdout.split("serving:")[1].split()
+    out = _run_example("packed_caller.py", f"--address=127.0.0.1:{running.port}")
+    assert "variant=reranked reranked=True" in out
+    served = out.split("serving:")[1].split()
     assert len(served) == 4 and set(served[:2]) == {"102", "104"}  # the space items move up, for a space fan
 
 
 def test_example_packed_caller_serves_upstream_order_when_the_sidecar_is_down() -> None:
-    run = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "packed_caller.py"), f"--address={dead_address()}", "--timeout-ms=200"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "reason=UNAVAILABLE" in run.stdout and "serving: 101 102 103 104" in run.stdout
+    out = _run_example("packed_caller.py", f"--address={dead_address()}", "--timeout-ms=200")
+    assert "reason=UNAVAILABLE" in out and "serving: 101 102 103 104" in out

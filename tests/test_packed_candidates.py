@@ -27,6 +27,7 @@ from reranker.types import DecimalIds
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from conftest import ServerFactory, event, fake_settings, wait_ready
+from test_candidate_columns import _assert_refused
 from test_head import make_head
 
 TEXTS = ["space war epic", "love story in paris", "space station drama", "romantic comedy", "cooking show", ""]
@@ -197,10 +198,7 @@ def test_malformed_packed_candidates_are_invalid_argument_naming_the_field(
     _, stub = make_server(fake_settings(max_candidates=10, max_text_chars=4096))
     request = pb.RerankRequest(user_id="u", packed_candidates=packed)
     request.packed_candidates.SetInParent()  # present even when empty
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Rerank(request, timeout=5)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in info.value.details()
+    _assert_refused(stub, request, message)
 
 
 @pytest.mark.parametrize(
@@ -214,10 +212,7 @@ def test_malformed_packed_candidates_are_invalid_argument_naming_the_field(
 )
 def test_packed_with_another_form_or_a_per_item_answer_is_refused(stub, extra, message) -> None:  # type: ignore[no-untyped-def]
     request = pb.RerankRequest(user_id="u", packed_candidates=packed_candidates([1, 2], [1.0, 2.0]), **extra)
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Rerank(request, timeout=5)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in info.value.details()
+    _assert_refused(stub, request, message)
 
 
 def test_packed_bytes_are_little_endian_whatever_the_host() -> None:
