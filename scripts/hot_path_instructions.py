@@ -10,6 +10,9 @@ the response bytes: everything the servicer does, without gRPC.
 
     PYTHONPATH=$PWD python scripts/hot_path_instructions.py --candidates 500 --forms messages columns packed
 
+With PYTHONPATH at another checkout (e.g. `git archive <commit> | tar -x -C /tmp/base`), the same
+script counts that version's messages and columns forms, for a before/after comparison.
+
 Needs valgrind on PATH. Instruction counts are not time (a cache miss costs no instructions):
 compare forms and versions of the code with it, and measure latency with `reranker bench`.
 """
@@ -36,11 +39,13 @@ def _prepared(form: str, candidates: int, dim: int) -> tuple[object, list[bytes]
     settings = Settings(encoder="fake", fake_dim=dim, metrics_address="")
     service = RerankService(settings, FakeEncoder(dim))
     service.load()
-    workload = RerankWorkload(candidates, 1.0, max(2000, candidates), 50, synthetic_titles(2000), form)
+    try:
+        workload = RerankWorkload(candidates, 1.0, max(2000, candidates), 50, synthetic_titles(2000), form=form)
+    except TypeError:  # a version before the packed form (to compare against it): columns=bool
+        workload = RerankWorkload(candidates, 1.0, max(2000, candidates), 50, synthetic_titles(2000), columns=form == "columns")  # type: ignore[call-arg]
+    pool_id = getattr(workload, "pool_id", lambda k: f"item-{k}")
     service.upsert_items([Item(i, t) for i, t in workload.pool_items()])
-    service.record_events(
-        [Event(f"user-{u}", workload.pool_id((u * 7 + k) % 2000)) for u in range(50) for k in range(5)]
-    )
+    service.record_events([Event(f"user-{u}", pool_id((u * 7 + k) % 2000)) for u in range(50) for k in range(5)])
     requests = [workload.request(0, i).SerializeToString() for i in range(20)]  # type: ignore[attr-defined]
     limits = convert.Limits.from_settings(settings)
 
@@ -48,7 +53,9 @@ def _prepared(form: str, candidates: int, dim: int) -> tuple[object, list[bytes]
         query = convert.rerank_query(pb.RerankRequest.FromString(data), limits)
         result = service.rerank(query, None, may_block=False)
         options = query.options
-        return convert.encode_rerank_response(result, options.columns, options if options.packed else None).data
+        if getattr(options, "packed", False):
+            return convert.encode_rerank_response(result, False, options).data
+        return convert.encode_rerank_response(result, options.columns).data
 
     return one, requests
 
