@@ -78,7 +78,9 @@ class ItemVectorCache:
         encoded from that text. None accepts whatever vector is cached. Rows of misses are zero.
         """
         n = len(item_ids)
-        if isinstance(texts, list) and texts.count(None) == n:  # no texts (C-speed check)
+        # No texts at all (the packed form's warm path): skip hashing. The first element is checked
+        # first: list.count compares a str to None the slow way, through str.__eq__.
+        if n and isinstance(texts, list) and texts[0] is None and texts.count(None) == n:
             wanted = np.full(n, _ANY_TEXT, dtype=np.int64)
         else:
             wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
