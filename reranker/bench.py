@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import socket
@@ -186,6 +187,14 @@ class LoadResult:
     def qps(self) -> float:
         return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    def summary(self) -> dict[str, Any]:
+        """Every figure of `line`, machine-readable (latencies in ms; None where unknown)."""
+        return {
+            "requests": self.requests, "errors": self.errors, "fallbacks": self.fallbacks, "qps": self.qps,
+            **{f"{k}_ms": v for k, v in percentiles_ms(self.latencies_s).items()},
+            "server_cpu_us_per_request": self.cpu_us_per_request,
+        }
+
     def line(self, label: str) -> str:
         p = percentiles_ms(self.latencies_s)
         return (
@@ -239,22 +248,35 @@ def drive(call: Callable[[int, int], bool | None], concurrency: int, duration_s:
     return LoadResult(len(latencies), counts["errors"], counts["fallbacks"], elapsed, latencies)
 
 
+FORMS = ("messages", "columns", "packed")
+_FRESH_ID_BASE = 1_000_000_000  # packed ids of never-seen items (the pool's ids are 0, 1, 2, ...)
+
+
 class RerankWorkload:
     """Requests of `candidates` items: a share `hit_ratio` drawn from a pre-upserted pool, the rest
-    never seen before (they must be encoded), always with text, for users with a history."""
+    never seen before (they must be encoded), always with text, for users with a history.
+
+    `form`: one message per candidate and per answered item; `columns` both ways; or `packed`
+    both ways (integer ids: the pool is upserted with decimal string ids "0", "1", ..., and its
+    items travel without text; only never-seen items carry one)."""
 
     def __init__(
-        self, candidates: int, hit_ratio: float, pool: int, users: int, texts: list[str], columns: bool = False
+        self, candidates: int, hit_ratio: float, pool: int, users: int, texts: list[str], form: str = "messages"
     ) -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.candidates, self.hit_ratio, self.users = candidates, hit_ratio, users
-        self.columns = columns  # candidate_columns in, item_columns out, instead of a message per item
+        self.form = form
         self.pool_texts = [texts[i % len(texts)] for i in range(pool)]
         self.texts = texts
         self._fresh = 0
         self._lock = threading.Lock()
 
+    def pool_id(self, k: int) -> str:
+        return str(k) if self.form == "packed" else f"item-{k}"
+
     def pool_items(self) -> list[tuple[str, str]]:
-        return [(f"item-{i}", t) for i, t in enumerate(self.pool_texts)]
+        return [(self.pool_id(i), t) for i, t in enumerate(self.pool_texts)]
 
     def request(self, worker: int, i: int) -> object:
         from reranker.v1 import reranker_pb2 as pb
@@ -263,15 +285,26 @@ class RerankWorkload:
         warm = int(round(self.candidates * self.hit_ratio))
         cands = []
         for k in rng.choice(len(self.pool_texts), size=min(warm, len(self.pool_texts)), replace=False).tolist():
-            cands.append(pb.Candidate(item_id=f"item-{k}", score=float(rng.random()), text=self.pool_texts[k]))
+            cands.append(pb.Candidate(item_id=self.pool_id(k), score=float(rng.random()), text=self.pool_texts[k]))
         with self._lock:
             first = self._fresh
             self._fresh += self.candidates - len(cands)
         for n in range(first, first + self.candidates - len(cands)):
             text = self.texts[n % len(self.texts)] + f" #{n}"
-            cands.append(pb.Candidate(item_id=f"new-{n}", score=float(rng.random()), text=text))
+            fresh_id = str(_FRESH_ID_BASE + n) if self.form == "packed" else f"new-{n}"
+            cands.append(pb.Candidate(item_id=fresh_id, score=float(rng.random()), text=text))
         user, request_id = f"user-{(worker + i) % self.users}", f"{worker}-{i}"
-        if self.columns:
+        if self.form == "packed":
+            from reranker.client import packed_candidates
+
+            # Warm items go without text (the catalog was upserted: the point of the packed form is
+            # no per-candidate payload); texts travel only when some candidate must be encoded.
+            texts = [c.text if k >= len(cands) - (self.candidates - warm) else None for k, c in enumerate(cands)]
+            packed = packed_candidates(
+                [int(c.item_id) for c in cands], [c.score for c in cands], texts if any(texts) else None
+            )
+            return pb.RerankRequest(user_id=user, packed_candidates=packed, request_id=request_id)
+        if self.form == "columns":
             from reranker.client import to_columns
 
             return pb.RerankRequest(
@@ -279,6 +312,16 @@ class RerankWorkload:
                 options=pb.RerankOptions(columns=True),
             )
         return pb.RerankRequest(user_id=user, candidates=cands, request_id=request_id)
+
+
+def ratios(rerank: LoadResult, echo: LoadResult) -> dict[str, float | None]:
+    """rerank / echo for every figure of LoadResult.summary (None where either is unknown)."""
+    mine, theirs = rerank.summary(), echo.summary()
+    out: dict[str, float | None] = {}
+    for key in ("qps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "server_cpu_us_per_request"):
+        a, b = mine[key], theirs[key]
+        out[key] = None if a is None or b is None or not b else a / b
+    return out
 
 
 def _wait_serving(address: str, timeout_s: float, child: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> None:
@@ -311,7 +354,7 @@ def _prepare_server(stub: object, workload: RerankWorkload) -> None:
         chunk = items[start : start + 500]
         stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=i, text=t) for i, t in chunk]), timeout=600)  # type: ignore[attr-defined]
     events = [
-        pb.Event(user_id=f"user-{u}", item_id=f"item-{(u * 7 + k) % len(items)}", type=pb.EVENT_TYPE_CLICK)
+        pb.Event(user_id=f"user-{u}", item_id=workload.pool_id((u * 7 + k) % len(items)), type=pb.EVENT_TYPE_CLICK)
         for u in range(workload.users)
         for k in range(5)
     ]
@@ -384,7 +427,7 @@ def bench_rerank(args: argparse.Namespace) -> int:
 
     texts = load_texts(args.titles, 0)
     workload = RerankWorkload(
-        args.candidates, args.hit_ratio, max(args.pool, args.candidates), args.users, texts, args.form == "columns"
+        args.candidates, args.hit_ratio, max(args.pool, args.candidates), args.users, texts, args.form
     )
     children: list[subprocess.Popen[bytes]] = []
     tmp = tempfile.TemporaryDirectory(prefix="reranker-bench-")
@@ -436,21 +479,33 @@ def bench_rerank(args: argparse.Namespace) -> int:
             if echo_address:
                 echo = echo + _measure(echo_address, workload, args, args.duration / rounds, warmup, echo_child.pid)
         print(rerank.line("rerank"), flush=True)
-        if not echo_address:
-            return 0
-        print(echo.line("echo"), flush=True)
-        r, e = percentiles_ms(rerank.latencies_s), percentiles_ms(echo.latencies_s)
-        print(
-            "ratio rerank/echo: "
-            + " ".join(f"{k}={r[k] / e[k]:.2f}x" for k in ("p50", "p90", "p99", "p999"))
-            + f" qps={rerank.qps / max(echo.qps, 1e-9):.2f}x"
-            + (
-                f" server_cpu_per_req={rerank.cpu_us_per_request / max(echo.cpu_us_per_request, 1e-9):.2f}x"
-                if rerank.cpu_us_per_request is not None and echo.cpu_us_per_request is not None
-                else ""
-            ),
-            flush=True,
-        )
+        report: dict[str, Any] = {
+            "config": {
+                "target": args.target or "started", "candidates": args.candidates, "hit_ratio": args.hit_ratio,
+                "form": args.form, "concurrency": args.concurrency, "duration_s": args.duration,
+                "rounds": rounds, "echo": "none" if args.no_echo else args.echo_kind,
+                "response_bytes": len(payload), "server_args": args.server_args,
+            },
+            "rerank": rerank.summary(),
+        }
+        if echo_address:
+            print(echo.line("echo"), flush=True)
+            report["echo"] = echo.summary()
+            report["ratio"] = ratios(rerank, echo)
+            ratio = report["ratio"]
+            print(
+                "ratio rerank/echo: "
+                + " ".join(f"{k}={ratio[k + '_ms']:.2f}x" for k in ("p50", "p90", "p99", "p999"))
+                + f" qps={ratio['qps']:.2f}x"
+                + (
+                    f" server_cpu_per_req={ratio['server_cpu_us_per_request']:.2f}x"
+                    if ratio["server_cpu_us_per_request"] is not None
+                    else ""
+                ),
+                flush=True,
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return 0
     finally:
         for child in children:
@@ -568,10 +623,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerank.add_argument("--concurrency", type=int, default=1, help="client threads")
     rerank.add_argument("--candidates", type=int, default=500, help="candidates per request")
     rerank.add_argument(
-        "--form", choices=("messages", "columns"), default="messages",
-        help="one message per candidate and per answered item, or columns both ways "
-        "(RerankRequest.candidate_columns and RerankOptions.columns)",
+        "--form", choices=FORMS, default="messages",
+        help="one message per candidate and per answered item, columns both ways "
+        "(RerankRequest.candidate_columns and RerankOptions.columns), or packed both ways "
+        "(RerankRequest.packed_candidates, RerankResponse.packed_items)",
     )
+    rerank.add_argument("--json", default="", help="also write every figure (both servers, ratios) to this JSON file")
     rerank.add_argument("--hit-ratio", type=float, default=1.0, help="share of candidates whose vector is cached")
     rerank.add_argument("--duration", type=float, default=10.0, help="measured seconds per server")
     rerank.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before measuring")

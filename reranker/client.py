@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
@@ -88,6 +89,69 @@ def upstream_order(candidates: Sequence[pb.Candidate], top_k: int = 0) -> list[s
             seen.add(c.item_id)
             out.append(c.item_id)
     return out[:top_k] if top_k else out
+
+
+def packed_candidates(
+    item_ids: Any, scores: Any, texts: Sequence[str | None] | None = None
+) -> pb.PackedCandidates:
+    """Candidates as PackedCandidates: integer ids (int64) and upstream scores (float32) as raw
+    little-endian bytes (one `tobytes` each, no message per candidate); `texts`, when given, one
+    per id, None or "" meaning no text. Decimal string ids on the server ("42") are these ids."""
+    ids = np.ascontiguousarray(item_ids, dtype="<i8")
+    values = np.ascontiguousarray(scores, dtype="<f4")
+    if ids.ndim != 1 or values.shape != ids.shape:
+        raise ValueError(f"item_ids and scores must be 1-D of one length, got {ids.shape} and {values.shape}")
+    packed = pb.PackedCandidates(item_ids=ids.tobytes(), scores=values.tobytes())
+    if texts is not None:
+        if len(texts) != ids.size:
+            raise ValueError(f"texts has {len(texts)} values for {ids.size} item_ids")
+        packed.texts.extend([t or "" for t in texts])
+    return packed
+
+
+@dataclass(frozen=True)
+class PackedRanking:
+    """A packed answer as numpy arrays, best first: `positions` index the request's candidates."""
+
+    positions: np.ndarray  # int32
+    scores: np.ndarray  # float32 final scores
+    item_ids: np.ndarray | None = None  # int64, when asked for (or on the client-side fallback)
+    semantic_scores: np.ndarray | None = None  # float32, when asked for
+    upstream_scores: np.ndarray | None = None  # float32, when asked for
+    # "reranked", "control", "bypassed", "fallback" (server-side fail-open) or "error" (client-side).
+    variant: str = "reranked"
+    reason: str = ""
+    response: pb.RerankResponse | None = field(default=None, repr=False)
+
+    @property
+    def reranked(self) -> bool:
+        return self.variant == "reranked"
+
+
+def unpack_items(response: pb.RerankResponse) -> PackedRanking:
+    """RerankResponse.packed_items as arrays (read in place with numpy.frombuffer: read-only)."""
+    packed = response.packed_items
+
+    def column(data: bytes, dtype: str) -> np.ndarray | None:
+        return np.frombuffer(data, dtype=dtype) if data else None
+
+    positions = np.frombuffer(packed.positions, dtype="<i4")
+    return PackedRanking(
+        positions=positions,
+        scores=np.frombuffer(packed.scores, dtype="<f4"),
+        item_ids=column(packed.item_ids, "<i8"),
+        semantic_scores=column(packed.semantic_scores, "<f4"),
+        upstream_scores=column(packed.upstream_scores, "<f4"),
+        variant=pb.Variant.Name(response.variant).removeprefix("VARIANT_").lower(),
+        reason=_fallback_reason(response),
+        response=response,
+    )
+
+
+def _fallback_reason(response: pb.RerankResponse) -> str:
+    if response.variant != pb.VARIANT_FALLBACK:
+        return ""
+    return pb.FallbackReason.Name(response.fallback_reason).removeprefix("FALLBACK_REASON_").lower()
 
 
 @dataclass(frozen=True)
@@ -262,19 +326,65 @@ class RerankerClient:
             log.warning("rerank failed on the client side; serving upstream order", exc_info=True)
             return _upstream(given, top_k, "CLIENT_ERROR", str(exc), started, attempts[0])
         variant = pb.Variant.Name(response.variant).removeprefix("VARIANT_").lower()
-        reason = ""
-        if response.variant == pb.VARIANT_FALLBACK:
-            reason = pb.FallbackReason.Name(response.fallback_reason).removeprefix("FALLBACK_REASON_").lower()
         return RerankOutcome(
             item_ids=item_ids_of(response),
             reranked=response.variant == pb.VARIANT_RERANKED,
             variant=variant,
-            reason=reason,
+            reason=_fallback_reason(response),
             response=response,
             attempts=attempts[0],
             latency_ms=1000.0 * (time.monotonic() - started),
             detail=response.fallback_detail,
         )
+
+    def rerank_packed(
+        self,
+        user_id: str,
+        item_ids: Any,
+        scores: Any,
+        texts: Sequence[str | None] | None = None,
+        *,
+        top_k: int = 0,
+        context_events: Sequence[pb.Event] = (),
+        experiment: str = "",
+        request_id: str = "",
+        options: pb.RerankOptions | None = None,
+        with_item_ids: bool = False,
+        with_score_details: bool = False,
+        timeout_s: float | None = None,
+        fail_open: bool = True,
+    ) -> PackedRanking:
+        """Rerank with the packed form: int64 ids and float32 scores in, arrays out (see
+        PackedRanking), no Python object per candidate on either side. `with_item_ids` /
+        `with_score_details`: the answer also carries the ids / the semantic and upstream scores.
+
+        With `fail_open` (the default) it never raises: on any error or timeout it returns the
+        request's own order (first occurrences, cut to top_k) with variant "error" and the gRPC
+        status name as `reason`; `fail_open=False` raises grpc.RpcError instead."""
+        ids = np.ascontiguousarray(item_ids, dtype=np.int64)
+        upstream = np.ascontiguousarray(scores, dtype=np.float32)
+        try:
+            request_options = pb.RerankOptions()
+            if options is not None:
+                request_options.CopyFrom(options)  # never change the caller's message
+            request_options.packed_item_ids = with_item_ids or request_options.packed_item_ids
+            request_options.packed_score_details = with_score_details or request_options.packed_score_details
+            request = pb.RerankRequest(
+                user_id=user_id, packed_candidates=packed_candidates(ids, upstream, texts),
+                context_events=list(context_events), top_k=top_k, options=request_options,
+                experiment=experiment, request_id=request_id,
+            )
+            return unpack_items(self._call(self._stub.Rerank, request, timeout_s))
+        except Exception as exc:
+            if not fail_open:
+                raise
+            if isinstance(exc, grpc.RpcError):
+                code = exc.code() if hasattr(exc, "code") else None
+                reason = code.name if code is not None else "RPC_ERROR"
+            else:
+                log.warning("packed rerank failed on the client side; serving upstream order", exc_info=True)
+                reason = "CLIENT_ERROR"
+            return _packed_upstream(ids, upstream, top_k, reason)
 
     def record_events(self, events: Sequence[pb.Event], *, timeout_s: float | None = None) -> pb.RecordEventsResponse:
         """RecordEvents; safe to retry because the server de-duplicates by event_id (set one)."""
@@ -293,6 +403,17 @@ class RerankerClient:
 
 def _item_id(value: CandidateLike) -> str:
     return value.item_id if isinstance(value, pb.Candidate) else str(value[0])
+
+
+def _packed_upstream(ids: np.ndarray, scores: np.ndarray, top_k: int, reason: str) -> PackedRanking:
+    """The request's own order as a PackedRanking (the client-side fail-open path)."""
+    if ids.ndim != 1 or scores.shape != ids.shape:
+        ids, scores = ids.reshape(-1)[:0], scores.reshape(-1)[:0]  # malformed: serve nothing
+    positions = np.sort(np.unique(ids, return_index=True)[1]).astype(np.int32)
+    positions = positions[:top_k] if top_k else positions
+    return PackedRanking(
+        positions, scores[positions], ids[positions], None, scores[positions], variant="error", reason=reason
+    )
 
 
 def _upstream(

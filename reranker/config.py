@@ -20,6 +20,7 @@ ENV_PREFIX = "RERANKER_"
 RESERVED_ARMS = ("control", "treatment", "bypassed")
 CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
 DEFAULT_EVENT_WEIGHTS = "view=0.5,click=1,add_to_cart=2,purchase=3,like=2,dislike=-1.5,skip=-0.5"
+POOLINGS = ("mean", "cls", "last_token")  # Settings.pooling
 
 
 def _doc(text: str, default: Any) -> Any:
@@ -40,6 +41,18 @@ class Settings:
     model_dir: str = _doc("Local Hugging Face model directory; empty = the packaged all-MiniLM-L6-v2.", "")
     device: str = _doc("`cpu`, `cuda`, or `auto` (cuda when available).", "cpu")
     dtype: str = _doc("`float32`, `float16` (CUDA), `bfloat16` (CUDA, or CPUs with AVX512-BF16/AMX), or `int8` (dynamic quantization, CPU).", "float32")
+    pooling: str = _doc(
+        "How token vectors become one text vector: `mean` (attention-masked mean: sentence-transformers "
+        "models such as the packaged MiniLM), `cls` (the first token: BERT-style [CLS] models such as BGE), "
+        "or `last_token` (the last real token, batches padded on the left: decoder-LLM embedding models "
+        "such as Qwen3-Embedding, gte-Qwen2, e5-mistral). runtime=onnx supports mean only.",
+        "mean",
+    )
+    item_instruction: str = _doc(
+        "Text put before every item text before it is encoded (instruction-tuned embedding models); "
+        "part of the encoder version, so vectors and heads made with another instruction are not mixed in.",
+        "",
+    )
     max_seq_length: int = _doc("Token limit per text; longer texts are truncated by the tokenizer.", 128)
     encode_batch_size: int = _doc("Largest batch the encoder runs at once.", 32)
     encode_max_wait_ms: float = _doc("How long the micro-batcher waits to fill a batch.", 2.0)
@@ -325,6 +338,10 @@ class Settings:
             problems.append("runtime must be 'torch' or 'onnx'")
         elif self.runtime == "onnx" and (self.dtype not in ("float32", "int8") or self.device == "cuda"):
             problems.append("runtime=onnx runs on cpu with dtype float32 or int8")
+        if self.pooling not in POOLINGS:
+            problems.append(f"pooling must be one of {', '.join(POOLINGS)}")
+        elif self.runtime == "onnx" and self.pooling != "mean":
+            problems.append(f"runtime=onnx supports pooling=mean only (got {self.pooling}); use runtime=torch")
         if self.int8_layers not in ("attention", "attention+intermediate", "all"):
             problems.append("int8_layers must be 'attention', 'attention+intermediate' or 'all'")
         if self.torch_interop_threads < 0:

@@ -15,6 +15,7 @@ from reranker.errors import InvalidRequest
 from reranker.eventpolicy import check_event_time, check_event_weight
 from reranker.types import (
     CandidateColumns,
+    DecimalIds,
     Event,
     EventType,
     Explanation,
@@ -167,6 +168,53 @@ def candidates_from_columns(msg: pb.CandidateColumns, limits: Limits) -> Candida
     return CandidateColumns(item_ids, scores, texts)
 
 
+_PACKED_ID = np.dtype("<i8")  # PackedCandidates.item_ids / PackedItems.item_ids
+_PACKED_SCORE = np.dtype("<f4")  # PackedCandidates.scores / PackedItems score fields
+_PACKED_POSITION = np.dtype("<i4")  # PackedItems.positions
+
+
+def _packed_array(data: bytes, dtype: np.dtype, name: str, kind: str) -> np.ndarray:
+    if len(data) % dtype.itemsize:
+        raise InvalidRequest(
+            f"{name} is {len(data)} bytes, not a multiple of {dtype.itemsize} ({kind}, little-endian)"
+        )
+    return np.frombuffer(data, dtype=dtype)
+
+
+def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> CandidateColumns:
+    """PackedCandidates -> columns: ids and scores read in place with numpy.frombuffer (no Python
+    object per candidate); the ids stay integers (DecimalIds). An empty text means "no text"."""
+    ids = _packed_array(msg.item_ids, _PACKED_ID, "packed_candidates.item_ids", "int64")
+    n = ids.shape[0]
+    if n == 0:
+        raise InvalidRequest("packed_candidates.item_ids must not be empty")
+    _check_count(n, limits.max_candidates, "packed_candidates.item_ids", "max_candidates")
+    scores = _packed_array(msg.scores, _PACKED_SCORE, "packed_candidates.scores", "float32")
+    if scores.shape[0] != n:
+        raise InvalidRequest(f"packed_candidates.scores has {scores.shape[0]} values for {n} item_ids")
+    finite = np.isfinite(scores)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise InvalidRequest(f"packed_candidates.scores[{i}] must be finite, got {scores[i]}")
+    texts: list[str | None]
+    if msg.texts:
+        texts = list(msg.texts)
+        if len(texts) != n:
+            raise InvalidRequest(
+                f"packed_candidates.texts has {len(texts)} values for {n} item_ids (give none or one each)"
+            )
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+        too_long = lengths > limits.max_text_chars
+        if too_long.any():
+            i = int(np.argmax(too_long))
+            _check_text(texts[i], f"packed_candidates.texts[{i}]", limits)
+        for i in np.flatnonzero(lengths == 0).tolist():
+            texts[i] = None
+    else:
+        texts = [None] * n
+    return CandidateColumns(DecimalIds(ids), scores.astype(np.float64), texts)
+
+
 def _validated_columns(
     item_ids: list[str], scores: np.ndarray, texts: list[str], limits: Limits, names: tuple[str, str, str]
 ) -> np.ndarray:
@@ -190,14 +238,21 @@ def _validated_columns(
 
 def candidate_count(req: pb.RerankRequest) -> int:
     """Candidates in a request, in whichever form it sent them."""
-    return len(req.candidates) or len(req.candidate_columns.item_ids)
+    return (
+        len(req.candidates)
+        or len(req.candidate_columns.item_ids)
+        or len(req.packed_candidates.item_ids) // _PACKED_ID.itemsize
+    )
 
 
 def rerank_query(req: pb.RerankRequest, limits: Limits, now: float | None = None) -> RerankQuery:
     user_id = _check_id(req.user_id, "user_id", limits)
-    if req.HasField("candidate_columns"):
-        if req.candidates:
-            raise InvalidRequest("set candidates or candidate_columns, not both")
+    packed = req.HasField("packed_candidates")
+    if req.HasField("candidate_columns") + packed + (len(req.candidates) > 0) > 1:
+        raise InvalidRequest("set one of candidates, candidate_columns and packed_candidates")
+    if packed:
+        candidates = candidates_from_packed(req.packed_candidates, limits)
+    elif req.HasField("candidate_columns"):
         candidates = candidates_from_columns(req.candidate_columns, limits)
     else:
         candidates = candidates_from_pb(req.candidates, limits)
@@ -209,9 +264,15 @@ def rerank_query(req: pb.RerankRequest, limits: Limits, now: float | None = None
         explain=opts.explain,
         columns=opts.columns,
         consumed=_consumed_policy(opts.consumed),
+        packed=packed,
+        packed_item_ids=opts.packed_item_ids,
+        packed_score_details=opts.packed_score_details,
     )
     if options.columns and options.explain:
         raise InvalidRequest("options.columns answers without explanations: unset explain or columns")
+    if packed and (options.columns or options.explain):
+        name = "options.columns" if options.columns else "options.explain"
+        raise InvalidRequest(f"{name} does not apply to packed_candidates (the answer is packed_items)")
     if len(req.experiment) > limits.max_id_chars or len(req.request_id) > limits.max_id_chars:
         raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
     return RerankQuery(
@@ -319,12 +380,35 @@ class EncodedRerankResponse:
     result: RerankResult
 
 
-def encode_rerank_response(result: RerankResult, columns: bool = False) -> EncodedRerankResponse:
+def packed_items(items: RankedItems, item_ids: bool = False, score_details: bool = False) -> pb.PackedItems:
+    """The order as PackedItems: each field one array's little-endian bytes."""
+    msg = pb.PackedItems(
+        positions=items.original_ranks.astype(_PACKED_POSITION).tobytes(),
+        scores=items.scores.astype(_PACKED_SCORE).tobytes(),
+    )
+    if item_ids:
+        ids = items.item_ids
+        values = ids.values if isinstance(ids, DecimalIds) else np.array([int(i) for i in ids], dtype=np.int64)
+        msg.item_ids = values.astype(_PACKED_ID).tobytes()
+    if score_details:
+        msg.semantic_scores = items.semantic_scores.astype(_PACKED_SCORE).tobytes()
+        msg.upstream_scores = items.upstream_scores.astype(_PACKED_SCORE).tobytes()
+    return msg
+
+
+def encode_rerank_response(
+    result: RerankResult, columns: bool = False, packed: RerankOptions | None = None
+) -> EncodedRerankResponse:
     """The RerankResponse bytes, without building a message per item when there are no explanations:
     the serialized header followed by the `items` field (protobuf merges fields in any order), or
-    with `columns`, the header with `item_columns` (whole columns, no message per item)."""
+    with `columns`, the header with `item_columns` (whole columns, no message per item), or with
+    `packed` (the options of a packed request), the header with `packed_items`."""
     items = RankedItems.of(result.items)
-    if columns:
+    if packed is not None:
+        msg = _response_header(result)
+        msg.packed_items.CopyFrom(packed_items(items, packed.packed_item_ids, packed.packed_score_details))
+        data = msg.SerializeToString()
+    elif columns:
         data = _response_header(result).SerializeToString() + wire.encode_item_columns(items)
     elif items.explanations is None:
         data = _response_header(result).SerializeToString() + wire.encode_ranked_items(items)

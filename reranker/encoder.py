@@ -151,9 +151,11 @@ class TextTokenizer:
     runs; `pad` builds the padded id and mask arrays of one batch. Shared by both runtimes.
     """
 
-    def __init__(self, model_dir: Path, max_seq_length: int) -> None:
+    def __init__(self, model_dir: Path, max_seq_length: int, instruction: str = "", left_padding: bool = False) -> None:
         from transformers import AutoTokenizer
 
+        self.instruction = instruction  # put before every text (instruction-tuned embedding models)
+        self.left_padding = left_padding  # last-token pooling: every row's last real token in the last column
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         self._fast = copy.deepcopy(self.tokenizer.backend_tokenizer)
         self._fast.no_padding()
@@ -162,21 +164,38 @@ class TextTokenizer:
         self.uses_token_types = "token_type_ids" in self.tokenizer.model_input_names
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
+        if self.instruction:
+            texts = [self.instruction + text for text in texts]
         return [enc.ids for enc in self._fast.encode_batch(texts, add_special_tokens=True)]
 
     def pad(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask), int64 arrays of shape (len(ids), longest)."""
+        """(input_ids, attention_mask), int64 arrays of shape (len(ids), longest); padded on the
+        right, or on the left with `left_padding`."""
         width = max(1, max(map(len, ids)))
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), width), dtype=np.int64)
         for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
+            start = width - len(seq) if self.left_padding else 0
+            input_ids[row, start : start + len(seq)] = seq
+            mask[row, start : start + len(seq)] = 1
         return input_ids, mask
 
 
+def encoder_version(name: str, model_dir: Path, runtime_dtype: str, settings: Settings) -> str:
+    """`name@fingerprint/dtype`, plus the pooling when it is not mean and a hash of the item
+    instruction when there is one: vectors from different settings never share a cache or a head."""
+    version = f"{name}@{model_fingerprint(model_dir)}/{runtime_dtype}"
+    if settings.pooling != "mean":
+        version += f"/{settings.pooling}"
+    if settings.item_instruction:
+        version += "/instruction-" + hashlib.sha256(settings.item_instruction.encode("utf-8")).hexdigest()[:8]
+    return version
+
+
 class TransformerEncoder:
-    """Hugging Face AutoModel + attention-masked mean pooling + L2 normalization."""
+    """Hugging Face AutoModel + pooling (`mean` over the attention mask, `cls`, or `last_token` over
+    left-padded batches) + L2 normalization. Encoder models (BERT, MiniLM) and decoder LLMs (Qwen2,
+    Llama, Mistral) alike: AutoModel gives the last hidden states of either."""
 
     def __init__(self, settings: Settings) -> None:
         model_dir = Path(settings.model_dir) if settings.model_dir else packaged_model_dir()
@@ -200,7 +219,9 @@ class TransformerEncoder:
         self._torch = torch
         self.device = torch.device(device)
         try:
-            self._tokens = TextTokenizer(model_dir, settings.max_seq_length)
+            self._tokens = TextTokenizer(
+                model_dir, settings.max_seq_length, settings.item_instruction, left_padding=settings.pooling == "last_token"
+            )
             model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
         except Exception as exc:  # corrupt or incomplete model directory
             raise EncoderFailed(f"cannot load model from {model_dir}: {exc}") from exc
@@ -228,7 +249,8 @@ class TransformerEncoder:
         self.max_seq_length = settings.max_seq_length
         self.dim = int(model.config.hidden_size)
         name = PACKAGED_MODEL_NAME if not settings.model_dir else model_dir.name
-        self.version = f"{name}@{model_fingerprint(model_dir)}/{dtype}"
+        self.version = encoder_version(name, model_dir, dtype, settings)
+        self.pooling = settings.pooling
         self._lock = threading.Lock()
         self._tokenizer = self._tokens.tokenizer
 
@@ -243,9 +265,15 @@ class TransformerEncoder:
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
         if self._tokens.uses_token_types:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        if self._tokens.left_padding:
+            # Positions count real tokens only, so a left-padded row sees the positions it would alone.
+            batch["position_ids"] = torch.from_numpy(np.maximum(np.cumsum(mask, axis=1) - 1, 0))
         return self.forward(batch)
 
     def tokenize(self, texts: list[str]) -> Any:
+        if self._tokens.instruction:
+            texts = [self._tokens.instruction + text for text in texts]
+        self._tokenizer.padding_side = "left" if self._tokens.left_padding else "right"
         return self._tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
         )
@@ -256,8 +284,13 @@ class TransformerEncoder:
         with self._lock, torch.inference_mode():
             # fp16/bf16 on CUDA: the transformer runs in half precision, pooling in float32.
             hidden = self._model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            elif self.pooling == "last_token":
+                pooled = hidden[:, -1]  # left padding: the last column is every row's last real token
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled.cpu().numpy().astype(np.float32, copy=False)
 

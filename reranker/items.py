@@ -6,7 +6,11 @@ replicas use it) and Python's string hash, which is what the hot path compares (
 C and cached on the str; no blake2b per candidate per request). A row whose Python hash is not
 known (restored from a snapshot, or put with a stable hash) is verified once with `text_hash`.
 
-A lookup is one dict probe per id plus a few numpy operations: vectors are gathered from the
+Ids that are canonical decimal strings ("42") are also keyed by their integer value in an
+IntRowIndex, so integer ids (the packed Rerank form, DecimalIds) are looked up with array
+operations, no dict probe per id: "42" and 42 are the same item.
+
+A lookup by string id is one dict probe per id plus a few numpy operations: vectors are gathered from the
 matrix in one fancy-index, fingerprints are compared and recency is stamped as arrays (no
 per-request re-stacking, no per-hit linked-list bookkeeping). Eviction picks the rows with the
 oldest use stamp (argpartition), only when the cache is full.
@@ -20,6 +24,9 @@ from collections.abc import Sequence
 from itertools import repeat
 
 import numpy as np
+
+from reranker.intindex import IntRowIndex, decimal_key
+from reranker.types import DecimalIds
 
 # A text key of None means "no text given: accept whatever vector is cached". (A real text whose
 # Python hash equals hash(None) would fall to the exact text_hash check: still correct.)
@@ -48,6 +55,7 @@ class ItemVectorCache:
         self._stable_fp = np.zeros(rows, dtype=np.uint64)  # text_hash of the encoded text
         self._last_used = np.full(rows, _FREE, dtype=np.int64)
         self._row_of: dict[str, int] = {}
+        self._row_of_int = IntRowIndex(rows)  # the decimal ids among _row_of, by integer value
         self._id_of_row: list[str | None] = [None] * rows
         self._free_rows: list[int] = list(range(rows - 1, -1, -1))
         self._clock = 0
@@ -70,9 +78,17 @@ class ItemVectorCache:
         encoded from that text. None accepts whatever vector is cached. Rows of misses are zero.
         """
         n = len(item_ids)
-        wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
+        # No texts at all (the packed form's warm path): skip hashing. The first element is checked
+        # first: list.count compares a str to None the slow way, through str.__eq__.
+        if n and isinstance(texts, list) and texts[0] is None and texts.count(None) == n:
+            wanted = np.full(n, _ANY_TEXT, dtype=np.int64)
+        else:
+            wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
         with self._lock:
-            rows = np.fromiter(map(self._row_of.get, item_ids, repeat(-1, n)), dtype=np.int64, count=n)
+            if isinstance(item_ids, DecimalIds):
+                rows = self._row_of_int.get(item_ids.values)
+            else:
+                rows = np.fromiter(map(self._row_of.get, item_ids, repeat(-1, n)), dtype=np.int64, count=n)
             found = rows >= 0
             safe_rows = np.where(found, rows, 0)
             hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
@@ -156,6 +172,9 @@ class ItemVectorCache:
             if item_id is None:
                 continue
             del self._row_of[item_id]
+            key = decimal_key(item_id)
+            if key is not None:
+                self._row_of_int.delete(key)
             self._id_of_row[row] = None
             stamps[row] = _FREE
             self._free_rows.append(row)
@@ -165,6 +184,9 @@ class ItemVectorCache:
             self._grow()
         row = self._free_rows.pop()
         self._id_of_row[row] = item_id
+        key = decimal_key(item_id)
+        if key is not None:
+            self._row_of_int.set(key, row)
         return row
 
     def _grow(self) -> None:

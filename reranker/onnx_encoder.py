@@ -29,6 +29,7 @@ from reranker.encoder import (
     PACKAGED_MODEL_NAME,
     TextTokenizer,
     available_cpus,
+    encoder_version,
     model_fingerprint,
     packaged_model_dir,
 )
@@ -137,7 +138,7 @@ class OnnxEncoder:
         name = PACKAGED_MODEL_NAME if not settings.model_dir else model_dir.name
         cache_dir = Path(settings.onnx_cache_dir) if settings.onnx_cache_dir else default_cache_dir()
         try:
-            self._tokens = TextTokenizer(model_dir, settings.max_seq_length)
+            self._tokens = TextTokenizer(model_dir, settings.max_seq_length, settings.item_instruction)
             path = cached_model(model_dir, name, settings.dtype, cache_dir)
             options = ort.SessionOptions()
             options.intra_op_num_threads = settings.torch_threads if settings.torch_threads > 0 else available_cpus()
@@ -152,7 +153,9 @@ class OnnxEncoder:
         self._feeds = [i.name for i in self._session.get_inputs()]
         self.dim = int(self._session.get_outputs()[0].shape[-1])
         self.max_seq_length = settings.max_seq_length
-        self.version = f"{name}@{model_fingerprint(model_dir)}/onnx-{settings.dtype}"
+        if settings.pooling != "mean":  # Settings refuses this too; a hand-built Settings may not have
+            raise EncoderFailed(f"runtime=onnx supports pooling=mean only (got {settings.pooling}); use runtime=torch")
+        self.version = encoder_version(name, model_dir, f"onnx-{settings.dtype}", settings)
         self._lock = threading.Lock()
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reranker.types import DecimalIds
+
 FloatArray = np.ndarray
 # History rows from which attention_scores computes similarities with one matrix product.
 _ATTENTION_GEMM_ROWS = 8
@@ -37,8 +39,18 @@ def minmax(values: FloatArray) -> FloatArray:
     return (values - lo) / (hi - lo)
 
 
+def has_duplicates(ids: Sequence[str]) -> bool:
+    """Whether any id occurs twice (integer ids, DecimalIds, compared as an array)."""
+    if isinstance(ids, DecimalIds):
+        ordered = np.sort(ids.values)
+        return bool((ordered[1:] == ordered[:-1]).any())
+    return len(set(ids)) < len(ids)
+
+
 def first_occurrences(ids: Sequence[str]) -> list[int]:
     """Positions of the first occurrence of each id, in input order (duplicate removal)."""
+    if isinstance(ids, DecimalIds):
+        return np.sort(np.unique(ids.values, return_index=True)[1]).tolist()
     seen: set[str] = set()
     keep = []
     for position, item_id in enumerate(ids):

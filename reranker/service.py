@@ -48,6 +48,7 @@ from reranker.types import (
     UpsertResult,
     UserProfileView,
     Variant,
+    take_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ class RerankService:
         s = self.settings
         candidates = CandidateColumns.of(query.candidates)
         keep = np.arange(len(candidates))  # original position of each kept candidate
-        if len(set(candidates.item_ids)) < len(candidates):  # duplicates: keep first occurrences
+        if scoring.has_duplicates(candidates.item_ids):  # keep first occurrences
             keep = np.asarray(scoring.first_occurrences(candidates.item_ids), dtype=np.int64)
             candidates = candidates.take(keep)
         skip, bucket = decide(
@@ -398,9 +399,8 @@ class RerankService:
             order = order[: query.top_k]
         ranking = scoring.Ranking(order=order, final=ranking.final, semantic=ranking.semantic)
         explanations = self._explain(state, ranking, vectors, has_vector) if opts.explain else None
-        ids = candidates.item_ids
         items = RankedItems(
-            list(map(ids.__getitem__, order.tolist())),
+            take_ids(candidates.item_ids, order),
             ranking.final[order],
             ranking.semantic[order],
             candidates.scores[order],

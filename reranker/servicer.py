@@ -81,16 +81,17 @@ class RerankerServicer:
             query = self._counted(convert.rerank_query, request, self._limits, self._service.now())
         else:
             query = convert.rerank_query(request, self._limits)
-        remaining, service, columns = _remaining(context), self._service, query.options.columns
+        remaining, service, options = _remaining(context), self._service, query.options
+        columns, packed = options.columns, (options if options.packed else None)
         if service.profiles_in_process:
             try:
-                return convert.encode_rerank_response(service.rerank(query, remaining, may_block=False), columns)
+                return convert.encode_rerank_response(service.rerank(query, remaining, may_block=False), columns, packed)
             except WouldBlock as wait:
                 lookups = {"lookup": wait.lookup, "event_lookup": wait.event_lookup}
         else:
             lookups = {}
         result = await self._blocking(service.rerank, query, context, **lookups)
-        return convert.encode_rerank_response(result, columns)
+        return convert.encode_rerank_response(result, columns, packed)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest, context: aio.ServicerContext) -> pb.RecordEventsResponse:
         if not request.events:

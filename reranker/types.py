@@ -44,6 +44,71 @@ class FallbackReason(enum.IntEnum):
     INTERNAL = 5
 
 
+class DecimalIds(Sequence[str]):
+    """Integer item ids (an int64 array) seen as their decimal strings: id 42 is item "42".
+
+    The packed form's ids. Integer and decimal string ids share one key space, so everything that
+    works with string ids (profiles, the head's tables, the training log) works with these through
+    the Sequence protocol (the strings are built once, on first use), while the hot path (dedup,
+    the item cache, the packed answer) reads `values` with array operations.
+    """
+
+    __slots__ = ("values", "_strings")
+
+    def __init__(self, values: np.ndarray | Sequence[int]) -> None:
+        self.values: np.ndarray = np.asarray(values, dtype=np.int64)
+        if self.values.ndim != 1:
+            raise ValueError("DecimalIds takes a 1-D array of integers")
+        self._strings: list[str] | None = None
+
+    @property
+    def strings(self) -> list[str]:
+        if self._strings is None:
+            self._strings = list(map(str, self.values.tolist()))
+        return self._strings
+
+    def take(self, positions: np.ndarray) -> DecimalIds:
+        return DecimalIds(self.values[positions])
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> DecimalIds: ...
+    def __getitem__(self, index: int | slice) -> str | DecimalIds:
+        if isinstance(index, slice):
+            return DecimalIds(self.values[index])
+        return self.strings[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.strings)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DecimalIds):
+            return bool(np.array_equal(self.values, other.values))
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return self.strings == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"DecimalIds({self.values.tolist()!r})"
+
+
+def take_ids(ids: Sequence[str], positions: np.ndarray) -> Sequence[str]:
+    """The ids at `positions` (an int array), in that order; DecimalIds stay DecimalIds."""
+    if isinstance(ids, DecimalIds):
+        return ids.take(positions)
+    return list(map(ids.__getitem__, positions.tolist()))
+
+
+def _id_column(ids: Sequence[str]) -> Sequence[str]:
+    return ids if isinstance(ids, DecimalIds) else list(ids)
+
+
 @dataclass(frozen=True, slots=True)
 class Candidate:
     item_id: str
@@ -61,7 +126,7 @@ class CandidateColumns(Sequence[Candidate]):
     __slots__ = ("item_ids", "scores", "texts")
 
     def __init__(self, item_ids: Sequence[str], scores: np.ndarray | Sequence[float], texts: Sequence[str | None]) -> None:
-        self.item_ids: list[str] = list(item_ids)
+        self.item_ids: Sequence[str] = _id_column(item_ids)  # a list, or DecimalIds (packed form)
         self.scores: np.ndarray = np.asarray(scores, dtype=np.float64)
         self.texts: list[str | None] = list(texts)
         if not len(self.item_ids) == self.scores.shape[0] == len(self.texts):
@@ -81,8 +146,8 @@ class CandidateColumns(Sequence[Candidate]):
     def take(self, positions: Sequence[int] | np.ndarray) -> CandidateColumns:
         """The candidates at the given positions, in that order."""
         idx = np.asarray(positions, dtype=np.int64)
-        ids, texts = self.item_ids, self.texts
-        return CandidateColumns([ids[i] for i in idx.tolist()], self.scores[idx], [texts[i] for i in idx.tolist()])
+        texts = self.texts
+        return CandidateColumns(take_ids(self.item_ids, idx), self.scores[idx], [texts[i] for i in idx.tolist()])
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -136,6 +201,9 @@ class RerankOptions:
     explain: bool = False
     columns: bool = False  # answer with item columns instead of one item message each
     consumed: str | None = None  # consumed-item policy (config.CONSUMED_POLICIES); None = the server's
+    packed: bool = False  # the request came packed: answer with packed items
+    packed_item_ids: bool = False  # the packed answer carries the ids too
+    packed_score_details: bool = False  # the packed answer carries semantic and upstream scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +253,7 @@ class RankedItems(Sequence[ScoredItem]):
         original_ranks: np.ndarray | Sequence[int],
         explanations: Sequence[Explanation | None] | None = None,
     ) -> None:
-        self.item_ids: list[str] = list(item_ids)
+        self.item_ids: Sequence[str] = _id_column(item_ids)  # a list, or DecimalIds (packed form)
         self.scores = np.asarray(scores, dtype=np.float64)
         self.semantic_scores = np.asarray(semantic_scores, dtype=np.float64)
         self.upstream_scores = np.asarray(upstream_scores, dtype=np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -41,6 +42,27 @@ def test_rerank_mode_reports_latency_and_the_echo_ratio(echo_kind: str) -> None:
         assert int(fields["requests"]) > 0 and fields["errors"] == "0"
     assert _fields(lines["rerank"])["fallbacks"] == "0"
     assert {"p50", "p99", "qps"} <= _fields(lines["ratio rerank/echo"]).keys()
+
+
+@pytest.mark.parametrize("hit_ratio", ["1", "0.5"])
+def test_packed_form_writes_every_figure_to_json(tmp_path, hit_ratio: str) -> None:
+    path = tmp_path / "bench.json"
+    out = _bench(
+        "rerank", "--server-args", "--encoder fake --log-level WARNING", "--candidates", "30", "--form", "packed",
+        "--concurrency", "2", "--duration", "0.6", "--warmup", "0.2", "--pool", "60", "--users", "3",
+        "--hit-ratio", hit_ratio, "--echo-kind", "asyncio", "--rounds", "2", "--json", str(path),
+    )
+    assert "form=packed" in out
+    report = json.loads(path.read_text())
+    assert report["config"]["form"] == "packed" and report["config"]["echo"] == "asyncio"
+    for server in ("rerank", "echo"):
+        figures = report[server]
+        assert figures["requests"] > 0 and figures["errors"] == 0 and figures["fallbacks"] == 0
+        assert figures["qps"] > 0 and figures["server_cpu_us_per_request"] > 0
+        assert 0 < figures["p50_ms"] <= figures["p90_ms"] <= figures["p99_ms"] <= figures["p999_ms"]
+    ratio = report["ratio"]
+    assert ratio["p50_ms"] == pytest.approx(report["rerank"]["p50_ms"] / report["echo"]["p50_ms"])
+    assert ratio["server_cpu_us_per_request"] > 0 and ratio["qps"] > 0
 
 
 def test_rerank_mode_cold_path_encodes_unseen_items() -> None:

@@ -85,7 +85,7 @@ def test_both_forms_at_once_are_refused(stub) -> None:  # type: ignore[no-untype
     request = pb.RerankRequest(
         user_id="u", candidates=[candidate("a", 1.0)], candidate_columns=pb.CandidateColumns(item_ids=["b"], scores=[1.0])
     )
-    _assert_refused(stub, request, "set candidates or candidate_columns, not both")
+    _assert_refused(stub, request, "set one of candidates, candidate_columns and packed_candidates")
 
 
 def test_the_client_sends_columns_and_falls_back_to_messages_for_an_empty_text(make_server: ServerFactory) -> None:

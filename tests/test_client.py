@@ -134,25 +134,39 @@ def test_client_rejects_nonsense_configuration() -> None:
         RerankerClient(dead_address(), retries=-1)
 
 
+def _run_example(name: str, *args: str) -> str:
+    """Run examples/<name> and return its stdout (it must exit 0 whatever happens)."""
+    run = subprocess.run([sys.executable, str(REPO / "examples" / name), *args], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
 def test_example_caller_runs_against_a_real_server(make_server: ServerFactory) -> None:
     running, _ = make_server()
-    run = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "caller.py"), f"--address=127.0.0.1:{running.port}"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "recorded events: accepted=2" in run.stdout
-    assert "variant=reranked reranked=True" in run.stdout
-    served = run.stdout.split("serving:")[1].split()
+    out = _run_example("caller.py", f"--address=127.0.0.1:{running.port}")
+    assert "recorded events: accepted=2" in out
+    assert "variant=reranked reranked=True" in out
+    served = out.split("serving:")[1].split()
     # For a space fan the space items move up: m4 (upstream 4th) passes the cooking show m3. At the
     # default blend weight (0.3) the upstream's favourite m1 keeps its place.
     assert "m2" in served[:2] and served.index("m4") < served.index("m3")
 
 
 def test_example_caller_serves_upstream_order_when_the_sidecar_is_down() -> None:
-    run = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "caller.py"), f"--address={dead_address()}", "--timeout-ms=200"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    assert "reason=UNAVAILABLE" in run.stdout and "serving: m1 m2 m3 m4" in run.stdout
+    out = _run_example("caller.py", f"--address={dead_address()}", "--timeout-ms=200")
+    assert "reason=UNAVAILABLE" in out and "serving: m1 m2 m3 m4" in out
+
+
+def test_example_packed_caller_runs_against_a_real_server(make_server: ServerFactory) -> None:
+    running, _ = make_server()
+    out = _run_example("packed_caller.py", f"--address=127.0.0.1:{running.port}")
+    assert "variant=reranked reranked=True" in out
+    served = out.split("serving:")[1].split()
+    # For a space fan the space items move up: 104 (upstream 4th) passes the cooking show 103; at the
+    # default blend weight (0.3) the upstream's favourite 101 keeps its place (as in caller.py).
+    assert len(served) == 4 and "102" in served[:2] and served.index("104") < served.index("103")
+
+
+def test_example_packed_caller_serves_upstream_order_when_the_sidecar_is_down() -> None:
+    out = _run_example("packed_caller.py", f"--address={dead_address()}", "--timeout-ms=200")
+    assert "reason=UNAVAILABLE" in out and "serving: 101 102 103 104" in out

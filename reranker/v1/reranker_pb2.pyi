@@ -90,6 +90,16 @@ class CandidateColumns(_message.Message):
     texts: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class PackedCandidates(_message.Message):
+    __slots__ = ("item_ids", "scores", "texts")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: bytes
+    scores: bytes
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Event(_message.Message):
     __slots__ = ("event_id", "user_id", "item_id", "type", "timestamp", "text", "weight")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -109,23 +119,27 @@ class Event(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., text: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("blend_weight", "diversity", "bypass", "explain", "columns", "consumed")
+    __slots__ = ("blend_weight", "diversity", "bypass", "explain", "columns", "consumed", "packed_item_ids", "packed_score_details")
     BLEND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     BYPASS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    PACKED_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_SCORE_DETAILS_FIELD_NUMBER: _ClassVar[int]
     blend_weight: float
     diversity: float
     bypass: bool
     explain: bool
     columns: bool
     consumed: ConsumedPolicy
-    def __init__(self, blend_weight: _Optional[float] = ..., diversity: _Optional[float] = ..., bypass: _Optional[bool] = ..., explain: _Optional[bool] = ..., columns: _Optional[bool] = ..., consumed: _Optional[_Union[ConsumedPolicy, str]] = ...) -> None: ...
+    packed_item_ids: bool
+    packed_score_details: bool
+    def __init__(self, blend_weight: _Optional[float] = ..., diversity: _Optional[float] = ..., bypass: _Optional[bool] = ..., explain: _Optional[bool] = ..., columns: _Optional[bool] = ..., consumed: _Optional[_Union[ConsumedPolicy, str]] = ..., packed_item_ids: _Optional[bool] = ..., packed_score_details: _Optional[bool] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("user_id", "candidates", "candidate_columns", "context_events", "top_k", "options", "experiment", "request_id")
+    __slots__ = ("user_id", "candidates", "candidate_columns", "context_events", "top_k", "options", "experiment", "request_id", "packed_candidates")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_COLUMNS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +148,7 @@ class RerankRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     candidate_columns: CandidateColumns
@@ -142,7 +157,8 @@ class RerankRequest(_message.Message):
     options: RerankOptions
     experiment: str
     request_id: str
-    def __init__(self, user_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., candidate_columns: _Optional[_Union[CandidateColumns, _Mapping]] = ..., context_events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., top_k: _Optional[int] = ..., options: _Optional[_Union[RerankOptions, _Mapping]] = ..., experiment: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    packed_candidates: PackedCandidates
+    def __init__(self, user_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., candidate_columns: _Optional[_Union[CandidateColumns, _Mapping]] = ..., context_events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., top_k: _Optional[int] = ..., options: _Optional[_Union[RerankOptions, _Mapping]] = ..., experiment: _Optional[str] = ..., request_id: _Optional[str] = ..., packed_candidates: _Optional[_Union[PackedCandidates, _Mapping]] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("nearest_history_item_id", "nearest_history_similarity", "has_vector", "summary")
@@ -196,8 +212,22 @@ class ItemColumns(_message.Message):
     original_ranks: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., semantic_scores: _Optional[_Iterable[float]] = ..., upstream_scores: _Optional[_Iterable[float]] = ..., original_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class PackedItems(_message.Message):
+    __slots__ = ("positions", "scores", "item_ids", "semantic_scores", "upstream_scores")
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_SCORES_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_SCORES_FIELD_NUMBER: _ClassVar[int]
+    positions: bytes
+    scores: bytes
+    item_ids: bytes
+    semantic_scores: bytes
+    upstream_scores: bytes
+    def __init__(self, positions: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., item_ids: _Optional[bytes] = ..., semantic_scores: _Optional[bytes] = ..., upstream_scores: _Optional[bytes] = ...) -> None: ...
+
 class RerankResponse(_message.Message):
-    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket", "item_columns", "arm", "consumed_candidates", "consumed_dropped")
+    __slots__ = ("items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id", "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket", "item_columns", "arm", "consumed_candidates", "consumed_dropped", "packed_items")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +244,7 @@ class RerankResponse(_message.Message):
     ARM_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PACKED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     variant: Variant
     fallback_reason: FallbackReason
@@ -230,7 +261,8 @@ class RerankResponse(_message.Message):
     arm: str
     consumed_candidates: int
     consumed_dropped: int
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ..., item_columns: _Optional[_Union[ItemColumns, _Mapping]] = ..., arm: _Optional[str] = ..., consumed_candidates: _Optional[int] = ..., consumed_dropped: _Optional[int] = ...) -> None: ...
+    packed_items: PackedItems
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[_Union[Variant, str]] = ..., fallback_reason: _Optional[_Union[FallbackReason, str]] = ..., fallback_detail: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., cold_user: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cache_hits: _Optional[int] = ..., encoded: _Optional[int] = ..., without_vector: _Optional[int] = ..., bucket: _Optional[int] = ..., item_columns: _Optional[_Union[ItemColumns, _Mapping]] = ..., arm: _Optional[str] = ..., consumed_candidates: _Optional[int] = ..., consumed_dropped: _Optional[int] = ..., packed_items: _Optional[_Union[PackedItems, _Mapping]] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("events",)
