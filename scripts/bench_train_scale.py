@@ -8,8 +8,9 @@
    topics of 100 items each, every user follows two topics, items within a topic Zipf-popular,
    history lengths geometric (mean events / users, at least 2), timestamps increasing per user.
 2. Runs `reranker train` on it in a subprocess (default retrievers, default caps) and prints one
-   JSON line: wall seconds, events/s, the peak RSS of the training process (getrusage of the
-   child), and the per-phase timings `reranker train` reports.
+   JSON line: wall seconds, CPU seconds (user + system: on a shared machine wall time drifts with
+   the load, CPU time much less), events/s, the peak RSS of the training process (getrusage of
+   the child), and the per-phase timings `reranker train` reports.
 3. `--encoder-sample N` also times the real MiniLM encoder (`--runtime`) on N of the item texts
    and extrapolates to the catalog: encoding is a separate, embarrassingly parallel cost that
    the fake encoder leaves out of step 2.
@@ -77,8 +78,9 @@ def train(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
         raise SystemExit(f"reranker train failed with {done.returncode}")
     text = done.stdout
     report = json.loads(text[text.index("{") : text.rindex("}") + 1])
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kilobytes
-    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 1e6, 2), "report": report}
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the training process (the only child)
+    return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2), "report": report}  # ru_maxrss: kilobytes on Linux
 
 
 def encoder_time(workdir: Path, args: argparse.Namespace, n_items: int) -> dict[str, object]:
