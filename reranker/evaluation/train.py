@@ -66,7 +66,7 @@ class TrainConfig:
     history_decay: float = 0.8  # their weight: decay ** age (newest = 0)
     mf_factors: int = 32  # implicit-ALS factors for the mf_foldin feature (0 = off)
     adapter_negatives: int = 2048  # full softmax up to this many items, else this many sampled negatives
-    adapter_examples: int = 300_000  # next-item examples per adapter epoch (a fresh random subset when more; 0 = all)
+    adapter_examples: int = 100_000  # next-item examples per adapter epoch (a fresh random subset when more; 0 = all)
     include_seen: bool = False  # the built-in retrievers' training lists keep the user's consumed items
     blend_users: int = 5000  # users whose lists and profiles the blend is fitted on (memory bound); 0 = all
     labels_per_user: int = 1  # training lists per user and source: one per each of the last K history events
