@@ -1,7 +1,7 @@
 """Scale benchmark of `reranker train`: a generated log of 1M events, 100k items, 100k users.
 
     python scripts/bench_train_scale.py [--workdir /tmp/scale] [--events 1000000] [--items 100000]
-        [--users 100000] [--threads 2] [--encoder fake|transformer] [--runtime torch|onnx]
+        [--users 100000] [--threads 1] [--encoder fake|transformer] [--runtime torch|onnx]
         [--encoder-sample 2000]
 
 1. Generates items.tsv (a text per item: its topic's words and its own) and events.tsv: 1,000
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch / ALS threads (2 spin-wait on a busy 2-core machine)")
     parser.add_argument("--encoder", default="fake", choices=("fake", "transformer"))
     parser.add_argument("--runtime", default="onnx", choices=("torch", "onnx"))
     parser.add_argument("--encoder-sample", type=int, default=0, help="also time the real encoder on N texts")
