@@ -34,12 +34,8 @@ def main() -> None:
     parser.add_argument("--num-candidates", type=int, default=100)
     args = parser.parse_args()
 
-    catalog = list(formats.read_items(args.items))
-    split = formats.leave_last_out(formats.read_events(args.events))
-    if args.split == "validation":
-        split = formats.leave_last_out([e for u in split.users for e in split.history[u]])
-    users = [u for u in split.users if split.history[u]]
-    histories = {u: [e.item_id for e in split.history[u]] for u in users}
+    catalog, split, histories = formats.read_split(args.items, args.events, args.split == "validation")
+    users = list(histories)
     targets = {u: {split.target[u].item_id} for u in users}
     lists = retrievers.make_retriever(args.list).fit(histories, catalog).recommend(users, args.num_candidates)
 

@@ -27,20 +27,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", required=True)
     parser.add_argument("--events", required=True)
-    parser.add_argument("--split", choices=("validation", "eval"), default="validation")
     parser.add_argument("--retrievers", default="popularity,itemknn,als,ease,sasrec")
+    parser.add_argument("--split", choices=("validation", "eval"), default="validation")
     parser.add_argument("--reference", default="ease", help="the retriever the others are compared with")
     parser.add_argument("--include-seen", action="store_true", help="keep consumed items in the lists")
     parser.add_argument("--sasrec", default="{}", help="SASRec constructor arguments as JSON")
     parser.add_argument("--num-candidates", type=int, default=100)
     args = parser.parse_args()
 
-    catalog = list(formats.read_items(args.items))
-    split = formats.leave_last_out(formats.read_events(args.events))
-    if args.split == "validation":
-        split = formats.leave_last_out([e for u in split.users for e in split.history[u]])
-    users = [u for u in split.users if split.history[u]]
-    histories = {u: [e.item_id for e in split.history[u]] for u in users}
+    catalog, split, histories = formats.read_split(args.items, args.events, args.split == "validation")
+    users = list(histories)
     names = [n.strip() for n in args.retrievers.split(",") if n.strip()]
     accumulators: dict[str, MetricAccumulator] = {}
     rows = []

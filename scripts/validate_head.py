@@ -11,7 +11,8 @@ per retriever and for the 1+19 protocol. The eval targets are never read.
 
 `--config` takes TrainConfig fields as JSON (e.g. `{"adapter_epochs": 8, "history_decay": 0.8}`),
 `--settings` server Settings fields (e.g. `{"vector_history_size": 50}`), `--baseline-config` a
-second head scored on the same validation lists: its paired ratio and 95% bootstrap interval say
+second head scored on the same validation lists (or `--baseline-head`, an artefact trained on the
+same validation history elsewhere, e.g. by an older release): its paired ratio and 95% bootstrap interval say
 whether a change is more than which users happened to be in the split. The offline scoring is
 `reranker.evaluation.offline.OfflineScorer`, which orders lists exactly as the server does
 (tests/test_eval_cli.py checks that against `reranker eval`).
@@ -42,6 +43,11 @@ def main() -> None:
         "--baseline-config", default=None,
         help="TrainConfig overrides (JSON) of a second head scored on the same lists: paired ratio and 95%% CI",
     )
+    parser.add_argument(
+        "--baseline-head", default=None,
+        help="a head artefact trained elsewhere on the same validation history (e.g. by an older release): "
+             "the baseline instead of --baseline-config",
+    )
     parser.add_argument("--settings", default="{}", help="server Settings overrides as JSON (e.g. vector_history_size)")
     parser.add_argument("--num-candidates", type=int, default=100)
     args = parser.parse_args()
@@ -55,7 +61,11 @@ def main() -> None:
     head, _ = train.train(items, history_events, settings, cfg, encoder=encoder)
     train_s = time.perf_counter() - started
     baseline = None
-    if args.baseline_config is not None:
+    if args.baseline_head is not None:
+        from reranker.head import load as load_head
+
+        baseline = load_head(args.baseline_head)
+    elif args.baseline_config is not None:
         baseline_cfg = train.TrainConfig(**json.loads(args.baseline_config))
         baseline, _ = train.train(items, history_events, settings, baseline_cfg, encoder=encoder)
 
@@ -102,4 +112,7 @@ def _ratio(label: str, base: MetricAccumulator, new: MetricAccumulator) -> dict[
 
 
 if __name__ == "__main__":
-    main()
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):  # as `reranker train` and the server run the head
+        main()

@@ -207,10 +207,15 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
               file=sys.stderr)
         return 2
     progress = ProgressBar(enabled=not args.no_progress)
+    from threadpoolctl import threadpool_limits
+
     try:
-        head, report = train.train(
-            items, events, settings, cfg, data_id=train.data_hash(sources), progress=progress, served_lists=served,
-        )
+        # numpy's BLAS on one thread, as the server runs the head: the feature products are small, and
+        # multi-threaded BLAS spin-waits (7x slower per list on a busy 2-core machine).
+        with threadpool_limits(1, "blas"):
+            head, report = train.train(
+                items, events, settings, cfg, data_id=train.data_hash(sources), progress=progress, served_lists=served,
+            )
     except ValueError as exc:  # e.g. too little history, or EASE asked for on a catalog too large for it
         print(f"reranker train: {exc}", file=sys.stderr)
         return 2

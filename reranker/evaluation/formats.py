@@ -194,6 +194,18 @@ def leave_last_out(events: Iterable[Interaction]) -> Split:
     return split
 
 
+def read_split(items: Path, events: Path, validation: bool) -> tuple[list[str], Split, dict[str, list[str]]]:
+    """(catalog, split, histories as item ids of the users with a history) of a data set, for the
+    scripts that measure on the eval targets or one step back: with `validation` every eval target
+    is dropped first (never read) and the last remaining event of each user is the target."""
+    catalog = list(read_items(items))
+    split = leave_last_out(read_events(events))
+    if validation:
+        split = leave_last_out([e for u in split.users for e in split.history[u]])
+    histories = {u: [e.item_id for e in split.history[u]] for u in split.users if split.history[u]}
+    return catalog, split, histories
+
+
 class _TsvWriter:
     def __init__(self, path: Path, header: Sequence[str]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
