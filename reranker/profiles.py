@@ -134,7 +134,9 @@ def candidate_history(
         return CandidateHistory(counts, hours, consumed.repeat_rate)
     history = state.history
     history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
-    own_rows = history_keys[:, None] == keys[None, :]
+    own_rows: np.ndarray | None = history_keys[:, None] == keys[None, :]
+    if own_rows is not None and not own_rows.any():  # consumed, but not among the history rows
+        own_rows = None
     excluded = np.flatnonzero(hit & np.asarray(has_vector, dtype=bool))
     user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
     if excluded.size and user_vector is not None:
