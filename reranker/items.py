@@ -25,6 +25,7 @@ from itertools import repeat
 
 import numpy as np
 
+from reranker.consumed import item_keys
 from reranker.intindex import IntRowIndex, decimal_key
 from reranker.types import DecimalIds
 
@@ -53,6 +54,7 @@ class ItemVectorCache:
         self._matrix = np.zeros((rows, dim), dtype=np.float32)
         self._local_fp = np.zeros(rows, dtype=np.int64)  # hash(text) of the encoded text
         self._stable_fp = np.zeros(rows, dtype=np.uint64)  # text_hash of the encoded text
+        self._item_key = np.zeros(rows, dtype=np.uint64)  # consumed.item_keys of the row's id (per item, not per request)
         self._last_used = np.full(rows, _FREE, dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._row_of_int = IntRowIndex(rows)  # the decimal ids among _row_of, by integer value
@@ -69,13 +71,18 @@ class ItemVectorCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the vector matrix and its per-row arrays."""
-        return self._matrix.nbytes + self._local_fp.nbytes + self._stable_fp.nbytes + self._last_used.nbytes
+        return (self._matrix.nbytes + self._local_fp.nbytes + self._stable_fp.nbytes + self._last_used.nbytes
+                + self._item_key.nbytes)
 
-    def lookup(self, item_ids: Sequence[str], texts: Sequence[TextKey]) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(
+        self, item_ids: Sequence[str], texts: Sequence[TextKey], keys_out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Vectors (a fresh (n, dim) array) for the given ids, and a hit mask.
 
         `texts[i]` is the item's text (or its `text_hash`): the cached vector must have been
         encoded from that text. None accepts whatever vector is cached. Rows of misses are zero.
+        `keys_out` (uint64, n), when given, receives each cached id's `consumed.item_keys` key
+        (0 where the id is not cached), so the request need not hash its ids again.
         """
         n = len(item_ids)
         # No texts at all (the packed form's warm path): skip hashing. The first element is checked
@@ -95,6 +102,8 @@ class ItemVectorCache:
             if np.count_nonzero(hit) != np.count_nonzero(found):
                 self._verify_stable(hit, found, rows, texts)
             vectors = self._matrix[safe_rows]
+            if keys_out is not None:
+                keys_out[:] = np.where(found, self._item_key[safe_rows], 0)
             self._clock += 1
             self._last_used[rows[hit]] = self._clock
             hit_count = int(np.count_nonzero(hit))
@@ -124,6 +133,7 @@ class ItemVectorCache:
         keys = [texts[k] for k in latest.values()]
         local = np.fromiter((hash(t) if isinstance(t, str) else 0 for t in keys), dtype=np.int64, count=len(keys))
         stable = np.fromiter(map(_stable, keys), dtype=np.uint64, count=len(keys))
+        id_keys = item_keys(list(latest))
         with self._lock:
             self._clock += 1
             new = [item_id for item_id in latest if item_id not in self._row_of]
@@ -140,6 +150,7 @@ class ItemVectorCache:
             self._matrix[rows] = vectors[source]
             self._local_fp[rows] = local
             self._stable_fp[rows] = stable
+            self._item_key[rows] = id_keys
             self._last_used[rows] = self._clock
 
     # --- snapshot support (reranker/snapshot.py) -------------------------------------------------
@@ -199,6 +210,7 @@ class ItemVectorCache:
         self._matrix = matrix
         self._local_fp = np.concatenate([self._local_fp, np.zeros(new - old, dtype=np.int64)])
         self._stable_fp = np.concatenate([self._stable_fp, np.zeros(new - old, dtype=np.uint64)])
+        self._item_key = np.concatenate([self._item_key, np.zeros(new - old, dtype=np.uint64)])
         self._last_used = np.concatenate([self._last_used, np.full(new - old, _FREE, dtype=np.int64)])
         self._id_of_row.extend([None] * (new - old))
         self._free_rows.extend(range(new - 1, old - 1, -1))

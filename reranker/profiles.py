@@ -118,15 +118,23 @@ def candidate_history(
     vectors: np.ndarray,
     has_vector: np.ndarray,
     user_vector: np.ndarray | None,
+    keys: np.ndarray | None = None,
 ) -> CandidateHistory:
     """Which candidates the user consumed, when and how often; for consumed candidates, the user
     vector without their own events (leave-one-out: L - mass_c v_c, S - session_mass_c v_c)
-    and which history rows are their own. The one recipe: the server and `reranker train` call it."""
+    and which history rows are their own. The one recipe: the server and `reranker train` call it.
+    `keys`: the ids' item keys where already known (the item cache keeps one per item), 0 = unknown."""
     consumed = state.consumed
     n = len(item_ids)
     if not len(consumed):
         return CandidateHistory.none(n)
-    keys = item_keys(item_ids)
+    if keys is None:
+        keys = item_keys(item_ids)
+    else:
+        unknown = np.flatnonzero(keys == 0)
+        if unknown.size:
+            keys = keys.copy()
+            keys[unknown] = item_keys([item_ids[i] for i in unknown.tolist()])
     counts, last, mass, session_mass = consumed.lookup(keys)
     hours = hours_between(last, float(consumed.last.max()))
     hit = counts > 0

@@ -333,8 +333,10 @@ class RerankService:
         if time_remaining is not None:
             encode_budget = min(encode_budget, time_remaining - s.min_budget_ms / 1000.0)
         encode_started = time.perf_counter()
+        keys = np.zeros(len(candidates), dtype=np.uint64)  # the ids' consumed-item keys, from the item cache
         vectors, has_vector, hits, encoded = self._resolve_vectors(
-            candidates.item_ids, candidates.texts, encode_budget, cancel, may_block=may_block, lookup=lookup
+            candidates.item_ids, candidates.texts, encode_budget, cancel, may_block=may_block, lookup=lookup,
+            keys_out=keys,
         )
         if query.context_events:
             try:
@@ -353,7 +355,7 @@ class RerankService:
         policy = opts.consumed or s.consumed_policy
         seen = (
             CandidateHistory.none(len(candidates)) if state is None
-            else candidate_history(state, s, candidates.item_ids, vectors, has_vector, user_vector)
+            else candidate_history(state, s, candidates.item_ids, vectors, has_vector, user_vector, keys)
         )
         # The trained head replaces the fixed blend, unless the request asks for a blend weight explicitly.
         use_head = head is not None and user_vector is not None and state is not None and opts.blend_weight is None
@@ -513,13 +515,15 @@ class RerankService:
         *,
         may_block: bool = True,
         lookup: Lookup | None = None,
+        keys_out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Cached or freshly encoded vectors; returns (vectors, has_vector, cache hits, encoded count).
 
         `lookup` is a lookup of these ids already made; may_block=False raises WouldBlock (with
-        the lookup) where texts would have to be encoded."""
+        the lookup) where texts would have to be encoded. `keys_out` receives the cached ids'
+        item keys (ItemVectorCache.lookup; left 0 when `lookup` was given)."""
         assert self.items is not None
-        vectors, hit = lookup if lookup is not None else self.items.lookup(item_ids, texts)
+        vectors, hit = lookup if lookup is not None else self.items.lookup(item_ids, texts, keys_out)
         has_vector = hit.copy()
         if hit.all():
             return vectors, has_vector, len(item_ids), 0

@@ -104,3 +104,19 @@ def test_export_restore_round_trip_keeps_text_checks_and_lru_order() -> None:
     np.testing.assert_array_equal(got[0], _vec(0))
     restored.put(["d"], ["td"], _vec(3)[None])  # evicts the least recently used: b
     assert [restored.known(i) for i in "abcd"] == [True, False, True, True]
+
+
+def test_lookup_hands_out_each_cached_ids_item_key() -> None:
+    from reranker.consumed import item_keys
+    from reranker.types import DecimalIds
+
+    cache = ItemVectorCache(capacity=2, dim=4)
+    cache.put(["a", "42"], ["ta", "t42"], np.eye(2, 4, dtype=np.float32))
+    keys = np.zeros(3, dtype=np.uint64)
+    cache.lookup(["42", "missing", "a"], [None, None, None], keys)
+    assert keys.tolist() == [int(item_keys(["42"])[0]), 0, int(item_keys(["a"])[0])]
+    cache.lookup(DecimalIds([42]), [None], keys[:1])  # an integer id is the same item as "42"
+    assert int(keys[0]) == int(item_keys(["42"])[0])
+    cache.put(["b"], ["tb"], np.ones((1, 4), dtype=np.float32))  # evicts the least recently used ("a")
+    cache.lookup(["b", "a"], [None, None], keys[:2])
+    assert keys[:2].tolist() == [int(item_keys(["b"])[0]), 0]
