@@ -139,11 +139,19 @@ class Settings:
     max_event_ids_per_user: int = _doc(
         "Event ids remembered per user for de-duplication (8 bytes each); older ids may count again.", 1000
     )
-    redis_url: str = _doc("redis://host:port/db to share user profiles between replicas; empty = in-process store.", "")
+    redis_url: str = _doc(
+        "redis://host:port/db to share user profiles between replicas (redis+cluster://host:port for a Redis "
+        "Cluster, any node); empty = in-process store.", ""
+    )
     redis_prefix: str = _doc("Prefix of the Redis keys; use one prefix per encoder model (vectors differ).", "reranker")
     redis_timeout_ms: float = _doc("Redis connect timeout, and read timeout on the Rerank path; slower counts as down.", 50.0)
     redis_write_timeout_ms: float = _doc("Redis timeout for writing a batch of events (slower than a read).", 2000.0)
     redis_retry_seconds: float = _doc("After a Redis error, serve from the in-process fallback this long before retrying.", 5.0)
+    redis_wait_replicas: int = _doc(
+        "Replicas that must acknowledge each event write (Redis WAIT, within redis_write_timeout_ms) before it counts "
+        "as written; fewer puts the batch in the replay buffer. 0 = no wait: a master that dies may lose its last writes.",
+        0,
+    )
     redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
     snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
     snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
@@ -260,8 +268,12 @@ class Settings:
                      "redis_replay_events", "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            problems.append("redis_url must start with redis://, rediss:// or unix://")
+        if self.redis_url and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        ):
+            problems.append("redis_url must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        if self.redis_wait_replicas < 0:
+            problems.append("redis_wait_replicas must be >= 0")
         if self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
             problems.append("redis_retry_seconds and snapshot_interval_seconds must be >= 0")
         if not (self.max_event_skew_seconds >= 0 and self.max_event_weight >= 0):
