@@ -1,11 +1,11 @@
-"""Command line: `reranker serve | settings | bench | eval | train | convert`."""
+"""Command line: `reranker serve | consume | settings | bench | eval | train | convert`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from reranker.bench import add_arguments as add_bench_arguments
 from reranker.bench import run as run_bench
@@ -18,6 +18,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server", parents=[settings_parser()])
     serve.set_defaults(handler=_serve)
+    consume = commands.add_parser("consume", help="record user events from a Redis Stream consumer group",
+                                  parents=[settings_parser()])
+    consume.set_defaults(handler=_consume)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=_print_settings)
     from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
@@ -38,16 +41,28 @@ def _print_settings(_args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
 
 def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from reranker.server import serve
+
+    return _with_settings(argv, serve)
+
+
+def _consume(_args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from reranker.streamconsumer import consume
+
+    return _with_settings(argv, consume)
+
+
+def _with_settings(argv: Sequence[str], run: Callable[[Settings], int]) -> int:
+    """Settings from flags and RERANKER_* variables (exit 2 on a bad one), logging, then `run`."""
     try:
         settings = Settings.from_sources(argv, os.environ)
     except ValueError as exc:
         print(f"reranker: {exc}", file=sys.stderr)
         return 2
     from reranker.logs import configure_logging
-    from reranker.server import serve
 
     configure_logging(settings)
-    return serve(settings)
+    return run(settings)
 
 
 def _add_soak(parser: argparse.ArgumentParser) -> None:

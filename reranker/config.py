@@ -153,6 +153,22 @@ class Settings:
         0,
     )
     redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
+    # --- event stream consumer (`reranker consume`, issue 19) ------------------------------------
+    stream_url: str = _doc("Redis (redis://) or Redis Cluster (redis+cluster://) holding the event stream that "
+                           "`reranker consume` reads; empty = redis_url.", "")
+    stream_key: str = _doc("Redis Stream of events (fields user_id, item_id, type, timestamp, event_id, text, weight).",
+                           "reranker:events")
+    stream_group: str = _doc("Consumer group: each event goes to one consumer of the group (at least once).", "reranker")
+    stream_consumer: str = _doc("This consumer's name in the group (keep it stable across restarts: its unacknowledged "
+                                "events are re-read at start); empty = host name.", "")
+    stream_batch_size: int = _doc("Events read (XREADGROUP COUNT) and written to profiles per batch.", 256)
+    stream_block_ms: int = _doc("How long one read waits for new events.", 1000)
+    stream_claim_idle_ms: int = _doc("Take over events another consumer read but has not acknowledged for this long "
+                                     "(XAUTOCLAIM; a consumer that died); 0 = never.", 60_000)
+    stream_dead_letter_key: str = _doc("Stream that unusable events (bad fields) are copied to, with the reason, before "
+                                       "they are acknowledged; empty = drop them (counted).", "reranker:events:dead")
+    stream_backoff_max_ms: int = _doc("Longest wait between retries of a batch the encoder refused (overloaded); the "
+                                      "batch is retried, unacknowledged, until it goes through.", 2000)
     snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
     snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
     # --- performance -----------------------------------------------------------------------------
@@ -272,6 +288,15 @@ class Settings:
             ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
         ):
             problems.append("redis_url must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        for name in ("stream_batch_size", "stream_block_ms", "stream_backoff_max_ms"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.stream_claim_idle_ms < 0:
+            problems.append("stream_claim_idle_ms must be >= 0")
+        if self.stream_url and not self.stream_url.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        ):
+            problems.append("stream_url must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
         if self.redis_wait_replicas < 0:
             problems.append("redis_wait_replicas must be >= 0")
         if self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
