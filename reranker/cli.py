@@ -1,4 +1,4 @@
-"""Command line: `reranker serve | consume | settings | bench | eval | train | convert`."""
+"""Command line: `reranker serve | consume | embed-catalog | settings | bench | eval | train | convert`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     consume = commands.add_parser("consume", help="record user events from a Redis Stream consumer group",
                                   parents=[settings_parser()])
     consume.set_defaults(handler=_consume)
+    embed = commands.add_parser("embed-catalog", help="encode items.tsv once into a shared, memory-mapped catalog",
+                                parents=[settings_parser()])
+    embed.add_argument("--items", required=True, help="items.tsv (header, then item_id<TAB>text)")
+    embed.add_argument("--out", required=True, help="catalog file to write (atomically replaced; serve it as catalog_path)")
+    embed.add_argument("--vector-dtype", choices=("float16", "float32"), default="float16",
+                       help="precision of the stored vectors (default float16: half the pages)")
+    embed.set_defaults(handler=_embed_catalog)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=_print_settings)
     from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
@@ -50,6 +57,31 @@ def _consume(_args: argparse.Namespace, argv: Sequence[str]) -> int:
     from reranker.streamconsumer import consume
 
     return _with_settings(argv, consume)
+
+
+def _embed_catalog(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    own = {"--items", "--out", "--vector-dtype"}
+    rest = [a for i, a in enumerate(argv)
+            if a not in own and a.split("=", 1)[0] not in own and (i == 0 or argv[i - 1] not in own)]
+
+    def run(settings: Settings) -> int:
+        import time
+        from pathlib import Path
+
+        from reranker.catalog import embed_catalog
+        from reranker.encoder import load_encoder
+        from reranker.evaluation.formats import read_items
+
+        items = read_items(Path(args.items))
+        encoder = load_encoder(settings)
+        started = time.perf_counter()
+        m = embed_catalog(items.items(), encoder.encode, Path(args.out), model_version=encoder.version,
+                          dtype=args.vector_dtype, batch_size=settings.encode_batch_size)
+        print(f"{args.out}: {m.count} items x {m.dim} {m.dtype}, model {m.model_version}, checksum {m.checksum[:16]}..., "
+              f"encoded in {time.perf_counter() - started:.1f} s")
+        return 0
+
+    return _with_settings(rest, run)
 
 
 def _with_settings(argv: Sequence[str], run: Callable[[Settings], int]) -> int:

@@ -153,6 +153,12 @@ class Settings:
         0,
     )
     redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
+    catalog_path: str = _doc(
+        "Shared item-vector catalog (`reranker embed-catalog`) mapped read-only at start and consulted where the item "
+        "cache misses: a new replica is warm without encoding; empty = off.", ""
+    )
+    catalog_poll_seconds: float = _doc("How often to check catalog_path for a new file (atomic rename), swapped in "
+                                       "without blocking requests; 0 = never.", 10.0)
     # --- event stream consumer (`reranker consume`, issue 19) ------------------------------------
     stream_url: str = _doc("Redis (redis://) or Redis Cluster (redis+cluster://) holding the event stream that "
                            "`reranker consume` reads; empty = redis_url.", "")
@@ -297,6 +303,8 @@ class Settings:
             ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
         ):
             problems.append("stream_url must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        if self.catalog_poll_seconds < 0:
+            problems.append("catalog_poll_seconds must be >= 0")
         if self.redis_wait_replicas < 0:
             problems.append("redis_wait_replicas must be >= 0")
         if self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:

@@ -17,6 +17,7 @@ from reranker import head as ranking_head
 from reranker import scoring, usermodel
 from reranker.batching import MicroBatcher
 from reranker.cancellation import CancelToken
+from reranker.catalog import CatalogSource
 from reranker.consumed import CandidateHistory
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
@@ -83,6 +84,7 @@ class RerankService:
         self._ready = threading.Event()
         self.load_error: str = ""
         self.items: ItemVectorCache | None = None
+        self.catalog: CatalogSource | None = None  # shared, memory-mapped item vectors (catalog.py)
         self.profiles: ProfileStore | None = None
         self.model_version = ""
         self._snapshots: PeriodicSnapshots | None = None
@@ -117,6 +119,9 @@ class RerankService:
         self.head = head
         self.model_version = encoder.version if head is None else f"{encoder.version}+{head.version}"
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
+        if s.catalog_path:
+            self.catalog = CatalogSource(s.catalog_path, model_version=encoder.version, dim=encoder.dim,
+                                         poll_seconds=s.catalog_poll_seconds)
         self.profiles = make_profile_store(s, encoder.dim, self._clock)
         if s.snapshot_path:
             load_snapshot(
@@ -170,6 +175,8 @@ class RerankService:
                 log.exception("snapshot at shutdown failed; the previous snapshot is kept")
         if self.profiles is not None:
             self.profiles.close()
+        if self.catalog is not None:
+            self.catalog.close()
 
     def _local_profiles(self) -> InProcessProfileStore | None:
         """The in-process store, when it is the store of record (with Redis, Redis persists profiles)."""
@@ -458,6 +465,8 @@ class RerankService:
         the lookup) where texts would have to be encoded."""
         assert self.items is not None
         vectors, hit = lookup if lookup is not None else self.items.lookup(item_ids, texts)
+        if self.catalog is not None and not hit.all():
+            hit = self.catalog.fill(item_ids, texts, vectors, hit)
         has_vector = hit.copy()
         if hit.all():
             return vectors, has_vector, len(item_ids), 0
