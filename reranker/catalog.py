@@ -109,8 +109,11 @@ def write_catalog(path: Path, item_ids: Sequence[str], texts: Sequence[str], vec
 
 
 def read_manifest(path: Path) -> Manifest:
-    with open(path, "rb") as f:
-        head = f.read(DATA_START)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(DATA_START)
+    except OSError as exc:
+        raise CatalogError(f"cannot read the catalog {path}: {exc.strerror or exc}") from None
     if not head.startswith(MAGIC):
         raise CatalogError(f"{path} is not a reranker catalog (bad magic)")
     try:
