@@ -16,6 +16,8 @@ from typing import Any
 
 ENV_PREFIX = "RERANKER_"
 
+# URL schemes of redis_url / stream_url: one Redis, or a Redis Cluster (any node; the client finds the rest).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
 DEFAULT_EVENT_WEIGHTS = "view=0.5,click=1,add_to_cart=2,purchase=3,like=2,dislike=-1.5,skip=-0.5"
 
@@ -290,19 +292,14 @@ class Settings:
                      "redis_replay_events", "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
-        if self.redis_url and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-        ):
-            problems.append("redis_url must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
+        for name in ("redis_url", "stream_url"):
+            if getattr(self, name) and not getattr(self, name).startswith(REDIS_SCHEMES):
+                problems.append(f"{name} must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
         for name in ("stream_batch_size", "stream_block_ms", "stream_backoff_max_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.stream_claim_idle_ms < 0:
             problems.append("stream_claim_idle_ms must be >= 0")
-        if self.stream_url and not self.stream_url.startswith(
-            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-        ):
-            problems.append("stream_url must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://")
         if self.catalog_poll_seconds < 0:
             problems.append("catalog_poll_seconds must be >= 0")
         if self.redis_wait_replicas < 0:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -21,21 +21,9 @@ from reranker.streamconsumer import StreamConsumer
 from reranker.types import Event, RecordResult
 from conftest import REPO, fake_settings
 from redis_server import RedisServer
+from test_redis_profiles import redis_server, redis_url  # noqa: F401  (the fixtures: one redis-server per module)
 
 KEY = "events"
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    redis_server.client().flushall()
-    return redis_server.url
 
 
 def settings(url: str, **overrides: object):  # type: ignore[no-untyped-def]
