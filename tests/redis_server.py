@@ -105,15 +105,19 @@ class RedisClusterServer:
                                "--cluster-node-timeout", str(self.node_timeout_ms), "--cluster-port", str(free_port()),
                                # replicas sync at once (no 5 s diskless delay) and may always take over
                                "--repl-diskless-sync-delay", "0", "--cluster-replica-validity-factor", "0"]
-            node.start()
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        done = subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas_per_master),
-                               "--cluster-yes"], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            self.cleanup()
-            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-500:]} {done.stderr[-500:]}")
-        self.wait_healthy()
-        self.wait_replicas_synced()
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            done = subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas",
+                                   str(self.replicas_per_master), "--cluster-yes"], capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-500:]} {done.stderr[-500:]}")
+            self.wait_healthy()
+            self.wait_replicas_synced()
+        except BaseException:
+            self.cleanup()  # no redis-server and no temp dir left behind
+            raise
         return self
 
     def wait_replicas_synced(self, timeout_s: float = 30.0) -> None:
@@ -166,3 +170,21 @@ class RedisClusterServer:
     def cleanup(self) -> None:
         for node in self.nodes:
             node.cleanup()
+
+
+if __name__ == "__main__":  # a local cluster by hand: python tests/redis_server.py [masters] [replicas per master]
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up on SIGTERM too
+    masters = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    replicas = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    cluster = RedisClusterServer(masters, replicas).start()
+    print(f"--redis-url {cluster.url}   ({masters} masters x {replicas} replicas; Ctrl-C stops and deletes it)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        cluster.cleanup()

@@ -167,6 +167,8 @@ def test_no_acknowledged_event_is_lost_while_slots_move_under_writes(cluster: Re
         moved = move_slot(cluster, slot, source, target)
         time.sleep(0.3)
     store.close()  # replays anything that went to the fallback
+    print(f"slot migration: {writers.acked[hot]} events to the moving slot, {sum(writers.acked.values())} in all; "
+          f"{store.failovers} calls served by the fallback")
     assert moved == 6  # all six keys of the hot user
     assert slot_owners(cluster)[slot] == target.port
     assert writers.acked[hot] > 50
@@ -204,3 +206,30 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
     print(f"failover: replica promoted after {promoted_after:.2f} s; {store.failovers} calls served by the fallback; "
           f"{sum(writers.acked.values())} events acknowledged")
     assert_no_acknowledged_event_lost(cluster, prefix, writers.acked)
+
+
+def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: RedisClusterServer) -> None:
+    from reranker.service import RerankService
+    from reranker.streamconsumer import StreamConsumer
+
+    prefix = f"sc{next(_prefixes)}"
+    settings = fake_settings(redis_url=cluster.url, redis_prefix=prefix, stream_key=f"{prefix}:events",
+                             stream_group="g", stream_consumer="c", stream_block_ms=20, stream_claim_idle_ms=0,
+                             stream_dead_letter_key="")
+    service = RerankService(settings)
+    service.load()
+    consumer = StreamConsumer(settings, service.record_events, service.metrics)
+    assert isinstance(consumer.client, redis.RedisCluster)
+    consumer.ensure_group()
+    for i in range(60):
+        consumer.client.xadd(settings.stream_key, {"user_id": f"s{i % 12}", "item_id": f"it{i}", "text": f"words {i}"})
+    while consumer.poll_once():
+        pass
+    assert consumer.stats.applied == 60 and consumer.lag() == (0, 0)
+    owners = slot_owners(cluster)
+    assert len({owners[key_slot(f"s{u}".encode())] for u in range(12)}) > 1  # the users live on several masters
+    for u in range(12):
+        state = service.profiles.get(f"s{u}", recent=False)  # type: ignore[union-attr]
+        assert state is not None and state.event_count == 5
+    consumer.close()
+    service.close()
