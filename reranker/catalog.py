@@ -183,6 +183,7 @@ class CatalogSource:
         self._model_version, self._dim = model_version, dim
         self.current = Catalog(self.path, model_version=model_version, dim=dim)
         self.hits = 0
+        self.misses = 0
         self.swaps = 0
         self.last_error = ""
         self._stop = threading.Event()
@@ -196,7 +197,9 @@ class CatalogSource:
     def fill(self, item_ids: Sequence[str], texts: Sequence[TextKey], vectors: np.ndarray, hit: np.ndarray) -> np.ndarray:
         before = int(hit.sum())
         out = self.current.fill(item_ids, texts, vectors, hit)
-        self.hits += int(out.sum()) - before
+        found = int(out.sum()) - before
+        self.hits += found  # counters for the metrics endpoint (a race may lose an increment: fine)
+        self.misses += len(hit) - before - found
         return out
 
     def check(self) -> bool:

@@ -17,7 +17,7 @@ from reranker import head as ranking_head
 from reranker import scoring, usermodel
 from reranker.batching import MicroBatcher
 from reranker.cancellation import CancelToken
-from reranker.catalog import CatalogSource
+from reranker.catalog import CatalogError, CatalogSource
 from reranker.consumed import CandidateHistory
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
@@ -120,8 +120,12 @@ class RerankService:
         self.model_version = encoder.version if head is None else f"{encoder.version}+{head.version}"
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
         if s.catalog_path:
-            self.catalog = CatalogSource(s.catalog_path, model_version=encoder.version, dim=encoder.dim,
-                                         poll_seconds=s.catalog_poll_seconds)
+            try:
+                self.catalog = CatalogSource(s.catalog_path, model_version=encoder.version, dim=encoder.dim,
+                                             poll_seconds=s.catalog_poll_seconds)
+            except CatalogError as exc:
+                self.load_error = str(exc)
+                raise
         self.profiles = make_profile_store(s, encoder.dim, self._clock)
         if s.snapshot_path:
             load_snapshot(
@@ -150,6 +154,8 @@ class RerankService:
             out["items"] = (self.items.hits, self.items.misses, len(self.items))
         if self.profiles is not None:
             out["users"] = (self.profiles.hits, self.profiles.misses, len(self.profiles))
+        if self.catalog is not None:  # looked up where the item cache missed
+            out["catalog"] = (self.catalog.hits, self.catalog.misses, len(self.catalog.current))
         return out
 
     def _load_head(self, encoder: Encoder) -> ranking_head.RankingHead | None:

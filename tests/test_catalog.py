@@ -94,6 +94,9 @@ def test_a_service_on_a_catalog_reranks_without_encoding(tmp_path: Path) -> None
     # An item outside the catalog is still encoded from its text.
     service._resolve_vectors(["new-item"], ["brand new text"], 1.0)
     assert encoder.texts == 1
+    text = service.metrics.exposition().decode()
+    assert 'reranker_cache_lookups_total{cache="catalog",result="miss"} 1.0' in text
+    assert 'reranker_cache_entries{cache="catalog"} 200.0' in text
     service.close()
 
 
@@ -151,3 +154,12 @@ def test_embed_catalog_cli_writes_a_catalog_a_server_accepts(tmp_path: Path, cap
     assert catalog.fill(["item-9"], [None], v, np.zeros(1, dtype=bool))[0]
     np.testing.assert_array_equal(v[0], FakeEncoder(16).encode([items(40)[9][1]])[0])
     assert not list(tmp_path.glob(".catalog.bin.tmp-*"))  # the temporary file was renamed
+
+
+def test_a_server_with_an_unusable_catalog_stays_not_ready_and_says_why(tmp_path: Path) -> None:
+    build(tmp_path / "c.bin", items(10), version="another-model")
+    service = RerankService(fake_settings(fake_dim=DIM, catalog_path=str(tmp_path / "c.bin"), warmup=False),
+                            FakeEncoder(DIM))
+    with pytest.raises(CatalogError):
+        service.load()
+    assert not service.ready and "another-model" in service.load_error
