@@ -8,8 +8,10 @@ Delivery is at least once, and counting is exactly once:
 - a redelivered event is not counted twice: the profile store de-duplicates by event id, and an
   event without an `event_id` field gets its stream entry id (`<stream key>/<entry id>`).
 
-Back-pressure: when the encoder is overloaded (`Overloaded`, `EncodeTimeout`) or the model is not
-loaded yet (`NotReady`), the batch stays unacknowledged and is retried after a wait that doubles up
+Back-pressure: when the encoder is overloaded or failing (`Overloaded`, `EncodeTimeout`,
+`EncoderFailed`), the model is not loaded yet (`NotReady`), or the Redis profile store is degraded
+(its writes go to an in-process outage buffer that dies with the process: acknowledging them
+would lose them in a crash), the batch stays unacknowledged and is retried after a wait that doubles up
 to `stream_backoff_max_ms`; nothing new is read meanwhile, so the backlog waits in Redis, where the
 group's lag (`reranker_stream_lag`) shows it.
 
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from prometheus_client import Counter, Gauge
 
-from reranker.errors import EncodeTimeout, InvalidRequest, NotReady, Overloaded
+from reranker.errors import EncoderFailed, EncodeTimeout, InvalidRequest, NotReady, Overloaded
 from reranker.redis_store import REDIS_ERRORS, redis_client
 from reranker.types import Event, EventType, RecordResult
 
@@ -47,7 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (Overloaded, EncodeTimeout, NotReady)
+# Waited out, never acknowledged past: an overloaded, slow, failing or not yet loaded encoder.
+RETRYABLE = (Overloaded, EncodeTimeout, NotReady, EncoderFailed)
 _FIRST_BACKOFF_S = 0.01
 
 
@@ -119,6 +122,7 @@ class StreamConsumer:
         *,
         client: redis.Redis | Any = None,
         sleep: Callable[[float], None] = time.sleep,
+        durable: Callable[[], bool] = lambda: True,
     ) -> None:
         s = settings
         self.key = s.stream_key
@@ -137,6 +141,7 @@ class StreamConsumer:
             client = redis_client(url, timeout_s=timeout, connect_timeout_s=5.0)
         self.client = client
         self._record = record
+        self._durable = durable  # False while the profile store writes to its outage fallback
         self._sleep = sleep
         self.metrics = StreamMetrics(metrics)
         self.stats = ConsumerStats()
@@ -217,19 +222,23 @@ class StreamConsumer:
         wait = _FIRST_BACKOFF_S
         while True:
             try:
-                return self._record(events)
+                result = self._record(events)
+                if self._durable():
+                    return result
+                reason = "the profile store is degraded (Redis unreachable): its outage buffer is not durable"
             except RETRYABLE as exc:
-                self.stats.backpressure_waits += 1
-                self.metrics.backpressure.inc()
-                log.debug("encoder refused a stream batch (%s); retrying in %.2f s", exc, wait)
-                if stop is not None:
-                    if stop.wait(wait):
-                        return None
-                else:
-                    self._sleep(wait)
-                wait = min(self.backoff_max_s, wait * 2)
+                reason = f"the encoder refused it ({exc})"
             except InvalidRequest:
                 return self._record_one_by_one(events, ids, dead)
+            self.stats.backpressure_waits += 1
+            self.metrics.backpressure.inc()
+            log.debug("stream batch not acknowledged: %s; retrying in %.2f s", reason, wait)
+            if stop is not None:
+                if stop.wait(wait):
+                    return None
+            else:
+                self._sleep(wait)
+            wait = min(self.backoff_max_s, wait * 2)
 
     def _record_one_by_one(self, events: list[Event], ids: list[str],
                            dead: list[tuple[str, dict[bytes, bytes], str]]) -> RecordResult:
@@ -302,7 +311,8 @@ def consume(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     service.load()
-    consumer = StreamConsumer(settings, service.record_events, service.metrics)
+    consumer = StreamConsumer(settings, service.record_events, service.metrics,
+                              durable=lambda: not getattr(service.profiles, "degraded", False))
     try:
         consumer.run(stop)
     finally:

@@ -246,3 +246,27 @@ def test_stop_while_backing_off_leaves_the_batch_pending(redis_server: RedisServ
     thread.join(5)
     assert not thread.is_alive() and consumer.lag() == (0, 5) and consumer.stats.backpressure_waits >= 3
     consumer.close()
+
+
+def test_nothing_is_acknowledged_while_the_profile_store_is_degraded(redis_server: RedisServer, redis_url: str) -> None:
+    service = loaded_service(redis_url)
+    degraded = {"left": 3}
+    waits: list[float] = []
+
+    def durable() -> bool:  # as `consume` wires it: not service.profiles.degraded
+        degraded["left"] -= 1
+        pending_while_degraded.append(consumer.lag()[1])
+        return degraded["left"] < 0
+
+    pending_while_degraded: list[int] = []
+    consumer = StreamConsumer(settings(redis_url), service.record_events, service.metrics, sleep=waits.append,
+                              durable=durable)
+    consumer.ensure_group()
+    push(redis_server, 20)
+    drain(consumer)
+    assert pending_while_degraded[:3] == [20, 20, 20] and len(waits) == 3
+    # The batch was recorded 4 times; ids de-duplicate, so it counts once (the retry that is
+    # acknowledged finds it already written: 20 duplicates).
+    assert counts(service) == [4] * 5 and consumer.lag() == (0, 0) and consumer.stats.duplicates == 20
+    service.close()
+    consumer.close()
