@@ -4,18 +4,21 @@ a node share one copy of the vectors in the page cache.
 
 One file, written to a temporary name and renamed over the old one (an atomic swap):
 
-    bytes 0..8        magic b"RRCAT1\\n\\0"
+    bytes 0..8        magic b"RRCAT2\\n\\0"
     bytes 8..4096     manifest, JSON, NUL-padded: model_version, dim, count, dtype (float16 or
                       float32), checksum (blake2b-256 of everything after byte 4096), the offsets
     4096..            vectors   count x dim, little-endian dtype (64-byte aligned)
                       hashes    count x uint64: text_hash of the text each row was encoded from
+                      keys      count x uint64: text_hash of each row's item id, ascending (rows are
+                                stored in this order: a lookup is a binary search, no in-memory index)
                       offsets   (count + 1) x int64 into the id blob
-                      ids       UTF-8 item ids, concatenated
+                      ids       UTF-8 item ids, concatenated (checked after the search: no collision)
 
 A replica consults the catalog where its ItemVectorCache misses (service._resolve_vectors). A row
 counts only if the text the caller sent (if any) is the text it was encoded from (text_hash), as
-the cache does. The vectors stay in the mapped file (float16 rows are widened per lookup): only the
-id -> row dict is private memory. `CatalogSource` checks the file every `catalog_poll_seconds` on a
+the cache does. Everything stays in the mapped file (float16 rows are widened per lookup; ids are
+found by binary search over the sorted id hashes): a replica's private memory does not grow with the
+catalog. `CatalogSource` checks the file every `catalog_poll_seconds` on a
 background thread; a new file (another inode) is opened, verified (model version, dimension,
 checksum) and swapped in by one reference assignment, so lookups never wait; a file that fails the
 checks is logged and the old catalog stays.
@@ -39,7 +42,7 @@ from reranker.items import TextKey, text_hash
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"RRCAT1\n\0"
+MAGIC = b"RRCAT2\n\0"
 DATA_START = 4096
 _ALIGN = 64
 DTYPES = ("float16", "float32")
@@ -63,6 +66,7 @@ class Manifest:
     created: float
     vectors_offset: int
     hashes_offset: int
+    keys_offset: int
     offsets_offset: int
     ids_offset: int
     ids_bytes: int
@@ -78,22 +82,26 @@ def write_catalog(path: Path, item_ids: Sequence[str], texts: Sequence[str], vec
         raise CatalogError("item_ids, texts and vectors differ in length")
     if len(set(item_ids)) != count:
         raise CatalogError("item ids are not unique")
-    matrix = np.ascontiguousarray(vectors, dtype=np.dtype(dtype).newbyteorder("<"))
-    hashes = np.array([text_hash(t) for t in texts], dtype="<u8")
-    blobs = [i.encode("utf-8", "surrogatepass") for i in item_ids]
+    keys = np.array([text_hash(i) for i in item_ids], dtype="<u8")
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    matrix = np.ascontiguousarray(np.asarray(vectors)[order], dtype=np.dtype(dtype).newbyteorder("<"))
+    hashes = np.array([text_hash(texts[r]) for r in order.tolist()], dtype="<u8")
+    blobs = [item_ids[r].encode("utf-8", "surrogatepass") for r in order.tolist()]
     offsets = np.zeros(count + 1, dtype="<i8")
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
     ids = b"".join(blobs)
     vectors_offset = DATA_START
     hashes_offset = _aligned(vectors_offset + matrix.nbytes)
-    offsets_offset = _aligned(hashes_offset + hashes.nbytes)
+    keys_offset = _aligned(hashes_offset + hashes.nbytes)
+    offsets_offset = _aligned(keys_offset + keys.nbytes)
     ids_offset = _aligned(offsets_offset + offsets.nbytes)
     data = bytearray(ids_offset + len(ids) - DATA_START)
     for offset, chunk in ((vectors_offset, matrix.tobytes()), (hashes_offset, hashes.tobytes()),
-                          (offsets_offset, offsets.tobytes()), (ids_offset, ids)):
+                          (keys_offset, keys.tobytes()), (offsets_offset, offsets.tobytes()), (ids_offset, ids)):
         data[offset - DATA_START : offset - DATA_START + len(chunk)] = chunk
     manifest = Manifest(model_version, int(dim), int(count), dtype, hashlib.blake2b(data, digest_size=32).hexdigest(),
-                        time.time(), vectors_offset, hashes_offset, offsets_offset, ids_offset, len(ids))
+                        time.time(), vectors_offset, hashes_offset, keys_offset, offsets_offset, ids_offset, len(ids))
     header = json.dumps(manifest.__dict__).encode()
     if len(MAGIC) + len(header) > DATA_START:
         raise CatalogError("manifest too long")
@@ -146,19 +154,36 @@ class Catalog:
         self.vectors = np.ndarray((m.count, m.dim), dtype=np.dtype(m.dtype).newbyteorder("<"), buffer=raw,
                                   offset=m.vectors_offset)
         self.hashes = np.ndarray((m.count,), dtype="<u8", buffer=raw, offset=m.hashes_offset)
-        offsets = np.ndarray((m.count + 1,), dtype="<i8", buffer=raw, offset=m.offsets_offset).tolist()
-        ids = bytes(raw[m.ids_offset : m.ids_offset + m.ids_bytes])
-        self._row_of = {ids[offsets[r] : offsets[r + 1]].decode("utf-8", "surrogatepass"): r for r in range(m.count)}
+        self.keys = np.ndarray((m.count,), dtype="<u8", buffer=raw, offset=m.keys_offset)
+        self._offsets = np.ndarray((m.count + 1,), dtype="<i8", buffer=raw, offset=m.offsets_offset)
+        self._ids = raw[m.ids_offset : m.ids_offset + m.ids_bytes]
         self.inode = os.stat(self.path).st_ino
 
     def __len__(self) -> int:
         return self.manifest.count
 
+    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """The catalog row of each id, -1 where absent: a binary search over the sorted id hashes,
+        then the id itself compared (a 64-bit hash collision can never return another item)."""
+        wanted = np.array([text_hash(i) for i in item_ids], dtype=np.uint64)
+        start = np.searchsorted(self.keys, wanted)
+        out = np.full(len(item_ids), -1, dtype=np.int64)
+        count = len(self.keys)
+        for k, p in enumerate(start.tolist()):
+            encoded = None
+            while p < count and self.keys[p] == wanted[k]:
+                encoded = encoded or item_ids[k].encode("utf-8", "surrogatepass")
+                if self._ids[self._offsets[p] : self._offsets[p + 1]].tobytes() == encoded:
+                    out[k] = p
+                    break
+                p += 1
+        return out
+
     def fill(self, item_ids: Sequence[str], texts: Sequence[TextKey], vectors: np.ndarray, hit: np.ndarray) -> np.ndarray:
         """Rows of `vectors` not yet `hit` whose id is in the catalog (with the same text, when one
         is given) are filled from it; returns the new hit mask."""
         misses = np.flatnonzero(~hit)
-        rows = np.array([self._row_of.get(item_ids[i], -1) for i in misses.tolist()], dtype=np.int64)
+        rows = self.rows([item_ids[i] for i in misses.tolist()])
         found = rows >= 0
         if not found.any():
             return hit

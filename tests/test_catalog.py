@@ -163,3 +163,16 @@ def test_a_server_with_an_unusable_catalog_stays_not_ready_and_says_why(tmp_path
     with pytest.raises(CatalogError):
         service.load()
     assert not service.ready and "another-model" in service.load_error
+
+
+def test_ids_are_found_by_binary_search_over_the_mapped_file(tmp_path: Path) -> None:
+    ids = ["é-item", "\U0001f600", "a", "b" * 300, "item 7", ""]
+    texts = [f"text {i}" for i in range(len(ids))]
+    vectors = np.eye(len(ids), DIM, dtype=np.float32)
+    write_catalog(tmp_path / "c.bin", ids, texts, vectors, model_version="m", dtype="float32")
+    catalog = Catalog(tmp_path / "c.bin")
+    rows = catalog.rows(ids + ["absent", "é-itemx"])
+    assert rows[-2:].tolist() == [-1, -1]
+    for k, row in enumerate(rows[:-2].tolist()):
+        np.testing.assert_array_equal(catalog.vectors[row], vectors[k])  # stored in id-hash order, found again
+    assert np.all(np.diff(catalog.keys.astype(np.float64)) >= 0)
