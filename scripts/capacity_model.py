@@ -179,7 +179,7 @@ def main() -> int:
     print(f"| Rerank/s per pod ({args.pod_cores:g} cores at {args.pod_utilization:g}, {1e6 / per_core:,.0f} us model + "
           f"{args.grpc_us:g} us gRPC per call) | {per_pod:,.0f} |")
     print(f"| pods (at least 2) | {pods} |")
-    print(f"| memory per replica, profiles in Redis, shared catalog | {args.base_rss_mib + 16 * m / 1e5:,.0f} MiB private "
+    print(f"| memory per replica, profiles in Redis, shared catalog | {args.base_rss_mib + 0.4 * m / 1e5:,.0f} MiB private "
           f"+ {catalog_mib:,.0f} MiB shared catalog pages |")
     print(f"| memory per replica, profiles in Redis, private item cache of all M | {args.base_rss_mib + cache_mib:,.0f} MiB |")
     print(f"| in-process profiles instead (each replica holds the users it sees; all N) | "
