@@ -1,11 +1,11 @@
-"""Command line: `reranker serve | settings | bench | eval | train | convert`."""
+"""Command line: `reranker serve | consume | embed-catalog | settings | bench | eval | train | convert`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from reranker.bench import add_arguments as add_bench_arguments
 from reranker.bench import run as run_bench
@@ -18,6 +18,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server", parents=[settings_parser()])
     serve.set_defaults(handler=_serve)
+    consume = commands.add_parser("consume", help="record user events from a Redis Stream consumer group",
+                                  parents=[settings_parser()])
+    consume.set_defaults(handler=_consume)
+    embed = commands.add_parser("embed-catalog", help="encode items.tsv once into a shared, memory-mapped catalog",
+                                parents=[settings_parser()])
+    embed.add_argument("--items", required=True, help="items.tsv (header, then item_id<TAB>text)")
+    embed.add_argument("--out", required=True, help="catalog file to write (atomically replaced; serve it as catalog_path)")
+    embed.add_argument("--vector-dtype", choices=("float16", "float32"), default="float16",
+                       help="precision of the stored vectors (default float16: half the pages)")
+    embed.set_defaults(handler=_embed_catalog)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=_print_settings)
     from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
@@ -38,16 +48,53 @@ def _print_settings(_args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
 
 def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from reranker.server import serve
+
+    return _with_settings(argv, serve)
+
+
+def _consume(_args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from reranker.streamconsumer import consume
+
+    return _with_settings(argv, consume)
+
+
+def _embed_catalog(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    own = {"--items", "--out", "--vector-dtype"}
+    rest = [a for i, a in enumerate(argv)
+            if a not in own and a.split("=", 1)[0] not in own and (i == 0 or argv[i - 1] not in own)]
+
+    def run(settings: Settings) -> int:
+        import time
+        from pathlib import Path
+
+        from reranker.catalog import embed_catalog
+        from reranker.encoder import load_encoder
+        from reranker.evaluation.formats import read_items
+
+        items = read_items(Path(args.items))
+        encoder = load_encoder(settings)
+        started = time.perf_counter()
+        m = embed_catalog(items.items(), encoder.encode, Path(args.out), model_version=encoder.version,
+                          dtype=args.vector_dtype, batch_size=settings.encode_batch_size)
+        print(f"{args.out}: {m.count} items x {m.dim} {m.dtype}, model {m.model_version}, checksum {m.checksum[:16]}..., "
+              f"encoded in {time.perf_counter() - started:.1f} s")
+        return 0
+
+    return _with_settings(rest, run)
+
+
+def _with_settings(argv: Sequence[str], run: Callable[[Settings], int]) -> int:
+    """Settings from flags and RERANKER_* variables (exit 2 on a bad one), logging, then `run`."""
     try:
         settings = Settings.from_sources(argv, os.environ)
     except ValueError as exc:
         print(f"reranker: {exc}", file=sys.stderr)
         return 2
     from reranker.logs import configure_logging
-    from reranker.server import serve
 
     configure_logging(settings)
-    return serve(settings)
+    return run(settings)
 
 
 def _add_soak(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,8 @@ ENV_PREFIX = "RERANKER_"
 
 # Arm names the server uses itself (the response's `arm`, the online metrics' `arm` label).
 RESERVED_ARMS = ("control", "treatment", "bypassed")
+# URL schemes of redis_url / stream_url: one Redis, or a Redis Cluster (any node; the client finds the rest).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
 DEFAULT_EVENT_WEIGHTS = "view=0.5,click=1,add_to_cart=2,purchase=3,like=2,dislike=-1.5,skip=-0.5"
 POOLINGS = ("mean", "cls", "last_token")  # Settings.pooling
@@ -159,12 +161,42 @@ class Settings:
     max_event_ids_per_user: int = _doc(
         "Event ids remembered per user for de-duplication (8 bytes each); older ids may count again.", 1000
     )
-    redis_url: str = _doc("redis://host:port/db to share user profiles between replicas; empty = in-process store.", "")
+    redis_url: str = _doc(
+        "redis://host:port/db to share user profiles between replicas (redis+cluster://host:port for a Redis "
+        "Cluster, any node); empty = in-process store.", ""
+    )
     redis_prefix: str = _doc("Prefix of the Redis keys; use one prefix per encoder model (vectors differ).", "reranker")
     redis_timeout_ms: float = _doc("Redis connect timeout, and read timeout on the Rerank path; slower counts as down.", 50.0)
     redis_write_timeout_ms: float = _doc("Redis timeout for writing a batch of events (slower than a read).", 2000.0)
     redis_retry_seconds: float = _doc("After a Redis error, serve from the in-process fallback this long before retrying.", 5.0)
+    redis_wait_replicas: int = _doc(
+        "Replicas that must acknowledge each event write (Redis WAIT, within redis_write_timeout_ms) before it counts "
+        "as written; fewer puts the batch in the replay buffer. 0 = no wait: a master that dies may lose its last writes.",
+        0,
+    )
     redis_replay_events: int = _doc("Events recorded while Redis is down, kept to replay into it when it is back.", 10_000)
+    catalog_path: str = _doc(
+        "Shared item-vector catalog (`reranker embed-catalog`) mapped read-only at start and consulted where the item "
+        "cache misses: a new replica is warm without encoding; empty = off.", ""
+    )
+    catalog_poll_seconds: float = _doc("How often to check catalog_path for a new file (atomic rename), swapped in "
+                                       "without blocking requests; 0 = never.", 10.0)
+    # --- event stream consumer (`reranker consume`, issue 19) ------------------------------------
+    stream_url: str = _doc("Redis (redis://) or Redis Cluster (redis+cluster://) holding the event stream that "
+                           "`reranker consume` reads; empty = redis_url.", "")
+    stream_key: str = _doc("Redis Stream of events (fields user_id, item_id, type, timestamp, event_id, text, weight).",
+                           "reranker:events")
+    stream_group: str = _doc("Consumer group: each event goes to one consumer of the group (at least once).", "reranker")
+    stream_consumer: str = _doc("This consumer's name in the group (keep it stable across restarts: its unacknowledged "
+                                "events are re-read at start); empty = host name.", "")
+    stream_batch_size: int = _doc("Events read (XREADGROUP COUNT) and written to profiles per batch.", 256)
+    stream_block_ms: int = _doc("How long one read waits for new events.", 1000)
+    stream_claim_idle_ms: int = _doc("Take over events another consumer read but has not acknowledged for this long "
+                                     "(XAUTOCLAIM; a consumer that died); 0 = never.", 60_000)
+    stream_dead_letter_key: str = _doc("Stream that unusable events (bad fields) are copied to, with the reason, before "
+                                       "they are acknowledged; empty = drop them (counted).", "reranker:events:dead")
+    stream_backoff_max_ms: int = _doc("Longest wait between retries of a batch the encoder refused (overloaded); the "
+                                      "batch is retried, unacknowledged, until it goes through.", 2000)
     snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
     snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
     # --- performance -----------------------------------------------------------------------------
@@ -326,8 +358,18 @@ class Settings:
                      "redis_replay_events", "attention_temperature", "redis_timeout_ms", "redis_write_timeout_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            problems.append("redis_url must start with redis://, rediss:// or unix://")
+        for name in ("redis_url", "stream_url"):
+            if getattr(self, name) and not getattr(self, name).startswith(REDIS_SCHEMES):
+                problems.append(f"{name} must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
+        for name in ("stream_batch_size", "stream_block_ms", "stream_backoff_max_ms"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.stream_claim_idle_ms < 0:
+            problems.append("stream_claim_idle_ms must be >= 0")
+        if self.catalog_poll_seconds < 0:
+            problems.append("catalog_poll_seconds must be >= 0")
+        if self.redis_wait_replicas < 0:
+            problems.append("redis_wait_replicas must be >= 0")
         if self.redis_retry_seconds < 0 or self.snapshot_interval_seconds < 0:
             problems.append("redis_retry_seconds and snapshot_interval_seconds must be >= 0")
         if not (self.max_event_skew_seconds >= 0 and self.max_event_weight >= 0):

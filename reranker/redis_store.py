@@ -22,6 +22,13 @@ before anything is folded into it and when it is read: the script refuses to fol
 store rebuilds the state in Python (usermodel.repair_future_clock) and writes it back with a
 compare-and-set script, then folds. A clock repair is logged and counted (`repairs`).
 
+Redis Cluster: a `redis_url` of `redis+cluster://host:port` (or `rediss+cluster://`) names any node of
+a cluster; the client (redis-py's RedisCluster) discovers the others and follows MOVED/ASK redirects,
+so a slot migration is invisible to the store. The Lua scripts touch only their KEYS, which all
+carry the same `{user_id}` hash tag, so one user's update runs on one node; the batch pipeline
+fans out by node. A node that fails (a failover in progress) fails that call like a lost single
+Redis: the store serves from the fallback and replays once the cluster answers again.
+
 Redis down: the store never raises to the service. A failed call marks the store degraded for
 `retry_seconds` and serves from an in-process fallback store instead: events recorded meanwhile go
 there (so this replica still personalizes them) and into a bounded replay buffer, which a
@@ -43,6 +50,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from reranker import usermodel
@@ -193,6 +202,30 @@ end
 return 1
 """
 
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def redis_client(url: str, *, timeout_s: float, connect_timeout_s: float) -> redis.Redis | RedisCluster:
+    """A client for `url`: one Redis (redis://, rediss://, unix://) or a Redis Cluster
+    (redis+cluster://host:port, any node; rediss+cluster:// for TLS). No client-side retries of a
+    failed call: the caller fails over at once (the replay buffer is the retry). Cluster redirects
+    (MOVED, ASK, TRYAGAIN during a slot migration) are followed by the cluster client regardless."""
+    if is_cluster_url(url):
+        plain = url.replace("+cluster", "", 1)
+        return RedisCluster.from_url(plain, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
+                                     retry=Retry(NoBackoff(), 0))
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s,
+                                retry=Retry(NoBackoff(), 0))
+
+
+# What a failed call raises: a cluster client also raises RedisClusterException (not a RedisError),
+# e.g. when no node of the cluster answers or a slot is not covered during a failover.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
 _HIST_HEADER = struct.Struct("<ddI")  # timestamp, weight, item id length; then item id, then float32 vector
 _SEQ_CHARS = 16
 _REPLAY_CHUNK = 500
@@ -221,15 +254,17 @@ class RedisProfileStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         config: ProfileConfig,
         *,
-        write_client: redis.Redis | None = None,
+        write_client: redis.Redis | RedisCluster | None = None,
         fallback: InProcessProfileStore,
         ttl_seconds: float,
         prefix: str = "reranker",
         retry_seconds: float = 5.0,
         replay_limit: int = 10_000,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 2000,
         clock: object = time.monotonic,
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -242,6 +277,8 @@ class RedisProfileStore:
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
         self._prefix = prefix
         self._retry_seconds = retry_seconds
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
         self._replay: deque[tuple[Event, np.ndarray | None]] = deque(maxlen=replay_limit)
         self._clock = clock
         self._now = now  # wall clock: is a profile's decay clock ahead of it?
@@ -249,7 +286,9 @@ class RedisProfileStore:
         self.repairs = 0  # profiles whose future clock was repaired (metrics)
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._topology_stale = False  # a cluster's node -> slot table to fetch again before retrying
         self._replaying = False
+        self._replay_thread: threading.Thread | None = None
         self.degraded = False
         self.last_error = ""
         self.failovers = 0  # calls served by the fallback because Redis failed
@@ -263,14 +302,12 @@ class RedisProfileStore:
                       now: Callable[[], float] = time.time) -> RedisProfileStore:
         timeout = s.redis_timeout_ms / 1000.0
         write_timeout = s.redis_write_timeout_ms / 1000.0
-        # No client-side retries: a failed call fails over at once (the replay buffer is the retry).
-        client = redis.Redis.from_url(s.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                      retry=Retry(NoBackoff(), 0))
-        writer = redis.Redis.from_url(s.redis_url, socket_timeout=write_timeout, socket_connect_timeout=timeout,
-                                      retry=Retry(NoBackoff(), 0))
+        client = redis_client(s.redis_url, timeout_s=timeout, connect_timeout_s=timeout)
+        writer = redis_client(s.redis_url, timeout_s=write_timeout, connect_timeout_s=timeout)
         return cls(
             client, config, write_client=writer, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
             retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events, now=now,
+            wait_replicas=s.redis_wait_replicas, wait_timeout_ms=max(1, int(s.redis_write_timeout_ms)),
         )
 
     def keys(self, user_id: str) -> list[str]:
@@ -285,7 +322,7 @@ class RedisProfileStore:
                 self._mark_up()
                 self._start_replay()
                 return result
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._mark_down(exc)
         with self._lock:
             if len(self._replay) + len(events) > (self._replay.maxlen or 0):
@@ -334,15 +371,43 @@ class RedisProfileStore:
             if not self._script_sha:
                 self._script_sha = self._writer.script_load(APPLY_SCRIPT)
             pipe = self._writer.pipeline(transaction=False)
+            users = list(by_user)
             for user_id, args in by_user.items():
-                pipe.evalsha(self._script_sha, 6, *self.keys(user_id), *head, *args)
+                # execute_command, not .evalsha: redis-py's cluster pipeline blocks the method (a
+                # NOSCRIPT there is not reloaded for it), yet routes the command by its keys.
+                pipe.execute_command("EVALSHA", self._script_sha, 6, *self.keys(user_id), *head, *args)
+            self._queue_waits(pipe, users)
             try:
-                return pipe.execute()  # type: ignore[no-any-return]
+                out = pipe.execute()
+                self._check_waits(out[len(users):])
+                return out[: len(users)]  # type: ignore[no-any-return]
             except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
                 self._script_sha = ""
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def _queue_waits(self, pipe: object, users: list[str]) -> None:
+        """WAIT for `wait_replicas` replicas after the scripts, on each master that ran some (a
+        pipeline sends one node's commands on one connection, in order, so WAIT covers them)."""
+        if self._wait_replicas <= 0:
+            return
+        if isinstance(self._writer, RedisCluster):
+            nodes = {}
+            for user_id in users:
+                node = self._writer.get_node_from_key(self.keys(user_id)[0])
+                nodes[node.name] = node
+            for node in nodes.values():
+                pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms,  # type: ignore[attr-defined]
+                                     target_nodes=node)
+        else:
+            pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)  # type: ignore[attr-defined]
+
+    def _check_waits(self, acks: list[object]) -> None:
+        short = [int(a) for a in acks if int(a) < self._wait_replicas]  # type: ignore[call-overload]
+        if short:
+            raise redis.RedisError(f"only {min(short)} of {self._wait_replicas} replicas acknowledged a write "
+                                   f"within {self._wait_timeout_ms} ms (redis_wait_replicas)")
 
     def _repair_remote(self, user_id: str, now: float) -> None:
         """Repair a user whose clock is more than `max_clock_ahead` after `now`, or who has no S yet
@@ -402,12 +467,13 @@ class RedisProfileStore:
         def run() -> None:
             try:
                 self._flush_replay()
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._mark_down(exc)
             finally:
                 self._replaying = False
 
-        threading.Thread(target=run, name="redis-replay", daemon=True).start()
+        self._replay_thread = threading.Thread(target=run, name="redis-replay", daemon=True)
+        self._replay_thread.start()
 
     def _flush_replay(self) -> None:
         with self._lock:
@@ -419,7 +485,7 @@ class RedisProfileStore:
             while pending:
                 self._apply_remote(pending[:_REPLAY_CHUNK], time.time())
                 del pending[:_REPLAY_CHUNK]
-        except redis.RedisError:
+        except REDIS_ERRORS:
             with self._lock:
                 self._replay.extendleft(reversed(pending))
             raise
@@ -438,7 +504,7 @@ class RedisProfileStore:
                 self._mark_up()
                 self._start_replay()
                 return state
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._mark_down(exc)
         return self._fallback.get(user_id, recent=recent)
 
@@ -509,12 +575,29 @@ class RedisProfileStore:
 
     # --- health ----------------------------------------------------------------------------------
     def _usable(self) -> bool:
-        return not self.degraded or self._clock() >= self._down_until  # type: ignore[operator]
+        if not self.degraded:
+            return True
+        if self._clock() < self._down_until:  # type: ignore[operator]
+            return False
+        if self._topology_stale:
+            # A cluster client refreshes its node -> slot table on a failed call, but one taken
+            # while a failover was in progress still names the dead master (redis-py then keeps
+            # dialing it); ask the cluster again before retrying.
+            self._topology_stale = False
+            try:
+                for client in (self._client, self._writer):
+                    if isinstance(client, RedisCluster):
+                        client.nodes_manager.initialize()
+            except REDIS_ERRORS as exc:
+                self._mark_down(exc)
+                return False
+        return True
 
     def _mark_down(self, exc: Exception) -> None:
         was = self.degraded
         self.failovers += 1
         self.degraded = True
+        self._topology_stale = True
         self.last_error = f"{type(exc).__name__}: {exc}"
         self._down_until = self._clock() + self._retry_seconds  # type: ignore[operator]
         if not was:
@@ -529,13 +612,15 @@ class RedisProfileStore:
     def ping(self) -> bool:
         try:
             return bool(self._client.ping())
-        except redis.RedisError:
+        except REDIS_ERRORS:
             return False
 
     def close(self) -> None:
+        if self._replay_thread is not None:  # a background replay holds events: let it finish first
+            self._replay_thread.join(timeout=30)
         try:
             self._flush_replay()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not replay %d events into Redis at shutdown: %s", len(self._replay), exc)
         self._client.close()
         self._writer.close()

@@ -19,6 +19,7 @@ from reranker import head as ranking_head
 from reranker import scoring, usermodel
 from reranker.batching import MicroBatcher
 from reranker.cancellation import CancelToken
+from reranker.catalog import CatalogError, CatalogSource
 from reranker.consumed import CandidateHistory
 from reranker.config import Settings
 from reranker.encoder import Encoder, load_encoder
@@ -89,6 +90,7 @@ class RerankService:
         self._ready = threading.Event()
         self.load_error: str = ""
         self.items: ItemVectorCache | None = None
+        self.catalog: CatalogSource | None = None  # shared, memory-mapped item vectors (catalog.py)
         self.profiles: ProfileStore | None = None
         self.model_version = ""
         self._snapshots: PeriodicSnapshots | None = None
@@ -127,6 +129,13 @@ class RerankService:
         self._encoder = encoder
         self._set_arms(table)
         self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
+        if s.catalog_path:
+            try:
+                self.catalog = CatalogSource(s.catalog_path, model_version=encoder.version, dim=encoder.dim,
+                                             poll_seconds=s.catalog_poll_seconds)
+            except CatalogError as exc:
+                self.load_error = str(exc)
+                raise
         self.profiles = make_profile_store(s, encoder.dim, self._clock)
         if s.snapshot_path:
             load_snapshot(
@@ -156,6 +165,8 @@ class RerankService:
             out["items"] = (self.items.hits, self.items.misses, len(self.items))
         if self.profiles is not None:
             out["users"] = (self.profiles.hits, self.profiles.misses, len(self.profiles))
+        if self.catalog is not None:  # looked up where the item cache missed
+            out["catalog"] = (self.catalog.hits, self.catalog.misses, len(self.catalog.current))
         return out
 
     # --- learning from live traffic: arms, hot reload, training log, online metrics ---------------
@@ -208,6 +219,8 @@ class RerankService:
                 log.exception("snapshot at shutdown failed; the previous snapshot is kept")
         if self.profiles is not None:
             self.profiles.close()
+        if self.catalog is not None:
+            self.catalog.close()
 
     def _local_profiles(self) -> InProcessProfileStore | None:
         """The in-process store, when it is the store of record (with Redis, Redis persists profiles)."""
@@ -524,6 +537,8 @@ class RerankService:
         item keys (ItemVectorCache.lookup; left 0 when `lookup` was given)."""
         assert self.items is not None
         vectors, hit = lookup if lookup is not None else self.items.lookup(item_ids, texts, keys_out)
+        if self.catalog is not None and not hit.all():
+            hit = self.catalog.fill(item_ids, texts, vectors, hit)  # keys of those rows stay 0: hashed later
         has_vector = hit.copy()
         if hit.all():
             return vectors, has_vector, len(item_ids), 0

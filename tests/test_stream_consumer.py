@@ -1,0 +1,272 @@
+"""`reranker consume` against a real redis-server: a Redis Streams consumer group into the profile
+store, at least once with exactly-once counting, acknowledgement after the write, lag as a metric,
+back-pressure while the encoder is overloaded, dead letters for unusable entries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from reranker.errors import Overloaded
+from reranker.metrics import Metrics
+from reranker.service import RerankService
+from reranker.streamconsumer import StreamConsumer
+from reranker.types import Event, RecordResult
+from conftest import REPO, fake_settings
+from redis_server import RedisServer
+from test_redis_profiles import redis_server, redis_url  # noqa: F401  (the fixtures: one redis-server per module)
+
+KEY = "events"
+
+
+def settings(url: str, **overrides: object):  # type: ignore[no-untyped-def]
+    base = dict(redis_url=url, stream_key=KEY, stream_group="g", stream_consumer="c1", stream_batch_size=50,
+                stream_block_ms=50, stream_claim_idle_ms=0, stream_dead_letter_key=KEY + ":dead")
+    return fake_settings(**{**base, **overrides})
+
+
+def loaded_service(url: str) -> RerankService:
+    service = RerankService(settings(url))
+    service.load()
+    return service
+
+
+def push(server: RedisServer, n: int, start: int = 0, users: int = 5, **extra: str) -> None:
+    client = server.client()
+    pipe = client.pipeline()
+    for i in range(start, start + n):
+        pipe.xadd(KEY, {"user_id": f"u{i % users}", "item_id": f"item-{i % 17}", "type": "CLICK",
+                        "timestamp": str(1_700_000_000 + i), "text": f"text of item {i % 17}", **extra})
+    pipe.execute()
+    client.close()
+
+
+def drain(consumer: StreamConsumer, limit: int = 100) -> None:
+    for _ in range(limit):
+        if consumer.poll_once() == 0:
+            return
+    raise AssertionError("the consumer did not drain the stream")
+
+
+def counts(service: RerankService, users: int = 5) -> list[int]:
+    out = []
+    for u in range(users):
+        state = service.profiles.get(f"u{u}", recent=False)  # type: ignore[union-attr]
+        out.append(0 if state is None else state.event_count)
+    return out
+
+
+def test_events_from_the_stream_reach_the_shared_profiles_and_are_acknowledged(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    service = loaded_service(redis_url)
+    consumer = StreamConsumer(settings(redis_url), service.record_events, service.metrics)
+    consumer.ensure_group()
+    push(redis_server, 120)
+    drain(consumer)
+    assert counts(service) == [24] * 5
+    assert consumer.lag() == (0, 0)  # all delivered and acknowledged
+    consumer._last_lag_read = 0.0
+    consumer.poll_once()
+    text = service.metrics.exposition().decode()
+    assert 'reranker_stream_events_total{result="applied"} 120.0' in text
+    assert "reranker_stream_lag 0.0" in text and "reranker_stream_pending 0.0" in text
+    # A second service (another replica) sees what the consumer wrote.
+    other = loaded_service(redis_url)
+    assert counts(other) == [24] * 5
+    for s in (service, other):
+        s.close()
+    consumer.close()
+
+
+def test_lag_counts_entries_not_yet_delivered(redis_server: RedisServer, redis_url: str) -> None:
+    service = loaded_service(redis_url)
+    consumer = StreamConsumer(settings(redis_url, stream_batch_size=30), service.record_events, service.metrics)
+    consumer.ensure_group()
+    push(redis_server, 100)
+    consumer.poll_once()
+    assert consumer.lag() == (70, 0)
+    service.close()
+    consumer.close()
+
+
+def test_a_crash_between_write_and_ack_redelivers_and_nothing_counts_twice(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    service = loaded_service(redis_url)
+
+    def write_then_crash(events: Sequence[Event]) -> RecordResult:
+        service.record_events(events)
+        raise RuntimeError("the process died before XACK")
+
+    crashing = StreamConsumer(settings(redis_url), write_then_crash, Metrics())
+    crashing.ensure_group()
+    push(redis_server, 50)
+    with pytest.raises(RuntimeError):
+        crashing.poll_once()
+    assert counts(service) == [10] * 5
+    assert crashing.lag() == (0, 50)  # delivered, not acknowledged
+    # The same consumer restarted reads its pending entries again: they are duplicates by event id
+    # (the stream entry id stands in for the missing event_id field).
+    restarted = StreamConsumer(settings(redis_url), service.record_events, service.metrics)
+    drain(restarted)
+    assert restarted.stats.duplicates == 50 and restarted.stats.applied == 0
+    assert counts(service) == [10] * 5 and restarted.lag() == (0, 0)
+    service.close()
+    for c in (crashing, restarted):
+        c.close()
+
+
+def test_another_consumer_takes_over_entries_left_pending_by_a_dead_one(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    service = loaded_service(redis_url)
+
+    def crash(events: Sequence[Event]) -> RecordResult:
+        raise RuntimeError("died before writing")
+
+    dead = StreamConsumer(settings(redis_url), crash, Metrics())
+    dead.ensure_group()
+    push(redis_server, 40)
+    with pytest.raises(RuntimeError):
+        dead.poll_once()
+    time.sleep(0.06)
+    survivor = StreamConsumer(settings(redis_url, stream_consumer="c2", stream_claim_idle_ms=50),
+                              service.record_events, service.metrics)
+    drain(survivor)
+    assert survivor.stats.applied == 40 and counts(service) == [8] * 5 and survivor.lag() == (0, 0)
+    service.close()
+    for c in (dead, survivor):
+        c.close()
+
+
+def test_an_overloaded_encoder_holds_the_batch_unacknowledged_and_backs_off(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    service = loaded_service(redis_url)
+    refusals = {"left": 4}
+    pending_seen: list[int] = []
+    waits: list[float] = []
+
+    def overloaded_at_first(events: Sequence[Event]) -> RecordResult:
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            pending_seen.append(consumer.lag()[1])
+            raise Overloaded("encoder queue is full")
+        return service.record_events(events)
+
+    consumer = StreamConsumer(settings(redis_url, stream_backoff_max_ms=40), overloaded_at_first, service.metrics,
+                              sleep=waits.append)
+    consumer.ensure_group()
+    push(redis_server, 30)
+    drain(consumer)
+    assert waits == [0.01, 0.02, 0.04, 0.04]  # doubling, capped at stream_backoff_max_ms
+    assert pending_seen == [30] * 4  # nothing acknowledged while refused
+    assert counts(service) == [6] * 5 and consumer.lag() == (0, 0)
+    assert "reranker_stream_backpressure_waits_total 4.0" in service.metrics.exposition().decode()
+    service.close()
+    consumer.close()
+
+
+def test_unusable_entries_go_to_the_dead_letter_stream_and_the_rest_is_applied(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    service = loaded_service(redis_url)
+    consumer = StreamConsumer(settings(redis_url), service.record_events, service.metrics)
+    consumer.ensure_group()
+    push(redis_server, 10)
+    client = redis_server.client()
+    client.xadd(KEY, {"item_id": "x"})  # no user
+    client.xadd(KEY, {"user_id": "u0", "item_id": "x", "type": "TELEPORT"})
+    client.xadd(KEY, {"user_id": "u0", "item_id": "x", "timestamp": "nan"})
+    client.xadd(KEY, {"user_id": "u0", "item_id": "x", "timestamp": str(time.time() + 10 * 86400)})  # beyond the skew
+    push(redis_server, 10, start=10)
+    drain(consumer)
+    assert consumer.stats.dead == 4 and consumer.stats.applied == 20
+    assert counts(service) == [4] * 5 and consumer.lag() == (0, 0)
+    reasons = [fields[b"error"].decode() for _, fields in client.xrange(KEY + ":dead")]
+    assert "user_id" in reasons[0] and "TELEPORT" in reasons[1] and "timestamp" in reasons[2]
+    assert "timestamp" in reasons[3]
+    client.close()
+    service.close()
+    consumer.close()
+
+
+def test_reranker_consume_runs_as_a_process_and_stops_on_sigterm(redis_server: RedisServer, redis_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reranker", "consume", "--encoder", "fake", "--fake-dim", "16", "--redis-url", redis_url,
+         "--stream-key", KEY, "--stream-group", "proc", "--stream-block-ms", "50"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        push(redis_server, 25)
+        client = redis_server.client()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            groups = client.xinfo_groups(KEY) if client.exists(KEY) else []
+            if groups and groups[0]["lag"] == 0 and groups[0]["pending"] == 0 and groups[0]["entries-read"] == 25:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the consumer process did not acknowledge the events")
+        assert client.hget("reranker:{u0}:p", "count") == b"5"
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, out.decode()[-2000:]
+    assert b"25 events applied" in out
+
+
+def test_a_consumer_needs_a_redis(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="stream_url"):
+        StreamConsumer(fake_settings(), lambda events: RecordResult(), Metrics())
+
+
+def test_stop_while_backing_off_leaves_the_batch_pending(redis_server: RedisServer, redis_url: str) -> None:
+    def always_overloaded(events: Sequence[Event]) -> RecordResult:
+        raise Overloaded("full")
+
+    consumer = StreamConsumer(settings(redis_url), always_overloaded, Metrics())
+    consumer.ensure_group()
+    push(redis_server, 5)
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,))
+    thread.start()
+    time.sleep(0.3)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and consumer.lag() == (0, 5) and consumer.stats.backpressure_waits >= 3
+    consumer.close()
+
+
+def test_nothing_is_acknowledged_while_the_profile_store_is_degraded(redis_server: RedisServer, redis_url: str) -> None:
+    service = loaded_service(redis_url)
+    degraded = {"left": 3}
+    waits: list[float] = []
+
+    def durable() -> bool:  # as `consume` wires it: not service.profiles.degraded
+        degraded["left"] -= 1
+        pending_while_degraded.append(consumer.lag()[1])
+        return degraded["left"] < 0
+
+    pending_while_degraded: list[int] = []
+    consumer = StreamConsumer(settings(redis_url), service.record_events, service.metrics, sleep=waits.append,
+                              durable=durable)
+    consumer.ensure_group()
+    push(redis_server, 20)
+    drain(consumer)
+    assert pending_while_degraded[:3] == [20, 20, 20] and len(waits) == 3
+    # The batch was recorded 4 times; ids de-duplicate, so it counts once (the retry that is
+    # acknowledged finds it already written: 20 duplicates).
+    assert counts(service) == [4] * 5 and consumer.lag() == (0, 0) and consumer.stats.duplicates == 20
+    service.close()
+    consumer.close()
