@@ -4,7 +4,7 @@
 #   docker build -t reranker:0.1.0 .
 # GPU variant (CUDA wheel of the same torch version; run with the NVIDIA container toolkit):
 #   docker build -t reranker:0.1.0-gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# See README "Deploy to Kubernetes".
+# See docs/operations.md, "Deploy to Kubernetes".
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -56,7 +56,7 @@ def supports_token_ids(encoder: Encoder) -> bool:
 
 # Which nn.Linear layers of a BERT-style encoder int8 dynamic quantization converts (setting
 # `int8_layers`). Measured on all 1682 ml-100k titles with all-MiniLM-L6-v2 against float32
-# (see README, Performance): quantizing the feed-forward output projection costs the most fidelity.
+# (see docs/performance.md): quantizing the feed-forward output projection costs the most fidelity.
 INT8_LAYER_SETS: dict[str, tuple[str, ...]] = {
     "attention": ("attention.",),
     "attention+intermediate": ("attention.", "intermediate."),

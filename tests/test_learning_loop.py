@@ -1,4 +1,4 @@
-"""The README's learning loop at small scale, through real processes: serve with the training log on,
+"""The learning loop of docs/learning-loop.md at small scale, through real processes: serve with the training log on,
 replay an ml-100k slice with the Python client, train from the log, hot reload (SIGHUP) into an
 experiment arm, replay more, and read the new arm's online metrics from /metrics."""
 

@@ -182,12 +182,12 @@ def _check_real_model_metrics(metrics_port: int, stub: pb_grpc.RerankerServiceSt
     assert value(m, "reranker_rpc_duration_seconds_count", method="Rerank", variant="reranked") == 1
 
 
-def test_readme_documents_exactly_the_exposed_series(make_server: ServerFactory, tmp_path: Path) -> None:
+def test_operations_page_documents_exactly_the_exposed_series(make_server: ServerFactory, tmp_path: Path) -> None:
     from tests.conftest import REPO
     from tests.test_head import make_head
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    page = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = page.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(reranker_[a-z_]+)` \|", section, re.M))
     make_head().save(tmp_path / "head.npz")  # every optional series on: a head file, the training log, online metrics
     running, stub = make_server(fake_settings(

@@ -184,7 +184,7 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
     prefix = f"fo{next(_prefixes)}"
     # redis_wait_replicas=1: an event counts as written once the master's replica has it too (without
     # it, a master killed between its reply and its asynchronous replication could lose those events;
-    # 0 lost in 3 runs measured without it, see README).
+    # 0 lost in 3 runs measured without it, see docs/operations.md).
     _, store = stores(cluster.url, redis_prefix=prefix, redis_retry_seconds=0.2, redis_timeout_ms=200.0,
                       redis_replay_events=1_000_000, redis_wait_replicas=1)
     with Writers(store, users) as writers:

@@ -1,7 +1,7 @@
 """Issue 6: bounded load over loopback, memory plateau, graceful shutdown with requests in flight.
 
 The CI-sized soak is 8 clients for 3 s against a `reranker serve --encoder fake` child process.
-The long soak is a documented command (README, "Reliability and security"):
+The long soak is a documented command (docs/reliability.md):
     reranker soak --duration 600 --clients 8
 """
 

@@ -18,7 +18,7 @@ def add_commands(commands: Any) -> None:
     """Register the subcommands on cli.py's subparsers."""
     ev = commands.add_parser(
         "eval", help="offline quality evaluation through a real server", parents=[settings_parser()],
-        description="Leave-last-out evaluation: upstream order vs the server's order (see README, Ranking quality).",
+        description="Leave-last-out evaluation: upstream order vs the server's order (see docs/ranking-quality.md).",
     )
     _data_args(ev)
     ev.add_argument("--candidates", type=Path, default=None, help="candidates.tsv (user_id, item_id, score[, label]); default: built-in retrievers")
