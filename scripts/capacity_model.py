@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from reranker.config import Settings  # noqa: E402
-from reranker.profiles import InProcessProfileStore, ProfileConfig, make_profile_store  # noqa: E402
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig  # noqa: E402
+from reranker.users.stores import make_profile_store
 from reranker.types import Event, EventType  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def redis_costs(settings: Settings, workload: list[list[tuple[Event, np.ndarray]
 
 
 def reranks_per_second(settings: Settings, workload: list[list[tuple[Event, np.ndarray]]], items: int) -> float:
-    from reranker.encoder import FakeEncoder
+    from reranker.model.encoder import FakeEncoder
     from reranker.service import RerankService
     from reranker.types import Candidate, RerankQuery
 

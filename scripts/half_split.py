@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from reranker.config import Settings
-from reranker.encoder import load_encoder
+from reranker.model.loader import load_encoder
 from reranker.evaluation import formats, retrievers, train
 from reranker.evaluation.metrics import MetricAccumulator, ndcg_ratio
 from reranker.evaluation.offline import OfflineScorer

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from reranker.evaluation import formats
-from reranker.loadtest import ServerProcess
-from reranker.traininglog import read_training_log
+from reranker.tools.loadtest import ServerProcess
+from reranker.learning.traininglog import read_training_log
 
 from conftest import REPO
 from test_eval_cli import ml_slice  # noqa: F401 (the 60-user ml-100k slice, a module fixture)

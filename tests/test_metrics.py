@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reranker.config import Settings
-from reranker.encoder import FakeEncoder
-from reranker.server import build_server
+from reranker.model.encoder import FakeEncoder
+from reranker.serving.server import build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc

@@ -15,8 +15,8 @@ import pytest
 import redis
 from redis.cluster import key_slot
 
-from reranker.profiles import InProcessProfileStore
-from reranker.redis_store import RedisProfileStore, is_cluster_url
+from reranker.users.profiles import InProcessProfileStore
+from reranker.users.redis_store import RedisProfileStore, is_cluster_url
 from reranker.types import Event, EventType
 from conftest import fake_settings
 from redis_server import RedisClusterServer, RedisServer
@@ -210,7 +210,7 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
 
 def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: RedisClusterServer) -> None:
     from reranker.service import RerankService
-    from reranker.streamconsumer import StreamConsumer
+    from reranker.users.streamconsumer import StreamConsumer
 
     prefix = f"sc{next(_prefixes)}"
     settings = fake_settings(redis_url=cluster.url, redis_prefix=prefix, stream_key=f"{prefix}:events",

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from reranker.encoder import FakeEncoder
-from reranker.loadtest import Workload, check_reordering, soak
+from reranker.model.encoder import FakeEncoder
+from reranker.tools.loadtest import Workload, check_reordering, soak
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import REPO, ServerFactory, candidate, fake_settings
 from tests.test_faults import HangingEncoder

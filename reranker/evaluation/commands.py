@@ -186,7 +186,7 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         return 2
     items = formats.read_items(args.items)
     if args.training_log is not None:
-        from reranker.traininglog import log_files, read_training_log
+        from reranker.learning.traininglog import log_files, read_training_log
 
         try:
             logged = read_training_log(args.training_log)

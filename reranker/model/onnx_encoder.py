@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from reranker.config import Settings
-from reranker.encoder import (
+from reranker.model.encoder import (
     PACKAGED_MODEL_NAME,
     TextTokenizer,
     available_cpus,

@@ -1,6 +1,6 @@
 """Health probe for places without native gRPC probes (Docker HEALTHCHECK, scripts).
 
-    python -m reranker.probe [--address 127.0.0.1:50051] [--service reranker.v1.RerankerService]
+    python -m reranker.serving.probe [--address 127.0.0.1:50051] [--service reranker.v1.RerankerService]
 
 Exit status: 0 SERVING, 1 NOT_SERVING (loading or draining), 2 unreachable or error.
 Kubernetes should use its native `grpc:` probes instead (see k8s/base/deployment.yaml).
@@ -31,7 +31,7 @@ def check(address: str, service: str = "", timeout_s: float = 2.0) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reranker.probe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m reranker.serving.probe", description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1:50051")
     parser.add_argument("--service", default="", help="health service name; empty = the whole server")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds")
