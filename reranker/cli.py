@@ -7,8 +7,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from reranker.bench import add_arguments as add_bench_arguments
-from reranker.bench import run as run_bench
+from reranker.tools.bench import add_arguments as add_bench_arguments
+from reranker.tools.bench import run as run_bench
 from reranker.config import Settings, settings_markdown, settings_parser
 
 
@@ -48,13 +48,13 @@ def _print_settings(_args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
 
 def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from reranker.server import serve
+    from reranker.serving.server import serve
 
     return _with_settings(argv, serve)
 
 
 def _consume(_args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from reranker.streamconsumer import consume
+    from reranker.users.streamconsumer import consume
 
     return _with_settings(argv, consume)
 
@@ -68,8 +68,8 @@ def _embed_catalog(args: argparse.Namespace, argv: Sequence[str]) -> int:
         import time
         from pathlib import Path
 
-        from reranker.catalog import embed_catalog
-        from reranker.encoder import load_encoder
+        from reranker.model.catalog import embed_catalog
+        from reranker.model.loader import load_encoder
         from reranker.evaluation.formats import read_items
 
         items = read_items(Path(args.items))
@@ -91,14 +91,14 @@ def _with_settings(argv: Sequence[str], run: Callable[[Settings], int]) -> int:
     except ValueError as exc:
         print(f"reranker: {exc}", file=sys.stderr)
         return 2
-    from reranker.logs import configure_logging
+    from reranker.serving.logs import configure_logging
 
     configure_logging(settings)
     return run(settings)
 
 
 def _add_soak(parser: argparse.ArgumentParser) -> None:
-    from reranker.loadtest import add_soak_arguments, run_soak_command
+    from reranker.tools.loadtest import add_soak_arguments, run_soak_command
 
     add_soak_arguments(parser)
     parser.set_defaults(handler=lambda args, _argv: run_soak_command(args))

@@ -14,27 +14,30 @@ from typing import Any
 
 import numpy as np
 
-from reranker import arms as arms_module
-from reranker import head as ranking_head
-from reranker import scoring, usermodel
-from reranker.batching import MicroBatcher
-from reranker.cancellation import CancelToken
-from reranker.catalog import CatalogError, CatalogSource
-from reranker.consumed import CandidateHistory
+from reranker.ranking import arms as arms_module
+from reranker.ranking import head as ranking_head
+from reranker.ranking import scoring
+from reranker.users import usermodel
+from reranker.model.batching import MicroBatcher
+from reranker.serving.cancellation import CancelToken
+from reranker.model.catalog import CatalogError, CatalogSource
+from reranker.users.consumed import CandidateHistory
 from reranker.config import Settings
-from reranker.encoder import Encoder, load_encoder
+from reranker.model.encoder import Encoder
+from reranker.model.loader import load_encoder
 from reranker.errors import EncoderFailed, EncodeTimeout, NotReady, Overloaded, RequestCancelled
-from reranker.eventpolicy import check_event_time, check_event_weight
-from reranker.experiments import decide
-from reranker.hotreload import HeadReloader
-from reranker.items import ItemVectorCache
-from reranker.metrics import Metrics
-from reranker.onlinemetrics import OnlineMetrics
-from reranker.profiles import InProcessProfileStore, ProfileStore, UserState, derived, make_profile_store
-from reranker.profiles import candidate_history, on_liked_rows, positive_history, positive_history_ids
-from reranker.profiles import user_vector as user_vector_of
-from reranker.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
-from reranker.traininglog import TrainingLog
+from reranker.users.eventpolicy import check_event_time, check_event_weight
+from reranker.ranking.experiments import decide
+from reranker.ranking.hotreload import HeadReloader
+from reranker.model.items import ItemVectorCache
+from reranker.serving.metrics import Metrics
+from reranker.learning.onlinemetrics import OnlineMetrics
+from reranker.users.profiles import InProcessProfileStore, ProfileStore, UserState, derived
+from reranker.users.stores import make_profile_store
+from reranker.users.profiles import candidate_history, on_liked_rows, positive_history, positive_history_ids
+from reranker.users.profiles import user_vector as user_vector_of
+from reranker.users.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
+from reranker.learning.traininglog import TrainingLog
 from reranker.types import (
     CandidateColumns,
     Event,

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from reranker.config import Settings  # noqa: E402
-from reranker.encoder import FakeEncoder  # noqa: E402
-from reranker.server import build_server  # noqa: E402
+from reranker.model.encoder import FakeEncoder  # noqa: E402
+from reranker.serving.server import build_server  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
 from reranker.v1 import reranker_pb2 as pb  # noqa: E402
 from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402

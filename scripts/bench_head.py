@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from reranker import head as ranking_head
-from reranker import scoring
+from reranker.ranking import head as ranking_head
+from reranker.ranking import scoring
 
 
 def percentiles(samples: list[float]) -> str:

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reranker import head as ranking_head
-from reranker.encoder import FakeEncoder
-from reranker.loadtest import ServerProcess, Workload, run_load, warm_up
+from reranker.ranking import head as ranking_head
+from reranker.model.encoder import FakeEncoder
+from reranker.tools.loadtest import ServerProcess, Workload, run_load, warm_up
 
 DIM = 384
 

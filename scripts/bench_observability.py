@@ -25,10 +25,10 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reranker import server as server_module  # noqa: E402
+from reranker.serving import server as server_module  # noqa: E402
 from reranker.config import Settings  # noqa: E402
-from reranker.encoder import FakeEncoder  # noqa: E402
-from reranker.logs import JsonFormatter  # noqa: E402
+from reranker.model.encoder import FakeEncoder  # noqa: E402
+from reranker.serving.logs import JsonFormatter  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
 from reranker.v1 import reranker_pb2 as pb  # noqa: E402
 from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402

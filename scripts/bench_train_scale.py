@@ -85,7 +85,7 @@ def train(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
 
 def encoder_time(workdir: Path, args: argparse.Namespace, n_items: int) -> dict[str, object]:
     from reranker.config import Settings
-    from reranker.encoder import load_encoder
+    from reranker.model.loader import load_encoder
     from reranker.evaluation import formats
     from reranker.evaluation.train import encode_catalog
 

@@ -30,9 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reranker.config import Settings  # noqa: E402
-from reranker.encoder import FakeEncoder  # noqa: E402
-from reranker.profiles import InProcessProfileStore, ProfileConfig  # noqa: E402
-from reranker.server import build_server  # noqa: E402
+from reranker.model.encoder import FakeEncoder  # noqa: E402
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig  # noqa: E402
+from reranker.serving.server import build_server  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
 from reranker.types import Event, EventType  # noqa: E402
 from reranker.v1 import reranker_pb2 as pb  # noqa: E402
@@ -158,8 +158,8 @@ def in_process_bytes_per_user(settings: Settings, users: int, events: int) -> fl
 
 
 def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str, str]]:
-    from reranker.items import ItemVectorCache
-    from reranker.snapshot import load_snapshot, save_snapshot
+    from reranker.model.items import ItemVectorCache
+    from reranker.users.snapshot import load_snapshot, save_snapshot
 
     config = ProfileConfig.from_settings(settings, settings.fake_dim)
     vectors = np.random.default_rng(0).standard_normal((64, settings.fake_dim)).astype(np.float32)
@@ -210,7 +210,7 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
 def redis_bytes_per_user(settings: Settings, users: int, events: int) -> float:
     import redis
 
-    from reranker.profiles import make_profile_store
+    from reranker.users.stores import make_profile_store
 
     store = make_profile_store(settings, settings.fake_dim)
     client = redis.Redis.from_url(settings.redis_url)

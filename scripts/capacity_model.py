@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from reranker.config import Settings  # noqa: E402
-from reranker.profiles import InProcessProfileStore, ProfileConfig, make_profile_store  # noqa: E402
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig  # noqa: E402
+from reranker.users.stores import make_profile_store
 from reranker.types import Event, EventType  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def redis_costs(settings: Settings, workload: list[list[tuple[Event, np.ndarray]
 
 
 def reranks_per_second(settings: Settings, workload: list[list[tuple[Event, np.ndarray]]], items: int) -> float:
-    from reranker.encoder import FakeEncoder
+    from reranker.model.encoder import FakeEncoder
     from reranker.service import RerankService
     from reranker.types import Candidate, RerankQuery
 
@@ -131,8 +132,8 @@ def main() -> int:
     p.add_argument("--pod-cores", type=float, default=2.0)
     p.add_argument("--pod-utilization", type=float, default=0.6, help="target CPU use per pod (headroom for bursts)")
     p.add_argument("--grpc-us", type=float, default=520.0,
-                   help="server CPU per Rerank RPC outside the user model: decode, validate, answer (README: kill-switch run)")
-    p.add_argument("--base-rss-mib", type=float, default=421.0, help="RSS of a replica with the model loaded (README)")
+                   help="server CPU per Rerank RPC outside the user model: decode, validate, answer (docs/performance.md: kill-switch run)")
+    p.add_argument("--base-rss-mib", type=float, default=421.0, help="RSS of a replica with the model loaded (docs/operations.md)")
     p.add_argument("--event-batch", type=float, default=20.0, help="events per RecordEvents batch (one EVALSHA per user)")
     p.add_argument("--redis-shard-gib", type=float, default=25.0, help="memory per Redis master")
     p.add_argument("--redis-replicas", type=int, default=1, help="replicas per Redis master")

@@ -12,7 +12,7 @@ and again with the same profile reduced the way a compact profile would store it
 - both together.
 
 Prints the largest score difference, the share of users whose ranking of the candidates is
-identical, and the per-user bytes each variant implies for dim d (the layout in README's
+identical, and the per-user bytes each variant implies for dim d (the layout in docs/experiments.md's
 compact-profile note).
 """
 

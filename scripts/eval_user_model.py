@@ -3,7 +3,7 @@
     python scripts/eval_user_model.py [--data ../shared/data/ml-100k] [--encoder transformer|fake] [--split validation|test]
 
 For every user, events are replayed in time order (rating >= 4 -> like, 3 -> view, <= 2 ->
-dislike) through the same pure functions the server uses (reranker/usermodel.py, scoring.py).
+dislike) through the same pure functions the server uses (reranker/users/usermodel.py, scoring.py).
 At each of the user's last `--targets` liked items the model ranks that item among `--negatives`
 random items the user never rated, by semantic score alone (the upstream score is constant), and
 HR@10 / NDCG@10 are averaged. Item text: "title (year). Genres: ...". The data is read in place
@@ -26,9 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reranker import scoring, usermodel  # noqa: E402
+from reranker.ranking import scoring  # noqa: E402
+from reranker.users import usermodel
 from reranker.config import Settings  # noqa: E402
-from reranker.encoder import load_encoder  # noqa: E402
+from reranker.model.loader import load_encoder  # noqa: E402
 
 RATING_WEIGHT = {5: 2.0, 4: 2.0, 3: 0.5, 2: -1.5, 1: -1.5}  # like / view / dislike with default weights
 

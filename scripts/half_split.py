@@ -9,7 +9,7 @@
    column, so each list's label is its user's last event), B's to `eval_lists.tsv`.
 3. Head `served`: `reranker train --candidates train_lists.tsv` (A's lists alone). Head
    `retrievers`: the default `reranker train` (built-in retriever lists, no --candidates).
-4. Both heads score B's lists offline exactly as the server does (OfflineScorer; the README's
+4. Both heads score B's lists offline exactly as the server does (OfflineScorer; docs/ranking-quality.md's
    numbers are `reranker eval --candidates eval_lists.tsv --head-path ...` through a real server,
    which gives the same orders); printed: NDCG@10 of upstream and both heads, each head against
    the upstream and `served` against `retrievers`, with 95% paired bootstrap intervals over B's users.
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from reranker.config import Settings
-from reranker.encoder import load_encoder
+from reranker.model.loader import load_encoder
 from reranker.evaluation import formats, retrievers, train
 from reranker.evaluation.metrics import MetricAccumulator, ndcg_ratio
 from reranker.evaluation.offline import OfflineScorer

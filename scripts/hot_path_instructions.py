@@ -28,10 +28,10 @@ import tempfile
 
 
 def _prepared(form: str, candidates: int, dim: int) -> tuple[object, list[bytes]]:
-    from reranker import convert
-    from reranker.bench import RerankWorkload, synthetic_titles
+    from reranker.serving import convert
+    from reranker.tools.bench import RerankWorkload, synthetic_titles
     from reranker.config import Settings
-    from reranker.encoder import FakeEncoder
+    from reranker.model.encoder import FakeEncoder
     from reranker.service import RerankService
     from reranker.types import Event, Item
     from reranker.v1 import reranker_pb2 as pb

@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from reranker.catalog import write_catalog  # noqa: E402
-from reranker.encoder import FakeEncoder  # noqa: E402
+from reranker.model.catalog import write_catalog  # noqa: E402
+from reranker.model.encoder import FakeEncoder  # noqa: E402
 from reranker.v1 import reranker_pb2 as pb  # noqa: E402
 from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402
 

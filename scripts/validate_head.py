@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from reranker.config import Settings
-from reranker.encoder import load_encoder
+from reranker.model.loader import load_encoder
 from reranker.evaluation import formats, retrievers, train
 from reranker.evaluation.metrics import MetricAccumulator, ndcg_ratio
 from reranker.evaluation.offline import OfflineScorer
@@ -62,7 +62,7 @@ def main() -> None:
     train_s = time.perf_counter() - started
     baseline = None
     if args.baseline_head is not None:
-        from reranker.head import load as load_head
+        from reranker.ranking.head import load as load_head
 
         baseline = load_head(args.baseline_head)
     elif args.baseline_config is not None:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from reranker.config import Settings
-from reranker.encoder import Encoder, FakeEncoder
-from reranker.server import RunningServer, build_server
+from reranker.model.encoder import Encoder, FakeEncoder
+from reranker.serving.server import RunningServer, build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import FailingEncoder, SlowEncoder
-from reranker.batching import MicroBatcher
-from reranker.encoder import FakeEncoder
+from reranker.model.batching import MicroBatcher
+from reranker.model.encoder import FakeEncoder
 from reranker.errors import EncoderFailed, Overloaded
 
 

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from reranker.batching import MicroBatcher
-from reranker.encoder import FakeEncoder
+from reranker.model.batching import MicroBatcher
+from reranker.model.encoder import FakeEncoder
 from reranker.errors import Overloaded
 from reranker.v1 import reranker_pb2 as pb
 from conftest import SlowEncoder, candidate, event, fake_settings

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from reranker.bench import load_texts, percentiles_ms
+from reranker.tools.bench import load_texts, percentiles_ms
 from conftest import REPO, SHARED_DATA
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reranker.catalog import Catalog, CatalogError, CatalogSource, read_manifest, write_catalog
+from reranker.model.catalog import Catalog, CatalogError, CatalogSource, read_manifest, write_catalog
 from reranker.cli import main
-from reranker.encoder import FakeEncoder
+from reranker.model.encoder import FakeEncoder
 from reranker.service import RerankService
 from reranker.types import Candidate, RerankQuery
 from conftest import fake_settings

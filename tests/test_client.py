@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reranker.client import RerankerClient, upstream_order
-from reranker.encoder import FakeEncoder
+from reranker.model.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import GatedEncoder, REPO, ServerFactory, SlowEncoder, event, fake_settings
 

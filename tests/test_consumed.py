@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from reranker import usermodel
-from reranker.consumed import ConsumedItems, item_key, item_keys
-from reranker.encoder import FakeEncoder
+from reranker.users import usermodel
+from reranker.users.consumed import ConsumedItems, item_key, item_keys
+from reranker.model.encoder import FakeEncoder
 from reranker.evaluation import formats, train
-from reranker.head import FEATURES
-from reranker.profiles import InProcessProfileStore, ProfileConfig, candidate_history, user_vector
+from reranker.ranking.head import FEATURES
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig, candidate_history, user_vector
 from reranker.types import Event, EventType
 from reranker.v1 import reranker_pb2 as pb
 

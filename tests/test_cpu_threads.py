@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from reranker.encoder import available_cpus
+from reranker.model.encoder import available_cpus
 
 
 def test_cgroup_quota_caps_the_cpu_count(tmp_path) -> None:

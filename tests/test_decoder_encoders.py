@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from reranker.config import Settings
-from reranker.encoder import TransformerEncoder, packaged_model_dir
+from reranker.model.encoder import TransformerEncoder, packaged_model_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from reranker.config import ENV_PREFIX, Settings
-from reranker.server import SERVICE_NAME
+from reranker.serving.server import SERVICE_NAME
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import REPO, ServerFactory, candidate
 
@@ -30,7 +30,7 @@ K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 OVERLAYS = ("base", "overlays/bypass", "overlays/gpu")
 
 # Memory model used to size the sidecar (numbers from scripts/measure_memory.py and the per-user
-# measurement in the README): a limit below this for the configured caches is a sizing bug.
+# measurement in docs/operations.md): a limit below this for the configured caches is a sizing bug.
 BASE_MIB = 520
 ITEM_KIB = 1.7
 USER_KIB = 8.0
@@ -154,7 +154,7 @@ def test_dockerfile_runtime_is_non_root_offline_and_read_only_friendly() -> None
     assert "compileall" in "\n".join(dockerfile_stages()[0]), "bytecode compiled at build time (no writes at run time)"
     assert 'ENTRYPOINT ["reranker", "serve"]' in runtime
     healthcheck = next(i for i in runtime if i.startswith("HEALTHCHECK"))
-    assert '"-m", "reranker.probe"' in healthcheck
+    assert '"-m", "reranker.serving.probe"' in healthcheck
     expose = next(i for i in runtime if i.startswith("EXPOSE")).split()[1:]
     assert {"50051", "9464"} <= set(expose)
 

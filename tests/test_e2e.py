@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import FailingEncoder, SlowEncoder, candidate, event, fake_settings
-from reranker.encoder import FakeEncoder
-from reranker.experiments import bucket_of
+from reranker.model.encoder import FakeEncoder
+from reranker.ranking.experiments import bucket_of
 from reranker.v1 import reranker_pb2 as pb
 
 SPACE = ["rocket launch orbit", "space station astronaut", "mars rover mission"]

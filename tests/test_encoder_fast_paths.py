@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reranker.config import Settings
-from reranker.encoder import TransformerEncoder
+from reranker.model.encoder import TransformerEncoder
 from conftest import ml100k_title_sample
 
 pytestmark = pytest.mark.model

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reranker import head as ranking_head
+from reranker.ranking import head as ranking_head
 from reranker.cli import main
 from reranker.config import Settings
-from reranker.encoder import FakeEncoder
+from reranker.model.encoder import FakeEncoder
 from reranker.evaluation import formats, metrics, retrievers, train
 from reranker.evaluation.offline import OfflineScorer
 

@@ -37,11 +37,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reranker import snapshot, usermodel
+from reranker.users import snapshot, usermodel
 from reranker.config import Settings
-from reranker.encoder import FakeEncoder
-from reranker.profiles import InProcessProfileStore
-from reranker.server import RunningServer, build_server
+from reranker.model.encoder import FakeEncoder
+from reranker.users.profiles import InProcessProfileStore
+from reranker.serving.server import RunningServer, build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
@@ -471,7 +471,7 @@ def future_store_state(store: object, user: str) -> None:
 
 
 def test_a_snapshot_with_a_future_clock_is_repaired_on_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from reranker.profiles import ProfileConfig
+    from reranker.users.profiles import ProfileConfig
 
     s = hygiene_settings(snapshot_path=str(tmp_path / "old.npz"), snapshot_interval_seconds=0.0)
     store = InProcessProfileStore(ProfileConfig.from_settings(s, DIM), max_users=10, ttl_seconds=1e12)
@@ -479,7 +479,7 @@ def test_a_snapshot_with_a_future_clock_is_repaired_on_load(tmp_path: Path, capl
     before = store.get("future")
     assert before is not None and before.ref_time > 2e11
     snapshot.save_snapshot(s.snapshot_path, items=None, profiles=store, model_version=FakeEncoder(DIM).version, dim=DIM)
-    with caplog.at_level(logging.WARNING, logger="reranker.profiles"):
+    with caplog.at_level(logging.WARNING, logger="reranker.users.profiles"):
         running = build_server(s, RerankService(s, FakeEncoder(DIM), clock=lambda: NOW))
         wait_ready(running)
     try:
@@ -498,7 +498,7 @@ def test_a_snapshot_with_a_future_clock_is_repaired_on_load(tmp_path: Path, capl
 def test_a_redis_profile_with_a_future_clock_is_repaired_when_read_and_when_written(
     redis_stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from reranker.redis_store import RedisProfileStore
+    from reranker.users.redis_store import RedisProfileStore
 
     running = redis_stack.running[1]
     store = running.service.profiles

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from reranker.encoder import FakeEncoder
+from reranker.model.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import ServerFactory, candidate, event, fake_settings
 from tests.test_faults import HangingEncoder

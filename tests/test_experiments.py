@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from reranker.experiments import BUCKETS, bucket_of, decide
+from reranker.ranking.experiments import BUCKETS, bucket_of, decide
 from reranker.types import Variant
 
 

@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from reranker import head as ranking_head
-from reranker.encoder import FakeEncoder
+from reranker.ranking import head as ranking_head
+from reranker.model.encoder import FakeEncoder
 from reranker.evaluation import train
 from reranker.v1 import reranker_pb2 as pb
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from reranker import convert, scoring, usermodel
-from reranker.profiles import candidate_history, user_vector
-from reranker.encoder import FakeEncoder
+from reranker.serving import convert
+from reranker.ranking import scoring
+from reranker.users import usermodel
+from reranker.users.profiles import candidate_history, user_vector
+from reranker.model.encoder import FakeEncoder
 from reranker.types import RankedItems, RerankResult, Variant
 from reranker.v1 import reranker_pb2 as pb
 from conftest import candidate, event, fake_settings
@@ -165,7 +167,7 @@ def test_wire_encoded_item_columns_equal_protobuf_built_columns(rows) -> None:
 
 @pytest.mark.parametrize("top", [0, 127, 128, 300, 16383, 16384, 2**32 - 1])
 def test_packed_rank_varints_match_protobuf(top: int) -> None:
-    from reranker import wire
+    from reranker.serving import wire
 
     ranks = np.unique(np.concatenate([np.arange(min(top, 500) + 1), np.linspace(0, top, 50).astype(np.int64)]))
     reference = pb.ItemColumns(original_ranks=ranks.tolist()).SerializeToString()

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from reranker import arms
+from reranker.ranking import arms
 from reranker.config import Settings
-from reranker.experiments import bucket_of
+from reranker.ranking.experiments import bucket_of
 from reranker.v1 import reranker_pb2 as pb
 
 from conftest import ServerFactory, candidate, event, fake_settings

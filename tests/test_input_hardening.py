@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reranker.loadtest import ServerProcess, check_reordering
+from reranker.tools.loadtest import ServerProcess, check_reordering
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import REPO

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from reranker.items import ItemVectorCache
+from reranker.model.items import ItemVectorCache
 
 
 def _vec(seed: int, dim: int = 8) -> np.ndarray:
@@ -107,7 +107,7 @@ def test_export_restore_round_trip_keeps_text_checks_and_lru_order() -> None:
 
 
 def test_lookup_hands_out_each_cached_ids_item_key() -> None:
-    from reranker.consumed import item_keys
+    from reranker.users.consumed import item_keys
     from reranker.types import DecimalIds
 
     cache = ItemVectorCache(capacity=2, dim=4)

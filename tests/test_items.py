@@ -8,7 +8,7 @@ import numpy as np
 
 from conftest import REPO
 
-from reranker.items import ItemVectorCache, text_hash
+from reranker.model.items import ItemVectorCache, text_hash
 
 
 def vec(x: float, dim: int = 4) -> np.ndarray:
@@ -56,7 +56,7 @@ def test_matrix_grows_up_to_capacity() -> None:
 
 def test_text_hash_is_stable_across_processes() -> None:
     # Snapshots and replicas rely on it: unlike hash(), it must not depend on PYTHONHASHSEED.
-    code = "from reranker.items import text_hash; print(text_hash('Toy Story'))"
+    code = "from reranker.model.items import text_hash; print(text_hash('Toy Story'))"
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed},

@@ -1,4 +1,4 @@
-"""The README's learning loop at small scale, through real processes: serve with the training log on,
+"""The learning loop of docs/learning-loop.md at small scale, through real processes: serve with the training log on,
 replay an ml-100k slice with the Python client, train from the log, hot reload (SIGHUP) into an
 experiment arm, replay more, and read the new arm's online metrics from /metrics."""
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from reranker.evaluation import formats
-from reranker.loadtest import ServerProcess
-from reranker.traininglog import read_training_log
+from reranker.tools.loadtest import ServerProcess
+from reranker.learning.traininglog import read_training_log
 
 from conftest import REPO
 from test_eval_cli import ml_slice  # noqa: F401 (the 60-user ml-100k slice, a module fixture)

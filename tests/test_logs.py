@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from reranker.logs import JsonFormatter, TextFormatter
-from reranker.observability import user_hash
+from reranker.serving.logs import JsonFormatter, TextFormatter
+from reranker.serving.observability import user_hash
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import REPO, ServerFactory, candidate, event, fake_settings
@@ -159,5 +159,5 @@ def test_reranker_serve_writes_json_lines_to_stderr() -> None:
     assert all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
     access = [line for line in lines if line["logger"] == "reranker.access" and line["variant"] == "reranked"]
     assert access and access[-1]["request_id"] == "cli-1"
-    assert any(line["logger"] == "reranker.server" and line["message"] == "stopped" for line in lines)
+    assert any(line["logger"] == "reranker.serving.server" and line["message"] == "stopped" for line in lines)
     assert SECRET_USER not in stderr

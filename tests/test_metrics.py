@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reranker.config import Settings
-from reranker.encoder import FakeEncoder
-from reranker.server import build_server
+from reranker.model.encoder import FakeEncoder
+from reranker.serving.server import build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
@@ -182,12 +182,12 @@ def _check_real_model_metrics(metrics_port: int, stub: pb_grpc.RerankerServiceSt
     assert value(m, "reranker_rpc_duration_seconds_count", method="Rerank", variant="reranked") == 1
 
 
-def test_readme_documents_exactly_the_exposed_series(make_server: ServerFactory, tmp_path: Path) -> None:
+def test_operations_page_documents_exactly_the_exposed_series(make_server: ServerFactory, tmp_path: Path) -> None:
     from tests.conftest import REPO
     from tests.test_head import make_head
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    page = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = page.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(reranker_[a-z_]+)` \|", section, re.M))
     make_head().save(tmp_path / "head.npz")  # every optional series on: a head file, the training log, online metrics
     running, stub = make_server(fake_settings(

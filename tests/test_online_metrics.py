@@ -6,8 +6,8 @@ import math
 import time
 from pathlib import Path
 
-from reranker.onlinemetrics import OnlineMetrics
-from reranker.traininglog import EventsRecord, ServedRecord
+from reranker.learning.onlinemetrics import OnlineMetrics
+from reranker.learning.traininglog import EventsRecord, ServedRecord
 from reranker.types import Candidate, Event, EventType, RankedItems, RerankQuery, RerankResult, Variant
 from reranker.v1 import reranker_pb2 as pb
 

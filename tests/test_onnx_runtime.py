@@ -9,7 +9,8 @@ import pytest
 
 from conftest import candidate, event, fake_settings, ml100k_title_sample
 from reranker.config import Settings
-from reranker.encoder import TransformerEncoder, load_encoder
+from reranker.model.encoder import TransformerEncoder
+from reranker.model.loader import load_encoder
 from reranker.v1 import reranker_pb2 as pb
 
 pytest.importorskip("onnxruntime")

@@ -19,10 +19,10 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from reranker.client import RerankerClient, packed_candidates, unpack_items
 from reranker.evaluation import train
-from reranker.items import ItemVectorCache
-from reranker.server import build_server
+from reranker.model.items import ItemVectorCache
+from reranker.serving.server import build_server
 from reranker.service import RerankService
-from reranker.encoder import FakeEncoder
+from reranker.model.encoder import FakeEncoder
 from reranker.types import DecimalIds
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc

@@ -1,4 +1,4 @@
-"""Probes: the health-only listener kubelet reaches, and `python -m reranker.probe` (Docker HEALTHCHECK)."""
+"""Probes: the health-only listener kubelet reaches, and `python -m reranker.serving.probe` (Docker HEALTHCHECK)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from reranker import probe
-from reranker.server import SERVICE_NAME
+from reranker.serving import probe
+from reranker.serving.server import SERVICE_NAME
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import GatedEncoder, REPO, ServerFactory, candidate, fake_settings
@@ -70,7 +70,7 @@ def test_probe_exit_codes(make_server: ServerFactory) -> None:
 def test_probe_runs_as_a_module(make_server: ServerFactory) -> None:
     running, _ = make_server()
     run = subprocess.run(
-        [sys.executable, "-m", "reranker.probe", f"--address=127.0.0.1:{running.port}"],
+        [sys.executable, "-m", "reranker.serving.probe", f"--address=127.0.0.1:{running.port}"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     assert run.returncode == 0 and "SERVING" in run.stdout

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import candidate, event, ml100k_items, wait_ready
 from reranker.config import Settings
-from reranker.server import RunningServer, build_server
+from reranker.serving.server import RunningServer, build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc

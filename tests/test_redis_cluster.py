@@ -15,8 +15,8 @@ import pytest
 import redis
 from redis.cluster import key_slot
 
-from reranker.profiles import InProcessProfileStore
-from reranker.redis_store import RedisProfileStore, is_cluster_url
+from reranker.users.profiles import InProcessProfileStore
+from reranker.users.redis_store import RedisProfileStore, is_cluster_url
 from reranker.types import Event, EventType
 from conftest import fake_settings
 from redis_server import RedisClusterServer, RedisServer
@@ -184,7 +184,7 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
     prefix = f"fo{next(_prefixes)}"
     # redis_wait_replicas=1: an event counts as written once the master's replica has it too (without
     # it, a master killed between its reply and its asynchronous replication could lose those events;
-    # 0 lost in 3 runs measured without it, see README).
+    # 0 lost in 3 runs measured without it, see docs/operations.md).
     _, store = stores(cluster.url, redis_prefix=prefix, redis_retry_seconds=0.2, redis_timeout_ms=200.0,
                       redis_replay_events=1_000_000, redis_wait_replicas=1)
     with Writers(store, users) as writers:
@@ -210,7 +210,7 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
 
 def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: RedisClusterServer) -> None:
     from reranker.service import RerankService
-    from reranker.streamconsumer import StreamConsumer
+    from reranker.users.streamconsumer import StreamConsumer
 
     prefix = f"sc{next(_prefixes)}"
     settings = fake_settings(redis_url=cluster.url, redis_prefix=prefix, stream_key=f"{prefix}:events",

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from reranker.encoder import FakeEncoder
-from reranker.profiles import InProcessProfileStore, ProfileConfig, make_profile_store
-from reranker.redis_store import RedisProfileStore
+from reranker.model.encoder import FakeEncoder
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig
+from reranker.users.stores import make_profile_store
+from reranker.users.redis_store import RedisProfileStore
 from reranker.types import Event, EventType
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
@@ -155,7 +156,7 @@ def test_redis_outage_fails_over_to_in_process_and_replays_after(
         _, b = make_server(settings)
         record(a, event("u", "f1", "football league match", event_id="before"))
         server.stop()
-        with caplog.at_level(logging.WARNING, logger="reranker.redis_store"):
+        with caplog.at_level(logging.WARNING, logger="reranker.users.redis_store"):
             during = record(a, event("u", "p1", PIANO, event_id="during"), event("u", "p2", PIANO + " live", event_id="during2"))
         assert during.accepted == 2
         assert "Redis profile store unavailable" in caplog.text

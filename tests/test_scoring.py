@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reranker import scoring
+from reranker.ranking import scoring
 
 
 def unit(*values: float) -> np.ndarray:

@@ -16,10 +16,10 @@ import grpc
 import numpy as np
 import pytest
 
-from reranker import snapshot
+from reranker.users import snapshot
 from reranker.config import Settings
-from reranker.encoder import FakeEncoder
-from reranker.server import RunningServer, build_server
+from reranker.model.encoder import FakeEncoder
+from reranker.serving.server import RunningServer, build_server
 from reranker.service import RerankService
 from reranker.types import Event
 from reranker.v1 import reranker_pb2 as pb
@@ -152,7 +152,7 @@ def test_failure_between_write_and_rename_keeps_the_old_snapshot(tmp_path: Path,
 KILLED_WRITER = """
 import os, sys, time
 from reranker.config import Settings
-from reranker.encoder import FakeEncoder
+from reranker.model.encoder import FakeEncoder
 from reranker.service import RerankService
 from reranker.types import Event
 settings = Settings(encoder="fake", fake_dim=64, snapshot_path=sys.argv[1], snapshot_interval_seconds=0)
@@ -240,7 +240,7 @@ def test_profiles_are_written_in_parts_and_all_come_back(tmp_path: Path) -> None
 
 
 def test_a_snapshot_written_before_the_session_sum_was_kept_rebuilds_it(tmp_path: Path) -> None:
-    from reranker.profiles import InProcessProfileStore, ProfileConfig
+    from reranker.users.profiles import InProcessProfileStore, ProfileConfig
 
     settings = fake_settings(fake_dim=8)
     config = ProfileConfig.from_settings(settings, 8)

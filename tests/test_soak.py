@@ -1,7 +1,7 @@
 """Issue 6: bounded load over loopback, memory plateau, graceful shutdown with requests in flight.
 
 The CI-sized soak is 8 clients for 3 s against a `reranker serve --encoder fake` child process.
-The long soak is a documented command (README, "Reliability and security"):
+The long soak is a documented command (docs/reliability.md):
     reranker soak --duration 600 --clients 8
 """
 
@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from reranker.encoder import FakeEncoder
-from reranker.loadtest import Workload, check_reordering, soak
+from reranker.model.encoder import FakeEncoder
+from reranker.tools.loadtest import Workload, check_reordering, soak
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import REPO, ServerFactory, candidate, fake_settings
 from tests.test_faults import HangingEncoder

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import pytest
 
 from reranker.errors import Overloaded
-from reranker.metrics import Metrics
+from reranker.serving.metrics import Metrics
 from reranker.service import RerankService
-from reranker.streamconsumer import StreamConsumer
+from reranker.users.streamconsumer import StreamConsumer
 from reranker.types import Event, RecordResult
 from conftest import REPO, fake_settings
 from redis_server import RedisServer

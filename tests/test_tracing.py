@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from reranker.config import Settings
-from reranker.encoder import FakeEncoder
-from reranker.server import build_server
+from reranker.model.encoder import FakeEncoder
+from reranker.serving.server import build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import ServerFactory, candidate, fake_settings, wait_ready
@@ -47,7 +47,7 @@ def test_enabled_tracing_records_a_span_per_rpc(make_server: ServerFactory) -> N
     pytest.importorskip("opentelemetry.instrumentation.grpc")
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from reranker.tracing import build_tracer_provider
+    from reranker.serving.tracing import build_tracer_provider
 
     settings = fake_settings(otel_enabled=True, otel_service_name="reranker-test")
     exporter = InMemorySpanExporter()
@@ -81,7 +81,7 @@ def test_enabled_tracing_records_a_span_per_rpc(make_server: ServerFactory) -> N
 
 def test_otlp_exporter_is_built_from_settings_when_enabled() -> None:
     pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
-    from reranker.tracing import build_tracer_provider, shutdown
+    from reranker.serving.tracing import build_tracer_provider, shutdown
 
     settings = fake_settings(otel_enabled=True, otel_endpoint="http://127.0.0.1:4317")
     provider = build_tracer_provider(settings)

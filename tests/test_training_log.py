@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from reranker import traininglog
+from reranker.learning import traininglog
 from reranker.config import Settings
 from reranker.evaluation import formats
-from reranker.observability import user_hash
-from reranker.traininglog import TrainingLog, read_training_log
+from reranker.serving.observability import user_hash
+from reranker.learning.traininglog import TrainingLog, read_training_log
 from reranker.types import Candidate, Event, EventType, RankedItems, RerankQuery, RerankResult, Variant
 
 from conftest import REPO, ServerFactory, candidate, event, fake_settings
@@ -151,7 +151,7 @@ def test_a_torn_tail_is_never_read_as_data(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 from reranker.config import Settings
-from reranker.traininglog import TrainingLog
+from reranker.learning.traininglog import TrainingLog
 from reranker.types import Event, EventType
 settings = Settings(encoder="fake", training_log_dir=sys.argv[1], training_log_flush_seconds=0.1,
                     training_log_max_file_bytes=20_000)

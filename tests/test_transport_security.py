@@ -24,9 +24,9 @@ from cryptography.x509.oid import NameOID
 from google.protobuf.descriptor import FieldDescriptor
 
 from reranker.config import Settings
-from reranker.server import EXIT_BAD_CONFIG, build_server
+from reranker.serving.server import EXIT_BAD_CONFIG, build_server
 from reranker.service import RerankService
-from reranker.tls import TransportConfigError, is_loopback
+from reranker.serving.tls import TransportConfigError, is_loopback
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import REPO, ServerFactory, candidate, event, fake_settings, wait_ready

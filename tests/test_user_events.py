@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from reranker.encoder import FakeEncoder
+from reranker.model.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
 from conftest import ServerFactory, candidate, event, fake_settings
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from reranker import scoring, usermodel
+from reranker.ranking import scoring
+from reranker.users import usermodel
 
 E = np.eye(4, dtype=np.float32)  # e0..e3: orthonormal "items", so every component is one event's term
 

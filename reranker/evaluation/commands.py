@@ -18,7 +18,7 @@ def add_commands(commands: Any) -> None:
     """Register the subcommands on cli.py's subparsers."""
     ev = commands.add_parser(
         "eval", help="offline quality evaluation through a real server", parents=[settings_parser()],
-        description="Leave-last-out evaluation: upstream order vs the server's order (see README, Ranking quality).",
+        description="Leave-last-out evaluation: upstream order vs the server's order (see docs/ranking-quality.md).",
     )
     _data_args(ev)
     ev.add_argument("--candidates", type=Path, default=None, help="candidates.tsv (user_id, item_id, score[, label]); default: built-in retrievers")
@@ -186,7 +186,7 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         return 2
     items = formats.read_items(args.items)
     if args.training_log is not None:
-        from reranker.traininglog import log_files, read_training_log
+        from reranker.learning.traininglog import log_files, read_training_log
 
         try:
             logged = read_training_log(args.training_log)

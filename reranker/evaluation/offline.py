@@ -15,11 +15,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from reranker import profiles, scoring
+from reranker.users import profiles
+from reranker.ranking import scoring
 from reranker.config import Settings
 from reranker.evaluation import formats
-from reranker.head import RankingHead
-from reranker.profiles import InProcessProfileStore, ProfileConfig
+from reranker.ranking.head import RankingHead
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig
 from reranker.types import Event, EventType
 
 

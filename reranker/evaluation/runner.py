@@ -117,7 +117,7 @@ def connect(cfg: EvalConfig, settings: Settings) -> Iterator[tuple[pb_grpc.Reran
             grpc.channel_ready_future(channel).result(timeout=cfg.rpc_timeout_s)
             yield pb_grpc.RerankerServiceStub(channel), cfg.address
         return
-    from reranker.server import build_server
+    from reranker.serving.server import build_server
     from reranker.service import RerankService
 
     # Loopback on a free port; no /metrics or health side listeners, no per-RPC access log lines.

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from reranker.evaluation.retrievers import _MatrixRetriever
+from reranker.evaluation.matrixretriever import _MatrixRetriever
 
 
 class SASRec(_MatrixRetriever):

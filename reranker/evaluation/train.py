@@ -8,9 +8,9 @@ and the events before the earliest of them are the training history:
 1. Adapter: a low-rank residual map v -> v + (v @ down) @ up on the frozen item vectors, trained with a
    full-catalog softmax next-item objective on the training histories (context = mean of the
    last `session_length` adapted items; logit = cosine / T + learned item prior).
-2. Collaborative tables (covisit, transition; see reranker.head) counted on the training histories.
+2. Collaborative tables (covisit, transition; see reranker.ranking.head) counted on the training histories.
 3. Blend: for every user and label, candidates from each configured retriever fitted on the
-   histories before that label; features exactly as the server computes them (reranker.head), from
+   histories before that label; features exactly as the server computes them (reranker.ranking.head), from
    a profile store fed with that history; linear weights fitted with a listwise softmax loss.
 
 A slice of the training users (by stable hash) is held out of step 3 to report validation numbers
@@ -33,14 +33,16 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from reranker import head as head_module
+from reranker.ranking import head as head_module
 from reranker.config import Settings
-from reranker.encoder import Encoder, load_encoder
+from reranker.model.encoder import Encoder
+from reranker.model.loader import load_encoder
 from reranker.evaluation import formats, retrievers
 from reranker.evaluation.metrics import MetricAccumulator
 from reranker.evaluation.offline import gather_vectors
-from reranker import profiles, scoring
-from reranker.profiles import InProcessProfileStore, ProfileConfig
+from reranker.users import profiles
+from reranker.ranking import scoring
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig
 from reranker.types import Event, EventType
 
 log = logging.getLogger(__name__)

@@ -96,7 +96,7 @@ def _free_port() -> int:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the repository root (reranker/tools/bench.py)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -462,7 +462,7 @@ def bench_rerank(args: argparse.Namespace) -> int:
             response_path = Path(tmp.name) / "response.bin"
             response_path.write_bytes(payload)
             echo_cmd = [
-                sys.executable, "-m", "reranker.bench", "--echo-server", str(echo_port), str(response_path),
+                sys.executable, "-m", "reranker.tools.bench", "--echo-server", str(echo_port), str(response_path),
                 str(args.echo_workers), args.echo_kind,
             ]
             echo_child = subprocess.Popen(echo_cmd, env=_child_env())
@@ -531,8 +531,9 @@ def _report_rates(label: str, rates: list[float]) -> str:
 
 def bench_encoder(args: argparse.Namespace, settings: Settings) -> int:
     """Passes over the same texts, alternating ours and the reference so both see the same load."""
-    from reranker.batching import MicroBatcher
-    from reranker.encoder import load_encoder, packaged_model_dir
+    from reranker.model.batching import MicroBatcher
+    from reranker.model.encoder import packaged_model_dir
+    from reranker.model.loader import load_encoder
 
     texts = load_texts(args.titles, args.texts)
     encoder = load_encoder(settings)
@@ -587,8 +588,8 @@ def bench_encoder(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- memory mode ----------------------------------------------------------------------------------
 def bench_memory(args: argparse.Namespace, settings: Settings) -> int:
-    from reranker.encoder import load_encoder
-    from reranker.items import ItemVectorCache
+    from reranker.model.loader import load_encoder
+    from reranker.model.items import ItemVectorCache
 
     base = rss_bytes()
     encoder = load_encoder(settings)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from reranker import wire
+from reranker.serving import wire
 from reranker.config import Settings
 from reranker.errors import InvalidRequest
-from reranker.eventpolicy import check_event_time, check_event_weight
+from reranker.users.eventpolicy import check_event_time, check_event_weight
 from reranker.types import (
     CandidateColumns,
     DecimalIds,

@@ -16,9 +16,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from reranker import head as ranking_head
+from reranker.ranking import head as ranking_head
 from reranker.config import Settings
-from reranker.experiments import BUCKETS
+from reranker.ranking.experiments import BUCKETS
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import cachetools
 import numpy as np
 
-from reranker import usermodel
-from reranker.consumed import CandidateHistory, ConsumedItems, hours_between, item_key, item_keys
+from reranker.users import usermodel
+from reranker.users.consumed import CandidateHistory, ConsumedItems, hours_between, item_key, item_keys
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class ProfileConfig:
     max_recent: int
     max_history: int
     max_event_ids: int
-    max_consumed: int = 0  # consumed items remembered per user (see reranker.consumed)
+    max_consumed: int = 0  # consumed items remembered per user (see reranker.users.consumed)
     session_rate: float = usermodel.decay_rate(300.0)  # mu = ln 2 / session half-life
     max_clock_ahead: float = 3600.0  # a profile clock further ahead of now than this is repaired on load / read
 
@@ -553,23 +553,3 @@ def log_repair(source: str, user_id: str, ahead: float) -> None:
 
 # Kept for code written against the first version.
 UserProfileStore = InProcessProfileStore
-
-
-def make_profile_store(settings: Settings, dim: int, now: Callable[[], float] | None = None) -> ProfileStore:
-    """The in-process store, or the Redis store when `redis_url` is set (`now`: the wall clock that
-    a profile's decay clock is checked against, time.time by default)."""
-    config = ProfileConfig.from_settings(settings, dim)
-    local = InProcessProfileStore(
-        config, max_users=settings.user_cache_size, ttl_seconds=settings.user_ttl_seconds,
-        max_states=settings.user_state_cache_size,
-    )
-    if not settings.redis_url:
-        return local
-    try:
-        from reranker.redis_store import RedisProfileStore
-    except ImportError as exc:  # the optional extra is not installed
-        raise RuntimeError(f"redis_url is set but {exc}; install `reranker[redis]`") from exc
-
-    if now is None:
-        return RedisProfileStore.from_settings(settings, config, fallback=local)
-    return RedisProfileStore.from_settings(settings, config, fallback=local, now=now)

@@ -1,7 +1,7 @@
 """Text encoders: the real transformer (mean pooling + L2 norm) and a deterministic fake.
 
 An encoder maps a list of texts to an (n, dim) float32 array of L2-normalized rows.
-Loading is explicit (`load_encoder`), never at import time.
+Loading is explicit (`reranker.model.loader.load_encoder`), never at import time.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from reranker.config import Settings
 from reranker.errors import EncoderFailed
-from reranker.scoring import l2_normalize
+from reranker.ranking.scoring import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def supports_token_ids(encoder: Encoder) -> bool:
 
 # Which nn.Linear layers of a BERT-style encoder int8 dynamic quantization converts (setting
 # `int8_layers`). Measured on all 1682 ml-100k titles with all-MiniLM-L6-v2 against float32
-# (see README, Performance): quantizing the feed-forward output projection costs the most fidelity.
+# (see docs/performance.md): quantizing the feed-forward output projection costs the most fidelity.
 INT8_LAYER_SETS: dict[str, tuple[str, ...]] = {
     "attention": ("attention.",),
     "attention+intermediate": ("attention.", "intermediate."),
@@ -298,14 +298,3 @@ class TransformerEncoder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.encode_ids(self.token_ids(texts))
-
-
-def load_encoder(settings: Settings) -> Encoder:
-    """Build the configured encoder (loads model weights for `transformer`)."""
-    if settings.encoder == "fake":
-        return FakeEncoder(settings.fake_dim)
-    if settings.runtime == "onnx":
-        from reranker.onnx_encoder import OnnxEncoder
-
-        return OnnxEncoder(settings)
-    return TransformerEncoder(settings)

@@ -40,12 +40,12 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from reranker.errors import EncoderFailed, EncodeTimeout, InvalidRequest, NotReady, Overloaded
-from reranker.redis_store import REDIS_ERRORS, redis_client
+from reranker.users.redis_store import REDIS_ERRORS, redis_client
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
     from reranker.config import Settings
-    from reranker.metrics import Metrics
+    from reranker.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def consume(settings: Settings) -> int:
     """`reranker consume`: load the model, then record the stream's events until SIGTERM / SIGINT."""
     import signal
 
-    from reranker.metrics import MetricsEndpoint
+    from reranker.serving.metrics import MetricsEndpoint
     from reranker.service import RerankService
 
     if not settings.redis_url:

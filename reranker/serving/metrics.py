@@ -7,7 +7,7 @@ Recorded at the edges, never inside the numpy core:
 - cache hits and misses: read at scrape time from the counters ItemVectorCache and
   UserProfileStore already keep (a custom collector, no double counting).
 
-The series are documented in the README's "Metrics" section; tests/test_metrics.py scrapes them.
+The series are documented in docs/operations.md, "Metrics"; tests/test_metrics.py scrapes them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Keys per user (the `{user_id}` hash tag keeps them in one Redis Cluster slot):
     <prefix>:{<user_id>}:h    sorted set: events with a vector, score = event time, capped at max_history
     <prefix>:{<user_id>}:i    sorted set: 8-byte event-id hashes, capped at max_event_ids
     <prefix>:{<user_id>}:c    hash: 8-byte item key -> (count, newest time, mass, mass frame) as 4 float64
-                              (reranker.consumed; the mass is in L's frame at `mass frame`, scaled
+                              (reranker.users.consumed; the mass is in L's frame at `mass frame`, scaled
                               to the current reference time when read), capped at max_consumed
     <prefix>:{<user_id>}:cz   sorted set: item key by newest time (which consumed item to forget first)
 
@@ -54,9 +54,9 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from reranker import usermodel
-from reranker.consumed import ConsumedItems, item_key
-from reranker.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash, log_repair
+from reranker.users import usermodel
+from reranker.users.consumed import ConsumedItems, item_key
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash, log_repair
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:

@@ -23,14 +23,14 @@ of standardized features that the server can compute from what it has at request
                    divided by (all weight leaving h + 1), sparse top-k per item
   mf_foldin        implicit-ALS score y_item . u, with u folded in from the history items alone:
                    u = (Y'Y + alpha Yh'Yh + reg I)^-1 (1 + alpha) Yh' 1 (Y: item factors in the artefact)
-  consumed         1 if the user already had an event on the candidate (reranker.consumed), else 0
+  consumed         1 if the user already had an event on the candidate (reranker.users.consumed), else 0
   consumed_count   log1p(events on the candidate)
   consumed_recency 1 / (1 + log1p(hours from its newest event to the user's newest event)); 0 if never
   consumed_repeat  consumed x the user's repeat rate (share of their events on items already consumed)
 
 Leave-one-out: every similarity feature compares a consumed candidate with the user *without* its
 own past events: zero_shot and long_term with the user vector rebuilt without it
-(reranker.profiles.candidate_history), session / max_sim / attention / last_item over the history
+(reranker.users.profiles.candidate_history), session / max_sim / attention / last_item over the history
 rows that are not its own, mf_foldin with its own rows removed from the fold-in (a Sherman-Morrison
 downdate, exact), covisit / transition by construction (their tables hold no item-to-itself
 weight). So the head learns the domain's repeat behaviour from the consumed_* features alone.
@@ -62,8 +62,8 @@ from typing import Any
 
 import numpy as np
 
-from reranker import scoring
-from reranker.consumed import CandidateHistory
+from reranker.ranking import scoring
+from reranker.users.consumed import CandidateHistory
 
 # 2: + covisit/transition tables and ALS factors; 3: + re-consumption features (older heads must be retrained)
 FORMAT_VERSION = 3
@@ -242,7 +242,7 @@ class RankingHead:
         seen: CandidateHistory | None = None,
     ) -> np.ndarray:
         """(n, F) raw feature matrix. `history` is (h, d) and `history_ids` the ids the user liked
-        recently, both oldest first (may be empty). `seen` (reranker.profiles.candidate_history,
+        recently, both oldest first (may be empty). `seen` (reranker.users.profiles.candidate_history,
         its own_rows aligned with `history`) gives the re-consumption features and the
         leave-one-out comparisons; None = no candidate was consumed."""
         upstream = np.asarray(upstream, dtype=np.float64)

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter
 
-from reranker import arms as arms_module
-from reranker import head as ranking_head
+from reranker.ranking import arms as arms_module
+from reranker.ranking import head as ranking_head
 from reranker.config import Settings
 
 log = logging.getLogger(__name__)

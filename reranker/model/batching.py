@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reranker.encoder import Encoder, supports_token_ids
+from reranker.model.encoder import Encoder, supports_token_ids
 from reranker.errors import EncoderFailed, Overloaded
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ allow_pickle=False):
                               before issue 17: S is then rebuilt from the history rows)
     hist_vectors_<k>  float32 (sum of len(hist), dim), the part's history rows in order
     seen_hashes_<k>   uint64  (sum of seen,) event-id hashes, oldest first per user
-    consumed_keys_<k> uint64  (sum of consumed,) consumed-item keys per user (reranker.consumed)
+    consumed_keys_<k> uint64  (sum of consumed,) consumed-item keys per user (reranker.users.consumed)
     consumed_values_<k> float64 (sum of consumed, 4): count, newest time, masses in L's and S's frames
                       (users_<k> rows carry "consumed": [n, repeats, events]; snapshots written
                       before these arrays existed load with an empty consumed-item memory)
@@ -48,10 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
-from reranker.consumed import ConsumedItems
-from reranker import usermodel
-from reranker.items import ItemVectorCache
-from reranker.profiles import InProcessProfileStore, _Profile, _SeenIds
+from reranker.users.consumed import ConsumedItems
+from reranker.users import usermodel
+from reranker.model.items import ItemVectorCache
+from reranker.users.profiles import InProcessProfileStore, _Profile, _SeenIds
 
 log = logging.getLogger(__name__)
 

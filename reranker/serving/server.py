@@ -25,13 +25,13 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from reranker import tracing
+from reranker.serving import tracing
 from reranker.config import Settings
-from reranker.metrics import MetricsEndpoint
-from reranker.observability import Observer
+from reranker.serving.metrics import MetricsEndpoint
+from reranker.serving.observability import Observer
 from reranker.service import RerankService
-from reranker.servicer import RerankerServicer, add_to_server
-from reranker.tls import TransportConfigError, is_loopback, server_credentials
+from reranker.serving.servicer import RerankerServicer, add_to_server
+from reranker.serving.tls import TransportConfigError, is_loopback, server_credentials
 from reranker.v1 import reranker_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ cached file. Files are written under a temporary name and renamed, so replicas s
 directory never read a half-written model. Tokenization is the same Rust tokenizer as the torch
 path (`TextTokenizer`), so the two runtimes see identical token ids.
 
-Measured on all-MiniLM-L6-v2 and ml-100k titles (README, Performance): float32 matches torch to
+Measured on all-MiniLM-L6-v2 and ml-100k titles (docs/performance.md): float32 matches torch to
 cosine 1.0000; int8 per-channel keeps a mean cosine of ~0.99 to float32 at about twice the speed.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from reranker.config import Settings
-from reranker.encoder import (
+from reranker.model.encoder import (
     PACKAGED_MODEL_NAME,
     TextTokenizer,
     available_cpus,

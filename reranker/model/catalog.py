@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reranker.items import TextKey, text_hash
+from reranker.model.items import TextKey, text_hash
 
 log = logging.getLogger(__name__)
 

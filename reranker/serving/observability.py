@@ -23,9 +23,9 @@ from typing import Any
 from grpc import aio
 
 from reranker.config import Settings
-from reranker.convert import EncodedRerankResponse, candidate_count
-from reranker.errormapping import Handler, status_for
-from reranker.metrics import Metrics
+from reranker.serving.convert import EncodedRerankResponse, candidate_count
+from reranker.serving.errormapping import Handler, status_for
+from reranker.serving.metrics import Metrics
 from reranker.v1 import reranker_pb2 as pb
 
 access_log = logging.getLogger("reranker.access")

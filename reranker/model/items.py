@@ -25,8 +25,8 @@ from itertools import repeat
 
 import numpy as np
 
-from reranker.consumed import item_keys
-from reranker.intindex import IntRowIndex, decimal_key
+from reranker.users.consumed import item_keys
+from reranker.model.intindex import IntRowIndex, decimal_key
 from reranker.types import DecimalIds
 
 # A text key of None means "no text given: accept whatever vector is cached". (A real text whose
@@ -153,7 +153,7 @@ class ItemVectorCache:
             self._item_key[rows] = id_keys
             self._last_used[rows] = self._clock
 
-    # --- snapshot support (reranker/snapshot.py) -------------------------------------------------
+    # --- snapshot support (reranker/users/snapshot.py) -------------------------------------------------
     def export(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(ids, text hashes as uint64, vectors) of every entry, least recently used first."""
         with self._lock:

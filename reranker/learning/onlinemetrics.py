@@ -41,7 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from reranker.config import Settings
-from reranker.traininglog import EventsRecord, ServedRecord
+from reranker.learning.traininglog import EventsRecord, ServedRecord
 from reranker.types import EventType, Variant
 
 # Counted arms: everything that answered with an order the arm chose (fallbacks count in their arm:

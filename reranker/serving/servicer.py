@@ -16,13 +16,13 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
-from reranker import convert
-from reranker.cancellation import CancelToken
-from reranker.errormapping import Handler, guarded, tolerant
+from reranker.serving import convert
+from reranker.serving.cancellation import CancelToken
+from reranker.serving.errormapping import Handler, guarded, tolerant
 from reranker.errors import InvalidRequest
-from reranker.eventpolicy import EventRefused
-from reranker.ingest import ready_batches
-from reranker.observability import Observer
+from reranker.users.eventpolicy import EventRefused
+from reranker.users.ingest import ready_batches
+from reranker.serving.observability import Observer
 from reranker.service import RerankService, WouldBlock
 from reranker.types import RecordResult
 from reranker.v1 import reranker_pb2 as pb

@@ -52,10 +52,10 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
-from reranker import scoring
+from reranker.ranking import scoring
 from reranker.config import Settings
 from reranker.evaluation.formats import EVENT_TYPES, CandidateRow, FormatError, Interaction, ServedList
-from reranker.observability import user_hash
+from reranker.serving.observability import user_hash
 from reranker.types import CandidateColumns, Event, EventType, RankedItems, RerankQuery, RerankResult, Variant
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Learning from live traffic: the training log and the online metrics joined from it."""

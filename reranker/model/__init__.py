@@ -1,0 +1,1 @@
+"""Item vectors: text encoders (torch, ONNX), the micro-batcher, the item cache and the shared catalog."""

@@ -1,0 +1,21 @@
+"""load_encoder: the configured encoder, torch or ONNX Runtime, built explicitly (never at import).
+
+It lives apart from both runtimes so that neither imports the other: onnx_encoder.py reuses the
+tokenizer and model-directory helpers of encoder.py, and this module picks between the two.
+"""
+
+from __future__ import annotations
+
+from reranker.config import Settings
+from reranker.model.encoder import Encoder, FakeEncoder, TransformerEncoder
+
+
+def load_encoder(settings: Settings) -> Encoder:
+    """Build the configured encoder (loads model weights for `transformer`)."""
+    if settings.encoder == "fake":
+        return FakeEncoder(settings.fake_dim)
+    if settings.runtime == "onnx":
+        from reranker.model.onnx_encoder import OnnxEncoder  # onnxruntime is an optional extra
+
+        return OnnxEncoder(settings)
+    return TransformerEncoder(settings)

@@ -1,0 +1,1 @@
+"""The gRPC edge: server assembly, handlers, protobuf conversion, error mapping, observability, TLS."""

@@ -1,0 +1,1 @@
+"""Tools that drive a real server: `reranker bench` and the load / soak driver."""
