@@ -28,8 +28,9 @@ import numpy as np
 _MULTIPLIER = 0x9E3779B97F4A7C15  # odd, so invertible mod 2^64
 _INVERSE = pow(_MULTIPLIER, -1, 1 << 64)
 _LENGTH_MIX = np.uint64(0xD6E8FEB86659FD93)
-_powers = np.ones(1, dtype=np.uint64)  # MULTIPLIER ** j mod 2^64
-_inverse_powers = np.ones(1, dtype=np.uint64)  # INVERSE ** j mod 2^64
+# (MULTIPLIER ** j, INVERSE ** j) mod 2^64, j = 0..; one tuple, replaced whole when it grows, so a
+# reader on another thread never pairs a grown table with the other's older, shorter one.
+_power_table = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
 
 
 def _cumulative_powers(base: int, size: int) -> np.ndarray:
@@ -39,12 +40,12 @@ def _cumulative_powers(base: int, size: int) -> np.ndarray:
 
 
 def _power_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
-    global _powers, _inverse_powers
-    if size > _powers.size:
-        grown = max(size, 2 * _powers.size, 4096)
-        _powers = _cumulative_powers(_MULTIPLIER, grown)
-        _inverse_powers = _cumulative_powers(_INVERSE, grown)
-    return _powers, _inverse_powers
+    global _power_table
+    table = _power_table
+    if size > table[0].size:
+        grown = max(size, 2 * table[0].size, 4096)
+        table = _power_table = (_cumulative_powers(_MULTIPLIER, grown), _cumulative_powers(_INVERSE, grown))
+    return table
 
 
 def item_keys(item_ids: Sequence[str]) -> np.ndarray:
@@ -149,14 +150,18 @@ class ConsumedItems:
         if session_factor != 1.0:
             self.session_mass *= session_factor
 
+    def positions(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in this memory, found) per key (binary search; the memory must not be empty)."""
+        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
+        return pos, self.keys[pos] == keys
+
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(counts, last times, masses, session masses) for candidate keys; 0, -inf, 0, 0 where never consumed."""
         n = keys.size
         counts, last, mass, session = np.zeros(n), np.full(n, -math.inf), np.zeros(n), np.zeros(n)
         if n == 0 or self.keys.size == 0:
             return counts, last, mass, session
-        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
-        hit = self.keys[pos] == keys
+        pos, hit = self.positions(keys)
         at = pos[hit]
         counts[hit], last[hit], mass[hit], session[hit] = self.counts[at], self.last[at], self.mass[at], self.session_mass[at]
         return counts, last, mass, session
