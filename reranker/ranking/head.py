@@ -364,9 +364,9 @@ class RankingHead:
     ) -> scoring.Ranking:
         """Like scoring.rank, with the head's score as relevance (MMR and top_k apply the same way)."""
         has_vector = np.asarray(has_vector, dtype=bool)
-        final = self.score(item_ids, upstream, item_vectors, has_vector, user_vector, history, history_ids, seen)
-        cosine = np.asarray(item_vectors, dtype=np.float32) @ user_vector if seen is None else seen.cosine(item_vectors, user_vector)
-        semantic = np.where(has_vector, cosine, 0.0)
+        raw = self.features(item_ids, upstream, item_vectors, has_vector, user_vector, history, history_ids, seen)
+        final = self.standardize(raw, has_vector) @ self.weights
+        semantic = np.where(has_vector, raw[:, 2], 0.0)  # zero_shot: the (leave-one-out) cosine to the user
         order = scoring.order_by_score(final)
         order = scoring.mmr_order(order, scoring.minmax(final), item_vectors, has_vector, diversity, mmr_window)
         if top_k > 0:

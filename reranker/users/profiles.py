@@ -142,9 +142,8 @@ def candidate_history(
         return CandidateHistory(counts, hours, consumed.repeat_rate)
     history = state.history
     history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
-    own_rows: np.ndarray | None = history_keys[:, None] == keys[None, :]
-    if own_rows is not None and not own_rows.any():  # consumed, but not among the history rows
-        own_rows = None
+    own = history_keys[:, None] == keys[None, :]
+    own_rows = own if own.any() else None  # None: consumed, but not among the history rows
     excluded = np.flatnonzero(hit & np.asarray(has_vector, dtype=bool))
     user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
     if excluded.size and user_vector is not None:
@@ -359,8 +358,7 @@ def repaired_consumed(
     out.last = np.minimum(out.last, now)
     if not len(out):
         return out
-    pos = np.minimum(np.searchsorted(out.keys, item_keys(history.item_ids)), len(out) - 1)
-    hit = out.keys[pos] == item_keys(history.item_ids)
+    pos, hit = out.positions(item_keys(history.item_ids))
     future = history.timestamps > now
     for rate, masses in ((config.decay_rate, out.mass), (config.session_rate, out.session_mass)):
         if fixed.exact:
