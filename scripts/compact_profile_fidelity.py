@@ -1,27 +1,36 @@
-"""Does a compact profile rank like today's? Measured on ml-100k through the real RerankService.
+"""Does the compact profile layout rank like the full one? Measured on ml-100k through real RerankServices.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/compact_profile_fidelity.py [--encoder transformer] [--users 943]
+    PYTHONPATH=$PWD .venv/bin/python scripts/compact_profile_fidelity.py [--encoder transformer|fake] [--history all|N] [--item-cache-size 300]
 
-For each user: the last --history events (ratings, in time order, titles as item texts) are
-recorded, then one Rerank of --candidates items (the user's held-out last item plus random others,
-all cached) is scored with the profile as stored today (L and S float64, history vectors float32),
-and again with the same profile reduced the way a compact profile would store it:
+Two RerankService instances, one per `profile_layout` (full = today's, compact), plus a third
+compact one whose item cache (--item-cache-size) is too small to hold the users' history items
+(graceful degradation: history rows whose vector is gone at read time simply do not count).
+The 1682 titles are encoded once by the real encoder (--encoder, default the packaged
+all-MiniLM-L6-v2) and every service gets the same vectors through a lookup-table encoder, so all
+services hold bit-identical item vectors (a transformer's output for a text can move in the last
+bits with the batch it was encoded in, which would blur a layout comparison); the catalog is
+upserted into each service through `upsert_items`, and events and candidates carry their texts.
 
-- L and S rounded to float32 / float16 / bfloat16;
-- hist16: the history vectors as a float16 shared catalog would give them back;
-- both together.
-
-Prints the largest score difference, the share of users whose ranking of the candidates is
-identical, and the per-user bytes each variant implies for dim d (the layout in docs/experiments.md's
-compact-profile note).
+Every user's ratings but the last (--history all) or the last N before it are recorded through
+`record_events` (CLICK events with event ids, in global time order, batches of 500). Then each
+user gets one Rerank of --candidates items: the held-out last rating, 30 of the user's own recorded
+items (the consumed-item / leave-one-out path; consumed_policy=learned demotes them for these
+users, who never repeat) and random unrated items, in random order, all with upstream score 0
+(the order is the semantic score's alone: the strictest test). The same candidates go to every
+service. Prints, per compared service against full: the largest |final score| and |semantic score|
+difference over all users and candidates, the share of users whose whole ranking / top 10 is
+identical, NDCG@10 of the held-out item under both and the paired difference with a 95% bootstrap
+interval (over users). `--layouts full,full` is a self-check (must print zero differences).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,88 +40,181 @@ sys.path.insert(0, str(REPO))
 
 from reranker.config import Settings  # noqa: E402
 from reranker.evaluation.convert_ml100k import load_events, load_items  # noqa: E402
+from reranker.model.encoder import Encoder  # noqa: E402
+from reranker.model.loader import load_encoder  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
-from reranker.types import Candidate, Event, EventType, Item, RerankQuery  # noqa: E402
+from reranker.types import Candidate, Event, EventType, Item, RerankQuery, RerankResult  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ml-100k"
+OWN_CANDIDATES = 30  # of the user's own recorded items among the candidates
+RECORD_BATCH = 500
+K = 10
 
 
-def bf16(x: np.ndarray) -> np.ndarray:
-    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
-    return rounded.view(np.float32).astype(np.float64)
+class TableEncoder:
+    """The vectors an encoder gave once for a fixed set of texts; any other text goes to that encoder
+    (counted in `fallbacks`: the runs here should never need it)."""
+
+    def __init__(self, encoder: Encoder, texts: Sequence[str], batch: int = 64) -> None:
+        self.dim, self.version, self._encoder = encoder.dim, encoder.version, encoder
+        unique = list(dict.fromkeys(texts))
+        vectors = [encoder.encode(unique[i : i + batch]) for i in range(0, len(unique), batch)]
+        self._matrix = np.concatenate(vectors).astype(np.float32)
+        self._row = {text: row for row, text in enumerate(unique)}
+        self.fallbacks = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        rows = [self._row.get(t, -1) for t in texts]
+        out = self._matrix[np.maximum(rows, 0)]
+        unknown = [i for i, row in enumerate(rows) if row < 0]
+        if unknown:
+            self.fallbacks += len(unknown)
+            out[unknown] = self._encoder.encode([texts[i] for i in unknown])
+        return out
 
 
-def f32(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32).astype(np.float64)
+def layout_settings(layout: str, **fields: object) -> Settings:
+    """Settings with `profile_layout`; a checkout from before the compact layout has only "full"."""
+    try:
+        return Settings(profile_layout=layout, **fields)  # type: ignore[call-arg]
+    except TypeError as exc:
+        if "profile_layout" not in str(exc):
+            raise
+        if layout == "full":
+            return Settings(**fields)  # type: ignore[arg-type]
+        raise SystemExit(f"profile_layout={layout!r}: this checkout has no profile_layout setting (the compact "
+                         "layout is not merged yet); `--layouts full,full` runs the self-check") from None
 
 
-def f16(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float16).astype(np.float64)
+def ndcg_at_k(result: RerankResult, target: str) -> float:
+    ids = list(result.items.item_ids[:K])  # type: ignore[attr-defined]
+    return 1.0 / math.log2(ids.index(target) + 2) if target in ids else 0.0
+
+
+def bootstrap_interval(diffs: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(rounds, len(diffs)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclasses.dataclass
+class Arm:
+    """One service under test and what it answered."""
+
+    label: str
+    service: RerankService
+    record_seconds: float = 0.0
+    results: list[RerankResult] = dataclasses.field(default_factory=list)
+    missing_rows: int = 0  # history rows whose item was not in the item cache when the profile was read
+    rows: int = 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--encoder", default="fake")
-    p.add_argument("--users", type=int, default=943)
-    p.add_argument("--history", type=int, default=20)
+    p.add_argument("--encoder", default="transformer", choices=("transformer", "fake"))
+    p.add_argument("--history", default="all", help="`all` ratings but the held-out last, or only the last N of them")
     p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--users", type=int, default=0, help="the first N users only (0 = all 943)")
+    p.add_argument("--item-cache-size", type=int, default=300,
+                   help="item cache of the degraded compact service (0 = leave that service out)")
+    p.add_argument("--layouts", default="full,compact", help="reference,compared layouts")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    reference, compared = args.layouts.split(",")
     items = dict(load_items(DATA))
-    events = load_events(DATA)
     by_user: dict[str, list] = {}
-    for e in events:
+    for e in load_events(DATA):  # per user, in time order
         by_user.setdefault(e.user_id, []).append(e)
-    users = sorted(by_user, key=lambda u: int(u))[: args.users]
-    settings = Settings(encoder=args.encoder, fake_dim=384, metrics_address="", vector_history_size=args.history,
-                        warmup=False)
-    service = RerankService(settings)
-    t = time.perf_counter()
-    service.load()
+    users = sorted(by_user, key=int)[: args.users or None]
+    keep = None if args.history == "all" else int(args.history)
+    history = {u: by_user[u][:-1][-keep:] if keep else by_user[u][:-1] for u in users}
+    target = {u: by_user[u][-1].item_id for u in users}
+
+    base = dict(encoder=args.encoder, fake_dim=384, metrics_address="", warmup=False, log_level="WARNING",
+                access_log=False, user_cache_size=max(10_000, 2 * len(users)))
+    started = time.perf_counter()
+    table = TableEncoder(load_encoder(layout_settings("full", **base)), list(items.values()))
+    encode_seconds = time.perf_counter() - started
+    arms = [Arm(reference, RerankService(layout_settings(reference, **base), table)),
+            Arm(compared, RerankService(layout_settings(compared, **base), table))]
+    if args.item_cache_size:
+        small = layout_settings(compared, **base, item_cache_size=args.item_cache_size)
+        arms.append(Arm(f"{compared}, item cache {args.item_cache_size}", RerankService(small, table)))
+    catalog = [Item(i, t) for i, t in items.items()]
+    for arm in arms:
+        arm.service.load()
+        for start in range(0, len(catalog), 200):
+            arm.service.upsert_items(catalog[start : start + 200], time_remaining=600.0)
+
+    events = sorted(
+        (Event(f"u{u}", e.item_id, EventType.CLICK, e.timestamp, f"{u}-{k}", items[e.item_id])
+         for u in users for k, e in enumerate(history[u])),
+        key=lambda e: e.timestamp,
+    )  # a stable sort: a user's equal-time ratings keep their order
+    for arm in arms:
+        t = time.perf_counter()
+        for start in range(0, len(events), RECORD_BATCH):
+            result = arm.service.record_events(events[start : start + RECORD_BATCH], time_remaining=600.0)
+            assert result.duplicates == 0 and result.without_vector == 0, result
+        arm.record_seconds = time.perf_counter() - t
+
+    rng = np.random.default_rng(args.seed)
     ids = list(items)
-    for start in range(0, len(ids), 200):  # chunks: each within the encode deadline on a busy machine
-        service.upsert_items([Item(i, items[i]) for i in ids[start : start + 200]], time_remaining=600.0)
-    print(f"encoder {service.model_version}: {len(ids)} titles encoded in {time.perf_counter() - t:.1f} s")
-    rng = np.random.default_rng(0)
-    variants = {
-        "L,S float32": lambda s: dataclasses.replace(s, long_term=f32(s.long_term), session=f32(s.session), derived={}),
-        "L,S float16": lambda s: dataclasses.replace(s, long_term=f16(s.long_term), session=f16(s.session), derived={}),
-        "L,S bfloat16": lambda s: dataclasses.replace(s, long_term=bf16(s.long_term), session=bf16(s.session), derived={}),
-        "history float16": lambda s: dataclasses.replace(s, history=dataclasses.replace(
-            s.history, vectors=s.history.vectors.astype(np.float16).astype(np.float32)), derived={}),
-        "L,S float16 + history float16": lambda s: dataclasses.replace(
-            s, long_term=f16(s.long_term), session=f16(s.session),
-            history=dataclasses.replace(s.history, vectors=s.history.vectors.astype(np.float16).astype(np.float32)),
-            derived={}),
-    }
-    worst = {name: 0.0 for name in variants}
-    same = {name: 0 for name in variants}
-    store = service.profiles
-    assert store is not None
-    original_get = store.get
+    full_store = arms[0].service.profiles
+    assert full_store is not None
     for u in users:
-        history, target = by_user[u][:-1][-args.history :], by_user[u][-1]
-        service.record_events([Event(f"u{u}", e.item_id, EventType.CLICK, e.timestamp, f"{u}-{k}")
-                               for k, e in enumerate(history)])
-        others = rng.choice(len(ids), args.candidates - 1, replace=False)
-        cands = tuple(Candidate(i, 0.0) for i in [target.item_id, *[ids[k] for k in others if ids[k] != target.item_id]])
-        query = RerankQuery(f"u{u}", cands[: args.candidates])
-        store.get = original_get  # type: ignore[method-assign]
-        base = {it.item_id: it.score for it in service.rerank(query).items}
-        base_order = sorted(base, key=lambda i: -base[i])
-        for name, reduce in variants.items():
-            store.get = lambda user_id, recent=True, _r=reduce: (  # type: ignore[method-assign]
-                None if (s := original_get(user_id, recent=recent)) is None else _r(s))
-            got = {it.item_id: it.score for it in service.rerank(query).items}
-            worst[name] = max(worst[name], max(abs(got[i] - base[i]) for i in base))
-            same[name] += sorted(got, key=lambda i: -got[i]) == base_order
-    store.get = original_get  # type: ignore[method-assign]
-    service.close()
-    print(f"{len(users)} ml-100k users, last {args.history} ratings each, {args.candidates} candidates; encoder "
-          f"{settings.encoder}")
-    print("| profile stored as | largest score difference | users with the identical ranking |\n|---|---|---|")
-    for name in variants:
-        print(f"| {name} | {worst[name]:.2e} | {same[name]}/{len(users)} |")
+        own = [i for i in dict.fromkeys(e.item_id for e in history[u]) if i != target[u]]
+        rated = {e.item_id for e in by_user[u]}
+        picked = [own[k] for k in rng.choice(len(own), min(OWN_CANDIDATES, len(own)), replace=False)]
+        others = [i for i in rng.permutation(ids).tolist() if i not in rated][: args.candidates - 1 - len(picked)]
+        chosen = [target[u], *picked, *others]
+        chosen = [chosen[k] for k in rng.permutation(len(chosen))]
+        query = RerankQuery(f"u{u}", tuple(Candidate(i, 0.0, items[i]) for i in chosen))
+        state = full_store.get(f"u{u}", recent=False)
+        rows = [] if state is None else list(state.history.item_ids)
+        for arm in arms:
+            result = arm.service.rerank(query)
+            assert result.variant.name == "RERANKED" and not result.cold_user, (arm.label, u, result)
+            arm.results.append(result)
+            cache = arm.service.items
+            assert cache is not None
+            arm.rows += len(rows)  # the cache as the profile read saw it: nothing ran since
+            arm.missing_rows += sum(not cache.known(i) for i in rows)
+    for arm in arms:
+        arm.service.close()
+
+    ref = arms[0]
+    print(f"{len(users)} ml-100k users, {'all ratings but the last' if keep is None else f'the last {keep} ratings'} "
+          f"recorded ({len(events):,} events), {args.candidates} candidates per user ({OWN_CANDIDATES} of them the "
+          f"user's own), upstream scores 0; encoder {table.version} ({len(ids)} titles encoded once in "
+          f"{encode_seconds:.1f} s; {table.fallbacks} texts encoded outside the table)\n")
+    print(f"| {ref.label} vs | largest score diff | largest semantic diff | identical ranking | identical top {K} | "
+          f"NDCG@{K} {ref.label} | NDCG@{K} compared | difference [95% bootstrap] | history rows without a vector |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ref_ndcg = np.array([ndcg_at_k(r, target[u]) for r, u in zip(ref.results, users)])
+    for arm in arms[1:]:
+        worst_score = worst_semantic = 0.0
+        same = same_top = 0
+        for a, b in zip(ref.results, arm.results):
+            ia, ib = a.items, b.items
+            sa = dict(zip(ia.item_ids, zip(ia.scores.tolist(), ia.semantic_scores.tolist())))  # type: ignore[attr-defined]
+            sb = dict(zip(ib.item_ids, zip(ib.scores.tolist(), ib.semantic_scores.tolist())))  # type: ignore[attr-defined]
+            worst_score = max(worst_score, max(abs(sa[i][0] - sb[i][0]) for i in sa))
+            worst_semantic = max(worst_semantic, max(abs(sa[i][1] - sb[i][1]) for i in sa))
+            order_a, order_b = list(ia.item_ids), list(ib.item_ids)  # type: ignore[attr-defined]
+            same += order_a == order_b
+            same_top += order_a[:K] == order_b[:K]
+        ndcg = np.array([ndcg_at_k(r, target[u]) for r, u in zip(arm.results, users)])
+        low, high = bootstrap_interval(ndcg - ref_ndcg, seed=args.seed)
+        missing = f"{arm.missing_rows:,}/{arm.rows:,} ({100 * arm.missing_rows / max(arm.rows, 1):.1f}%)"
+        n = len(users)
+        print(f"| {arm.label} | {worst_score:.2e} | {worst_semantic:.2e} | {same}/{n} ({100 * same / n:.1f}%) | "
+              f"{same_top}/{n} ({100 * same_top / n:.1f}%) | {ref_ndcg.mean():.4f} | {ndcg.mean():.4f} | "
+              f"{ndcg.mean() - ref_ndcg.mean():+.4f} [{low:+.4f}, {high:+.4f}] | {missing} |")
+    print()
+    for arm in arms:
+        print(f"- {arm.label}: recorded {len(events):,} events in {arm.record_seconds:.1f} s "
+              f"({len(events) / max(arm.record_seconds, 1e-9):,.0f} events/s; wall clock on a shared machine)")
     return 0
 
 
