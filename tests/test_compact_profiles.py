@@ -271,7 +271,7 @@ def test_redis_holds_exactly_the_bytes_the_in_process_store_holds(redis_server: 
 def test_concurrent_replicas_never_lose_an_event_on_one_user(redis_server: RedisServer) -> None:
     redis_server.client().flushall()
     catalog = Catalog()
-    settings, _ = config(max_event_ids_per_user=1000)
+    settings, _ = config(max_event_ids_per_user=1000, redis_timeout_ms=5000.0, redis_write_timeout_ms=5000.0)
     replicas = [redis_store(redis_server.url, catalog, settings) for _ in range(4)]
 
     def write(store: CompactRedisProfileStore, r: int) -> None:
@@ -284,8 +284,9 @@ def test_concurrent_replicas_never_lose_an_event_on_one_user(redis_server: Redis
         thread.start()
     for thread in threads:
         thread.join()
+    assert not any(s.degraded for s in replicas), [s.last_error for s in replicas]
     state = replicas[0].get("hot")
-    assert state is not None and state.event_count == 200 and not any(s.degraded for s in replicas)
+    assert state is not None and state.event_count == 200
     # Replaying everything adds nothing (idempotency by event id across replicas).
     write(replicas[1], 0)
     assert replicas[2].get("hot").event_count == 200  # type: ignore[union-attr]

@@ -263,7 +263,7 @@ def repair_future_clock(p: CompactProfile, now: float, config: ProfileConfig, lo
     c = config
     if p.folded == 0 or not p.ref_time > now + c.max_clock_ahead:
         return False
-    history = _rows_history(p, lookup, found_only=False)
+    history, _ = _rows_history(p, lookup, found_only=False)
     session = usermodel.decayed_sum(history, p.ref_time, c.session_rate)
     if p.session_tail is not None:
         session = session + p.session_tail
@@ -285,20 +285,24 @@ def repair_future_clock(p: CompactProfile, now: float, config: ProfileConfig, lo
     return True
 
 
-def _rows_history(p: CompactProfile, lookup: VectorLookup, *, found_only: bool = True) -> usermodel.History:
-    """The history rows with their looked-up vectors; rows without one dropped (`found_only`) or zero."""
+def _rows_history(p: CompactProfile, lookup: VectorLookup, *, found_only: bool = True
+                  ) -> tuple[usermodel.History, np.ndarray]:
+    """The history rows with their looked-up vectors (rows without one dropped, or zero with
+    `found_only=False`), and which rows had one."""
     dim = p.long_term.shape[0]
     if not p.row_ids:
-        return usermodel.History.empty(dim)
+        return usermodel.History.empty(dim), np.zeros(0, dtype=bool)
     vectors, found = lookup(p.row_ids)
+    found = np.asarray(found, dtype=bool)
     times, weights = np.asarray(p.row_times, dtype=np.float64), np.asarray(p.row_weights, dtype=np.float64)
     vectors = np.asarray(vectors, dtype=np.float32)
-    if not found_only:
-        return usermodel.History(tuple(p.row_ids), times, weights, np.where(found[:, None], vectors, np.float32(0.0)))
     if found.all():
-        return usermodel.History(tuple(p.row_ids), times, weights, vectors)
+        return usermodel.History(tuple(p.row_ids), times, weights, vectors), found
+    if not found_only:
+        return usermodel.History(tuple(p.row_ids), times, weights, np.where(found[:, None], vectors, np.float32(0.0))), found
     keep = np.flatnonzero(found)
-    return usermodel.History(tuple(p.row_ids[i] for i in keep.tolist()), times[keep], weights[keep], vectors[keep])
+    history = usermodel.History(tuple(p.row_ids[i] for i in keep.tolist()), times[keep], weights[keep], vectors[keep])
+    return history, found
 
 
 def user_state(user_id: str, p: CompactProfile, config: ProfileConfig, lookup: VectorLookup, *,
@@ -307,11 +311,11 @@ def user_state(user_id: str, p: CompactProfile, config: ProfileConfig, lookup: V
     out), S = S_hist + S_tail, the consumed memory of the rows and the tail merged. `recent` events
     are the history rows (event-time order; ids of the events are not kept)."""
     c = config
-    history = _rows_history(p, lookup)
+    history, found = _rows_history(p, lookup)
     session = usermodel.decayed_sum(history, p.ref_time, c.session_rate)
     if p.session_tail is not None:
         session = session + p.session_tail
-    consumed = _merged_consumed(p, history, c)
+    consumed = _merged_consumed(p, found, c)
     recent_events: tuple[Event, ...] = ()
     if recent and c.max_recent > 0:
         rows = list(zip(p.row_ids, p.row_types, p.row_times, p.row_weights))[-c.max_recent :]
@@ -324,9 +328,9 @@ def user_state(user_id: str, p: CompactProfile, config: ProfileConfig, lookup: V
                      consumed)
 
 
-def _merged_consumed(p: CompactProfile, history: usermodel.History, c: ProfileConfig) -> ConsumedItems:
+def _merged_consumed(p: CompactProfile, found: np.ndarray, c: ProfileConfig) -> ConsumedItems:
     """The consumed memory a full profile would hold: the tail plus every history row (its mass in L
-    always; in S only when its vector was found, as S_hist was rebuilt from those rows only)."""
+    always; in S only when its vector was `found`, as S_hist was rebuilt from those rows only)."""
     if c.max_consumed <= 0:
         return ConsumedItems.empty().freeze()
     tail = p.tail
@@ -335,20 +339,23 @@ def _merged_consumed(p: CompactProfile, history: usermodel.History, c: ProfileCo
     else:
         times, weights = np.asarray(p.row_times), np.asarray(p.row_weights)
         age = np.maximum(p.ref_time - times, 0.0)
-        found_keys = set(item_keys(history.item_ids).tolist()) if len(history) else set()
-        row_keys = item_keys(p.row_ids)
-        in_session = np.fromiter((k in found_keys for k in row_keys.tolist()), dtype=bool, count=row_keys.size)
-        keys = np.concatenate([tail.keys, row_keys])
-        unique, inverse = np.unique(keys, return_inverse=True)
-        counts = np.zeros(unique.size, dtype=np.int64)
-        last = np.full(unique.size, -math.inf)
-        mass, session_mass = np.zeros(unique.size), np.zeros(unique.size)
-        np.add.at(counts, inverse, np.concatenate([tail.counts, np.ones(row_keys.size, np.int64)]))
-        np.maximum.at(last, inverse, np.concatenate([tail.last, times]))
-        np.add.at(mass, inverse, np.concatenate([tail.mass, weights * np.exp(-c.decay_rate * age)]))
-        np.add.at(session_mass, inverse, np.concatenate(
-            [tail.session_mass, weights * np.exp(-c.session_rate * age) * in_session]))
-        out = ConsumedItems(unique, counts, last, mass, session_mass)
+        keys = np.concatenate([tail.keys, item_keys(p.row_ids)])
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+        columns = (
+            np.concatenate([tail.counts, np.ones(len(p.row_ids), np.int64)]),
+            np.concatenate([tail.last, times]),
+            np.concatenate([tail.mass, weights * np.exp(-c.decay_rate * age)]),
+            np.concatenate([tail.session_mass, weights * np.exp(-c.session_rate * age) * found]),
+        )
+        if starts.size == keys.size:  # no item twice: a permutation
+            counts, last, mass, session_mass = (column[order] for column in columns)
+        else:
+            counts, mass, session_mass = (np.add.reduceat(columns[j][order], starts) for j in (0, 2, 3))
+            last = np.maximum.reduceat(columns[1][order], starts)
+            keys = keys[starts]
+        out = ConsumedItems(keys, counts, last, mass, session_mass)
     out.repeats, out.events = p.repeats, p.consumed_events
     return out.freeze()
 

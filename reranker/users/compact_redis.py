@@ -19,6 +19,8 @@ fallback, replay, WAIT for replicas, Cluster redirects) is RedisProfileStore's.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,7 +72,7 @@ class CompactRedisProfileStore(RedisProfileStore):
         wall = self._now()
         total = RecordResult()
         pending = list(by_user)
-        for _ in range(MAX_ROUNDS):
+        for rounds in range(MAX_ROUNDS):
             read = self._writer.pipeline(transaction=False)
             for user_id in pending:
                 read.get(self.keys(user_id)[0])
@@ -99,6 +101,7 @@ class CompactRedisProfileStore(RedisProfileStore):
             pending = retry
             if not pending:
                 return total
+            time.sleep(random.uniform(0.0, 0.001 * (rounds + 1)))  # out of step with the other writer
         raise redis.RedisError(f"{len(pending)} users were written by other replicas {MAX_ROUNDS} times in a row")
 
     def _run_cas(self, writes: list[tuple[str, bytes, bytes, RecordResult, int]]) -> list[object]:
