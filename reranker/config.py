@@ -21,6 +21,7 @@ RESERVED_ARMS = ("control", "treatment", "bypassed")
 # URL schemes of redis_url / stream_url: one Redis, or a Redis Cluster (any node; the client finds the rest).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
+PROFILE_LAYOUTS = ("full", "compact")
 DEFAULT_EVENT_WEIGHTS = "view=0.5,click=1,add_to_cart=2,purchase=3,like=2,dislike=-1.5,skip=-0.5"
 POOLINGS = ("mean", "cls", "last_token")  # Settings.pooling
 
@@ -68,6 +69,14 @@ class Settings:
         "User profiles kept (LRU within TTL); ~44 KB each at vector_history_size=20, so 10k users ~ 450 MB.", 10_000
     )
     user_ttl_seconds: float = _doc("A profile not touched for this long is dropped.", 7 * 24 * 3600.0)
+    profile_layout: str = _doc(
+        "How a user profile is stored, in process and in Redis. `full`: item vectors copied into each "
+        "profile, L and S in float64 (~44 KB per user at 20 events). `compact`: one byte string per user with "
+        "item ids instead of vectors (looked up in the item cache or catalog when read) and L in float32 "
+        "(~2-4 KB per user; a history item whose vector is no longer cached or in the catalog stops counting). "
+        "See docs/user-model.md.",
+        "full",
+    )
     user_state_cache_size: int = _doc(
         "Users whose scoring state (stacked history vectors, user vector, attention weights) is kept ready "
         "between requests, LRU, dropped on the user's next event; ~38 KB each at vector_history_size=20. "
@@ -329,6 +338,8 @@ class Settings:
             problems.append("diversity must be in [0, 1]")
         if self.blend_upstream not in ("score", "rank"):
             problems.append("blend_upstream must be 'score' or 'rank'")
+        if self.profile_layout not in PROFILE_LAYOUTS:
+            problems.append(f"profile_layout must be one of {', '.join(PROFILE_LAYOUTS)}")
         if self.consumed_policy not in CONSUMED_POLICIES:
             problems.append(f"consumed_policy must be one of {', '.join(CONSUMED_POLICIES)}")
         if not 0.0 <= self.consumed_repeat_rate <= 1.0:

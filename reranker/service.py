@@ -33,6 +33,7 @@ from reranker.model.items import ItemVectorCache
 from reranker.serving.metrics import Metrics
 from reranker.learning.onlinemetrics import OnlineMetrics
 from reranker.users.profiles import InProcessProfileStore, ProfileStore, UserState, derived
+from reranker.users.compact import CompactProfileStore
 from reranker.users.stores import make_profile_store
 from reranker.users.profiles import candidate_history, on_liked_rows, positive_history, positive_history_ids
 from reranker.users.profiles import user_vector as user_vector_of
@@ -139,7 +140,7 @@ class RerankService:
             except CatalogError as exc:
                 self.load_error = str(exc)
                 raise
-        self.profiles = make_profile_store(s, encoder.dim, self._clock)
+        self.profiles = make_profile_store(s, encoder.dim, self._clock, lookup=self._stored_vectors)
         if s.snapshot_path:
             load_snapshot(
                 s.snapshot_path, items=self.items, profiles=self._local_profiles(), model_version=self.model_version,
@@ -225,9 +226,18 @@ class RerankService:
         if self.catalog is not None:
             self.catalog.close()
 
-    def _local_profiles(self) -> InProcessProfileStore | None:
+    def _local_profiles(self) -> InProcessProfileStore | CompactProfileStore | None:
         """The in-process store, when it is the store of record (with Redis, Redis persists profiles)."""
-        return self.profiles if isinstance(self.profiles, InProcessProfileStore) else None
+        return self.profiles if isinstance(self.profiles, (InProcessProfileStore, CompactProfileStore)) else None
+
+    def _stored_vectors(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors of items a compact profile names (item cache, then catalog; never encoded): (vectors, found)."""
+        assert self.items is not None
+        texts: list[str | None] = [None] * len(item_ids)
+        vectors, hit = self.items.lookup(item_ids, texts)
+        if self.catalog is not None and not hit.all():
+            hit = self.catalog.fill(item_ids, texts, vectors, hit)
+        return vectors, hit
 
     def save_snapshot(self) -> SnapshotInfo:
         """Write item vectors and in-process profiles to `snapshot_path` (atomic replace)."""
@@ -241,7 +251,7 @@ class RerankService:
     @property
     def profiles_in_process(self) -> bool:
         """Profiles live in this process (no network round trip to read one)."""
-        return isinstance(self.profiles, InProcessProfileStore)
+        return isinstance(self.profiles, (InProcessProfileStore, CompactProfileStore))
 
     def rerank(
         self, query: RerankQuery, time_remaining: float | None = None, cancel: CancelToken | None = None, **blocking: Any

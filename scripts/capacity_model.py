@@ -2,7 +2,7 @@
 memory and ops/s (and Redis CPU), and the pods needed; from costs measured on this machine.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/capacity_model.py --users 1000000 --items 100000 \\
-        --events-per-s 20000 --reranks-per-s 5000 [--sample-users 2000] [--dim 384]
+        --events-per-s 20000 --reranks-per-s 5000 [--sample-users 2000] [--dim 384] [--profile-layout compact]
 
 Measured here (a generator drives them): --sample-users users, each with --events-per-user events
 on items drawn from a Zipf(1.1) popularity over --items items, are written into an in-process
@@ -34,8 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from reranker.config import Settings  # noqa: E402
-from reranker.users.profiles import InProcessProfileStore, ProfileConfig  # noqa: E402
-from reranker.users.stores import make_profile_store
+from reranker.users.stores import make_profile_store  # noqa: E402
 from reranker.types import Event, EventType  # noqa: E402
 
 
@@ -53,9 +52,19 @@ def generate(rng: np.random.Generator, users: int, per_user: int, items: int) ->
     return out
 
 
+def vector_lookup(workload: list[list[tuple[Event, np.ndarray]]]):  # type: ignore[no-untyped-def]
+    """The item vectors of the workload by id (what a compact profile looks up in the item cache)."""
+    vectors = {e.item_id: v for batch in workload for e, v in batch}
+
+    def lookup(item_ids):  # type: ignore[no-untyped-def]
+        return np.stack([vectors[i] for i in item_ids]), np.ones(len(item_ids), dtype=bool)
+
+    return lookup
+
+
 def in_process_bytes(settings: Settings, workload: list[list[tuple[Event, np.ndarray]]]) -> float:
-    store = InProcessProfileStore(ProfileConfig.from_settings(settings, DIM), max_users=len(workload) + 1,
-                                  ttl_seconds=settings.user_ttl_seconds, max_states=settings.user_state_cache_size)
+    settings = dataclasses.replace(settings, user_cache_size=len(workload) + 1)
+    store = make_profile_store(settings, DIM, lookup=vector_lookup(workload))
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -67,9 +76,15 @@ def in_process_bytes(settings: Settings, workload: list[list[tuple[Event, np.nda
     return used / len(workload)
 
 
+def _command_usec(client) -> float:  # type: ignore[no-untyped-def]
+    return float(sum(v.get("usec", 0) for v in client.info("commandstats").values()))
+
+
 def redis_costs(settings: Settings, workload: list[list[tuple[Event, np.ndarray]]]) -> tuple[float, float, float]:
-    """(bytes per user, Redis CPU us per event written, Redis CPU us per profile read)."""
-    store = make_profile_store(settings, DIM)
+    """(bytes per user, Redis CPU us per event written, Redis CPU us per profile read): all commands'
+    time in INFO commandstats, per phase (the full layout's Lua fold; the compact layout's GET and
+    compare-and-set)."""
+    store = make_profile_store(settings, DIM, lookup=vector_lookup(workload))
     client = store._writer  # type: ignore[attr-defined]
     client.flushall()
     client.config_resetstat()
@@ -77,14 +92,11 @@ def redis_costs(settings: Settings, workload: list[list[tuple[Event, np.ndarray]
     for batch in workload:
         store.apply(batch, now=1_800_000_000.0)
         events += len(batch)
+    write_us = _command_usec(client) / events
+    client.config_resetstat()
     for u in range(len(workload)):
         store.get(f"user-{u}")
-    stats = client.info("commandstats")
-    write_us = stats.get("cmdstat_evalsha", {}).get("usec", 0) / events
-    reads = stats.get("cmdstat_exec", {})
-    read_us = reads.get("usec", 0) / max(1, reads.get("calls", 1))
-    for cmd in ("hmget", "zrange", "hgetall", "lrange"):  # the read's commands inside MULTI/EXEC
-        read_us += stats.get(f"cmdstat_{cmd}", {}).get("usec", 0) / len(workload)
+    read_us = _command_usec(client) / len(workload)
     total = sum(client.memory_usage(k, samples=0) or 0 for k in client.scan_iter(match=f"{settings.redis_prefix}:*",
                                                                                  count=1000))
     store.close()
@@ -137,6 +149,7 @@ def main() -> int:
     p.add_argument("--event-batch", type=float, default=20.0, help="events per RecordEvents batch (one EVALSHA per user)")
     p.add_argument("--redis-shard-gib", type=float, default=25.0, help="memory per Redis master")
     p.add_argument("--redis-replicas", type=int, default=1, help="replicas per Redis master")
+    p.add_argument("--profile-layout", choices=("full", "compact"), default="full", help="Settings.profile_layout")
     args = p.parse_args()
     DIM = args.dim
     from redis_server import RedisServer
@@ -147,7 +160,7 @@ def main() -> int:
     try:
         base = Settings(encoder="fake", fake_dim=DIM, metrics_address="", vector_history_size=args.events_per_user,
                         recent_events_per_user=args.events_per_user, redis_url=server.url,
-                        redis_timeout_ms=2000.0)  # a slow read on a busy machine must not fail over
+                        redis_timeout_ms=2000.0, profile_layout=args.profile_layout)  # a slow read on a busy machine must not fail over
         rows = {}
         for label, consumed in (("with consumed-item memory", base.consumed_items_per_user), ("without", 0)):
             s = dataclasses.replace(base, consumed_items_per_user=consumed)
@@ -159,11 +172,12 @@ def main() -> int:
         server.cleanup()
 
     local, redis_bytes, write_us, read_us = rows["with consumed-item memory"]
-    print(f"measured: {args.sample_users} users x {args.events_per_user} events (Zipf over {args.items} items), d={DIM}")
+    print(f"measured: {args.sample_users} users x {args.events_per_user} events (Zipf over {args.items} items), d={DIM}, "
+          f"profile_layout={args.profile_layout}")
     print("| per user | in-process | Redis (MEMORY USAGE) |\n|---|---|---|")
     for label, (lb, rb, _, _) in rows.items():
         print(f"| {label} | {lb:,.0f} B | {rb:,.0f} B |")
-    print(f"Redis CPU: {write_us:.1f} us per event written (Lua fold), {read_us:.1f} us per profile read; "
+    print(f"Redis CPU: {write_us:.1f} us per event written, {read_us:.1f} us per profile read; "
           f"Rerank (100 cached candidates) {per_core:,.0f}/s on one thread in-process")
 
     n, m, e, r = args.users, args.items, args.events_per_s, args.reranks_per_s
@@ -172,7 +186,8 @@ def main() -> int:
     catalog_mib = m * DIM * 2 / 2**20  # float16, shared pages
     cache_mib = m * DIM * 4 / 2**20  # a private float32 item cache holding the whole catalog
     redis_gib = n * redis_bytes * (1 + args.redis_replicas) / 2**30
-    redis_ops = e / args.event_batch + r  # one EVALSHA per user per batch (<= batch), one MULTI read per Rerank
+    # Per user per batch (<= batch): full, one EVALSHA; compact, one GET and one EVALSHA. One read per Rerank.
+    redis_ops = e / args.event_batch * (2 if args.profile_layout == "compact" else 1) + r
     redis_cpu = (e * write_us + r * read_us) / 1e6
     masters = max(1, math.ceil(n * redis_bytes / 2**30 / args.redis_shard_gib), math.ceil(redis_cpu / 0.7))
     print(f"\nmodel for N={n:,} users, M={m:,} items, E={e:,.0f} events/s, R={r:,.0f} Rerank/s:")

@@ -299,7 +299,7 @@ class RedisProfileStore:
 
     @classmethod
     def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore,
-                      now: Callable[[], float] = time.time) -> RedisProfileStore:
+                      now: Callable[[], float] = time.time, **extra: object) -> RedisProfileStore:
         timeout = s.redis_timeout_ms / 1000.0
         write_timeout = s.redis_write_timeout_ms / 1000.0
         client = redis_client(s.redis_url, timeout_s=timeout, connect_timeout_s=timeout)
@@ -307,7 +307,7 @@ class RedisProfileStore:
         return cls(
             client, config, write_client=writer, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
             retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events, now=now,
-            wait_replicas=s.redis_wait_replicas, wait_timeout_ms=max(1, int(s.redis_write_timeout_ms)),
+            wait_replicas=s.redis_wait_replicas, wait_timeout_ms=max(1, int(s.redis_write_timeout_ms)), **extra,
         )
 
     def keys(self, user_id: str) -> list[str]:

@@ -21,6 +21,14 @@ allow_pickle=False):
                       (users_<k> rows carry "consumed": [n, repeats, events]; snapshots written
                       before these arrays existed load with an empty consumed-item memory)
 
+With `profile_layout=compact` (header "layout": "compact") a part is instead
+
+    compact_users_<k> uint8   JSON list of user ids
+    compact_blobs_<k> uint8   their compact profiles (reranker.users.compact), back to back
+    compact_ends_<k>  int64   where each profile ends in compact_blobs_<k>
+
+A snapshot of the other layout restores its item vectors and ignores its profiles (logged).
+
 User profiles are written in parts of USERS_PER_PART users, so saving copies (and holds the
 store's lock for) one part at a time.
 
@@ -51,6 +59,7 @@ import numpy as np
 from reranker.users.consumed import ConsumedItems
 from reranker.users import usermodel
 from reranker.model.items import ItemVectorCache
+from reranker.users.compact import CompactProfileStore, decode
 from reranker.users.profiles import InProcessProfileStore, _Profile, _SeenIds
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,7 @@ VERSION = 1
 USERS_PER_PART = 2000
 _PART_ARRAYS = ("users", "user_long_term", "hist_vectors", "seen_hashes")
 _OPTIONAL_PART_ARRAYS = ("user_session", "consumed_keys", "consumed_values")
+_COMPACT_PART_ARRAYS = ("compact_users", "compact_blobs", "compact_ends")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +122,18 @@ def _user_part(rows: list[tuple[str, _Profile]], dim: int) -> dict[str, np.ndarr
     }
 
 
+def _compact_part(rows: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
+    return {
+        "compact_users": _json_array([user_id for user_id, _ in rows]),
+        "compact_blobs": np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.uint8),
+        "compact_ends": np.cumsum([len(blob) for _, blob in rows], dtype=np.int64),
+    }
+
+
+def _layout(profiles: object) -> str:
+    return "compact" if isinstance(profiles, CompactProfileStore) else "full"
+
+
 def _write_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
     with archive.open(name + ".npy", "w", force_zip64=True) as out:
         np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
@@ -121,7 +143,7 @@ def save_snapshot(
     path: str | os.PathLike[str],
     *,
     items: ItemVectorCache | None,
-    profiles: InProcessProfileStore | None,
+    profiles: InProcessProfileStore | CompactProfileStore | None,
     model_version: str,
     dim: int,
     users_per_part: int = USERS_PER_PART,
@@ -148,13 +170,14 @@ def save_snapshot(
                 del item_vectors
                 chunks = profiles.export_chunks(users_per_part) if profiles is not None else iter(())
                 for rows in chunks:
-                    for name, array in _user_part(rows, dim).items():
+                    part = _compact_part(rows) if _layout(profiles) == "compact" else _user_part(rows, dim)  # type: ignore[arg-type]
+                    for name, array in part.items():
                         _write_array(archive, f"{name}_{parts}", array)
                     users += len(rows)
                     parts += 1
                 _write_array(archive, "header", _json_array({
                     "format": FORMAT, "version": VERSION, "created_at": time.time(), "model_version": model_version,
-                    "dim": dim, "items": len(item_ids), "users": users, "user_parts": parts,
+                    "dim": dim, "items": len(item_ids), "users": users, "user_parts": parts, "layout": _layout(profiles),
                 }))
             f.flush()
             os.fsync(f.fileno())
@@ -195,7 +218,7 @@ def load_snapshot(
     path: str | os.PathLike[str],
     *,
     items: ItemVectorCache | None,
-    profiles: InProcessProfileStore | None,
+    profiles: InProcessProfileStore | CompactProfileStore | None,
     model_version: str,
     dim: int,
     now: float,
@@ -229,7 +252,15 @@ def load_snapshot(
                     hashes = archive["item_hashes"]
                     items.restore(_json_value(archive["item_ids"]), hashes, archive["item_vectors"])  # type: ignore[arg-type]
                     restored_items = len(hashes)
-                if profiles is not None:
+                layout = header.get("layout", "full")
+                if profiles is not None and layout != _layout(profiles):
+                    log.warning("snapshot %s holds %s profiles, this server keeps %s ones (profile_layout); "
+                                "its profiles are ignored", path, layout, _layout(profiles))
+                elif isinstance(profiles, CompactProfileStore):
+                    for part in range(int(header.get("user_parts", 0))):
+                        arrays = {name: archive[f"{name}_{part}"] for name in _COMPACT_PART_ARRAYS}
+                        restored_users += _restore_compact(profiles, arrays, now, ttl_seconds)
+                elif profiles is not None:
                     for part in range(int(header.get("user_parts", 0))):
                         arrays = {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}
                         arrays.update({name: archive[f"{name}_{part}"] for name in _OPTIONAL_PART_ARRAYS
@@ -288,6 +319,19 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
             values[keep, 2].copy(), values[keep, 3].copy(), int(repeats), int(consumed_events),
         )
         store.restore(u["id"], profile, now)
+        restored += 1
+    return restored
+
+
+def _restore_compact(store: CompactProfileStore, data: dict[str, np.ndarray], now: float, ttl: float) -> int:
+    users = _json_value(data["compact_users"])
+    blobs, ends = data["compact_blobs"].tobytes(), data["compact_ends"].tolist()
+    restored = 0
+    for user_id, start, end in zip(users, [0, *ends[:-1]], ends):  # type: ignore[call-overload]
+        blob = blobs[start:end]
+        if now - decode(blob, store.dim).updated_at > ttl:
+            continue  # would have expired while the process was down
+        store.restore(user_id, blob, now)
         restored += 1
     return restored
 

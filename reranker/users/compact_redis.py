@@ -1,0 +1,136 @@
+"""CompactRedisProfileStore: compact profiles (compact.py) in Redis or a Redis Cluster.
+
+One string key per user, `<prefix>:{<user_id>}:u`, holding exactly the bytes the in-process compact
+store holds (~2-4 KB at 20 events, against ~49 KB in six keys for the full layout). The fold runs in
+Python, the same code as in process, and the write is a compare-and-set on the profile's sequence
+number (its first 8 bytes) in a short Lua script:
+
+1. GET the profiles of a batch's users (one pipeline, fanned out by node in a cluster);
+2. fold each user's events into a copy (the vectors of rows leaving the history are looked up
+   here, from the item cache or the catalog) and bump its sequence number;
+3. SET each, only if its stored sequence number is still the one read (one pipeline of scripts).
+
+A user written by another replica in between is read and folded again (bounded retries), so
+concurrent writers never lose an event and a replayed event id is never counted twice. The key
+expires `ttl_seconds` after the user's last event. Everything else (failover to the in-process
+fallback, replay, WAIT for replicas, Cluster redirects) is RedisProfileStore's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import redis
+
+from reranker.types import Event, RecordResult
+from reranker.users.compact import (
+    CompactProfile, CompactProfileStore, VectorLookup, decode, encode, fold_events, repair_future_clock, user_state,
+)
+from reranker.users.profiles import ProfileConfig, UserState, log_repair
+from reranker.users.redis_store import RedisProfileStore
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: the profile; ARGV: the sequence number read (8 bytes, '' = there was none), the new
+# profile, the TTL in ms. 1 = written, 0 = another writer came first.
+CAS_SCRIPT = r"""
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  if string.sub(cur, 1, 8) ~= ARGV[1] then return 0 end
+elseif ARGV[1] ~= '' then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+MAX_ROUNDS = 16  # compare-and-set rounds for one batch before the call fails (and the fallback takes it)
+
+
+class CompactRedisProfileStore(RedisProfileStore):
+    layout = "compact"
+
+    def __init__(self, client: Any, config: ProfileConfig, *, lookup: VectorLookup, fallback: CompactProfileStore,
+                 **kwargs: Any) -> None:
+        super().__init__(client, config, fallback=fallback, **kwargs)  # type: ignore[arg-type]
+        self.lookup = lookup
+        self._cas_sha = ""
+
+    def keys(self, user_id: str) -> list[str]:
+        return [f"{self._prefix}:{{{user_id}}}:u"]
+
+    # --- writes ----------------------------------------------------------------------------------
+    def _apply_remote(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
+        by_user: dict[str, list[tuple[Event, np.ndarray | None]]] = {}
+        for pair in events:
+            by_user.setdefault(pair[0].user_id, []).append(pair)
+        wall = self._now()
+        total = RecordResult()
+        pending = list(by_user)
+        for rounds in range(MAX_ROUNDS):
+            read = self._writer.pipeline(transaction=False)
+            for user_id in pending:
+                read.get(self.keys(user_id)[0])
+            blobs = read.execute()
+            writes = []
+            for user_id, blob in zip(pending, blobs):
+                p = CompactProfile.new(self.dim) if blob is None else decode(blob, self.dim)
+                expected = b"" if blob is None else bytes(blob[:8])
+                ahead = p.ref_time - wall
+                if repair_future_clock(p, wall, self.config, self.lookup):
+                    self.repairs += 1
+                    log_repair("redis", user_id, ahead)
+                result, repeats = fold_events(p, by_user[user_id], now, self.config, self.lookup)
+                p.seq += 1
+                writes.append((user_id, expected, encode(p), result, repeats))
+            written = self._run_cas(writes)
+            retry = []
+            for (user_id, _, _, result, repeats), ok in zip(writes, written):
+                if int(ok) == 1:
+                    total = total + result
+                    with self._lock:
+                        self._repeats += repeats
+                        self._consumed_events += result.accepted
+                else:
+                    retry.append(user_id)
+            pending = retry
+            if not pending:
+                return total
+            time.sleep(random.uniform(0.0, 0.001 * (rounds + 1)))  # out of step with the other writer
+        raise redis.RedisError(f"{len(pending)} users were written by other replicas {MAX_ROUNDS} times in a row")
+
+    def _run_cas(self, writes: list[tuple[str, bytes, bytes, RecordResult, int]]) -> list[object]:
+        for attempt in (1, 2):
+            if not self._cas_sha:
+                self._cas_sha = self._writer.script_load(CAS_SCRIPT)
+            pipe = self._writer.pipeline(transaction=False)
+            users = [w[0] for w in writes]
+            for user_id, expected, blob, _, _ in writes:
+                pipe.execute_command("EVALSHA", self._cas_sha, 1, self.keys(user_id)[0], expected, blob, self._ttl_ms)
+            self._queue_waits(pipe, users)
+            try:
+                out = pipe.execute()
+                self._check_waits(out[len(users):])
+                return out[: len(users)]  # type: ignore[no-any-return]
+            except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
+                self._cas_sha = ""
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    # --- reads -----------------------------------------------------------------------------------
+    def _get_remote(self, user_id: str, with_recent: bool = True, repaired: bool = False) -> UserState | None:
+        blob = self._client.get(self.keys(user_id)[0])
+        if blob is None:
+            return None
+        p = decode(blob, self.dim)
+        ahead = p.ref_time - self._now()
+        if repair_future_clock(p, self._now(), self.config, self.lookup):  # read repaired; the next write stores it
+            self.repairs += 1
+            log_repair("redis", user_id, ahead)
+        return user_state(user_id, p, self.config, self.lookup, recent=with_recent)
