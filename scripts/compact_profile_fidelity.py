@@ -15,7 +15,9 @@ Every user's ratings but the last (--history all) or the last N before it are re
 `record_events` (CLICK events with event ids, in global time order, batches of 500). Then each
 user gets one Rerank of --candidates items: the held-out last rating, 30 of the user's own recorded
 items (the consumed-item / leave-one-out path; consumed_policy=learned demotes them for these
-users, who never repeat) and random unrated items, in random order, all with upstream score 0
+users, who never repeat): always the newest one (it dominates the session sum, so leaving it out is
+the worst-conditioned case) and 29 random others; then random unrated items; in random order, all
+with upstream score 0
 (the order is the semantic score's alone: the strictest test). The same candidates go to every
 service. Prints, per compared service against full: the largest |final score| and |semantic score|
 difference over all users and candidates, the share of users whose whole ranking / top 10 is
@@ -175,9 +177,10 @@ def main() -> int:
     full_store = arms[0].service.profiles
     assert full_store is not None
     for u in users:
-        own = [i for i in dict.fromkeys(e.item_id for e in history[u]) if i != target[u]]
+        own = [i for i in dict.fromkeys(e.item_id for e in reversed(history[u])) if i != target[u]]  # newest first
         rated = {e.item_id for e in by_user[u]}
-        picked = [own[k] for k in rng.choice(len(own), min(OWN_CANDIDATES, len(own)), replace=False)]
+        older = own[1:]
+        picked = own[:1] + [older[k] for k in rng.choice(len(older), min(OWN_CANDIDATES - 1, len(older)), replace=False)]
         others = [i for i in rng.permutation(ids).tolist() if i not in rated][: args.candidates - 1 - len(picked)]
         chosen = [target[u], *picked, *others]
         chosen = [chosen[k] for k in rng.permutation(len(chosen))]
@@ -200,20 +203,25 @@ def main() -> int:
           f"recorded ({len(events):,} events), {args.candidates} candidates per user ({OWN_CANDIDATES} of them the "
           f"user's own), upstream scores 0; encoder {table.version} ({len(ids)} titles encoded once in "
           f"{encode_seconds:.1f} s; {table.fallbacks} texts encoded outside the table)\n")
-    print(f"| {ref.label} vs | largest score diff | largest semantic diff | identical ranking | identical top {K} | "
+    print(f"| {ref.label} vs | largest score diff | scores off by > {args.tolerance:g} (users) | largest semantic diff | "
+          f"identical ranking | identical top {K} | "
           f"largest score gap of a swapped pair | "
           f"NDCG@{K} {ref.label} | NDCG@{K} compared | difference [95% bootstrap] | history rows without a vector |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     ref_ndcg = np.array([ndcg_at_k(r, target[u]) for r, u in zip(ref.results, users)])
     verdict = ""
     for arm in arms[1:]:
         worst_score = worst_semantic = worst_swap = 0.0
-        same = same_top = 0
+        same = same_top = off_users = off_scores = 0
         for a, b in zip(ref.results, arm.results):
             ia, ib = a.items, b.items
             sa = dict(zip(ia.item_ids, zip(ia.scores.tolist(), ia.semantic_scores.tolist())))  # type: ignore[attr-defined]
             sb = dict(zip(ib.item_ids, zip(ib.scores.tolist(), ib.semantic_scores.tolist())))  # type: ignore[attr-defined]
-            worst_score = max(worst_score, max(abs(sa[i][0] - sb[i][0]) for i in sa))
+            diffs = [abs(sa[i][0] - sb[i][0]) for i in sa]
+            worst_score = max(worst_score, max(diffs))
+            off = sum(d > args.tolerance for d in diffs)
+            off_users += off > 0
+            off_scores += off
             worst_semantic = max(worst_semantic, max(abs(sa[i][1] - sb[i][1]) for i in sa))
             order_a, order_b = list(ia.item_ids), list(ib.item_ids)  # type: ignore[attr-defined]
             same += order_a == order_b
@@ -223,7 +231,8 @@ def main() -> int:
         low, high = bootstrap_interval(ndcg - ref_ndcg, seed=args.seed)
         missing = f"{arm.missing_rows:,}/{arm.rows:,} ({100 * arm.missing_rows / max(arm.rows, 1):.1f}%)"
         n = len(users)
-        print(f"| {arm.label} | {worst_score:.2e} | {worst_semantic:.2e} | {same}/{n} ({100 * same / n:.1f}%) | "
+        print(f"| {arm.label} | {worst_score:.2e} | {off_scores:,} of {sum(len(r.items) for r in arm.results):,} "
+              f"(in {off_users} of {len(users)} users) | {worst_semantic:.2e} | {same}/{n} ({100 * same / n:.1f}%) | "
               f"{same_top}/{n} ({100 * same_top / n:.1f}%) | {worst_swap:.2e} | {ref_ndcg.mean():.4f} | {ndcg.mean():.4f} | "
               f"{ndcg.mean() - ref_ndcg.mean():+.4f} [{low:+.4f}, {high:+.4f}] | {missing} |")
         if not verdict:  # the target is about the service with every item cached
