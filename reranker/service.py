@@ -231,12 +231,13 @@ class RerankService:
         return self.profiles if isinstance(self.profiles, (InProcessProfileStore, CompactProfileStore)) else None
 
     def _stored_vectors(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors of items a compact profile names (item cache, then catalog; never encoded): (vectors, found)."""
+        """Vectors of items a compact profile names (item cache, then catalog; never encoded): (vectors,
+        found). Not counted as cache lookups: the cache metrics stay about candidates and events."""
         assert self.items is not None
         texts: list[str | None] = [None] * len(item_ids)
-        vectors, hit = self.items.lookup(item_ids, texts)
+        vectors, hit = self.items.lookup(item_ids, texts, count=False)
         if self.catalog is not None and not hit.all():
-            hit = self.catalog.fill(item_ids, texts, vectors, hit)
+            hit = self.catalog.current.fill(item_ids, texts, vectors, hit)
         return vectors, hit
 
     def save_snapshot(self) -> SnapshotInfo:

@@ -231,7 +231,30 @@ def test_compact_snapshots_round_trip_and_a_layout_mismatch_is_ignored(tmp_path:
     assert dict(again.export_chunks(10).__next__()) == dict(store.export_chunks(10).__next__())
     full = InProcessProfileStore(cfg, max_users=10, ttl_seconds=1e12)
     info = load_snapshot(path, items=None, profiles=full, model_version="m", dim=DIM, now=0.0, ttl_seconds=1e12)
-    assert info is not None and info.users == 0 and len(full) == 0
+    assert info is not None and info.users == 0 and len(full) == 0  # a compact profile holds no vectors
+
+
+def test_a_full_snapshot_loads_into_a_compact_store_as_the_same_user_model(tmp_path: Path) -> None:
+    catalog = Catalog()
+    settings, cfg = config()
+    full = InProcessProfileStore(cfg, max_users=10, ttl_seconds=1e12)
+    events = random_events(catalog, np.random.default_rng(9), 300)
+    now = events[-1][0].timestamp
+    full.apply(events, now)
+    save_snapshot(tmp_path / "full.npz", items=None, profiles=full, model_version="m", dim=DIM)
+    compact = CompactProfileStore(cfg, catalog, max_users=10, ttl_seconds=1e12)
+    info = load_snapshot(tmp_path / "full.npz", items=None, profiles=compact, model_version="m", dim=DIM, now=now,
+                         ttl_seconds=1e12)
+    assert info is not None and info.users == 3
+    for user in ("u0", "u1", "u2"):
+        assert_same_user_model(full.get(user), compact.get(user), settings, catalog)  # type: ignore[arg-type]
+    # and it goes on as a profile folded in the compact layout from the start would
+    more = random_events(catalog, np.random.default_rng(10), 100)
+    more = [(dataclasses.replace(e, timestamp=e.timestamp + 2e6), v) for e, v in more]
+    compact.apply(more, now + 3e6)
+    full.apply(more, now + 3e6)
+    for user in ("u0", "u1", "u2"):
+        assert_same_user_model(full.get(user), compact.get(user), settings, catalog)  # type: ignore[arg-type]
 
 
 # --- Redis ---------------------------------------------------------------------------------------
@@ -312,3 +335,33 @@ def test_a_redis_outage_falls_back_and_replays_into_the_compact_key() -> None:
         assert state is not None and set(state.history.item_ids) == {"i2", "i3"}
     finally:
         server.cleanup()
+
+
+def test_replicas_sharing_a_catalog_rank_a_compact_redis_profile_alike(
+    redis_server: RedisServer, tmp_path: Path, make_server: ServerFactory
+) -> None:
+    """Replica A records events (encoding their texts); replica B never saw those items, but maps the
+    shared catalog, so it reads the history vectors from there and ranks as A does."""
+    from reranker.model.catalog import write_catalog
+    from reranker.model.encoder import FakeEncoder
+
+    redis_server.client().flushall()
+    texts = {f"p{k}": f"{PIANO} {k}" for k in range(4)} | {f"f{k}": f"football league match goal {k}" for k in range(6)}
+    encoder = FakeEncoder(64)
+    write_catalog(tmp_path / "c.bin", list(texts), list(texts.values()), encoder.encode(list(texts.values())),
+                  model_version=encoder.version, dtype="float32")
+    base = dict(profile_layout="compact", redis_url=redis_server.url, redis_timeout_ms=2000.0)
+    _, a = make_server(fake_settings(**base))
+    _, b = make_server(fake_settings(**base, catalog_path=str(tmp_path / "c.bin"), item_cache_size=2))
+    _, blind = make_server(fake_settings(**base, item_cache_size=2))  # no catalog: the rows it cannot see stop counting
+    record(a, *(event("u", item, text, event_id=item, **at(1_700_000_000.0 + 10 * k))
+                for k, (item, text) in enumerate(texts.items())))
+    want = ranked_ids(a, "u", TOPIC_CANDIDATES)
+    assert want == ["c-football", "c-piano"]  # the session is the six football events
+    assert ranked_ids(b, "u", TOPIC_CANDIDATES) == want
+    scores_a = {it.item_id: it.semantic_score for it in a.Rerank(pb.RerankRequest(
+        user_id="u", candidates=TOPIC_CANDIDATES), timeout=10).items}
+    scores_b = {it.item_id: it.semantic_score for it in b.Rerank(pb.RerankRequest(
+        user_id="u", candidates=TOPIC_CANDIDATES), timeout=10).items}
+    assert scores_b == pytest.approx(scores_a, abs=1e-6)
+    assert ranked_ids(blind, "u", TOPIC_CANDIDATES)  # still personalized from L, never an error

@@ -75,14 +75,16 @@ class ItemVectorCache:
                 + self._item_key.nbytes)
 
     def lookup(
-        self, item_ids: Sequence[str], texts: Sequence[TextKey], keys_out: np.ndarray | None = None
+        self, item_ids: Sequence[str], texts: Sequence[TextKey], keys_out: np.ndarray | None = None, *,
+        count: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Vectors (a fresh (n, dim) array) for the given ids, and a hit mask.
 
         `texts[i]` is the item's text (or its `text_hash`): the cached vector must have been
         encoded from that text. None accepts whatever vector is cached. Rows of misses are zero.
         `keys_out` (uint64, n), when given, receives each cached id's `consumed.item_keys` key
-        (0 where the id is not cached), so the request need not hash its ids again.
+        (0 where the id is not cached), so the request need not hash its ids again. `count=False`
+        leaves the hit / miss counters alone (a compact profile reading its history's vectors).
         """
         n = len(item_ids)
         # No texts at all (the packed form's warm path): skip hashing. The first element is checked
@@ -107,8 +109,9 @@ class ItemVectorCache:
             self._clock += 1
             self._last_used[rows[hit]] = self._clock
             hit_count = int(np.count_nonzero(hit))
-            self.hits += hit_count
-            self.misses += n - hit_count
+            if count:
+                self.hits += hit_count
+                self.misses += n - hit_count
         if hit_count < n:
             vectors[~hit] = 0.0
         return vectors, hit

@@ -40,7 +40,7 @@ import numpy as np
 from reranker.types import Event, EventType, RecordResult
 from reranker.users import usermodel
 from reranker.users.consumed import ConsumedItems, item_key, item_keys
-from reranker.users.profiles import ProfileConfig, UserState, event_id_hash, log_repair
+from reranker.users.profiles import ProfileConfig, UserState, _Profile, event_id_hash, log_repair
 
 # (vectors (n, d) float32, found (n,) bool) for item ids; rows not found are ignored.
 VectorLookup = Callable[[Sequence[str]], "tuple[np.ndarray, np.ndarray]"]
@@ -358,6 +358,51 @@ def _merged_consumed(p: CompactProfile, found: np.ndarray, c: ProfileConfig) -> 
         out = ConsumedItems(keys, counts, last, mass, session_mass)
     out.repeats, out.events = p.repeats, p.consumed_events
     return out.freeze()
+
+
+def from_full(profile: _Profile, config: ProfileConfig) -> CompactProfile:
+    """A full-layout profile (profiles._Profile, e.g. from a snapshot written before the layout was
+    switched) as a compact one: the same L, S, rows, consumed memory and event ids; the rows' part
+    of S and of the consumed memory taken out of what is stored beyond them."""
+    c = config
+    keep = slice(max(0, len(profile.hist_items) - c.max_history), None)
+    rows = usermodel.History(tuple(profile.hist_items[keep]), np.array(profile.hist_times[keep], dtype=np.float64),
+                             np.array(profile.hist_weights[keep], dtype=np.float64),
+                             np.array(profile.hist_vectors[keep], dtype=np.float32).reshape(-1, c.dim))
+    types = {(item_id, ts): kind for item_id, kind, ts, _, _ in profile.recent}
+    out = CompactProfile(
+        np.array(profile.long_term, dtype=np.float64), 0, profile.ref_time, profile.updated_at, profile.event_count,
+        profile.folded, profile.consumed.repeats, profile.consumed.events,
+        row_times=rows.timestamps.tolist(), row_weights=rows.weights.tolist(),
+        row_types=[int(types.get((i, t), EventType.CLICK)) for i, t in zip(rows.item_ids, rows.timestamps.tolist())],
+        row_ids=list(rows.item_ids), ids=profile.seen.in_order().astype(np.uint64),
+    )
+    out.ids_next = 0  # oldest first: once the ring is full, the next id overwrites index 0
+    if profile.session is not None and len(rows):
+        tail = np.asarray(profile.session, dtype=np.float64) - usermodel.decayed_sum(rows, profile.ref_time, c.session_rate)
+        session_masses = usermodel.decayed_weights(rows, profile.ref_time, c.session_rate)
+        tail_mass = max(float(np.abs(profile.consumed.session_mass).sum()) - float(np.abs(session_masses).sum()),
+                        float(np.linalg.norm(tail)))  # |S_tail| <= its mass (unit vectors): a floor
+        if tail_mass > SESSION_TAIL_NEGLIGIBLE * float(np.abs(session_masses).sum()):
+            out.session_tail, out.session_tail_mass = tail, tail_mass
+    elif profile.session is not None and float(np.linalg.norm(profile.session)) > 0:
+        out.session_tail = np.asarray(profile.session, dtype=np.float64).copy()
+        out.session_tail_mass = float(np.abs(profile.consumed.session_mass).sum()) or 1.0
+    consumed = profile.consumed.copy()
+    if len(consumed) and len(rows):
+        pos, hit = consumed.positions(item_keys(rows.item_ids))
+        np.subtract.at(consumed.counts, pos[hit], 1)
+        np.subtract.at(consumed.mass, pos[hit], usermodel.decayed_weights(rows, profile.ref_time, c.decay_rate)[hit])
+        np.subtract.at(consumed.session_mass, pos[hit],
+                       usermodel.decayed_weights(rows, profile.ref_time, c.session_rate)[hit])
+        left = consumed.counts > 0
+        consumed = ConsumedItems(consumed.keys[left], consumed.counts[left], consumed.last[left], consumed.mass[left],
+                                 consumed.session_mass[left])
+    newest = np.argsort(consumed.last, kind="stable")[::-1][: tail_capacity(c)]
+    keep_items = np.sort(newest)
+    out.tail = ConsumedItems(consumed.keys[keep_items], consumed.counts[keep_items], consumed.last[keep_items],
+                             consumed.mass[keep_items], consumed.session_mass[keep_items])
+    return out
 
 
 class CompactProfileStore:

@@ -377,6 +377,7 @@ class InProcessProfileStore:
     the ready-to-score states of the `max_states` most recently read users."""
 
     backend = "in-process"
+    layout = "full"
 
     def __init__(self, config: ProfileConfig, *, max_users: int, ttl_seconds: float, max_states: int = 0) -> None:
         self.config = config

@@ -251,6 +251,7 @@ def _frame_factor(rate: float, ref_time: float, frame: np.ndarray) -> np.ndarray
 
 class RedisProfileStore:
     backend = "redis"
+    layout = "full"
 
     def __init__(
         self,

@@ -27,7 +27,8 @@ With `profile_layout=compact` (header "layout": "compact") a part is instead
     compact_blobs_<k> uint8   their compact profiles (reranker.users.compact), back to back
     compact_ends_<k>  int64   where each profile ends in compact_blobs_<k>
 
-A snapshot of the other layout restores its item vectors and ignores its profiles (logged).
+A full-layout snapshot loads into a compact store (each profile converted: `compact.from_full`); a
+compact one into a full store restores its item vectors only (a compact profile holds no vectors).
 
 User profiles are written in parts of USERS_PER_PART users, so saving copies (and holds the
 store's lock for) one part at a time.
@@ -59,7 +60,7 @@ import numpy as np
 from reranker.users.consumed import ConsumedItems
 from reranker.users import usermodel
 from reranker.model.items import ItemVectorCache
-from reranker.users.compact import CompactProfileStore, decode
+from reranker.users.compact import CompactProfileStore, decode, encode, from_full
 from reranker.users.profiles import InProcessProfileStore, _Profile, _SeenIds
 
 log = logging.getLogger(__name__)
@@ -253,10 +254,10 @@ def load_snapshot(
                     items.restore(_json_value(archive["item_ids"]), hashes, archive["item_vectors"])  # type: ignore[arg-type]
                     restored_items = len(hashes)
                 layout = header.get("layout", "full")
-                if profiles is not None and layout != _layout(profiles):
-                    log.warning("snapshot %s holds %s profiles, this server keeps %s ones (profile_layout); "
-                                "its profiles are ignored", path, layout, _layout(profiles))
-                elif isinstance(profiles, CompactProfileStore):
+                if profiles is not None and layout == "compact" and _layout(profiles) == "full":
+                    log.warning("snapshot %s holds compact profiles, this server keeps full ones (profile_layout): "
+                                "its profiles are ignored (a compact profile holds no item vectors)", path)
+                elif isinstance(profiles, CompactProfileStore) and layout == "compact":
                     for part in range(int(header.get("user_parts", 0))):
                         arrays = {name: archive[f"{name}_{part}"] for name in _COMPACT_PART_ARRAYS}
                         restored_users += _restore_compact(profiles, arrays, now, ttl_seconds)
@@ -277,7 +278,9 @@ def load_snapshot(
     return info
 
 
-def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray], now: float, ttl: float) -> int:
+def _restore_profiles(store: InProcessProfileStore | CompactProfileStore, data: dict[str, np.ndarray], now: float,
+                      ttl: float) -> int:
+    """Full-layout profiles into `store` (converted when the store keeps compact ones)."""
     c = store.config
     users = _json_value(data["users"])
     long_terms, hist_vectors, seen_hashes = data["user_long_term"], data["hist_vectors"], data["seen_hashes"]
@@ -318,7 +321,10 @@ def _restore_profiles(store: InProcessProfileStore, data: dict[str, np.ndarray],
             np.asarray(keys[keep], dtype=np.uint64), values[keep, 0].astype(np.int64), values[keep, 1].copy(),
             values[keep, 2].copy(), values[keep, 3].copy(), int(repeats), int(consumed_events),
         )
-        store.restore(u["id"], profile, now)
+        if isinstance(store, CompactProfileStore):
+            store.restore(u["id"], encode(from_full(profile, c)), now)
+        else:
+            store.restore(u["id"], profile, now)
         restored += 1
     return restored
 
