@@ -1,6 +1,6 @@
 """Does the compact profile layout rank like the full one? Measured on ml-100k through real RerankServices.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/compact_profile_fidelity.py [--encoder transformer|fake] [--history all|N] [--item-cache-size 300]
+    PYTHONPATH=$PWD .venv/bin/python scripts/compact_profile_fidelity.py [--encoder transformer|fake] [--history all|N] [--item-cache-size 300] [--redis]
 
 Two RerankService instances, one per `profile_layout` (full = today's, compact), plus a third
 compact one whose item cache (--item-cache-size) is too small to hold the users' history items
@@ -17,17 +17,18 @@ user gets one Rerank of --candidates items: the held-out last rating, 30 of the 
 items (the consumed-item / leave-one-out path; consumed_policy=learned demotes them for these
 users, who never repeat): always the newest one (it dominates the session sum, so leaving it out is
 the worst-conditioned case) and 29 random others; then random unrated items; in random order, all
-with upstream score 0
-(the order is the semantic score's alone: the strictest test). The same candidates go to every
-service. Prints, per compared service against full: the largest |final score| and |semantic score|
+with upstream score 0 (the order is the semantic score's alone: the strictest test). The same
+candidates go to every service. Prints, per compared service against full: the largest |final score| and |semantic score|
 difference over all users and candidates, the share of users whose whole ranking / top 10 is
 identical, NDCG@10 of the held-out item under both and the paired difference with a 95% bootstrap
-interval (over users). `--layouts full,full` is a self-check (must print zero differences).
+interval (over users). `--layouts full,full` is a self-check (must print zero differences). With
+--redis the profiles live in a throw-away redis-server (one key prefix per service), not in process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -46,6 +47,7 @@ from reranker.model.encoder import Encoder  # noqa: E402
 from reranker.model.loader import load_encoder  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
 from reranker.types import Candidate, Event, EventType, Item, RerankQuery, RerankResult  # noqa: E402
+from profile_bytes import redis_server  # noqa: E402  (scripts/, this script's directory)
 
 DATA = REPO.parent / "shared" / "data" / "ml-100k"
 OWN_CANDIDATES = 30  # of the user's own recorded items among the candidates
@@ -73,19 +75,6 @@ class TableEncoder:
             self.fallbacks += len(unknown)
             out[unknown] = self._encoder.encode([texts[i] for i in unknown])
         return out
-
-
-def layout_settings(layout: str, **fields: object) -> Settings:
-    """Settings with `profile_layout`; a checkout from before the compact layout has only "full"."""
-    try:
-        return Settings(profile_layout=layout, **fields)  # type: ignore[call-arg]
-    except TypeError as exc:
-        if "profile_layout" not in str(exc):
-            raise
-        if layout == "full":
-            return Settings(**fields)  # type: ignore[arg-type]
-        raise SystemExit(f"profile_layout={layout!r}: this checkout has no profile_layout setting (the compact "
-                         "layout is not merged yet); `--layouts full,full` runs the self-check") from None
 
 
 def ndcg_at_k(result: RerankResult, target: str) -> float:
@@ -132,6 +121,8 @@ def main() -> int:
                    help="item cache of the degraded compact service (0 = leave that service out)")
     p.add_argument("--layouts", default="full,compact", help="reference,compared layouts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redis", action="store_true",
+                   help="profiles in a throw-away redis-server (one key prefix per service) instead of in process")
     p.add_argument("--tolerance", type=float, default=1e-3, help="issue 19's target: scores within this of full's")
     args = p.parse_args()
     reference, compared = args.layouts.split(",")
@@ -145,15 +136,19 @@ def main() -> int:
     target = {u: by_user[u][-1].item_id for u in users}
 
     base = dict(encoder=args.encoder, fake_dim=384, metrics_address="", warmup=False, log_level="WARNING",
-                access_log=False, user_cache_size=max(10_000, 2 * len(users)))
+                access_log=False, user_cache_size=max(10_000, 2 * len(users)), redis_timeout_ms=2000.0,
+                redis_write_timeout_ms=10_000.0)
     started = time.perf_counter()
-    table = TableEncoder(load_encoder(layout_settings("full", **base)), list(items.values()))
+    table = TableEncoder(load_encoder(Settings(**base)), list(items.values()))
     encode_seconds = time.perf_counter() - started
-    arms = [Arm(reference, RerankService(layout_settings(reference, **base), table)),
-            Arm(compared, RerankService(layout_settings(compared, **base), table))]
+    services = [(reference, {}), (compared, {})]
     if args.item_cache_size:
-        small = layout_settings(compared, **base, item_cache_size=args.item_cache_size)
-        arms.append(Arm(f"{compared}, item cache {args.item_cache_size}", RerankService(small, table)))
+        services.append((f"{compared}, item cache {args.item_cache_size}", {"item_cache_size": args.item_cache_size}))
+    resources = contextlib.ExitStack()
+    redis_url = resources.enter_context(redis_server()) if args.redis else ""
+    arms = [Arm(label, RerankService(Settings(**base, **extra, profile_layout=label.split(",")[0], redis_url=redis_url,
+                                              redis_prefix=f"fidelity{k}"), table))
+            for k, (label, extra) in enumerate(services)]
     catalog = [Item(i, t) for i, t in items.items()]
     for arm in arms:
         arm.service.load()
@@ -196,12 +191,16 @@ def main() -> int:
             arm.rows += len(rows)  # the cache as the profile read saw it: nothing ran since
             arm.missing_rows += sum(not cache.known(i) for i in rows)
     for arm in arms:
+        failovers = getattr(arm.service.profiles, "failovers", 0)
+        if failovers:
+            raise SystemExit(f"{arm.label}: Redis failed {failovers} times (the in-process fallback answered): rerun")
         arm.service.close()
+    resources.close()
 
     ref = arms[0]
     print(f"{len(users)} ml-100k users, {'all ratings but the last' if keep is None else f'the last {keep} ratings'} "
           f"recorded ({len(events):,} events), {args.candidates} candidates per user ({OWN_CANDIDATES} of them the "
-          f"user's own), upstream scores 0; encoder {table.version} ({len(ids)} titles encoded once in "
+          f"user's own), upstream scores 0; profiles {'in Redis' if args.redis else 'in process'}; encoder {table.version} ({len(ids)} titles encoded once in "
           f"{encode_seconds:.1f} s; {table.fallbacks} texts encoded outside the table)\n")
     print(f"| {ref.label} vs | largest score diff | scores off by > {args.tolerance:g} (users) | largest semantic diff | "
           f"identical ranking | identical top {K} | "

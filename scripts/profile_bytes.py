@@ -46,18 +46,6 @@ CATALOG = 10_000
 SPACING_S = 30.0
 
 
-def layout_settings(layout: str, **fields: object) -> Settings:
-    """Settings with `profile_layout`; a checkout from before the compact layout has only "full"."""
-    try:
-        return Settings(profile_layout=layout, **fields)  # type: ignore[call-arg]
-    except TypeError as exc:
-        if "profile_layout" not in str(exc):
-            raise
-        if layout == "full":
-            return Settings(**fields)  # type: ignore[arg-type]
-        raise RuntimeError("this checkout has no profile_layout setting (the compact layout is not merged)") from None
-
-
 @contextmanager
 def redis_server() -> Iterator[str]:
     """A throw-away redis-server on a free loopback port (as tests/redis_server.py starts one)."""
@@ -197,7 +185,7 @@ def main() -> int:
                         cells += ["not run", "not run"]
                         continue
                     try:
-                        settings = layout_settings(layout, **base, redis_url=redis_url if backend == "Redis" else "")
+                        settings = Settings(**base, profile_layout=layout, redis_url=redis_url if backend == "Redis" else "")
                         t = time.perf_counter()
                         total, own = measure(settings, work, args.id_prefix)
                         print(f"{layout:8s} {events:4d} events {backend:10s}: {total:9,.0f} / {own:9,.0f} B per user "
