@@ -60,7 +60,6 @@ class CompactRedisProfileStore(RedisProfileStore):
                  **kwargs: Any) -> None:
         super().__init__(client, config, fallback=fallback, **kwargs)  # type: ignore[arg-type]
         self.lookup = lookup
-        self._cas_sha = ""
         self.unreadable = 0  # values under a profile key that were not a compact profile
 
     def keys(self, user_id: str) -> list[str]:
@@ -90,7 +89,8 @@ class CompactRedisProfileStore(RedisProfileStore):
                 result, repeats = fold_events(p, by_user[user_id], now, self.config, self.lookup)
                 p.seq += 1
                 writes.append((user_id, expected, encode(p), result, repeats))
-            written = self._run_cas(writes)
+            written = self._run_per_user(CAS_SCRIPT, [(user_id, [expected, blob, self._ttl_ms])
+                                                      for user_id, expected, blob, _, _ in writes])
             retry = []
             for (user_id, _, _, result, repeats), ok in zip(writes, written):
                 if int(ok) == 1:
@@ -105,25 +105,6 @@ class CompactRedisProfileStore(RedisProfileStore):
                 return total
             time.sleep(random.uniform(0.0, 0.001 * (rounds + 1)))  # out of step with the other writer
         raise redis.RedisError(f"{len(pending)} users were written by other replicas {MAX_ROUNDS} times in a row")
-
-    def _run_cas(self, writes: list[tuple[str, bytes, bytes, RecordResult, int]]) -> list[object]:
-        for attempt in (1, 2):
-            if not self._cas_sha:
-                self._cas_sha = self._writer.script_load(CAS_SCRIPT)
-            pipe = self._writer.pipeline(transaction=False)
-            users = [w[0] for w in writes]
-            for user_id, expected, blob, _, _ in writes:
-                pipe.execute_command("EVALSHA", self._cas_sha, 1, self.keys(user_id)[0], expected, blob, self._ttl_ms)
-            self._queue_waits(pipe, users)
-            try:
-                out = pipe.execute()
-                self._check_waits(out[len(users):])
-                return out[: len(users)]  # type: ignore[no-any-return]
-            except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
-                self._cas_sha = ""
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
 
     def _decoded(self, user_id: str, blob: bytes | None) -> CompactProfile:
         """The stored profile, or a new one when there is none or the value is not a compact profile
