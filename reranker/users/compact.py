@@ -40,7 +40,7 @@ import numpy as np
 from reranker.types import Event, EventType, RecordResult
 from reranker.users import usermodel
 from reranker.users.consumed import ConsumedItems, item_key, item_keys
-from reranker.users.profiles import ProfileConfig, UserState, _Profile, event_id_hash, log_repair
+from reranker.users.profiles import ProfileConfig, UserState, _Profile, event_id_hash, export_in_chunks, log_repair
 
 # (vectors (n, d) float32, found (n,) bool) for item ids; rows not found are ignored.
 VectorLookup = Callable[[Sequence[str]], "tuple[np.ndarray, np.ndarray]"]
@@ -498,18 +498,8 @@ class CompactProfileStore:
     # --- snapshot support ------------------------------------------------------------------------
     def export_chunks(self, size: int) -> Iterator[list[tuple[str, bytes]]]:
         """(user id, profile bytes) of all live profiles, `size` users per list (bytes are immutable:
-        no copy, and the lock is held only to read each reference)."""
-        with self._lock:
-            user_ids = list(self._profiles.keys())
-        for start in range(0, len(user_ids), size):
-            chunk = []
-            for user_id in user_ids[start : start + size]:
-                with self._lock:
-                    blob = self._profiles.get(user_id)
-                if blob is not None:
-                    chunk.append((user_id, blob))
-            if chunk:
-                yield chunk
+        no copy; see profiles.export_in_chunks)."""
+        return export_in_chunks(self._profiles, self._lock, size, lambda blob: blob)
 
     def restore(self, user_id: str, blob: bytes, now: float | None = None) -> bool:
         """Put a profile (from a snapshot) in place, repaired first when its clock is ahead of `now`."""
