@@ -66,14 +66,15 @@ class Settings:
     # --- caches and user model ---------------------------------------------------------------
     item_cache_size: int = _doc("Item vectors kept (LRU).", 100_000)
     user_cache_size: int = _doc(
-        "User profiles kept (LRU within TTL); ~44 KB each at vector_history_size=20, so 10k users ~ 450 MB.", 10_000
+        "User profiles kept (LRU within TTL); ~44 KB each at vector_history_size=20, so 10k users ~ 450 MB "
+        "(~2.6 KB each with profile_layout=compact).", 10_000
     )
     user_ttl_seconds: float = _doc("A profile not touched for this long is dropped.", 7 * 24 * 3600.0)
     profile_layout: str = _doc(
         "How a user profile is stored, in process and in Redis. `full`: item vectors copied into each "
         "profile, L and S in float64 (~44 KB per user at 20 events). `compact`: one byte string per user with "
         "item ids instead of vectors (looked up in the item cache or catalog when read) and L in float32 "
-        "(~2-4 KB per user; a history item whose vector is no longer cached or in the catalog stops counting). "
+        "(~2.6 KB per user at 20 events; a history item whose vector is no longer cached or in the catalog stops counting). "
         "See docs/user-model.md.",
         "full",
     )

@@ -365,3 +365,40 @@ def test_replicas_sharing_a_catalog_rank_a_compact_redis_profile_alike(
         user_id="u", candidates=TOPIC_CANDIDATES), timeout=10).items}
     assert scores_b == pytest.approx(scores_a, abs=1e-6)
     assert ranked_ids(blind, "u", TOPIC_CANDIDATES)  # still personalized from L, never an error
+
+
+def test_a_value_that_is_not_a_profile_reads_as_a_new_user_and_is_replaced(redis_server: RedisServer,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    redis_server.client().flushall()
+    catalog = Catalog()
+    settings, _ = config()
+    store = redis_store(redis_server.url, catalog, settings)
+    client = redis_server.client()
+    for junk in (b"x", b"not a profile at all" * 10):
+        client.set(store.keys("u")[0], junk)
+        assert store.get("u") is None  # cold, never an exception on the Rerank path
+        result = store.apply([(Event("u", "i1", EventType.CLICK, 1.7e9, f"e{len(junk)}"), catalog.vectors["i1"])], 1.7e9)
+        assert result.accepted == 1 and not store.degraded
+        state = store.get("u")
+        assert state is not None and state.event_count == 1 and state.history.item_ids == ("i1",)
+    assert store.unreadable >= 4 and "does not hold a compact profile" in caplog.text
+
+
+@pytest.mark.parametrize("ahead", [900.0, 5e6])  # rescaled exactly / rebuilt from the rows (rate x ahead > 20)
+def test_a_future_clock_is_repaired_as_the_full_layout_repairs_it(ahead: float) -> None:
+    catalog = Catalog()
+    settings, cfg = config(max_event_skew_seconds=60.0)
+    full = InProcessProfileStore(cfg, max_users=10, ttl_seconds=1e12)
+    compact = CompactProfileStore(cfg, catalog, max_users=10, ttl_seconds=1e12)
+    events = random_events(catalog, np.random.default_rng(21), 120, users=1)
+    future = events[-1][0].timestamp
+    full.apply(events, future)  # folded by a build that let future events in
+    compact.apply(events, future)
+    now = future - ahead
+    [(user, profile)] = next(full.export_chunks(10))
+    assert full.restore(user, profile, now)
+    [(_, blob)] = next(compact.export_chunks(10))
+    assert compact.restore(user, blob, now) and compact.repairs == 1
+    a, b = full.get(user), compact.get(user)
+    assert a is not None and b is not None and b.ref_time == now
+    assert_same_user_model(a, b, settings, catalog)

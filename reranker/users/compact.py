@@ -40,7 +40,7 @@ import numpy as np
 from reranker.types import Event, EventType, RecordResult
 from reranker.users import usermodel
 from reranker.users.consumed import ConsumedItems, item_key, item_keys
-from reranker.users.profiles import ProfileConfig, UserState, _Profile, event_id_hash, log_repair
+from reranker.users.profiles import ProfileConfig, UserState, _Profile, event_id_hash, export_in_chunks, log_repair
 
 # (vectors (n, d) float32, found (n,) bool) for item ids; rows not found are ignored.
 VectorLookup = Callable[[Sequence[str]], "tuple[np.ndarray, np.ndarray]"]
@@ -53,6 +53,9 @@ FLAG_SESSION_TAIL = 1
 _HEADER = struct.Struct("<QBBHIII ddd QQQQ".replace(" ", ""))
 # The session tail is dropped once its mass is below this share of the history rows' session mass.
 SESSION_TAIL_NEGLIGIBLE = 1e-6
+# An event leaving the history rows more than 30 session half-lives before the reference time
+# (2^-30 ~ 1e-9) adds nothing to the session tail, so its vector is not looked up.
+SESSION_TERM_NEGLIGIBLE = 2.0**-30
 
 
 class ProfileFormatError(ValueError):
@@ -77,6 +80,7 @@ class CompactProfile:
     row_weights: list[float] = field(default_factory=list)
     row_types: list[int] = field(default_factory=list)
     row_ids: list[str] = field(default_factory=list)
+    row_keys: list[int] = field(default_factory=list)  # consumed.item_keys of row_ids (hashed once, at the event)
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))  # event-id hashes (a ring)
     ids_next: int = 0  # where the next id goes once the ring is full
     tail: ConsumedItems = field(default_factory=ConsumedItems.empty)  # items no longer in the rows
@@ -112,6 +116,7 @@ def encode(p: CompactProfile) -> bytes:
         _HEADER.pack(p.seq, VERSION, flags, n, p.ids.size, p.ids_next, t, float(p.ref_time), float(p.updated_at),
                      float(p.session_tail_mass), p.event_count, p.folded, p.repeats, p.consumed_events),
         np.asarray(p.row_times, dtype="<f8").tobytes(),
+        np.asarray(p.row_keys, dtype="<u8").tobytes(),
         np.asarray(p.ids, dtype="<u8").tobytes(),
         np.asarray(p.tail.keys, dtype="<u8").tobytes(),
         np.asarray(p.tail.last, dtype="<f8").tobytes(),
@@ -149,6 +154,7 @@ def decode(blob: bytes, dim: int) -> CompactProfile:
 
     try:
         row_times = take("<f8", n)
+        row_keys = take("<u8", n)
         ids = take("<u8", n_ids).astype(np.uint64)
         tail_keys, tail_last, tail_mass, tail_smass = take("<u8", t), take("<f8", t), take("<f8", t), take("<f8", t)
         long_term = take("<f4", dim).astype(np.float64)
@@ -168,7 +174,8 @@ def decode(blob: bytes, dim: int) -> CompactProfile:
                          tail_mass.copy(), tail_smass.copy())
     return CompactProfile(
         long_term, seq, ref_time, updated_at, count, folded, repeats, consumed_events, session_tail, session_tail_mass,
-        row_times.tolist(), row_weights.astype(np.float64).tolist(), row_types.tolist(), row_ids, ids, ids_next, tail,
+        row_times.tolist(), row_weights.astype(np.float64).tolist(), row_types.tolist(), row_ids, row_keys.tolist(), ids,
+        ids_next, tail,
     )
 
 
@@ -181,7 +188,7 @@ def fold_events(
     memory are split between the history rows and their tail (module docstring)."""
     c = config
     accepted = duplicates = without = repeats = 0
-    row_keys = item_keys(p.row_ids).tolist() if p.row_ids else []
+    row_keys = p.row_keys
     for event, vector in events:
         if event.event_id:
             hashed = event_id_hash(event.event_id)
@@ -228,8 +235,11 @@ def _evict_oldest_row(p: CompactProfile, row_keys: list[int], vector: np.ndarray
     t, w, item_id, key = p.row_times.pop(0), p.row_weights.pop(0), p.row_ids.pop(0), row_keys.pop(0)
     p.row_types.pop(0)
     mass = w * math.exp(-c.decay_rate * max(p.ref_time - t, 0.0))
-    session_mass = w * math.exp(-c.session_rate * max(p.ref_time - t, 0.0))
-    if vector is None:
+    session_factor = math.exp(-c.session_rate * max(p.ref_time - t, 0.0))
+    session_mass = w * session_factor
+    if session_factor < SESSION_TERM_NEGLIGIBLE:
+        session_mass = 0.0  # more than 30 session half-lives old: no session term, no vector needed
+    elif vector is None:
         found_vectors, found = lookup([item_id])
         vector = found_vectors[0] if found[0] else None
     if vector is None:
@@ -324,8 +334,11 @@ def user_state(user_id: str, p: CompactProfile, config: ProfileConfig, lookup: V
     long_term = p.long_term.copy()
     for array in (long_term, session, history.timestamps, history.weights, history.vectors):
         array.flags.writeable = False
-    return UserState(user_id, long_term, p.ref_time, p.event_count, p.updated_at, recent_events, history, session,
-                     consumed)
+    state = UserState(user_id, long_term, p.ref_time, p.event_count, p.updated_at, recent_events, history, session,
+                      consumed)
+    if found.all():  # the history is the rows: their keys are known (profiles.candidate_history reads them)
+        state.derived["history_keys"] = np.asarray(p.row_keys, dtype=np.uint64)
+    return state
 
 
 def _merged_consumed(p: CompactProfile, found: np.ndarray, c: ProfileConfig) -> ConsumedItems:
@@ -339,7 +352,7 @@ def _merged_consumed(p: CompactProfile, found: np.ndarray, c: ProfileConfig) -> 
     else:
         times, weights = np.asarray(p.row_times), np.asarray(p.row_weights)
         age = np.maximum(p.ref_time - times, 0.0)
-        keys = np.concatenate([tail.keys, item_keys(p.row_ids)])
+        keys = np.concatenate([tail.keys, np.asarray(p.row_keys, dtype=np.uint64)])
         order = np.argsort(keys, kind="stable")
         keys = keys[order]
         starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
@@ -375,7 +388,8 @@ def from_full(profile: _Profile, config: ProfileConfig) -> CompactProfile:
         profile.folded, profile.consumed.repeats, profile.consumed.events,
         row_times=rows.timestamps.tolist(), row_weights=rows.weights.tolist(),
         row_types=[int(types.get((i, t), EventType.CLICK)) for i, t in zip(rows.item_ids, rows.timestamps.tolist())],
-        row_ids=list(rows.item_ids), ids=profile.seen.in_order().astype(np.uint64),
+        row_ids=list(rows.item_ids), row_keys=item_keys(rows.item_ids).tolist(),
+        ids=profile.seen.in_order().astype(np.uint64),
     )
     out.ids_next = 0  # oldest first: once the ring is full, the next id overwrites index 0
     if profile.session is not None and len(rows):
@@ -484,18 +498,8 @@ class CompactProfileStore:
     # --- snapshot support ------------------------------------------------------------------------
     def export_chunks(self, size: int) -> Iterator[list[tuple[str, bytes]]]:
         """(user id, profile bytes) of all live profiles, `size` users per list (bytes are immutable:
-        no copy, and the lock is held only to read each reference)."""
-        with self._lock:
-            user_ids = list(self._profiles.keys())
-        for start in range(0, len(user_ids), size):
-            chunk = []
-            for user_id in user_ids[start : start + size]:
-                with self._lock:
-                    blob = self._profiles.get(user_id)
-                if blob is not None:
-                    chunk.append((user_id, blob))
-            if chunk:
-                yield chunk
+        no copy; see profiles.export_in_chunks)."""
+        return export_in_chunks(self._profiles, self._lock, size, lambda blob: blob)
 
     def restore(self, user_id: str, blob: bytes, now: float | None = None) -> bool:
         """Put a profile (from a snapshot) in place, repaired first when its clock is ahead of `now`."""

@@ -29,7 +29,8 @@ import redis
 
 from reranker.types import Event, RecordResult
 from reranker.users.compact import (
-    CompactProfile, CompactProfileStore, VectorLookup, decode, encode, fold_events, repair_future_clock, user_state,
+    CompactProfile, CompactProfileStore, ProfileFormatError, VectorLookup, decode, encode, fold_events,
+    repair_future_clock, user_state,
 )
 from reranker.users.profiles import ProfileConfig, UserState, log_repair
 from reranker.users.redis_store import RedisProfileStore
@@ -59,7 +60,7 @@ class CompactRedisProfileStore(RedisProfileStore):
                  **kwargs: Any) -> None:
         super().__init__(client, config, fallback=fallback, **kwargs)  # type: ignore[arg-type]
         self.lookup = lookup
-        self._cas_sha = ""
+        self.unreadable = 0  # values under a profile key that were not a compact profile
 
     def keys(self, user_id: str) -> list[str]:
         return [f"{self._prefix}:{{{user_id}}}:u"]
@@ -79,7 +80,7 @@ class CompactRedisProfileStore(RedisProfileStore):
             blobs = read.execute()
             writes = []
             for user_id, blob in zip(pending, blobs):
-                p = CompactProfile.new(self.dim) if blob is None else decode(blob, self.dim)
+                p = self._decoded(user_id, blob)
                 expected = b"" if blob is None else bytes(blob[:8])
                 ahead = p.ref_time - wall
                 if repair_future_clock(p, wall, self.config, self.lookup):
@@ -88,7 +89,8 @@ class CompactRedisProfileStore(RedisProfileStore):
                 result, repeats = fold_events(p, by_user[user_id], now, self.config, self.lookup)
                 p.seq += 1
                 writes.append((user_id, expected, encode(p), result, repeats))
-            written = self._run_cas(writes)
+            written = self._run_per_user(CAS_SCRIPT, [(user_id, [expected, blob, self._ttl_ms])
+                                                      for user_id, expected, blob, _, _ in writes])
             retry = []
             for (user_id, _, _, result, repeats), ok in zip(writes, written):
                 if int(ok) == 1:
@@ -104,31 +106,25 @@ class CompactRedisProfileStore(RedisProfileStore):
             time.sleep(random.uniform(0.0, 0.001 * (rounds + 1)))  # out of step with the other writer
         raise redis.RedisError(f"{len(pending)} users were written by other replicas {MAX_ROUNDS} times in a row")
 
-    def _run_cas(self, writes: list[tuple[str, bytes, bytes, RecordResult, int]]) -> list[object]:
-        for attempt in (1, 2):
-            if not self._cas_sha:
-                self._cas_sha = self._writer.script_load(CAS_SCRIPT)
-            pipe = self._writer.pipeline(transaction=False)
-            users = [w[0] for w in writes]
-            for user_id, expected, blob, _, _ in writes:
-                pipe.execute_command("EVALSHA", self._cas_sha, 1, self.keys(user_id)[0], expected, blob, self._ttl_ms)
-            self._queue_waits(pipe, users)
-            try:
-                out = pipe.execute()
-                self._check_waits(out[len(users):])
-                return out[: len(users)]  # type: ignore[no-any-return]
-            except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
-                self._cas_sha = ""
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+    def _decoded(self, user_id: str, blob: bytes | None) -> CompactProfile:
+        """The stored profile, or a new one when there is none or the value is not a compact profile
+        of this dimension (written by something else: logged and counted; the next write replaces it)."""
+        if blob is None:
+            return CompactProfile.new(self.dim)
+        try:
+            return decode(blob, self.dim)
+        except ProfileFormatError as exc:  # the compare-and-set still matches its first 8 bytes
+            self.unreadable += 1
+            log.error("Redis key %s does not hold a compact profile (%s); the user starts over",
+                      self.keys(user_id)[0], exc)
+            return CompactProfile.new(self.dim)
 
     # --- reads -----------------------------------------------------------------------------------
     def _get_remote(self, user_id: str, with_recent: bool = True, repaired: bool = False) -> UserState | None:
         blob = self._client.get(self.keys(user_id)[0])
-        if blob is None:
+        p = self._decoded(user_id, blob)
+        if blob is None or p.event_count == 0:
             return None
-        p = decode(blob, self.dim)
         ahead = p.ref_time - self._now()
         if repair_future_clock(p, self._now(), self.config, self.lookup):  # read repaired; the next write stores it
             self.repairs += 1

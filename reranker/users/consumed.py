@@ -132,15 +132,15 @@ class ConsumedItems:
             return False
         if self.keys.size >= capacity:  # forget the least recently consumed item
             drop = int(np.argmin(self.last))
-            self.keys, self.counts = np.delete(self.keys, drop), np.delete(self.counts, drop)
-            self.last, self.mass = np.delete(self.last, drop), np.delete(self.mass, drop)
-            self.session_mass = np.delete(self.session_mass, drop)
+            self.keys, self.counts = _removed(self.keys, drop), _removed(self.counts, drop)
+            self.last, self.mass = _removed(self.last, drop), _removed(self.mass, drop)
+            self.session_mass = _removed(self.session_mass, drop)
             at = int(np.searchsorted(self.keys, k))
-        self.keys = np.insert(self.keys, at, k)
-        self.counts = np.insert(self.counts, at, 1)
-        self.last = np.insert(self.last, at, timestamp)
-        self.mass = np.insert(self.mass, at, mass)
-        self.session_mass = np.insert(self.session_mass, at, session_mass)
+        self.keys = _inserted(self.keys, at, k)
+        self.counts = _inserted(self.counts, at, 1)
+        self.last = _inserted(self.last, at, timestamp)
+        self.mass = _inserted(self.mass, at, mass)
+        self.session_mass = _inserted(self.session_mass, at, session_mass)
         return False
 
     def rescale(self, factor: float, session_factor: float = 1.0) -> None:
@@ -172,6 +172,17 @@ class ConsumedItems:
         for array in (out.keys, out.counts, out.last, out.mass, out.session_mass):
             array.flags.writeable = False
         return out
+
+
+def _inserted(array: np.ndarray, at: int, value: object) -> np.ndarray:
+    """`array` with `value` inserted before position `at` (np.insert without its generality, ~4x faster)."""
+    out = np.empty(array.size + 1, dtype=array.dtype)
+    out[:at], out[at], out[at + 1 :] = array[:at], value, array[at:]
+    return out
+
+
+def _removed(array: np.ndarray, at: int) -> np.ndarray:
+    return np.concatenate((array[:at], array[at + 1 :]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -372,6 +372,28 @@ def repaired_consumed(
     return out
 
 
+P = TypeVar("P")
+
+
+def export_in_chunks(profiles: cachetools.Cache[str, P], lock: threading.Lock, size: int,
+                     copy: Callable[[P], P]) -> Iterator[list[tuple[str, P]]]:
+    """`copy` of every live profile (least recently used first), `size` users per list, for
+    snapshots. The lock is taken per user, so a snapshot of many users never holds up requests for
+    longer than one user's copy. Users that expire or are evicted meanwhile are skipped."""
+    with lock:
+        user_ids = list(profiles.keys())
+    for start in range(0, len(user_ids), size):
+        chunk = []
+        for user_id in user_ids[start : start + size]:
+            with lock:
+                profile = profiles.get(user_id)
+                copied = None if profile is None else copy(profile)
+            if copied is not None:
+                chunk.append((user_id, copied))
+        if chunk:
+            yield chunk
+
+
 class InProcessProfileStore:
     """Profiles in this process: at most `max_users`, each dropped after `ttl_seconds` untouched;
     the ready-to-score states of the `max_states` most recently read users."""
@@ -496,22 +518,8 @@ class InProcessProfileStore:
 
     # --- snapshot support ------------------------------------------------------------------------
     def export_chunks(self, size: int) -> Iterator[list[tuple[str, _Profile]]]:
-        """Copies of all live profiles (least recently used first), `size` users per list, for
-        snapshots. The lock is taken per user, so a snapshot of many users never holds up requests
-        for longer than one user's copy. Users that expire or are evicted meanwhile are skipped;
-        each user's copy is consistent."""
-        with self._lock:
-            user_ids = list(self._profiles.keys())
-        for start in range(0, len(user_ids), size):
-            chunk = []
-            for user_id in user_ids[start : start + size]:
-                with self._lock:
-                    profile = self._profiles.get(user_id)
-                    copied = None if profile is None else _copy(profile)
-                if copied is not None:
-                    chunk.append((user_id, copied))
-            if chunk:
-                yield chunk
+        """Consistent copies of all live profiles, `size` users per list (see export_in_chunks)."""
+        return export_in_chunks(self._profiles, self._lock, size, _copy)
 
     def restore(self, user_id: str, profile: _Profile, now: float | None = None) -> bool:
         """Put a profile (from a snapshot) in place; with `now`, a clock more than `max_clock_ahead`

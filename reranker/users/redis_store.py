@@ -273,7 +273,7 @@ class RedisProfileStore:
         self.dim = config.dim
         self._client = client  # reads on the Rerank path: short timeout
         self._writer = write_client or client  # event batches: may take longer
-        self._script_sha = ""
+        self._script_shas: dict[str, str] = {}  # script text -> its SHA1 as loaded
         self._fallback = fallback
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
         self._prefix = prefix
@@ -351,7 +351,7 @@ class RedisProfileStore:
                 repr(c.session_rate), repr(wall + c.max_clock_ahead), c.max_consumed]
         total = RecordResult()
         for _ in range(3):  # users refused for repair go round again (once repaired they fold)
-            results = self._run_apply(head, by_user)
+            results = self._run_per_user(APPLY_SCRIPT, [(user_id, [*head, *args]) for user_id, args in by_user.items()])
             refused = {}
             for (user_id, args), (accepted, duplicates, without, repeats, consumed_events) in zip(by_user.items(), results):
                 if int(accepted) < 0:
@@ -367,23 +367,28 @@ class RedisProfileStore:
                 return total
         raise redis.RedisError(f"could not repair the profiles of {len(by_user)} users")
 
-    def _run_apply(self, head: list[object], by_user: dict[str, list[str]]) -> list[list[int]]:
+    def _run_per_user(self, script: str, calls: list[tuple[str, list[object]]]) -> list[object]:
+        """One EVALSHA of `script` per (user, args), on the user's keys, in one pipeline (fanned out by
+        node in a cluster), then the WAITs; a NOSCRIPT (Redis restarted: scripts are not persisted)
+        loads it again once. Returns each script's reply."""
         for attempt in (1, 2):
-            if not self._script_sha:
-                self._script_sha = self._writer.script_load(APPLY_SCRIPT)
+            sha = self._script_shas.get(script)
+            if sha is None:
+                sha = self._script_shas[script] = self._writer.script_load(script)
             pipe = self._writer.pipeline(transaction=False)
-            users = list(by_user)
-            for user_id, args in by_user.items():
+            users = [user_id for user_id, _ in calls]
+            for user_id, args in calls:
+                keys = self.keys(user_id)
                 # execute_command, not .evalsha: redis-py's cluster pipeline blocks the method (a
                 # NOSCRIPT there is not reloaded for it), yet routes the command by its keys.
-                pipe.execute_command("EVALSHA", self._script_sha, 6, *self.keys(user_id), *head, *args)
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             self._queue_waits(pipe, users)
             try:
                 out = pipe.execute()
                 self._check_waits(out[len(users):])
                 return out[: len(users)]  # type: ignore[no-any-return]
-            except redis.exceptions.NoScriptError:  # Redis restarted (scripts are not persisted): load again
-                self._script_sha = ""
+            except redis.exceptions.NoScriptError:
+                self._script_shas.pop(script, None)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
