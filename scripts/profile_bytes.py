@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -41,6 +38,7 @@ from reranker.config import Settings  # noqa: E402
 from reranker.model.encoder import FakeEncoder  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
 from reranker.types import Event, EventType, Item  # noqa: E402
+from bench_users import start_redis  # noqa: E402  (scripts/, this script's directory)
 
 CATALOG = 10_000
 SPACING_S = 30.0
@@ -48,29 +46,14 @@ SPACING_S = 30.0
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    """A throw-away redis-server on a free loopback port (as tests/redis_server.py starts one)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    """A throw-away redis-server on a free loopback port (--save '' --appendonly no), stopped and
+    deleted afterwards."""
+    proc, url, tmp = start_redis()
+    if proc is None:
         raise SystemExit("redis-server is not on PATH (scripts/ensure-redis.sh installs it), or pass --redis-url")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="profile-bytes-redis-")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
     try:
-        for _ in range(500):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield url
     finally:
-        client.close()
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
