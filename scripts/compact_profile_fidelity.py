@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # reranker, and profile_bytes next to this script
 
 from reranker.config import Settings  # noqa: E402
 from reranker.evaluation.convert_ml100k import load_events, load_items  # noqa: E402
@@ -47,7 +47,7 @@ from reranker.model.encoder import Encoder  # noqa: E402
 from reranker.model.loader import load_encoder  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
 from reranker.types import Candidate, Event, EventType, Item, RerankQuery, RerankResult  # noqa: E402
-from profile_bytes import redis_server  # noqa: E402  (scripts/, this script's directory)
+from profile_bytes import redis_server  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ml-100k"
 OWN_CANDIDATES = 30  # of the user's own recorded items among the candidates

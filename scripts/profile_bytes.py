@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]  # reranker, scripts
 
 from reranker.config import Settings  # noqa: E402
 from reranker.model.encoder import FakeEncoder  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
 from reranker.types import Event, EventType, Item  # noqa: E402
-from bench_users import start_redis  # noqa: E402  (scripts/, this script's directory)
+from bench_users import start_redis  # noqa: E402
 
 CATALOG = 10_000
 SPACING_S = 30.0
