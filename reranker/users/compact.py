@@ -51,11 +51,10 @@ FLAG_SESSION_TAIL = 1
 # event count, folded, repeats, consumed events. `seq` comes first: the Redis store's
 # compare-and-set reads bytes 1-8.
 _HEADER = struct.Struct("<QBBHIII ddd QQQQ".replace(" ", ""))
-# The session tail is dropped once its mass is below this share of the history rows' session mass.
+# The session tail is dropped once its mass is below this share of the session mass the history rows
+# keep when any one item is left out (`_session_reference_mass`); an event leaving the rows with a
+# smaller session term is not added to it (nor its vector looked up).
 SESSION_TAIL_NEGLIGIBLE = 1e-6
-# An event leaving the history rows more than 30 session half-lives before the reference time
-# (2^-30 ~ 1e-9) adds nothing to the session tail, so its vector is not looked up.
-SESSION_TERM_NEGLIGIBLE = 2.0**-30
 
 
 class ProfileFormatError(ValueError):
@@ -235,10 +234,9 @@ def _evict_oldest_row(p: CompactProfile, row_keys: list[int], vector: np.ndarray
     t, w, item_id, key = p.row_times.pop(0), p.row_weights.pop(0), p.row_ids.pop(0), row_keys.pop(0)
     p.row_types.pop(0)
     mass = w * math.exp(-c.decay_rate * max(p.ref_time - t, 0.0))
-    session_factor = math.exp(-c.session_rate * max(p.ref_time - t, 0.0))
-    session_mass = w * session_factor
-    if session_factor < SESSION_TERM_NEGLIGIBLE:
-        session_mass = 0.0  # more than 30 session half-lives old: no session term, no vector needed
+    session_mass = w * math.exp(-c.session_rate * max(p.ref_time - t, 0.0))
+    if abs(session_mass) <= SESSION_TAIL_NEGLIGIBLE * _session_reference_mass(p, c):
+        session_mass = 0.0  # a negligible session term: not kept, no vector needed
     elif vector is None:
         found_vectors, found = lookup([item_id])
         vector = found_vectors[0] if found[0] else None
@@ -258,12 +256,21 @@ def tail_capacity(c: ProfileConfig) -> int:
     return max(0, c.max_consumed - c.max_history)
 
 
+def _session_reference_mass(p: CompactProfile, c: ProfileConfig) -> float:
+    """The session mass (sum of |w| exp(-mu (T - t))) of the history rows less the largest share one
+    item has in it: what is left of the session when any one item is left out, as the leave-one-out
+    similarities leave out a consumed candidate. 0 when the rows are one item (or none)."""
+    if not p.row_times:
+        return 0.0
+    masses = np.abs(p.row_weights) * np.exp(-c.session_rate * np.maximum(p.ref_time - np.asarray(p.row_times), 0.0))
+    _, item = np.unique(np.asarray(p.row_keys, dtype=np.uint64), return_inverse=True)
+    return float(masses.sum() - np.bincount(item, weights=masses).max())
+
+
 def _drop_negligible_session_tail(p: CompactProfile, c: ProfileConfig) -> None:
-    if p.session_tail is None or not p.row_times:
-        return
-    rows_mass = float(np.sum(np.abs(p.row_weights) * np.exp(-c.session_rate * np.maximum(
-        p.ref_time - np.asarray(p.row_times), 0.0))))
-    if p.session_tail_mass <= SESSION_TAIL_NEGLIGIBLE * rows_mass:
+    """Stop storing S_tail once it is negligible next to the session that is left when any one item
+    is left out (a user whose newest event follows a long pause keeps it until the next event)."""
+    if p.session_tail is not None and p.session_tail_mass <= SESSION_TAIL_NEGLIGIBLE * _session_reference_mass(p, c):
         p.session_tail, p.session_tail_mass = None, 0.0
 
 

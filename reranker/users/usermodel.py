@@ -47,6 +47,7 @@ import numpy as np
 
 _EPS = 1e-9
 _TINY = 1e-290  # parts smaller than this are zero (their float64 components would be subnormal)
+_CANCELLED = 1e-5  # a leave-one-out remainder below this share of its part is empty (see mix_without)
 
 
 def decay_rate(half_life_seconds: float) -> float:
@@ -144,7 +145,9 @@ def mix_without(
     """The user vector without one item each: row c is `mix(L - a_c v_c, S - b_c v_c)` (float32,
     zeros where that is zero), with v_c = vectors[c], a_c its decayed mass in L and b_c its summed
     weight in the session. Leave-one-out pooling: a candidate is never similar to the user merely
-    because the user's own past events on it are in the pooled vector."""
+    because the user's own past events on it are in the pooled vector. A remainder below 1e-5 of
+    its part counts as zero: the rest is negligible next to the item, and its direction would be
+    rounding noise of the sum."""
     v = np.asarray(vectors, dtype=np.float32).astype(np.float64)
     out = np.zeros(v.shape)
     for part, mass, share in ((long_term, long_term_mass, 1.0 - session_mix), (session, session_mass, session_mix)):
@@ -152,7 +155,13 @@ def mix_without(
             continue
         rows = part[None, :] - np.asarray(mass, dtype=np.float64)[:, None] * v
         norms = np.linalg.norm(rows, axis=1, keepdims=True)
-        out += np.where(norms > _TINY, share * rows / np.maximum(norms, _TINY), 0.0)
+        # What is left of a part once the item is taken out is empty below 1e-5 of the part: the
+        # rest then weighs less than the item 1 : 100,000 (e.g. it is 17 half-lives older), and its
+        # direction is within the rounding of the sum it was taken from (a float32 L, as a compact
+        # profile stores it, holds ~1e-7 of its norm; a float64 sum folded event by event ~1e-16
+        # per event), so both layouts call it empty rather than rank by rounding noise.
+        floor = max(_TINY, _CANCELLED * float(np.linalg.norm(part)))
+        out += np.where(norms > floor, share * rows / np.maximum(norms, _TINY), 0.0)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return np.where(norms > _EPS, out / np.maximum(norms, _EPS), 0.0).astype(np.float32)
 # A profile clock ahead of now by more than this many decay lengths (rate * ahead) is rebuilt from
