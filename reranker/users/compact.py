@@ -40,7 +40,9 @@ import numpy as np
 from reranker.types import Event, EventType, RecordResult
 from reranker.users import usermodel
 from reranker.users.consumed import ConsumedItems, item_key, item_keys
-from reranker.users.profiles import ProfileConfig, UserState, _Profile, event_id_hash, export_in_chunks, log_repair
+from reranker.users.profiles import (
+    LocalStore, ProfileConfig, UserState, _Profile, event_id_hash, export_in_chunks, log_repair,
+)
 
 # (vectors (n, d) float32, found (n,) bool) for item ids; rows not found are ignored.
 VectorLookup = Callable[[Sequence[str]], "tuple[np.ndarray, np.ndarray]"]
@@ -426,7 +428,7 @@ def from_full(profile: _Profile, config: ProfileConfig) -> CompactProfile:
     return out
 
 
-class CompactProfileStore:
+class CompactProfileStore(LocalStore):
     """Compact profiles in this process: at most `max_users` byte strings, each dropped after
     `ttl_seconds` untouched; the ready-to-score states of the `max_states` most recently read users."""
 
@@ -446,10 +448,6 @@ class CompactProfileStore:
         self.repeats = 0
         self.consumed_events = 0
         self.repairs = 0
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._profiles)
 
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
         """Fold events, one user's run of them at a time (at most 64 per lock hold)."""
@@ -493,14 +491,6 @@ class CompactProfileStore:
         with self._lock:
             blob = self._profiles.get(user_id)
             return 0 if blob is None else sys.getsizeof(blob)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._profiles.clear()
-            self._states.clear()
-
-    def close(self) -> None:
-        pass
 
     # --- snapshot support ------------------------------------------------------------------------
     def export_chunks(self, size: int) -> Iterator[list[tuple[str, bytes]]]:

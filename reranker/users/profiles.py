@@ -394,7 +394,28 @@ def export_in_chunks(profiles: cachetools.Cache[str, P], lock: threading.Lock, s
             yield chunk
 
 
-class InProcessProfileStore:
+class LocalStore:
+    """What the in-process stores (full and compact layouts) share: a bounded dict of profiles,
+    a cache of ready-to-score states, one lock."""
+
+    _profiles: cachetools.TTLCache[str, Any]
+    _states: cachetools.LRUCache[str, UserState]
+    _lock: threading.Lock
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._profiles)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._profiles.clear()
+            self._states.clear()
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessProfileStore(LocalStore):
     """Profiles in this process: at most `max_users`, each dropped after `ttl_seconds` untouched;
     the ready-to-score states of the `max_states` most recently read users."""
 
@@ -412,10 +433,6 @@ class InProcessProfileStore:
         self.repeats = 0  # events on an item their user had already consumed, over all users (the
         self.consumed_events = 0  # population's repeat rate: the prior of consumed_policy=learned)
         self.repairs = 0  # profiles whose future clock was repaired (metrics)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._profiles)
 
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
         """Fold events in order. The lock is taken per event, so a large batch never holds up a
@@ -507,14 +524,6 @@ class InProcessProfileStore:
             total += sum(v.nbytes for v in p.hist_vectors) + sum(map(sys.getsizeof, p.hist_items))
             total += 8 * 2 * len(p.hist_times)
             return total + sum(sys.getsizeof(row) + sum(map(sys.getsizeof, row)) for row in p.recent)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._profiles.clear()
-            self._states.clear()
-
-    def close(self) -> None:
-        pass
 
     # --- snapshot support ------------------------------------------------------------------------
     def export_chunks(self, size: int) -> Iterator[list[tuple[str, _Profile]]]:
