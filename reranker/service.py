@@ -252,7 +252,7 @@ class RerankService:
     @property
     def profiles_in_process(self) -> bool:
         """Profiles live in this process (no network round trip to read one)."""
-        return isinstance(self.profiles, (InProcessProfileStore, CompactProfileStore))
+        return self._local_profiles() is not None
 
     def rerank(
         self, query: RerankQuery, time_remaining: float | None = None, cancel: CancelToken | None = None, **blocking: Any

@@ -30,11 +30,9 @@ import bisect
 import math
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import cachetools
 import numpy as np
 
 from reranker.types import Event, EventType, RecordResult
@@ -57,6 +55,7 @@ _HEADER = struct.Struct("<QBBHIII ddd QQQQ".replace(" ", ""))
 # keep when any one item is left out (`_session_reference_mass`); an event leaving the rows with a
 # smaller session term is not added to it (nor its vector looked up).
 SESSION_TAIL_NEGLIGIBLE = 1e-6
+_UPDATED_AT = 8  # the header field
 
 
 class ProfileFormatError(ValueError):
@@ -189,7 +188,6 @@ def fold_events(
     memory are split between the history rows and their tail (module docstring)."""
     c = config
     accepted = duplicates = without = repeats = 0
-    row_keys = p.row_keys
     for event, vector in events:
         if event.event_id:
             hashed = event_id_hash(event.event_id)
@@ -201,7 +199,7 @@ def fold_events(
         p.event_count += 1
         p.updated_at = now
         key = item_key(event.item_id)
-        repeat = key in row_keys or bool(len(p.tail)) and bool(p.tail.positions(np.array([key], np.uint64))[1][0])
+        repeat = key in p.row_keys or bool(len(p.tail)) and bool(p.tail.positions(np.array([key], np.uint64))[1][0])
         p.consumed_events += 1
         p.repeats += repeat
         repeats += repeat
@@ -220,20 +218,19 @@ def fold_events(
         p.folded += 1
         at = bisect.bisect_right(p.row_times, event.timestamp)
         for column, value in ((p.row_times, event.timestamp), (p.row_weights, weight), (p.row_types, int(event.type)),
-                              (p.row_ids, event.item_id), (row_keys, key)):
+                              (p.row_ids, event.item_id), (p.row_keys, key)):
             column.insert(at, value)  # type: ignore[attr-defined]
         while len(p.row_ids) > c.max_history:
-            _evict_oldest_row(p, row_keys, vector if at == 0 else None, c, lookup)
+            _evict_oldest_row(p, vector if at == 0 else None, c, lookup)
             at -= 1
     _drop_negligible_session_tail(p, c)
     return RecordResult(accepted, duplicates, without), repeats
 
 
-def _evict_oldest_row(p: CompactProfile, row_keys: list[int], vector: np.ndarray | None, c: ProfileConfig,
-                      lookup: VectorLookup) -> None:
+def _evict_oldest_row(p: CompactProfile, vector: np.ndarray | None, c: ProfileConfig, lookup: VectorLookup) -> None:
     """Move the oldest history row into the tail: its masses into the consumed memory, its session
     term into S_tail (its vector looked up; `vector` when it is the event just folded)."""
-    t, w, item_id, key = p.row_times.pop(0), p.row_weights.pop(0), p.row_ids.pop(0), row_keys.pop(0)
+    t, w, item_id, key = p.row_times.pop(0), p.row_weights.pop(0), p.row_ids.pop(0), p.row_keys.pop(0)
     p.row_types.pop(0)
     mass = w * math.exp(-c.decay_rate * max(p.ref_time - t, 0.0))
     session_mass = w * math.exp(-c.session_rate * max(p.ref_time - t, 0.0))
@@ -274,6 +271,11 @@ def _drop_negligible_session_tail(p: CompactProfile, c: ProfileConfig) -> None:
     is left out (a user whose newest event follows a long pause keeps it until the next event)."""
     if p.session_tail is not None and p.session_tail_mass <= SESSION_TAIL_NEGLIGIBLE * _session_reference_mass(p, c):
         p.session_tail, p.session_tail_mass = None, 0.0
+
+
+def stored_updated_at(blob: bytes) -> float:
+    """When a stored profile last took an event (its header only, no decoding)."""
+    return float(_HEADER.unpack_from(blob)[_UPDATED_AT])
 
 
 def repair_future_clock(p: CompactProfile, now: float, config: ProfileConfig, lookup: VectorLookup) -> bool:
@@ -429,25 +431,16 @@ def from_full(profile: _Profile, config: ProfileConfig) -> CompactProfile:
 
 
 class CompactProfileStore(LocalStore):
-    """Compact profiles in this process: at most `max_users` byte strings, each dropped after
-    `ttl_seconds` untouched; the ready-to-score states of the `max_states` most recently read users."""
+    """Compact profiles (byte strings; history vectors read through `lookup`) in this process (see
+    LocalStore)."""
 
     backend = "in-process"
     layout = "compact"
 
     def __init__(self, config: ProfileConfig, lookup: VectorLookup, *, max_users: int, ttl_seconds: float,
                  max_states: int = 0) -> None:
-        self.config = config
-        self.dim = config.dim
+        super().__init__(config, max_users=max_users, ttl_seconds=ttl_seconds, max_states=max_states)
         self.lookup = lookup
-        self._profiles: cachetools.TTLCache[str, bytes] = cachetools.TTLCache(max_users, ttl_seconds)
-        self._states: cachetools.LRUCache[str, UserState] = cachetools.LRUCache(max_states)
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.repeats = 0
-        self.consumed_events = 0
-        self.repairs = 0
 
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
         """Fold events, one user's run of them at a time (at most 64 per lock hold)."""
@@ -513,12 +506,18 @@ class CompactProfileStore(LocalStore):
         return repaired
 
 
-def _runs_by_user(events: Sequence[tuple[Event, np.ndarray | None]], limit: int
-                  ) -> Iterator[tuple[str, list[tuple[Event, np.ndarray | None]]]]:
-    """Each user's events in their order, in runs of at most `limit` (users in first-seen order)."""
+def events_by_user(events: Sequence[tuple[Event, np.ndarray | None]]
+                   ) -> dict[str, list[tuple[Event, np.ndarray | None]]]:
+    """Each user's events in their order (users in first-seen order)."""
     by_user: dict[str, list[tuple[Event, np.ndarray | None]]] = {}
     for pair in events:
         by_user.setdefault(pair[0].user_id, []).append(pair)
-    for user_id, pairs in by_user.items():
+    return by_user
+
+
+def _runs_by_user(events: Sequence[tuple[Event, np.ndarray | None]], limit: int
+                  ) -> Iterator[tuple[str, list[tuple[Event, np.ndarray | None]]]]:
+    """Each user's events in their order, in runs of at most `limit` (users in first-seen order)."""
+    for user_id, pairs in events_by_user(events).items():
         for start in range(0, len(pairs), limit):
             yield user_id, pairs[start : start + limit]

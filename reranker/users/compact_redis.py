@@ -29,7 +29,7 @@ import redis
 
 from reranker.types import Event, RecordResult
 from reranker.users.compact import (
-    CompactProfile, CompactProfileStore, ProfileFormatError, VectorLookup, decode, encode, fold_events,
+    CompactProfile, CompactProfileStore, ProfileFormatError, VectorLookup, decode, encode, events_by_user, fold_events,
     repair_future_clock, user_state,
 )
 from reranker.users.profiles import ProfileConfig, UserState, log_repair
@@ -67,9 +67,7 @@ class CompactRedisProfileStore(RedisProfileStore):
 
     # --- writes ----------------------------------------------------------------------------------
     def _apply_remote(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
-        by_user: dict[str, list[tuple[Event, np.ndarray | None]]] = {}
-        for pair in events:
-            by_user.setdefault(pair[0].user_id, []).append(pair)
+        by_user = events_by_user(events)
         wall = self._now()
         total = RecordResult()
         pending = list(by_user)
@@ -82,10 +80,7 @@ class CompactRedisProfileStore(RedisProfileStore):
             for user_id, blob in zip(pending, blobs):
                 p = self._decoded(user_id, blob)
                 expected = b"" if blob is None else bytes(blob[:8])
-                ahead = p.ref_time - wall
-                if repair_future_clock(p, wall, self.config, self.lookup):
-                    self.repairs += 1
-                    log_repair("redis", user_id, ahead)
+                self._repair(user_id, p, wall)
                 result, repeats = fold_events(p, by_user[user_id], now, self.config, self.lookup)
                 p.seq += 1
                 writes.append((user_id, expected, encode(p), result, repeats))
@@ -119,14 +114,18 @@ class CompactRedisProfileStore(RedisProfileStore):
                       self.keys(user_id)[0], exc)
             return CompactProfile.new(self.dim)
 
+    def _repair(self, user_id: str, p: CompactProfile, now: float) -> None:
+        """Repair a decay clock more than `max_clock_ahead` after `now` (logged, counted)."""
+        ahead = p.ref_time - now
+        if repair_future_clock(p, now, self.config, self.lookup):
+            self.repairs += 1
+            log_repair("redis", user_id, ahead)
+
     # --- reads -----------------------------------------------------------------------------------
     def _get_remote(self, user_id: str, with_recent: bool = True, repaired: bool = False) -> UserState | None:
         blob = self._client.get(self.keys(user_id)[0])
         p = self._decoded(user_id, blob)
         if blob is None or p.event_count == 0:
             return None
-        ahead = p.ref_time - self._now()
-        if repair_future_clock(p, self._now(), self.config, self.lookup):  # read repaired; the next write stores it
-            self.repairs += 1
-            log_repair("redis", user_id, ahead)
+        self._repair(user_id, p, self._now())  # the next write stores the repair
         return user_state(user_id, p, self.config, self.lookup, recent=with_recent)

@@ -395,12 +395,23 @@ def export_in_chunks(profiles: cachetools.Cache[str, P], lock: threading.Lock, s
 
 
 class LocalStore:
-    """What the in-process stores (full and compact layouts) share: a bounded dict of profiles,
-    a cache of ready-to-score states, one lock."""
+    """What the in-process stores (full and compact layouts) share: at most `max_users` profiles,
+    each dropped after `ttl_seconds` untouched; the ready-to-score states of the `max_states` most
+    recently read users; one lock; the counters the metrics read."""
 
-    _profiles: cachetools.TTLCache[str, Any]
-    _states: cachetools.LRUCache[str, UserState]
-    _lock: threading.Lock
+    layout = ""
+
+    def __init__(self, config: ProfileConfig, *, max_users: int, ttl_seconds: float, max_states: int = 0) -> None:
+        self.config = config
+        self.dim = config.dim
+        self._profiles: cachetools.TTLCache[str, Any] = cachetools.TTLCache(max_users, ttl_seconds)
+        self._states: cachetools.LRUCache[str, UserState] = cachetools.LRUCache(max_states)
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.repeats = 0  # events on an item their user had already consumed, over all users (the
+        self.consumed_events = 0  # population's repeat rate: the prior of consumed_policy=learned)
+        self.repairs = 0  # profiles whose future clock was repaired (metrics)
 
     def __len__(self) -> int:
         with self._lock:
@@ -416,23 +427,10 @@ class LocalStore:
 
 
 class InProcessProfileStore(LocalStore):
-    """Profiles in this process: at most `max_users`, each dropped after `ttl_seconds` untouched;
-    the ready-to-score states of the `max_states` most recently read users."""
+    """Full-layout profiles (`_Profile`, item vectors copied in) in this process (see LocalStore)."""
 
     backend = "in-process"
     layout = "full"
-
-    def __init__(self, config: ProfileConfig, *, max_users: int, ttl_seconds: float, max_states: int = 0) -> None:
-        self.config = config
-        self.dim = config.dim
-        self._profiles: cachetools.TTLCache[str, _Profile] = cachetools.TTLCache(max_users, ttl_seconds)
-        self._states: cachetools.LRUCache[str, UserState] = cachetools.LRUCache(max_states)
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-        self.repeats = 0  # events on an item their user had already consumed, over all users (the
-        self.consumed_events = 0  # population's repeat rate: the prior of consumed_policy=learned)
-        self.repairs = 0  # profiles whose future clock was repaired (metrics)
 
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
         """Fold events in order. The lock is taken per event, so a large batch never holds up a

@@ -60,7 +60,7 @@ import numpy as np
 from reranker.users.consumed import ConsumedItems
 from reranker.users import usermodel
 from reranker.model.items import ItemVectorCache
-from reranker.users.compact import CompactProfileStore, decode, encode, from_full
+from reranker.users.compact import CompactProfileStore, encode, from_full, stored_updated_at
 from reranker.users.profiles import InProcessProfileStore, _Profile, _SeenIds
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,6 @@ def _compact_part(rows: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
     }
 
 
-def _layout(profiles: object) -> str:
-    return "compact" if isinstance(profiles, CompactProfileStore) else "full"
-
-
 def _write_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
     with archive.open(name + ".npy", "w", force_zip64=True) as out:
         np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
@@ -170,15 +166,16 @@ def save_snapshot(
                 _write_array(archive, "item_vectors", np.asarray(item_vectors, dtype=np.float32).reshape(-1, dim))
                 del item_vectors
                 chunks = profiles.export_chunks(users_per_part) if profiles is not None else iter(())
+                layout = profiles.layout if profiles is not None else "full"
                 for rows in chunks:
-                    part = _compact_part(rows) if _layout(profiles) == "compact" else _user_part(rows, dim)  # type: ignore[arg-type]
+                    part = _compact_part(rows) if layout == "compact" else _user_part(rows, dim)  # type: ignore[arg-type]
                     for name, array in part.items():
                         _write_array(archive, f"{name}_{parts}", array)
                     users += len(rows)
                     parts += 1
                 _write_array(archive, "header", _json_array({
                     "format": FORMAT, "version": VERSION, "created_at": time.time(), "model_version": model_version,
-                    "dim": dim, "items": len(item_ids), "users": users, "user_parts": parts, "layout": _layout(profiles),
+                    "dim": dim, "items": len(item_ids), "users": users, "user_parts": parts, "layout": layout,
                 }))
             f.flush()
             os.fsync(f.fileno())
@@ -254,7 +251,7 @@ def load_snapshot(
                     items.restore(_json_value(archive["item_ids"]), hashes, archive["item_vectors"])  # type: ignore[arg-type]
                     restored_items = len(hashes)
                 layout = header.get("layout", "full")
-                if profiles is not None and layout == "compact" and _layout(profiles) == "full":
+                if profiles is not None and layout == "compact" and profiles.layout == "full":
                     log.warning("snapshot %s holds compact profiles, this server keeps full ones (profile_layout): "
                                 "its profiles are ignored (a compact profile holds no item vectors)", path)
                 elif isinstance(profiles, CompactProfileStore) and layout == "compact":
@@ -335,7 +332,7 @@ def _restore_compact(store: CompactProfileStore, data: dict[str, np.ndarray], no
     restored = 0
     for user_id, start, end in zip(users, [0, *ends[:-1]], ends):  # type: ignore[call-overload]
         blob = blobs[start:end]
-        if now - decode(blob, store.dim).updated_at > ttl:
+        if now - stored_updated_at(blob) > ttl:
             continue  # would have expired while the process was down
         store.restore(user_id, blob, now)
         restored += 1
