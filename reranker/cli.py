@@ -98,10 +98,12 @@ def _with_settings(argv: Sequence[str], run: Callable[[Settings], int]) -> int:
 
 
 def _add_soak(parser: argparse.ArgumentParser) -> None:
+    from reranker.tools.chaos import add_chaos_arguments, run_chaos_command
     from reranker.tools.loadtest import add_soak_arguments, run_soak_command
 
     add_soak_arguments(parser)
-    parser.set_defaults(handler=lambda args, _argv: run_soak_command(args))
+    add_chaos_arguments(parser)
+    parser.set_defaults(handler=lambda args, _argv: run_chaos_command(args) if args.chaos else run_soak_command(args))
 
 
 if __name__ == "__main__":
