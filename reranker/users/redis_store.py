@@ -54,7 +54,9 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from reranker.errors import Overloaded
 from reranker.users import usermodel
+from reranker.users.pending import PendingEvents
 from reranker.users.consumed import ConsumedItems, item_key
 from reranker.users.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash, log_repair
 from reranker.types import Event, EventType, RecordResult
@@ -266,6 +268,7 @@ class RedisProfileStore:
         replay_limit: int = 10_000,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 2000,
+        pending_path: str = "",
         clock: object = time.monotonic,
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -281,6 +284,7 @@ class RedisProfileStore:
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = wait_timeout_ms
         self._replay: deque[tuple[Event, np.ndarray | None]] = deque(maxlen=replay_limit)
+        self._pending = PendingEvents(pending_path) if pending_path else None
         self._clock = clock
         self._now = now  # wall clock: is a profile's decay clock ahead of it?
         self._repair_sha = ""
@@ -297,6 +301,8 @@ class RedisProfileStore:
         self.misses = 0
         self.replay_dropped = 0
         self._repeats = self._consumed_events = 0  # written through this replica (see `repeats`)
+        if self._pending is not None:
+            self._replay.extend(self._pending.load(self.dim))
 
     @classmethod
     def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore,
@@ -305,11 +311,14 @@ class RedisProfileStore:
         write_timeout = s.redis_write_timeout_ms / 1000.0
         client = redis_client(s.redis_url, timeout_s=timeout, connect_timeout_s=timeout)
         writer = redis_client(s.redis_url, timeout_s=write_timeout, connect_timeout_s=timeout)
-        return cls(
+        store = cls(
             client, config, write_client=writer, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
             retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events, now=now,
-            wait_replicas=s.redis_wait_replicas, wait_timeout_ms=max(1, int(s.redis_write_timeout_ms)), **extra,
+            wait_replicas=s.redis_wait_replicas, wait_timeout_ms=max(1, int(s.redis_write_timeout_ms)),
+            pending_path=f"{s.snapshot_path}.redis-pending" if s.snapshot_path else "", **extra,
         )
+        store._start_replay()  # events kept at the last shutdown, if any
+        return store
 
     def keys(self, user_id: str) -> list[str]:
         base = f"{self._prefix}:{{{user_id}}}:"
@@ -327,7 +336,12 @@ class RedisProfileStore:
                 self._mark_down(exc)
         with self._lock:
             if len(self._replay) + len(events) > (self._replay.maxlen or 0):
-                self.replay_dropped += len(self._replay) + len(events) - (self._replay.maxlen or 0)
+                # Dropping the oldest would lose events already acknowledged: refuse these instead.
+                self.replay_dropped += len(events)
+                raise Overloaded(
+                    f"Redis is unreachable and its replay buffer is full ({self._replay.maxlen} events, setting "
+                    "redis_replay_events): events are refused until Redis answers again"
+                )
             self._replay.extend(events)
         return self._fallback.apply(events, now)
 
@@ -496,6 +510,8 @@ class RedisProfileStore:
                 self._replay.extendleft(reversed(pending))
             raise
         self._fallback.clear()
+        if self._pending is not None:
+            self._pending.remove()
         log.info("replayed the events recorded while Redis was unavailable")
 
     # --- reads -----------------------------------------------------------------------------------
@@ -627,6 +643,14 @@ class RedisProfileStore:
         try:
             self._flush_replay()
         except REDIS_ERRORS as exc:
-            log.warning("could not replay %d events into Redis at shutdown: %s", len(self._replay), exc)
+            if self._pending is None:
+                log.error("could not replay %d events into Redis at shutdown (%s); they are lost: set snapshot_path "
+                          "to keep them in a file until the next start", len(self._replay), exc)
+            else:
+                log.warning("could not replay %d events into Redis at shutdown (%s); kept in %s for the next start",
+                            len(self._replay), exc, self._pending.path)
+        if self._pending is not None and self._replay:
+            with self._lock:
+                self._pending.save(list(self._replay))
         self._client.close()
         self._writer.close()
