@@ -352,7 +352,8 @@ class ChaosSoak:
             batch = [self._event(user, f"rpc-{seq + i}") for i in range(rng.randint(1, 2))]
             seq += len(batch)
             sent += len(batch)
-            if rng.random() < 0.1 and self.victims:  # a bystander write next to a poisoned user
+            with_victim = rng.random() < 0.1 and bool(self.victims)
+            if with_victim:  # bystanders' events next to a poisoned user's, in one batch
                 batch.append(self._event(rng.choice(self.victims), f"victim-{seq}"))
             try:
                 assert stub is not None
@@ -363,7 +364,8 @@ class ChaosSoak:
                             self.acked.setdefault(user, set()).add(event.event_id)
                 self.report.record_outcomes["OK"] += 1
             except grpc.RpcError as exc:
-                self.report.record_outcomes[exc.code().name] += 1  # type: ignore[attr-defined]
+                code = exc.code().name  # type: ignore[attr-defined]
+                self.report.record_outcomes[("with a poisoned user: " if with_victim else "") + code] += 1
             time.sleep(0.01)
 
     def _producer(self) -> None:
@@ -556,13 +558,18 @@ class ChaosSoak:
                 stub = pb_grpc.RerankerServiceStub(channel)
                 expected = [(user, ids, "rpc") for user, ids in self.acked.items()]
                 expected += [(user, ids, "stream") for user, ids in self.streamed.items()]
-                for user, ids, source in expected:
-                    profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
-                    have = {e.event_id for e in profile.recent_events}
-                    for missing in sorted(ids - have):
-                        self.report.acknowledged_lost += 1
-                        if len(self.report.lost_examples) < 10:
-                            self.report.lost_examples.append(f"{source} {user} {missing}")
+                deadline = time.monotonic() + 20  # events kept at the last shutdown replay in the background
+                while True:
+                    lost = []
+                    for user, ids, source in expected:
+                        profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
+                        have = {e.event_id for e in profile.recent_events}
+                        lost += [f"{source} {user} {missing}" for missing in sorted(ids - have)]
+                    if not lost or time.monotonic() > deadline:
+                        break
+                    time.sleep(1.0)
+                self.report.acknowledged_lost = len(lost)
+                self.report.lost_examples = lost[:10]
             checker.terminate()
             checker.wait(30)
         client = self.stream_redis.client()
@@ -640,6 +647,9 @@ class ChaosSoak:
             r.problems.append(f"{r.nan_scores} responses with a non-finite score")
         if r.invalid_responses:
             r.problems.append(f"invalid responses: {dict(r.invalid_responses)}")
+        internal = {k: v for k, v in (r.record_outcomes | r.rerank_outcomes).items() if k.endswith("INTERNAL")}
+        if internal:
+            r.problems.append(f"INTERNAL errors: {internal}")
         if r.health_lies:
             r.problems.append(f"{r.health_lies} Rerank errors while health said SERVING")
 
