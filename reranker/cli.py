@@ -48,7 +48,11 @@ def _print_settings(_args: argparse.Namespace, _argv: Sequence[str]) -> int:
 
 
 def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import faulthandler
+
     from reranker.serving.server import serve
+
+    faulthandler.enable()  # a fatal signal (SIGBUS: a mapped file cut short under us) says where before the process dies
 
     return _with_settings(argv, serve)
 

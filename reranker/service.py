@@ -136,7 +136,7 @@ class RerankService:
         if s.catalog_path:
             try:
                 self.catalog = CatalogSource(s.catalog_path, model_version=encoder.version, dim=encoder.dim,
-                                             poll_seconds=s.catalog_poll_seconds)
+                                             poll_seconds=s.catalog_poll_seconds, registry=self.metrics.registry)
             except CatalogError as exc:
                 self.load_error = str(exc)
                 raise
