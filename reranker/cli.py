@@ -72,15 +72,19 @@ def _embed_catalog(args: argparse.Namespace, argv: Sequence[str]) -> int:
         import time
         from pathlib import Path
 
-        from reranker.model.catalog import embed_catalog
+        from reranker.model.catalog import CatalogError, embed_catalog
         from reranker.model.loader import load_encoder
         from reranker.evaluation.formats import read_items
 
         items = read_items(Path(args.items))
         encoder = load_encoder(settings)
         started = time.perf_counter()
-        m = embed_catalog(items.items(), encoder.encode, Path(args.out), model_version=encoder.version,
-                          dtype=args.vector_dtype, batch_size=settings.encode_batch_size)
+        try:
+            m = embed_catalog(items.items(), encoder.encode, Path(args.out), model_version=encoder.version,
+                              dtype=args.vector_dtype, batch_size=settings.encode_batch_size)
+        except CatalogError as exc:  # e.g. a row that is not finite: nothing was written, the old file stays
+            print(f"reranker embed-catalog: {exc}", file=sys.stderr)
+            return 1
         print(f"{args.out}: {m.count} items x {m.dim} {m.dtype}, model {m.model_version}, checksum {m.checksum[:16]}..., "
               f"encoded in {time.perf_counter() - started:.1f} s")
         return 0
