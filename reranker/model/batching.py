@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reranker.model.encoder import Encoder, supports_token_ids
+from reranker.model.items import unusable_rows
 from reranker.errors import EncoderFailed, Overloaded
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ class MicroBatcher:
         for start in range(0, len(order), self._max_batch):
             idx = order[start : start + self._max_batch]
             vectors = np.asarray(encode([inputs[i] for i in idx]), dtype=np.float32)
-            if vectors.shape != (len(idx), self._encoder.dim) or not np.isfinite(vectors).all():
-                raise EncoderFailed(f"encoder returned unusable output of shape {vectors.shape}")
+            if vectors.shape != (len(idx), self._encoder.dim) or unusable_rows(vectors).any():
+                raise EncoderFailed(f"encoder returned unusable output of shape {vectors.shape} (rows must be finite, "
+                                    f"at most unit length)")
             out[idx] = vectors
         return out
