@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,8 +134,7 @@ def main() -> int:
         for process in processes:
             process.send_signal(signal.SIGTERM)
             process.wait(30)
-        path.unlink(missing_ok=True)
-        tmp.rmdir()
+        shutil.rmtree(tmp)  # the catalog and the replicas' served copy of it
     return 0
 
 

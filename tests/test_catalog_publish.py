@@ -270,3 +270,25 @@ def test_if_the_mapped_pages_are_taken_away_the_server_says_why_before_it_dies(t
         code = serve.stop()
     assert code == -signal.SIGBUS
     assert "Bus error" in serve.log and "catalog" in serve.log.split("Bus error", 1)[1], serve.log
+
+
+def test_where_no_served_copy_can_be_written_the_catalog_is_held_in_private_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only catalog directory and temp directory (injected: root may write anywhere)."""
+    import errno
+
+    from reranker.model import catalog as catalog_module
+
+    def read_only(*_args: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(catalog_module, "_write_copy", read_only)
+    path = tmp_path / "c.bin"
+    expected = build(path, items(50))
+    catalog = Catalog(path, model_version=FakeEncoder.version, dim=DIM)
+    assert catalog.copy is None and not list(tmp_path.glob(".c.bin.served-*"))
+    os.truncate(path, DATA_START)  # nothing of it is mapped: lookups go on
+    vectors = np.zeros((1, DIM), dtype=np.float32)
+    assert catalog.fill(["item-7"], [None], vectors, np.zeros(1, dtype=bool))[0]
+    np.testing.assert_allclose(vectors[0], expected[7], atol=1e-3)

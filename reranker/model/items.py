@@ -46,9 +46,8 @@ def unusable_rows(vectors: np.ndarray) -> np.ndarray:
     MAX_VECTOR_NORM. Every vector that enters from outside (catalog, snapshot) is checked with it."""
     rows = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
     with np.errstate(over="ignore", invalid="ignore"):
-        bad = ~np.isfinite(rows).all(axis=1)
-        bad |= np.einsum("ij,ij->i", rows, rows) > MAX_VECTOR_NORM * MAX_VECTOR_NORM
-    return bad
+        squared = np.einsum("ij,ij->i", rows, rows)  # NaN or inf when any component is (or it overflows)
+    return ~(squared <= MAX_VECTOR_NORM * MAX_VECTOR_NORM)
 
 
 def text_hash(text: str) -> int:
