@@ -246,14 +246,26 @@ def _copy_name(path: Path, checksum: str) -> str:
 
 
 def _copy_exactly(src: IO[bytes], dst: IO[bytes], size: int) -> None:
-    src.seek(0)
-    left = size
-    while left:
-        chunk = src.read(min(left, 1 << 22))
-        if not chunk:
-            raise CatalogError("the file changed while it was copied (shorter than its manifest says)", "unreadable")
-        dst.write(chunk)
-        left -= len(chunk)
+    """Copy the first `size` bytes of `src` to `dst`, in the kernel where it can (no user-space
+    buffers: a large read would stay in this process's heap)."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), size - done, done, done)
+            if n == 0:
+                break
+            done += n
+    except (AttributeError, OSError):  # another kernel or file system: copy through a small buffer
+        src.seek(done)
+        dst.seek(done)
+        while done < size:
+            chunk = src.read(min(size - done, 1 << 20))
+            if not chunk:
+                break
+            dst.write(chunk)
+            done += len(chunk)
+    if done < size:
+        raise CatalogError("the file changed while it was copied (shorter than its manifest says)", "unreadable")
 
 
 def _write_copy(src: IO[bytes], size: int, copy: Path) -> None:
