@@ -170,8 +170,9 @@ def infinity_binary() -> str:
 class InfinityServer:
     """`infinity_emb v2` serving a local model directory on a free loopback port, as /v1/embeddings."""
 
-    def __init__(self, model_dir: Path, model: str, binary: str | None = None) -> None:
+    def __init__(self, model_dir: Path, model: str, binary: str | None = None, threads: int = 1) -> None:
         self.binary = binary or infinity_binary()
+        self.threads = threads  # torch threads of the server; 0 = its default (every core)
         self.model_dir, self.model = model_dir, model
         self.port = free_port()
         self.log_path = Path(tempfile.mkdtemp(prefix="reranker-infinity-")) / "infinity.log"
@@ -182,8 +183,9 @@ class InfinityServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 300.0) -> InfinityServer:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1",
-                   OMP_NUM_THREADS="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         env.pop("PYTHONPATH", None)  # its own venv, not ours
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
