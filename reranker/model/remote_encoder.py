@@ -112,6 +112,9 @@ class RemoteEncoder:
         self._down_until = 0.0  # clock time before which batches fail at once (server unreachable)
         self._last_failure = ""
         self._lock = threading.Lock()
+        client_log = logging.getLogger("httpx2")
+        if client_log.level == logging.NOTSET:
+            client_log.setLevel(logging.WARNING)  # it logs every request at INFO: one line per batch
         headers = {"Accept": "application/json"}
         key = read_api_key(settings.encoder_api_key_file)
         if key:
