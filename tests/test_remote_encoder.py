@@ -178,7 +178,7 @@ def test_the_load_waits_for_the_server_up_to_encoder_wait_seconds() -> None:
     started = time.monotonic()
     with pytest.raises(EncoderFailed, match=r"did not answer within 1 s \(\d+ tries\)"):
         RemoteEncoder(remote_settings(f"http://127.0.0.1:{port}", encoder_wait_seconds=1.0))
-    assert 0.5 < time.monotonic() - started < 3.0
+    assert 1.0 <= time.monotonic() - started < 3.0
 
 
 def test_missing_api_key_file_fails_the_load(mini: MiniEmbeddingServer, tmp_path: Path) -> None:
@@ -335,7 +335,8 @@ def test_hung_server_fails_open_within_the_encode_budget(
     started = time.monotonic()
     resp = stub.Rerank(rerank_request("hung-again"), timeout=5)
     assert (resp.variant, resp.fallback_reason) == (pb.VARIANT_FALLBACK, pb.FALLBACK_REASON_ENCODER_ERROR)
-    assert "timed out" in resp.fallback_detail and time.monotonic() - started < 0.2
+    assert "timed out" in resp.fallback_detail and "next try in" in resp.fallback_detail  # not asked again
+    assert time.monotonic() - started < 1.0
     mini.release.set()
 
 

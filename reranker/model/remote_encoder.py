@@ -147,14 +147,14 @@ class RemoteEncoder:
                 return int(self._request([PROBE_TEXT]).shape[1])
             except (EncoderUnavailable, Overloaded) as exc:
                 now = self._clock()
-                if now + pause > give_up:
+                if now >= give_up:
                     raise EncoderFailed(
                         f"embedding server {self.url} did not answer within {wait_s:g} s ({tries} tries): {exc}"
                     ) from exc
                 if now >= next_log:
                     log.warning("waiting for the embedding server %s (try %d): %s", self.url, tries, exc)
                     next_log = now + 30.0
-            sleep(pause)
+            sleep(min(pause, give_up - now))  # the last try at the end of the wait
             pause = min(pause * 2, _MAX_WAIT_BETWEEN_TRIES_S)
 
     def encode(self, texts: list[str]) -> np.ndarray:
