@@ -40,7 +40,12 @@ class Settings:
     max_message_bytes: int = _doc("Largest request/response message accepted, in bytes.", 16 * 1024 * 1024)
     grace_seconds: float = _doc("On SIGTERM: health goes NOT_SERVING, in-flight RPCs get this long to finish.", 10.0)
     # --- encoder -----------------------------------------------------------------------------
-    encoder: str = _doc("`transformer` (real model) or `fake` (deterministic hashing encoder, for tests).", "transformer")
+    encoder: str = _doc(
+        "`transformer` (real model), `fake` (deterministic hashing encoder, for tests), or `remote` (an "
+        "embedding server speaking the OpenAI-compatible /v1/embeddings API: TEI, vLLM, Infinity, Ollama; "
+        "see encoder_url).",
+        "transformer",
+    )
     model_dir: str = _doc("Local Hugging Face model directory; empty = the packaged all-MiniLM-L6-v2.", "")
     device: str = _doc("`cpu`, `cuda`, or `auto` (cuda when available).", "cpu")
     dtype: str = _doc("`float32`, `float16` (CUDA), `bfloat16` (CUDA, or CPUs with AVX512-BF16/AMX), or `int8` (dynamic quantization, CPU).", "float32")
@@ -63,6 +68,37 @@ class Settings:
     torch_threads: int = _doc("torch intra-op threads; 0 = the CPUs this process may use (affinity, cgroup quota).", 0)
     fake_dim: int = _doc("Vector size of the fake encoder.", 384)
     warmup: bool = _doc("Encode a few texts before reporting SERVING.", True)
+    # --- remote encoder (encoder=remote) ----------------------------------------------------
+    encoder_url: str = _doc(
+        "encoder=remote: base URL of the embedding server, e.g. http://embeddings:8080 (`/v1/embeddings` is "
+        "appended, or `/embeddings` to a URL ending in /v1; a URL ending in /embeddings is used as it is).",
+        "",
+    )
+    encoder_model: str = _doc(
+        "encoder=remote: the model name sent with every request (the server's model id); with the vector "
+        "size the server returns, it makes the encoder version.",
+        "",
+    )
+    encoder_api_key_file: str = _doc(
+        "encoder=remote: file holding an API key, sent as `Authorization: Bearer <key>` (read at start; "
+        "surrounding whitespace ignored); empty = no key.",
+        "",
+    )
+    encoder_request_timeout_ms: float = _doc(
+        "encoder=remote: longest one batch request may take (connect, send, answer); slower counts as the "
+        "server being down. A Rerank still waits no longer than encode_timeout_ms.",
+        2000.0,
+    )
+    encoder_retry_seconds: float = _doc(
+        "encoder=remote: after the server could not be reached (refused, timed out, 5xx), batches fail at "
+        "once (Rerank fails open, ENCODER_ERROR) for this long before the next try; 0 = try every batch.",
+        1.0,
+    )
+    encoder_wait_seconds: float = _doc(
+        "encoder=remote: at start, how long to wait for the server to answer the first request (which "
+        "gives the vector size); the sidecar stays NOT_SERVING meanwhile. 0 = as long as it takes.",
+        0.0,
+    )
     # --- caches and user model ---------------------------------------------------------------
     item_cache_size: int = _doc("Item vectors kept (LRU).", 100_000)
     user_cache_size: int = _doc(
@@ -327,8 +363,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.encoder not in ("transformer", "fake"):
-            problems.append("encoder must be 'transformer' or 'fake'")
+        if self.encoder not in ("transformer", "fake", "remote"):
+            problems.append("encoder must be 'transformer', 'fake' or 'remote'")
+        elif self.encoder == "remote":
+            if not self.encoder_url.startswith(("http://", "https://")):
+                problems.append("encoder=remote needs encoder_url, an http:// or https:// URL")
+            if not self.encoder_model:
+                problems.append("encoder=remote needs encoder_model (the model name the server serves)")
+        if self.encoder_request_timeout_ms <= 0 or self.encoder_retry_seconds < 0 or self.encoder_wait_seconds < 0:
+            problems.append("encoder_request_timeout_ms must be positive, encoder_retry_seconds and encoder_wait_seconds >= 0")
         if self.device not in ("cpu", "cuda", "auto"):
             problems.append("device must be 'cpu', 'cuda' or 'auto'")
         if self.dtype not in ("float32", "float16", "bfloat16", "int8"):

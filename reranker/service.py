@@ -210,6 +210,8 @@ class RerankService:
         self.metrics.not_ready()
         if self._batcher is not None:
             self._batcher.close()
+        if callable(close_encoder := getattr(self._encoder, "close", None)):
+            close_encoder()  # a remote encoder's connections
         if self._snapshots is not None:
             self._snapshots.stop()
         if self._reloader is not None:
