@@ -90,6 +90,30 @@ def test_sampling_zero_logs_events_but_no_lists_and_control_lists_are_marked(tmp
     assert not read_training_log(tmp_path / "b", variants={"reranked"}).lists
 
 
+ODD_IDS = ["a\tb", "a b", "c\nd", "c d", "e\\tf", "g\\", "h\r", "h\\r", "i\\\\n\t"]
+
+
+def test_ids_with_tabs_newlines_and_backslashes_round_trip_exactly(tmp_path: Path, make_server: ServerFactory) -> None:
+    """Ids are escaped reversibly (a row is one line), and read back exactly: `a<TAB>b` and `a b` stay two ids."""
+    running, stub = make_server(fake_settings(training_log_dir=str(tmp_path)))
+    assert len(set(ODD_IDS)) == len(ODD_IDS)
+    for n, user in enumerate(["u\tx", "u x", "u\\tx"]):
+        cands = [candidate(item, float(10 - i), f"text {i}") for i, item in enumerate(ODD_IDS)]
+        stub.Rerank(pb.RerankRequest(user_id=user, candidates=cands, request_id=f"list\t{n}"))
+        stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, item) for item in ODD_IDS]))
+    running.stop(0)
+    log = read_training_log(tmp_path)  # what `reranker train --training-log` reads
+    assert [(s.list_id, s.user_id, [r.item_id for r in s.rows]) for s in log.lists] == [
+        (f"list\t{n}", user, ODD_IDS) for n, user in enumerate(["u\tx", "u x", "u\\tx"])
+    ]
+    assert [(e.user_id, e.item_id) for e in log.events] == [
+        (user, item) for user in ["u\tx", "u x", "u\\tx"] for item in ODD_IDS
+    ]
+    for path in tmp_path.glob("*.tsv"):  # every row is one line of the declared width
+        header, *rows = path.read_text().split("\n")[:-1]
+        assert {len(r.split("\t")) for r in rows} == {len(header.split("\t"))}
+
+
 def _record(i: int, user: str = "u", n: int = 3) -> traininglog.ServedRecord:
     cands = tuple(Candidate(f"i{j}", float(n - j)) for j in range(n))
     result = RerankResult(RankedItems([c.item_id for c in cands], [0.0] * n, [0.0] * n, [0.0] * n, list(range(n))),
