@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ ENV_PREFIX = "RERANKER_"
 
 # Arm names the server uses itself (the response's `arm`, the online metrics' `arm` label).
 RESERVED_ARMS = ("control", "treatment", "bypassed")
+ARM_NAME = re.compile(r"[A-Za-z0-9_-]+")  # ASCII only: str.isalnum() would also take other scripts' letters and digits
 # URL schemes of redis_url / stream_url: one Redis, or a Redis Cluster (any node; the client finds the rest).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
@@ -463,7 +465,7 @@ class Settings:
             name = name.strip()
             if not sep or not sep2 or not path.strip():
                 raise ValueError(f"experiment_arms entry {part!r} is not name=percent:path")
-            if not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_ARMS:
+            if not ARM_NAME.fullmatch(name) or name in RESERVED_ARMS:
                 raise ValueError(f"experiment_arms: arm name {name!r} must be [A-Za-z0-9_-] and not one of {RESERVED_ARMS}")
             if name in {a[0] for a in arms}:
                 raise ValueError(f"experiment_arms: arm {name!r} is named twice")
