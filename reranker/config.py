@@ -303,6 +303,12 @@ class Settings:
         1.0,
     )
     training_log_fsync: bool = _doc("fsync after every flush too (power-loss bound = one flush interval; costs disk I/O).", False)
+    training_log_retry_seconds: float = _doc(
+        "After a training-log write fails (full disk, training_log_dir missing or not writable), records are dropped "
+        "and counted for this long, then a new file is tried; the failure is logged at most once per this interval. "
+        "Serving is never affected.",
+        30.0,
+    )
     head_reload_seconds: float = _doc(
         "How often head_path (and the arms' head files) are checked for a new file (atomic rename); the new head "
         "is loaded and validated off the request path and swapped in. SIGHUP reloads at once. 0 = SIGHUP only.",
@@ -419,7 +425,7 @@ class Settings:
         if not 0.0 <= self.training_log_sample <= 1.0:
             problems.append("training_log_sample must be in [0, 1]")
         for name in ("training_log_max_file_bytes", "training_log_queue_size", "training_log_flush_seconds",
-                     "training_log_max_file_seconds", "online_metrics_k", "online_metrics_max_lists"):
+                     "training_log_max_file_seconds", "training_log_retry_seconds", "online_metrics_k", "online_metrics_max_lists"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.training_log_keep_files < 0 or self.head_reload_seconds < 0 or self.online_metrics_window_seconds < 0:
