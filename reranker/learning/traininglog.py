@@ -21,7 +21,8 @@ event_type.
 
 User ids: with `log_user_salt` set, both files carry `observability.user_hash(salt, user_id)`
 (the access log's hash), so lists and events still join, and a log trained on never sees raw ids.
-Tabs and line breaks inside ids become spaces (a row is always one line).
+A backslash, tab, LF or CR inside an id (or list id, model version) is escaped as \\\\, \\t, \\n, \\r
+(a row is always one line); `read_training_log` undoes it exactly.
 
 Durability (the fsync policy):
 - the writer thread hands each batch to the OS (one write + flush) at least every
@@ -32,6 +33,13 @@ Durability (the fsync policy):
 - a crash can leave a last line without its newline, or a list with fewer rows than its
   `list_size`: `read_training_log` never takes either as data. A restarted server never appends to
   an old file (it starts new ones), so a torn tail stays a tail.
+
+Failures (best effort, docs/reliability.md "Training log"): the writer hands bytes to the OS itself
+(os.write), so `reranker_training_log_records_total` counts exactly the records (lists; events: one
+per event) that reached the file. A failed create/write/fsync (full disk, unusable directory) closes
+that file at a torn tail, is counted, logged at most once per `training_log_retry_seconds`, and
+records are dropped and counted for that long before a new file is tried. Nothing here raises into
+a request, the model load or the shutdown.
 """
 
 from __future__ import annotations
