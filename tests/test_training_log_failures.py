@@ -206,3 +206,20 @@ def test_close_never_raises_on_a_full_disk_and_counts_the_rows_that_reached_it(t
     assert done.returncode == 0, done.stderr[-3000:]
     written, dropped, on_disk = (int(x) for x in done.stdout.split())
     assert 0 < on_disk < 1000 and written == on_disk and dropped == 1000 - on_disk
+
+
+def test_a_failing_sink_is_logged_once_per_interval_and_the_records_are_still_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_record: object) -> None:
+        raise RuntimeError("join failed")
+
+    settings = dataclasses.replace(fake_settings(), training_log_flush_seconds=0.01)
+    with caplog.at_level("ERROR", logger="reranker.learning.traininglog"):
+        log = TrainingLog(settings, directory=str(tmp_path), sinks=[broken])
+        for i in range(100):
+            log.events([Event("u", f"item-{i}", EventType.CLICK, float(i + 1))])
+        log.close()
+    assert log.written["events"] == 100 and len(read_training_log(tmp_path).events) == 100
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "sink" in errors[0].getMessage() and errors[0].exc_info is not None

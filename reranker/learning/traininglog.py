@@ -160,10 +160,6 @@ class RotatingTsv:
             return False
         return True
 
-    @property
-    def failing(self) -> bool:
-        return self._retry_at > 0.0
-
     def write(self, text: str) -> None:
         """Buffer one record (whole lines); rotates first when the file is full or old."""
         if self._fd is not None and (self._bytes >= self.max_bytes or self._clock() - self._opened_at >= self.max_seconds):
@@ -281,14 +277,14 @@ class _Throttled:
         self._next = 0.0
         self._held = 0
 
-    def error(self, message: str, *args: object) -> None:
+    def error(self, message: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
         if now < self._next:
             self._held += 1
             return
         held, self._held, self._next = self._held, 0, now + self.interval
         suffix = f" ({held} more since the last message)" if held else ""
-        log.error(message + suffix, *args)
+        log.error(message + suffix, *args, exc_info=exc_info)
 
 
 class TrainingLog:
