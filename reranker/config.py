@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ ENV_PREFIX = "RERANKER_"
 
 # Arm names the server uses itself (the response's `arm`, the online metrics' `arm` label).
 RESERVED_ARMS = ("control", "treatment", "bypassed")
+ARM_NAME = re.compile(r"[A-Za-z0-9_-]+")  # ASCII only: str.isalnum() would also take other scripts' letters and digits
 # URL schemes of redis_url / stream_url: one Redis, or a Redis Cluster (any node; the client finds the rest).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
@@ -337,6 +339,12 @@ class Settings:
         1.0,
     )
     training_log_fsync: bool = _doc("fsync after every flush too (power-loss bound = one flush interval; costs disk I/O).", False)
+    training_log_retry_seconds: float = _doc(
+        "After a training-log write fails (full disk, training_log_dir missing or not writable), records are dropped "
+        "and counted for this long, then a new file is tried; the failure is logged at most once per this interval. "
+        "Serving is never affected.",
+        30.0,
+    )
     head_reload_seconds: float = _doc(
         "How often head_path (and the arms' head files) are checked for a new file (atomic rename); the new head "
         "is loaded and validated off the request path and swapped in. SIGHUP reloads at once. 0 = SIGHUP only.",
@@ -460,7 +468,7 @@ class Settings:
         if not 0.0 <= self.training_log_sample <= 1.0:
             problems.append("training_log_sample must be in [0, 1]")
         for name in ("training_log_max_file_bytes", "training_log_queue_size", "training_log_flush_seconds",
-                     "training_log_max_file_seconds", "online_metrics_k", "online_metrics_max_lists"):
+                     "training_log_max_file_seconds", "training_log_retry_seconds", "online_metrics_k", "online_metrics_max_lists"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.training_log_keep_files < 0 or self.head_reload_seconds < 0 or self.online_metrics_window_seconds < 0:
@@ -506,7 +514,7 @@ class Settings:
             name = name.strip()
             if not sep or not sep2 or not path.strip():
                 raise ValueError(f"experiment_arms entry {part!r} is not name=percent:path")
-            if not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_ARMS:
+            if not ARM_NAME.fullmatch(name) or name in RESERVED_ARMS:
                 raise ValueError(f"experiment_arms: arm name {name!r} must be [A-Za-z0-9_-] and not one of {RESERVED_ARMS}")
             if name in {a[0] for a in arms}:
                 raise ValueError(f"experiment_arms: arm {name!r} is named twice")

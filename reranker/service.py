@@ -205,28 +205,30 @@ class RerankService:
         return self._reloader.check(force=True) if self._reloader is not None else False
 
     def close(self) -> None:
+        """Stop everything, each step whatever the others did: a failed step is logged and the next
+        one runs (the training-log close, the snapshot and the Redis replay flush above all)."""
         was_ready = self.ready
         self._ready.clear()
-        self.metrics.not_ready()
-        if self._batcher is not None:
-            self._batcher.close()
-        if callable(close_encoder := getattr(self._encoder, "close", None)):
-            close_encoder()  # a remote encoder's connections
-        if self._snapshots is not None:
-            self._snapshots.stop()
-        if self._reloader is not None:
-            self._reloader.stop()
-        if self.training_log is not None:
-            self.training_log.close()
-        if was_ready and self.settings.snapshot_path:
+        steps: list[tuple[str, Callable[[], object] | None]] = [
+            ("metrics", self.metrics.not_ready),
+            ("encoder batcher", self._batcher.close if self._batcher is not None else None),
+            ("encoder connections", getattr(self._encoder, "close", None)),
+            ("periodic snapshots", self._snapshots.stop if self._snapshots is not None else None),
+            ("head reloader", self._reloader.stop if self._reloader is not None else None),
+            ("training log", self.training_log.close if self.training_log is not None else None),
+            ("snapshot (the previous snapshot is kept)",
+             self.save_snapshot if was_ready and self.settings.snapshot_path else None),
+            ("profile store (with Redis: the replay of events kept during an outage)",
+             self.profiles.close if self.profiles is not None else None),
+            ("catalog", self.catalog.close if self.catalog is not None else None),
+        ]
+        for what, step in steps:
+            if step is None:
+                continue
             try:
-                self.save_snapshot()
+                step()
             except Exception:
-                log.exception("snapshot at shutdown failed; the previous snapshot is kept")
-        if self.profiles is not None:
-            self.profiles.close()
-        if self.catalog is not None:
-            self.catalog.close()
+                log.exception("shutdown: %s failed; going on with the next step", what)
 
     def _local_profiles(self) -> InProcessProfileStore | CompactProfileStore | None:
         """The in-process store, when it is the store of record (with Redis, Redis persists profiles)."""

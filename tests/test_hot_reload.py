@@ -163,6 +163,16 @@ def test_arm_settings_are_validated() -> None:
             Settings(experiment_arms=bad)
 
 
+def test_arm_names_are_exactly_ascii_letters_digits_underscore_and_hyphen() -> None:
+    """What the message says, [A-Za-z0-9_-], is what the flag accepts: no other letters or digits."""
+    for name in ("_", "-", "a_b", "A-1", "__x--", "Z9"):
+        settings = Settings.from_sources([f"--experiment-arms={name}=10:/x.npz"], {})
+        assert settings.parsed_experiment_arms() == [(name, 10.0, "/x.npz")]
+    for name in ("ä", "١", "a.b", "a/b", "ǅ", "x²", "a\u00a0b"):
+        with pytest.raises(ValueError, match=r"must be \[A-Za-z0-9_-\]"):
+            Settings.from_sources([f"--experiment-arms={name}=10:/x.npz"], {})
+
+
 def test_arm_buckets_follow_the_order_given() -> None:
     settings = Settings(treatment_percent=50.0, experiment_arms="b=10:/b.npz,c=5:/c.npz")
     table = arms.build_table(settings, "enc", {})
