@@ -136,6 +136,15 @@ class Settings:
     kill_switch: bool = _doc("Global bypass: every Rerank returns the upstream order (VARIANT_BYPASSED).", False)
     treatment_percent: float = _doc("Share of users (by stable hash) that get reranking; the rest are CONTROL.", 100.0)
     experiment_salt: str = _doc("Bucketing salt when the request names no experiment.", "reranker")
+    runtime_settings_file: str = _doc(
+        "A JSON or YAML file (e.g. a mounted ConfigMap) whose settings override these while the server runs: "
+        "kill_switch, treatment_percent, experiment_arms, blend_weight, diversity, consumed_policy, "
+        "access_log_sample, training_log_sample (and an optional `version` label). Checked every "
+        "runtime_settings_poll_seconds and applied without a restart; a bad file keeps the settings in force "
+        "(logged, counted). A key left out takes its flag/environment value. Empty = off. See docs/operations.md.",
+        "",
+    )
+    runtime_settings_poll_seconds: float = _doc("How often runtime_settings_file is read for a change.", 1.0)
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
     # --- user model (issue 3) ----------------------------------------------------------------
@@ -378,6 +387,8 @@ class Settings:
                 problems.append(f"{name} must be positive")
         if self.stream_claim_idle_ms < 0:
             problems.append("stream_claim_idle_ms must be >= 0")
+        if self.runtime_settings_poll_seconds <= 0:
+            problems.append("runtime_settings_poll_seconds must be positive")
         if self.catalog_poll_seconds < 0:
             problems.append("catalog_poll_seconds must be >= 0")
         if self.redis_wait_replicas < 0:

@@ -66,6 +66,10 @@ class Observer:
         self._sample = settings.access_log_sample
         self._user_salt = settings.log_user_salt
 
+    def apply(self, settings: Settings) -> None:
+        """Runtime settings changed (RerankService.watch_settings): the access-log sample follows."""
+        self._sample = settings.access_log_sample
+
     def observed(self, behavior: Handler, method: str, *, streaming: bool) -> Handler:
         async def observe(request: Any, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()

@@ -174,7 +174,9 @@ def build_server(
         server = aio.server(
             interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None
         )
-        add_to_server(RerankerServicer(service, pool), server, Observer(settings, service.metrics))
+        observer = Observer(service.settings, service.metrics)
+        service.watch_settings(observer.apply)  # runtime_settings_file changes access_log_sample
+        add_to_server(RerankerServicer(service, pool), server, observer)
         health_servicer = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):  # before start: never SERVING while the model loads
             await health_servicer.set(name, NOT_SERVING)
@@ -278,8 +280,10 @@ def serve(settings: Settings) -> int:
             stopping.set()
 
     def on_hangup(_signum: int, _frame: object) -> None:
-        log.info("SIGHUP: reloading the ranking heads")
+        log.info("SIGHUP: reloading the ranking heads and the runtime settings file")
         threading.Thread(target=running.service.reload_heads, name="sighup-reload", daemon=True).start()
+        if running.service.runtime_settings is not None:
+            threading.Thread(target=running.service.runtime_settings.check, name="sighup-settings", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
