@@ -263,11 +263,18 @@ class Settings:
     log_user_salt: str = _doc(
         "When set, access-log lines carry `user_hash` = salted hash of the user id (raw ids are never logged).", ""
     )
-    otel_enabled: bool = _doc("OpenTelemetry tracing of every RPC (needs the `otel` extra).", False)
-    otel_endpoint: str = _doc(
-        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; empty = exporter default/OTEL_* env.", ""
+    otel_enabled: bool = _doc(
+        "OpenTelemetry tracing of every RPC (needs the `otel` extra); the standard OTEL_* variables apply "
+        "(OTEL_SDK_DISABLED=true keeps it off).", False
     )
-    otel_service_name: str = _doc("service.name resource attribute of the exported traces.", "reranker")
+    otel_endpoint: str = _doc(
+        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; overrides "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT. Empty = those variables, else the exporter default.", ""
+    )
+    otel_service_name: str = _doc(
+        "service.name resource attribute of the exported traces; overrides OTEL_SERVICE_NAME and "
+        "OTEL_RESOURCE_ATTRIBUTES. Empty = those variables, else `reranker`.", ""
+    )
     # --- ranking head (issue 4) ---
     head_path: str = _doc(
         "Ranking head artefact from `reranker train` (.npz); empty = the fixed blend. A head that cannot be "

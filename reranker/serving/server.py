@@ -162,7 +162,7 @@ def build_server(
     ]
     interceptors: list[aio.ServerInterceptor] = []
     owned_provider = None
-    if settings.otel_enabled:
+    if tracing.tracing_enabled(settings):
         if tracer_provider is None:
             tracer_provider = owned_provider = tracing.build_tracer_provider(settings)
         interceptors.append(tracing.tracing_interceptor(tracer_provider))
