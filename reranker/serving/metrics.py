@@ -124,6 +124,14 @@ class Metrics:
             "max_event_skew_seconds after server time, or `weight` beyond max_event_weight / not finite.",
             ["field"], registry=r,
         )
+        self.rerank_orders = Counter(
+            "reranker_rerank_orders",
+            "Rerank answers by experiment arm (`bypassed` for bypass) and the order served: personalized (the "
+            "user's profile), cold (VARIANT_RERANKED for a user with no profile: the upstream order), upstream "
+            "(control, bypass, fallback).",
+            ["arm", "order"], registry=r,
+        )
+        self._order_children: dict[tuple[str, str], Any] = {}
         self._rpc_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._cache_lock = threading.Lock()
         self._cache_source: Callable[[], dict[str, tuple[int, int, int]]] = dict
@@ -176,6 +184,14 @@ class Metrics:
         children[1].inc()
         if fallback_reason:
             self.fallbacks.labels(reason=fallback_reason).inc()
+
+    def observe_order(self, arm: str, order: str) -> None:
+        """One Rerank answer: its arm and the order it served (onlinemetrics.order_of)."""
+        key = (arm, order)
+        child = self._order_children.get(key)
+        if child is None:
+            child = self._order_children[key] = self.rerank_orders.labels(arm=arm or "bypassed", order=order)
+        child.inc()
 
     def exposition(self) -> bytes:
         """The text format a scrape returns (also handy in tests and debugging)."""
