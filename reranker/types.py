@@ -348,7 +348,7 @@ PERSONALIZED, COLD, UPSTREAM = "personalized", "cold", "upstream"
 
 def order_of(result: RerankResult) -> str:
     """PERSONALIZED, COLD or UPSTREAM: what `result` served (a cold user's VARIANT_RERANKED is COLD)."""
-    if result.variant != Variant.RERANKED:
+    if result.variant is not Variant.RERANKED:
         return UPSTREAM
     return COLD if result.cold_user else PERSONALIZED
 
