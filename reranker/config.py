@@ -174,6 +174,15 @@ class Settings:
     kill_switch: bool = _doc("Global bypass: every Rerank returns the upstream order (VARIANT_BYPASSED).", False)
     treatment_percent: float = _doc("Share of users (by stable hash) that get reranking; the rest are CONTROL.", 100.0)
     experiment_salt: str = _doc("Bucketing salt when the request names no experiment.", "reranker")
+    runtime_settings_file: str = _doc(
+        "A JSON or YAML file (e.g. a mounted ConfigMap) whose settings override these while the server runs: "
+        "kill_switch, treatment_percent, experiment_arms, blend_weight, diversity, consumed_policy, "
+        "access_log_sample, training_log_sample (and an optional `version` label). Checked every "
+        "runtime_settings_poll_seconds and applied without a restart; a bad file keeps the settings in force "
+        "(logged, counted). A key left out takes its flag/environment value. Empty = off. See docs/operations.md.",
+        "",
+    )
+    runtime_settings_poll_seconds: float = _doc("How often runtime_settings_file is read for a change.", 1.0)
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
     # --- user model (issue 3) ----------------------------------------------------------------
@@ -292,11 +301,18 @@ class Settings:
     log_user_salt: str = _doc(
         "When set, access-log lines carry `user_hash` = salted hash of the user id (raw ids are never logged).", ""
     )
-    otel_enabled: bool = _doc("OpenTelemetry tracing of every RPC (needs the `otel` extra).", False)
-    otel_endpoint: str = _doc(
-        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; empty = exporter default/OTEL_* env.", ""
+    otel_enabled: bool = _doc(
+        "OpenTelemetry tracing of every RPC (needs the `otel` extra); the standard OTEL_* variables apply "
+        "(OTEL_SDK_DISABLED=true keeps it off).", False
     )
-    otel_service_name: str = _doc("service.name resource attribute of the exported traces.", "reranker")
+    otel_endpoint: str = _doc(
+        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; overrides "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT. Empty = those variables, else the exporter default.", ""
+    )
+    otel_service_name: str = _doc(
+        "service.name resource attribute of the exported traces; overrides OTEL_SERVICE_NAME and "
+        "OTEL_RESOURCE_ATTRIBUTES. Empty = those variables, else `reranker`.", ""
+    )
     # --- ranking head (issue 4) ---
     head_path: str = _doc(
         "Ranking head artefact from `reranker train` (.npz); empty = the fixed blend. A head that cannot be "
@@ -429,6 +445,8 @@ class Settings:
                 problems.append(f"{name} must be positive")
         if self.stream_claim_idle_ms < 0:
             problems.append("stream_claim_idle_ms must be >= 0")
+        if self.runtime_settings_poll_seconds <= 0:
+            problems.append("runtime_settings_poll_seconds must be positive")
         if self.catalog_poll_seconds < 0:
             problems.append("catalog_poll_seconds must be >= 0")
         if self.redis_wait_replicas < 0:

@@ -117,6 +117,16 @@ class HeadReloader:
                 self._swap(arms_module.build_table(self._settings, self._encoder_version, heads))
             return changed
 
+    def retarget(self, settings: Settings) -> None:
+        """New runtime settings changed the arms: build their table from the one in force (heads
+        kept, new files loaded: HeadError leaves everything as it was), swap it in and watch its
+        files from now on; under the reload lock, so a head reload in progress is not undone."""
+        with self._lock:
+            table = arms_module.rebuild_table(settings, self._encoder_version, self._dim, self._get())
+            self._settings = settings
+            self._swap(table)
+            self._seen = {name: _signature(path) for name, path in table.paths().items()}
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()

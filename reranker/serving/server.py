@@ -173,7 +173,7 @@ def build_server(
     ]
     interceptors: list[aio.ServerInterceptor] = []
     owned_provider = None
-    if settings.otel_enabled:
+    if tracing.tracing_enabled(settings):
         if tracer_provider is None:
             tracer_provider = owned_provider = tracing.build_tracer_provider(settings)
         interceptors.append(tracing.tracing_interceptor(tracer_provider))
@@ -185,7 +185,9 @@ def build_server(
         server = aio.server(
             interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None
         )
-        add_to_server(RerankerServicer(service, pool), server, Observer(settings, service.metrics))
+        observer = Observer(service.settings, service.metrics)
+        service.watch_settings(observer.apply)  # runtime_settings_file changes access_log_sample
+        add_to_server(RerankerServicer(service, pool), server, observer)
         health_servicer = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):  # before start: never SERVING while the model loads
             await health_servicer.set(name, NOT_SERVING)
@@ -277,8 +279,11 @@ def serve(settings: Settings) -> int:
     def on_hangup(_signum: int, _frame: object) -> None:
         if not started:
             return  # nothing to reload yet: the heads are read when the model loads
-        log.info("SIGHUP: reloading the ranking heads")
-        threading.Thread(target=started[0].service.reload_heads, name="sighup-reload", daemon=True).start()
+        log.info("SIGHUP: reloading the ranking heads and the runtime settings file")
+        service = started[0].service
+        threading.Thread(target=service.reload_heads, name="sighup-reload", daemon=True).start()
+        if service.runtime_settings is not None:
+            threading.Thread(target=service.runtime_settings.check, name="sighup-settings", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
