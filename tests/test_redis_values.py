@@ -20,9 +20,10 @@ import redis
 
 from reranker.serving.observability import user_hash
 from reranker.types import Event, EventType
+from reranker.users.consumed import item_key
 from reranker.users.compact import CompactProfile, decode, encode
 from reranker.users.compact_redis import CompactRedisProfileStore
-from reranker.users.profiles import log_name, user_vector
+from reranker.users.profiles import UNREADABLE_REASONS, log_name, user_vector
 from reranker.users.redis_store import RedisProfileStore
 from reranker.users.stores import make_profile_store
 from reranker.v1 import reranker_pb2 as pb
@@ -99,6 +100,7 @@ def compact_nan_long_term(blob: bytes) -> bytes:
 
 
 NAN64 = struct.pack("<d", math.nan) * 64
+F1 = item_key("f1").to_bytes(8, "little")  # the consumed-item key of the victim's next event
 POISONS = {
     # full layout: a wrong-type key at each of the user's six keys
     **{f"full-wrong-type-{s}": ("full", wrong_type(s), "wrong_type") for s in ("p", "r", "h", "i", "c", "cz")},
@@ -112,6 +114,10 @@ POISONS = {
     "full-history-nan-vector": ("full", full_history_member(lambda m: m[:-4] + struct.pack("<f", math.nan)), "non_finite"),
     "full-recent-junk": ("full", lambda c: c.lpush(key(VICTIM, "r"), b"{not json"), "layout"),
     "full-consumed-short": ("full", lambda c: c.hset(key(VICTIM, "c"), b"k" * 8, b"\x01" * 7), "layout"),
+    # ... the entry of the item the next event is on (the Lua fold reads it, and fails on it)
+    "full-consumed-short-item": ("full", lambda c: c.hset(key(VICTIM, "c"), F1, b"\x01" * 7), "layout"),
+    "full-consumed-nan-item": ("full", lambda c: c.hset(key(VICTIM, "c"), F1, struct.pack("<5d", *[math.nan] * 5)),
+                               "non_finite"),
     # compact layout: one string key per user
     "compact-wrong-type": ("compact", wrong_type("u"), "wrong_type"),
     "compact-bad-utf8": ("compact", compact_blob(lambda b: b[:-1] + b"\xff"), "bad_utf8"),
@@ -121,9 +127,17 @@ POISONS = {
 }
 
 
-@pytest.mark.parametrize("case", list(POISONS))
+# The full layout's Lua fold does not read the history rows, the recent events, nor the consumed
+# entries of other items: a bad value there is found by the user's next read (and dropped with what
+# was written into it meanwhile).
+FOUND_BY_READS_ONLY = {"full-history-bad-utf8", "full-history-truncated", "full-history-nan-vector",
+                       "full-recent-junk", "full-consumed-short"}
+
+
+@pytest.mark.parametrize("case,first", [(case, "read") for case in POISONS]
+                         + [(case, "write") for case in POISONS if case not in FOUND_BY_READS_ONLY])
 def test_an_unreadable_value_at_one_users_key_is_that_users_problem_alone(
-    case: str, client: redis.Redis, redis_server: RedisServer, make_server: ServerFactory,
+    case: str, first: str, client: redis.Redis, redis_server: RedisServer, make_server: ServerFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     layout, poison, reason = POISONS[case]
@@ -135,12 +149,12 @@ def test_an_unreadable_value_at_one_users_key_is_that_users_problem_alone(
     assert ranked_ids(stub, "other", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
     poison(client)
 
-    # Reads: the victim gets an answer (cold or personalized, finite scores), everyone else is served from Redis.
-    answer = stub.Rerank(pb.RerankRequest(user_id=VICTIM, candidates=TOPIC_CANDIDATES), timeout=10)
-    assert answer.variant == pb.VARIANT_RERANKED
-    assert all(math.isfinite(it.score) and math.isfinite(it.semantic_score) for it in answer.items)
-    assert profile(stub, VICTIM).user_id == VICTIM  # OK, never INTERNAL
-    assert ranked_ids(stub, "other", TOPIC_CANDIDATES) == ["c-piano", "c-football"]  # not the fallback: it knows no one
+    if first == "read":  # the victim gets an answer (cold or personalized, finite scores), others are read from Redis
+        answer = stub.Rerank(pb.RerankRequest(user_id=VICTIM, candidates=TOPIC_CANDIDATES), timeout=10)
+        assert answer.variant == pb.VARIANT_RERANKED
+        assert all(math.isfinite(it.score) and math.isfinite(it.semantic_score) for it in answer.items)
+        assert profile(stub, VICTIM).user_id == VICTIM  # OK, never INTERNAL
+        assert ranked_ids(stub, "other", TOPIC_CANDIDATES) == ["c-piano", "c-football"]  # the fallback knows no one
 
     # Writes: the bystander's events in the victim's batch are applied (in Redis); the victim starts over.
     written = record(stub, event(VICTIM, "f1", FOOTBALL, event_id="v-new", **at(T0 + 10)),
@@ -187,6 +201,28 @@ def test_the_log_name_is_the_access_logs_user_hash() -> None:
     log_user_salt is set), so an operator can follow one user from the RPC to the store."""
     assert log_name("u-1") == user_hash("", "u-1") and log_name("u-1") != log_name("u-2")
     assert log_name("u-1", "salt") == user_hash("salt", "u-1") != log_name("u-1")
+
+
+def test_a_redis_error_that_is_not_a_users_value_still_fails_over(client: redis.Redis,
+                                                                    redis_server: RedisServer) -> None:
+    """Redis out of memory replies with an error per script, like a bad value would: the store reads the
+    user's keys, finds them fine, and fails over to its fallback for everyone (then replays), as for
+    an outage; nothing is dropped."""
+    store = make_profile_store(fake_settings(redis_url=redis_server.url, redis_timeout_ms=2000.0,
+                                             redis_retry_seconds=0.0), 8)
+    assert isinstance(store, RedisProfileStore)
+    vector = np.ones(8, np.float32) / np.sqrt(8)
+    store.apply([(Event(u, "i1", EventType.CLICK, T0, f"{u}-1"), vector) for u in (VICTIM, "other")], T0)
+    client.config_set("maxmemory", "1")
+    try:
+        store.apply([(Event(u, "i2", EventType.CLICK, T0 + 1, f"{u}-2"), vector) for u in (VICTIM, "other")], T0)
+        assert store.degraded and "OutOfMemory" in store.last_error and store.unreadable == 0
+    finally:
+        client.config_set("maxmemory", "0")
+    store.apply([(Event("other", "i3", EventType.CLICK, T0 + 2, "other-3"), vector)], T0)
+    store.close()  # waits for the replay
+    assert not store.degraded and client.exists(store.keys(VICTIM)[0])
+    assert make_profile_store(fake_settings(redis_url=redis_server.url), 8).get(VICTIM).event_count == 2  # type: ignore[union-attr]
 
 
 # --- fuzz: every truncation and byte flip of a compact profile ------------------------------------
@@ -271,7 +307,7 @@ def test_every_truncation_and_byte_flip_of_a_compact_profile_is_that_users_probl
             assert store.unreadable > before, name
     assert store.get("bystander").event_count == bystander_events  # type: ignore[union-attr]
     assert sum(store.unreadable_reasons.values()) == store.unreadable > 100
-    assert set(store.unreadable_reasons) <= {"layout", "bad_utf8", "non_finite", "wrong_type"}
+    assert set(store.unreadable_reasons) <= set(UNREADABLE_REASONS)
 
 
 def test_compact_profile_with_a_bad_utf8_id_is_refused_by_decode_with_a_reason() -> None:

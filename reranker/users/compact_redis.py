@@ -13,7 +13,8 @@ number (its first 8 bytes) in a short Lua script:
 A user written by another replica in between is read and folded again (bounded retries), so
 concurrent writers never lose an event and a replayed event id is never counted twice. The key
 expires `ttl_seconds` after the user's last event. Everything else (failover to the in-process
-fallback, replay, WAIT for replicas, Cluster redirects) is RedisProfileStore's.
+fallback, replay, WAIT for replicas, Cluster redirects, dropping an unreadable value: here anything
+`compact.decode` refuses, or a key of another type) is RedisProfileStore's.
 """
 
 from __future__ import annotations

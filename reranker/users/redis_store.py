@@ -29,6 +29,14 @@ carry the same `{user_id}` hash tag, so one user's update runs on one node; the 
 fans out by node. A node that fails (a failover in progress) fails that call like a lost single
 Redis: the store serves from the fallback and replays once the cluster answers again.
 
+An unreadable value at one user's keys (a key of another type, junk, a wrong size, an id that is not
+UTF-8, a number that is not finite) is that user's problem alone: the user reads as new, and the
+store deletes the user's keys with a compare-and-delete on what it read (RESET_SCRIPT), counted by
+reason (`unreadable_reasons`) and logged under the user's hash (profiles.log_name). Writes: the APPLY
+script refuses such a hash before writing (-2), and a script's error reply is returned for its user
+only; either way the user's keys are read again, dropped if unreadable, and its events fold into a
+new profile. An error reply whose user reads fine is Redis' own: the store fails over (below).
+
 Redis down: the store never raises to the service. A failed call marks the store degraded for
 `retry_seconds` and serves from an in-process fallback store instead: events recorded meanwhile go
 there (so this replica still personalizes them) and into a bounded replay buffer, which a
@@ -121,7 +129,11 @@ local function consume(ck, ts, mass, smass)
   local old = redis.call('HGET', ckey, ck)
   local n, last, m, sm = 1, ts, mass, smass
   if old then
+    if #old ~= 40 then error('a consumed-item entry of ' .. #old .. ' bytes') end
     local on, olast, om, osm, oref = struct.unpack('<ddddd', old)
+    if not (finite(on) and finite(olast) and finite(om) and finite(osm) and finite(oref)) then
+      error('a consumed-item entry that is not finite')
+    end
     repeats = repeats + 1
     n = on + 1
     if olast > last then last = olast end
