@@ -104,9 +104,9 @@ for _, j in ipairs({1, 6}) do
     if #st[j] ~= 8 * dim then return {-2, 0, 0, 0, 0} end
     local v = {struct.unpack(fmt_d, st[j])}
     v[dim + 1] = nil
-    for k = 1, dim do
-      if not finite(v[k]) then return {-2, 0, 0, 0, 0} end
-    end
+    local sum = 0.0  -- NaN and inf carry through the sum, which finite sums of weights cannot overflow
+    for k = 1, dim do sum = sum + v[k] end
+    if not finite(sum) then return {-2, 0, 0, 0, 0} end
     stored[j] = v
   end
 end
