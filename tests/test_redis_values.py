@@ -1,9 +1,9 @@
 """Redis values: an unreadable value at one user's key (a key of the wrong type, junk, bad UTF-8, a
 wrong layout, non-finite numbers) is that user's problem alone, in both profile layouts. Through a
-real redis-server and a real gRPC server: the user reads as new and its next write replaces the
-value; the rest of the batch is applied; the store never goes degraded (other users stay served
-from Redis); the value is counted by reason in the metrics and logged under a hash of the user id,
-never the id itself."""
+real redis-server and a real gRPC server: the user reads as new, the value is dropped when a read or
+a write finds it and the user starts over; the rest of the batch is applied; the store never goes
+degraded (other users stay served from Redis); the drop is counted by reason in the metrics and
+logged under a hash of the user id, never the id itself."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import redis
 from reranker.serving.observability import user_hash
 from reranker.types import Event, EventType
 from reranker.users.consumed import item_key
-from reranker.users.compact import CompactProfile, decode, encode
+from reranker.users.compact import CompactProfile, ProfileFormatError, decode, encode
 from reranker.users.compact_redis import CompactRedisProfileStore
-from reranker.users.profiles import UNREADABLE_REASONS, log_name, user_vector
+from reranker.users.profiles import UNREADABLE_REASONS, UserState, log_name, user_vector
 from reranker.users.redis_store import RedisProfileStore
 from reranker.users.stores import make_profile_store
 from reranker.v1 import reranker_pb2 as pb
@@ -111,7 +111,8 @@ POISONS = {
     "full-junk-count": ("full", full_field("count", b"many"), "layout"),
     "full-history-bad-utf8": ("full", full_history_member(lambda m: m[:-256 - 1] + b"\xff" + m[-256:]), "bad_utf8"),
     "full-history-truncated": ("full", full_history_member(lambda m: m[:30]), "layout"),
-    "full-history-nan-vector": ("full", full_history_member(lambda m: m[:-4] + struct.pack("<f", math.nan)), "non_finite"),
+    "full-history-nan-vector": ("full", full_history_member(lambda m: m[:-4] + struct.pack("<f", math.nan)),
+                                "non_finite"),
     "full-recent-junk": ("full", lambda c: c.lpush(key(VICTIM, "r"), b"{not json"), "layout"),
     "full-consumed-short": ("full", lambda c: c.hset(key(VICTIM, "c"), b"k" * 8, b"\x01" * 7), "layout"),
     # ... the entry of the item the next event is on (the Lua fold reads it, and fails on it)
@@ -222,13 +223,14 @@ def test_a_redis_error_that_is_not_a_users_value_still_fails_over(client: redis.
     store.apply([(Event("other", "i3", EventType.CLICK, T0 + 2, "other-3"), vector)], T0)
     store.close()  # waits for the replay
     assert not store.degraded and client.exists(store.keys(VICTIM)[0])
-    assert make_profile_store(fake_settings(redis_url=redis_server.url), 8).get(VICTIM).event_count == 2  # type: ignore[union-attr]
+    fresh = make_profile_store(fake_settings(redis_url=redis_server.url), 8)
+    assert fresh.get(VICTIM).event_count == 2  # type: ignore[union-attr]
 
 
 # --- fuzz: every truncation and byte flip of a compact profile ------------------------------------
-def _finite_state(state: object) -> bool:
-    arrays = [state.long_term, state.session, state.history.timestamps, state.history.weights,  # type: ignore[attr-defined]
-              state.history.vectors, state.consumed.mass, state.consumed.session_mass, state.consumed.last]  # type: ignore[attr-defined]
+def _finite_state(state: UserState) -> bool:
+    arrays = [state.long_term, state.session, state.history.timestamps, state.history.weights, state.history.vectors,
+              state.consumed.mass, state.consumed.session_mass, state.consumed.last]
     return all(bool(np.isfinite(a).all()) for a in arrays if a is not None)
 
 
@@ -311,10 +313,8 @@ def test_every_truncation_and_byte_flip_of_a_compact_profile_is_that_users_probl
 
 
 def test_compact_profile_with_a_bad_utf8_id_is_refused_by_decode_with_a_reason() -> None:
-    blob = encode(CompactProfile(np.zeros(DIM), ref_time=T0, row_times=[T0], row_weights=[1.0], row_types=[2], row_ids=["ab"],
-                                 row_keys=[1]))
-    from reranker.users.compact import ProfileFormatError
-
+    blob = encode(CompactProfile(np.zeros(DIM), ref_time=T0, row_times=[T0], row_weights=[1.0], row_types=[2],
+                                 row_ids=["ab"], row_keys=[1]))
     with pytest.raises(ProfileFormatError) as refused:
         decode(blob[:-1] + b"\xff", DIM)
     assert refused.value.reason == "bad_utf8"

@@ -77,7 +77,7 @@ class CompactRedisProfileStore(RedisProfileStore):
             for user_id, blob in zip(pending, blobs):
                 try:
                     blob = value_of(blob)
-                    p = CompactProfile.new(self.dim) if blob is None else decode(blob, self.dim)  # type: ignore[arg-type]
+                    p = CompactProfile.new(self.dim) if blob is None else decode(blob, self.dim)  # type: ignore
                 except UnreadableProfile:  # dropped; the user is read again (new) in the next round
                     self._drop_unreadable(user_id, self._writer)
                     retry.append(user_id)

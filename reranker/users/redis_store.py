@@ -843,6 +843,6 @@ class RedisProfileStore:
         try:
             self._flush_replay()
         except REDIS_ERRORS as exc:
-            log.warning("could not replay %d events into Redis at shutdown: %s", len(self._replay), exc)
+            log.warning("could not replay %d events into Redis at shutdown: %s", len(self._replay), _redacted(str(exc)))
         self._client.close()
         self._writer.close()
