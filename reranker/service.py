@@ -167,6 +167,7 @@ class RerankService:
         self.metrics.watch_caches(self._cache_counters)
         self._start_learning(encoder)
         self.metrics.watch_profile_repairs(lambda: int(getattr(self.profiles, "repairs", 0)))
+        self.metrics.watch_unreadable_profiles(lambda: dict(getattr(self.profiles, "unreadable_reasons", {})))
         self._ready.set()
         if self.runtime_settings is not None:
             self.runtime_settings.start(self.apply_settings)

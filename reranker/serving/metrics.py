@@ -82,6 +82,22 @@ class _RepairCollector(Collector):
         )
 
 
+class _UnreadableCollector(Collector):
+    def __init__(self, source: Callable[[], dict[str, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            "reranker_profile_unreadable",
+            "Users whose profile in Redis was unreadable (a key of another type, junk, a wrong layout, an id that is "
+            "not UTF-8, a number that is not finite) and was dropped: the user started over. By reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._source().items()):
+            family.add_metric([reason], count)
+        yield family
+
+
 class Metrics:
     """All series of one server. Thread-safe (prometheus_client metrics are)."""
 
@@ -151,6 +167,8 @@ class Metrics:
         r.register(_CacheCollector(self._read_caches))
         self._repairs_source: Callable[[], int] = lambda: 0
         r.register(_RepairCollector(lambda: self._repairs_source()))
+        self._unreadable_source: Callable[[], dict[str, int]] = dict
+        r.register(_UnreadableCollector(lambda: self._unreadable_source()))
 
     # --- hooks called by the service -------------------------------------------------------------
     def model_loaded(self, seconds: float, model_version: str) -> None:
@@ -178,6 +196,10 @@ class Metrics:
     def watch_profile_repairs(self, source: Callable[[], int]) -> None:
         """`source()` -> profiles repaired so far (a decay clock ahead of now), read at every scrape."""
         self._repairs_source = source
+
+    def watch_unreadable_profiles(self, source: Callable[[], dict[str, int]]) -> None:
+        """`source()` -> {reason: users whose unreadable stored profile was dropped}, read at every scrape."""
+        self._unreadable_source = source
 
     def _read_caches(self) -> dict[str, tuple[int, int, int]]:
         with self._cache_lock:
