@@ -44,7 +44,10 @@ MAX_VECTOR_NORM = 1.01
 def unusable_rows(vectors: np.ndarray) -> np.ndarray:
     """Mask of the rows no item vector may be: a component that is not finite, or an L2 norm above
     MAX_VECTOR_NORM. Every vector that enters from outside (catalog, snapshot) is checked with it."""
-    rows = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+    rows = np.asarray(vectors, dtype=np.float32)
+    if rows.size == 0:  # no rows (an empty snapshot section may be stored flat)
+        return np.zeros(len(rows), dtype=bool)
+    rows = rows.reshape(len(rows), -1)
     with np.errstate(over="ignore", invalid="ignore"):
         squared = np.einsum("ij,ij->i", rows, rows)  # NaN or inf when any component is (or it overflows)
     return ~(squared <= MAX_VECTOR_NORM * MAX_VECTOR_NORM)
