@@ -6,14 +6,22 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from reranker.tools.bench import add_arguments as add_bench_arguments
-from reranker.tools.bench import run as run_bench
-from reranker.config import Settings, settings_markdown, settings_parser
+from reranker.signals import install_early
+
+if TYPE_CHECKING:
+    from reranker.config import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the program (the `reranker` script): the process's signals are ours
+        install_early(sys.argv[1:])  # before the heavy imports below: a signal never kills a command by its default action
     argv = list(sys.argv[1:] if argv is None else argv)
+    from reranker.config import settings_parser
+    from reranker.tools.bench import add_arguments as add_bench_arguments
+    from reranker.tools.bench import run as run_bench
+
     parser = argparse.ArgumentParser(prog="reranker", description="gRPC reranking sidecar")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server", parents=[settings_parser()])
@@ -43,12 +51,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_settings(_args: argparse.Namespace, _argv: Sequence[str]) -> int:
+    from reranker.config import settings_markdown
+
     print(settings_markdown())
     return 0
 
 
 def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import faulthandler
+
     from reranker.serving.server import serve
+
+    faulthandler.enable()  # a fatal signal (SIGBUS: a mapped file cut short under us) says where before the process dies
 
     return _with_settings(argv, serve)
 
@@ -68,15 +82,19 @@ def _embed_catalog(args: argparse.Namespace, argv: Sequence[str]) -> int:
         import time
         from pathlib import Path
 
-        from reranker.model.catalog import embed_catalog
+        from reranker.model.catalog import CatalogError, embed_catalog
         from reranker.model.loader import load_encoder
         from reranker.evaluation.formats import read_items
 
         items = read_items(Path(args.items))
         encoder = load_encoder(settings)
         started = time.perf_counter()
-        m = embed_catalog(items.items(), encoder.encode, Path(args.out), model_version=encoder.version,
-                          dtype=args.vector_dtype, batch_size=settings.encode_batch_size)
+        try:
+            m = embed_catalog(items.items(), encoder.encode, Path(args.out), model_version=encoder.version,
+                              dtype=args.vector_dtype, batch_size=settings.encode_batch_size)
+        except CatalogError as exc:  # e.g. a row that is not finite: nothing was written, the old file stays
+            print(f"reranker embed-catalog: {exc}", file=sys.stderr)
+            return 1
         print(f"{args.out}: {m.count} items x {m.dim} {m.dtype}, model {m.model_version}, checksum {m.checksum[:16]}..., "
               f"encoded in {time.perf_counter() - started:.1f} s")
         return 0
@@ -86,6 +104,8 @@ def _embed_catalog(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _with_settings(argv: Sequence[str], run: Callable[[Settings], int]) -> int:
     """Settings from flags and RERANKER_* variables (exit 2 on a bad one), logging, then `run`."""
+    from reranker.config import Settings
+
     try:
         settings = Settings.from_sources(argv, os.environ)
     except ValueError as exc:

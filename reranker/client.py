@@ -10,23 +10,31 @@
 
 - Every call has a deadline (`timeout_s`): one budget for the call *including* its retries.
 - Only UNAVAILABLE is retried (sidecar restarting, model still loading, connection refused), with
-  jittered exponential backoff while the budget lasts. INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
-  DEADLINE_EXCEEDED and the rest are returned at once: retrying them cannot help or makes overload worse.
+  jittered exponential backoff while the budget lasts, by gRPC itself: the channel carries the
+  published service config (reranker/serviceconfig.json, `retryPolicy`), the one a Go or Java caller
+  uses too. INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED and the rest are returned at once:
+  retrying them cannot help or makes overload worse.
 - `rerank_or_upstream` never raises: on any error or timeout it returns the caller's own order
-  (de-duplicated, cut to top_k) with the reason, so the sidecar can never break the page.
+  (de-duplicated, cut to top_k) with the reason, the server's message (`detail`) and, for
+  INVALID_ARGUMENT, the request field that was wrong (`field`), so the sidecar can never break the page.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
@@ -34,6 +42,60 @@ from reranker.v1 import reranker_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# gRPC caps a retry policy's maxAttempts at 5.
+MAX_RETRIES = 4
+# gRPC reads backoffs in whole milliseconds; with a 1 ms initial backoff grpcio 1.85 stalled about half
+# of the retried calls until their deadline (0 of 15 at 2 ms and above, measured): keep clear of that.
+MIN_BACKOFF_S = 0.005
+
+
+@cache
+def published_service_config() -> dict[str, Any]:
+    """reranker/serviceconfig.json: per-method timeouts and the UNAVAILABLE retry policy (gRPC service config)."""
+    return json.loads(resources.files("reranker").joinpath("serviceconfig.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def service_config_options(
+    retries: int = 2, backoff_s: float = 0.01, max_backoff_s: float = 0.2, *, timeouts: bool = False
+) -> list[tuple[str, Any]]:
+    """Channel options that make gRPC retry UNAVAILABLE by the published service config, with
+    `retries` extra attempts (0 = none) and jittered exponential backoff from `backoff_s` up to
+    `max_backoff_s`. Without `timeouts` the config's per-method timeouts are left out: the caller
+    passes a deadline per call, and grpcio applies a service-config timeout against a stale start
+    time, failing calls early (grpc/grpc#34547); Go and Java callers use them as published."""
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be in [0, {MAX_RETRIES}] (gRPC allows at most 5 attempts)")
+    if backoff_s < MIN_BACKOFF_S:
+        raise ValueError(f"backoff_s must be at least {MIN_BACKOFF_S} s")
+    config = copy.deepcopy(published_service_config())
+    for method in config["methodConfig"]:
+        if not timeouts:
+            method.pop("timeout", None)
+        if retries == 0:
+            method.pop("retryPolicy", None)
+        elif "retryPolicy" in method:
+            method["retryPolicy"].update(
+                maxAttempts=retries + 1, initialBackoff=f"{backoff_s:.3f}s", maxBackoff=f"{max(max_backoff_s, backoff_s):.3f}s"
+            )
+    return [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
+
+
+def error_field(exc: grpc.RpcError) -> str:
+    """The request field an INVALID_ARGUMENT names (the google.rpc.BadRequest in the status details,
+    e.g. "candidates[3].item_id"), or "" when the error carries none."""
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except Exception:  # a status whose details do not match its code or message: no field to report
+        return ""
+    if status is None:
+        return ""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            for violation in bad.field_violations:
+                return violation.field
+    return ""
 
 CandidateLike = pb.Candidate | tuple[str, float] | tuple[str, float, str | None]
 T = TypeVar("T")
@@ -122,6 +184,9 @@ class PackedRanking:
     variant: str = "reranked"
     reason: str = ""
     response: pb.RerankResponse | None = field(default=None, repr=False)
+    # On a client-side fail-open: the server's message, and the request field it names (INVALID_ARGUMENT).
+    detail: str = ""
+    field: str = ""
 
     @property
     def reranked(self) -> bool:
@@ -167,9 +232,14 @@ class RerankOutcome:
     # the gRPC status name of the failed call ("UNAVAILABLE", "DEADLINE_EXCEEDED", ...).
     reason: str = ""
     response: pb.RerankResponse | None = None
+    # Calls this client made (1; 0 when the request could not even be built). Retries on UNAVAILABLE
+    # happen inside the gRPC channel (service config): the server's reranker_rpcs_total counts each attempt.
     attempts: int = 0
     latency_ms: float = 0.0
-    detail: str = field(default="", repr=False)
+    # The server's message (fallback detail, or the gRPC status details on an error) ...
+    detail: str = ""
+    # ... and, on INVALID_ARGUMENT, the request field that was wrong ("user_id", "candidates[3].item_id").
+    field: str = ""
 
 
 class RerankerClient:
@@ -183,22 +253,24 @@ class RerankerClient:
         max_backoff_s: float = 0.2,
         channel: grpc.Channel | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
-        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """`timeout_s`: default deadline per call, retries included. `retries`: extra attempts on UNAVAILABLE."""
+        """`timeout_s`: default deadline per call, retries included. `retries` (0-4): extra attempts on
+        UNAVAILABLE, made by the channel's retry policy (service_config_options). A `channel` given
+        here is used as it is: build it with `options=service_config_options()` for the retries.
+        A "grpc.service_config" in `channel_options` replaces the published one."""
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
-        if retries < 0:
-            raise ValueError("retries must be >= 0")
+        options = list(channel_options)
+        if not any(key == "grpc.service_config" for key, _ in options):
+            options = service_config_options(retries, backoff_s, max_backoff_s) + options
         self.address = address
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._own_channel = channel is None
-        self._channel = channel if channel is not None else grpc.insecure_channel(address, options=list(channel_options))
+        self._channel = channel if channel is not None else grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.RerankerServiceStub(self._channel)
-        self._sleep = sleep
 
     # --- plumbing ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -214,29 +286,13 @@ class RerankerClient:
     def _call(
         self, method: Callable[..., T], request: Any, timeout_s: float | None, attempts: list[int] | None = None
     ) -> T:
-        """Call with one deadline for all attempts; retry UNAVAILABLE with jittered exponential backoff.
+        """One call with one deadline for all its attempts (the channel retries UNAVAILABLE within it).
 
-        `attempts`, when given, is a one-element list that receives the number of attempts made.
+        `attempts`, when given, is a one-element list that receives the number of calls made (1).
         """
-        budget = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + budget
-        attempt = 0
-        while True:
-            attempt += 1
-            if attempts is not None:
-                attempts[:] = [attempt]
-            remaining = deadline - time.monotonic()
-            try:
-                return method(request, timeout=max(remaining, 0.0))
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                if code not in RETRYABLE or attempt > self.retries:
-                    raise
-                pause = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
-                if deadline - time.monotonic() <= pause:
-                    raise
-                log.debug("%s on attempt %d; retrying in %.0f ms", code, attempt, pause * 1000)
-                self._sleep(pause)
+        if attempts is not None:
+            attempts[:] = [1]
+        return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)  # type: ignore[no-any-return]
 
     # --- RPCs ----------------------------------------------------------------------------------
     def rerank(
@@ -318,10 +374,8 @@ class RerankerClient:
             )
             response = self._call(self._stub.Rerank, request, timeout_s, attempts)
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            reason = code.name if code is not None else "RPC_ERROR"
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            return _upstream(given, top_k, reason, detail or "", started, attempts[0])
+            reason, detail = _status(exc)
+            return _upstream(given, top_k, reason, detail, started, attempts[0], error_field(exc))
         except Exception as exc:  # a bug or bad input on our side must not break the caller either
             log.warning("rerank failed on the client side; serving upstream order", exc_info=True)
             return _upstream(given, top_k, "CLIENT_ERROR", str(exc), started, attempts[0])
@@ -379,12 +433,10 @@ class RerankerClient:
             if not fail_open:
                 raise
             if isinstance(exc, grpc.RpcError):
-                code = exc.code() if hasattr(exc, "code") else None
-                reason = code.name if code is not None else "RPC_ERROR"
-            else:
-                log.warning("packed rerank failed on the client side; serving upstream order", exc_info=True)
-                reason = "CLIENT_ERROR"
-            return _packed_upstream(ids, upstream, top_k, reason)
+                reason, detail = _status(exc)
+                return _packed_upstream(ids, upstream, top_k, reason, detail, error_field(exc))
+            log.warning("packed rerank failed on the client side; serving upstream order", exc_info=True)
+            return _packed_upstream(ids, upstream, top_k, "CLIENT_ERROR", str(exc))
 
     def record_events(self, events: Sequence[pb.Event], *, timeout_s: float | None = None) -> pb.RecordEventsResponse:
         """RecordEvents; safe to retry because the server de-duplicates by event_id (set one)."""
@@ -405,19 +457,30 @@ def _item_id(value: CandidateLike) -> str:
     return value.item_id if isinstance(value, pb.Candidate) else str(value[0])
 
 
-def _packed_upstream(ids: np.ndarray, scores: np.ndarray, top_k: int, reason: str) -> PackedRanking:
+def _status(exc: grpc.RpcError) -> tuple[str, str]:
+    """(status code name, server message) of a failed call."""
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    return (code.name if code is not None else "RPC_ERROR"), detail or ""
+
+
+def _packed_upstream(
+    ids: np.ndarray, scores: np.ndarray, top_k: int, reason: str, detail: str = "", field_name: str = ""
+) -> PackedRanking:
     """The request's own order as a PackedRanking (the client-side fail-open path)."""
     if ids.ndim != 1 or scores.shape != ids.shape:
         ids, scores = ids.reshape(-1)[:0], scores.reshape(-1)[:0]  # malformed: serve nothing
     positions = np.sort(np.unique(ids, return_index=True)[1]).astype(np.int32)
     positions = positions[:top_k] if top_k else positions
     return PackedRanking(
-        positions, scores[positions], ids[positions], None, scores[positions], variant="error", reason=reason
+        positions, scores[positions], ids[positions], None, scores[positions], variant="error", reason=reason,
+        detail=detail, field=field_name,
     )
 
 
 def _upstream(
-    given: Sequence[CandidateLike], top_k: int, reason: str, detail: str, started: float, attempts: int
+    given: Sequence[CandidateLike], top_k: int, reason: str, detail: str, started: float, attempts: int,
+    field_name: str = "",
 ) -> RerankOutcome:
     """The caller's own order as an outcome (the fail-open path)."""
     try:
@@ -433,4 +496,5 @@ def _upstream(
         attempts=attempts,
         latency_ms=1000.0 * (time.monotonic() - started),
         detail=detail,
+        field=field_name,
     )

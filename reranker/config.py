@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ ENV_PREFIX = "RERANKER_"
 
 # Arm names the server uses itself (the response's `arm`, the online metrics' `arm` label).
 RESERVED_ARMS = ("control", "treatment", "bypassed")
+ARM_NAME = re.compile(r"[A-Za-z0-9_-]+")  # ASCII only: str.isalnum() would also take other scripts' letters and digits
 # URL schemes of redis_url / stream_url: one Redis, or a Redis Cluster (any node; the client finds the rest).
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 CONSUMED_POLICIES = ("keep", "demote", "drop", "learned")
@@ -40,7 +42,12 @@ class Settings:
     max_message_bytes: int = _doc("Largest request/response message accepted, in bytes.", 16 * 1024 * 1024)
     grace_seconds: float = _doc("On SIGTERM: health goes NOT_SERVING, in-flight RPCs get this long to finish.", 10.0)
     # --- encoder -----------------------------------------------------------------------------
-    encoder: str = _doc("`transformer` (real model) or `fake` (deterministic hashing encoder, for tests).", "transformer")
+    encoder: str = _doc(
+        "`transformer` (real model), `fake` (deterministic hashing encoder, for tests), or `remote` (an "
+        "embedding server speaking the OpenAI-compatible /v1/embeddings API: TEI, vLLM, Infinity, Ollama; "
+        "see encoder_url).",
+        "transformer",
+    )
     model_dir: str = _doc("Local Hugging Face model directory; empty = the packaged all-MiniLM-L6-v2.", "")
     device: str = _doc("`cpu`, `cuda`, or `auto` (cuda when available).", "cpu")
     dtype: str = _doc("`float32`, `float16` (CUDA), `bfloat16` (CUDA, or CPUs with AVX512-BF16/AMX), or `int8` (dynamic quantization, CPU).", "float32")
@@ -63,6 +70,37 @@ class Settings:
     torch_threads: int = _doc("torch intra-op threads; 0 = the CPUs this process may use (affinity, cgroup quota).", 0)
     fake_dim: int = _doc("Vector size of the fake encoder.", 384)
     warmup: bool = _doc("Encode a few texts before reporting SERVING.", True)
+    # --- remote encoder (encoder=remote) ----------------------------------------------------
+    encoder_url: str = _doc(
+        "encoder=remote: base URL of the embedding server, e.g. http://embeddings:8080 (`/v1/embeddings` is "
+        "appended, or `/embeddings` to a URL ending in /v1; a URL ending in /embeddings is used as it is).",
+        "",
+    )
+    encoder_model: str = _doc(
+        "encoder=remote: the model name sent with every request (the server's model id); with the vector "
+        "size the server returns, it makes the encoder version.",
+        "",
+    )
+    encoder_api_key_file: str = _doc(
+        "encoder=remote: file holding an API key, sent as `Authorization: Bearer <key>` (read at start; "
+        "surrounding whitespace ignored); empty = no key.",
+        "",
+    )
+    encoder_request_timeout_ms: float = _doc(
+        "encoder=remote: longest one batch request may take (connect, send, answer); slower counts as the "
+        "server being down. A Rerank still waits no longer than encode_timeout_ms.",
+        2000.0,
+    )
+    encoder_retry_seconds: float = _doc(
+        "encoder=remote: after the server could not be reached (refused, timed out, 5xx), batches fail at "
+        "once (Rerank fails open, ENCODER_ERROR) for this long before the next try; 0 = try every batch.",
+        1.0,
+    )
+    encoder_wait_seconds: float = _doc(
+        "encoder=remote: at start, how long to wait for the server to answer the first request (which "
+        "gives the vector size); the sidecar stays NOT_SERVING meanwhile. 0 = as long as it takes.",
+        0.0,
+    )
     # --- caches and user model ---------------------------------------------------------------
     item_cache_size: int = _doc("Item vectors kept (LRU).", 100_000)
     user_cache_size: int = _doc(
@@ -136,6 +174,15 @@ class Settings:
     kill_switch: bool = _doc("Global bypass: every Rerank returns the upstream order (VARIANT_BYPASSED).", False)
     treatment_percent: float = _doc("Share of users (by stable hash) that get reranking; the rest are CONTROL.", 100.0)
     experiment_salt: str = _doc("Bucketing salt when the request names no experiment.", "reranker")
+    runtime_settings_file: str = _doc(
+        "A JSON or YAML file (e.g. a mounted ConfigMap) whose settings override these while the server runs: "
+        "kill_switch, treatment_percent, experiment_arms, blend_weight, diversity, consumed_policy, "
+        "access_log_sample, training_log_sample (and an optional `version` label). Checked every "
+        "runtime_settings_poll_seconds and applied without a restart; a bad file keeps the settings in force "
+        "(logged, counted). A key left out takes its flag/environment value. Empty = off. See docs/operations.md.",
+        "",
+    )
+    runtime_settings_poll_seconds: float = _doc("How often runtime_settings_file is read for a change.", 1.0)
     # --- logging -------------------------------------------------------------------------------
     log_level: str = _doc("Python logging level.", "INFO")
     # --- user model (issue 3) ----------------------------------------------------------------
@@ -254,11 +301,18 @@ class Settings:
     log_user_salt: str = _doc(
         "When set, access-log lines carry `user_hash` = salted hash of the user id (raw ids are never logged).", ""
     )
-    otel_enabled: bool = _doc("OpenTelemetry tracing of every RPC (needs the `otel` extra).", False)
-    otel_endpoint: str = _doc(
-        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; empty = exporter default/OTEL_* env.", ""
+    otel_enabled: bool = _doc(
+        "OpenTelemetry tracing of every RPC (needs the `otel` extra); the standard OTEL_* variables apply "
+        "(OTEL_SDK_DISABLED=true keeps it off).", False
     )
-    otel_service_name: str = _doc("service.name resource attribute of the exported traces.", "reranker")
+    otel_endpoint: str = _doc(
+        "OTLP/gRPC collector endpoint for traces, e.g. http://localhost:4317; overrides "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT. Empty = those variables, else the exporter default.", ""
+    )
+    otel_service_name: str = _doc(
+        "service.name resource attribute of the exported traces; overrides OTEL_SERVICE_NAME and "
+        "OTEL_RESOURCE_ATTRIBUTES. Empty = those variables, else `reranker`.", ""
+    )
     # --- ranking head (issue 4) ---
     head_path: str = _doc(
         "Ranking head artefact from `reranker train` (.npz); empty = the fixed blend. A head that cannot be "
@@ -301,6 +355,12 @@ class Settings:
         1.0,
     )
     training_log_fsync: bool = _doc("fsync after every flush too (power-loss bound = one flush interval; costs disk I/O).", False)
+    training_log_retry_seconds: float = _doc(
+        "After a training-log write fails (full disk, training_log_dir missing or not writable), records are dropped "
+        "and counted for this long, then a new file is tried; the failure is logged at most once per this interval. "
+        "Serving is never affected.",
+        30.0,
+    )
     head_reload_seconds: float = _doc(
         "How often head_path (and the arms' head files) are checked for a new file (atomic rename); the new head "
         "is loaded and validated off the request path and swapped in. SIGHUP reloads at once. 0 = SIGHUP only.",
@@ -327,8 +387,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.encoder not in ("transformer", "fake"):
-            problems.append("encoder must be 'transformer' or 'fake'")
+        if self.encoder not in ("transformer", "fake", "remote"):
+            problems.append("encoder must be 'transformer', 'fake' or 'remote'")
+        elif self.encoder == "remote":
+            if not self.encoder_url.startswith(("http://", "https://")):
+                problems.append("encoder=remote needs encoder_url, an http:// or https:// URL")
+            if not self.encoder_model:
+                problems.append("encoder=remote needs encoder_model (the model name the server serves)")
+        if self.encoder_request_timeout_ms <= 0 or self.encoder_retry_seconds < 0 or self.encoder_wait_seconds < 0:
+            problems.append("encoder_request_timeout_ms must be positive, encoder_retry_seconds and encoder_wait_seconds >= 0")
         if self.device not in ("cpu", "cuda", "auto"):
             problems.append("device must be 'cpu', 'cuda' or 'auto'")
         if self.dtype not in ("float32", "float16", "bfloat16", "int8"):
@@ -378,6 +445,8 @@ class Settings:
                 problems.append(f"{name} must be positive")
         if self.stream_claim_idle_ms < 0:
             problems.append("stream_claim_idle_ms must be >= 0")
+        if self.runtime_settings_poll_seconds <= 0:
+            problems.append("runtime_settings_poll_seconds must be positive")
         if self.catalog_poll_seconds < 0:
             problems.append("catalog_poll_seconds must be >= 0")
         if self.redis_wait_replicas < 0:
@@ -417,7 +486,7 @@ class Settings:
         if not 0.0 <= self.training_log_sample <= 1.0:
             problems.append("training_log_sample must be in [0, 1]")
         for name in ("training_log_max_file_bytes", "training_log_queue_size", "training_log_flush_seconds",
-                     "training_log_max_file_seconds", "online_metrics_k", "online_metrics_max_lists"):
+                     "training_log_max_file_seconds", "training_log_retry_seconds", "online_metrics_k", "online_metrics_max_lists"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
         if self.training_log_keep_files < 0 or self.head_reload_seconds < 0 or self.online_metrics_window_seconds < 0:
@@ -463,7 +532,7 @@ class Settings:
             name = name.strip()
             if not sep or not sep2 or not path.strip():
                 raise ValueError(f"experiment_arms entry {part!r} is not name=percent:path")
-            if not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_ARMS:
+            if not ARM_NAME.fullmatch(name) or name in RESERVED_ARMS:
                 raise ValueError(f"experiment_arms: arm name {name!r} must be [A-Za-z0-9_-] and not one of {RESERVED_ARMS}")
             if name in {a[0] for a in arms}:
                 raise ValueError(f"experiment_arms: arm {name!r} is named twice")

@@ -27,6 +27,10 @@ class EncoderFailed(RerankerError):
     """The encoder raised or produced unusable vectors."""
 
 
+class EncoderUnavailable(EncoderFailed):
+    """A remote encoder could not be reached, timed out or answered with a server error."""
+
+
 class EncodeTimeout(RerankerError):
     """Encoding did not finish within the time the request had."""
 

@@ -39,6 +39,7 @@ from reranker.users.profiles import candidate_history, on_liked_rows, positive_h
 from reranker.users.profiles import user_vector as user_vector_of
 from reranker.users.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
 from reranker.learning.traininglog import TrainingLog
+from reranker.runtimesettings import RuntimeSettingsFile
 from reranker.types import (
     CandidateColumns,
     Event,
@@ -86,8 +87,15 @@ class RerankService:
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
     ) -> None:
-        self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
+        # Settings an incident or experiment changes come from runtime_settings_file, on top of these;
+        # apply_settings swaps the whole (frozen) object: a request reads `self.settings` once.
+        self.runtime_settings: RuntimeSettingsFile | None = None
+        if settings.runtime_settings_file:
+            self.runtime_settings = RuntimeSettingsFile(settings, self.metrics.registry, clock=clock)
+            settings = self.runtime_settings.initial()
+        self.settings = settings
+        self._settings_listeners: list[Callable[[Settings], None]] = []
         self._clock = clock
         self._encoder = encoder
         self._batcher: MicroBatcher | None = None
@@ -136,7 +144,7 @@ class RerankService:
         if s.catalog_path:
             try:
                 self.catalog = CatalogSource(s.catalog_path, model_version=encoder.version, dim=encoder.dim,
-                                             poll_seconds=s.catalog_poll_seconds)
+                                             poll_seconds=s.catalog_poll_seconds, registry=self.metrics.registry)
             except CatalogError as exc:
                 self.load_error = str(exc)
                 raise
@@ -159,7 +167,10 @@ class RerankService:
         self.metrics.watch_caches(self._cache_counters)
         self._start_learning(encoder)
         self.metrics.watch_profile_repairs(lambda: int(getattr(self.profiles, "repairs", 0)))
+        self.metrics.watch_unreadable_profiles(lambda: dict(getattr(self.profiles, "unreadable_reasons", {})))
         self._ready.set()
+        if self.runtime_settings is not None:
+            self.runtime_settings.start(self.apply_settings)
         self.metrics.model_loaded(time.perf_counter() - load_started, self.model_version)
 
     def _cache_counters(self) -> dict[str, tuple[int, int, int]]:
@@ -190,41 +201,72 @@ class RerankService:
         s, registry = self.settings, self.metrics.registry
         assert self.arms is not None
         if self.arms.paths():
-            self._reloader = HeadReloader(
-                s, encoder.version, encoder.dim, lambda: self.arms, self._swap_arms, registry  # type: ignore[arg-type,return-value]
-            )
-            self._reloader.start()
+            self._start_reloader(s, encoder)
         if s.online_metrics_window_seconds > 0:
             self.online_metrics = OnlineMetrics(s, registry)
         if s.training_log_dir or self.online_metrics is not None:
             sinks = [self.online_metrics] if self.online_metrics is not None else []
             self.training_log = TrainingLog(s, registry, sinks=sinks, clock=self._clock)
 
+    def _start_reloader(self, settings: Settings, encoder: Encoder) -> None:
+        self._reloader = HeadReloader(
+            settings, encoder.version, encoder.dim, lambda: self.arms, self._swap_arms,  # type: ignore[arg-type,return-value]
+            self.metrics.registry,
+        )
+        self._reloader.start()
+
+    def watch_settings(self, listener: Callable[[Settings], None]) -> None:
+        """`listener(settings)` now and after every runtime settings change (edges that keep a copy)."""
+        self._settings_listeners.append(listener)
+        listener(self.settings)
+
+    def apply_settings(self, new: Settings) -> None:
+        """Swap in new runtime settings (runtimesettings.py; called on its watcher thread). Changed
+        experiment arms get their table first: an unusable new arm head raises and nothing changes."""
+        encoder = self._encoder
+        if new.experiment_arms != self.settings.experiment_arms and self.arms is not None and encoder is not None:
+            if self._reloader is not None:
+                self._reloader.retarget(new)
+            else:
+                self._swap_arms(arms_module.rebuild_table(new, encoder.version, encoder.dim, self.arms))
+                if self.arms.paths():
+                    self._start_reloader(new, encoder)
+        self.settings = new
+        if self.training_log is not None:
+            self.training_log.sample = new.training_log_sample
+        for listener in self._settings_listeners:
+            listener(new)
+
     def reload_heads(self) -> bool:
         """Reload every head file now (SIGHUP); True when a new head was swapped in."""
         return self._reloader.check(force=True) if self._reloader is not None else False
 
     def close(self) -> None:
+        """Stop everything, each step whatever the others did: a failed step is logged and the next
+        one runs (the training-log close, the snapshot and the Redis replay flush above all)."""
         was_ready = self.ready
         self._ready.clear()
-        self.metrics.not_ready()
-        if self._batcher is not None:
-            self._batcher.close()
-        if self._snapshots is not None:
-            self._snapshots.stop()
-        if self._reloader is not None:
-            self._reloader.stop()
-        if self.training_log is not None:
-            self.training_log.close()
-        if was_ready and self.settings.snapshot_path:
+        steps: list[tuple[str, Callable[[], object] | None]] = [
+            ("metrics", self.metrics.not_ready),
+            ("runtime settings watcher", self.runtime_settings.stop if self.runtime_settings is not None else None),
+            ("encoder batcher", self._batcher.close if self._batcher is not None else None),
+            ("encoder connections", getattr(self._encoder, "close", None)),
+            ("periodic snapshots", self._snapshots.stop if self._snapshots is not None else None),
+            ("head reloader", self._reloader.stop if self._reloader is not None else None),
+            ("training log", self.training_log.close if self.training_log is not None else None),
+            ("snapshot (the previous snapshot is kept)",
+             self.save_snapshot if was_ready and self.settings.snapshot_path else None),
+            ("profile store (with Redis: the replay of events kept during an outage)",
+             self.profiles.close if self.profiles is not None else None),
+            ("catalog", self.catalog.close if self.catalog is not None else None),
+        ]
+        for what, step in steps:
+            if step is None:
+                continue
             try:
-                self.save_snapshot()
+                step()
             except Exception:
-                log.exception("snapshot at shutdown failed; the previous snapshot is kept")
-        if self.profiles is not None:
-            self.profiles.close()
-        if self.catalog is not None:
-            self.catalog.close()
+                log.exception("shutdown: %s failed; going on with the next step", what)
 
     def _local_profiles(self) -> InProcessProfileStore | CompactProfileStore | None:
         """The in-process store, when it is the store of record (with Redis, Redis persists profiles)."""
@@ -322,7 +364,7 @@ class RerankService:
         try:
             return self._personalize(
                 query, candidates, keep, bucket, started, time_remaining, cancel,
-                may_block=may_block, lookup=lookup, event_lookup=event_lookup, arm=arm,
+                may_block=may_block, lookup=lookup, event_lookup=event_lookup, arm=arm, settings=s,
             )
         except (RequestCancelled, WouldBlock):
             raise
@@ -352,8 +394,9 @@ class RerankService:
         lookup: Lookup | None = None,
         event_lookup: Lookup | None = None,
         arm: arms_module.Arm | None = None,
+        settings: Settings | None = None,
     ) -> RerankResult:
-        s = self.settings
+        s = self.settings if settings is None else settings  # the settings _rerank read
         assert self.items is not None and self.profiles is not None
         head = self.head if arm is None else arm.head
         encode_budget = s.encode_timeout_ms / 1000.0

@@ -340,6 +340,19 @@ class RerankResult:
     consumed_dropped: int = 0  # of those, removed by consumed_policy=drop
 
 
+# The order a Rerank answer served (metrics and access-log label `order`): the user's personalized
+# order, a cold user's upstream order under the reranked variant, or the upstream order for any other
+# reason (control, bypass, fallback).
+PERSONALIZED, COLD, UPSTREAM = "personalized", "cold", "upstream"
+
+
+def order_of(result: RerankResult) -> str:
+    """PERSONALIZED, COLD or UPSTREAM: what `result` served (a cold user's VARIANT_RERANKED is COLD)."""
+    if result.variant is not Variant.RERANKED:
+        return UPSTREAM
+    return COLD if result.cold_user else PERSONALIZED
+
+
 @dataclass(frozen=True, slots=True)
 class RecordResult:
     accepted: int = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def rss(pid: int) -> dict[str, int]:
     out = {}
     lines = Path(f"/proc/{pid}/status").read_text().splitlines() + Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
     for line in lines:
-        if line.startswith(("RssAnon", "RssFile", "VmRSS", "Pss:", "Shared_Clean", "Private_Clean")):
+        if line.startswith(("RssAnon", "RssFile", "VmRSS", "Pss:", "Shared_Clean", "Private_Clean", "Shared_Dirty")):
             name, value = line.split(":")
             out[name] = int(value.split()[0]) * 1024
     return out
@@ -126,15 +127,15 @@ def main() -> int:
                   f"{after['RssFile'] / 2**20:.1f} MiB (+{(after['RssFile'] - before['RssFile']) / 2**20:.1f}; the "
                   f"catalog file is {size / 2**20:.1f} MiB, shared)")
             print(f"  smaps: Pss {after['Pss'] / 2**20:.1f} MiB, Shared_Clean {after['Shared_Clean'] / 2**20:.1f} MiB, "
-                  f"Private_Clean {after['Private_Clean'] / 2**20:.1f} MiB (file pages another replica also maps are "
-                  f"Shared_Clean and count 1/N in Pss)")
+                  f"Private_Clean {after['Private_Clean'] / 2**20:.1f} MiB, Shared_Dirty {after['Shared_Dirty'] / 2**20:.1f} "
+                  f"MiB (file pages another replica also maps are Shared_* and count 1/N in Pss; the served copy's "
+                  f"pages are dirty until the kernel writes them back)")
             channel.close()
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
             process.wait(30)
-        path.unlink(missing_ok=True)
-        tmp.rmdir()
+        shutil.rmtree(tmp)  # the catalog and the replicas' served copy of it
     return 0
 
 

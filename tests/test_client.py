@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from reranker.client import RerankerClient, upstream_order
+from reranker.client import RerankerClient, error_field, published_service_config, service_config_options, upstream_order
 from reranker.model.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
-from tests.conftest import GatedEncoder, REPO, ServerFactory, SlowEncoder, event, fake_settings
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
+from tests.conftest import GatedEncoder, REPO, ServerFactory, SlowEncoder, candidate, event, fake_settings
 
 CANDIDATES = [("c1", 0.9, "romantic comedy in paris"), ("c2", 0.8, "space opera starships"), ("c1", 0.7), ("c3", 0.6)]
 
@@ -47,13 +56,12 @@ def test_rerank_or_upstream_returns_the_personalized_order(make_server: ServerFa
 
 
 def test_server_down_gives_the_upstream_order_after_retrying(make_server: ServerFactory) -> None:
-    slept: list[float] = []
-    client = RerankerClient(dead_address(), timeout_s=2.0, retries=2, backoff_s=0.01, sleep=slept.append)
+    client = RerankerClient(dead_address(), timeout_s=2.0, retries=2, backoff_s=0.01)
     outcome = client.rerank_or_upstream("u", CANDIDATES, top_k=2)
     client.close()
     assert outcome.item_ids == ["c1", "c2"] == upstream_order([pb.Candidate(item_id=c[0]) for c in CANDIDATES], 2)
     assert (outcome.reranked, outcome.variant, outcome.reason) == (False, "error", "UNAVAILABLE")
-    assert outcome.attempts == 3 and len(slept) == 2  # UNAVAILABLE is retried `retries` times
+    assert outcome.attempts == 1 and outcome.latency_ms < 2000  # the retries (in the channel) stayed in the budget
 
 
 def test_unavailable_is_retried_and_counted_by_the_server(make_server: ServerFactory) -> None:
@@ -61,7 +69,7 @@ def test_unavailable_is_retried_and_counted_by_the_server(make_server: ServerFac
     settings = fake_settings(metrics_address="127.0.0.1:0")
     running, _ = make_server(settings, encoder, wait=False)  # loading: RecordEvents -> UNAVAILABLE
     try:
-        with RerankerClient(f"127.0.0.1:{running.port}", timeout_s=5.0, retries=2, backoff_s=0.001) as client:
+        with RerankerClient(f"127.0.0.1:{running.port}", timeout_s=5.0, retries=2, backoff_s=0.01) as client:
             with pytest.raises(grpc.RpcError) as err:
                 client.record_events([event("u", "a", "text", event_id="e1")])
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -73,32 +81,119 @@ def test_unavailable_is_retried_and_counted_by_the_server(make_server: ServerFac
 def test_a_retry_succeeds_once_the_server_is_ready(make_server: ServerFactory) -> None:
     encoder = GatedEncoder()
     running, _ = make_server(fake_settings(metrics_address="127.0.0.1:0"), encoder, wait=False)
-    slept: list[float] = []
 
-    def sleep_and_open_gate(seconds: float) -> None:  # the model finishes loading during the backoff
-        slept.append(seconds)
+    def open_the_gate_after_the_first_refusal() -> None:  # the model finishes loading during the backoff
+        deadline = time.monotonic() + 10
+        while rpc_count(running.metrics_port, "RecordEvents", "UNAVAILABLE") < 1 and time.monotonic() < deadline:
+            time.sleep(0.002)
         encoder.gate.set()
-        running.loader.join(10)
 
-    with RerankerClient(f"127.0.0.1:{running.port}", timeout_s=10.0, retries=3, sleep=sleep_and_open_gate) as client:
+    opener = threading.Thread(target=open_the_gate_after_the_first_refusal)
+    opener.start()
+    with RerankerClient(f"127.0.0.1:{running.port}", timeout_s=10.0, retries=4, backoff_s=0.5, max_backoff_s=2.0) as client:
         result = client.record_events([event("u", "a", "text", event_id="e1")])
-    assert result.accepted == 1 and len(slept) == 1
-    assert rpc_count(running.metrics_port, "RecordEvents", "UNAVAILABLE") == 1
+    opener.join()
+    assert result.accepted == 1
+    assert rpc_count(running.metrics_port, "RecordEvents", "UNAVAILABLE") >= 1
     assert rpc_count(running.metrics_port, "RecordEvents", "OK") == 1
 
 
-def test_invalid_argument_is_not_retried(make_server: ServerFactory) -> None:
+def test_invalid_argument_is_not_retried_and_keeps_the_servers_detail_and_field(make_server: ServerFactory) -> None:
     running, _ = make_server(fake_settings(metrics_address="127.0.0.1:0"))
-    slept: list[float] = []
-    with RerankerClient(f"127.0.0.1:{running.port}", timeout_s=5.0, retries=3, sleep=slept.append) as client:
+    with RerankerClient(f"127.0.0.1:{running.port}", timeout_s=5.0, retries=3) as client:
         with pytest.raises(grpc.RpcError) as err:
             client.rerank("", CANDIDATES)
         outcome = client.rerank_or_upstream("", CANDIDATES)
-    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        packed = client.rerank_packed("u", [1, 2, 3], [0.9, float("nan"), 0.5])
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and error_field(err.value) == "user_id"
     assert outcome.item_ids == ["c1", "c2", "c3"] and outcome.reason == "INVALID_ARGUMENT" and outcome.attempts == 1
-    assert "user_id" in outcome.detail
-    assert slept == []
-    assert rpc_count(running.metrics_port, "Rerank", "INVALID_ARGUMENT") == 2
+    assert outcome.field == "user_id" and "user_id must not be empty" in outcome.detail
+    assert "user_id must not be empty" in repr(outcome)  # visible where people look first
+    assert (packed.reason, packed.field) == ("INVALID_ARGUMENT", "packed_candidates.scores[1]")
+    assert "must be finite" in packed.detail and packed.positions.tolist() == [0, 1, 2]
+    assert rpc_count(running.metrics_port, "Rerank", "INVALID_ARGUMENT") == 3  # one attempt each: never retried
+
+
+def test_the_field_is_in_the_standard_status_details_for_any_grpc_client(stub: pb_grpc.RerankerServiceStub) -> None:
+    """A Go or Java caller reads google.rpc.BadRequest from the status details; so can a raw Python stub."""
+    bad = pb.RerankRequest(user_id="u", candidates=[candidate("c1", 1.0), candidate("", 0.5)])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rerank(bad, timeout=5)
+    status = rpc_status.from_call(err.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    (detail,) = status.details
+    violations = error_details_pb2.BadRequest()
+    assert detail.Unpack(violations)
+    assert [(v.field, v.description) for v in violations.field_violations] == [
+        ("candidates[1].item_id", err.value.details())
+    ]
+    with pytest.raises(grpc.RpcError) as unnamed:  # a message that names no field: the plain status
+        stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("c1", 1.0)],
+                                     candidate_columns=pb.CandidateColumns(item_ids=["c1"], scores=[1.0])), timeout=5)
+    assert unnamed.value.code() is grpc.StatusCode.INVALID_ARGUMENT and error_field(unnamed.value) == ""
+
+
+class UnavailableOnce(pb_grpc.RerankerServiceServicer):
+    """A real gRPC server whose Rerank answers UNAVAILABLE to the first call, then OK; it records
+    the metadata of every call (gRPC's own retries carry `grpc-previous-rpc-attempts`)."""
+
+    def __init__(self, failures: int = 1, delay_s: float = 0.0) -> None:
+        self.failures, self.delay_s = failures, delay_s
+        self.calls: list[dict[str, str]] = []
+
+    def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> pb.RerankResponse:  # noqa: N802
+        self.calls.append({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
+        if len(self.calls) <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        time.sleep(self.delay_s)
+        return pb.RerankResponse(variant=pb.VARIANT_RERANKED, items=[pb.ScoredItem(item_id="c2"), pb.ScoredItem(item_id="c1")])
+
+
+@pytest.fixture
+def unavailable_once() -> Iterator[tuple[UnavailableOnce, str]]:
+    servicer = UnavailableOnce()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_RerankerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_unavailable_is_retried_by_grpc_through_the_service_config(unavailable_once: tuple[UnavailableOnce, str]) -> None:
+    servicer, address = unavailable_once
+    with RerankerClient(address, timeout_s=5.0) as client:
+        outcome = client.rerank_or_upstream("u", CANDIDATES)
+    assert outcome.reranked and outcome.item_ids == ["c2", "c1"]
+    assert len(servicer.calls) == 2
+    # The second call is gRPC's retry (the channel's retryPolicy), not a second call of our own.
+    assert "grpc-previous-rpc-attempts" not in servicer.calls[0]
+    assert servicer.calls[1]["grpc-previous-rpc-attempts"] == "1"
+
+
+def test_the_published_service_config_retries_for_a_plain_grpc_channel(unavailable_once: tuple[UnavailableOnce, str]) -> None:
+    """What a Go or Java caller does: reranker/serviceconfig.json as the channel's default service config.
+    In Python its per-method timeouts are left out (service_config_options): grpcio applies a service
+    config timeout against a stale start time and fails calls early (grpc/grpc#34547, #40633)."""
+    servicer, address = unavailable_once
+    with grpc.insecure_channel(address, options=service_config_options()) as channel:
+        reply = pb_grpc.RerankerServiceStub(channel).Rerank(pb.RerankRequest(user_id="u"), timeout=5)
+    assert reply.variant == pb.VARIANT_RERANKED and len(servicer.calls) == 2
+    published = json.loads((REPO / "reranker" / "serviceconfig.json").read_text())
+    methods = {n["method"]: m for m in published["methodConfig"] for n in m["name"]}
+    assert set(methods) == {"Rerank", "RecordEvents", "GetUserProfile", "UpsertItems"}  # not the StreamEvents stream
+    for method in methods.values():
+        assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+        assert re.fullmatch(r"\d+(\.\d{3})?s", method["timeout"])  # a protobuf JSON Duration, whole milliseconds
+        assert 2 <= method["retryPolicy"]["maxAttempts"] <= 5
+    assert published == published_service_config() and 0 < published["retryThrottling"]["tokenRatio"] <= 1
+
+
+def test_retries_zero_means_one_attempt(unavailable_once: tuple[UnavailableOnce, str]) -> None:
+    servicer, address = unavailable_once
+    with RerankerClient(address, timeout_s=5.0, retries=0) as client:
+        outcome = client.rerank_or_upstream("u", CANDIDATES)
+    assert outcome.reason == "UNAVAILABLE" and len(servicer.calls) == 1
 
 
 def test_slow_sidecar_costs_at_most_the_deadline(make_server: ServerFactory) -> None:
@@ -132,6 +227,10 @@ def test_client_rejects_nonsense_configuration() -> None:
         RerankerClient(dead_address(), timeout_s=0)
     with pytest.raises(ValueError, match="retries"):
         RerankerClient(dead_address(), retries=-1)
+    with pytest.raises(ValueError, match="retries"):
+        RerankerClient(dead_address(), retries=5)  # gRPC allows at most 5 attempts
+    with pytest.raises(ValueError, match="backoff_s"):
+        RerankerClient(dead_address(), backoff_s=0.001)
 
 
 def _run_example(name: str, *args: str) -> str:

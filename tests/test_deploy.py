@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from tests.conftest import REPO, ServerFactory, candidate
 K8S = REPO / "k8s"
 # Oldest Kubernetes with native sidecars (init containers with restartPolicy: Always) on by default, and newest.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
-OVERLAYS = ("base", "overlays/bypass", "overlays/gpu")
+OVERLAYS = ("base", "overlays/bypass", "overlays/gpu", "examples/existing-app")
 
 # Memory model used to size the sidecar (numbers from scripts/measure_memory.py and the per-user
 # measurement in docs/operations.md): a limit below this for the configured caches is a sizing bug.
@@ -60,9 +61,19 @@ def _render(kubectl_path: str, overlay: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    (found,) = [d for d in docs if d["kind"] == kind]
+def one(docs: list[dict[str, Any]], kind: str, name_prefix: str = "") -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
     return found
+
+
+def env_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ConfigMap of start-up settings (RERANKER_* variables, content-hashed name)."""
+    return one(docs, "ConfigMap", "reranker-config")
+
+
+def runtime_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ConfigMap of runtime settings (runtime.yaml, fixed name: updated in place)."""
+    return one(docs, "ConfigMap", "reranker-runtime")
 
 
 def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -81,7 +92,7 @@ def app(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def settings_from(docs: list[dict[str, Any]], **overrides: object) -> Settings:
     """The Settings the sidecar would run with: the rendered ConfigMap read as its environment."""
-    return dataclasses.replace(Settings.from_sources([], one(docs, "ConfigMap")["data"]), **overrides)
+    return dataclasses.replace(Settings.from_sources([], env_config(docs)["data"]), **overrides)
 
 
 def mib(quantity: str) -> float:
@@ -167,7 +178,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
 # --- manifests against the Kubernetes schemas -----------------------------------------------
 def manifest_files() -> list[Path]:
     return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and "kind:" in p.read_text()
-                  and p.parent.name == "base")
+                  and p.parent.name in ("base", "existing-app"))
 
 
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
@@ -181,14 +192,66 @@ def test_base_manifest_files_validate_against_the_schemas(path: Path, version: s
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_rendered_overlays_validate_against_the_schemas(overlay: str, version: str) -> None:
     docs = render(overlay)
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "PodDisruptionBudget", "Service"}
+    expected = {"ConfigMap", "Deployment", "PodMonitor"} if overlay.startswith("examples/") else {
+        "ConfigMap", "Deployment", "PodDisruptionBudget", "Service"}
+    assert {d["kind"] for d in docs} == expected
     for doc in docs:
-        kubernetes_validate.validate(doc, version, strict=True)
+        if doc["kind"] != "PodMonitor":  # a custom resource: no schema (scripts/k8s_validate.py checks its wiring)
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_make_k8s_validate_is_green_at_the_floor_and_the_newest_version(tmp_path: Path) -> None:
+    """What `make k8s-validate` runs, in the test lane (so CI runs it)."""
+    kubectl()  # skips with the reason when kubectl is missing (fails in CI)
+    makefile = (REPO / "Makefile").read_text()
+    assert "scripts/k8s_validate.py" in makefile.split("k8s-validate:")[1].split("\n\n")[0]
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "k8s_validate.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for overlay in OVERLAYS:
+        assert f"k8s/{overlay}: valid at Kubernetes {', '.join(K8S_VERSIONS)}" in out.stdout
+
+
+def test_the_floor_is_real_native_sidecars_are_rejected_before_1_29() -> None:
+    """The sidecar's restartPolicy needs 1.29: 1.27's schema rejects it (1.28 has the field behind an alpha
+    feature gate, off by default), so 1.29 is the floor to check, and it passes there."""
+    sidecar_deployment = one(render("examples/existing-app"), "Deployment")
+    with pytest.raises(kubernetes_validate.ValidationError, match="restartPolicy"):
+        kubernetes_validate.validate(sidecar_deployment, "1.27.0", strict=True)
+    kubernetes_validate.validate(sidecar_deployment, K8S_VERSIONS[0], strict=True)
+
+
+def test_the_podmonitor_scrapes_the_sidecar_of_the_pods_it_was_added_to() -> None:
+    docs = render("examples/existing-app")
+    monitor = one(docs, "PodMonitor")
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in sidecar(docs)["ports"]}
+    assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+    assert ports[endpoint["port"]] == port_of(settings_from(docs).metrics_address)
+
+
+def test_the_component_adds_the_sidecar_to_an_existing_app_and_leaves_the_app_alone() -> None:
+    original = yaml.safe_load((K8S / "examples" / "existing-app" / "deployment.yaml").read_text())
+    docs = render("examples/existing-app")
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"] == original["spec"]["template"]["spec"]["containers"]  # the app untouched
+    assert deployment["metadata"]["name"] == original["metadata"]["name"]
+    container = sidecar(docs)
+    assert container["restartPolicy"] == "Always" and {"startupProbe", "readinessProbe", "livenessProbe"} <= container.keys()
+    assert container["envFrom"] == [{"configMapRef": {"name": env_config(docs)["metadata"]["name"]}}]
+    assert container == sidecar(render("base"))  # one definition of the sidecar
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["reranker-runtime"]["configMap"]["name"] == runtime_config(docs)["metadata"]["name"]
+    app_env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert app_env["RERANKER_TARGET"] == settings_from(docs).address
 
 
 def test_the_validator_rejects_a_broken_probe() -> None:
     """The schema check has teeth: a named port in a grpc probe (only numbers are allowed) fails."""
-    doc = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())
+    doc = one(render("base"), "Deployment")
     doc["spec"]["template"]["spec"]["initContainers"][0]["readinessProbe"]["grpc"]["port"] = "grpc-health"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
@@ -197,13 +260,13 @@ def test_the_validator_rejects_a_broken_probe() -> None:
 # --- sidecar wiring ----------------------------------------------------------------------------
 def test_configmap_holds_only_real_settings_and_they_are_valid() -> None:
     docs = render("base")
-    data = one(docs, "ConfigMap")["data"]
+    data = env_config(docs)["data"]
     fields = {f.name for f in dataclasses.fields(Settings)}
     unknown = [k for k in data if not (k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in fields)]
     assert unknown == [], f"ConfigMap keys that are no setting (typos are silently ignored): {unknown}"
     settings = settings_from(docs)
     assert settings.encoder == "transformer" and not settings.kill_switch and settings.device == "cpu"
-    assert sidecar(docs)["envFrom"] == [{"configMapRef": {"name": one(docs, "ConfigMap")["metadata"]["name"]}}]
+    assert sidecar(docs)["envFrom"] == [{"configMapRef": {"name": env_config(docs)["metadata"]["name"]}}]
 
 
 def test_sidecar_api_is_on_loopback_and_the_app_calls_it_there() -> None:
@@ -282,15 +345,32 @@ def test_pdb_and_service_select_the_pods() -> None:
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
-def test_bypass_overlay_turns_the_kill_switch_on_for_a_real_server(make_server: ServerFactory) -> None:
+def test_bypass_overlay_turns_the_kill_switch_on_for_a_real_server_without_a_rollout(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
     base, bypass = render("base"), render("overlays/bypass")
-    assert one(bypass, "ConfigMap")["metadata"]["name"] != one(base, "ConfigMap")["metadata"]["name"]  # pods roll
+    assert env_config(bypass) == env_config(base)  # the start-up settings and their ConfigMap name: nothing rolls
+    assert runtime_config(bypass)["metadata"]["name"] == runtime_config(base)["metadata"]["name"] == "reranker-runtime"
+    volume = next(v for v in pod_spec(bypass)["volumes"] if v.get("configMap", {}).get("name") == "reranker-runtime")
+    mount = next(m for m in sidecar(bypass)["volumeMounts"] if m["name"] == volume["name"])
+    assert "subPath" not in mount  # a subPath mount is never updated by the kubelet
+    settings_file = settings_from(base).runtime_settings_file
+    assert settings_file == f"{mount['mountPath']}/runtime.yaml"
+    # A real server reading the runtime file the way the pod mounts it: first base's, then bypass's.
+    mounted = tmp_path / "runtime.yaml"
+    mounted.write_text(runtime_config(base)["data"]["runtime.yaml"])
     settings = settings_from(
-        bypass, address="127.0.0.1:0", health_address="", metrics_address="", encoder="fake", fake_dim=64
+        base, address="127.0.0.1:0", health_address="", metrics_address="", encoder="fake", fake_dim=64,
+        runtime_settings_file=str(mounted),
     )
-    assert settings.kill_switch
-    _, stub = make_server(settings)
-    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1.0, "x"), candidate("b", 2.0, "y")]))
+    running, stub = make_server(settings)
+    request = pb.RerankRequest(user_id="u", candidates=[candidate("a", 1.0, "x"), candidate("b", 2.0, "y")])
+    assert stub.Rerank(request).variant == pb.VARIANT_RERANKED
+    staged = tmp_path / "runtime.yaml.new"
+    staged.write_text(runtime_config(bypass)["data"]["runtime.yaml"])
+    os.replace(staged, mounted)
+    assert running.service.runtime_settings is not None and running.service.runtime_settings.check()
+    reply = stub.Rerank(request)
     assert reply.variant == pb.VARIANT_BYPASSED and [i.item_id for i in reply.items] == ["a", "b"]
 
 

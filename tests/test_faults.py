@@ -115,6 +115,22 @@ def test_encoder_returning_nan_vectors_fails_open(make_server: ServerFactory) ->
     assert "unusable output" in resp.fallback_detail
 
 
+class LongVectorEncoder:
+    """Finite rows, but not unit length: an encoder that forgot to normalize."""
+
+    dim, version = 64, "long"
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.full((len(texts), self.dim), 5.0, dtype=np.float32)
+
+
+def test_encoder_returning_rows_longer_than_unit_length_fails_open_and_caches_nothing(make_server: ServerFactory) -> None:
+    running, stub = make_server(fake_settings(warmup=False), encoder=LongVectorEncoder())
+    resp = stub.Rerank(_request(), timeout=5)
+    assert (resp.variant, resp.fallback_reason) == (pb.VARIANT_FALLBACK, pb.FALLBACK_REASON_ENCODER_ERROR)
+    assert "unusable output" in resp.fallback_detail and len(running.service.items) == 0  # type: ignore[arg-type]
+
+
 def test_encoder_hanging_past_the_deadline_fails_open_before_the_callers_deadline(
     make_server: ServerFactory, hanging: HangingEncoder
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from reranker.ranking.experiments import bucket_of
 from reranker.v1 import reranker_pb2 as pb
 
 from conftest import ServerFactory, candidate, event, fake_settings
-from test_head import make_head, only
+from test_head import F, make_head, only
 
 CANDS = [candidate("c1", 2.0), candidate("c2", 1.0)]
 
@@ -162,6 +163,16 @@ def test_arm_settings_are_validated() -> None:
             Settings(experiment_arms=bad)
 
 
+def test_arm_names_are_exactly_ascii_letters_digits_underscore_and_hyphen() -> None:
+    """What the message says, [A-Za-z0-9_-], is what the flag accepts: no other letters or digits."""
+    for name in ("_", "-", "a_b", "A-1", "__x--", "Z9"):
+        settings = Settings.from_sources([f"--experiment-arms={name}=10:/x.npz"], {})
+        assert settings.parsed_experiment_arms() == [(name, 10.0, "/x.npz")]
+    for name in ("ä", "١", "a.b", "a/b", "ǅ", "x²", "a\u00a0b"):
+        with pytest.raises(ValueError, match=r"must be \[A-Za-z0-9_-\]"):
+            Settings.from_sources([f"--experiment-arms={name}=10:/x.npz"], {})
+
+
 def test_arm_buckets_follow_the_order_given() -> None:
     settings = Settings(treatment_percent=50.0, experiment_arms="b=10:/b.npz,c=5:/c.npz")
     table = arms.build_table(settings, "enc", {})
@@ -172,3 +183,87 @@ def test_arm_buckets_follow_the_order_given() -> None:
     assert table.arms[1].model_version == f"enc+{head.version}" and table.arms[0].model_version == "enc"
     assert table.paths() == {"treatment": "/a.npz", "b": "/b.npz", "c": "/c.npz"} and set(table.heads()) == {"treatment", "c"}
     assert np.isfinite(table.arms[1].head.weights).all()  # type: ignore[union-attr]
+
+
+# --- every number in a head file is finite and in range; the version covers all that scores ------
+def _edited(head: object, path: Path, arrays: dict[str, object] | None = None, meta: dict[str, object] | None = None) -> Path:
+    """`head` saved, then its arrays / meta edited by hand (the meta's version left as it was)."""
+    tmp = path.with_suffix(".edit.npz")
+    head.save(tmp)  # type: ignore[attr-defined]
+    with np.load(tmp, allow_pickle=False) as data:
+        content = {name: data[name] for name in data.files}
+    content.update(arrays or {})
+    if meta:
+        saved = json.loads(str(content["meta"]))
+        saved.update(meta)
+        content["meta"] = np.array(json.dumps(saved, sort_keys=True))
+    with tmp.open("wb") as fh:
+        np.savez(fh, **content)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+    return path
+
+
+BAD_HEADS: dict[str, dict[str, object]] = {
+    "NaN popularity": dict(arrays={"popularity_values": np.array([np.nan, 0.5], dtype=np.float32)}),
+    "popularity above 1": dict(arrays={"popularity_values": np.array([7.0, 0.5], dtype=np.float32)}),
+    "attention_temperature 0": dict(meta={"attention_temperature": 0.0}),
+    "attention_temperature NaN": dict(meta={"attention_temperature": float("nan")}),
+    "mf_alpha NaN": dict(meta={"mf_alpha": float("nan")}),
+    "mf_reg 0": dict(meta={"mf_reg": 0.0}),
+    "history_decay inf": dict(meta={"history_decay": float("inf")}),
+    "session_length a string": dict(meta={"session_length": "ten"}),
+    "weights 1e300": dict(arrays={"weights": np.full(F, 1e300)}),
+    "std 1e-300": dict(arrays={"std": np.full(F, 1e-300)}),
+}
+
+
+def _scores_are_finite(reply: pb.RerankResponse) -> bool:
+    values = [v for it in reply.items for v in (it.score, it.semantic_score, it.upstream_score)]
+    return bool(values) and bool(np.isfinite(values).all())
+
+
+def test_a_head_with_a_number_out_of_range_is_refused_by_hot_reload_and_the_old_head_keeps_serving(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
+    path = tmp_path / "head.npz"
+    good = make_head(weights=only("popularity") + only("attention") + only("mf_foldin"), popularity={"c2": 1.0, "c1": 0.5})
+    served = _publish(good, path)
+    running, stub = make_server(fake_settings(head_path=str(path), head_reload_seconds=0.05))
+    _user(stub)
+    registry = running.service.metrics.registry
+    for name, edit in BAD_HEADS.items():
+        errors = registry.get_sample_value("reranker_head_reloads_total", {"result": "error"})
+        _edited(good, path, **edit)  # type: ignore[arg-type]
+        _wait_for(lambda: registry.get_sample_value("reranker_head_reloads_total", {"result": "error"}) == errors + 1)
+        reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS))
+        assert reply.model_version == served and reply.variant == pb.VARIANT_RERANKED, name
+        assert _scores_are_finite(reply), name
+        assert running.service.reload_heads() is False, name  # SIGHUP's forced reload refuses it too
+    assert registry.get_sample_value("reranker_head_reloads_total", {"result": "ok"}) == 0
+
+
+def test_a_server_does_not_start_on_a_head_with_a_nan_and_says_which_number(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
+    path = _edited(make_head(), tmp_path / "head.npz", **BAD_HEADS["NaN popularity"])  # type: ignore[arg-type]
+    running, _ = make_server(fake_settings(head_path=str(path)), wait=False)
+    running.loader.join(30)
+    assert not running.service.ready and "popularity_values" in running.service.load_error
+
+
+def test_changing_any_scoring_number_of_the_meta_changes_the_version_and_is_swapped_in(
+    tmp_path: Path, make_server: ServerFactory
+) -> None:
+    path = tmp_path / "head.npz"
+    good = make_head(weights=only("attention"))
+    first = _publish(good, path)
+    running, stub = make_server(fake_settings(head_path=str(path), head_reload_seconds=0.05))
+    _user(stub)
+    versions = {first}
+    for meta in ({"attention_temperature": 0.5}, {"session_length": 3}, {"attention_temperature": 0.5, "mf_alpha": 2.0}):
+        _edited(good, path, meta=meta)
+        _wait_for(lambda: running.service.model_version not in versions)
+        versions.add(running.service.model_version)
+        reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS))
+        assert reply.model_version == running.service.model_version and _scores_are_finite(reply)
+    assert len(versions) == 4

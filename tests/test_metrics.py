@@ -189,10 +189,17 @@ def test_operations_page_documents_exactly_the_exposed_series(make_server: Serve
     page = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
     section = page.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(reranker_[a-z_]+)` \|", section, re.M))
-    make_head().save(tmp_path / "head.npz")  # every optional series on: a head file, the training log, online metrics
+    from reranker.model.catalog import write_catalog
+    from reranker.model.encoder import FakeEncoder
+
+    make_head().save(tmp_path / "head.npz")  # every optional series on: a head file, the training log, online metrics,
+    write_catalog(tmp_path / "items.cat", ["a"], ["text"], FakeEncoder(64).encode(["text"]),  # a shared catalog,
+                  model_version=FakeEncoder.version)
+    (tmp_path / "runtime.json").write_text("{}")  # a runtime settings file
     running, stub = make_server(fake_settings(
         metrics_address="127.0.0.1:0", head_path=str(tmp_path / "head.npz"), training_log_dir=str(tmp_path / "log"),
-        online_metrics_window_seconds=60.0,
+        online_metrics_window_seconds=60.0, catalog_path=str(tmp_path / "items.cat"),
+        runtime_settings_file=str(tmp_path / "runtime.json"),
     ))
     stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1, "text")]))
     body = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5).read().decode()

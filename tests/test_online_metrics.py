@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -79,3 +81,78 @@ def test_the_server_exposes_per_arm_online_metrics(tmp_path: Path, make_server: 
         assert registry.get_sample_value("reranker_online_hits_at_k", {**labels, "k": "10"}) == 1.0
         assert registry.get_sample_value("reranker_online_ndcg_total", {**labels, "k": "10"}) == n
     assert b"reranker_online_lists_waiting 0.0" in running.service.metrics.exposition()
+
+
+# --- cold users: the reranked variant in the upstream order, counted apart --------------------------------
+def test_cold_users_are_counted_apart_from_personalized_ones_per_arm() -> None:
+    online = OnlineMetrics(fake_settings(online_metrics_window_seconds=60, online_metrics_k=3))
+
+    def cold(record: ServedRecord) -> ServedRecord:
+        return ServedRecord(record.served_at, record.query, dataclasses.replace(record.result, cold_user=True))
+
+    online(served(0, "warm", ["x", "y"]))
+    online(cold(served(1, "new1", ["x", "y"])))
+    online(cold(served(2, "new2", ["x", "y"])))
+    online(served(3, "c", ["x", "y"], arm="control", variant=Variant.CONTROL))
+    online(served(4, "f", ["x", "y"], variant=Variant.FALLBACK))
+    online(events(5, ("warm", "x"), ("new1", "y"), ("c", "x"), ("f", "x")))
+    whole, by_order = online.snapshot()[("treatment", "m1")], online.by_order
+    assert (whole.lists, whole.judged) == (4, 3)  # the arm's totals (intention to treat) are unchanged
+    personalized, cold_ = by_order[("treatment", "m1", "personalized")], by_order[("treatment", "m1", "cold")]
+    assert (personalized.lists, personalized.judged, personalized.hits, personalized.ndcg) == (1, 1, 1.0, 1.0)
+    assert (cold_.lists, cold_.judged, cold_.hits) == (2, 1, 1.0) and math.isclose(cold_.ndcg, 1 / math.log2(3))
+    assert by_order[("treatment", "m1", "upstream")].lists == 1  # the fallback
+    assert by_order[("control", "m1", "upstream")].judged == 1
+    assert ("control", "m1", "cold") not in by_order  # control never looks a profile up
+
+
+def test_a_server_counts_cold_and_personalized_answers_per_arm(make_server: ServerFactory) -> None:
+    import io
+    import json
+    import logging
+
+    from reranker.serving.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("reranker.access")
+    access.addHandler(handler)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        running, stub = make_server(fake_settings(online_metrics_window_seconds=60, treatment_percent=50.0,
+                                                  access_log_sample=1.0))
+        stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=i, text=i) for i in ("h", "a", "b", "c")]))
+        cands = [candidate("a", 3), candidate("b", 2), candidate("c", 1)]
+        arms, orders = {}, {}
+        for n in range(40):
+            user = f"u{n}"
+            if n % 2:  # every other user has a profile; the rest are new (cold)
+                stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, "h")]))
+            reply = stub.Rerank(pb.RerankRequest(user_id=user, candidates=cands))
+            arms[user], orders[user] = reply.arm, ("cold" if reply.cold_user else "personalized") \
+                if reply.variant == pb.VARIANT_RERANKED else "upstream"
+            stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, reply.items[0].item_id)]))
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(old_level)
+    registry, version = running.service.metrics.registry, running.service.model_version
+    expected = collections.Counter((arms[u], orders[u]) for u in arms)
+    assert expected[("treatment", "cold")] >= 3 and expected[("treatment", "personalized")] >= 3
+    assert expected[("control", "upstream")] >= 5 and ("control", "cold") not in expected
+    for (arm, order), n in expected.items():  # every answer, exactly (Prometheus)
+        assert registry.get_sample_value("reranker_rerank_orders_total", {"arm": arm, "order": order}) == n
+    judged = {"arm": "control", "model_version": version, "order": "upstream"}
+    deadline = time.monotonic() + 10
+    while registry.get_sample_value("reranker_online_lists_judged_by_order_total", judged) != \
+            expected[("control", "upstream")] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for (arm, order), n in expected.items():  # the online join, split the same way
+        labels = {"arm": arm, "model_version": version, "order": order}
+        assert registry.get_sample_value("reranker_online_lists_by_order_total", labels) == n
+        assert registry.get_sample_value("reranker_online_lists_judged_by_order_total", labels) == n
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    reranks = [line for line in lines if line["method"] == "Rerank"]
+    assert collections.Counter((line["arm"], line["order"]) for line in reranks) == expected  # the access log too
+    assert all(line["cold_user"] == (line["order"] == "cold") for line in reranks if line["variant"] == "reranked")

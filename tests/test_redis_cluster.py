@@ -255,3 +255,36 @@ def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: Redis
         assert state is not None and state.event_count == 5
     consumer.close()
     service.close()
+
+
+@pytest.mark.parametrize("layout", ["full", "compact"])
+def test_an_unreadable_value_in_the_cluster_is_that_users_problem_alone(cluster: RedisClusterServer,
+                                                                        layout: str) -> None:
+    """A key of another type and a NaN at two users' keys (on whichever masters their slots live): the
+    batch of users spread over the three masters is applied, the two start over, nothing degrades."""
+    from reranker.users.compact import decode, encode
+
+    store = layout_store(cluster.url, layout, redis_prefix=f"t{next(_prefixes)}", redis_timeout_ms=2000.0,
+                         redis_write_timeout_ms=5000.0)
+    users = [f"user-{k}" for k in range(12)]
+    assert store.apply([(Event(u, "i1", EventType.CLICK, 1.7e9, f"{u}-a"), WRITER_VECTOR) for u in users],
+                       1.7e9).accepted == 12
+    client = redis.RedisCluster.from_url(cluster.url.replace("+cluster", "", 1))
+    wrong, nan = store.keys("user-3")[0], store.keys("user-5")[0]
+    client.delete(wrong)
+    if layout == "full":
+        client.set(wrong, "x")
+        client.hset(nan, "lt", np.full(8, np.nan).tobytes())
+    else:
+        client.hset(wrong, "f", "v")
+        p = decode(client.get(nan), 8)  # type: ignore[arg-type]
+        p.long_term[0] = np.nan
+        client.set(nan, encode(p))
+    result = store.apply([(Event(u, "i2", EventType.CLICK, 1.7e9 + 5, f"{u}-b"), WRITER_VECTOR) for u in users],
+                         1.7e9 + 5)
+    assert result.accepted == 12 and not store.degraded, store.last_error
+    counts = {u: store.get(u).event_count for u in users}  # type: ignore[union-attr]
+    assert counts == {u: 1 if u in ("user-3", "user-5") else 2 for u in users}
+    assert store.unreadable_reasons == {"wrong_type": 1, "non_finite": 1}
+    client.close()
+    store.close()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,7 +21,8 @@ from reranker.config import Settings
 from reranker.model.encoder import FakeEncoder
 from reranker.serving.server import RunningServer, build_server
 from reranker.service import RerankService
-from reranker.types import Event
+from reranker.model.items import ItemVectorCache
+from reranker.types import Candidate, Event, RerankQuery
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from conftest import REPO, candidate, event, fake_settings, wait_ready
@@ -154,7 +155,8 @@ import os, sys, time
 from reranker.config import Settings
 from reranker.model.encoder import FakeEncoder
 from reranker.service import RerankService
-from reranker.types import Event
+from reranker.model.items import ItemVectorCache
+from reranker.types import Candidate, Event, RerankQuery
 settings = Settings(encoder="fake", fake_dim=64, snapshot_path=sys.argv[1], snapshot_interval_seconds=0)
 service = RerankService(settings, FakeEncoder(64))
 service.load()
@@ -247,6 +249,7 @@ def test_a_snapshot_written_before_the_session_sum_was_kept_rebuilds_it(tmp_path
     store = InProcessProfileStore(config, max_users=10, ttl_seconds=1e12)
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((6, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # item vectors are unit rows (a longer one is refused)
     store.apply([(Event("u", f"i{k}", timestamp=1_700_000_000.0 + 37 * k), vectors[k]) for k in range(6)], time.time())
     path = tmp_path / "s.npz"
     snapshot.save_snapshot(path, items=None, profiles=store, model_version="m", dim=8)
@@ -263,3 +266,48 @@ def test_a_snapshot_written_before_the_session_sum_was_kept_rebuilds_it(tmp_path
         assert a is not None and b is not None
         np.testing.assert_allclose(b.session, a.session, rtol=1e-9)
         np.testing.assert_allclose(b.long_term, a.long_term, rtol=1e-12)
+
+
+def _tampered(path: Path, edit: Callable[[dict[str, np.ndarray], list[dict]], None]) -> None:
+    """Rewrite a snapshot with some arrays edited (users_0 passed decoded)."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    users = json.loads(arrays["users_0"].tobytes())
+    edit(arrays, users)
+    tmp = path.with_name("edited.npz")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+
+
+def test_entries_that_are_not_finite_are_skipped_and_counted_the_rest_is_restored(tmp_path: Path) -> None:
+    path = tmp_path / "state.npz"
+    events = [Event(user, item, timestamp=1000.0 + n, text=f"the text of {item}")
+              for n, (user, item) in enumerate([("good", "i1"), ("bad-l", "i2"), ("bad-history", "i3"), ("good", "i4")])]
+    saved_service(path, *events).close()
+
+    def poison(arrays: dict[str, np.ndarray], users: list[dict]) -> None:
+        ids = json.loads(arrays["item_ids"].tobytes())
+        vectors = arrays["item_vectors"].copy()
+        vectors[ids.index("i4")] = np.nan
+        arrays["item_vectors"] = vectors
+        rows = [u["id"] for u in users]
+        long_terms = arrays["user_long_term_0"].copy()
+        long_terms[rows.index("bad-l")] = np.inf
+        arrays["user_long_term_0"] = long_terms
+        hist = arrays["hist_vectors_0"].copy()
+        at = sum(len(u["hist"]) for u in users[: rows.index("bad-history")])
+        hist[at] = 1e30
+        arrays["hist_vectors_0"] = hist
+
+    _tampered(path, poison)
+    info = snapshot.load_snapshot(path, items=ItemVectorCache(100, 64), profiles=None, model_version="fake-hash-v1",
+                                  dim=64, now=time.time(), ttl_seconds=1e9)
+    assert info is not None and (info.items, info.items_refused) == (3, 1)
+    service = loaded_service(path)
+    assert service.items is not None and service.items.known("i1") and not service.items.known("i4")
+    assert service.user_profile("good").found
+    assert not service.user_profile("bad-l").found and not service.user_profile("bad-history").found
+    reply = service.rerank(RerankQuery("good", (Candidate("i1", 1.0, None), Candidate("i4", 2.0, "the text of i4"))))
+    assert reply.variant.name == "RERANKED" and all(np.isfinite([it.score, it.semantic_score]).all() for it in reply.items)
+    service.close()

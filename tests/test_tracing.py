@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -89,3 +91,126 @@ def test_otlp_exporter_is_built_from_settings_when_enabled() -> None:
     assert type(processors[0]).__name__ == "BatchSpanProcessor"
     assert type(processors[0].span_exporter).__name__ == "OTLPSpanExporter"
     shutdown(provider)
+
+
+# --- the standard OTEL_* variables, against a real OTLP/gRPC receiver ----------------------------------
+class OtlpReceiver:
+    """A real OTLP/gRPC trace receiver (the collector's TraceService) on 127.0.0.1:0 that keeps what it gets."""
+
+    def __init__(self) -> None:
+        import grpc
+        from concurrent import futures
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        received = self.requests = []  # type: list[Any]
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+                received.append(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def spans(self) -> list[tuple[dict[str, str], str]]:
+        """(resource attributes, span name) of every span received."""
+        out = []
+        for request in self.requests:
+            for resource_spans in request.resource_spans:
+                attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                out += [(attrs, span.name) for scope in resource_spans.scope_spans for span in scope.spans]
+        return out
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc")
+    found = OtlpReceiver()
+    yield found
+    found.server.stop(0)
+
+
+OTEL_VARIABLES = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                  "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SDK_DISABLED")
+
+
+def traced_reranks(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], calls: int = 3, **settings: Any) -> Any:
+    """A real server with tracing on and exactly `env` as the OTEL_* environment; `calls` Reranks;
+    then a stop, which flushes the exporter. Returns the server."""
+    pytest.importorskip("opentelemetry.instrumentation.grpc")
+    import grpc
+
+    from reranker.v1 import reranker_pb2_grpc as pb_grpc
+
+    for name in OTEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s = fake_settings(otel_enabled=True, **settings)
+    running = build_server(s, RerankService(s, FakeEncoder(s.fake_dim)))
+    try:
+        wait_ready(running)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = pb_grpc.RerankerServiceStub(ch)
+            for _ in range(calls):
+                stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1.0, "text")]), timeout=10)
+    finally:
+        running.stop(0)
+    return running
+
+
+def dead_endpoint() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_the_standard_otel_variables_name_the_service_and_the_collector(
+    monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver
+) -> None:
+    traced_reranks(monkeypatch, {
+        "OTEL_SERVICE_NAME": "shop-reranker",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging,service.name=ignored",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,  # the traces endpoint wins over the generic one
+        "OTEL_EXPORTER_OTLP_ENDPOINT": dead_endpoint(),
+    })
+    spans = [(attrs, name) for attrs, name in receiver.spans() if name.endswith("RerankerService/Rerank")]
+    assert len(spans) == 3
+    attrs = spans[0][0]
+    assert attrs["service.name"] == "shop-reranker" and attrs["deployment.environment"] == "staging"
+
+
+def test_the_generic_endpoint_and_resource_attributes_apply_too(monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver) -> None:
+    traced_reranks(monkeypatch, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                 "OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attributes"}, calls=1)
+    assert {attrs["service.name"] for attrs, _ in receiver.spans()} == {"from-attributes"}
+
+
+def test_without_a_name_anywhere_the_service_is_reranker(monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver) -> None:
+    traced_reranks(monkeypatch, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}, calls=1)
+    assert {attrs["service.name"] for attrs, _ in receiver.spans()} == {"reranker"}
+
+
+def test_our_settings_override_the_standard_variables(monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver) -> None:
+    traced_reranks(monkeypatch, {"OTEL_SERVICE_NAME": "from-env", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": dead_endpoint()},
+                   calls=1, otel_service_name="from-flag", otel_endpoint=receiver.endpoint)
+    assert receiver.spans() and {attrs["service.name"] for attrs, _ in receiver.spans()} == {"from-flag"}
+
+
+def test_the_sampler_variables_decide_what_is_traced(monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver) -> None:
+    traced_reranks(monkeypatch, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                 "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}, calls=5)
+    assert receiver.spans() == []
+    traced_reranks(monkeypatch, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                 "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"}, calls=5)
+    assert len(receiver.spans()) == 5
+
+
+def test_otel_sdk_disabled_keeps_tracing_off(monkeypatch: pytest.MonkeyPatch, receiver: OtlpReceiver) -> None:
+    running = traced_reranks(monkeypatch, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SDK_DISABLED": "true"})
+    assert running.tracer_provider is None and receiver.spans() == []

@@ -25,6 +25,12 @@ Biases (read an A/B readout with them in mind):
   next interest, not necessarily a click on this list;
 - bounded memory: at most `online_metrics_max_lists` lists wait; past that the oldest is dropped
   (`..._evicted`), which under-counts users who come back late.
+
+Cold users: a treatment user with no usable profile gets VARIANT_RERANKED in the upstream order.
+The `..._by_order` series split each arm's lists, judged lists, hits and NDCG by the order actually
+served (`order_of`): `personalized` (reranked with the user's profile), `cold` (reranked variant, no
+profile: the upstream order) and `upstream` (control, or a fallback). The per-arm series above stay
+the intention-to-treat totals; docs/learning-loop.md says how to read an A/B with both.
 """
 
 from __future__ import annotations
@@ -42,12 +48,11 @@ from prometheus_client.registry import Collector
 
 from reranker.config import Settings
 from reranker.learning.traininglog import EventsRecord, ServedRecord
-from reranker.types import EventType, Variant
+from reranker.types import UPSTREAM, EventType, Variant, order_of
 
 # Counted arms: everything that answered with an order the arm chose (fallbacks count in their arm:
 # intention to treat). Bypassed lists belong to no arm.
 _JOINED = (Variant.RERANKED, Variant.CONTROL, Variant.FALLBACK)
-
 
 @dataclass(slots=True)
 class _Pending:
@@ -55,6 +60,7 @@ class _Pending:
     served_at: float
     top: tuple[str, ...]
     key: tuple[str, str]  # (arm, model_version)
+    order: str = UPSTREAM  # order_of(result)
 
 
 @dataclass(slots=True)
@@ -81,6 +87,7 @@ class OnlineMetrics(Collector):
         self._seq = 0
         self._lock = threading.Lock()  # the writer thread updates, a scrape reads
         self.stats: dict[tuple[str, str], ArmStats] = {}
+        self.by_order: dict[tuple[str, str, str], ArmStats] = {}  # (arm, model_version, order)
         if registry is not None:
             registry.register(self)
 
@@ -98,16 +105,18 @@ class OnlineMetrics(Collector):
         ids = getattr(items, "item_ids", None)
         top = tuple(ids[: self.k] if ids is not None else [it.item_id for it in list(items)[: self.k]])
         key = (result.arm, result.model_version)
+        order = order_of(result)
         user = record.query.user_id
         with self._lock:
             self._expire(record.served_at)
             self._stats(key).lists += 1
+            self._order_stats(key, order).lists += 1
             while len(self._pending) >= self.max_lists:
                 _, old = self._pending.popitem(last=False)
                 self._forget(old)
                 self._stats(old.key).evicted += 1
             self._seq += 1
-            self._pending[self._seq] = _Pending(user, record.served_at, top, key)
+            self._pending[self._seq] = _Pending(user, record.served_at, top, key, order)
             self._by_user.setdefault(user, []).append(self._seq)
 
     def events(self, record: EventsRecord) -> None:
@@ -122,12 +131,12 @@ class OnlineMetrics(Collector):
                     continue
                 for seq in waiting:
                     pending = self._pending.pop(seq)
-                    stats = self._stats(pending.key)
-                    stats.judged += 1
-                    if e.item_id in pending.top:
-                        rank = pending.top.index(e.item_id)
-                        stats.hits += 1.0
-                        stats.ndcg += 1.0 / math.log2(rank + 2)
+                    for stats in (self._stats(pending.key), self._order_stats(pending.key, pending.order)):
+                        stats.judged += 1
+                        if e.item_id in pending.top:
+                            rank = pending.top.index(e.item_id)
+                            stats.hits += 1.0
+                            stats.ndcg += 1.0 / math.log2(rank + 2)
 
     def _expire(self, now: float) -> None:
         pending = self._pending
@@ -151,6 +160,13 @@ class OnlineMetrics(Collector):
         stats = self.stats.get(key)
         if stats is None:
             stats = self.stats[key] = ArmStats()
+        return stats
+
+    def _order_stats(self, key: tuple[str, str], order: str) -> ArmStats:
+        full = (*key, order)
+        stats = self.by_order.get(full)
+        if stats is None:
+            stats = self.by_order[full] = ArmStats()
         return stats
 
     @property
@@ -187,6 +203,23 @@ class OnlineMetrics(Collector):
             "reranker_online_ndcg_at_k", "NDCG@k averaged over the judged lists since start.", labels=labels + ["k"]
         )
         waiting = GaugeMetricFamily("reranker_online_lists_waiting", "Lists waiting for their user's next event.")
+        by_order = ["arm", "model_version", "order"]
+        order_lists = CounterMetricFamily(
+            "reranker_online_lists_by_order",
+            "Logged lists per arm by the order served: personalized, cold (no profile: upstream order), upstream.",
+            labels=by_order,
+        )
+        order_judged = CounterMetricFamily(
+            "reranker_online_lists_judged_by_order", "Judged lists per arm by the order served.", labels=by_order
+        )
+        order_hits = CounterMetricFamily(
+            "reranker_online_hits_by_order", "Sum of hits@k over judged lists, per arm by the order served.",
+            labels=by_order + ["k"],
+        )
+        order_ndcg = CounterMetricFamily(
+            "reranker_online_ndcg_by_order", "Sum of NDCG@k over judged lists, per arm by the order served.",
+            labels=by_order + ["k"],
+        )
         with self._lock:
             for (arm, version), s in self.stats.items():
                 lists.add_metric([arm, version], s.lists)
@@ -198,4 +231,10 @@ class OnlineMetrics(Collector):
                 hits_mean.add_metric([arm, version, k], s.hits / s.judged if s.judged else 0.0)
                 ndcg_mean.add_metric([arm, version, k], s.ndcg / s.judged if s.judged else 0.0)
             waiting.add_metric([], len(self._pending))
-        yield from (lists, judged, expired, evicted, hits, ndcg, hits_mean, ndcg_mean, waiting)
+            for (arm, version, order), s in self.by_order.items():
+                order_lists.add_metric([arm, version, order], s.lists)
+                order_judged.add_metric([arm, version, order], s.judged)
+                order_hits.add_metric([arm, version, order, k], s.hits)
+                order_ndcg.add_metric([arm, version, order, k], s.ndcg)
+        yield from (lists, judged, expired, evicted, hits, ndcg, hits_mean, ndcg_mean, waiting,
+                    order_lists, order_judged, order_hits, order_ndcg)

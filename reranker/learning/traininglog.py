@@ -21,7 +21,8 @@ event_type.
 
 User ids: with `log_user_salt` set, both files carry `observability.user_hash(salt, user_id)`
 (the access log's hash), so lists and events still join, and a log trained on never sees raw ids.
-Tabs and line breaks inside ids become spaces (a row is always one line).
+A backslash, tab, LF or CR inside an id (or list id, model version) is escaped as \\\\, \\t, \\n, \\r
+(a row is always one line); `read_training_log` undoes it exactly.
 
 Durability (the fsync policy):
 - the writer thread hands each batch to the OS (one write + flush) at least every
@@ -32,15 +33,24 @@ Durability (the fsync policy):
 - a crash can leave a last line without its newline, or a list with fewer rows than its
   `list_size`: `read_training_log` never takes either as data. A restarted server never appends to
   an old file (it starts new ones), so a torn tail stays a tail.
+
+Failures (best effort, docs/reliability.md "Training log"): the writer hands bytes to the OS itself
+(os.write), so `reranker_training_log_records_total` counts exactly the records (lists; events: one
+per event) that reached the file. A failed create/write/fsync (full disk, unusable directory) closes
+that file at a torn tail, is counted, logged at most once per `training_log_retry_seconds`, and
+records are dropped and counted for that long before a new file is tried. Nothing here raises into
+a request, the model load or the shutdown.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -67,11 +77,24 @@ SERVED_COLUMNS = (
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "event_type")
 SERVED_PREFIX, EVENTS_PREFIX = "served-", "events-"
 _IDLE_POLL_S = 0.05
-_CLEAN = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
+_WRITE_THROUGH_BYTES = 1 << 20  # the writer's buffer is handed to the OS at this size even between flushes
+_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_UNESCAPED = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 
 def _field(text: str) -> str:
-    return text.translate(_CLEAN) if ("\t" in text or "\n" in text or "\r" in text) else text
+    r"""`text` as one TSV field: a backslash, tab, LF or CR becomes \\, \t, \n or \r (undone by `unescape`)."""
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        return text.translate(_ESCAPE)
+    return text
+
+
+def unescape(text: str) -> str:
+    """The id `_field` escaped, exactly."""
+    if "\\" not in text:
+        return text
+    return _ESCAPED.sub(lambda m: _UNESCAPED.get(m.group(1), m.group(0)), text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,62 +113,150 @@ class EventsRecord:
 
 
 class RotatingTsv:
-    """Append-only TSV files of one kind, rotated by size and age; never reopens an old file."""
+    """Append-only TSV files of one kind, rotated by size and age; never reopens an old file.
+
+    `write` takes one record (whole lines) into a buffer in memory; `flush` hands the buffer to the
+    OS with os.write, so this object knows exactly which records reached the file: `written` counts
+    those, `lost` those that did not. It never raises an OSError: a failure (full disk, a directory
+    that cannot be created or written) closes the file where it stopped (a torn tail, which the
+    reader skips), counts the records still buffered as lost and the failure in `errors` (the last
+    one in `last_error`), and drops further records (counted as lost) for `retry_seconds`; then it
+    tries a new file.
+    """
 
     def __init__(
         self, directory: Path, prefix: str, header: Sequence[str], *, max_bytes: int, max_seconds: float,
         keep_files: int = 0, fsync_each_flush: bool = False, clock: Callable[[], float] = time.time,
+        retry_seconds: float = 30.0,
     ) -> None:
         self.directory, self.prefix, self.header = directory, prefix, "\t".join(header) + "\n"
         self.max_bytes, self.max_seconds, self.keep_files = max_bytes, max_seconds, keep_files
         self.fsync_each_flush = fsync_each_flush
+        self.retry_seconds = retry_seconds
         self._clock = clock
-        self._fh: Any = None
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._buffer = bytearray()
+        self._ends: list[int] = []  # where each buffered record ends in _buffer
         self._opened_at = 0.0
         self._bytes = 0
         self._seq = 0
+        self._retry_at = 0.0
         self.files_opened = 0
-        directory.mkdir(parents=True, exist_ok=True)
+        self.written = 0  # records handed to the OS
+        self.lost = 0  # records that never reached a file
+        self.errors = 0
+        self.last_error = ""
+
+    def prepare(self) -> bool:
+        """Create the directory now (a start-up check); False (counted, see the class doc) when that fails."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            self._fail(exc, str(self.directory), reason="exists and is not a directory")
+            return False
+        except OSError as exc:
+            self._fail(exc, f"cannot create the directory {self.directory}")
+            return False
+        return True
 
     def write(self, text: str) -> None:
-        """Append whole lines (buffered until `flush`); rotates first when the file is full or old."""
-        if self._fh is not None and (self._bytes >= self.max_bytes or self._clock() - self._opened_at >= self.max_seconds):
+        """Buffer one record (whole lines); rotates first when the file is full or old."""
+        if self._fd is not None and (self._bytes >= self.max_bytes or self._clock() - self._opened_at >= self.max_seconds):
             self.close()
-        if self._fh is None:
-            self._open()
+        if self._fd is None and not self._open():
+            self.lost += 1
+            return
         data = text.encode("utf-8", "surrogateescape")
-        self._fh.write(data)
+        self._buffer += data
+        self._ends.append(len(self._buffer))
         self._bytes += len(data)
+        if len(self._buffer) >= _WRITE_THROUGH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            if self.fsync_each_flush:
-                os.fsync(self._fh.fileno())
+        """Hand the buffered records to the OS (and fsync with `fsync_each_flush`)."""
+        if self._fd is None or not self._buffer:
+            return
+        done = 0
+        try:
+            with memoryview(self._buffer) as data:
+                while done < len(data):
+                    done += os.write(self._fd, data[done:])
+        except OSError as exc:
+            self._fail(exc, f"cannot write to {self._path}", done)
+            return
+        self._settle(done)
+        if self.fsync_each_flush:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._fail(exc, f"cannot fsync {self._path}")
 
     def rotate_if_old(self) -> None:
-        if self._fh is not None and self._clock() - self._opened_at >= self.max_seconds:
+        if self._fd is not None and self._clock() - self._opened_at >= self.max_seconds:
             self.close()
 
     def close(self) -> None:
-        if self._fh is None:
+        """Flush, fsync and close the current file (counted, never raised, when that fails)."""
+        self.flush()
+        if self._fd is None:
             return
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._fail(exc, f"cannot fsync {self._path}")
+            return
+        self._close_fd()
 
-    def _open(self) -> None:
+    def _settle(self, done: int) -> None:
+        """`done` bytes of the buffer reached the file: count the records that fit in them, keep the rest."""
+        whole = bisect.bisect_right(self._ends, done)
+        self.written += whole
+        del self._buffer[:done]
+        self._ends = [end - done for end in self._ends[whole:]]
+
+    def _fail(self, exc: OSError, what: str, done: int = 0, reason: str = "") -> None:
+        self._settle(done)
+        self.lost += len(self._ends)
+        self._buffer.clear()
+        self._ends.clear()
+        self._close_fd()
+        self.errors += 1
+        self.last_error = f"{what}: {reason or exc.strerror or exc}"
+        self._retry_at = self._clock() + self.retry_seconds
+
+    def _close_fd(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _open(self) -> bool:
         now = self._clock()
+        if self._retry_at:
+            if now < self._retry_at:
+                return False
+            self._retry_at = 0.0
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{now % 1:.6f}"[1:]
         self._seq += 1
         path = self.directory / f"{self.prefix}{stamp}Z-{os.getpid()}-{self._seq:06d}.tsv"
-        # Buffered far beyond one batch: the writer decides when bytes reach the OS (flush).
-        self._fh = open(path, "xb", buffering=1 << 20)  # noqa: SIM115 (closed by close())
-        self._fh.write(self.header.encode())
+        if not self.prepare():
+            return False
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            self._fail(exc, f"cannot create a file in {self.directory}")
+            return False
+        self._path = path
+        self._buffer += self.header.encode()
         self._opened_at, self._bytes = now, len(self.header)
         self.files_opened += 1
         self._prune()
+        return True
 
     def _prune(self) -> None:
         if self.keep_files <= 0:
@@ -158,11 +269,30 @@ class RotatingTsv:
                 log.warning("training log: could not delete %s", old)
 
 
+class _Throttled:
+    """An ERROR line at most once per `interval` seconds; what it held back is counted in the next one."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def error(self, message: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        held, self._held, self._next = self._held, 0, now + self.interval
+        suffix = f" ({held} more since the last message)" if held else ""
+        log.error(message + suffix, *args, exc_info=exc_info)
+
+
 class TrainingLog:
     """The bounded queue, the writer thread, and the two rotating files (see the module doc).
 
     `sinks` get every record after it is written (the online-metrics join); they run on the
     writer thread. With `directory` None nothing is written to disk (online metrics only).
+    Best effort: nothing here raises into a request or into the shutdown (see docs/reliability.md).
     """
 
     def __init__(
@@ -174,33 +304,50 @@ class TrainingLog:
         self.sample = s.training_log_sample
         self.queue_size = s.training_log_queue_size
         self.flush_seconds = s.training_log_flush_seconds
+        self.retry_seconds = s.training_log_retry_seconds
         self._salt = s.log_user_salt
         self._clock = clock
         self._sinks = list(sinks)
         self._queue: collections.deque[ServedRecord | EventsRecord] = collections.deque()
         self._stop = threading.Event()
         directory = s.training_log_dir if directory is None else directory
+        self.directory = directory
         self._files: tuple[RotatingTsv, RotatingTsv] | None = None
         if directory:
             common = dict(
                 max_bytes=s.training_log_max_file_bytes, max_seconds=s.training_log_max_file_seconds,
                 keep_files=s.training_log_keep_files, fsync_each_flush=s.training_log_fsync, clock=clock,
+                retry_seconds=s.training_log_retry_seconds,
             )
             self._files = (
                 RotatingTsv(Path(directory), SERVED_PREFIX, SERVED_COLUMNS, **common),  # type: ignore[arg-type]
                 RotatingTsv(Path(directory), EVENTS_PREFIX, EVENT_COLUMNS, **common),  # type: ignore[arg-type]
             )
-        self.written = {"lists": 0, "events": 0}  # records handed to the OS (flushed)
-        self.dropped = {"lists": 0, "events": 0}
+        # Lists: one per Rerank; events: one per event (a row each).
+        self.written = {"lists": 0, "events": 0}  # handed to the OS (flushed)
+        self.dropped = {"lists": 0, "events": 0}  # queue full, or could not be written
+        self.write_errors = 0
+        self._counted = {"lists": (0, 0), "events": (0, 0)}  # (written, lost) of the files already in the metrics
+        self._unfiled = {"lists": 0, "events": 0}  # records with no bytes to write (no directory, an empty list)
+        self._errors_log = _Throttled(self.retry_seconds)
+        self._bug_log = _Throttled(self.retry_seconds)
         registry = registry if registry is not None else CollectorRegistry()
         self._written_metric = Counter(
-            "reranker_training_log_records", "Training-log records written and flushed, by kind (lists, events).",
+            "reranker_training_log_records",
+            "Training-log records written and flushed (handed to the OS), by kind (lists; events: one per event).",
             ["kind"], registry=registry,
         )
         self._dropped_metric = Counter(
             "reranker_training_log_dropped",
-            "Training-log records dropped because the writer's queue was full (or the writer failed), by kind.",
+            "Training-log records dropped, by kind: the writer's queue was full, or writing failed (full disk, "
+            "unusable training_log_dir).",
             ["kind"], registry=registry,
+        )
+        self._errors_metric = Counter(
+            "reranker_training_log_write_errors",
+            "Training-log file operations that failed (create, write, fsync: full disk, directory missing or not "
+            "writable); records are dropped and a new file is tried every training_log_retry_seconds.",
+            registry=registry,
         )
         self._cpu_metric = Counter(
             "reranker_training_log_cpu_seconds",
@@ -210,6 +357,10 @@ class TrainingLog:
         for kind in ("lists", "events"):
             self._written_metric.labels(kind=kind)
             self._dropped_metric.labels(kind=kind)
+        if self._files is not None:
+            for f in self._files:
+                f.prepare()
+            self._count()
         self._thread = threading.Thread(target=self._run, name="training-log", daemon=True)
         self._thread.start()
 
@@ -217,22 +368,21 @@ class TrainingLog:
     def served(self, query: RerankQuery, result: RerankResult) -> None:
         if self.sample < 1.0 and random.random() >= self.sample:
             return
-        self._put(ServedRecord(self._clock(), query, result), "lists")
+        self._put(ServedRecord(self._clock(), query, result), "lists", 1)
 
     def events(self, events: Sequence[Event]) -> None:
-        self._put(EventsRecord(self._clock(), tuple(events)), "events")
+        self._put(EventsRecord(self._clock(), tuple(events)), "events", len(events))
 
-    def _put(self, record: ServedRecord | EventsRecord, kind: str) -> None:
+    def _put(self, record: ServedRecord | EventsRecord, kind: str, n: int) -> None:
         if len(self._queue) >= self.queue_size or self._stop.is_set():  # racy by a few records: fine
-            self.dropped[kind] += 1
-            self._dropped_metric.labels(kind=kind).inc()
+            self.dropped[kind] += n
+            self._dropped_metric.labels(kind=kind).inc(n)
             return
         self._queue.append(record)
 
     # --- writer thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         last_flush = time.monotonic()
-        pending = {"lists": 0, "events": 0}
         while True:
             cpu_started = time.thread_time()
             stopping = self._stop.is_set()
@@ -240,24 +390,20 @@ class TrainingLog:
             if batch:
                 for record in batch:
                     try:
-                        pending[self._write(record)] += 1
-                    except Exception:
-                        log.exception("training log: a record could not be written; dropped")
-                        kind = "lists" if isinstance(record, ServedRecord) else "events"
-                        self.dropped[kind] += 1
-                        self._dropped_metric.labels(kind=kind).inc()
+                        self._write(record)
+                    except Exception:  # a bug in formatting: this record only
+                        kind, n = ("lists", 1) if isinstance(record, ServedRecord) else ("events", len(record.events))
+                        self._drop(kind, n)
+                        self._bug_log.error("training log: a record could not be formatted; dropped", exc_info=True)
                     for sink in self._sinks:
                         try:
                             sink(record)
                         except Exception:
-                            log.exception("training log: a sink failed on a record")
+                            self._bug_log.error("training log: a sink failed on a record", exc_info=True)
             now = time.monotonic()
             if stopping or now - last_flush >= self.flush_seconds:
-                self._flush(pending)
+                self._flush()
                 last_flush = now
-                if self._files is not None:
-                    for f in self._files:
-                        f.rotate_if_old()
             self._cpu_metric.inc(time.thread_time() - cpu_started)
             if stopping and not self._queue:
                 break
@@ -271,40 +417,75 @@ class TrainingLog:
             out.append(queue.popleft())
         return out
 
-    def _flush(self, pending: dict[str, int]) -> None:
+    def _flush(self) -> None:
         if self._files is not None:
             for f in self._files:
-                try:
-                    f.flush()
-                except OSError:
-                    log.exception("training log: flush failed")
-        for kind, n in pending.items():
+                f.flush()
+                f.rotate_if_old()
+        self._count()
+
+    def _count(self) -> None:
+        """Bring `written`, `dropped`, the error count and their metrics up to the files' counts."""
+        for kind, n in self._unfiled.items():
             if n:
                 self.written[kind] += n
                 self._written_metric.labels(kind=kind).inc(n)
-                pending[kind] = 0
+                self._unfiled[kind] = 0
+        if self._files is None:
+            return
+        errors = 0
+        for kind, f in zip(("lists", "events"), self._files):
+            written, lost = self._counted[kind]
+            if f.written > written:
+                self.written[kind] += f.written - written
+                self._written_metric.labels(kind=kind).inc(f.written - written)
+            if f.lost > lost:
+                self._drop(kind, f.lost - lost)
+            self._counted[kind] = (f.written, f.lost)
+            errors += f.errors
+        if errors > self.write_errors:
+            self._errors_metric.inc(errors - self.write_errors)
+            self.write_errors = errors
+            reasons = dict.fromkeys(f.last_error for f in self._files if f.last_error)
+            self._errors_log.error(
+                "training log: %s. Check --training-log-dir (RERANKER_TRAINING_LOG_DIR). Records are dropped and "
+                "counted (reranker_training_log_dropped_total) and a new file is tried every %.0f s; serving is not "
+                "affected", "; ".join(reasons), self.retry_seconds,
+            )
+
+    def _drop(self, kind: str, n: int) -> None:
+        self.dropped[kind] += n
+        self._dropped_metric.labels(kind=kind).inc(n)
 
     def _user(self, user_id: str) -> str:
         return user_hash(self._salt, user_id) if self._salt else _field(user_id)
 
-    def _write(self, record: ServedRecord | EventsRecord) -> str:
+    def _write(self, record: ServedRecord | EventsRecord) -> None:
         if isinstance(record, ServedRecord):
-            if self._files is not None:
-                text = served_rows(record, self._user(record.query.user_id))
-                if text:
-                    self._files[0].write(text)
-            return "lists"
-        if self._files is not None:
-            self._files[1].write(event_rows(record, self._user))
-        return "events"
+            text = served_rows(record, self._user(record.query.user_id)) if self._files is not None else ""
+            if text:
+                self._files[0].write(text)  # type: ignore[index]
+            else:
+                self._unfiled["lists"] += 1
+            return
+        if self._files is None:
+            self._unfiled["events"] += len(record.events)
+            return
+        for row in event_lines(record, self._user):  # one record per event: each is counted on its own
+            self._files[1].write(row)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, fsync and close the files. Idempotent."""
+        """Write what is queued, fsync and close the files. Idempotent; never raises (a failure is
+        counted and logged), and never waits longer than `timeout` for a stuck writer."""
         self._stop.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("training log: the writer did not finish in %.0f s (a stuck disk?); its files are left open", timeout)
+            return
         if self._files is not None:
             for f in self._files:
                 f.close()
+        self._count()
 
 
 # "0".."4095" and, at index -1, "" (a candidate that was not returned): returned_rank without str() per row.
@@ -338,7 +519,7 @@ def served_rows(record: ServedRecord, user: str) -> str:
     rank_limit = len(_RANK_TEXT) - 1
     ranks = [_RANK_TEXT[r] if r < rank_limit else str(r) for r in rank_of.tolist()]
     joined = "".join(ids)
-    if "\t" in joined or "\n" in joined or "\r" in joined:
+    if "\\" in joined or "\t" in joined or "\n" in joined or "\r" in joined:
         ids = [_field(i) for i in ids]
     list_id = _field(query.request_id or result.request_id) or uuid.uuid4().hex[:16]
     head = user + "\t"
@@ -356,13 +537,18 @@ def _fixed_point(scores: np.ndarray) -> tuple[np.ndarray, int]:
     return np.rint(scores * 10.0**shift).astype(np.int64), -shift
 
 
-def event_rows(record: EventsRecord, user: Callable[[str], str]) -> str:
+def event_lines(record: EventsRecord, user: Callable[[str], str]) -> list[str]:
+    """One line per event of the record."""
     out = []
     for e in record.events:
         ts = e.timestamp if e.timestamp > 0 else record.received_at
         kind = _EVENT_TEXT[e.type]
         out.append(f"{user(e.user_id)}\t{_field(e.item_id)}\t{float(ts)!r}\t{kind}\n")
-    return "".join(out)
+    return out
+
+
+def event_rows(record: EventsRecord, user: Callable[[str], str]) -> str:
+    return "".join(event_lines(record, user))
 
 
 # --- reading a log directory ----------------------------------------------------------------------
@@ -435,7 +621,7 @@ def _event(path: Path, number: int, line: str) -> Interaction:
     if len(parts) != len(EVENT_COLUMNS) or not parts[0] or not parts[1] or parts[3] not in EVENT_TYPES:
         raise FormatError(f"{path}:{number}: not an events row: {line[:80]!r}")
     try:
-        return Interaction(parts[0], parts[1], float(parts[2]), parts[3])
+        return Interaction(unescape(parts[0]), unescape(parts[1]), float(parts[2]), parts[3])
     except ValueError:
         raise FormatError(f"{path}:{number}: timestamp {parts[2]!r} is not a number") from None
 
@@ -451,10 +637,10 @@ def _served_lists(
 
     def emit() -> Iterator[tuple[ServedList, tuple[str, str, str, tuple[int, ...]], bool]]:
         first = current[0]
-        rows = tuple(CandidateRow(p[1], float(p[2])) for p in current)
+        rows = tuple(CandidateRow(unescape(p[1]), float(p[2])) for p in current)
         ranks = tuple(int(p[6]) if p[6] else -1 for p in current)
-        served = ServedList(first[5], first[0], float(first[4]), rows)
-        yield served, (first[7], first[8], first[9], ranks), len(rows) == int(first[10])
+        served = ServedList(unescape(first[5]), unescape(first[0]), float(first[4]), rows)
+        yield served, (first[7], unescape(first[8]), first[9], ranks), len(rows) == int(first[10])
 
     for number, line in enumerate(lines, start=2):
         parts = line.split("\t")

@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reranker.model.encoder import Encoder, supports_token_ids
-from reranker.errors import EncoderFailed, Overloaded
+from reranker.model.items import unusable_rows
+from reranker.errors import EncoderFailed, Overloaded, RerankerError
 
 log = logging.getLogger(__name__)
+
+FAILURE_LOG_INTERVAL_S = 10.0  # reported encoder failures (a server down) are logged this often at most
 
 
 @dataclass
@@ -69,6 +72,8 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self.stats = BatcherStats()
+        self._quiet_until = 0.0  # reported failures are not logged before this (monotonic) time
+        self._unlogged_failures = 0
         self._tokenize_early = supports_token_ids(encoder)
         self._thread = threading.Thread(target=self._run, name="encoder-batcher", daemon=True)
         self._thread.start()
@@ -169,8 +174,8 @@ class MicroBatcher:
                     vectors = self._encode_sorted(texts, False)
             except Exception as exc:  # the encoder failing must not kill the worker
                 self._observe(len(texts), encode_started, ok=False)
-                log.exception("encoder failed on a batch of %d texts", len(texts))
-                error = exc if isinstance(exc, EncoderFailed) else EncoderFailed(f"encoder error: {exc}")
+                self._log_failure(exc, len(texts))
+                error = exc if isinstance(exc, (EncoderFailed, Overloaded)) else EncoderFailed(f"encoder error: {exc}")
                 for job in jobs:
                     job.future.set_exception(error)
                 continue
@@ -183,6 +188,20 @@ class MicroBatcher:
                 end = start + len(job.texts)
                 job.future.set_result(vectors[start:end])
                 start = end
+
+    def _log_failure(self, exc: Exception, size: int) -> None:
+        """An unexpected error with its traceback; a failure the encoder reported itself (a remote server
+        down, overloaded) in one line, at most one per FAILURE_LOG_INTERVAL_S with a count of the rest."""
+        if not isinstance(exc, RerankerError):
+            log.exception("encoder failed on a batch of %d texts", size)
+            return
+        now = time.monotonic()
+        if now < self._quiet_until:
+            self._unlogged_failures += 1
+            return
+        more = f" ({self._unlogged_failures} more failed batches not logged)" if self._unlogged_failures else ""
+        log.warning("encoder failed on a batch of %d texts: %s%s", size, exc, more)
+        self._quiet_until, self._unlogged_failures = now + FAILURE_LOG_INTERVAL_S, 0
 
     def _observe(self, size: int, encode_started: float, *, ok: bool) -> None:
         if self._observer is not None:
@@ -199,7 +218,8 @@ class MicroBatcher:
         for start in range(0, len(order), self._max_batch):
             idx = order[start : start + self._max_batch]
             vectors = np.asarray(encode([inputs[i] for i in idx]), dtype=np.float32)
-            if vectors.shape != (len(idx), self._encoder.dim) or not np.isfinite(vectors).all():
-                raise EncoderFailed(f"encoder returned unusable output of shape {vectors.shape}")
+            if vectors.shape != (len(idx), self._encoder.dim) or unusable_rows(vectors).any():
+                raise EncoderFailed(f"encoder returned unusable output of shape {vectors.shape} (rows must be finite, "
+                                    f"at most unit length)")
             out[idx] = vectors
         return out

@@ -36,6 +36,22 @@ _FREE = np.iinfo(np.int64).max  # use stamp of an unused row: never chosen for e
 
 TextKey = str | int | None  # item text, its text_hash, or None (any cached text is fine)
 
+# Encoders give unit rows (float16 storage rounds a norm by < 1e-3): a longer row is a broken file
+# or tool, and would outweigh every other item in a user's vector.
+MAX_VECTOR_NORM = 1.01
+
+
+def unusable_rows(vectors: np.ndarray) -> np.ndarray:
+    """Mask of the rows no item vector may be: a component that is not finite, or an L2 norm above
+    MAX_VECTOR_NORM. Every vector that enters from outside (catalog, snapshot) is checked with it."""
+    rows = np.asarray(vectors, dtype=np.float32)
+    if rows.size == 0:  # no rows (an empty snapshot section may be stored flat)
+        return np.zeros(len(rows), dtype=bool)
+    rows = rows.reshape(len(rows), -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = np.einsum("ij,ij->i", rows, rows)  # NaN or inf when any component is (or it overflows)
+    return ~(squared <= MAX_VECTOR_NORM * MAX_VECTOR_NORM)
+
 
 def text_hash(text: str) -> int:
     """Stable 64-bit hash of an item text (same on every process and machine)."""

@@ -99,3 +99,18 @@ def initial_table(settings: Settings, encoder_version: str, dim: int) -> ArmTabl
         heads[name] = load_head(path, encoder_version, dim)
         log.info("experiment arm %s: ranking head %s loaded from %s", name, heads[name].version, path)  # type: ignore[union-attr]
     return build_table(settings, encoder_version, heads)
+
+
+def rebuild_table(settings: Settings, encoder_version: str, dim: int, current: ArmTable) -> ArmTable:
+    """The table for new `experiment_arms` while serving: an arm with the same name and file keeps
+    its loaded head, a new arm's file is loaded now (HeadError when it exists and is unusable, so
+    the caller keeps the table in force), a file not there yet borrows the treatment head."""
+    heads: dict[str, ranking_head.RankingHead | None] = {TREATMENT: current.default.head}
+    serving = {a.name: a for a in current.arms if not a.borrowed}
+    for name, _, path in settings.parsed_experiment_arms():
+        old = serving.get(name)
+        if old is not None and old.path == path:
+            heads[name] = old.head
+        elif os.path.exists(path):
+            heads[name] = load_head(path, encoder_version, dim)
+    return build_table(settings, encoder_version, heads)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,7 +211,9 @@ class RankingHead:
 
     @property
     def version(self) -> str:
-        """`head-v<format>-<12 hex of the parameters>`: changes whenever the weights do."""
+        """`head-v<format>-<12 hex of the parameters>`: changes whenever any number that changes a
+        score does (every array, the popularity and graph tables, and each scalar of the meta that
+        the features read)."""
         digest = hashlib.sha256()
         for arr in (self.weights, self.mean, self.std, self.adapter_down, self.adapter_up, self.prior):
             digest.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
@@ -222,7 +225,8 @@ class RankingHead:
             for arr, dtype in ((table.indptr, np.int64), (table.indices, np.int32), (table.values, np.float32)):
                 digest.update(np.ascontiguousarray(arr, dtype=dtype).tobytes())
         digest.update(np.ascontiguousarray(self.graph.factors, dtype=np.float32).tobytes())
-        digest.update(np.array([self.history_length, self.history_decay, self.graph.alpha, self.graph.reg]).tobytes())
+        digest.update(np.array([self.history_length, self.history_decay, self.graph.alpha, self.graph.reg,
+                                self.session_length, self.attention_temperature], dtype=np.float64).tobytes())
         return f"head-v{FORMAT_VERSION}-{digest.hexdigest()[:12]}"
 
     # --- features and scoring --------------------------------------------------------------------
@@ -448,12 +452,17 @@ def load(path: str | Path) -> RankingHead:
         raise HeadError(f"ranking head {path} has arrays of the wrong shape")
     if down.ndim != 2 or up.shape != down.shape[::-1] or arrays["prior"].shape != (down.shape[0],):
         raise HeadError(f"ranking head {path} has an adapter of the wrong shape {down.shape} x {up.shape}")
-    if not all(np.isfinite(arrays[n]).all() for n in ("weights", "mean", "std", "adapter_down", "adapter_up", "prior")):
-        raise HeadError(f"ranking head {path} holds non-finite numbers")
-    if (arrays["std"] <= 0).any():
-        raise HeadError(f"ranking head {path} has non-positive feature scales")
+    for name in ("weights", "mean", "adapter_down", "adapter_up", "prior", "mf_factors", "covisit_values",
+                 "transition_values"):
+        _check_range(path, name, arrays[name], -PARAMETER_LIMIT, PARAMETER_LIMIT)
+    _check_range(path, "std", arrays["std"], MIN_STD, PARAMETER_LIMIT)
+    _check_range(path, "popularity_values", arrays["popularity_values"], 0.0, 1.0)
+    if arrays["popularity_values"].shape != arrays["popularity_ids"].shape:
+        raise HeadError(f"ranking head {path} has {arrays['popularity_ids'].size} popularity ids and "
+                        f"{arrays['popularity_values'].size} values")
+    scalars = _meta_scalars(path, meta)
     popularity = dict(zip(arrays["popularity_ids"].tolist(), arrays["popularity_values"].astype(float).tolist()))
-    graph = _load_graph(path, arrays, meta)
+    graph = _load_graph(path, arrays, scalars)
     return RankingHead(
         weights=arrays["weights"],
         mean=arrays["mean"],
@@ -463,16 +472,54 @@ def load(path: str | Path) -> RankingHead:
         prior=arrays["prior"].astype(np.float32),
         popularity=popularity,
         encoder_version=str(meta.get("encoder_version", "")),
-        session_length=int(meta.get("session_length", 10)),
-        attention_temperature=float(meta.get("attention_temperature", 0.1)),
+        session_length=int(scalars["session_length"]),
+        attention_temperature=scalars["attention_temperature"],
         graph=graph,
-        history_length=int(meta.get("history_length", 50)),
-        history_decay=float(meta.get("history_decay", 0.8)),
+        history_length=int(scalars["history_length"]),
+        history_decay=scalars["history_decay"],
         meta=meta,
     )
 
 
-def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> ItemGraph:
+# What a head file may hold. Within these bounds every feature, standardized and weighted, stays a
+# finite float64 for any finite input (features are cosines, [0, 1] tables and log counts).
+PARAMETER_LIMIT = 1e6  # |x| of any weight, mean, adapter, prior, factor or table value
+MIN_STD = 1e-6  # the trainer's floor for a feature's scale
+# meta scalars the features read: (default, low, high, integer)
+META_RANGES: dict[str, tuple[float, float, float, bool]] = {
+    "session_length": (10, 1, 10_000, True),
+    "history_length": (50, 1, 100_000, True),
+    "attention_temperature": (0.1, 1e-3, 1e3, False),  # sims / T, sims in [-1, 1]
+    "history_decay": (0.8, 1e-6, 1.0, False),
+    "mf_alpha": (10.0, 0.0, PARAMETER_LIMIT, False),
+    "mf_reg": (0.1, 1e-9, PARAMETER_LIMIT, False),  # > 0: the fold-in's system stays solvable
+}
+
+
+def _check_range(path: str | Path, name: str, values: np.ndarray, low: float, high: float) -> None:
+    if not np.issubdtype(values.dtype, np.number):
+        raise HeadError(f"ranking head {path}: {name} holds {values.dtype}, not numbers")
+    bad = ~np.isfinite(values) | (values < low) | (values > high)
+    if bad.any():
+        first = values.flat[int(np.flatnonzero(bad.ravel())[0])]
+        raise HeadError(f"ranking head {path}: {name} holds {int(bad.sum())} value(s) that are not finite or outside "
+                        f"[{low:g}, {high:g}], the first {float(first)!r}")
+
+
+def _meta_scalars(path: str | Path, meta: Mapping[str, Any]) -> dict[str, float]:
+    """The meta's scoring scalars, each a finite number in META_RANGES (HeadError naming it if not)."""
+    out = {}
+    for name, (default, low, high, integer) in META_RANGES.items():
+        value = meta.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)) \
+                or not (math.isfinite(value) and low <= value <= high):
+            kind = "an integer" if integer else "a number"
+            raise HeadError(f"ranking head {path}: meta {name} must be {kind} in [{low:g}, {high:g}], got {value!r}")
+        out[name] = float(value)
+    return out
+
+
+def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray], scalars: Mapping[str, float]) -> ItemGraph:
     ids = tuple(arrays["graph_ids"].tolist())
     n = len(ids)
     tables = {}
@@ -493,7 +540,7 @@ def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mappin
         raise HeadError(f"ranking head {path} has malformed mf_factors {factors.shape} for {n} items")
     return ItemGraph(
         ids, tables["covisit"], tables["transition"], factors.astype(np.float32),
-        alpha=float(meta.get("mf_alpha", 10.0)), reg=float(meta.get("mf_reg", 0.1)),
+        alpha=scalars["mf_alpha"], reg=scalars["mf_reg"],
     )
 
 

@@ -5,8 +5,9 @@ watcher sees the path's (inode, size, mtime) change, loads and validates the fil
 (never on the request path), builds a new arm table and hands it to the service, which swaps one
 reference: a request in flight finishes with the table it started with, the next one gets the new
 head and says so in `model_version`. A file that fails to load or validate (truncated, another
-encoder, wrong format) keeps the old head: the error is logged and counted
-(`reranker_head_reloads{result="error"}`), and health stays SERVING. A file that disappears keeps
+encoder, wrong format, a number that is not finite or out of range: `head.load`) keeps the old
+head: the error is logged and counted (`reranker_head_reloads{result="error"}`), and health stays
+SERVING. A file that disappears keeps
 the old head too (the next file to arrive is loaded).
 """
 
@@ -98,8 +99,10 @@ class HeadReloader:
                     continue
                 try:
                     head = arms_module.load_head(path, self._encoder_version, self._dim)
-                except (ranking_head.HeadError, OSError, ValueError) as exc:
-                    log.error("head reload: arm %s: %s is unusable (%s); the old head is kept", name, path, exc)
+                except Exception as exc:  # whatever a file holds, it costs this arm this reload only
+                    expected = isinstance(exc, (ranking_head.HeadError, OSError, ValueError))
+                    log.error("head reload: arm %s: %s is unusable (%s); the old head is kept", name, path, exc,
+                              exc_info=not expected)
                     self.reloads.labels(result="error").inc()
                     continue
                 current = heads.get(name)
@@ -113,6 +116,16 @@ class HeadReloader:
             if changed:
                 self._swap(arms_module.build_table(self._settings, self._encoder_version, heads))
             return changed
+
+    def retarget(self, settings: Settings) -> None:
+        """New runtime settings changed the arms: build their table from the one in force (heads
+        kept, new files loaded: HeadError leaves everything as it was), swap it in and watch its
+        files from now on; under the reload lock, so a head reload in progress is not undone."""
+        with self._lock:
+            table = arms_module.rebuild_table(settings, self._encoder_version, self._dim, self._get())
+            self._settings = settings
+            self._swap(table)
+            self._seen = {name: _signature(path) for name, path in table.paths().items()}
 
     def stop(self) -> None:
         self._stop.set()

@@ -5,17 +5,27 @@ Unknown exceptions become a generic INTERNAL message (logged here), never a stac
 caller. Request bytes that do not parse (corrupt wire format, invalid UTF-8 in a string field)
 become InvalidRequest too: `tolerant` wraps the handlers' deserializers so that a parse failure
 reaches the guarded handler instead of grpc's generic "Exception deserializing request".
+
+INVALID_ARGUMENT follows the standard rich error model as well: the status details carry a
+google.rpc.BadRequest whose field violation names the request field the message starts with
+("candidates[3].item_id must not be empty" -> field `candidates[3].item_id`), when that path exists
+in the request message; any gRPC client reads it (Python: grpc_status.rpc_status.from_call, Go:
+status.FromError(err).Details(), Java: StatusProto.fromThrowable).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import Descriptor
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
+from grpc_status import rpc_status
 
 from reranker.errors import (
     EncoderFailed,
@@ -48,6 +58,32 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, error_type):
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, "internal error"
+
+
+# A leading field path: "candidates[3].item_id", "options.consumed", "packed_candidates.scores[2]".
+_FIELD_PATH = re.compile(r"[A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*")
+
+
+def field_path(message: str, request_type: Descriptor | None) -> str:
+    """The request field `message` starts with, if that path exists in `request_type`; else ""."""
+    match = _FIELD_PATH.match(message)
+    if match is None or request_type is None or not message[match.end():].startswith(" "):
+        return ""
+    descriptor: Descriptor | None = request_type
+    for part in match.group(0).split("."):
+        found = descriptor.fields_by_name.get(part.partition("[")[0]) if descriptor is not None else None
+        if found is None:
+            return ""
+        descriptor = found.message_type
+    return match.group(0)
+
+
+def invalid_argument(message: str, field: str) -> grpc.Status:
+    """INVALID_ARGUMENT with a google.rpc.BadRequest naming `field` in the status details."""
+    violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
+    status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return rpc_status.to_status(status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +127,14 @@ def guarded(behavior: Handler, method: str, *, streaming: bool) -> Handler:
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("unhandled error in %s", method)
+            field = ""
+            if code is grpc.StatusCode.INVALID_ARGUMENT and not streaming:
+                field = field_path(message, getattr(request_or_iterator, "DESCRIPTOR", None))
         # Abort outside the except block: no chained traceback (whose message may quote request
         # fields) reaches tracing or other outer layers.
+        if field:
+            status = invalid_argument(message, field)
+            await context.abort(status.code, status.details, status.trailing_metadata)
         await context.abort(code, message)
 
     return guard

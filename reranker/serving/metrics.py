@@ -52,6 +52,23 @@ class _CacheCollector(Collector):
         yield size
 
 
+class _OrderCollector(Collector):
+    def __init__(self, counts: dict[tuple[str, str], int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            "reranker_rerank_orders",
+            "Rerank answers by experiment arm (`bypassed` for bypass) and the order served: personalized (the "
+            "user's profile), cold (VARIANT_RERANKED for a user with no profile: the upstream order), upstream "
+            "(control, bypass, fallback).",
+            labels=["arm", "order"],
+        )
+        for (arm, order), count in list(self._counts.items()):
+            family.add_metric([arm or "bypassed", order], count)
+        yield family
+
+
 class _RepairCollector(Collector):
     def __init__(self, source: Callable[[], int]) -> None:
         self._source = source
@@ -63,6 +80,22 @@ class _RepairCollector(Collector):
             "from a snapshot or Redis) and were repaired on load or read.",
             value=self._source(),
         )
+
+
+class _UnreadableCollector(Collector):
+    def __init__(self, source: Callable[[], dict[str, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            "reranker_profile_unreadable",
+            "Users whose profile in Redis was unreadable (a key of another type, junk, a wrong layout, an id that is "
+            "not UTF-8, a number that is not finite) and was dropped: the user started over. By reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._source().items()):
+            family.add_metric([reason], count)
+        yield family
 
 
 class Metrics:
@@ -124,12 +157,18 @@ class Metrics:
             "max_event_skew_seconds after server time, or `weight` beyond max_event_weight / not finite.",
             ["field"], registry=r,
         )
+        # Rerank answers by (arm, order): plain ints bumped on the event-loop thread (~0.1 us, where a
+        # prometheus_client Counter child costs ~2 us with its lock), exposed at scrape time.
+        self.rerank_orders: dict[tuple[str, str], int] = {}
+        r.register(_OrderCollector(self.rerank_orders))
         self._rpc_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._cache_lock = threading.Lock()
         self._cache_source: Callable[[], dict[str, tuple[int, int, int]]] = dict
         r.register(_CacheCollector(self._read_caches))
         self._repairs_source: Callable[[], int] = lambda: 0
         r.register(_RepairCollector(lambda: self._repairs_source()))
+        self._unreadable_source: Callable[[], dict[str, int]] = dict
+        r.register(_UnreadableCollector(lambda: self._unreadable_source()))
 
     # --- hooks called by the service -------------------------------------------------------------
     def model_loaded(self, seconds: float, model_version: str) -> None:
@@ -158,6 +197,10 @@ class Metrics:
         """`source()` -> profiles repaired so far (a decay clock ahead of now), read at every scrape."""
         self._repairs_source = source
 
+    def watch_unreadable_profiles(self, source: Callable[[], dict[str, int]]) -> None:
+        """`source()` -> {reason: users whose unreadable stored profile was dropped}, read at every scrape."""
+        self._unreadable_source = source
+
     def _read_caches(self) -> dict[str, tuple[int, int, int]]:
         with self._cache_lock:
             source = self._cache_source
@@ -176,6 +219,12 @@ class Metrics:
         children[1].inc()
         if fallback_reason:
             self.fallbacks.labels(reason=fallback_reason).inc()
+
+    def observe_order(self, arm: str, order: str) -> None:
+        """One Rerank answer: its arm and the order it served (types.order_of). Called on the server's
+        event-loop thread only (observability.Observer), so the plain increment needs no lock."""
+        key = (arm, order)
+        self.rerank_orders[key] = self.rerank_orders.get(key, 0) + 1
 
     def exposition(self) -> bytes:
         """The text format a scrape returns (also handy in tests and debugging)."""

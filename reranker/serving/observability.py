@@ -26,6 +26,7 @@ from reranker.config import Settings
 from reranker.serving.convert import EncodedRerankResponse, candidate_count
 from reranker.serving.errormapping import Handler, status_for
 from reranker.serving.metrics import Metrics
+from reranker.types import order_of
 from reranker.v1 import reranker_pb2 as pb
 
 access_log = logging.getLogger("reranker.access")
@@ -66,6 +67,10 @@ class Observer:
         self._sample = settings.access_log_sample
         self._user_salt = settings.log_user_salt
 
+    def apply(self, settings: Settings) -> None:
+        """Runtime settings changed (RerankService.watch_settings): the access-log sample follows."""
+        self._sample = settings.access_log_sample
+
     def observed(self, behavior: Handler, method: str, *, streaming: bool) -> Handler:
         async def observe(request: Any, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
@@ -100,6 +105,7 @@ class Observer:
                     if result.variant == pb.VARIANT_FALLBACK:
                         reason = reason_label(result.fallback_reason)
                     self._metrics.rerank_candidates.observe(candidate_count(request))
+                    self._metrics.observe_order(result.arm, order_of(result))
                 self._metrics.observe_rpc(method, code, seconds, variant, reason)
                 if self._access_log and self._should_log(code, variant):
                     fields.update(self._describe(request, response, counter.count if streaming else None))
@@ -135,6 +141,8 @@ class Observer:
         if isinstance(response, EncodedRerankResponse):
             result = response.result
             out["variant"] = variant_label(result.variant)
+            out["arm"] = result.arm or "bypassed"
+            out["order"] = order_of(result)  # personalized, cold (no profile: upstream order) or upstream
             out["bucket"] = result.bucket
             out["returned"] = len(result.items)
             out["cold_user"] = result.cold_user

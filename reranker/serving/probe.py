@@ -3,7 +3,7 @@
     python -m reranker.serving.probe [--address 127.0.0.1:50051] [--service reranker.v1.RerankerService]
 
 Exit status: 0 SERVING, 1 NOT_SERVING (loading or draining), 2 unreachable or error.
-Kubernetes should use its native `grpc:` probes instead (see k8s/base/deployment.yaml).
+Kubernetes should use its native `grpc:` probes instead (see k8s/components/reranker-sidecar/sidecar.yaml).
 """
 
 from __future__ import annotations

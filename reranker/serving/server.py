@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -127,18 +127,29 @@ class RunningServer:
         then refuse new RPCs and give in-flight ones up to `grace` seconds to finish. Idempotent."""
         if self.event_loop.closed:
             return
-        self.health.enter_graceful_shutdown()
+        # Each step runs whatever the steps before it did (a failure is logged): the service's close
+        # (training log, snapshot, Redis replay flush) must run even if, say, the listener did not stop cleanly.
+        _step("health: NOT_SERVING", self.health.enter_graceful_shutdown)
         if drain_delay > 0:
             time.sleep(drain_delay)
-        self.event_loop.run(self.server.stop(grace))
+        _step("gRPC server stop", lambda: self.event_loop.run(self.server.stop(grace)))
         if self.health_server is not None:
-            self.event_loop.run(self.health_server.stop(0))
-        self.service.close()
-        self.blocking_pool.shutdown(wait=False, cancel_futures=True)
-        self.event_loop.close()
+            health_server = self.health_server
+            _step("health listener stop", lambda: self.event_loop.run(health_server.stop(0)))
+        _step("service close", self.service.close)
+        _step("worker pool", lambda: self.blocking_pool.shutdown(wait=False, cancel_futures=True))
+        _step("event loop", self.event_loop.close)
         if self.metrics_endpoint is not None:
-            self.metrics_endpoint.stop()
-        tracing.shutdown(self.tracer_provider)
+            _step("metrics endpoint", self.metrics_endpoint.stop)
+        _step("tracing", lambda: tracing.shutdown(self.tracer_provider))
+
+
+def _step(what: str, step: Callable[[], object]) -> None:
+    """One step of the shutdown: an exception is logged, never stops the steps after it."""
+    try:
+        step()
+    except Exception:
+        log.exception("shutdown: %s failed; going on with the next step", what)
 
 
 def build_server(
@@ -162,7 +173,7 @@ def build_server(
     ]
     interceptors: list[aio.ServerInterceptor] = []
     owned_provider = None
-    if settings.otel_enabled:
+    if tracing.tracing_enabled(settings):
         if tracer_provider is None:
             tracer_provider = owned_provider = tracing.build_tracer_provider(settings)
         interceptors.append(tracing.tracing_interceptor(tracer_provider))
@@ -174,7 +185,9 @@ def build_server(
         server = aio.server(
             interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None
         )
-        add_to_server(RerankerServicer(service, pool), server, Observer(settings, service.metrics))
+        observer = Observer(service.settings, service.metrics)
+        service.watch_settings(observer.apply)  # runtime_settings_file changes access_log_sample
+        add_to_server(RerankerServicer(service, pool), server, observer)
         health_servicer = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):  # before start: never SERVING while the model loads
             await health_servicer.set(name, NOT_SERVING)
@@ -248,28 +261,45 @@ def _bind(server: aio.Server, address: str, credentials: grpc.ServerCredentials 
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain gracefully; SIGHUP reloads the ranking heads (hotreload.py).
-    Returns the process exit status.
+    Returns the process exit status (0 after a signal, whatever a step of the shutdown did).
 
-    If the model fails to load: with on_load_failure=fail_open keep running NOT_SERVING (Rerank
-    answers with the upstream order); with on_load_failure=exit stop and return EXIT_LOAD_FAILED.
+    The handlers are installed before anything else: a signal during the start-up (the server binding,
+    the model loading) is handled like one later (SIGTERM drains what there is, SIGHUP reloads what
+    there is). If the model fails to load: with on_load_failure=fail_open keep running NOT_SERVING
+    (Rerank answers with the upstream order); with on_load_failure=exit stop and return EXIT_LOAD_FAILED.
     """
+    stopping = threading.Event()
+    load_failed: list[str] = []
+    started: list[RunningServer] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: draining for up to %.1f s", signum, settings.drain_delay_seconds + settings.grace_seconds)
+        stopping.set()
+
+    def on_hangup(_signum: int, _frame: object) -> None:
+        if not started:
+            return  # nothing to reload yet: the heads are read when the model loads
+        log.info("SIGHUP: reloading the ranking heads and the runtime settings file")
+        service = started[0].service
+        threading.Thread(target=service.reload_heads, name="sighup-reload", daemon=True).start()
+        if service.runtime_settings is not None:
+            threading.Thread(target=service.runtime_settings.check, name="sighup-settings", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         running = build_server(settings, RerankService(settings), freeze_gc=True)
     except TransportConfigError as exc:
         log.error("cannot start: %s", exc)
         print(f"reranker: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    started.append(running)
     log.info("listening on %s (port %d, %s)", settings.address, running.port, "TLS" if running.tls else "plaintext")
     if running.metrics_endpoint is not None:
         log.info("metrics on http://%s/metrics", settings.metrics_address)
     if running.health_server is not None:
         log.info("health-only listener on %s (port %d)", settings.health_address, running.health_port)
-    stopping = threading.Event()
-    load_failed: list[str] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: draining for up to %.1f s", signum, settings.drain_delay_seconds + settings.grace_seconds)
-        stopping.set()
 
     def watch_loader() -> None:
         running.loader.join()
@@ -277,13 +307,6 @@ def serve(settings: Settings) -> int:
             load_failed.append(running.service.load_error or "unknown error")
             stopping.set()
 
-    def on_hangup(_signum: int, _frame: object) -> None:
-        log.info("SIGHUP: reloading the ranking heads")
-        threading.Thread(target=running.service.reload_heads, name="sighup-reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
     threading.Thread(target=watch_loader, name="load-watcher", daemon=True).start()
     stopping.wait()
     if load_failed:

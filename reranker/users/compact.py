@@ -39,7 +39,7 @@ from reranker.types import Event, EventType, RecordResult
 from reranker.users import usermodel
 from reranker.users.consumed import ConsumedItems, item_key, item_keys
 from reranker.users.profiles import (
-    LocalStore, ProfileConfig, UserState, _Profile, event_id_hash, export_in_chunks, log_repair,
+    LocalStore, ProfileConfig, UnreadableProfile, UserState, _Profile, event_id_hash, export_in_chunks, log_repair,
 )
 
 # (vectors (n, d) float32, found (n,) bool) for item ids; rows not found are ignored.
@@ -58,8 +58,11 @@ SESSION_TAIL_NEGLIGIBLE = 1e-6
 _UPDATED_AT = 8  # the header field
 
 
-class ProfileFormatError(ValueError):
-    """A byte string that is not a compact profile of this dimension."""
+class ProfileFormatError(UnreadableProfile):
+    """A byte string that is not a compact profile of this dimension (`reason`: see UnreadableProfile)."""
+
+
+_EVENT_TYPES = max(EventType) + 1  # row types are EventType values 0 .. _EVENT_TYPES - 1
 
 
 @dataclass(slots=True)
@@ -102,6 +105,8 @@ class CompactProfile:
             if self.ids.size > capacity:  # the setting was lowered: keep the newest
                 self.ids = np.concatenate([self.ids[self.ids_next :], self.ids[: self.ids_next]])[-capacity:]
                 self.ids_next = 0
+            elif self.ids_next >= capacity:  # filled under a larger setting: the oldest is at 0
+                self.ids_next = 0
             self.ids[self.ids_next] = hashed
             self.ids_next = (self.ids_next + 1) % capacity
 
@@ -137,13 +142,23 @@ def encode(p: CompactProfile) -> bytes:
 
 
 def decode(blob: bytes, dim: int) -> CompactProfile:
-    """The working copy of a profile written by `encode` (raises ProfileFormatError when it is not one)."""
+    """The working copy of a profile written by `encode`. Raises ProfileFormatError, with its
+    `reason`, for anything else: a wrong size or layout, an unknown version, flag or event type, a
+    row id that is not UTF-8, a number that is not finite, a history row after the profile's clock."""
     if len(blob) < _HEADER.size:
         raise ProfileFormatError(f"a compact profile is at least {_HEADER.size} bytes, got {len(blob)}")
     (seq, version, flags, n, n_ids, ids_next, t, ref_time, updated_at, session_tail_mass, count, folded, repeats,
      consumed_events) = _HEADER.unpack_from(blob)
     if version != VERSION:
         raise ProfileFormatError(f"compact profile version {version}; this build reads {VERSION}")
+    if flags & ~FLAG_SESSION_TAIL:
+        raise ProfileFormatError(f"compact profile flags {flags:#x}; this build knows {FLAG_SESSION_TAIL:#x}")
+    vectors = dim * (2 if flags & FLAG_SESSION_TAIL else 1)
+    fixed = _HEADER.size + 8 * (2 * n + n_ids + 4 * t) + 4 * (vectors + n + t + n) + n  # all but the ids' text
+    if len(blob) < fixed:
+        raise ProfileFormatError(f"truncated compact profile: {len(blob)} bytes, its header says at least {fixed}")
+    if ids_next > n_ids:
+        raise ProfileFormatError(f"compact profile's id ring has {n_ids} ids, its next slot is {ids_next}")
     at = _HEADER.size
 
     def take(dtype: str, count: int) -> np.ndarray:
@@ -152,30 +167,43 @@ def decode(blob: bytes, dim: int) -> CompactProfile:
         at += out.nbytes
         return out
 
+    row_times = take("<f8", n)
+    row_keys = take("<u8", n)
+    ids = take("<u8", n_ids).astype(np.uint64)
+    tail_keys = take("<u8", t)
+    tail_floats = np.frombuffer(blob, dtype="<f8", count=3 * t, offset=at)  # the columns below, checked at once
+    tail_last, tail_mass, tail_smass = take("<f8", t), take("<f8", t), take("<f8", t)
+    long_term = take("<f4", dim).astype(np.float64)
+    session_tail = take("<f4", dim).astype(np.float64) if flags & FLAG_SESSION_TAIL else None
+    row_weights = take("<f4", n)
+    tail_counts = take("<u4", t)
+    ends = take("<u4", n).tolist()
+    types = take("u1", n).tolist()
+    text = blob[at:]
+    times, weights = row_times.tolist(), row_weights.astype(np.float64).tolist()
+    # NaN and inf carry through a sum, which the finite numbers of a profile cannot overflow (times,
+    # and masses and sums of weights up to float32's max: far below float64's).
+    total = ref_time + updated_at + session_tail_mass + sum(times) + sum(weights) + float(long_term.sum())
+    if session_tail is not None:
+        total += float(session_tail.sum())
+    if t:
+        total += float(tail_floats.sum())
+    if not math.isfinite(total):
+        raise ProfileFormatError("compact profile holds a number that is not finite", "non_finite")
+    slices = [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+    if sum(map(len, slices)) != len(text) or (n and ends[-1] != len(text)):  # offsets that go back read more
+        raise ProfileFormatError(f"compact profile ids take {len(text)} bytes, the offsets say otherwise")
+    if n and (max(types) >= _EVENT_TYPES or max(times) > ref_time):
+        raise ProfileFormatError("compact profile rows: an unknown event type, or an event after the profile's clock")
     try:
-        row_times = take("<f8", n)
-        row_keys = take("<u8", n)
-        ids = take("<u8", n_ids).astype(np.uint64)
-        tail_keys, tail_last, tail_mass, tail_smass = take("<u8", t), take("<f8", t), take("<f8", t), take("<f8", t)
-        long_term = take("<f4", dim).astype(np.float64)
-        session_tail = take("<f4", dim).astype(np.float64) if flags & FLAG_SESSION_TAIL else None
-        row_weights = take("<f4", n)
-        tail_counts = take("<u4", t)
-        ends = take("<u4", n).astype(np.int64)
-        row_types = take("u1", n)
-        text = blob[at:]
-    except ValueError as exc:
-        raise ProfileFormatError(f"truncated compact profile ({len(blob)} bytes): {exc}") from exc
-    if (int(ends[-1]) if n else 0) != len(text):
-        raise ProfileFormatError(f"compact profile ids take {len(text)} bytes, the offsets say {int(ends[-1]) if n else 0}")
-    starts = [0, *ends[:-1].tolist()]
-    row_ids = [text[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends.tolist())]
+        row_ids = [item_id.decode("utf-8", "surrogatepass") for item_id in slices]
+    except UnicodeDecodeError as exc:
+        raise ProfileFormatError(f"a compact profile row id is not UTF-8 ({exc.reason})", "bad_utf8") from None
     tail = ConsumedItems(tail_keys.astype(np.uint64), tail_counts.astype(np.int64), tail_last.copy(),
                          tail_mass.copy(), tail_smass.copy())
     return CompactProfile(
         long_term, seq, ref_time, updated_at, count, folded, repeats, consumed_events, session_tail, session_tail_mass,
-        row_times.tolist(), row_weights.astype(np.float64).tolist(), row_types.tolist(), row_ids, row_keys.tolist(), ids,
-        ids_next, tail,
+        times, weights, types, row_ids, row_keys.tolist(), ids, ids_next, tail,
     )
 
 
@@ -497,7 +525,7 @@ class CompactProfileStore(LocalStore):
         ahead = p.ref_time - (now or 0.0)
         repaired = now is not None and repair_future_clock(p, now, self.config, self.lookup)
         if repaired:
-            log_repair("snapshot", user_id, ahead)
+            log_repair("snapshot", user_id, ahead, self.config.log_salt)
             blob = encode(p)
         with self._lock:
             self.repairs += repaired

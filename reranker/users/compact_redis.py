@@ -13,12 +13,12 @@ number (its first 8 bytes) in a short Lua script:
 A user written by another replica in between is read and folded again (bounded retries), so
 concurrent writers never lose an event and a replayed event id is never counted twice. The key
 expires `ttl_seconds` after the user's last event. Everything else (failover to the in-process
-fallback, replay, WAIT for replicas, Cluster redirects) is RedisProfileStore's.
+fallback, replay, WAIT for replicas, Cluster redirects, dropping an unreadable value: here anything
+`compact.decode` refuses, or a key of another type) is RedisProfileStore's.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Sequence
@@ -29,13 +29,11 @@ import redis
 
 from reranker.types import Event, RecordResult
 from reranker.users.compact import (
-    CompactProfile, CompactProfileStore, ProfileFormatError, VectorLookup, decode, encode, events_by_user, fold_events,
-    repair_future_clock, user_state,
+    CompactProfile, CompactProfileStore, VectorLookup, decode, encode, events_by_user, fold_events, repair_future_clock,
+    user_state,
 )
-from reranker.users.profiles import ProfileConfig, UserState, log_repair
-from reranker.users.redis_store import RedisProfileStore
-
-log = logging.getLogger(__name__)
+from reranker.users.profiles import ProfileConfig, UnreadableProfile, UserState, log_repair
+from reranker.users.redis_store import RedisProfileStore, value_of
 
 # KEYS[1]: the profile; ARGV: the sequence number read (8 bytes, '' = there was none), the new
 # profile, the TTL in ms. 1 = written, 0 = another writer came first.
@@ -60,7 +58,6 @@ class CompactRedisProfileStore(RedisProfileStore):
                  **kwargs: Any) -> None:
         super().__init__(client, config, fallback=fallback, **kwargs)  # type: ignore[arg-type]
         self.lookup = lookup
-        self.unreadable = 0  # values under a profile key that were not a compact profile
 
     def keys(self, user_id: str) -> list[str]:
         return [f"{self._prefix}:{{{user_id}}}:u"]
@@ -75,20 +72,28 @@ class CompactRedisProfileStore(RedisProfileStore):
             read = self._writer.pipeline(transaction=False)
             for user_id in pending:
                 read.get(self.keys(user_id)[0])
-            blobs = read.execute()
-            writes = []
+            blobs = read.execute(raise_on_error=False)
+            writes, retry = [], []
             for user_id, blob in zip(pending, blobs):
-                p = self._decoded(user_id, blob)
-                expected = b"" if blob is None else bytes(blob[:8])
+                try:
+                    blob = value_of(blob)
+                    p = CompactProfile.new(self.dim) if blob is None else decode(blob, self.dim)  # type: ignore
+                except UnreadableProfile:  # dropped; the user is read again (new) in the next round
+                    self._drop_unreadable(user_id, self._writer)
+                    retry.append(user_id)
+                    continue
+                expected = b"" if blob is None else bytes(blob[:8])  # type: ignore[index]
                 self._repair(user_id, p, wall)
                 result, repeats = fold_events(p, by_user[user_id], now, self.config, self.lookup)
                 p.seq += 1
                 writes.append((user_id, expected, encode(p), result, repeats))
             written = self._run_per_user(CAS_SCRIPT, [(user_id, [expected, blob, self._ttl_ms])
                                                       for user_id, expected, blob, _, _ in writes])
-            retry = []
             for (user_id, _, _, result, repeats), ok in zip(writes, written):
-                if int(ok) == 1:
+                if isinstance(ok, Exception):  # the key turned into another type meanwhile
+                    self._drop_unreadable(user_id, self._writer, ok)
+                    retry.append(user_id)
+                elif int(ok) == 1:  # type: ignore[call-overload]
                     total = total + result
                     with self._lock:
                         self._repeats += repeats
@@ -101,31 +106,30 @@ class CompactRedisProfileStore(RedisProfileStore):
             time.sleep(random.uniform(0.0, 0.001 * (rounds + 1)))  # out of step with the other writer
         raise redis.RedisError(f"{len(pending)} users were written by other replicas {MAX_ROUNDS} times in a row")
 
-    def _decoded(self, user_id: str, blob: bytes | None) -> CompactProfile:
-        """The stored profile, or a new one when there is none or the value is not a compact profile
-        of this dimension (written by something else: logged and counted; the next write replaces it)."""
-        if blob is None:
-            return CompactProfile.new(self.dim)
-        try:
-            return decode(blob, self.dim)
-        except ProfileFormatError as exc:  # the compare-and-set still matches its first 8 bytes
-            self.unreadable += 1
-            log.error("Redis key %s does not hold a compact profile (%s); the user starts over",
-                      self.keys(user_id)[0], exc)
-            return CompactProfile.new(self.dim)
-
     def _repair(self, user_id: str, p: CompactProfile, now: float) -> None:
         """Repair a decay clock more than `max_clock_ahead` after `now` (logged, counted)."""
         ahead = p.ref_time - now
         if repair_future_clock(p, now, self.config, self.lookup):
             self.repairs += 1
-            log_repair("redis", user_id, ahead)
+            log_repair("redis", user_id, ahead, self.config.log_salt)
+
+    # --- unreadable values -----------------------------------------------------------------------
+    def _queue_check(self, pipe: Any, user_id: str) -> None:
+        pipe.get(self.keys(user_id)[0])
+
+    def _check(self, user_id: str, replies: list[object]) -> None:
+        blob = value_of(replies[0])
+        if blob is not None:
+            decode(blob, self.dim)  # type: ignore[arg-type]
 
     # --- reads -----------------------------------------------------------------------------------
     def _get_remote(self, user_id: str, with_recent: bool = True, repaired: bool = False) -> UserState | None:
-        blob = self._client.get(self.keys(user_id)[0])
-        p = self._decoded(user_id, blob)
-        if blob is None or p.event_count == 0:
+        """The user's state; UnreadableProfile when the key holds anything but a compact profile."""
+        blob = self._client.get(self.keys(user_id)[0])  # a key of another type: `get` checks the user's values
+        if blob is None:
+            return None
+        p = decode(blob, self.dim)  # type: ignore[arg-type]
+        if p.event_count == 0:
             return None
         self._repair(user_id, p, self._now())  # the next write stores the repair
         return user_state(user_id, p, self.config, self.lookup, recent=with_recent)

@@ -54,6 +54,7 @@ class ProfileConfig:
     max_consumed: int = 0  # consumed items remembered per user (see reranker.users.consumed)
     session_rate: float = usermodel.decay_rate(300.0)  # mu = ln 2 / session half-life
     max_clock_ahead: float = 3600.0  # a profile clock further ahead of now than this is repaired on load / read
+    log_salt: str = ""  # the key of the hash that names a user in log lines (log_name)
 
     @classmethod
     def from_settings(cls, s: Settings, dim: int) -> ProfileConfig:
@@ -67,6 +68,7 @@ class ProfileConfig:
             max_consumed=s.consumed_items_per_user,
             session_rate=usermodel.decay_rate(s.session_half_life_seconds),
             max_clock_ahead=s.max_event_skew_seconds,
+            log_salt=s.log_user_salt,
         )
 
     def weight_of(self, event: Event) -> float:
@@ -218,6 +220,26 @@ class ProfileStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+UNREADABLE_REASONS = ("wrong_type", "layout", "bad_utf8", "non_finite")
+
+
+class UnreadableProfile(ValueError):
+    """A stored value that is not a profile this build can read: a key of another type, junk, a
+    wrong layout, an id that is not UTF-8, a number that is not finite. `reason` is one of
+    UNREADABLE_REASONS; the message never quotes the user id."""
+
+    def __init__(self, message: str, reason: str = "layout") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def log_name(user_id: str, salt: str = "") -> str:
+    """How a log line names a user: a short stable hash, never the id (docs/operations.md, "Logs").
+    The access log's `user_hash` (keyed with `log_user_salt` when it is set), so an operator can
+    follow one user from its RPCs to its profile."""
+    return hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=8, key=salt.encode()[:64]).hexdigest()
 
 
 def event_id_hash(event_id: str) -> int:
@@ -534,7 +556,7 @@ class InProcessProfileStore(LocalStore):
         ahead = 0.0 if now is None else profile.ref_time - now
         repaired = now is not None and profile.repair_future_clock(now, self.config)
         if repaired:
-            log_repair("snapshot", user_id, ahead)
+            log_repair("snapshot", user_id, ahead, self.config.log_salt)
         with self._lock:
             self.repairs += repaired
             self._profiles[user_id] = profile
@@ -559,10 +581,10 @@ def _copy(profile: _Profile) -> _Profile:
     )
 
 
-def log_repair(source: str, user_id: str, ahead: float) -> None:
-    log.warning("profile of user %r from %s had its decay clock %.0f s ahead of now (a future event folded by an "
+def log_repair(source: str, user_id: str, ahead: float, salt: str = "") -> None:
+    log.warning("profile of user %s from %s had its decay clock %.0f s ahead of now (a future event folded by an "
                 "older build, or the server clock went back); repaired: its events after now count as at now",
-                user_id, source, ahead)
+                log_name(user_id, salt), source, ahead)
 
 
 # Kept for code written against the first version.

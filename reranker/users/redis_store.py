@@ -29,6 +29,14 @@ carry the same `{user_id}` hash tag, so one user's update runs on one node; the 
 fans out by node. A node that fails (a failover in progress) fails that call like a lost single
 Redis: the store serves from the fallback and replays once the cluster answers again.
 
+An unreadable value at one user's keys (a key of another type, junk, a wrong size, an id that is not
+UTF-8, a number that is not finite) is that user's problem alone: the user reads as new, and the
+store deletes the user's keys with a compare-and-delete on what it read (RESET_SCRIPT), counted by
+reason (`unreadable_reasons`) and logged under the user's hash (profiles.log_name). Writes: the APPLY
+script refuses such a hash before writing (-2), and a script's error reply is returned for its user
+only; either way the user's keys are read again, dropped if unreadable, and its events fold into a
+new profile. An error reply whose user reads fine is Redis' own: the store fails over (below).
+
 Redis down: the store never raises to the service. A failed call marks the store degraded for
 `retry_seconds` and serves from an in-process fallback store instead: events recorded meanwhile go
 there (so this replica still personalizes them) and into a bounded replay buffer, which a
@@ -40,6 +48,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import struct
 import threading
 import time
@@ -58,7 +68,9 @@ from reranker.errors import Overloaded
 from reranker.users import usermodel
 from reranker.users.pending import PendingEvents
 from reranker.users.consumed import ConsumedItems, item_key
-from reranker.users.profiles import InProcessProfileStore, ProfileConfig, UserState, event_id_hash, log_repair
+from reranker.users.profiles import (
+    InProcessProfileStore, ProfileConfig, UnreadableProfile, UserState, event_id_hash, log_name, log_repair,
+)
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
@@ -81,7 +93,25 @@ local max_consumed = tonumber(ARGV[10])
 local fmt_f = '<' .. string.rep('f', dim)
 local fmt_d = '<' .. string.rep('d', dim)
 
+local function finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
 local st = redis.call('HMGET', hkey, 'lt', 'ref', 'folded', 'count', 'seq', 'st', 'repeats', 'cevents')
+-- A value this script cannot read (not a number, not finite, a vector of another size) is refused
+-- before anything is written: -2, and the store drops the user's keys (an unreadable value).
+for j = 2, 8 do
+  if j ~= 6 and st[j] and not (tonumber(st[j]) and finite(tonumber(st[j]))) then return {-2, 0, 0, 0, 0} end
+end
+local stored = {}
+for _, j in ipairs({1, 6}) do
+  if st[j] then
+    if #st[j] ~= 8 * dim then return {-2, 0, 0, 0, 0} end
+    local v = {struct.unpack(fmt_d, st[j])}
+    v[dim + 1] = nil
+    local sum = 0.0  -- NaN and inf carry through the sum, which finite sums of weights cannot overflow
+    for k = 1, dim do sum = sum + v[k] end
+    if not finite(sum) then return {-2, 0, 0, 0, 0} end
+    stored[j] = v
+  end
+end
 local ref = tonumber(st[2]) or 0
 local folded = tonumber(st[3]) or 0
 local count = tonumber(st[4]) or 0
@@ -101,7 +131,11 @@ local function consume(ck, ts, mass, smass)
   local old = redis.call('HGET', ckey, ck)
   local n, last, m, sm = 1, ts, mass, smass
   if old then
+    if #old ~= 40 then error('a consumed-item entry of ' .. #old .. ' bytes') end
     local on, olast, om, osm, oref = struct.unpack('<ddddd', old)
+    if not (finite(on) and finite(olast) and finite(om) and finite(osm) and finite(oref)) then
+      error('a consumed-item entry that is not finite')
+    end
     repeats = repeats + 1
     n = on + 1
     if olast > last then last = olast end
@@ -147,8 +181,8 @@ for i = 11, #ARGV, 7 do
       consume(ck, ts, 0.0, 0.0)
     else
       if lt == nil then
-        if st[1] then lt = {struct.unpack(fmt_d, st[1])} else lt = {} for k = 1, dim do lt[k] = 0.0 end end
-        if st[6] then ss = {struct.unpack(fmt_d, st[6])} else ss = {} for k = 1, dim do ss[k] = 0.0 end end
+        if stored[1] then lt = stored[1] else lt = {} for k = 1, dim do lt[k] = 0.0 end end
+        if stored[6] then ss = stored[6] else ss = {} for k = 1, dim do ss[k] = 0.0 end end
       end
       local v = {struct.unpack(fmt_f, vec)}
       if folded == 0 then ref = ts end
@@ -204,6 +238,16 @@ end
 return 1
 """
 
+# Deletes one user's keys if each still holds what was read (its DUMP; '' = absent): an unreadable
+# value is dropped, never a value that another replica wrote meanwhile. 1 = deleted.
+RESET_SCRIPT = r"""
+for i, key in ipairs(KEYS) do
+  if (redis.call('DUMP', key) or '') ~= ARGV[i] then return 0 end
+end
+redis.call('DEL', unpack(KEYS))
+return 1
+"""
+
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
@@ -231,6 +275,8 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterExcep
 _HIST_HEADER = struct.Struct("<ddI")  # timestamp, weight, item id length; then item id, then float32 vector
 _SEQ_CHARS = 16
 _REPLAY_CHUNK = 500
+_KEY_TYPES = ("hash", "list", "zset", "zset", "hash", "zset")  # of keys(): p, r, h, i, c, cz
+_FIELDS = ("lt", "ref", "count", "updated", "st", "folded", "repeats", "cevents", "seq")  # of `p`, as read
 
 
 def _recent_json(event: Event) -> str:
@@ -239,8 +285,51 @@ def _recent_json(event: Event) -> str:
 
 
 def _recent_from_json(user_id: str, raw: bytes) -> Event:
-    item_id, kind, timestamp, event_id, weight = json.loads(raw)
-    return Event(user_id, item_id, EventType(kind), timestamp, event_id, None, weight)
+    """A recent event as `_recent_json` wrote it (UnreadableProfile for anything else)."""
+    try:
+        item_id, kind, timestamp, event_id, weight = json.loads(raw)
+        if not (isinstance(item_id, str) and isinstance(event_id, str) and isinstance(timestamp, (int, float))
+                and (weight is None or isinstance(weight, (int, float)))):
+            raise TypeError("a field of the wrong type")
+        event = Event(user_id, item_id, EventType(kind), float(timestamp), event_id, None,
+                      None if weight is None else float(weight))
+    except UnicodeDecodeError:
+        raise UnreadableProfile("a recent event is not UTF-8", "bad_utf8") from None
+    except (ValueError, TypeError) as exc:
+        raise UnreadableProfile(f"a recent event is not one this build wrote ({type(exc).__name__})") from None
+    if not (math.isfinite(event.timestamp) and (event.weight is None or math.isfinite(event.weight))):
+        raise UnreadableProfile("a recent event has a time or weight that is not finite", "non_finite")
+    return event
+
+
+def _number(raw: bytes | None, field: str) -> float:
+    """A number field of the profile hash (0 when absent); what Lua's tonumber reads, finite."""
+    if raw is None:
+        return 0.0
+    try:
+        if b"_" in raw:  # Python reads 1_000, Lua does not
+            raise ValueError(raw)
+        value = float(raw)
+    except ValueError:
+        raise UnreadableProfile(f"profile field {field!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UnreadableProfile(f"profile field {field!r} is not finite", "non_finite")
+    return value
+
+
+def value_of(reply: object) -> object:
+    """A read of one user's key as replied in a pipeline: a key of another type (WRONGTYPE) is that
+    user's unreadable value; any other error is Redis' and is raised."""
+    if isinstance(reply, Exception):
+        if isinstance(reply, redis.ResponseError) and "WRONGTYPE" in str(reply):
+            raise UnreadableProfile("a key of the user holds another type of value", "wrong_type")
+        raise reply
+    return reply
+
+
+def _redacted(text: str) -> str:
+    """An error message without the user ids that Redis and redis-py quote in key names."""
+    return re.sub(r"\{[^{}]*\}", "{...}", text)
 
 
 def _frame_factor(rate: float, ref_time: float, frame: np.ndarray) -> np.ndarray:
@@ -287,8 +376,9 @@ class RedisProfileStore:
         self._pending = PendingEvents(pending_path) if pending_path else None
         self._clock = clock
         self._now = now  # wall clock: is a profile's decay clock ahead of it?
-        self._repair_sha = ""
         self.repairs = 0  # profiles whose future clock was repaired (metrics)
+        self.unreadable = 0  # users whose unreadable value was dropped (metrics, by reason below)
+        self.unreadable_reasons: dict[str, int] = {}
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._topology_stale = False  # a cluster's node -> slot table to fetch again before retrying
@@ -364,13 +454,25 @@ class RedisProfileStore:
         head = [repr(c.decay_rate), c.max_recent, c.max_history, c.max_event_ids, self._ttl_ms, repr(now), self.dim,
                 repr(c.session_rate), repr(wall + c.max_clock_ahead), c.max_consumed]
         total = RecordResult()
-        for _ in range(3):  # users refused for repair go round again (once repaired they fold)
+        for _ in range(4):  # users refused for a repair or a dropped value go round again (then they fold)
             results = self._run_per_user(APPLY_SCRIPT, [(user_id, [*head, *args]) for user_id, args in by_user.items()])
             refused = {}
-            for (user_id, args), (accepted, duplicates, without, repeats, consumed_events) in zip(by_user.items(), results):
+            for (user_id, args), reply in zip(by_user.items(), results):
+                if isinstance(reply, Exception) or int(reply[0]) == -2:  # type: ignore[index]
+                    refused[user_id] = args  # a value the script could not read: dropped, then the user starts over
+                    self._drop_unreadable(user_id, self._writer, reply if isinstance(reply, Exception) else None)
+                    continue
+                accepted, duplicates, without, repeats, consumed_events = reply  # type: ignore[misc]
                 if int(accepted) < 0:
                     refused[user_id] = args
-                    self._repair_remote(user_id, wall)
+                    try:
+                        self._repair_remote(user_id, wall)
+                    except UnreadableProfile:
+                        self._drop_unreadable(user_id, self._writer)
+                    except redis.ResponseError as exc:
+                        if type(exc) is not redis.ResponseError:
+                            raise
+                        self._drop_unreadable(user_id, self._writer, exc)
                 else:
                     total = total + RecordResult(int(accepted), int(duplicates), int(without))
                     with self._lock:
@@ -384,7 +486,9 @@ class RedisProfileStore:
     def _run_per_user(self, script: str, calls: list[tuple[str, list[object]]]) -> list[object]:
         """One EVALSHA of `script` per (user, args), on the user's keys, in one pipeline (fanned out by
         node in a cluster), then the WAITs; a NOSCRIPT (Redis restarted: scripts are not persisted)
-        loads it again once. Returns each script's reply."""
+        loads it again once. Returns each script's reply; a plain error reply (a key of another
+        type, the script failing on a value it read) is returned in its place, for the caller to
+        check the user's values. Any other error (Redis out of memory, read-only, ...) is raised."""
         for attempt in (1, 2):
             sha = self._script_shas.get(script)
             if sha is None:
@@ -397,15 +501,78 @@ class RedisProfileStore:
                 # NOSCRIPT there is not reloaded for it), yet routes the command by its keys.
                 pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             self._queue_waits(pipe, users)
+            out = pipe.execute(raise_on_error=False)
+            replies, acks = out[: len(users)], out[len(users):]
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                self._script_shas.pop(script, None)
+                if attempt == 2:
+                    raise next(r for r in replies if isinstance(r, redis.exceptions.NoScriptError))
+                continue
+            for reply in (*acks, *replies):
+                if isinstance(reply, Exception) and type(reply) is not redis.ResponseError:
+                    raise reply
+            self._check_waits(acks)
+            return replies  # type: ignore[no-any-return]
+        raise AssertionError("unreachable")
+
+    def _eval(self, client: redis.Redis | RedisCluster, script: str, keys: list[str], args: list[object]) -> object:
+        """EVALSHA of `script` on `keys` (loaded on first use, and again after a NOSCRIPT)."""
+        for attempt in (1, 2):
+            sha = self._script_shas.get(script)
+            if sha is None:
+                sha = self._script_shas[script] = client.script_load(script)
             try:
-                out = pipe.execute()
-                self._check_waits(out[len(users):])
-                return out[: len(users)]  # type: ignore[no-any-return]
+                return client.evalsha(sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 self._script_shas.pop(script, None)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    # --- unreadable values -----------------------------------------------------------------------
+    def _queue_check(self, pipe: object, user_id: str) -> None:
+        """Queue the reads `_check` reads: every key's type, and all a profile read reads."""
+        for key in self.keys(user_id):
+            pipe.type(key)  # type: ignore[attr-defined]
+        self._queue_reads(pipe, user_id, True)
+
+    def _check(self, user_id: str, replies: list[object]) -> None:
+        """Raise UnreadableProfile unless every key of the user holds a value of its type that the
+        store can read (`replies` of `_queue_check`)."""
+        types, reads = replies[: len(_KEY_TYPES)], replies[len(_KEY_TYPES):]
+        for kind, want in zip(types, _KEY_TYPES):
+            kind = value_of(kind)
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            if kind not in ("none", want):
+                raise UnreadableProfile(f"a key of the user holds a {kind}, not a {want}", "wrong_type")
+        self._parse(user_id, reads, True)
+
+    def _drop_unreadable(self, user_id: str, client: redis.Redis | RedisCluster,
+                         error: Exception | None = None) -> bool:
+        """Read all of one user's keys again and, when a value is unreadable, delete them all if they
+        still hold what was read (RESET_SCRIPT): counted by reason and logged under the user's hash;
+        the user starts over. True when something was unreadable. When everything reads fine, the
+        `error` a script replied (if any) was not the user's values: it is raised."""
+        keys = self.keys(user_id)
+        pipe = client.pipeline(transaction=True)
+        for key in keys:
+            pipe.dump(key)
+        self._queue_check(pipe, user_id)
+        replies = pipe.execute(raise_on_error=False)
+        dumps = [value_of(d) or b"" for d in replies[: len(keys)]]
+        try:
+            self._check(user_id, replies[len(keys):])
+        except UnreadableProfile as exc:
+            if int(self._eval(client, RESET_SCRIPT, keys, dumps)):  # type: ignore[call-overload]
+                with self._lock:
+                    self.unreadable += 1
+                    self.unreadable_reasons[exc.reason] = self.unreadable_reasons.get(exc.reason, 0) + 1
+                log.warning("the Redis profile of user %s is unreadable (%s: %s); its keys were deleted, the user "
+                            "starts over", log_name(user_id, self.config.log_salt), exc.reason, exc)
+            return True
+        if error is not None:
+            raise error
+        return False
 
     def _queue_waits(self, pipe: object, users: list[str]) -> None:
         """WAIT for `wait_replicas` replicas after the scripts, on each master that ran some (a
@@ -437,42 +604,43 @@ class RedisProfileStore:
         pipe = self._writer.pipeline(transaction=True)
         pipe.hmget(hkey, "lt", "st", "ref")
         pipe.zrange(zkey, 0, -1)
-        (lt, st, ref_raw), members = pipe.execute()
+        fields, members = (value_of(r) for r in pipe.execute(raise_on_error=False))
+        lt, st, ref_raw = fields  # type: ignore[misc]
         if ref_raw is None:
             return
-        ref = float(ref_raw)
-        long_term = self._unpack(lt)
-        history = self._parse_history(members)
-        session = self._unpack(st) if st is not None else usermodel.decayed_sum(history, ref, c.session_rate)
+        ref = _number(ref_raw, "ref")
+        long_term = self._vector(lt, "lt")
+        history = self._parse_history(members)  # type: ignore[arg-type]
+        session = self._vector(st, "st") if st is not None else usermodel.decayed_sum(history, ref, c.session_rate)
         rows: list[object] = []
         clock_ahead = ref > now + c.max_clock_ahead
         if clock_ahead:
             fixed = usermodel.repair_future_clock(long_term, session, ref, history, now, c.decay_rate, c.session_rate)
             long_term, session, new_ref = fixed.long_term, fixed.session, fixed.ref_time
-            for member, timestamp in zip(members, fixed.history.timestamps.tolist()):
+            for member, timestamp in zip(members, fixed.history.timestamps.tolist()):  # type: ignore[call-overload]
                 _, weight, length = _HIST_HEADER.unpack_from(member, _SEQ_CHARS)
                 start = _SEQ_CHARS + _HIST_HEADER.size
                 rows += [repr(timestamp), member[:_SEQ_CHARS] + _HIST_HEADER.pack(timestamp, weight, length) + member[start:]]
         else:
             new_ref = ref
-        if not self._repair_sha:
-            self._repair_sha = self._writer.script_load(REPAIR_SCRIPT)
         args = [ref_raw, np.asarray(long_term, "<f8").tobytes(), np.asarray(session, "<f8").tobytes(), repr(new_ref),
                 "1" if clock_ahead else "0", *rows]
-        try:
-            done = self._writer.evalsha(self._repair_sha, 2, hkey, zkey, *args)
-        except redis.exceptions.NoScriptError:
-            self._repair_sha = self._writer.script_load(REPAIR_SCRIPT)
-            done = self._writer.evalsha(self._repair_sha, 2, hkey, zkey, *args)
-        if clock_ahead and int(done):
+        done = self._eval(self._writer, REPAIR_SCRIPT, [hkey, zkey], args)
+        if clock_ahead and int(done):  # type: ignore[call-overload]
             with self._lock:
                 self.repairs += 1
-            log_repair("Redis", user_id, ref - now)
+            log_repair("Redis", user_id, ref - now, c.log_salt)
 
-    def _unpack(self, raw: bytes | None) -> np.ndarray:
-        if raw is not None and len(raw) == 8 * self.dim:
-            return np.frombuffer(raw, dtype="<f8").astype(np.float64)
-        return np.zeros(self.dim)
+    def _vector(self, raw: bytes | None, field: str) -> np.ndarray:
+        """L or S as stored (float64; zeros when absent); UnreadableProfile when not d finite numbers."""
+        if raw is None:
+            return np.zeros(self.dim)
+        if len(raw) != 8 * self.dim:
+            raise UnreadableProfile(f"profile field {field!r} holds {len(raw)} bytes, not {8 * self.dim}")
+        vector = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        if not np.isfinite(vector).all():
+            raise UnreadableProfile(f"profile field {field!r} holds a number that is not finite", "non_finite")
+        return vector
 
     def _start_replay(self) -> None:
         """Write the events kept during an outage into Redis, in the background (requests don't wait).
@@ -516,9 +684,20 @@ class RedisProfileStore:
 
     # --- reads -----------------------------------------------------------------------------------
     def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
+        """The user's state from Redis; None for a new user, and for one whose value is unreadable
+        (dropped: see `_drop_unreadable`); the fallback's while Redis is unavailable."""
         if self._usable():
             try:
-                state = self._get_remote(user_id, recent)
+                try:
+                    state = self._get_remote(user_id, recent)
+                except UnreadableProfile:
+                    state = None
+                    self._drop_unreadable(user_id, self._client)
+                except redis.ResponseError as exc:
+                    if type(exc) is not redis.ResponseError:
+                        raise
+                    state = None
+                    self._drop_unreadable(user_id, self._client, exc)  # raises it if the values read fine
                 if state is None:
                     self.misses += 1
                 else:
@@ -530,33 +709,58 @@ class RedisProfileStore:
                 self._mark_down(exc)
         return self._fallback.get(user_id, recent=recent)
 
-    def _get_remote(self, user_id: str, with_recent: bool = True, repaired: bool = False) -> UserState | None:
+    def _queue_reads(self, pipe: object, user_id: str, with_recent: bool) -> None:
+        """Queue the reads of one user's profile (`_parse` reads their replies)."""
         hkey, rkey, zkey, _, ckey, _ = self.keys(user_id)
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hmget(hkey, "lt", "ref", "count", "updated", "st", "folded", "repeats", "cevents")
-        pipe.zrange(zkey, 0, -1)
-        pipe.hgetall(ckey)
+        pipe.hmget(hkey, *_FIELDS)  # type: ignore[attr-defined]
+        pipe.zrange(zkey, 0, -1)  # type: ignore[attr-defined]
+        pipe.hgetall(ckey)  # type: ignore[attr-defined]
         if with_recent:
-            pipe.lrange(rkey, 0, -1)
-        (lt, ref, count, updated, st, folded, repeats, cevents), members, consumed_raw, *recent_raw = pipe.execute()
-        if count is None:
+            pipe.lrange(rkey, 0, -1)  # type: ignore[attr-defined]
+
+    def _get_remote(self, user_id: str, with_recent: bool = True, repaired: bool = False) -> UserState | None:
+        pipe = self._client.pipeline(transaction=True)
+        self._queue_reads(pipe, user_id, with_recent)
+        parsed = self._parse(user_id, pipe.execute(raise_on_error=False), with_recent)
+        if parsed is None:
             return None
-        ref_time = float(ref or 0.0)
-        if not repaired and int(folded or 0) and (st is None or ref_time > self._now() + self.config.max_clock_ahead):
+        state, folded = parsed
+        if not repaired and folded and (state.session is None
+                                        or state.ref_time > self._now() + self.config.max_clock_ahead):
             self._repair_remote(user_id, self._now())
             return self._get_remote(user_id, with_recent, repaired=True)
-        history = self._parse_history(members)
-        recent = tuple(_recent_from_json(user_id, raw) for raw in reversed(recent_raw[0])) if with_recent else ()
-        consumed = self._parse_consumed(consumed_raw, ref_time, int(repeats or 0), int(cevents or 0))
-        return UserState(user_id, self._unpack(lt), ref_time, int(count), float(updated or 0.0), recent, history,
-                         None if st is None else self._unpack(st), consumed)
+        return state
+
+    def _parse(self, user_id: str, replies: list[object], with_recent: bool) -> tuple[UserState, int] | None:
+        """The state (and its count of folded events) from the replies of `_queue_reads`; None for a
+        user without a profile. UnreadableProfile when any value is not one this store wrote."""
+        fields = value_of(replies[0])
+        lt, ref, count, updated, st, folded, repeats, cevents, seq = fields  # type: ignore[misc]
+        if count is None:
+            return None
+        members, consumed_raw = value_of(replies[1]), value_of(replies[2])
+        recent_raw = value_of(replies[3]) if with_recent else []
+        ref_time = _number(ref, "ref")
+        counters = [int(_number(raw, name)) for raw, name in ((count, "count"), (folded, "folded"),
+                                                              (repeats, "repeats"), (cevents, "cevents"))]
+        _number(seq, "seq")
+        history = self._parse_history(members)  # type: ignore[arg-type]
+        recent = tuple(_recent_from_json(user_id, raw) for raw in reversed(recent_raw))  # type: ignore[call-overload]
+        consumed = self._parse_consumed(consumed_raw, ref_time, counters[2], counters[3])  # type: ignore[arg-type]
+        state = UserState(user_id, self._vector(lt, "lt"), ref_time, counters[0], _number(updated, "updated"), recent,
+                          history, None if st is None else self._vector(st, "st"), consumed)
+        return state, counters[1]
 
     def _parse_consumed(self, raw: dict[bytes, bytes], ref_time: float, repeats: int, events: int) -> ConsumedItems:
         """The consumed-item memory from the `c` hash, masses brought into L's and S's frames at `ref_time`."""
         out = ConsumedItems.empty()
         if raw:
+            if set(map(len, raw)) != {8} or set(map(len, raw.values())) != {40}:
+                raise UnreadableProfile("the consumed-item memory holds entries of another size")
             keys = np.frombuffer(b"".join(raw.keys()), dtype="<u8").astype(np.uint64)
             values = np.frombuffer(b"".join(raw.values()), dtype="<f8").reshape(-1, 5)
+            if not np.isfinite(values).all():
+                raise UnreadableProfile("the consumed-item memory holds a number that is not finite", "non_finite")
             order = np.argsort(keys)
             count, last, mass, session_mass, frame = (values[order, j] for j in range(5))
             out = ConsumedItems(
@@ -571,16 +775,28 @@ class RedisProfileStore:
         if not members:
             return usermodel.History.empty(self.dim)
         items, times, weights, vectors = [], [], [], []
+        start = _SEQ_CHARS + _HIST_HEADER.size
         for member in members:
+            if len(member) < start:
+                raise UnreadableProfile(f"a history row of {len(member)} bytes")
             timestamp, weight, length = _HIST_HEADER.unpack_from(member, _SEQ_CHARS)
-            start = _SEQ_CHARS + _HIST_HEADER.size
-            items.append(member[start : start + length].decode("utf-8", "surrogatepass"))
+            if len(member) != start + length + 4 * self.dim:
+                raise UnreadableProfile(f"a history row of {len(member)} bytes, its header says "
+                                        f"{start + length + 4 * self.dim}")
+            try:
+                items.append(member[start : start + length].decode("utf-8", "surrogatepass"))
+            except UnicodeDecodeError:
+                raise UnreadableProfile("a history row's item id is not UTF-8", "bad_utf8") from None
             times.append(timestamp)
             weights.append(weight)
             vectors.append(np.frombuffer(member, dtype="<f4", count=self.dim, offset=start + length))
-        return usermodel.History(
+        history = usermodel.History(
             tuple(items), np.array(times), np.array(weights), np.stack(vectors).astype(np.float32)
         )
+        if not (np.isfinite(history.timestamps).all() and np.isfinite(history.weights).all()
+                and np.isfinite(history.vectors).all()):
+            raise UnreadableProfile("a history row holds a number that is not finite", "non_finite")
+        return history
 
     @property
     def repeats(self) -> int:
@@ -620,7 +836,7 @@ class RedisProfileStore:
         self.failovers += 1
         self.degraded = True
         self._topology_stale = True
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = _redacted(f"{type(exc).__name__}: {exc}")
         self._down_until = self._clock() + self._retry_seconds  # type: ignore[operator]
         if not was:
             log.warning("Redis profile store unavailable (%s); using the in-process fallback for %.0f s",
@@ -645,10 +861,10 @@ class RedisProfileStore:
         except REDIS_ERRORS as exc:
             if self._pending is None:
                 log.error("could not replay %d events into Redis at shutdown (%s); they are lost: set snapshot_path "
-                          "to keep them in a file until the next start", len(self._replay), exc)
+                          "to keep them in a file until the next start", len(self._replay), _redacted(str(exc)))
             else:
                 log.warning("could not replay %d events into Redis at shutdown (%s); kept in %s for the next start",
-                            len(self._replay), exc, self._pending.path)
+                            len(self._replay), _redacted(str(exc)), self._pending.path)
         if self._pending is not None and self._replay:
             with self._lock:
                 self._pending.save(list(self._replay))

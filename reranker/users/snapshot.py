@@ -59,7 +59,7 @@ import numpy as np
 
 from reranker.users.consumed import ConsumedItems
 from reranker.users import usermodel
-from reranker.model.items import ItemVectorCache
+from reranker.model.items import ItemVectorCache, unusable_rows
 from reranker.users.compact import CompactProfileStore, encode, from_full, stored_updated_at
 from reranker.users.profiles import InProcessProfileStore, _Profile, _SeenIds
 
@@ -80,6 +80,8 @@ class SnapshotInfo:
     users: int
     bytes: int
     seconds: float
+    items_refused: int = 0  # entries skipped: a vector not finite or longer than unit length
+    users_refused: int = 0  # profiles skipped: a vector, time or consumed-item number not finite
 
 
 def _json_array(value: object) -> np.ndarray:
@@ -244,12 +246,15 @@ def load_snapshot(
                 log.warning("snapshot %s is for model %r (dim %r), not %r (dim %d); ignored",
                             path, header.get("model_version"), header.get("dim"), model_version, dim)
                 return None
-            restored_items = restored_users = 0
+            restored_items = restored_users = items_refused = users_refused = 0
             try:
                 if items is not None:
-                    hashes = archive["item_hashes"]
-                    items.restore(_json_value(archive["item_ids"]), hashes, archive["item_vectors"])  # type: ignore[arg-type]
-                    restored_items = len(hashes)
+                    item_ids, hashes, vectors = _json_value(archive["item_ids"]), archive["item_hashes"], archive["item_vectors"]
+                    usable = ~unusable_rows(vectors)
+                    items_refused = int(len(usable) - usable.sum())
+                    items.restore([i for i, ok in zip(item_ids, usable.tolist()) if ok], hashes[usable],  # type: ignore[call-overload]
+                                  vectors[usable])
+                    restored_items = len(hashes) - items_refused
                 layout = header.get("layout", "full")
                 if profiles is not None and layout == "compact" and profiles.layout == "full":
                     log.warning("snapshot %s holds compact profiles, this server keeps full ones (profile_layout): "
@@ -263,28 +268,46 @@ def load_snapshot(
                         arrays = {name: archive[f"{name}_{part}"] for name in _PART_ARRAYS}
                         arrays.update({name: archive[f"{name}_{part}"] for name in _OPTIONAL_PART_ARRAYS
                                        if f"{name}_{part}" in archive})
-                        restored_users += _restore_profiles(profiles, arrays, now, ttl_seconds)
+                        restored, refused = _restore_profiles(profiles, arrays, now, ttl_seconds)
+                        restored_users += restored
+                        users_refused += refused
             except Exception as exc:  # readable header, damaged or inconsistent content: keep what was restored
                 log.warning("snapshot %s is damaged (%s); it was restored only in part", path, exc)
     except Exception as exc:  # corrupt, truncated, not a zip, ...: start empty, never crash
         log.warning("snapshot %s is unreadable (%s); starting empty", path, exc)
         return None
     info = SnapshotInfo(str(path), restored_items, restored_users, path.stat().st_size,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, items_refused, users_refused)
+    if items_refused or users_refused:
+        log.warning("snapshot %s: %d item vectors and %d user profiles skipped (a number not finite or out of range)",
+                    path, items_refused, users_refused)
     log.info("snapshot loaded: %d items, %d users in %.2f s", info.items, info.users, info.seconds)
     return info
 
 
+def _usable_profile(u: dict, long_term: np.ndarray, session: np.ndarray | None, vectors: np.ndarray,
+                    consumed: np.ndarray) -> bool:
+    """Every number of a full-layout profile that scores or decays is finite (history rows also in range)."""
+    numbers = [u["ref"], u["updated"], *(ts for _, ts, _ in u["hist"]), *(w for _, _, w in u["hist"])]
+    try:
+        finite = np.isfinite(np.asarray(numbers, dtype=np.float64)).all()
+    except (TypeError, ValueError):
+        return False
+    return bool(finite and np.isfinite(long_term).all() and (session is None or np.isfinite(session).all())
+                and not unusable_rows(vectors).any() and np.isfinite(consumed).all())
+
+
 def _restore_profiles(store: InProcessProfileStore | CompactProfileStore, data: dict[str, np.ndarray], now: float,
-                      ttl: float) -> int:
-    """Full-layout profiles into `store` (converted when the store keeps compact ones)."""
+                      ttl: float) -> tuple[int, int]:
+    """Full-layout profiles into `store` (converted when the store keeps compact ones); returns
+    (restored, refused: a profile holding a number that is not finite)."""
     c = store.config
     users = _json_value(data["users"])
     long_terms, hist_vectors, seen_hashes = data["user_long_term"], data["hist_vectors"], data["seen_hashes"]
     consumed_keys = data.get("consumed_keys", np.zeros(0, np.uint64))
     consumed_values = data.get("consumed_values", np.zeros((0, 4)))
     sessions = data.get("user_session")
-    hist_at = seen_at = consumed_at = restored = 0
+    hist_at = seen_at = consumed_at = restored = refused = 0
     for row, u in enumerate(users):  # type: ignore[arg-type]
         hist, seen_count = u["hist"], u["seen"]
         consumed_count, repeats, consumed_events = u.get("consumed", [0, 0, 0])
@@ -295,6 +318,9 @@ def _restore_profiles(store: InProcessProfileStore | CompactProfileStore, data: 
         hist_at += len(hist)
         seen_at += seen_count
         consumed_at += consumed_count
+        if not _usable_profile(u, long_terms[row], None if sessions is None else sessions[row], vectors, values):
+            refused += 1
+            continue
         if now - u["updated"] > ttl:
             continue  # would have expired while the process was down
         profile = _Profile(
@@ -323,7 +349,7 @@ def _restore_profiles(store: InProcessProfileStore | CompactProfileStore, data: 
         else:
             store.restore(u["id"], profile, now)
         restored += 1
-    return restored
+    return restored, refused
 
 
 def _restore_compact(store: CompactProfileStore, data: dict[str, np.ndarray], now: float, ttl: float) -> int:
