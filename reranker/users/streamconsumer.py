@@ -112,7 +112,7 @@ def _number(fields: dict[bytes, bytes], name: str) -> float | None:
 def _event_type(raw: str) -> int:
     raw = raw.strip() or "CLICK"
     try:
-        return int(raw) if raw.lstrip("-").isdigit() else int(EventType[raw.upper()])
+        return int(raw) if raw.isascii() and raw.lstrip("-").isdigit() else int(EventType[raw.upper()])
     except (KeyError, ValueError):
         raise InvalidRequest(f"type {raw[:_SHOWN]!r} is not a known EventType") from None
 
