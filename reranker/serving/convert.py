@@ -45,14 +45,6 @@ class Limits(EventLimits):
                    max_events=s.max_events_per_request)
 
 
-def _check_id(value: str, name: str, limits: Limits) -> str:
-    return check_id(value, name, limits.max_id_chars)
-
-
-def _check_text(value: str, name: str, limits: Limits) -> str:
-    return check_text(value, name, limits.max_text_chars)
-
-
 def _check_count(count: int, limit: int, name: str, setting: str) -> None:
     if count > limit:
         raise InvalidRequest(f"{name} has {count} entries; the limit is {limit} (setting {setting})")
@@ -181,7 +173,7 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
         too_long = lengths > limits.max_text_chars
         if too_long.any():
             i = int(np.argmax(too_long))
-            _check_text(texts[i], f"packed_candidates.texts[{i}]", limits)
+            check_text(texts[i], f"packed_candidates.texts[{i}]", limits.max_text_chars)
         for i in np.flatnonzero(lengths == 0).tolist():
             texts[i] = None
     else:
@@ -203,10 +195,10 @@ def _validated_columns(
     if bad.any():
         i = int(np.argmax(bad))
         id_name, score_name, text_name = (name.format(i) for name in names)
-        _check_id(item_ids[i], id_name, limits)
+        check_id(item_ids[i], id_name, limits.max_id_chars)
         if not math.isfinite(scores[i]):
             raise InvalidRequest(f"{score_name} must be finite, got {scores[i]}")
-        _check_text(texts[i], text_name, limits)
+        check_text(texts[i], text_name, limits.max_text_chars)
     return text_lengths
 
 
@@ -220,7 +212,7 @@ def candidate_count(req: pb.RerankRequest) -> int:
 
 
 def rerank_query(req: pb.RerankRequest, limits: Limits, now: float | None = None) -> RerankQuery:
-    user_id = _check_id(req.user_id, "user_id", limits)
+    user_id = check_id(req.user_id, "user_id", limits.max_id_chars)
     packed = req.HasField("packed_candidates")
     if req.HasField("candidate_columns") + packed + (len(req.candidates) > 0) > 1:
         raise InvalidRequest("set one of candidates, candidate_columns and packed_candidates")
@@ -274,7 +266,8 @@ def items_from_pb(req: pb.UpsertItemsRequest, limits: Limits) -> tuple[Item, ...
         raise InvalidRequest("items must not be empty")
     _check_count(len(req.items), limits.max_events, "items", "max_events_per_request")
     return tuple(
-        Item(_check_id(it.item_id, f"items[{i}].item_id", limits), _check_text(it.text, f"items[{i}].text", limits))
+        Item(check_id(it.item_id, f"items[{i}].item_id", limits.max_id_chars),
+             check_text(it.text, f"items[{i}].text", limits.max_text_chars))
         for i, it in enumerate(req.items)
     )
 
