@@ -191,7 +191,7 @@ def test_unusable_entries_go_to_the_dead_letter_stream_and_the_rest_is_applied(
     consumer.ensure_group()
     push(redis_server, 10)
     client = redis_server.client()
-    client.xadd(KEY, {"item_id": "x"})  # no user
+    client.xadd(KEY, {"item_id": "x", "error": "the producer's own field"})  # no user
     client.xadd(KEY, {"user_id": "u0", "item_id": "x", "type": "TELEPORT"})
     client.xadd(KEY, {"user_id": "u0", "item_id": "x", "timestamp": "nan"})
     client.xadd(KEY, {"user_id": "u0", "item_id": "x", "timestamp": str(time.time() + 10 * 86400)})  # beyond the skew
@@ -202,6 +202,8 @@ def test_unusable_entries_go_to_the_dead_letter_stream_and_the_rest_is_applied(
     reasons = [fields[b"error"].decode() for _, fields in client.xrange(KEY + ":dead")]
     assert "user_id" in reasons[0] and "TELEPORT" in reasons[1] and "timestamp" in reasons[2]
     assert "timestamp" in reasons[3]
+    first = client.xrange(KEY + ":dead")[0][1]  # the whole entry: a field named like the reason is kept aside
+    assert first[b"entry.error"] == b"the producer's own field" and first[b"item_id"] == b"x" and first[b"source_id"]
     client.close()
     service.close()
     consumer.close()
