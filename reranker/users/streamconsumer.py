@@ -419,6 +419,8 @@ class StreamConsumer:
     def _parked_failed(self, refused: list[_Entry], error: Exception) -> None:
         new = [e for e in refused if e.id not in self._parked]
         self.metrics.dead_letter_failures.inc(len(new))
+        if not self._parked:  # the first ones: tried again after a while, not at once
+            self._revisit_at = time.monotonic() + _REVISIT_PENDING_S
         for e in refused:
             self._parked[e.id] = None
         while len(self._parked) > _MAX_PARKED:
