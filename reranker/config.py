@@ -250,10 +250,12 @@ class Settings:
     stream_block_ms: int = _doc("How long one read waits for new events.", 1000)
     stream_claim_idle_ms: int = _doc("Take over events another consumer read but has not acknowledged for this long "
                                      "(XAUTOCLAIM; a consumer that died); 0 = never.", 60_000)
-    stream_dead_letter_key: str = _doc("Stream that unusable events (bad fields) are copied to, with the reason, before "
-                                       "they are acknowledged; empty = drop them (counted).", "reranker:events:dead")
-    stream_backoff_max_ms: int = _doc("Longest wait between retries of a batch the encoder refused (overloaded); the "
-                                      "batch is retried, unacknowledged, until it goes through.", 2000)
+    stream_dead_letter_key: str = _doc("Stream that unusable events (refused fields, a user whose write fails) are "
+                                       "copied to, whole, with the reason, before they are acknowledged; empty = drop "
+                                       "them (counted).", "reranker:events:dead")
+    stream_backoff_max_ms: int = _doc("Longest wait between retries of a batch the encoder refused (overloaded) or the "
+                                      "profile store could not write durably; the batch is retried, unacknowledged, "
+                                      "until it goes through.", 2000)
     snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
     snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
     # --- performance -----------------------------------------------------------------------------
