@@ -143,7 +143,8 @@ def test_ml100k_converter_reads_the_grouplens_download_like_the_recbole_files(tm
     for line in (ML100K / "ml-100k.item").read_text(encoding="utf-8").splitlines()[1:]:
         item_id, title, year, genres = line.split("\t")
         flags = ["1" if g in genres.split() else "0" for g in convert_ml100k.GENRES]
-        dated = f"{title} ({year})" if year.isdigit() else title
+        # RecBole split "Title (1995) (V)" into title "Title (1995)" and year "V"
+        dated = f"{title} ({year})" if year.strip() and year.lower() != "unkonwn" else title
         rows.append("|".join([item_id, dated, f"01-Jan-{year}" if year.isdigit() else "", "", "http://x", *flags]))
     (grouplens / "u.item").write_text("\n".join(rows) + "\n", encoding="latin-1")
 
