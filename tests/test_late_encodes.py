@@ -10,7 +10,7 @@ was already too short) queues its candidates' texts too.
 Late work is bounded: it stays in the encoder queue (`encode_queue_size`), runs only while no
 caller is waiting for the encoder, and is the first thing dropped when callers need the room.
 
-All through a real gRPC server on 127.0.0.1:0, with a slow or gated encoder. `min_budget_ms=100` keeps
+All through a real gRPC server on 127.0.0.1:0, with a slow or gated encoder. `min_budget_ms=300` keeps
 the fail-open answer well ahead of the caller's deadline on a loaded machine.
 """
 
@@ -102,16 +102,16 @@ def _with_profile(stub: object) -> None:
 
 def test_an_encode_that_finishes_after_the_callers_deadline_fills_the_cache(make_server: ServerFactory) -> None:
     encoder = CountingSlowEncoder(delay_s=0.5)
-    _, stub = make_server(fake_settings(warmup=False, min_budget_ms=100.0), encoder=encoder)
+    _, stub = make_server(fake_settings(warmup=False, min_budget_ms=300.0), encoder=encoder)
     _with_profile(stub)
-    first = stub.Rerank(_request(), timeout=0.3)  # waits 0.2 s; the encoder needs 0.5 s
+    first = stub.Rerank(_request(), timeout=0.5)  # waits 0.2 s; the encoder needs 0.5 s
     assert (first.variant, first.fallback_reason) == (pb.VARIANT_FALLBACK, pb.FALLBACK_REASON_DEADLINE)
     assert _wait_for(lambda: all(encoder.counts[t] >= 1 for t in TEXTS), 10)
     # The vectors that arrived after the deadline were kept: the same short deadline now reranks,
     # from the cache, without encoding anything again.
     later = None
     for _ in range(20):
-        later = stub.Rerank(_request(), timeout=0.3)
+        later = stub.Rerank(_request(), timeout=0.5)
         if later.variant == pb.VARIANT_RERANKED:
             break
         time.sleep(0.05)
@@ -124,10 +124,10 @@ def test_a_request_for_texts_being_encoded_waits_for_that_encode_instead_of_enco
     make_server: ServerFactory,
 ) -> None:
     encoder = CountingSlowEncoder(delay_s=0.6)
-    settings = fake_settings(warmup=False, min_budget_ms=100.0, encode_timeout_ms=5000.0)
+    settings = fake_settings(warmup=False, min_budget_ms=300.0, encode_timeout_ms=5000.0)
     _, stub = make_server(settings, encoder=encoder)
     _with_profile(stub)
-    first = stub.Rerank(_request(), timeout=0.3)
+    first = stub.Rerank(_request(), timeout=0.5)
     assert first.fallback_reason == pb.FALLBACK_REASON_DEADLINE
     second = stub.Rerank(_request(), timeout=10)  # issued while the first one's encode still runs
     assert second.variant == pb.VARIANT_RERANKED
@@ -154,16 +154,16 @@ def test_late_work_is_bounded_by_the_queue_yields_to_waiting_callers_and_is_drop
     make_server: ServerFactory,
 ) -> None:
     encoder = GatedEncoder()
-    settings = fake_settings(warmup=False, encode_queue_size=10, min_budget_ms=100.0, metrics_address="127.0.0.1:0")
+    settings = fake_settings(warmup=False, encode_queue_size=10, min_budget_ms=300.0, metrics_address="127.0.0.1:0")
     running, stub = make_server(settings, encoder=encoder)
     batcher = running.service._batcher
     assert batcher is not None
-    blocker = stub.Rerank(_request("blocker-", TEXTS[:1]), timeout=0.3)  # the encoder hangs on it
+    blocker = stub.Rerank(_request("blocker-", TEXTS[:1]), timeout=0.5)  # the encoder hangs on it
     assert blocker.fallback_reason == pb.FALLBACK_REASON_DEADLINE and encoder.entered.is_set()
     # Six requests of 5 new texts each time out behind it. Their work stays queued as late work,
     # never more than the queue holds: each new one pushes out the oldest late work.
     for i in range(6):
-        late = stub.Rerank(_request(f"late{i}-"), timeout=0.3)
+        late = stub.Rerank(_request(f"late{i}-"), timeout=0.5)
         assert (late.variant, late.fallback_reason) == (pb.VARIANT_FALLBACK, pb.FALLBACK_REASON_DEADLINE)
         assert batcher.pending_texts <= settings.encode_queue_size
     assert batcher.pending_texts == 10  # late4-, late5-
@@ -246,12 +246,12 @@ def test_late_submissions_are_tokenized_by_the_worker_not_the_submitter() -> Non
 
 def test_with_late_fill_off_a_cancelled_request_drops_its_queued_work(make_server: ServerFactory) -> None:
     encoder = GatedEncoder()
-    settings = fake_settings(warmup=False, min_budget_ms=100.0, encode_late_fill=False)
+    settings = fake_settings(warmup=False, min_budget_ms=300.0, encode_late_fill=False)
     running, stub = make_server(settings, encoder=encoder)
     batcher = running.service._batcher
     assert batcher is not None
-    assert stub.Rerank(_request("blocker-", TEXTS[:1]), timeout=0.3).fallback_reason == pb.FALLBACK_REASON_DEADLINE
-    assert stub.Rerank(_request("late-"), timeout=0.3).fallback_reason == pb.FALLBACK_REASON_DEADLINE
+    assert stub.Rerank(_request("blocker-", TEXTS[:1]), timeout=0.5).fallback_reason == pb.FALLBACK_REASON_DEADLINE
+    assert stub.Rerank(_request("late-"), timeout=0.5).fallback_reason == pb.FALLBACK_REASON_DEADLINE
     assert batcher.pending_texts == 0
     encoder.release()
     assert _wait_for(lambda: running.service._encoding is not None and running.service._encoding.in_flight == 0)

@@ -76,7 +76,7 @@ class ItemEncoding:
         keys = list(zip(item_ids, texts))
         with self._lock:
             found = [self._in_flight.get(k) for k in keys]
-            missing = [k for k, f in zip(keys, found) if f is None]
+            cached, missing = self._cached([k for k, f in zip(keys, found) if f is None])
             created = self._claim(missing)
             for future, _ in created:
                 self._waiters[future] = 1
@@ -84,8 +84,8 @@ class ItemEncoding:
                 if self._waiters.get(future, 0) == 0:
                     self._batcher.set_late(future, False)  # a caller waits for it again
                 self._waiters[future] = self._waiters.get(future, 0) + 1
-            where = [f if f is not None else self._in_flight[k] for k, f in zip(keys, found)]
-        futures = list({f: None for f, _ in where})
+            where = [f if f is not None else self._in_flight.get(k) for k, f in zip(keys, found)]
+        futures = list({entry[0]: None for entry in where if entry is not None})
         try:
             self._submit(created, late=False)
             done = _AllDone(futures)
@@ -104,8 +104,8 @@ class ItemEncoding:
         finally:
             self._stop_waiting(futures)
         out = np.empty((len(keys), self._items.dim), dtype=np.float32)
-        for i, (future, row) in enumerate(where):
-            out[i] = results[future][row]
+        for i, entry in enumerate(where):
+            out[i] = cached[keys[i]] if entry is None else results[entry[0]][entry[1]]
         return out
 
     def schedule(self, item_ids: Sequence[str], texts: Sequence[str]) -> int:
@@ -114,7 +114,7 @@ class ItemEncoding:
         if not self._late_fill:
             return 0
         with self._lock:
-            keys = [k for k in dict.fromkeys(zip(item_ids, texts)) if k not in self._in_flight]
+            _, keys = self._cached([k for k in dict.fromkeys(zip(item_ids, texts)) if k not in self._in_flight])
             created = self._claim(keys)
         try:
             self._submit(created, late=True)
@@ -123,6 +123,16 @@ class ItemEncoding:
         return len(keys) - sum(len(part) for future, part in created if future.cancelled())
 
     # --- internals ------------------------------------------------------------------------------
+    def _cached(self, keys: list[Key]) -> tuple[dict[Key, np.ndarray], list[Key]]:
+        """(vectors of the keys the cache holds, the other keys); caller holds the lock. Keys not in
+        flight are looked up again: an encode may have landed since the caller's own lookup (it
+        is cached before it leaves the in-flight table, so no text is ever in neither)."""
+        if not keys:
+            return {}, []
+        vectors, hit = self._items.lookup([k[0] for k in keys], [k[1] for k in keys], count=False)
+        cached = {k: vectors[i] for i, k in enumerate(keys) if hit[i]}
+        return cached, [k for k in keys if k not in cached]
+
     def _claim(self, keys: list[Key]) -> list[tuple[Future[np.ndarray], list[Key]]]:
         """Register `keys` as in flight, one new future per chunk (caller holds the lock)."""
         created = []
