@@ -67,6 +67,11 @@ class Settings:
     encode_batch_size: int = _doc("Largest batch the encoder runs at once.", 32)
     encode_max_wait_ms: float = _doc("How long the micro-batcher waits to fill a batch.", 2.0)
     encode_queue_size: int = _doc("Texts waiting for the encoder before new work is refused (overload).", 2048)
+    encode_late_fill: bool = _doc(
+        "Texts whose caller stopped waiting (deadline passed, RPC cancelled), and the new texts of a deadline "
+        "fallback, stay queued as late work: encoded only while no caller waits for the encoder, dropped first "
+        "when callers need the queue, their vectors kept in the item cache. false drops that work at once.", True
+    )
     torch_threads: int = _doc("torch intra-op threads; 0 = the CPUs this process may use (affinity, cgroup quota).", 0)
     fake_dim: int = _doc("Vector size of the fake encoder.", 384)
     warmup: bool = _doc("Encode a few texts before reporting SERVING.", True)
