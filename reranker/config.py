@@ -67,6 +67,11 @@ class Settings:
     encode_batch_size: int = _doc("Largest batch the encoder runs at once.", 32)
     encode_max_wait_ms: float = _doc("How long the micro-batcher waits to fill a batch.", 2.0)
     encode_queue_size: int = _doc("Texts waiting for the encoder before new work is refused (overload).", 2048)
+    encode_late_fill: bool = _doc(
+        "Texts whose caller stopped waiting (deadline passed, RPC cancelled), and the new texts of a deadline "
+        "fallback, stay queued as late work: encoded only while no caller waits for the encoder, dropped first "
+        "when callers need the queue, their vectors kept in the item cache. false drops that work at once.", True
+    )
     torch_threads: int = _doc("torch intra-op threads; 0 = the CPUs this process may use (affinity, cgroup quota).", 0)
     fake_dim: int = _doc("Vector size of the fake encoder.", 384)
     warmup: bool = _doc("Encode a few texts before reporting SERVING.", True)
@@ -250,10 +255,12 @@ class Settings:
     stream_block_ms: int = _doc("How long one read waits for new events.", 1000)
     stream_claim_idle_ms: int = _doc("Take over events another consumer read but has not acknowledged for this long "
                                      "(XAUTOCLAIM; a consumer that died); 0 = never.", 60_000)
-    stream_dead_letter_key: str = _doc("Stream that unusable events (bad fields) are copied to, with the reason, before "
-                                       "they are acknowledged; empty = drop them (counted).", "reranker:events:dead")
-    stream_backoff_max_ms: int = _doc("Longest wait between retries of a batch the encoder refused (overloaded); the "
-                                      "batch is retried, unacknowledged, until it goes through.", 2000)
+    stream_dead_letter_key: str = _doc("Stream that unusable events (refused fields, a user whose write fails) are "
+                                       "copied to, whole, with the reason, before they are acknowledged; empty = drop "
+                                       "them (counted).", "reranker:events:dead")
+    stream_backoff_max_ms: int = _doc("Longest wait between retries of a batch the encoder refused (overloaded) or the "
+                                      "profile store could not write durably; the batch is retried, unacknowledged, "
+                                      "until it goes through.", 2000)
     snapshot_path: str = _doc("File to snapshot item vectors and in-process profiles to (loaded at start); empty = off.", "")
     snapshot_interval_seconds: float = _doc("Seconds between periodic snapshots; 0 = only at shutdown.", 300.0)
     # --- performance -----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from reranker.ranking import head as ranking_head
 from reranker.ranking import scoring
 from reranker.users import usermodel
 from reranker.model.batching import MicroBatcher
+from reranker.model.itemencoding import ItemEncoding
 from reranker.serving.cancellation import CancelToken
 from reranker.model.catalog import CatalogError, CatalogSource
 from reranker.users.consumed import CandidateHistory
@@ -99,6 +99,7 @@ class RerankService:
         self._clock = clock
         self._encoder = encoder
         self._batcher: MicroBatcher | None = None
+        self._encoding: ItemEncoding | None = None  # texts -> item cache, through the batcher
         self._ready = threading.Event()
         self.load_error: str = ""
         self.items: ItemVectorCache | None = None
@@ -164,6 +165,9 @@ class RerankService:
             max_pending=s.encode_queue_size,
             observer=self.metrics.observe_batch,
         )
+        encoding = ItemEncoding(self._batcher, self.items, late_fill=s.encode_late_fill, chunk=s.encode_queue_size // 2)
+        self._encoding = encoding
+        self.metrics.watch_late_encodes(lambda: (encoding.late_filled, encoding.late_dropped))
         self.metrics.watch_caches(self._cache_counters)
         self._start_learning(encoder)
         self.metrics.watch_profile_repairs(lambda: int(getattr(self.profiles, "repairs", 0)))
@@ -358,6 +362,7 @@ class RerankService:
         if skip is not None:
             return upstream(skip)
         if time_remaining is not None and time_remaining * 1000.0 < s.min_budget_ms:
+            self._schedule_missing(candidates)
             return upstream(Variant.FALLBACK, FallbackReason.DEADLINE, f"{time_remaining * 1000:.1f} ms left")
         if not self.ready:
             return upstream(Variant.FALLBACK, FallbackReason.NOT_READY, self.load_error or "model loading")
@@ -607,43 +612,27 @@ class RerankService:
         for i in misses:
             unique.setdefault((item_ids[i], texts[i]), []).append(i)  # type: ignore[arg-type]
         if unique:
+            assert self._encoding is not None
             keys = list(unique)
-            encoded = self._encode([k[1] for k in keys], timeout_s, cancel)
-            self.items.put([k[0] for k in keys], [k[1] for k in keys], encoded)
+            encoded = self._encoding.encode([k[0] for k in keys], [k[1] for k in keys], timeout_s, cancel)
             for row, key in enumerate(keys):
                 for i in unique[key]:
                     vectors[i] = encoded[row]
                     has_vector[i] = True
         return vectors, has_vector, int(hit.sum()), len(unique)
 
-    def _encode(self, texts: list[str], timeout_s: float, cancel: CancelToken | None = None) -> np.ndarray:
-        """Encode through the batcher; waits at most `timeout_s` and wakes at once on cancellation.
-
-        However it ends (timeout, cancellation, error), this request's jobs that the encoder has
-        not started yet are cancelled, so abandoned work never reaches the model.
-        """
-        assert self._batcher is not None
-        if timeout_s <= 0:
-            raise EncodeTimeout("no time left to encode")
-        chunk = max(1, self.settings.encode_queue_size // 2)
-        futures: list[Future[np.ndarray]] = []
-        try:
-            for i in range(0, len(texts), chunk):
-                futures.append(self._batcher.submit(texts[i : i + chunk]))
-            done = _AllDone(futures)
-            unregister = cancel.on_cancel(done.wake) if cancel is not None else _noop
-            try:
-                if not done.wait(timeout_s):
-                    raise EncodeTimeout(f"encoding {len(texts)} texts took longer than {timeout_s * 1000:.0f} ms")
-                if cancel is not None and cancel.cancelled:
-                    raise RequestCancelled("the caller cancelled the request")
-                parts = [f.result() for f in futures]
-            finally:
-                unregister()
-        finally:
-            for f in futures:
-                f.cancel()  # no-op for finished or running jobs; drops queued ones
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    def _schedule_missing(self, candidates: CandidateColumns) -> None:
+        """A fail-open answer still warms the cache: candidates' texts that are neither cached nor
+        in the catalog are queued as late work (bounded, deduplicated with what is in flight)."""
+        if self._encoding is None or self.items is None or all(t is None for t in candidates.texts):
+            return
+        vectors, hit = self.items.lookup(candidates.item_ids, candidates.texts, count=False)
+        if self.catalog is not None and not hit.all():  # not counted as catalog lookups either
+            hit = self.catalog.current.fill(candidates.item_ids, candidates.texts, vectors, hit)
+        todo = [i for i in np.flatnonzero(~hit).tolist() if candidates.texts[i] is not None]
+        if todo:
+            ids, texts = candidates.item_ids, candidates.texts
+            self._encoding.schedule([ids[i] for i in todo], [texts[i] for i in todo])  # type: ignore[misc]
 
     # --- events, items, profiles ---------------------------------------------------------------
     def _require_ready(self) -> None:
@@ -710,9 +699,9 @@ class RerankService:
         _, hit = self.items.lookup(ids, texts)
         todo = [i for i in np.flatnonzero(~hit).tolist()]
         if todo:
+            assert self._encoding is not None
             timeout = WRITE_TIMEOUT_S if time_remaining is None else time_remaining
-            vectors = self._encode([texts[i] for i in todo], timeout, cancel)
-            self.items.put([ids[i] for i in todo], [texts[i] for i in todo], vectors)
+            self._encoding.encode([ids[i] for i in todo], [texts[i] for i in todo], timeout, cancel)
         return UpsertResult(upserted=len(ids), encoded=len(todo))
 
     def user_profile(self, user_id: str, include_vector: bool = False) -> UserProfileView:
@@ -730,35 +719,6 @@ class RerankService:
             user_id=user_id, found=True, event_count=state.event_count, recent_events=state.recent,
             vector=vector, updated_at=state.updated_at,
         )
-
-
-def _noop() -> None:
-    pass
-
-
-class _AllDone:
-    """Waits until every future is done, or until `wake()` (cancellation), whichever comes first."""
-
-    def __init__(self, futures: Sequence[Future[np.ndarray]]) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._left = len(futures)
-        if not futures:
-            self._event.set()
-        for f in futures:
-            f.add_done_callback(self._one_done)
-
-    def _one_done(self, _future: Future[np.ndarray]) -> None:
-        with self._lock:
-            self._left -= 1
-            if self._left <= 0:
-                self._event.set()
-
-    def wake(self) -> None:
-        self._event.set()
-
-    def wait(self, timeout_s: float) -> bool:
-        return self._event.wait(timeout_s)
 
 
 def _with_timestamp(event: Event, now: float) -> Event:

@@ -128,3 +128,31 @@ def test_mind_converter_rejects_a_bad_impression(tmp_path: Path) -> None:
     (tmp_path / "behaviors.tsv").write_text("1\tU1\t11/12/2019 2:14:46 PM\tN1\tN1-yes\n", encoding="utf-8")
     with pytest.raises(formats.FormatError, match="behaviors.tsv:1: impression entry 'N1-yes'"):
         convert_mind.convert(tmp_path, tmp_path / "out")
+
+
+def test_ml100k_converter_reads_the_grouplens_download_like_the_recbole_files(tmp_path: Path) -> None:
+    """The GroupLens zip's layout (u.data; u.item in Latin-1 with "Title (year)" and genre flags),
+    written here from the shared RecBole files, converts to the same items and events."""
+    if not (ML100K / "ml-100k.inter").is_file():
+        pytest.skip("shared ml-100k data missing")
+    grouplens = tmp_path / "ml-100k"
+    grouplens.mkdir()
+    inter = (ML100K / "ml-100k.inter").read_text(encoding="utf-8").splitlines()[1:]
+    (grouplens / "u.data").write_text("\n".join(inter) + "\n", encoding="latin-1")
+    rows = []
+    for line in (ML100K / "ml-100k.item").read_text(encoding="utf-8").splitlines()[1:]:
+        item_id, title, year, genres = line.split("\t")
+        flags = ["1" if g in genres.split() else "0" for g in convert_ml100k.GENRES]
+        # RecBole split "Title (1995) (V)" into title "Title (1995)" and year "V"
+        dated = f"{title} ({year})" if year.strip() and year.lower() != "unkonwn" else title
+        rows.append("|".join([item_id, dated, f"01-Jan-{year}" if year.isdigit() else "", "", "http://x", *flags]))
+    (grouplens / "u.item").write_text("\n".join(rows) + "\n", encoding="latin-1")
+
+    assert convert_ml100k.load_items(grouplens) == convert_ml100k.load_items(ML100K)
+    assert convert_ml100k.load_events(grouplens) == convert_ml100k.load_events(ML100K)
+    assert convert_ml100k.convert(grouplens, tmp_path / "out") == {"items": 1682, "events": 100_000}
+
+
+def test_ml100k_converter_names_the_layouts_it_reads(tmp_path: Path) -> None:
+    with pytest.raises(formats.FormatError, match="u.data and u.item .* ml-100k.inter and ml-100k.item"):
+        convert_ml100k.convert(tmp_path, tmp_path / "out")

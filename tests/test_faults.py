@@ -136,7 +136,9 @@ def test_encoder_hanging_past_the_deadline_fails_open_before_the_callers_deadlin
 ) -> None:
     # The reply leaves at (deadline - min_budget_ms); 100 ms of slack keeps it ahead of the caller's
     # deadline on a loaded CI machine, where the default 5 ms can be eaten by scheduling alone.
-    running, stub = make_server(fake_settings(encode_timeout_ms=5000.0, min_budget_ms=100.0), encoder=hanging)
+    # encode_late_fill off: abandoned work is dropped at once (tests/test_late_encodes.py: the default).
+    settings = fake_settings(encode_timeout_ms=5000.0, min_budget_ms=100.0, encode_late_fill=False)
+    running, stub = make_server(settings, encoder=hanging)
     req = _request()
     started = time.monotonic()
     resp = stub.Rerank(req, timeout=0.5)
@@ -198,7 +200,9 @@ def test_too_many_concurrent_rpcs_are_refused_not_queued(make_server: ServerFact
 def test_cancelled_requests_free_their_workers_and_their_queued_work_never_runs(
     make_server: ServerFactory, hanging: HangingEncoder
 ) -> None:
-    settings = fake_settings(max_workers=3, encode_timeout_ms=30_000.0)
+    # encode_late_fill off: cancelled work is dropped at once (by default it stays queued as late work,
+    # bounded and dropped first: tests/test_late_encodes.py).
+    settings = fake_settings(max_workers=3, encode_timeout_ms=30_000.0, encode_late_fill=False)
     running, stub = make_server(settings, encoder=hanging)
     threads_before = threading.active_count()
     running_call = stub.Rerank.future(_request(prefix="alpha"))  # the encoder hangs on this one
@@ -228,7 +232,7 @@ def test_cancelled_requests_free_their_workers_and_their_queued_work_never_runs(
 
 
 def test_cancelled_upsert_drops_its_encoder_work(make_server: ServerFactory, hanging: HangingEncoder) -> None:
-    running, stub = make_server(fake_settings(encode_timeout_ms=30_000.0), encoder=hanging)
+    running, stub = make_server(fake_settings(encode_timeout_ms=30_000.0, encode_late_fill=False), encoder=hanging)
     blocker = stub.UpsertItems.future(pb.UpsertItemsRequest(items=[pb.Item(item_id="b", text="blocker")]))
     assert hanging.entered.wait(5)
     items = [pb.Item(item_id=f"big{i}", text=f"catalog text {i}") for i in range(500)]

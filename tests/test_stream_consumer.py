@@ -13,12 +13,16 @@ import time
 from collections.abc import Sequence
 
 import pytest
+import redis
 
-from reranker.errors import Overloaded
+from reranker.errors import InvalidRequest, Overloaded
+from reranker.serving import convert
 from reranker.serving.metrics import Metrics
 from reranker.service import RerankService
-from reranker.users.streamconsumer import StreamConsumer
+from reranker.users.eventpolicy import EventLimits
+from reranker.users.streamconsumer import StreamConsumer, event_from_entry
 from reranker.types import Event, RecordResult
+from reranker.v1 import reranker_pb2 as pb
 from conftest import REPO, fake_settings
 from redis_server import RedisServer
 from test_redis_profiles import redis_server, redis_url  # noqa: F401  (the fixtures: one redis-server per module)
@@ -97,6 +101,10 @@ def test_lag_counts_entries_not_yet_delivered(redis_server: RedisServer, redis_u
     consumer.close()
 
 
+class ProcessDied(BaseException):
+    """Stands for the process dying at that point (an Exception would be the events' failure: dead-lettered)."""
+
+
 def test_a_crash_between_write_and_ack_redelivers_and_nothing_counts_twice(
     redis_server: RedisServer, redis_url: str
 ) -> None:
@@ -104,12 +112,12 @@ def test_a_crash_between_write_and_ack_redelivers_and_nothing_counts_twice(
 
     def write_then_crash(events: Sequence[Event]) -> RecordResult:
         service.record_events(events)
-        raise RuntimeError("the process died before XACK")
+        raise ProcessDied("the process died before XACK")
 
     crashing = StreamConsumer(settings(redis_url), write_then_crash, Metrics())
     crashing.ensure_group()
     push(redis_server, 50)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ProcessDied):
         crashing.poll_once()
     assert counts(service) == [10] * 5
     assert crashing.lag() == (0, 50)  # delivered, not acknowledged
@@ -130,12 +138,12 @@ def test_another_consumer_takes_over_entries_left_pending_by_a_dead_one(
     service = loaded_service(redis_url)
 
     def crash(events: Sequence[Event]) -> RecordResult:
-        raise RuntimeError("died before writing")
+        raise ProcessDied("died before writing")
 
     dead = StreamConsumer(settings(redis_url), crash, Metrics())
     dead.ensure_group()
     push(redis_server, 40)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ProcessDied):
         dead.poll_once()
     time.sleep(0.06)
     survivor = StreamConsumer(settings(redis_url, stream_consumer="c2", stream_claim_idle_ms=50),
@@ -183,7 +191,7 @@ def test_unusable_entries_go_to_the_dead_letter_stream_and_the_rest_is_applied(
     consumer.ensure_group()
     push(redis_server, 10)
     client = redis_server.client()
-    client.xadd(KEY, {"item_id": "x"})  # no user
+    client.xadd(KEY, {"item_id": "x", "error": "the producer's own field"})  # no user
     client.xadd(KEY, {"user_id": "u0", "item_id": "x", "type": "TELEPORT"})
     client.xadd(KEY, {"user_id": "u0", "item_id": "x", "timestamp": "nan"})
     client.xadd(KEY, {"user_id": "u0", "item_id": "x", "timestamp": str(time.time() + 10 * 86400)})  # beyond the skew
@@ -194,6 +202,8 @@ def test_unusable_entries_go_to_the_dead_letter_stream_and_the_rest_is_applied(
     reasons = [fields[b"error"].decode() for _, fields in client.xrange(KEY + ":dead")]
     assert "user_id" in reasons[0] and "TELEPORT" in reasons[1] and "timestamp" in reasons[2]
     assert "timestamp" in reasons[3]
+    first = client.xrange(KEY + ":dead")[0][1]  # the whole entry: a field named like the reason is kept aside
+    assert first[b"entry.error"] == b"the producer's own field" and first[b"item_id"] == b"x" and first[b"source_id"]
     client.close()
     service.close()
     consumer.close()
@@ -203,7 +213,7 @@ def test_reranker_consume_runs_as_a_process_and_stops_on_sigterm(redis_server: R
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         [sys.executable, "-m", "reranker", "consume", "--encoder", "fake", "--fake-dim", "16", "--redis-url", redis_url,
-         "--stream-key", KEY, "--stream-group", "proc", "--stream-block-ms", "50"],
+         "--stream-key", KEY, "--stream-group", "proc", "--stream-block-ms", "50", "--metrics-address", ""],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
@@ -270,3 +280,101 @@ def test_nothing_is_acknowledged_while_the_profile_store_is_degraded(redis_serve
     assert counts(service) == [4] * 5 and consumer.lag() == (0, 0) and consumer.stats.duplicates == 20
     service.close()
     consumer.close()
+
+
+def test_one_users_failing_write_is_dead_lettered_and_not_waited_on(redis_server: RedisServer, redis_url: str) -> None:
+    """A write that fails for one user (a wrong-type key, an unreadable stored profile) is that user's
+    problem: the others' events are written and acknowledged, the user's entries dead-lettered with
+    the reason; no back-pressure wait (it would never end)."""
+    service = loaded_service(redis_url)
+    waits: list[float] = []
+
+    def wrong_type_for_the_victim(events: Sequence[Event]) -> RecordResult:
+        if any(e.user_id == "victim" for e in events):
+            raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+        return service.record_events(events)
+
+    consumer = StreamConsumer(settings(redis_url), wrong_type_for_the_victim, service.metrics, sleep=waits.append)
+    consumer.ensure_group()
+    push(redis_server, 10)
+    client = redis_server.client()
+    for i in range(2):
+        client.xadd(KEY, {"user_id": "victim", "item_id": f"v{i}", "text": "victim's item", "weight": "2"})
+    push(redis_server, 10, start=10)
+    drain(consumer)
+    assert waits == [] and consumer.stats.backpressure_waits == 0
+    assert counts(service) == [4] * 5 and consumer.stats.applied == 20 and consumer.lag() == (0, 0)
+    letters = [fields for _, fields in client.xrange(KEY + ":dead")]
+    assert [f[b"item_id"] for f in letters] == [b"v0", b"v1"] and all(f[b"weight"] == b"2" for f in letters)
+    assert all(b"WRONGTYPE" in f[b"error"] for f in letters)
+    client.close()
+    service.close()
+    consumer.close()
+
+
+def test_a_profile_redis_that_refuses_every_write_is_waited_out(redis_server: RedisServer, redis_url: str) -> None:
+    """Lost connections and store-wide refusals (OOM, READONLY) are back-pressure: nothing is
+    dead-lettered or acknowledged until the write goes through."""
+    service = loaded_service(redis_url)
+    failures: list[Exception] = [redis.ConnectionError("connection reset"), redis.exceptions.OutOfMemoryError("OOM"),
+                                 redis.exceptions.ReadOnlyError("READONLY"), redis.ResponseError("BUSY running a script")]
+    waits: list[float] = []
+    pending_seen: list[int] = []
+
+    def store_refuses_at_first(events: Sequence[Event]) -> RecordResult:
+        if failures:
+            pending_seen.append(consumer.lag()[1])
+            raise failures.pop(0)
+        return service.record_events(events)
+
+    consumer = StreamConsumer(settings(redis_url), store_refuses_at_first, service.metrics, sleep=waits.append)
+    consumer.ensure_group()
+    push(redis_server, 15)
+    drain(consumer)
+    assert len(waits) == 4 and pending_seen == [15] * 4 and consumer.stats.dead == 0
+    assert counts(service) == [3] * 5 and consumer.lag() == (0, 0)
+    service.close()
+    consumer.close()
+
+
+NOW = time.time()
+
+
+def edge_event(fields: dict[str, str]) -> pb.Event:
+    msg = pb.Event(user_id=fields.get("user_id", ""), item_id=fields.get("item_id", ""),
+                   type=int(fields.get("type", "2")), event_id=fields.get("event_id", ""))
+    if "timestamp" in fields:
+        msg.timestamp.seconds = int(fields["timestamp"])  # out-of-range seconds too, as a client may send
+    if "text" in fields:
+        msg.text = fields["text"]
+    if "weight" in fields:
+        msg.weight = float(fields["weight"])
+    return msg
+
+
+@pytest.mark.parametrize("change", [
+    {"user_id": ""}, {"user_id": "u" * 257}, {"item_id": ""}, {"item_id": "i" * 257}, {"event_id": "e" * 257},
+    {"text": "t" * 4001}, {"weight": "1e30"}, {"weight": "-6.5"}, {"weight": "nan"}, {"type": "99"},
+    {"timestamp": "0"}, {"timestamp": str(int(NOW * 1000))}, {"timestamp": str(int(NOW + 7200))},
+    {"timestamp": "300000000000"},
+])
+def test_the_consumer_refuses_exactly_what_the_edge_refuses_with_the_same_message(change: dict[str, str]) -> None:
+    s = fake_settings()
+    fields = {"user_id": "u", "item_id": "i", "type": "2", "timestamp": str(int(NOW) - 5), "text": "t", **change}
+    with pytest.raises(InvalidRequest) as at_edge:
+        convert.event_from_pb(edge_event(fields), "events[0]", convert.Limits.from_settings(s), now=NOW)
+    with pytest.raises(InvalidRequest) as in_stream:
+        event_from_entry(KEY, "1-0", {k.encode(): v.encode() for k, v in fields.items()},
+                         EventLimits.from_settings(s), NOW)
+    assert str(at_edge.value) == "events[0]." + str(in_stream.value)
+    assert type(at_edge.value) is type(in_stream.value)
+
+
+def test_the_consumer_accepts_what_the_edge_accepts_at_the_limits() -> None:
+    s = fake_settings()
+    fields = {"user_id": "u" * 256, "item_id": "i" * 256, "event_id": "e" * 256, "text": "t" * 4000,
+              "weight": "-6", "type": "7", "timestamp": str(int(NOW + 3600))}
+    at_edge = convert.event_from_pb(edge_event(fields), "events[0]", convert.Limits.from_settings(s), now=NOW)
+    in_stream = event_from_entry(KEY, "1-0", {k.encode(): v.encode() for k, v in fields.items()},
+                                 EventLimits.from_settings(s), NOW)
+    assert in_stream == at_edge

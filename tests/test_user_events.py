@@ -191,6 +191,20 @@ def test_stream_rejects_a_bad_event_and_keeps_what_came_before(stub) -> None:  #
     assert profile(stub, "s3").event_count == 1
 
 
+def test_stream_applies_the_events_before_a_refused_one_even_in_the_same_batch(stub) -> None:  # type: ignore[no-untyped-def]
+    """[ok, bad, ok] sent at once (one batch on the server): the first is applied, the stream ends
+    with INVALID_ARGUMENT naming event[1], the third is not applied. The outcome does not depend on
+    how the server happened to batch the stream."""
+    events = [event("s4", "p1", PIANO, event_id="s4-1"), pb.Event(user_id="s4", item_id="", event_id="s4-2"),
+              event("s4", "p3", PIANO, event_id="s4-3")]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StreamEvents(iter(events), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("event[1].item_id"), err.value.details()
+    view = profile(stub, "s4")
+    assert view.event_count == 1 and [e.event_id for e in view.recent_events] == ["s4-1"]
+
+
 def test_recent_events_are_bounded_and_drop_text(make_server: ServerFactory) -> None:
     _, stub = make_server(fake_settings(recent_events_per_user=3, vector_history_size=4))
     record(stub, *(event("u", f"i{i}", f"text {i}", **at(T0 + i)) for i in range(6)))

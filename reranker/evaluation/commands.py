@@ -75,9 +75,10 @@ def add_commands(commands: Any) -> None:
                     help="do not send the events before --start (an earlier replay that stopped there sent them)")
     rp.set_defaults(handler=_replay)
 
-    cv = commands.add_parser("convert", help="convert ml-100k (RecBole) or MIND files to the eval format")
+    cv = commands.add_parser("convert", help="convert ml-100k (GroupLens or RecBole files) or MIND files to the eval format")
     cv.add_argument("format", choices=("ml100k", "mind"))
-    cv.add_argument("--input", type=Path, required=True, help="directory with ml-100k.inter/.item or behaviors.tsv/news.tsv")
+    cv.add_argument("--input", type=Path, required=True,
+                    help="directory with u.data/u.item (GroupLens) or ml-100k.inter/.item (RecBole), or behaviors.tsv/news.tsv")
     cv.add_argument("--output", type=Path, required=True, help="directory to write items.tsv, events.tsv (candidates.tsv)")
     cv.add_argument("--min-rating", type=float, default=0.0, help="ml100k: keep ratings >= this (default: all)")
     cv.set_defaults(handler=_convert)

@@ -1,4 +1,9 @@
-"""Convert MovieLens-100K in RecBole atomic format (ml-100k.inter / ml-100k.item) to the eval format.
+"""Convert MovieLens-100K to the eval format, from either layout:
+
+- the GroupLens download (https://grouplens.org/datasets/movielens/100k/, `ml-100k.zip` unzipped):
+  `u.data` (user, item, rating, timestamp; tab-separated) and `u.item` (`|`-separated, Latin-1,
+  "Title (year)" and 19 genre flags);
+- RecBole atomic files: `ml-100k.inter` and `ml-100k.item` (tab-separated, typed header).
 
 Item text = "Title (year). Genres: A, B" (the leading article RecBole moves to the end stays there).
 Every rating is one implicit-feedback event of type `click` at its timestamp; `--min-rating` keeps
@@ -7,9 +12,60 @@ only ratings at or above a threshold (default: all, the usual leave-last-out set
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from reranker.evaluation.formats import FormatError, Interaction, write_events, write_items
+
+# u.item's genre flags, in u.genre's order
+GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+_TITLE_YEAR = re.compile(r"^(.*\S)\s+\((\d{4})\)$")
+
+
+def _grouplens(directory: Path) -> bool:
+    """True for the GroupLens layout (u.data, u.item), False for RecBole's; FormatError for neither."""
+    directory = Path(directory)
+    if (directory / "ml-100k.inter").is_file() and (directory / "ml-100k.item").is_file():
+        return False
+    if (directory / "u.data").is_file() and (directory / "u.item").is_file():
+        return True
+    raise FormatError(
+        f"{directory}: expected u.data and u.item (the GroupLens ml-100k.zip, unzipped) or ml-100k.inter and "
+        "ml-100k.item (RecBole atomic files)"
+    )
+
+
+def _grouplens_items(path: Path) -> list[tuple[str, str]]:
+    out = []
+    for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        if len(fields) != 5 + len(GENRES):
+            raise FormatError(f"{path}:{number}: expected {5 + len(GENRES)} '|'-separated fields, got {len(fields)}")
+        title, year = fields[1], ""
+        match = _TITLE_YEAR.match(title.strip())
+        if match:
+            title, year = match.group(1), match.group(2)
+        genres = " ".join(g for g, flag in zip(GENRES, fields[5:]) if flag.strip() == "1")
+        out.append((fields[0], item_text(title, year, genres)))
+    return out
+
+
+def _grouplens_events(path: Path, min_rating: float) -> list[Interaction]:
+    out = []
+    for number, line in enumerate(path.read_text(encoding="latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 4:
+            raise FormatError(f"{path}:{number}: expected 4 tab-separated fields, got {len(fields)}")
+        if float(fields[2]) >= min_rating:
+            out.append(Interaction(fields[0], fields[1], float(fields[3])))
+    return out
 
 
 def _atomic_rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -35,6 +91,8 @@ def item_text(title: str, year: str, genres: str) -> str:
 
 
 def load_items(directory: Path) -> list[tuple[str, str]]:
+    if _grouplens(directory):
+        return _grouplens_items(Path(directory) / "u.item")
     header, rows = _atomic_rows(Path(directory) / "ml-100k.item")
     col = {name: i for i, name in enumerate(header)}
     return [
@@ -43,13 +101,16 @@ def load_items(directory: Path) -> list[tuple[str, str]]:
 
 
 def load_events(directory: Path, min_rating: float = 0.0) -> list[Interaction]:
-    header, rows = _atomic_rows(Path(directory) / "ml-100k.inter")
-    col = {name: i for i, name in enumerate(header)}
-    events = [
-        Interaction(r[col["user_id"]], r[col["item_id"]], float(r[col["timestamp"]]))
-        for r in rows
-        if float(r[col["rating"]]) >= min_rating
-    ]
+    if _grouplens(directory):
+        events = _grouplens_events(Path(directory) / "u.data", min_rating)
+    else:
+        header, rows = _atomic_rows(Path(directory) / "ml-100k.inter")
+        col = {name: i for i, name in enumerate(header)}
+        events = [
+            Interaction(r[col["user_id"]], r[col["item_id"]], float(r[col["timestamp"]]))
+            for r in rows
+            if float(r[col["rating"]]) >= min_rating
+        ]
     # Stable order: by user, then time; equal timestamps keep the file's order.
     events.sort(key=lambda e: (int(e.user_id) if e.user_id.isdigit() else 0, e.user_id, e.timestamp))
     return events

@@ -10,8 +10,15 @@ Tokenization stays off the model's critical section: when the encoder can tokeni
 GIL) and the worker only pads token ids (numpy) and runs forward passes; batches are sorted by
 token count. Other encoders get whole texts, sorted by character length.
 
-A job whose future is cancelled before the worker takes it (caller gone or timed out) leaves the
-queue at once and is never encoded.
+A job whose future is cancelled before the worker takes it leaves the queue at once and is never
+encoded.
+
+Late work: a job nobody waits for any more (its caller's deadline passed, or the caller left) can
+be marked late (`set_late`), and texts can be submitted late from the start (`submit(late=True)`:
+tokenized by the worker, not the submitter). Late jobs still count against `max_pending`, run
+only while no waited-for job is queued, and are dropped, oldest first, when a waited-for job
+needs their room: late work never delays or refuses a caller that waits. A late submission that
+finds no free room is refused (Overloaded); it never pushes anything out.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class _Job:
     token_ids: list[list[int]] | None = None
     future: Future[np.ndarray] = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
+    late: bool = False  # nobody waits for it: runs after waited-for work, dropped first
 
 
 @dataclass
@@ -49,6 +57,7 @@ class BatcherStats:
     texts: int = 0
     last_batch_size: int = 0
     last_queue_wait_s: float = 0.0
+    late_dropped: int = 0  # late texts pushed out of the queue by waited-for work
 
 
 class MicroBatcher:
@@ -67,8 +76,10 @@ class MicroBatcher:
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._max_pending = max_pending
-        self._jobs: deque[_Job] = deque()
-        self._pending_texts = 0
+        self._jobs: deque[_Job] = deque()  # waited for
+        self._late: deque[_Job] = deque()  # nobody waits: oldest first
+        self._pending_texts = 0  # both queues
+        self._late_texts = 0
         self._cond = threading.Condition()
         self._closed = False
         self.stats = BatcherStats()
@@ -80,16 +91,27 @@ class MicroBatcher:
 
     @property
     def pending_texts(self) -> int:
+        """Texts queued, late ones included."""
         return self._pending_texts
 
-    def submit(self, texts: list[str]) -> Future[np.ndarray]:
-        """Queue texts for encoding. Raises Overloaded when the queue is full."""
-        job = _Job(list(texts))
+    @property
+    def late_texts(self) -> int:
+        """Queued texts nobody waits for."""
+        return self._late_texts
+
+    def submit(
+        self, texts: list[str], *, late: bool = False, future: Future[np.ndarray] | None = None
+    ) -> Future[np.ndarray]:
+        """Queue texts for encoding; the result arrives on `future` (a new one when not given).
+
+        Raises Overloaded when the queue is full: for waited-for texts, even after dropping every
+        late job; late texts are refused when there is no free room."""
+        job = _Job(list(texts), future=future if future is not None else Future(), late=late)
         if not job.texts:
             job.future.set_result(np.zeros((0, self._encoder.dim), dtype=np.float32))
             return job.future
-        if self._tokenize_early:
-            self._check_capacity(len(job.texts))  # cheap early refusal before tokenizing
+        if self._tokenize_early and not late:  # late work is tokenized by the worker
+            self._check_capacity(len(job.texts), late)  # cheap early refusal before tokenizing
             try:
                 job.token_ids = self._encoder.token_ids(job.texts)  # type: ignore[attr-defined]
             except Exception as exc:
@@ -97,31 +119,66 @@ class MicroBatcher:
         with self._cond:
             if self._closed:
                 raise EncoderFailed("encoder is shut down")
-            self._check_capacity(len(job.texts))
-            self._jobs.append(job)
+            self._check_capacity(len(job.texts), late)
+            dropped = self._drop_late_for(len(job.texts)) if not late else []
+            (self._late if late else self._jobs).append(job)
             self._pending_texts += len(job.texts)
+            if late:
+                self._late_texts += len(job.texts)
             self._cond.notify()
+        for old in dropped:  # outside the lock: cancelling runs the futures' callbacks
+            old.future.cancel()
         # A bound method, not a closure over `job`: future -> callback -> job -> future would be a
         # reference cycle that keeps every result array alive until the cyclic GC runs.
         job.future.add_done_callback(self._drop_if_cancelled)
         return job.future
 
-    def _check_capacity(self, count: int) -> None:
+    def set_late(self, future: Future[np.ndarray], late: bool = True) -> bool:
+        """Mark a queued job late (nobody waits for it any more) or waited-for again. False when
+        the job is not queued (running, done, dropped)."""
+        with self._cond:
+            source, target = (self._jobs, self._late) if late else (self._late, self._jobs)
+            for index, job in enumerate(source):
+                if job.future is future:
+                    del source[index]
+                    job.late = late
+                    target.append(job)
+                    self._late_texts += len(job.texts) if late else -len(job.texts)
+                    return True
+        return False
+
+    def _check_capacity(self, count: int, late: bool) -> None:
         pending = self._pending_texts
-        if pending + count > self._max_pending:
+        room = self._max_pending - pending + (0 if late else self._late_texts)
+        if count > room:
             raise Overloaded(f"encoder queue full ({pending} texts pending, limit {self._max_pending})")
+
+    def _drop_late_for(self, count: int) -> list[_Job]:
+        """Take late jobs out of the queue, oldest first, until `count` more texts fit (caller holds
+        the lock and checked that they can)."""
+        dropped = []
+        while self._pending_texts + count > self._max_pending and self._late:
+            job = self._late.popleft()
+            self._pending_texts -= len(job.texts)
+            self._late_texts -= len(job.texts)
+            self.stats.late_dropped += len(job.texts)
+            dropped.append(job)
+        return dropped
 
     def _drop_if_cancelled(self, future: Future[np.ndarray]) -> None:
         """Done-callback: a job cancelled while still queued is removed and its texts un-counted."""
         if not future.cancelled():
             return
         with self._cond:
-            for index, job in enumerate(self._jobs):
-                if job.future is future:
-                    del self._jobs[index]
-                    self._pending_texts -= len(job.texts)
-                    return
-            # not found: already taken by the worker, which skips cancelled jobs
+            for queue in (self._jobs, self._late):
+                for index, job in enumerate(queue):
+                    if job.future is future:
+                        del queue[index]
+                        self._pending_texts -= len(job.texts)
+                        if job.late:
+                            self._late_texts -= len(job.texts)
+                        return
+            # not found: already taken by the worker (which skips cancelled jobs), or dropped
 
     def close(self) -> None:
         with self._cond:
@@ -129,39 +186,61 @@ class MicroBatcher:
             self._cond.notify_all()
         self._thread.join(timeout=5)
         with self._cond:
-            leftover, self._jobs = list(self._jobs), deque()
-            self._pending_texts = 0
+            leftover = [*self._jobs, *self._late]
+            self._jobs, self._late = deque(), deque()
+            self._pending_texts = self._late_texts = 0
         for job in leftover:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(EncoderFailed("encoder is shut down"))
 
     def _take_batch(self) -> list[_Job] | None:
+        """Waited-for jobs (after waiting up to max_wait for the batch to fill); late jobs only
+        when no waited-for job is queued."""
         with self._cond:
-            while not self._jobs and not self._closed:
+            while not self._jobs and not self._late and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
-            deadline = self._jobs[0].enqueued_at + self._max_wait_s
-            while self._pending_texts < self._max_batch and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            if self._jobs:
+                deadline = self._jobs[0].enqueued_at + self._max_wait_s
+                while self._pending_texts - self._late_texts < self._max_batch and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            queue = self._jobs if self._jobs else self._late
             jobs, count = [], 0
-            while self._jobs and (not jobs or count + len(self._jobs[0].texts) <= self._max_batch):
-                job = self._jobs.popleft()
+            while queue and (not jobs or count + len(queue[0].texts) <= self._max_batch):
+                job = queue.popleft()
                 self._pending_texts -= len(job.texts)
+                if job.late:
+                    self._late_texts -= len(job.texts)
                 if not job.future.set_running_or_notify_cancel():
                     continue  # cancelled in the meantime: never encode it
                 jobs.append(job)
                 count += len(job.texts)
             return jobs
 
+    def _tokenized(self, jobs: list[_Job]) -> list[_Job]:
+        """Jobs submitted late come untokenized: tokenize them here; one that fails fails alone."""
+        ready = []
+        for job in jobs:
+            if job.token_ids is None:
+                try:
+                    job.token_ids = self._encoder.token_ids(job.texts)  # type: ignore[attr-defined]
+                except Exception as exc:
+                    job.future.set_exception(EncoderFailed(f"tokenizer error: {exc}"))
+                    continue
+            ready.append(job)
+        return ready
+
     def _run(self) -> None:
         while True:
             jobs = self._take_batch()
             if jobs is None:
                 return
+            if jobs and self._tokenize_early:
+                jobs = self._tokenized(jobs)
             if not jobs:
                 continue
             texts = [t for job in jobs for t in job.texts]

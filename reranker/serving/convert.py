@@ -12,12 +12,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from reranker.serving import wire
 from reranker.config import Settings
 from reranker.errors import InvalidRequest
-from reranker.users.eventpolicy import check_event_time, check_event_weight
+from reranker.users.eventpolicy import EventLimits, check_id, check_text, checked_event
 from reranker.types import (
     CandidateColumns,
     DecimalIds,
     Event,
-    EventType,
     Explanation,
     Item,
     RankedItems,
@@ -30,38 +29,20 @@ from reranker.types import (
 )
 from reranker.v1 import reranker_pb2 as pb
 
-_EVENT_TYPES = frozenset(int(t) for t in EventType)
-# google.protobuf.Timestamp's valid range ends at 9999-12-31T23:59:59Z.
-_MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits(EventLimits):
+    """A request's limits: the event limits (eventpolicy.EventLimits, shared with the stream
+    consumer) plus the request-level counts."""
 
-@dataclass(frozen=True, slots=True)
-class Limits:
     max_candidates: int
-    max_text_chars: int
-    max_id_chars: int
     max_events: int
-    max_event_weight: float = math.inf
-    max_event_skew: float = math.inf
 
     @classmethod
     def from_settings(cls, s: Settings) -> Limits:
-        return cls(s.max_candidates, s.max_text_chars, s.max_id_chars, s.max_events_per_request,
-                   s.event_weight_limit(), s.max_event_skew_seconds)
-
-
-def _check_id(value: str, name: str, limits: Limits) -> str:
-    if not value:
-        raise InvalidRequest(f"{name} must not be empty")
-    if len(value) > limits.max_id_chars:
-        raise InvalidRequest(f"{name} is {len(value)} characters; the limit is {limits.max_id_chars}")
-    return value
-
-
-def _check_text(value: str, name: str, limits: Limits) -> str:
-    if len(value) > limits.max_text_chars:
-        raise InvalidRequest(f"{name} is {len(value)} characters; the limit is {limits.max_text_chars}")
-    return value
+        return cls(max_id_chars=s.max_id_chars, max_text_chars=s.max_text_chars, max_event_weight=s.event_weight_limit(),
+                   max_event_skew=s.max_event_skew_seconds, max_candidates=s.max_candidates,
+                   max_events=s.max_events_per_request)
 
 
 def _check_count(count: int, limit: int, name: str, setting: str) -> None:
@@ -76,36 +57,21 @@ def _check_fraction(value: float, name: str) -> float:
 
 
 def event_from_pb(msg: pb.Event, name: str, limits: Limits, default_user: str = "", now: float | None = None) -> Event:
-    """An Event, validated; with `now` (server time) its timestamp is checked against max_event_skew."""
+    """An Event, validated by eventpolicy.checked_event (the stream consumer's check too); with `now`
+    (server time) its timestamp is checked against max_event_skew."""
     user_id = msg.user_id or default_user
-    _check_id(user_id, f"{name}.user_id", limits)
     if default_user and user_id != default_user:
         raise InvalidRequest(f"{name}.user_id {user_id!r} differs from the request's user_id")
-    _check_id(msg.item_id, f"{name}.item_id", limits)
-    if msg.type not in _EVENT_TYPES:
-        raise InvalidRequest(f"{name}.type {msg.type} is not a known EventType")
-    if len(msg.event_id) > limits.max_id_chars:
-        raise InvalidRequest(f"{name}.event_id is longer than {limits.max_id_chars} characters")
-    weight = None
-    if msg.HasField("weight"):
-        weight = msg.weight
-        check_event_weight(weight, f"{name}.weight", limits.max_event_weight)
-    timestamp = 0.0
+    timestamp = None
     if msg.HasField("timestamp"):
         seconds, nanos = msg.timestamp.seconds, msg.timestamp.nanos
         if not 0 <= nanos < 1_000_000_000:
             raise InvalidRequest(f"{name}.timestamp.nanos must be in [0, 999999999], got {nanos}")
-        if seconds > _MAX_TIMESTAMP_SECONDS:
-            if now is not None:  # the policy's message names the unit the value was probably sent in
-                check_event_time(float(seconds), f"{name}.timestamp", now, limits.max_event_skew)
-            raise InvalidRequest(f"{name}.timestamp is after 9999-12-31")
         timestamp = seconds + nanos / 1e9
-        if timestamp <= 0:
-            raise InvalidRequest(f"{name}.timestamp must be after 1970-01-01")
-        if now is not None:
-            check_event_time(timestamp, f"{name}.timestamp", now, limits.max_event_skew)
-    text = _check_text(msg.text, f"{name}.text", limits) if msg.HasField("text") else None
-    return Event(user_id, msg.item_id, EventType(msg.type), timestamp, msg.event_id, text, weight)
+    return checked_event(
+        user_id, msg.item_id, msg.type, timestamp, msg.event_id, msg.text if msg.HasField("text") else None,
+        msg.weight if msg.HasField("weight") else None, name=name, limits=limits, now=now,
+    )
 
 
 def events_from_pb(msgs: Sequence[pb.Event], field: str, limits: Limits, default_user: str = "",
@@ -207,7 +173,7 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
         too_long = lengths > limits.max_text_chars
         if too_long.any():
             i = int(np.argmax(too_long))
-            _check_text(texts[i], f"packed_candidates.texts[{i}]", limits)
+            check_text(texts[i], f"packed_candidates.texts[{i}]", limits.max_text_chars)
         for i in np.flatnonzero(lengths == 0).tolist():
             texts[i] = None
     else:
@@ -229,10 +195,10 @@ def _validated_columns(
     if bad.any():
         i = int(np.argmax(bad))
         id_name, score_name, text_name = (name.format(i) for name in names)
-        _check_id(item_ids[i], id_name, limits)
+        check_id(item_ids[i], id_name, limits.max_id_chars)
         if not math.isfinite(scores[i]):
             raise InvalidRequest(f"{score_name} must be finite, got {scores[i]}")
-        _check_text(texts[i], text_name, limits)
+        check_text(texts[i], text_name, limits.max_text_chars)
     return text_lengths
 
 
@@ -246,7 +212,7 @@ def candidate_count(req: pb.RerankRequest) -> int:
 
 
 def rerank_query(req: pb.RerankRequest, limits: Limits, now: float | None = None) -> RerankQuery:
-    user_id = _check_id(req.user_id, "user_id", limits)
+    user_id = check_id(req.user_id, "user_id", limits.max_id_chars)
     packed = req.HasField("packed_candidates")
     if req.HasField("candidate_columns") + packed + (len(req.candidates) > 0) > 1:
         raise InvalidRequest("set one of candidates, candidate_columns and packed_candidates")
@@ -300,7 +266,8 @@ def items_from_pb(req: pb.UpsertItemsRequest, limits: Limits) -> tuple[Item, ...
         raise InvalidRequest("items must not be empty")
     _check_count(len(req.items), limits.max_events, "items", "max_events_per_request")
     return tuple(
-        Item(_check_id(it.item_id, f"items[{i}].item_id", limits), _check_text(it.text, f"items[{i}].text", limits))
+        Item(check_id(it.item_id, f"items[{i}].item_id", limits.max_id_chars),
+             check_text(it.text, f"items[{i}].text", limits.max_text_chars))
         for i, it in enumerate(req.items)
     )
 

@@ -98,6 +98,23 @@ class _UnreadableCollector(Collector):
         yield family
 
 
+class _LateEncodeCollector(Collector):
+    def __init__(self, source: Callable[[], tuple[int, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        filled, dropped = self._source()
+        family = CounterMetricFamily(
+            "reranker_encoder_late_texts",
+            "Texts nobody waited for any more (deadline passed, caller gone, fail-open answer): filled = "
+            "encoded into the item cache anyway, dropped = pushed out of the encoder queue by waited-for work.",
+            labels=["outcome"],
+        )
+        family.add_metric(["filled"], filled)
+        family.add_metric(["dropped"], dropped)
+        yield family
+
+
 class Metrics:
     """All series of one server. Thread-safe (prometheus_client metrics are)."""
 
@@ -169,6 +186,8 @@ class Metrics:
         r.register(_RepairCollector(lambda: self._repairs_source()))
         self._unreadable_source: Callable[[], dict[str, int]] = dict
         r.register(_UnreadableCollector(lambda: self._unreadable_source()))
+        self._late_source: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        r.register(_LateEncodeCollector(lambda: self._late_source()))
 
     # --- hooks called by the service -------------------------------------------------------------
     def model_loaded(self, seconds: float, model_version: str) -> None:
@@ -200,6 +219,10 @@ class Metrics:
     def watch_unreadable_profiles(self, source: Callable[[], dict[str, int]]) -> None:
         """`source()` -> {reason: users whose unreadable stored profile was dropped}, read at every scrape."""
         self._unreadable_source = source
+
+    def watch_late_encodes(self, source: Callable[[], tuple[int, int]]) -> None:
+        """`source()` -> (late texts filled into the item cache, late texts dropped), read at every scrape."""
+        self._late_source = source
 
     def _read_caches(self) -> dict[str, tuple[int, int, int]]:
         with self._cache_lock:

@@ -24,7 +24,7 @@ from reranker.users.eventpolicy import EventRefused
 from reranker.users.ingest import ready_batches
 from reranker.serving.observability import Observer
 from reranker.service import RerankService, WouldBlock
-from reranker.types import RecordResult
+from reranker.types import Event, RecordResult
 from reranker.v1 import reranker_pb2 as pb
 
 R = TypeVar("R")
@@ -104,14 +104,22 @@ class RerankerServicer:
     ) -> pb.RecordEventsResponse:
         total, seen = RecordResult(), 0
         # Apply what has arrived at once: a click on a long-lived stream counts for the next Rerank.
+        # A refused event ends the stream; the events before it are applied, whatever the batching.
         async for batch in ready_batches(request_iterator, self._limits.max_events):
             now = self._service.now()
-            events = tuple(
-                self._counted(convert.event_from_pb, m, f"event[{seen + i}]", self._limits, now=now)
-                for i, m in enumerate(batch)
-            )
-            seen += len(batch)
-            total = total + await self._blocking(self._service.record_events, events, context)
+            events: list[Event] = []
+            refused: InvalidRequest | None = None
+            for m in batch:
+                try:
+                    events.append(self._counted(convert.event_from_pb, m, f"event[{seen}]", self._limits, now=now))
+                except InvalidRequest as exc:
+                    refused = exc
+                    break
+                seen += 1
+            if events:
+                total = total + await self._blocking(self._service.record_events, events, context)
+            if refused is not None:
+                raise refused
         return convert.record_response(total)
 
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context: aio.ServicerContext) -> pb.UpsertItemsResponse:
