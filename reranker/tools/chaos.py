@@ -147,14 +147,33 @@ class ChildProcess:
         return self.handle.proc if isinstance(self.handle, ServerProcess) else self.handle
 
     def start(self) -> None:
+        old = self.handle
         self.handle = self._start()
         self.starts += 1
         self.expected_exit = False
+        _release(old)
+
+    def release(self) -> None:
+        self.expected_exit = True
+        _release(self.handle)
 
     def signal(self, signum: int, *, exits: bool) -> None:
         self.expected_exit = exits
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
+
+
+def _release(handle: subprocess.Popen[str] | ServerProcess | None) -> None:
+    """Kill (if still running) and close the pipes and files of a child that is no longer used."""
+    if isinstance(handle, ServerProcess):
+        handle.__exit__(None, None, None)
+    elif handle is not None:
+        if handle.poll() is None:
+            handle.kill()
+        handle.wait(10)
+        log_file = getattr(handle, "log_file", None)
+        if log_file is not None:
+            log_file.close()
 
 
 @dataclass
@@ -215,6 +234,7 @@ def _write_head(path: Path, seed: int) -> None:
 def _bad_catalogs(good: bytes, work_dir: Path) -> list[tuple[str, bytes]]:
     """Bad publishes derived from a good catalog file: damaged bytes, a manifest that lies, and a
     well-formed catalog (its checksum right) with one NaN row, as a broken encoder would write it."""
+    from reranker.model import catalog
     from reranker.model.catalog import write_catalog
 
     bad = [("truncated", good[: len(good) // 2]), ("garbage", os.urandom(len(good)))]
@@ -234,10 +254,16 @@ def _bad_catalogs(good: bytes, work_dir: Path) -> list[tuple[str, bytes]]:
         ("manifest offset shifted", with_manifest(vectors_offset=int(manifest.get("vectors_offset", 4096)) + 2)),
     ]
     vectors = np.random.default_rng(0).normal(size=(8, int(manifest["dim"]))).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors[3] = np.nan
     path = work_dir / "nan-catalog.build"
     ids = [f"item-{i}" for i in range(8)]
-    write_catalog(path, ids, [item_text(i) for i in range(8)], vectors, model_version=manifest["model_version"])
+    checked = catalog.unusable_rows
+    catalog.unusable_rows = lambda rows: np.zeros(len(rows), dtype=bool)  # a broken tool: no check on write
+    try:
+        write_catalog(path, ids, [item_text(i) for i in range(8)], vectors, model_version=manifest["model_version"])
+    finally:
+        catalog.unusable_rows = checked
     bad.append(("a NaN row", path.read_bytes()))
     return bad
 
@@ -291,12 +317,14 @@ class ChaosSoak:
 
     def _start_consume(self) -> subprocess.Popen[str]:
         log_file = open(self.dir / f"consume-{self.consume.starts}.log", "w")  # noqa: SIM115 (closed with the child)
-        return subprocess.Popen(
+        child = subprocess.Popen(
             [sys.executable, "-m", "reranker", "consume", *self._common(), "--stream-url", self.stream_redis.url,
              "--stream-key", STREAM_KEY, "--stream-group", "chaos", "--stream-consumer", "chaos-1",
              "--stream-dead-letter-key", DEAD_LETTERS, "--stream-backoff-max-ms", "500", "--stream-block-ms", "200"],
             stdout=log_file, stderr=subprocess.STDOUT, text=True,
         )
+        child.log_file = log_file  # type: ignore[attr-defined]
+        return child
 
     def _target(self) -> str | None:
         handle = self.serve.handle
@@ -338,14 +366,17 @@ class ChaosSoak:
     def _writer(self) -> None:
         rng = random.Random(1)
         user_n, sent, seq = 0, 0, 0
-        channel_target, stub = None, None
+        channel_target, stub, channel = None, None, None
         while not self.stop.is_set():
             target = self._target()
             if target is None:
                 time.sleep(0.05)
                 continue
             if target != channel_target:
-                channel_target, stub = target, pb_grpc.RerankerServiceStub(grpc.insecure_channel(target))
+                if channel is not None:
+                    channel.close()
+                channel = grpc.insecure_channel(target)
+                channel_target, stub = target, pb_grpc.RerankerServiceStub(channel)
             if sent >= self.events_per_user:
                 user_n, sent = user_n + 1, 0
             user = f"rpc-user-{user_n}"
@@ -367,6 +398,8 @@ class ChaosSoak:
                 code = exc.code().name  # type: ignore[attr-defined]
                 self.report.record_outcomes[("with a poisoned user: " if with_victim else "") + code] += 1
             time.sleep(0.01)
+        if channel is not None:
+            channel.close()
 
     def _producer(self) -> None:
         rng = random.Random(2)
@@ -407,13 +440,15 @@ class ChaosSoak:
 
     def _reader(self) -> None:
         rng = random.Random(3)
-        channel_target, stub, health = None, None, None
+        channel_target, stub, health, channel = None, None, None, None
         while not self.stop.is_set():
             target = self._target()
             if target is None:
                 time.sleep(0.05)
                 continue
             if target != channel_target:
+                if channel is not None:
+                    channel.close()
                 channel = grpc.insecure_channel(target)
                 channel_target = target
                 stub, health = pb_grpc.RerankerServiceStub(channel), health_pb2_grpc.HealthStub(channel)
@@ -452,6 +487,8 @@ class ChaosSoak:
             if any(not math.isfinite(v) for v in scores):
                 self.report.nan_scores += 1
             time.sleep(0.02)
+        if channel is not None:
+            channel.close()
 
     # --- faults ---------------------------------------------------------------------------------------
     def _inject(self, name: str) -> str:
@@ -583,7 +620,7 @@ class ChaosSoak:
             dead_fields[decoded.get("event_id", "")] = decoded
         for event_id, fields in self.refused_entries.items():
             got = dead_fields.get(event_id)
-            if got is None or any(got.get(k) != v for k, v in fields.items()) or not got.get("reason"):
+            if got is None or any(got.get(k) != v for k, v in fields.items()) or not got.get("error"):
                 self.report.dead_letters_missing += 1
 
     def run(self) -> ChaosReport:
@@ -656,10 +693,7 @@ class ChaosSoak:
     def close(self) -> None:
         self.stop.set()
         for child in (self.serve, self.consume):
-            if child.handle is not None and child.proc.poll() is None:
-                child.expected_exit = True
-                child.proc.kill()
-                child.proc.wait(10)
+            child.release()
         self.profiles_redis.stop()
         self.stream_redis.stop()
 
