@@ -37,13 +37,13 @@ def bench_settings(root: Path, **overrides: Any) -> Settings:
 
 
 def one_run(kind: str, seed: int, *, quality: float = 0.5, look: int = 500, max_lists: int = 60_000,
-            **overrides: Any) -> dict[str, Any]:
-    """One run of `kind`; returns its decision and how many lists it took."""
+            factor: float | None = None, **overrides: Any) -> dict[str, Any]:
+    """One run of `kind` (or of a candidate `factor` x as good as main); its decision and how many lists it took."""
     with tempfile.TemporaryDirectory(prefix="reranker-learn-bench-") as tmp:
         root = Path(tmp)
         settings = bench_settings(root, **overrides)
         candidate = toy_head(seed + 1)
-        traffic = Traffic(settings, root / "logs", {None: quality, candidate.version: quality * KINDS[kind]}, seed=seed)
+        traffic = Traffic(settings, root / "logs", {None: quality, candidate.version: quality * (factor or KINDS[kind])}, seed=seed)
         learner = Learner(settings, candidate=candidate)
         learner.tick()  # publishes the candidate to the canary arm
         decision: dict[str, Any] | None = None

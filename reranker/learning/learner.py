@@ -128,7 +128,7 @@ class Learner:
         if canary_v is not None and canary_v != main_v and not (open_canary and last["version"] == canary_v):
             self._record("recovered", f"canary {canary_v} is published but its decision was not recorded; watching it",
                          canary_v, main_v)
-        elif open_canary and canary_v != last["version"]:  # type: ignore[index]
+        elif open_canary and (main_v == last["version"] or canary_v != last["version"]):  # type: ignore[index]
             what = "promoted" if main_v == last["version"] else "withdrawn"  # type: ignore[index]
             self._record("recovered", f"canary {last['version']} was {what} but the decision was not recorded",  # type: ignore[index]
                          last["version"], main_v)  # type: ignore[index]

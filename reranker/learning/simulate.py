@@ -30,15 +30,16 @@ from reranker.ranking.experiments import bucket_of
 ENCODER_VERSION = "simulated"
 
 
-def toy_head(seed: int, dim: int = 8, items: int = 0) -> ranking_head.RankingHead:
-    """A small valid head (its version differs by seed); `items` popularity entries make the file bigger."""
+def toy_head(seed: int, dim: int = 8, items: int = 0, encoder_version: str = ENCODER_VERSION) -> ranking_head.RankingHead:
+    """A small valid head (its version differs by seed); `items` popularity entries make the file bigger;
+    a server loads it when `dim` and `encoder_version` are its encoder's."""
     rng = np.random.default_rng(seed)
     f = len(ranking_head.FEATURES)
     popularity = {f"item{j}": float(rng.random()) for j in range(items)} or {"item0": 1.0}
     return ranking_head.RankingHead(
         weights=rng.normal(size=f), mean=np.zeros(f), std=np.ones(f),
         adapter_down=np.zeros((dim, 2), dtype=np.float32), adapter_up=np.zeros((2, dim), dtype=np.float32),
-        prior=np.zeros(dim, dtype=np.float32), popularity=popularity, encoder_version=ENCODER_VERSION,
+        prior=np.zeros(dim, dtype=np.float32), popularity=popularity, encoder_version=encoder_version,
     )
 
 
