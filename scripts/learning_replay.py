@@ -153,9 +153,12 @@ def main() -> int:
                 time.sleep(0.6)  # the sidecar's reload interval, and then some
 
         with RerankerClient(server.target, timeout_s=60.0) as client:
+            ids = list(items)  # the catalog first, in small batches: the real encoder is slow on a busy machine
+            for i in range(0, len(ids), 64):
+                client.upsert_items([(x, items[x]) for x in ids[i : i + 64]], timeout_s=600.0)
             report = replay.replay(client, items, events, fit_fraction=args.start, start=args.start, stop=args.stop,
                                    num_candidates=args.num_candidates, include_seen=True, every=args.look,
-                                   on_lists=look)
+                                   on_lists=look, upsert=False)
         time.sleep(0.5)
         server.terminate()
         server.wait(60)

@@ -23,9 +23,11 @@ from reranker.learning.simulate import Traffic, toy_head
 from reranker.model.encoder import FakeEncoder
 from reranker.ranking import head as ranking_head
 from reranker.ranking.experiments import bucket_of
+from reranker.tools.loadtest import ServerProcess
 from reranker.v1 import reranker_pb2 as pb
 
 from conftest import REPO, ServerFactory, candidate, fake_settings
+from test_eval_cli import ml_slice  # noqa: F401 (the 60-user ml-100k slice, a module fixture)
 
 
 def _fleet(tmp_path: Path, **overrides: object) -> Settings:
@@ -202,3 +204,48 @@ def test_bench_prints_error_rates_and_lists_to_decision() -> None:
     report = json.loads(done.stdout)["worse"]
     assert report["runs"] == 2 and report["decisions"] == {"rollback": 2}
     assert 0 < report["median_canary_lists_to_decision"] < report["median_lists_to_decision"]
+
+
+def test_the_learner_trains_and_gates_a_candidate_on_a_real_servers_log(ml_slice: Path, tmp_path: Path) -> None:
+    """A real server logs a replayed ml-100k slice (consumed items kept); one look of a real learner
+    process trains on the window but its newest 20%, scores that held-out slice with the candidate,
+    the current head (none: zero-shot) and zero-shot, and publishes the candidate only on a sure gain."""
+    heads, logs = tmp_path / "heads", tmp_path / "logs"
+    arms = f"canary=20:{heads / 'canary.npz'},main=60:{heads / 'main.npz'}"
+    served = ["--encoder", "fake", "--fake-dim", "64", "--metrics-address", "", "--training-log-dir", str(logs / "pod-a"),
+              "--training-log-flush-seconds", "0.1", "--online-metrics-window-seconds", "600",
+              "--experiment-arms", arms, "--head-reload-seconds", "0.05"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RERANKER_ENCODER": "fake", "RERANKER_FAKE_DIM": "64",
+           "RERANKER_EXPERIMENT_ARMS": arms, "RERANKER_LEARN_LOG_ROOT": str(logs),
+           "RERANKER_LEARN_ITEMS": str(ml_slice / "items.tsv"), "RERANKER_LEARN_HISTORY_PATH": str(tmp_path / "h.jsonl"),
+           "RERANKER_LEARN_RETRAIN_LISTS": "500", "RERANKER_ONLINE_METRICS_WINDOW_SECONDS": "600"}
+    with ServerProcess(served) as server:
+        server.wait_serving()
+        replayed = subprocess.run(
+            [sys.executable, "-m", "reranker", "replay", "--target", server.target, "--items", str(ml_slice / "items.tsv"),
+             "--events", str(ml_slice / "events.tsv"), "--num-candidates", "30", "--include-seen"],
+            capture_output=True, text=True, timeout=600, env=env)
+        assert replayed.returncode == 0, replayed.stderr[-2000:]
+        lists = json.loads(replayed.stdout)["lists"]
+        time.sleep(0.5)
+        done = subprocess.run([sys.executable, "-m", "reranker", "learn", "run", "--once"], capture_output=True,
+                              text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        entry = json.loads(done.stdout)
+        assert entry["decision"] in ("canary", "rejected"), entry
+        window, offline = entry["window"], entry["offline"]
+        assert window["lists"] == lists and window["held_out"] == round(lists * 0.2 + 0.49)
+        assert window["start"] < window["split"] < window["stop"]
+        assert set(offline["ndcg@10"]) == {"candidate", "current", "zero_shot"} and offline["held_out_lists"] > 100
+        assert offline["ndcg@10"]["current"] == offline["ndcg@10"]["zero_shot"]  # no head yet: the current one is zero-shot
+        gain = offline["candidate_vs_current"]
+        assert gain["low"] <= gain["diff"] <= gain["high"]
+        assert (entry["decision"] == "canary") == (gain["low"] > 0)
+        if entry["decision"] == "canary":
+            assert ranking_head.load(heads / "canary.npz").version == entry["version"]
+            deadline = time.monotonic() + 30
+            while not any(f"arm canary now serves {entry['version']}" in line for line in server.lines):
+                assert time.monotonic() < deadline, server.log[-3000:]
+                time.sleep(0.05)
+        else:
+            assert not (heads / "canary.npz").exists()
