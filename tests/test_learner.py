@@ -146,6 +146,12 @@ def test_history_survives_a_restart_with_a_torn_line_and_lost_entries_are_recove
     last = again.history.entries[-1]
     assert last["decision"] == "recovered" and "promoted" in last["reason"] and last["main_version"] == head.version
     assert [e["decision"] for e in History(history).entries] == ["canary", "recovered"]
+    assert len(Learner(settings).history.entries) == 2  # the next start has nothing more to recover
+    # A canary published, then killed before its entry: the next start records it and watches it.
+    toy_head(11).save(tmp_path / "heads" / "canary.npz")
+    watching = Learner(settings)
+    assert watching.history.entries[-1]["decision"] == "recovered" and watching.history.entries[-1]["canary"]
+    assert len(Learner(settings).history.entries) == 3
     traffic.close()
 
 

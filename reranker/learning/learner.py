@@ -121,25 +121,33 @@ class Learner:
         return None
 
     def reconcile(self) -> None:
-        """Record what the files show but the history lacks (a learner killed between the two)."""
+        """Record what the files show but the history lacks (a learner killed between the two):
+        every entry holds the state after it (`main_version`, and `canary`: the head under test)."""
         main_v, canary_v = self.versions()
-        last = self._last(*DECISIONS)
-        open_canary = last is not None and last["decision"] == "canary"
-        if canary_v is not None and canary_v != main_v and not (open_canary and last["version"] == canary_v):
-            self._record("recovered", f"canary {canary_v} is published but its decision was not recorded; watching it",
-                         canary_v, main_v)
-        elif open_canary and (main_v == last["version"] or canary_v != last["version"]):  # type: ignore[index]
-            what = "promoted" if main_v == last["version"] else "withdrawn"  # type: ignore[index]
-            self._record("recovered", f"canary {last['version']} was {what} but the decision was not recorded",  # type: ignore[index]
-                         last["version"], main_v)  # type: ignore[index]
-        elif last is not None and last.get("main_version") != main_v:
-            self._record("recovered", f"main serves {main_v or 'zero-shot'}, not {last.get('main_version') or 'zero-shot'} "
-                         "as last recorded (changed outside the learner, or a decision was not recorded)", main_v, main_v)
+        testing = canary_v if canary_v != main_v else None
+        last = self.history.entries[-1] if self.history.entries else {}
+        was_main, was_testing = last.get("main_version"), last.get("canary")
+        if (main_v, testing) == (was_main, was_testing):
+            return
+        if was_testing is not None and main_v == was_testing:
+            reason = f"canary {was_testing} was promoted but the decision was not recorded"
+        elif was_testing is not None and testing is None:
+            reason = f"canary {was_testing} was withdrawn but the decision was not recorded"
+        elif testing is not None and testing != was_testing:
+            reason = f"canary {testing} is published but its decision was not recorded; watching it"
+        else:
+            reason = (f"main serves {main_v or 'zero-shot'}, not {was_main or 'zero-shot'} as last recorded "
+                      "(changed outside the learner, or a decision was not recorded)")
+        self._record("recovered", reason, testing or was_testing or main_v, main_v, testing)
 
-    def _record(self, decision: str, reason: str, version: str | None, main_version: str | None, **extra: Any) -> dict[str, Any]:
+    def _record(
+        self, decision: str, reason: str, version: str | None, main_version: str | None, canary: str | None, **extra: Any
+    ) -> dict[str, Any]:
+        """Append a decision: `version` is the head it is about, `main_version` and `canary` (the
+        head under test, None when the canary mirrors main) the state after it."""
         now = self._clock()
         entry = {"time": round(now, 3), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "decision": decision,
-                 "reason": reason, "version": version, "main_version": main_version, **extra}
+                 "reason": reason, "version": version, "main_version": main_version, "canary": canary, **extra}
         self.history.append(entry)
         self.metrics.decisions.labels(decision=decision).inc()
         log.info("learner: %s %s: %s", decision, version or "zero-shot", reason)
@@ -166,7 +174,7 @@ class Learner:
             candidate, self._candidate = self._candidate, None
             publishing.publish_head(candidate, self.canary.path)
             return self._record("canary", "given by the operator (--candidate): no offline gate", candidate.version, main_v,
-                                offline=None)
+                                candidate.version, offline=None)
         if self._due():
             return self._train_and_gate(main_v)
         return None
@@ -219,8 +227,9 @@ class Learner:
         publishing.withdraw(self.main.path)
         if canary_v == main_v:
             publishing.withdraw(self.canary.path)
+        testing = canary_v if canary_v != main_v else None
         return self._record("floor", "the promoted head fell below zero-shot online: main serves zero-shot again",
-                            main_v, None, online=self._online_numbers(("main", "zero_shot"), cmp))
+                            main_v, None, testing, online=self._online_numbers(("main", "zero_shot"), cmp))
 
     def _online(self, outcomes: Sequence[Outcome], main_v: str | None, canary_v: str) -> dict[str, Any] | None:
         s = self.settings
@@ -242,15 +251,15 @@ class Learner:
             self._mirror_main(main_v)
             which = f"NDCG@{self.k}" if ndcg.loss else f"hits@{self.k}"
             return self._record("rollback", f"the canary is worse than main on {which} (always-valid interval below 0)",
-                                canary_v, main_v, online=online)
+                                canary_v, main_v, None, online=online)
         if ndcg.gain and min(len(canary), len(main)) >= s.learn_min_lists:
             publishing.publish_copy(self.canary.path, self.main.path)
             return self._record("promote", f"the canary beats main on NDCG@{self.k} (interval above 0) and is not "
-                                f"worse on hits@{self.k}", canary_v, canary_v, online=online)
+                                f"worse on hits@{self.k}", canary_v, canary_v, None, online=online)
         if len(canary) >= s.learn_max_canary_lists:
             self._mirror_main(main_v)
             return self._record("withdrawn", f"no difference after {len(canary)} judged canary lists (a tie): main "
-                                "is left alone", canary_v, main_v, online=online)
+                                "is left alone", canary_v, main_v, None, online=online)
         return None
 
     def _mirror_main(self, main_v: str | None) -> None:
@@ -281,7 +290,7 @@ class Learner:
             candidate = (self._trainer or self._train)([e for e in events if e.timestamp < split], train_lists)
         except ValueError as exc:
             self.metrics.training_seconds.inc(time.perf_counter() - started)
-            return self._record("rejected", f"training failed: {exc}", None, main_v, window=window, offline=None)
+            return self._record("rejected", f"training failed: {exc}", None, main_v, None, window=window, offline=None)
         current = self.main.head()
         heads = {"candidate": candidate, "current": current, "zero_shot": None}
         if current is None:
@@ -302,10 +311,10 @@ class Learner:
             publishing.publish_head(candidate, self.canary.path)
             return self._record("canary", f"offline gate passed: NDCG@{k} {gain.mean_a:.4f} vs {gain.mean_b:.4f} "
                                 f"(gain {gain.diff:+.4f}, 95% [{gain.low:+.4f}, {gain.high:+.4f}])",
-                                candidate.version, main_v, window=window, offline=offline)
+                                candidate.version, main_v, candidate.version, window=window, offline=offline)
         return self._record("rejected", f"offline gate: NDCG@{k} {gain.mean_a:.4f} vs {gain.mean_b:.4f} (gain "
                             f"{gain.diff:+.4f}, 95% [{gain.low:+.4f}, {gain.high:+.4f}]): no sure gain",
-                            candidate.version, main_v, window=window, offline=offline)
+                            candidate.version, main_v, None, window=window, offline=offline)
 
     def _encoder(self) -> offlinegate.CachedEncoder:
         if not hasattr(self, "_cached_encoder"):
