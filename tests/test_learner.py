@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,14 +191,27 @@ def test_a_learner_killed_while_publishing_never_gets_half_a_head_served(
     request = pb.RerankRequest(user_id=canary_user, candidates=[candidate("a", 2.0, "x"), candidate("b", 1.0, "y")])
     assert "+" not in stub.Rerank(request).model_version  # still zero-shot
     assert tmp.exists() and History(Path(settings.learn_history_path)).entries == []
+
+    def reload_errors() -> float:
+        return running.service.metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "error"})
+
+    assert reload_errors() == 0
+    try:
+        ranking_head.load(tmp)
+    except ranking_head.HeadError:  # killed mid-write: had a publisher exposed it, the sidecar refuses it
+        shutil.copyfile(tmp, heads / "exposed.npz")
+        os.replace(heads / "exposed.npz", heads / "canary.npz")
+        _wait(lambda: reload_errors() == 1, timeout=30)
+        assert "+" not in stub.Rerank(request).model_version and running.service.ready
+        os.unlink(heads / "canary.npz")
+    refused = reload_errors()
     done = _learn(settings, "run", "--once", "--candidate", str(tmp_path / "big.npz"))  # the restart
     assert done.returncode == 0, done.stderr[-2000:]
     assert not tmp.exists() and "left by a learner that was killed" in done.stderr
     assert [e["decision"] for e in History(Path(settings.learn_history_path)).entries] == ["canary"]
     _wait(lambda: stub.Rerank(request).model_version.endswith("+" + big.version), timeout=30)
     assert ranking_head.load(heads / "canary.npz").version == big.version
-    errors = running.service.metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "error"})
-    assert errors == 0  # the sidecar never saw a partial file
+    assert reload_errors() == refused  # the learner never exposed a partial file
 
 
 def test_bench_prints_error_rates_and_lists_to_decision() -> None:
