@@ -60,24 +60,28 @@ def role(o: Outcome) -> str:
     return f"{o.arm} ({'head' if '+' in o.model_version else 'zero-shot'})"
 
 
-def plot(outcomes: list[Outcome], decisions: list[dict], times: list[float], bins: int, path: Path, title: str) -> None:
+def plot(outcomes: list[Outcome], decisions: list[dict], times: list[float], bins: int, path: Path, title: str,
+         window: int = 5000) -> None:
+    """Each arm's online NDCG@10 over the trailing `window` lists (all arms), with the decisions marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(times)
-    fig, ax = plt.subplots(figsize=(10, 4.8))
+    fig, ax = plt.subplots(figsize=(10, 5))
     for arm, color in (("treatment", "tab:gray"), ("main", "tab:blue"), ("canary", "tab:orange")):
+        mine = [o for o in outcomes if o.arm == arm]
+        at = [bisect.bisect_left(times, o.served_at) for o in mine]
         xs, ys = [], []
-        for b in range(bins):
-            lo, hi = times[b * n // bins], times[min(n - 1, (b + 1) * n // bins)]
-            values = [o.ndcg for o in outcomes if o.arm == arm and lo <= o.served_at < hi]
-            if len(values) >= 30:
-                xs.append((b + 0.5) * n / bins)
+        for b in range(1, bins + 1):
+            hi = b * n // bins
+            values = [o.ndcg for o, i in zip(mine, at) if hi - window <= i < hi]
+            if len(values) >= 100:
+                xs.append(hi)
                 ys.append(sum(values) / len(values))
         label = {"treatment": "zero-shot arm (20%)", "main": "main arm (60%)", "canary": "canary arm (20%)"}[arm]
-        ax.plot(xs, ys, marker="o", ms=3, color=color, label=label)
+        ax.plot(xs, ys, marker="o", ms=2.5, color=color, label=label)
     colors = {"canary": "tab:orange", "promote": "tab:green", "rollback": "tab:red", "rejected": "tab:purple",
               "withdrawn": "tab:brown", "floor": "black"}
     seen = set()
@@ -88,7 +92,7 @@ def plot(outcomes: list[Outcome], decisions: list[dict], times: list[float], bin
         seen.add(kind)
     ax.axvline(n / 2, color="k", lw=0.8, alpha=0.3)
     ax.set_xlabel("served lists (replay order)")
-    ax.set_ylabel("online NDCG@10 (per bin of lists)")
+    ax.set_ylabel(f"online NDCG@10 (last {window:,} lists)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=3, loc="lower right")
     fig.tight_layout()
@@ -110,13 +114,16 @@ def main() -> int:
     p.add_argument("--window-lists", type=int, default=20_000)
     p.add_argument("--retrain-lists", type=int, default=4_000)
     p.add_argument("--min-lists", type=int, default=500)
-    p.add_argument("--bins", type=int, default=25)
+    p.add_argument("--bins", type=int, default=50)
+    p.add_argument("--analyze", action="store_true", help="only read --work's log and history again (no replay)")
     p.add_argument("--plot", type=Path, default=None)
     args = p.parse_args()
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = args.work
+    if args.analyze:
+        return analyze(work, args, None, [], 0.0)
     if work.exists():
         shutil.rmtree(work)
     (work / "heads").mkdir(parents=True)
@@ -162,18 +169,25 @@ def main() -> int:
         time.sleep(0.5)
         server.terminate()
         server.wait(60)
+    return analyze(work, args, report.summary(10), looks, time.perf_counter() - started)
 
+
+def analyze(work: Path, args: argparse.Namespace, replayed: dict | None, looks: list[dict], seconds: float) -> int:
+    from reranker.learning.publishing import History
+
+    settings = Settings()
+    positive = {name for name, w in settings.parsed_event_weights().items() if w > 0}
     source = LogSource(work / "logs")
     source.refresh()
-    outcomes = join(source.lists, source.events, learner.positive, learner.window, 10)
+    outcomes = join(source.lists, source.events, positive, 3600.0, 10)
     times = [x.served_at for x in source.lists]
     half = times[len(times) // 2]
     second = [o for o in outcomes if o.served_at >= half]
     head = [o.ndcg for o in second if o.arm == "main" and not matches(o.model_version, None)]
     zero = [o.ndcg for o in second if o.arm == "treatment"]
-    decisions = learner.history.entries
+    decisions = History(work / "history.jsonl").entries
     summary = {
-        "replay": report.summary(10), "wall_seconds": round(time.perf_counter() - started, 1),
+        "replay": replayed, "wall_seconds": round(seconds, 1),
         "learner_seconds": round(sum(x["seconds"] for x in looks), 1),
         "decisions": [{"lists": bisect.bisect_left(times, d["time"]), "decision": d["decision"], "version": d["version"],
                        "reason": d["reason"], "offline": d.get("offline"), "online": d.get("online")} for d in decisions],
@@ -184,12 +198,16 @@ def main() -> int:
             for v in [[o.ndcg for o in second if role(o) == r]]
         },
     }
+    if replayed is None and (work / "summary.json").exists():  # --analyze: keep the run's own numbers
+        earlier = json.loads((work / "summary.json").read_text())
+        summary.update({k: earlier[k] for k in ("replay", "wall_seconds", "learner_seconds") if k in earlier})
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     if args.plot:
         target = summary["second_half"]
-        title = (f"ml-100k replay ({len(times)} lists, {args.encoder} encoder, consumed items kept): online NDCG@10 per arm; "
-                 f"second half: head / zero-shot = {target.get('ratio')} [{target.get('low')}, {target.get('high')}]")
+        title = (f"ml-100k replayed as live traffic ({len(times):,} lists, {args.encoder} encoder, consumed items kept), "
+                 f"the learner next to it\nsecond half: promoted head / zero-shot online NDCG@10 = {target.get('ratio')} "
+                 f"(95% [{target.get('low')}, {target.get('high')}])")
         plot(outcomes, decisions, times, args.bins, args.plot, title)
         print(f"plot written to {args.plot}")
     return 0
