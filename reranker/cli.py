@@ -1,4 +1,4 @@
-"""Command line: `reranker serve | consume | embed-catalog | settings | bench | eval | train | convert`."""
+"""Command line: `reranker serve | consume | embed-catalog | settings | bench | eval | train | convert | learn`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
 
     add_commands(commands)
+    from reranker.learning.learncli import add_command as add_learn_command  # learn run | status | bench
+
+    add_learn_command(commands)
     bench = commands.add_parser("bench", help="benchmarks: rerank vs gRPC echo, encoder, memory")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench)

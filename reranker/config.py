@@ -389,6 +389,44 @@ class Settings:
         "Lists waiting for their user's next event (bounded memory, ~0.5 KB each); the oldest is dropped and counted when full.",
         50_000,
     )
+    # --- the learner: `reranker learn` (docs/learning-loop.md) ---------------------------------------
+    learn_log_root: str = _doc(
+        "`reranker learn`: the sidecars' training logs: one training_log_dir, or a directory with one subdirectory "
+        "per pod (each pod's training_log_dir).", ""
+    )
+    learn_items: str = _doc("`reranker learn`: items.tsv (item_id, text) of the catalog the heads are trained on.", "")
+    learn_main_arm: str = _doc(
+        "`reranker learn`: the experiment arm (experiment_arms) whose file is the promoted head; while the file does "
+        "not exist the arm serves zero-shot (like treatment, which must have no head_path: it is the zero-shot floor).",
+        "main",
+    )
+    learn_canary_arm: str = _doc("`reranker learn`: the experiment arm (a small share) that serves the candidate under test.", "canary")
+    learn_history_path: str = _doc(
+        "`reranker learn`: every decision as a JSON line (version, window, offline and online numbers, decision, "
+        "reason); `reranker learn status` prints it. Survives restarts.", "learner-history.jsonl"
+    )
+    learn_interval_seconds: float = _doc("`reranker learn`: seconds between two looks at the logs.", 60.0)
+    learn_window_lists: int = _doc("`reranker learn`: newest served lists a candidate is trained and gated on (sliding window).", 20_000)
+    learn_holdout_percent: float = _doc(
+        "`reranker learn`: newest share of the window held out of training; the offline gate scores it.", 20.0
+    )
+    learn_retrain_lists: int = _doc(
+        "`reranker learn`: new served lists after the last candidate's window before another candidate is trained.", 5_000
+    )
+    learn_min_lists: int = _doc("`reranker learn`: judged lists per arm below which a canary is never promoted.", 1_000)
+    learn_max_canary_lists: int = _doc(
+        "`reranker learn`: judged canary lists after which a canary with no decision is withdrawn (a tie: the main "
+        "head stays).", 20_000
+    )
+    learn_alpha: float = _doc(
+        "`reranker learn`: error rate of the online test (an always-valid confidence sequence): a canary that is no "
+        "better is promoted with probability at most alpha / 2, however often the learner looks.", 0.05
+    )
+    learn_effect: float = _doc(
+        "`reranker learn`: relative online gain the test detects fastest (its mixture scale = this x the main arm's "
+        "NDCG before the canary); it changes speed, not validity.", 0.1
+    )
+    learn_metrics_address: str = _doc("`reranker learn`: host:port of the learner's Prometheus /metrics; empty = off.", "")
     drain_delay_seconds: float = _doc("On SIGTERM: health is NOT_SERVING but RPCs are still accepted this long, then the grace period.", 0.0)
     max_concurrent_rpcs: int = _doc("RPCs admitted at once (running + waiting); more get RESOURCE_EXHAUSTED. 0 = no limit.", 256)
 
@@ -498,6 +536,12 @@ class Settings:
                 problems.append(f"{name} must be positive")
         if self.training_log_keep_files < 0 or self.head_reload_seconds < 0 or self.online_metrics_window_seconds < 0:
             problems.append("training_log_keep_files, head_reload_seconds and online_metrics_window_seconds must be >= 0")
+        if not 0.0 < self.learn_holdout_percent < 100.0 or not 0.0 < self.learn_alpha < 1.0 or self.learn_effect <= 0:
+            problems.append("learn_holdout_percent must be in (0, 100), learn_alpha in (0, 1), learn_effect > 0")
+        for name in ("learn_window_lists", "learn_retrain_lists", "learn_min_lists", "learn_max_canary_lists",
+                     "learn_interval_seconds"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
         try:
             arms = self.parsed_experiment_arms()
             if sum(percent for _, percent, _ in arms) > self.treatment_percent + 1e-9:

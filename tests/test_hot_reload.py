@@ -267,3 +267,29 @@ def test_changing_any_scoring_number_of_the_meta_changes_the_version_and_is_swap
         reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS))
         assert reply.model_version == running.service.model_version and _scores_are_finite(reply)
     assert len(versions) == 4
+
+
+def test_an_arm_whose_file_is_removed_goes_back_to_the_treatment_head(tmp_path: Path, make_server: ServerFactory) -> None:
+    """Removing an arm's file is how a head is withdrawn (the learner's rollback): the arm serves like
+    treatment again, as before its file arrived. head_path itself keeps its head (the server needs one)."""
+    a_version = _publish(make_head(weights=only("upstream_minmax")), tmp_path / "a.npz")
+    settings = fake_settings(
+        head_path=str(tmp_path / "a.npz"), experiment_arms=f"b=50:{tmp_path / 'b.npz'}", head_reload_seconds=0.05,
+    )
+    running, stub = make_server(settings)
+    b_version = _publish(make_head(weights=-only("upstream_minmax")), tmp_path / "b.npz")
+
+    def arm_b() -> arms.Arm:
+        assert running.service.arms is not None
+        return running.service.arms.arms[0]
+
+    _wait_for(lambda: arm_b().model_version == b_version)
+    os.unlink(tmp_path / "b.npz")
+    _wait_for(lambda: arm_b().model_version == a_version)
+    assert arm_b().borrowed and arm_b().name == "b"
+    os.unlink(tmp_path / "a.npz")
+    time.sleep(0.3)
+    assert running.service.model_version == a_version  # head_path: the old head stays
+    assert running.service.reload_heads() is False
+    b_again = _publish(make_head(weights=only("popularity"), popularity={"c2": 1.0}), tmp_path / "b.npz")
+    _wait_for(lambda: arm_b().model_version == b_again)

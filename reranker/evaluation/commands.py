@@ -71,6 +71,8 @@ def add_commands(commands: Any) -> None:
     rp.add_argument("--num-candidates", type=int, default=50, help="upstream list length")
     rp.add_argument("--top-k", type=int, default=10, help="top_k of each Rerank (and the k of the client-side hits@k)")
     rp.add_argument("--no-upsert", action="store_true", help="do not send the catalog texts (UpsertItems) first")
+    rp.add_argument("--include-seen", action="store_true",
+                    help="keep the user's consumed items in the upstream lists (real upstream lists do)")
     rp.add_argument("--no-bootstrap", action="store_true",
                     help="do not send the events before --start (an earlier replay that stopped there sent them)")
     rp.set_defaults(handler=_replay)
@@ -242,7 +244,7 @@ def _replay(args: argparse.Namespace, _argv: Any) -> int:
         report = replay.replay(
             client, items, events, fit_fraction=args.fit_fraction, start=args.start, stop=args.stop,
             num_candidates=args.num_candidates, top_k=args.top_k, upsert=not args.no_upsert,
-            bootstrap=not args.no_bootstrap,
+            bootstrap=not args.no_bootstrap, include_seen=args.include_seen,
         )
     print(json.dumps(report.summary(args.top_k), indent=2))
     return 0 if report.failed == 0 else 1

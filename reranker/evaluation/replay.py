@@ -5,7 +5,8 @@ The timeline (events sorted by time, optionally only some users) is cut in three
 2. events before `start` only build profiles (RecordEvents, no list served; skipped with
    `bootstrap=False` when an earlier replay up to `start` sent them already);
 3. from `start` to `stop`, every event is preceded by a Rerank of that user's upstream list: the
-   retriever's top `num_candidates` unseen items given the user's history so far, in its order,
+   retriever's top `num_candidates` unseen items given the user's history so far (with
+   `include_seen`, consumed items stay in the list, as real upstream lists keep them), in its order,
    with its scores; then the event itself is recorded (timestamp left to the server's clock, so
    the served list comes before the event it is judged by, as in production).
 
@@ -17,7 +18,7 @@ the first k of the answer?), to set beside the server's online metrics.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,8 +76,12 @@ def replay(
     batch: int = 500,
     upsert: bool = True,
     bootstrap: bool = True,
+    include_seen: bool = False,
+    every: int = 0,
+    on_lists: Callable[[int], None] | None = None,
 ) -> ReplayReport:
-    """Replay `events` (already in time order, see `timeline`) against the server behind `client`."""
+    """Replay `events` (already in time order, see `timeline`) against the server behind `client`.
+    `on_lists(n)` is called after every `every` served lists (e.g. a learner's look, in lockstep)."""
     report = ReplayReport()
     started = time.perf_counter()
     n = len(events)
@@ -110,12 +115,13 @@ def replay(
     for e in before:
         remember(e)
     report.bootstrap_events = len(before) if bootstrap else 0
+    looked = 0
     for e in events[start_at:stop_at]:
         row = history.get(e.user_id)
         if row is not None:
             # ItemKNN's score of this history: sum of cosines to the items seen so far
             scores = ((row > 0).astype(np.float32) @ upstream.sim)[0].astype(np.float64)
-            for item in seen[e.user_id]:
+            for item in () if include_seen else seen[e.user_id]:
                 j = index.get(item)
                 if j is not None:
                     scores[j] = -np.inf
@@ -140,5 +146,8 @@ def replay(
         except Exception:
             report.failed += 1
         remember(e)
+        if on_lists is not None and every > 0 and report.lists - looked >= every:
+            looked = report.lists
+            on_lists(report.lists)
     report.seconds = time.perf_counter() - started
     return report

@@ -591,28 +591,35 @@ def read_training_log(directory: str | Path, *, variants: Iterable[str] | None =
     directory = Path(directory)
     if not directory.is_dir():
         raise FormatError(f"{directory}: training log directory does not exist")
-    keep = None if variants is None else set(variants)
     out = TrainingLogData()
-    for path in sorted(directory.glob(f"{EVENTS_PREFIX}*.tsv")):
+    for path in log_files(directory):
+        part = read_log_file(path, variants=variants)
         out.files += 1
-        header, lines, torn = _complete_lines(path)
-        out.torn_lines += torn
-        for number, line in enumerate(lines, start=2):
-            out.events.append(_event(path, number, line))
-    for path in sorted(directory.glob(f"{SERVED_PREFIX}*.tsv")):
-        out.files += 1
-        header, lines, torn = _complete_lines(path)
-        out.torn_lines += torn
-        if not header:
-            continue
+        out.events.extend(part.events)
+        out.lists.extend(part.lists)
+        out.served_as.update(part.served_as)
+        out.torn_lines += part.torn_lines
+        out.incomplete_lists += part.incomplete_lists
+    out.events.sort(key=lambda e: e.timestamp)  # stable: ties keep file order
+    out.lists.sort(key=lambda s: s.timestamp or 0.0)
+    return out
+
+
+def read_log_file(path: Path, *, variants: Iterable[str] | None = None) -> TrainingLogData:
+    """One file of a training-log directory (an events-* or a served-* file), rows in file order."""
+    keep = None if variants is None else set(variants)
+    out = TrainingLogData(files=1)
+    header, lines, torn = _complete_lines(path)
+    out.torn_lines += torn
+    if path.name.startswith(EVENTS_PREFIX):
+        out.events = [_event(path, number, line) for number, line in enumerate(lines, start=2)]
+    elif header:
         for served, meta, complete in _served_lists(path, header, lines):
             if not complete:
                 out.incomplete_lists += 1
             elif keep is None or meta[0] in keep:
                 out.lists.append(served)
                 out.served_as[served.list_id] = meta
-    out.events.sort(key=lambda e: e.timestamp)  # stable: ties keep file order
-    out.lists.sort(key=lambda s: s.timestamp or 0.0)
     return out
 
 

@@ -7,8 +7,10 @@ reference: a request in flight finishes with the table it started with, the next
 head and says so in `model_version`. A file that fails to load or validate (truncated, another
 encoder, wrong format, a number that is not finite or out of range: `head.load`) keeps the old
 head: the error is logged and counted (`reranker_head_reloads{result="error"}`), and health stays
-SERVING. A file that disappears keeps
-the old head too (the next file to arrive is loaded).
+SERVING. When head_path disappears the old head is kept (the next file to arrive is loaded); when an
+experiment arm's file is removed, the arm goes back to serving like treatment, as before its file
+first arrived: that is how a head is withdrawn from an arm (`reranker learn` rolls a canary back
+this way).
 """
 
 from __future__ import annotations
@@ -93,7 +95,11 @@ class HeadReloader:
                     continue
                 self._seen[name] = signature
                 if signature is None:
-                    if force:
+                    if name != arms_module.TREATMENT and heads.pop(name, None) is not None:
+                        changed = True  # withdrawn: the arm borrows the treatment head again
+                        log.info("head reload: arm %s: %s was removed; the arm serves like treatment", name, path)
+                        self.reloads.labels(result="ok").inc()
+                    elif force and name == arms_module.TREATMENT:
                         log.error("head reload: arm %s: %s does not exist; the old head is kept", name, path)
                         self.reloads.labels(result="error").inc()
                     continue
