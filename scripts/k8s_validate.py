@@ -28,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
-OVERLAYS = ("base", "overlays/bypass", "overlays/gpu", "examples/existing-app")
+OVERLAYS = ("base", "overlays/bypass", "overlays/gpu", "overlays/learner", "examples/existing-app")
 FLOOR = "1.29.0"
 VERSIONS = (FLOOR, kubernetes_validate.latest_version())
 POD_MONITOR = ("monitoring.coreos.com/v1", "PodMonitor")

@@ -26,7 +26,7 @@ def sidecar(docs: list[dict]) -> dict:
 
 
 def _settings(docs: list[dict]) -> Settings:
-    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("reranker-config")]
     return Settings.from_sources([], config["data"])
 
 
@@ -76,7 +76,7 @@ def test_one_learner_at_a_time_running_learn_on_the_sidecars_settings() -> None:
     assert learner["spec"]["replicas"] == 1 and learner["spec"]["strategy"]["type"] == "Recreate"
     (container,) = learner["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["reranker", "learn", "run"]
-    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("reranker-config")]
     assert container["envFrom"] == sidecar(docs)["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     assert container["image"] == sidecar(docs)["image"]  # the same code and model on both sides
     assert container["securityContext"]["readOnlyRootFilesystem"]
