@@ -318,7 +318,7 @@ class ChaosSoak:
     def _start_consume(self) -> subprocess.Popen[str]:
         log_file = open(self.dir / f"consume-{self.consume.starts}.log", "w")  # noqa: SIM115 (closed with the child)
         child = subprocess.Popen(
-            [sys.executable, "-m", "reranker", "consume", *self._common(), "--stream-url", self.stream_redis.url,
+            [sys.executable, "-m", "reranker", "consume", *self._common(), "--metrics-address=", "--stream-url", self.stream_redis.url,
              "--stream-key", STREAM_KEY, "--stream-group", "chaos", "--stream-consumer", "chaos-1",
              "--stream-dead-letter-key", DEAD_LETTERS, "--stream-backoff-max-ms", "500", "--stream-block-ms", "200"],
             stdout=log_file, stderr=subprocess.STDOUT, text=True,
