@@ -68,7 +68,7 @@ def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _consume(_args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from reranker.users.streamconsumer import consume
+    from reranker.streamconsumer import consume
 
     return _with_settings(argv, consume)
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from reranker.config import Settings  # noqa: E402
 from reranker.service import RerankService  # noqa: E402
-from reranker.users.streamconsumer import StreamConsumer  # noqa: E402
+from reranker.streamconsumer import StreamConsumer  # noqa: E402
 
 
 def push(client, start: int, n: int, users: int, items: int, key: str) -> None:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ import pytest
 
 from reranker.config import Settings
 from reranker.types import Event, EventType
-from reranker.users.consumed import item_keys
+from reranker.itemkeys import item_keys
 from reranker.users.compact import CompactProfileStore, ProfileFormatError, decode, encode
 from reranker.users.compact_redis import CompactRedisProfileStore
 from reranker.users.profiles import InProcessProfileStore, ProfileConfig, UserState, candidate_history, user_vector

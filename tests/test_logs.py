@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from reranker.serving.logs import JsonFormatter, TextFormatter
-from reranker.serving.observability import user_hash
+from reranker.userhash import user_hash
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import REPO, ServerFactory, candidate, event, fake_settings

@@ -32,7 +32,9 @@ import cachetools
 import numpy as np
 
 from reranker.users import usermodel
-from reranker.users.consumed import CandidateHistory, ConsumedItems, hours_between, item_key, item_keys
+from reranker.history import CandidateHistory
+from reranker.itemkeys import item_key, item_keys
+from reranker.users.consumed import ConsumedItems, hours_between
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:

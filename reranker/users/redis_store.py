@@ -65,7 +65,8 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from reranker.users import usermodel
-from reranker.users.consumed import ConsumedItems, item_key
+from reranker.itemkeys import item_key
+from reranker.users.consumed import ConsumedItems
 from reranker.users.profiles import (
     InProcessProfileStore, ProfileConfig, UnreadableProfile, UserState, event_id_hash, log_name, log_repair,
 )
