@@ -21,6 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reranker.config import settings_parser
     from reranker.tools.bench import add_arguments as add_bench_arguments
     from reranker.tools.bench import run as run_bench
+    from reranker.tools.bench import run_tool
+    from reranker.tools.benches import BENCHES
+
+    if len(argv) > 1 and argv[0] == "bench" and argv[1] in BENCHES:  # a tool with its own flags
+        return run_tool(argv[1], argv[2:])
 
     parser = argparse.ArgumentParser(prog="reranker", description="gRPC reranking sidecar")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
 
     add_commands(commands)
-    bench = commands.add_parser("bench", help="benchmarks: rerank vs gRPC echo, encoder, memory")
+    bench = commands.add_parser("bench", help="benchmarks and measurement tools (`reranker bench --help` lists them)")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench)
     soak = commands.add_parser("soak", help="load/soak test a server started as a child process")

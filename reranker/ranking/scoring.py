@@ -279,7 +279,7 @@ def single_threaded_blas() -> None:
     Scoring's products are small (hundreds x 384 x tens): a multi-threaded BLAS gains nothing on
     them and, on a busy machine, its threads spin-wait for other processes' cores: measured p50
     0.3 ms on one thread vs 50 ms with the default threads on 2 loaded cores for the trained
-    head's products (scripts/bench_head.py). The encoders run on their own thread pools (torch,
+    head's products (reranker bench head). The encoders run on their own thread pools (torch,
     ONNX Runtime) and are not affected.
     """
     from threadpoolctl import threadpool_limits
