@@ -144,6 +144,7 @@ def test_eval_against_a_running_server(ml_slice: Path, make_server: ServerFactor
     assert running.service.profiles is not None and len(running.service.profiles) == 10
 
 
+@pytest.mark.integration  # `reranker eval` serves the lists through a real server on a socket
 def test_eval_on_a_labelled_candidates_file(tmp_path: Path) -> None:
     formats.write_items(tmp_path / "items.tsv", [("a", "space opera"), ("b", "space opera sequel"), ("c", "cooking"), ("d", "gardening tools")])
     formats.write_events(tmp_path / "events.tsv", [formats.Interaction("u", "a", 1.0), formats.Interaction("u", "b", 2.0)])
