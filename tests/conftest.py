@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -165,3 +167,79 @@ class GatedEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         self.gate.wait(30)
         return self.inner.encode(texts)
+
+
+# --- the two lanes ----------------------------------------------------------------------------------
+# `unit`: in this process and this repository only (the service, the servicer through
+# grpc_testing, pure functions, the fake encoder).
+# `integration`: a real socket, redis-server, subprocess, signal, the deployment manifests, or a
+# real artifact from outside the repository (the packaged model: `model`; ../shared/data).
+# Every test gets one of the two, automatically: integration when it, a fixture it uses, or a
+# helper of the test suite it calls (followed a few levels) reaches any of those; unit otherwise.
+# A test that reaches them through package code alone says so with @pytest.mark.integration.
+# `make test` runs both; `make test-unit` (pytest -m unit) the fast lane.
+_OUTSIDE = re.compile(
+    r"\b(build_server|subprocess|RedisServer|RedisClusterServer|ServerProcess|ReRankerProcess|"
+    r"insecure_channel|secure_channel|MiniEmbeddingServer|InfinityServer|free_port|socket|urlopen|"
+    r"os\.kill|signal\.|kubectl|k8s_validate|redis_server|make_server|run_load|run_soak|soak|"
+    r"SHARED_DATA|ml100k_items|ml100k_title_sample|packaged_model_dir|TransformerEncoder)\b"
+)
+_TESTS_DIR = Path(__file__).resolve().parent
+_verdicts: dict[int, bool] = {}
+
+
+def _defined_in_tests(obj: object) -> bool:
+    try:
+        return Path(inspect.getfile(obj)).resolve().parent == _TESTS_DIR  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return False
+
+
+def _reaches_outside(obj: object, namespace: dict[str, object], depth: int = 3) -> bool:
+    """Whether the source of `obj` (a test, fixture or helper of the suite), or of a helper of the
+    suite it names, starts something outside this process."""
+    key = id(obj)
+    if key in _verdicts:
+        return _verdicts[key]
+    _verdicts[key] = False  # a helper that names itself
+    try:
+        source = inspect.getsource(obj)  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return False
+    found = bool(_OUTSIDE.search(source))
+    if not found and depth:
+        for name in set(re.findall(r"\b[A-Za-z_]\w*\b", source)):
+            helper = namespace.get(name)
+            if isinstance(helper, Path) and helper.resolve().is_relative_to(SHARED_DATA.resolve()):
+                found = True  # a module constant naming a file of ../shared/data
+                break
+            if (inspect.isfunction(helper) or inspect.isclass(helper)) and _defined_in_tests(helper):
+                helper_namespace = vars(inspect.getmodule(helper) or pytest)
+                if _reaches_outside(helper, helper_namespace, depth - 1):
+                    found = True
+                    break
+    _verdicts[key] = found
+    return found
+
+
+def _lane(item: pytest.Item) -> str:
+    if item.get_closest_marker("integration") or item.get_closest_marker("unit"):
+        return ""
+    if item.get_closest_marker("model"):
+        return "integration"
+    namespace = vars(item.module) if getattr(item, "module", None) is not None else {}
+    if _reaches_outside(getattr(item, "function", None), namespace):
+        return "integration"
+    for name in getattr(item, "fixturenames", ()):
+        for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ()):  # type: ignore[attr-defined]
+            func = fixturedef.func
+            if _defined_in_tests(func) and _reaches_outside(func, vars(inspect.getmodule(func) or pytest)):
+                return "integration"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        lane = _lane(item)
+        if lane:
+            item.add_marker(getattr(pytest.mark, lane))

@@ -6,7 +6,7 @@ FakeEncoder. It is NOT a real embedding server: it lets every CI run cover the c
 misbehave on purpose (`mode`). Its vectors are sent scaled to norm 3, so the client's L2
 normalization is exercised.
 
-`InfinityServer` runs a real one, `infinity_emb` (pip package infinity-emb), serving the packaged
+`InfinityServer` (reranker.tools.harness) runs a real one, `infinity_emb` (pip package infinity-emb), serving the packaged
 MiniLM weights from their local directory. Installing it into the project's venv would pull its
 own dependency pins, so the tests look for the executable in RERANKER_TEST_INFINITY_EMB, then on
 PATH, and skip with the reason when there is none.
@@ -18,10 +18,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import tempfile
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,17 +27,12 @@ import numpy as np
 import pytest
 
 from reranker.model.encoder import FakeEncoder
+from reranker.tools.harness import InfinityServer, free_port  # noqa: F401  (InfinityServer: the tests' real server)
 
 INFINITY_ENV = "RERANKER_TEST_INFINITY_EMB"
 
 # Ways the mini server can misbehave.
 MODES = ("ok", "hang", "500", "429", "nan", "short", "bigger", "reversed", "not_json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MiniEmbeddingServer:
@@ -165,55 +157,3 @@ def infinity_binary() -> str:
             "'infinity-emb[server,torch]' into a separate venv) or put it on PATH"
         )
     return binary
-
-
-class InfinityServer:
-    """`infinity_emb v2` serving a local model directory on a free loopback port, as /v1/embeddings."""
-
-    def __init__(self, model_dir: Path, model: str, binary: str | None = None, threads: int = 1) -> None:
-        self.binary = binary or infinity_binary()
-        self.threads = threads  # torch threads of the server; 0 = its default (every core)
-        self.model_dir, self.model = model_dir, model
-        self.port = free_port()
-        self.log_path = Path(tempfile.mkdtemp(prefix="reranker-infinity-")) / "infinity.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 300.0) -> InfinityServer:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
-        env.pop("PYTHONPATH", None)  # its own venv, not ours
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "v2", "--model-id", str(self.model_dir), "--served-model-name", self.model,
-                 "--host", "127.0.0.1", "--port", str(self.port), "--url-prefix", "/v1", "--device", "cpu",
-                 "--engine", "torch", "--batch-size", "32", "--no-model-warmup"],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"infinity_emb exited with {self.process.returncode}: {self.log()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"infinity_emb did not listen within {timeout:.0f} s: {self.log()[-2000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)

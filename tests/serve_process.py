@@ -7,26 +7,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import REPO
+from reranker.tools.harness import SERVING, free_port, health_status, wait_serving  # noqa: F401  (SERVING: the tests import it from here)
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ReRankerProcess:
@@ -78,18 +68,13 @@ class ReRankerProcess:
         return self.port
 
     def health(self) -> int | None:
-        with grpc.insecure_channel(f"127.0.0.1:{self.wait_port()}") as channel:
-            try:
-                return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
-            except grpc.RpcError:
-                return None
+        return health_status(f"127.0.0.1:{self.wait_port()}", 5.0)
 
     def wait_serving(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.health() != SERVING:
-            assert self.process.poll() is None, f"exited with {self.process.returncode}\n{self.log[-3000:]}"
-            assert time.monotonic() < deadline, f"never SERVING\n{self.log[-3000:]}"
-            time.sleep(0.05)
+        try:
+            wait_serving(f"127.0.0.1:{self.wait_port()}", timeout, self.process, lambda: self.log, poll_s=0.05)
+        except RuntimeError as exc:
+            raise AssertionError(str(exc)) from None
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:

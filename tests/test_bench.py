@@ -93,3 +93,29 @@ def test_bench_texts_come_from_recbole_item_files_or_are_synthetic(tmp_path) -> 
     assert load_texts(str(plain), 0) == ["one", "two"]
     assert len(set(load_texts("", 50))) == 50
     assert percentiles_ms([0.001] * 10)["p99"] == 1.0
+
+
+def test_every_bench_tool_is_a_command_with_its_own_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """`reranker bench <name> --help` for each tool of reranker.tools.benches: its module imports and
+    its own parser answers under the command's name."""
+    from reranker.cli import main
+    from reranker.tools.benches import BENCHES
+
+    for name in BENCHES:
+        with pytest.raises(SystemExit) as exited:
+            main(["bench", name, "--help"])
+        assert exited.value.code == 0, name
+        assert f"usage: reranker bench {name}" in capsys.readouterr().out, name
+
+
+def test_the_head_tool_prints_its_latencies() -> None:
+    out = _bench("head", "--candidates", "10", "--history", "5", "--repeat", "5")
+    assert "fixed blend" in out and "head" in out and "p50=" in out
+
+
+def test_harness_reads_this_process_memory_and_finds_a_free_port() -> None:
+    from reranker.tools.harness import free_port, proc_memory, rss_bytes
+
+    memory = proc_memory()
+    assert memory["VmRSS"] > 1 << 20 and memory["VmHWM"] >= memory["VmRSS"] and (rss_bytes() or 0) > 0
+    assert 0 < free_port() < 65536

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import REPO
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from reranker.tools import harness
+from reranker.tools.harness import free_port
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
@@ -36,17 +29,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subproce
 
 
 def wait_serving(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError("server never reported SERVING")
+    harness.wait_serving(f"127.0.0.1:{port}", timeout)
 
 
 def test_serve_answers_then_drains_on_sigterm() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,15 +23,14 @@ from reranker.model.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import GatedEncoder, REPO, ServerFactory, SlowEncoder, candidate, event, fake_settings
+from reranker.tools.harness import free_port
 
 CANDIDATES = [("c1", 0.9, "romantic comedy in paris"), ("c2", 0.8, "space opera starships"), ("c1", 0.7), ("c3", 0.6)]
 
 
 def dead_address() -> str:
     """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def rpc_count(metrics_port: int, method: str, code: str) -> float:

@@ -13,7 +13,7 @@ import pytest
 
 from reranker.config import Settings
 from reranker.types import Event, EventType
-from reranker.users.consumed import item_keys
+from reranker.itemkeys import item_keys
 from reranker.users.compact import CompactProfileStore, ProfileFormatError, decode, encode
 from reranker.users.compact_redis import CompactRedisProfileStore
 from reranker.users.profiles import InProcessProfileStore, ProfileConfig, UserState, candidate_history, user_vector
@@ -170,7 +170,7 @@ def test_bytes_that_are_not_a_profile_are_refused_with_a_clear_error() -> None:
 
 def test_profile_bytes_at_20_events_stay_under_4_kb_at_the_default_dimension() -> None:
     """The issue's budget (~2.2 KB at d=384 and 20 events on distinct items): the byte string, in
-    process and in Redis alike. Measured with allocator overhead in scripts/profile_bytes.py."""
+    process and in Redis alike. Measured with allocator overhead in `reranker bench profile-bytes`."""
     rng = np.random.default_rng(1)
     vectors = {f"item-{k}": (v / np.linalg.norm(v)).astype(np.float32) for k, v in enumerate(rng.normal(size=(50, 384)))}
 

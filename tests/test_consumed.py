@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from reranker.users import usermodel
-from reranker.users.consumed import ConsumedItems, item_key, item_keys
+from reranker.itemkeys import item_key, item_keys
+from reranker.users.consumed import ConsumedItems
 from reranker.model.encoder import FakeEncoder
 from reranker.evaluation import formats, train
 from reranker.ranking.head import FEATURES

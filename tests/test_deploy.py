@@ -30,7 +30,7 @@ K8S = REPO / "k8s"
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 OVERLAYS = ("base", "overlays/bypass", "overlays/gpu", "examples/existing-app")
 
-# Memory model used to size the sidecar (numbers from scripts/measure_memory.py and the per-user
+# Memory model used to size the sidecar (numbers from `reranker bench server-memory` and the per-user
 # measurement in docs/operations.md): a limit below this for the configured caches is a sizing bug.
 BASE_MIB = 520
 ITEM_KIB = 1.7

@@ -144,6 +144,7 @@ def test_eval_against_a_running_server(ml_slice: Path, make_server: ServerFactor
     assert running.service.profiles is not None and len(running.service.profiles) == 10
 
 
+@pytest.mark.integration  # `reranker eval` serves the lists through a real server on a socket
 def test_eval_on_a_labelled_candidates_file(tmp_path: Path) -> None:
     formats.write_items(tmp_path / "items.tsv", [("a", "space opera"), ("b", "space opera sequel"), ("c", "cooking"), ("d", "gardening tools")])
     formats.write_events(tmp_path / "events.tsv", [formats.Interaction("u", "a", 1.0), formats.Interaction("u", "b", 2.0)])
@@ -177,14 +178,14 @@ def test_eval_with_the_ease_retriever(ml_slice: Path) -> None:
 def test_cf_reference_reorders_a_list_by_another_retrievers_score(
     ml_slice: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """scripts/cf_reference.py: reordering the popularity list by popularity gives the list back
+    """experiments/cf_reference.py: reordering the popularity list by popularity gives the list back
     (ratio exactly 1); reordering it by item-kNN gives what sorting by item-kNN's score gives."""
     import runpy
 
     argv = ["cf_reference.py", "--items", str(ml_slice / "items.tsv"), "--events", str(ml_slice / "events.tsv"),
             "--split", "eval", "--scorers", "popularity,itemknn", "--num-candidates", "50"]
     monkeypatch.setattr("sys.argv", argv)
-    runpy.run_path(str(REPO / "scripts" / "cf_reference.py"), run_name="__main__")
+    runpy.run_path(str(REPO / "experiments" / "cf_reference.py"), run_name="__main__")
     rows = {row["scorer"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
     assert rows["popularity"]["ratio"] == 1.0 and rows["popularity"]["users"] == USERS
     split, histories, catalog = _split(ml_slice)

@@ -562,7 +562,7 @@ def test_a_burst_of_events_for_one_user_keeps_its_memory_and_rerank_work_bounded
         assert len(state.history) == s.vector_history_size and len(state.recent) == s.recent_events_per_user
         assert service.profiles._profiles[user].seen.size == s.max_event_ids_per_user  # type: ignore[union-attr]
     # Rerank work: the scoring state of both users has the same shape (the history is capped), so a
-    # Rerank reads and scores the same amount for either (scripts/bench_bursts.py times it).
+    # Rerank reads and scores the same amount for either (`reranker bench bursts` times it).
     a, b = service.profiles.get("burst-aaaa", recent=False), service.profiles.get("burst-bbbb", recent=False)
     assert a is not None and b is not None
     assert a.history.vectors.shape == b.history.vectors.shape and a.long_term.shape == b.long_term.shape

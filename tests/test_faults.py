@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker.model.encoder import Encoder, FakeEncoder, packaged_model_dir
-from reranker.tools.loadtest import ServerProcess
+from reranker.tools.harness import ServerProcess
 from reranker.serving.server import EXIT_LOAD_FAILED
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import REPO, FailingEncoder, ServerFactory, candidate, event, fake_settings

@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reranker.tools.loadtest import ServerProcess, check_reordering
+from reranker.tools.harness import ServerProcess
+from reranker.tools.loadtest import check_reordering
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import REPO

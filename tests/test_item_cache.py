@@ -107,7 +107,7 @@ def test_export_restore_round_trip_keeps_text_checks_and_lru_order() -> None:
 
 
 def test_lookup_hands_out_each_cached_ids_item_key() -> None:
-    from reranker.users.consumed import item_keys
+    from reranker.itemkeys import item_keys
     from reranker.types import DecimalIds
 
     cache = ItemVectorCache(capacity=2, dim=4)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +16,13 @@ from pathlib import Path
 import pytest
 
 from reranker.evaluation import formats
-from reranker.tools.loadtest import ServerProcess
+from reranker.tools.harness import ServerProcess, free_port
 from reranker.learning.traininglog import read_training_log
 
 from conftest import REPO
 from test_eval_cli import ml_slice  # noqa: F401 (the 60-user ml-100k slice, a module fixture)
 
 USERS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cli(*argv: str) -> str:
@@ -50,7 +43,7 @@ def _samples(port: int, name: str) -> dict[frozenset[tuple[str, str]], float]:
 
 
 def test_serve_replay_train_reload_and_watch_the_arm(ml_slice: Path, tmp_path: Path) -> None:
-    log_dir, heads, metrics_port = tmp_path / "log", tmp_path / "heads", _free_port()
+    log_dir, heads, metrics_port = tmp_path / "log", tmp_path / "heads", free_port()
     heads.mkdir()
     served = [
         "--encoder", "fake", "--fake-dim", "64", "--metrics-address", f"127.0.0.1:{metrics_port}",

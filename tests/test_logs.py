@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,10 +16,11 @@ import grpc
 import pytest
 
 from reranker.serving.logs import JsonFormatter, TextFormatter
-from reranker.serving.observability import user_hash
+from reranker.userhash import user_hash
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import REPO, ServerFactory, candidate, event, fake_settings
+from reranker.tools.harness import free_port
 
 SECRET_USER = "alice@example.com"
 SECRET_TEXT = "confidential item text about starships"
@@ -129,14 +129,8 @@ def test_text_format_appends_fields_as_key_value() -> None:
     assert line.endswith("reranker.access: Rerank OK request_id=r1 variant=reranked")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_reranker_serve_writes_json_lines_to_stderr() -> None:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), RERANKER_LOG_FORMAT="json", RERANKER_ACCESS_LOG_SAMPLE="1")
     cmd = [sys.executable, "-m", "reranker", "serve", f"--address=127.0.0.1:{port}", "--encoder=fake",
            "--metrics-address=", "--grace-seconds=1"]

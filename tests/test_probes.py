@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from reranker.serving.server import SERVICE_NAME
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tests.conftest import GatedEncoder, REPO, ServerFactory, candidate, fake_settings
+from reranker.tools.harness import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -61,9 +61,7 @@ def test_probe_exit_codes(make_server: ServerFactory) -> None:
     running.loader.join(10)
     assert probe.check(address) == 0
     assert probe.check(address, SERVICE_NAME) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    dead = f"127.0.0.1:{free_port()}"
     assert probe.check(dead, timeout_s=0.5) == 2
 
 

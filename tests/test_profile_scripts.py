@@ -1,4 +1,4 @@
-"""Smoke tests of the profile-layout measurement scripts (small runs; no size or timing targets here:
+"""Smoke tests of the profile-layout measurements (`reranker bench profile-bytes`, experiments/compact_profile_fidelity.py) (small runs; no size or timing targets here:
 tests/test_compact_profiles.py holds the layout's own assertions)."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from conftest import REPO, SHARED_DATA
 
 
 def _script(name: str, *args: str, timeout: float = 300) -> str:
+    """experiments/<name>, or `reranker bench <name>` for a name without .py."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], env=env, capture_output=True,
+    command = [str(REPO / "experiments" / name)] if name.endswith(".py") else ["-m", "reranker", "bench", name]
+    done = subprocess.run([sys.executable, *command, *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -58,7 +60,7 @@ def test_fidelity_compares_compact_and_a_compact_service_that_lost_history_vecto
 
 
 def test_profile_bytes_in_process_measures_both_layouts() -> None:
-    out = _script("profile_bytes.py", "--users", "30", "--events", "20", "--no-redis")
+    out = _script("profile-bytes", "--users", "30", "--events", "20", "--no-redis")
     rows = _rows(out)
     full, compact = (float(rows[f"{layout} 20"][2].replace(",", "")) for layout in ("full", "compact"))
     assert 0 < compact < full / 5, out  # tracemalloc growth per user
@@ -68,7 +70,7 @@ def test_profile_bytes_in_process_measures_both_layouts() -> None:
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_profile_bytes_measures_redis_in_a_throwaway_server() -> None:
-    out = _script("profile_bytes.py", "--users", "20", "--events", "5")
+    out = _script("profile-bytes", "--users", "20", "--events", "5")
     for layout in ("full", "compact"):
         cells = _rows(out)[f"{layout} 5"]
         assert all(re.fullmatch(r"[\d,]+", c) and float(c.replace(",", "")) > 0 for c in cells[2:6]), cells

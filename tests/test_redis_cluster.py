@@ -232,7 +232,7 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
 
 def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: RedisClusterServer) -> None:
     from reranker.service import RerankService
-    from reranker.users.streamconsumer import StreamConsumer
+    from reranker.streamconsumer import StreamConsumer
 
     prefix = f"sc{next(_prefixes)}"
     settings = fake_settings(redis_url=cluster.url, redis_prefix=prefix, stream_key=f"{prefix}:events",

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker.model.encoder import FakeEncoder
 from reranker.users.profiles import InProcessProfileStore, ProfileConfig
@@ -27,6 +26,7 @@ from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from conftest import REPO, ServerFactory, candidate, event, fake_settings
 from redis_server import RedisServer
 from test_user_events import PIANO, TOPIC_CANDIDATES, profile, ranked_ids, record
+from reranker.tools.harness import wait_serving
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +189,7 @@ class ServerProcess:
         self.port = self._read_port()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = pb_grpc.RerankerServiceStub(self.channel)
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + 60
-        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline, "server process never became SERVING"
-            time.sleep(0.05)
+        wait_serving(f"127.0.0.1:{self.port}", 60.0, self.process, poll_s=0.05)
 
     def _read_port(self) -> int:
         assert self.process.stderr is not None

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import redis
 
-from reranker.serving.observability import user_hash
+from reranker.userhash import user_hash
 from reranker.types import Event, EventType
-from reranker.users.consumed import item_key
+from reranker.itemkeys import item_key
 from reranker.users.compact import CompactProfile, ProfileFormatError, decode, encode
 from reranker.users.compact_redis import CompactRedisProfileStore
 from reranker.users.profiles import UNREADABLE_REASONS, UserState, log_name, user_vector

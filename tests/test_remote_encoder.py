@@ -27,7 +27,7 @@ from reranker.errors import EncoderFailed, EncoderUnavailable, Overloaded
 from reranker.model.batching import MicroBatcher
 from reranker.model.encoder import FakeEncoder
 from reranker.model.remote_encoder import RemoteEncoder, embeddings_url
-from reranker.ranking.scoring import l2_normalize
+from reranker.vectors import l2_normalize
 from reranker.serving.server import RunningServer, build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb

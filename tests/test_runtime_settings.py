@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker.runtimesettings import RuntimeSettingsError, parse
 from reranker.v1 import reranker_pb2 as pb
@@ -29,6 +27,7 @@ from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from conftest import REPO, ServerFactory, candidate, event, fake_settings
 from test_head import make_head, only
 from test_hot_reload import _publish
+from reranker.tools.harness import free_port, wait_serving
 
 POLL_S = 0.2
 APPLIED_WITHIN_S = 10.0  # poll interval + a busy 2-core machine's scheduling
@@ -40,12 +39,6 @@ def publish(path: Path, content: str) -> None:
     tmp = path.with_name(path.name + ".new")
     tmp.write_text(content, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def exposition(port: int) -> str:
@@ -75,11 +68,7 @@ class ServeProcess:
         port = self._read_port()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.RerankerServiceStub(self.channel)
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + 60
-        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline, "server never became SERVING"
-            time.sleep(0.05)
+        wait_serving(f"127.0.0.1:{port}", 60.0, self.process, poll_s=0.05)
 
     def _read_port(self) -> int:
         assert self.process.stderr is not None

@@ -17,10 +17,10 @@ import redis
 
 from reranker.errors import InvalidRequest, Overloaded
 from reranker.serving import convert
-from reranker.serving.metrics import Metrics
+from reranker.metrics import Metrics
 from reranker.service import RerankService
 from reranker.users.eventpolicy import EventLimits
-from reranker.users.streamconsumer import StreamConsumer, event_from_entry
+from reranker.streamconsumer import StreamConsumer, event_from_entry
 from reranker.types import Event, RecordResult
 from reranker.v1 import reranker_pb2 as pb
 from conftest import REPO, fake_settings

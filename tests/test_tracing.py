@@ -14,6 +14,7 @@ from reranker.serving.server import build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import ServerFactory, candidate, fake_settings, wait_ready
+from reranker.tools.harness import free_port
 
 OTEL_MODULES = ("opentelemetry", "opentelemetry.instrumentation.grpc", "opentelemetry.sdk.trace")
 
@@ -163,11 +164,7 @@ def traced_reranks(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], calls: 
 
 
 def dead_endpoint() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_the_standard_otel_variables_name_the_service_and_the_collector(

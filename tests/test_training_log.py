@@ -16,7 +16,7 @@ import pytest
 from reranker.learning import traininglog
 from reranker.config import Settings
 from reranker.evaluation import formats
-from reranker.serving.observability import user_hash
+from reranker.userhash import user_hash
 from reranker.learning.traininglog import TrainingLog, read_training_log
 from reranker.types import Candidate, Event, EventType, RankedItems, RerankQuery, RerankResult, Variant
 

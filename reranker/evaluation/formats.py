@@ -26,40 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reranker.types import EventType
-
-EVENT_TYPES = {t.name.lower(): t for t in EventType if t is not EventType.UNSPECIFIED}
-
-
-class FormatError(ValueError):
-    """A data file does not follow the documented format; the message names file and line."""
-
-
-@dataclass(frozen=True, slots=True)
-class Interaction:
-    user_id: str
-    item_id: str
-    timestamp: float
-    event_type: str = "click"
-
-
-@dataclass(frozen=True, slots=True)
-class CandidateRow:
-    item_id: str
-    score: float
-    label: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ServedList:
-    """One upstream list as served: its rows in the upstream's order, and when it was served
-    (None: unknown; then its label is the user's leave-last-out target)."""
-
-    list_id: str
-    user_id: str
-    timestamp: float | None
-    rows: tuple[CandidateRow, ...]
-
+from reranker.records import EVENT_TYPES, CandidateRow, FormatError, Interaction, ServedList  # noqa: F401  (formats.Interaction, ...)
 
 CANDIDATE_COLUMNS = ("user_id", "item_id", "score")
 OPTIONAL_CANDIDATE_COLUMNS = ("label", "timestamp", "list_id")

@@ -1,6 +1,6 @@
 """Score candidate lists with a trained head offline, the way the server scores them, without gRPC.
 
-`scripts/validate_head.py` chooses `reranker train` settings with it (thousands of lists in
+`experiments/validate_head.py` chooses `reranker train` settings with it (thousands of lists in
 seconds). It is only worth that if it orders a list exactly as the server does: the profiles are
 built by the server's own `InProcessProfileStore` from the same events, and the head is called
 with the same user vector, liked history and liked history ids as `RerankService` (and the

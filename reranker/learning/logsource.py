@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reranker.evaluation.formats import Interaction, ServedList
+from reranker.records import Interaction, ServedList
 from reranker.learning.traininglog import EVENTS_PREFIX, SERVED_PREFIX, read_log_file
 
 log = logging.getLogger(__name__)

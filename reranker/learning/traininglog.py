@@ -19,7 +19,7 @@ upstream order, duplicates removed (first occurrence), as the service ranks them
 events columns: user_id, item_id, timestamp (the event's, or the server's when it had none),
 event_type.
 
-User ids: with `log_user_salt` set, both files carry `observability.user_hash(salt, user_id)`
+User ids: with `log_user_salt` set, both files carry `userhash.user_hash(salt, user_id)`
 (the access log's hash), so lists and events still join, and a log trained on never sees raw ids.
 A backslash, tab, LF or CR inside an id (or list id, model version) is escaped as \\\\, \\t, \\n, \\r
 (a row is always one line); `read_training_log` undoes it exactly.
@@ -64,8 +64,8 @@ from prometheus_client import CollectorRegistry, Counter
 
 from reranker.ranking import scoring
 from reranker.config import Settings
-from reranker.evaluation.formats import EVENT_TYPES, CandidateRow, FormatError, Interaction, ServedList
-from reranker.serving.observability import user_hash
+from reranker.records import EVENT_TYPES, CandidateRow, FormatError, Interaction, ServedList
+from reranker.userhash import user_hash
 from reranker.types import CandidateColumns, Event, EventType, RankedItems, RerankQuery, RerankResult, Variant
 
 log = logging.getLogger(__name__)

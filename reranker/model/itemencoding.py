@@ -37,7 +37,7 @@ Key = tuple[str, str]  # (item id, text)
 
 
 class Cancellation(Protocol):
-    """What ItemEncoding needs of a cancel token (reranker.serving.cancellation.CancelToken)."""
+    """What ItemEncoding needs of a cancel token (reranker.cancellation.CancelToken)."""
 
     @property
     def cancelled(self) -> bool: ...

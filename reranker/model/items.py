@@ -25,7 +25,7 @@ from itertools import repeat
 
 import numpy as np
 
-from reranker.users.consumed import item_keys
+from reranker.itemkeys import item_keys
 from reranker.model.intindex import IntRowIndex, decimal_key
 from reranker.types import DecimalIds
 
@@ -70,7 +70,7 @@ class ItemVectorCache:
         self._matrix = np.zeros((rows, dim), dtype=np.float32)
         self._local_fp = np.zeros(rows, dtype=np.int64)  # hash(text) of the encoded text
         self._stable_fp = np.zeros(rows, dtype=np.uint64)  # text_hash of the encoded text
-        self._item_key = np.zeros(rows, dtype=np.uint64)  # consumed.item_keys of the row's id (per item, not per request)
+        self._item_key = np.zeros(rows, dtype=np.uint64)  # itemkeys.item_keys of the row's id (per item, not per request)
         self._last_used = np.full(rows, _FREE, dtype=np.int64)
         self._row_of: dict[str, int] = {}
         self._row_of_int = IntRowIndex(rows)  # the decimal ids among _row_of, by integer value
@@ -98,7 +98,7 @@ class ItemVectorCache:
 
         `texts[i]` is the item's text (or its `text_hash`): the cached vector must have been
         encoded from that text. None accepts whatever vector is cached. Rows of misses are zero.
-        `keys_out` (uint64, n), when given, receives each cached id's `consumed.item_keys` key
+        `keys_out` (uint64, n), when given, receives each cached id's `itemkeys.item_keys` key
         (0 where the id is not cached), so the request need not hash its ids again. `count=False`
         leaves the hit / miss counters alone (a compact profile reading its history's vectors).
         """

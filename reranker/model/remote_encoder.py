@@ -34,7 +34,7 @@ import numpy as np
 
 from reranker.config import Settings
 from reranker.errors import EncoderFailed, EncoderUnavailable, Overloaded
-from reranker.ranking.scoring import l2_normalize
+from reranker.vectors import l2_normalize
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from reranker.ranking import scoring
-from reranker.users.consumed import CandidateHistory
+from reranker.history import CandidateHistory
 
 # 2: + covisit/transition tables and ALS factors; 3: + re-consumption features (older heads must be retrained)
 FORMAT_VERSION = 3

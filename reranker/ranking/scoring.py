@@ -13,17 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from reranker.types import DecimalIds
+from reranker.vectors import l2_normalize  # noqa: F401  (scoring.l2_normalize, the ranking code's name for it)
 
 FloatArray = np.ndarray
 # History rows from which attention_scores computes similarities with one matrix product.
 _ATTENTION_GEMM_ROWS = 8
-
-
-def l2_normalize(vectors: FloatArray, eps: float = 1e-12) -> FloatArray:
-    """Row-wise L2 normalization (a 1-D vector is treated as one row). Zero rows stay zero."""
-    arr = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(arr, axis=-1, keepdims=True)
-    return arr / np.maximum(norms, eps)
 
 
 def minmax(values: FloatArray) -> FloatArray:
@@ -285,7 +279,7 @@ def single_threaded_blas() -> None:
     Scoring's products are small (hundreds x 384 x tens): a multi-threaded BLAS gains nothing on
     them and, on a busy machine, its threads spin-wait for other processes' cores: measured p50
     0.3 ms on one thread vs 50 ms with the default threads on 2 loaded cores for the trained
-    head's products (scripts/bench_head.py). The encoders run on their own thread pools (torch,
+    head's products (reranker bench head). The encoders run on their own thread pools (torch,
     ONNX Runtime) and are not affected.
     """
     from threadpoolctl import threadpool_limits

@@ -12,7 +12,6 @@ Never logged: user ids, item ids, texts. A Rerank line carries the experiment bu
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import time
@@ -25,8 +24,9 @@ from grpc import aio
 from reranker.config import Settings
 from reranker.serving.convert import EncodedRerankResponse, candidate_count
 from reranker.serving.errormapping import Handler, status_for
-from reranker.serving.metrics import Metrics
+from reranker.metrics import Metrics
 from reranker.types import order_of
+from reranker.userhash import user_hash
 from reranker.v1 import reranker_pb2 as pb
 
 access_log = logging.getLogger("reranker.access")
@@ -42,11 +42,6 @@ def variant_label(variant: int) -> str:
 def reason_label(reason: int) -> str:
     """pb.FALLBACK_REASON_DEADLINE -> "deadline"."""
     return pb.FallbackReason.Name(reason).removeprefix("FALLBACK_REASON_").lower()
-
-
-def user_hash(salt: str, user_id: str) -> str:
-    """Salted, truncated hash: lets an operator follow one user's lines without seeing the id."""
-    return hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=8, key=salt.encode()[:64]).hexdigest()
 
 
 def _request_id(context: aio.ServicerContext, from_request: str = "") -> str:

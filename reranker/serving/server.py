@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from reranker.serving import tracing
 from reranker.config import Settings
-from reranker.serving.metrics import MetricsEndpoint
+from reranker.metrics import MetricsEndpoint
 from reranker.serving.observability import Observer
 from reranker.service import RerankService
 from reranker.serving.servicer import RerankerServicer, add_to_server

@@ -17,7 +17,7 @@ import grpc
 from grpc import aio
 
 from reranker.serving import convert
-from reranker.serving.cancellation import CancelToken
+from reranker.cancellation import CancelToken
 from reranker.serving.errormapping import Handler, guarded, tolerant
 from reranker.errors import InvalidRequest
 from reranker.users.eventpolicy import EventRefused

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from reranker.config import Settings
+from reranker.tools.harness import child_env, free_port, rss_bytes, wait_serving
 
 ECHO_METHOD = "/reranker.v1.RerankerService/Rerank"
 _WORDS = (
@@ -75,30 +75,6 @@ def synthetic_titles(count: int, seed: int = 7) -> list[str]:
         words = rng.choice(_WORDS, size=int(rng.integers(1, 6)))
         out.append(" ".join(words).title() + f" ({1950 + i % 70})")
     return out
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])  # the repository root (reranker/tools/bench.py)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
 # --- echo server ----------------------------------------------------------------------------------
@@ -324,27 +300,6 @@ def ratios(rerank: LoadResult, echo: LoadResult) -> dict[str, float | None]:
     return out
 
 
-def _wait_serving(address: str, timeout_s: float, child: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if child is not None and child.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.is_file() else ""
-                raise RuntimeError(f"server exited with status {child.returncode} before SERVING:\n{tail}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError(f"server at {address} did not become SERVING within {timeout_s:.0f} s")
-
-
 def _prepare_server(stub: object, workload: RerankWorkload) -> None:
     """Upsert the warm pool and give every user a short history."""
     from reranker.v1 import reranker_pb2 as pb
@@ -435,16 +390,16 @@ def bench_rerank(args: argparse.Namespace) -> int:
         address = args.target
         child, log_path = None, Path(tmp.name) / "server.log"
         if not address:
-            address = f"127.0.0.1:{_free_port()}"
+            address = f"127.0.0.1:{free_port()}"
             # Its own metrics port (the default one may be taken); --server-args can override both.
             cmd = [
                 sys.executable, "-m", "reranker", "serve", "--address", address,
-                "--metrics-address", f"127.0.0.1:{_free_port()}", *shlex.split(args.server_args),
+                "--metrics-address", f"127.0.0.1:{free_port()}", *shlex.split(args.server_args),
             ]
             with log_path.open("wb") as log:
-                child = subprocess.Popen(cmd, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+                child = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
             children.append(child)
-        _wait_serving(address, args.startup_timeout, child, log_path)
+        wait_serving(address, args.startup_timeout, child, log_path)
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RerankerServiceStub(channel)
             _prepare_server(stub, workload)
@@ -458,14 +413,14 @@ def bench_rerank(args: argparse.Namespace) -> int:
         )
         echo_address = ""
         if not args.no_echo:
-            echo_port = _free_port()
+            echo_port = free_port()
             response_path = Path(tmp.name) / "response.bin"
             response_path.write_bytes(payload)
             echo_cmd = [
                 sys.executable, "-m", "reranker.tools.bench", "--echo-server", str(echo_port), str(response_path),
                 str(args.echo_workers), args.echo_kind,
             ]
-            echo_child = subprocess.Popen(echo_cmd, env=_child_env())
+            echo_child = subprocess.Popen(echo_cmd, env=child_env())
             children.append(echo_child)
             echo_address = f"127.0.0.1:{echo_port}"
             grpc.channel_ready_future(grpc.insecure_channel(echo_address)).result(timeout=30)
@@ -591,10 +546,10 @@ def bench_memory(args: argparse.Namespace, settings: Settings) -> int:
     from reranker.model.loader import load_encoder
     from reranker.model.items import ItemVectorCache
 
-    base = rss_bytes()
+    base = (rss_bytes() or 0)
     encoder = load_encoder(settings)
     encoder.encode(["warm up"])
-    with_model = rss_bytes()
+    with_model = (rss_bytes() or 0)
     cache = ItemVectorCache(max(settings.item_cache_size, args.items), encoder.dim)
     rng = np.random.default_rng(0)
     for start in range(0, args.items, 10_000):
@@ -603,7 +558,7 @@ def bench_memory(args: argparse.Namespace, settings: Settings) -> int:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         ids = [f"item-{start + k:08d}" for k in range(n)]
         cache.put(ids, [f"Title of item {start + k} (1995)" for k in range(n)], vectors)
-    with_items = rss_bytes()
+    with_items = (rss_bytes() or 0)
     mib = 1 / (1024 * 1024)
     print(f"bench memory: encoder={encoder.version} items={len(cache)} dim={encoder.dim}")
     print(
@@ -657,16 +612,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     encoder.add_argument("--reference", choices=("sentence-transformers", "none"), default="sentence-transformers")
     memory = modes.add_parser("memory", help="RSS with the model loaded and N cached item vectors", parents=[settings_parser()])
     memory.add_argument("--items", type=int, default=100_000, help="cached item vectors")
+    from reranker.tools.benches import BENCHES
+
+    for name, (_, help_text) in BENCHES.items():  # their own flags (`reranker bench <name> --help`): see run_tool
+        modes.add_parser(name, help=help_text, add_help=False)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """Entry point for `reranker bench ...`."""
     if args.mode == "rerank":
         return bench_rerank(args)
+    if args.mode not in ("encoder", "memory"):
+        return run_tool(args.mode, argv[1:])
     settings = _settings(args)
     if args.mode == "encoder":
         return bench_encoder(args, settings)
     return bench_memory(args, settings)
+
+
+def run_tool(name: str, argv: Sequence[str]) -> int:
+    """`reranker bench <name> ...` for a tool of reranker.tools.benches: its own parser reads `argv`."""
+    import importlib
+
+    from reranker.tools.benches import BENCHES
+
+    module = importlib.import_module(f"reranker.tools.benches.{BENCHES[name][0]}")
+    return int(module.main(list(argv)) or 0)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -683,5 +654,5 @@ if __name__ == "__main__":
     if len(sys.argv) in (5, 6) and sys.argv[1] == "--echo-server":
         run_echo_server(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
     else:
-        print("usage: reranker bench {rerank,encoder,memory} ...", file=sys.stderr)
+        print("usage: reranker bench {rerank,encoder,memory,...} ...", file=sys.stderr)
         sys.exit(2)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -27,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from reranker.tools.harness import ServerProcess, rss_bytes  # noqa: F401  (loadtest.ServerProcess: the soak's server)
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
@@ -37,102 +35,6 @@ _WORDS = (
     "ghost robot island summer winter secret last first little big red blue black white gold silver "
     "heart game story dream escape return rise fall brother sister father mother friend stranger"
 ).split()
-
-
-# --- the server under test ---------------------------------------------------------------------------
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size of a process (Linux /proc); None where unavailable."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class ServerProcess:
-    """`python -m reranker serve ...` as a child process on 127.0.0.1:<free port>.
-
-    Collects the child's log output (stderr) in the background; `port` is parsed from the
-    "listening on" line. Use as a context manager: the child is killed on exit if still running.
-    """
-
-    def __init__(self, args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
-        argv = [sys.executable, "-m", "reranker", "serve", "--address", "127.0.0.1:0", *args]
-        child_env = {**os.environ, **(env or {})}
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env
-        )
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._port_known = threading.Event()
-        self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            if self.port is None and "listening on" in line and "(port " in line:
-                self.port = int(line.split("(port ", 1)[1].split(",")[0].split(")")[0])
-                self._port_known.set()
-        self._port_known.set()  # child exited
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_port(self, timeout: float = 60.0) -> int:
-        if not self._port_known.wait(timeout) or self.port is None:
-            raise RuntimeError(f"server did not start listening; exit={self.proc.poll()}\n{self.log}")
-        return self.port
-
-    def health(self, timeout: float = 2.0) -> int | None:
-        """Overall health status (health_pb2 enum), or None if the server does not answer."""
-        with grpc.insecure_channel(self.target) as channel:
-            try:
-                return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
-            except grpc.RpcError:
-                return None
-
-    def wait_serving(self, timeout: float = 120.0) -> None:
-        self.wait_port(timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}\n{self.log}")
-            if self.health() == health_pb2.HealthCheckResponse.SERVING:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"server not SERVING after {timeout} s\n{self.log}")
-
-    def rss(self) -> int | None:
-        return rss_bytes(self.proc.pid)
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 # --- workload ---------------------------------------------------------------------------------------

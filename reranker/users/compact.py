@@ -37,7 +37,8 @@ import numpy as np
 
 from reranker.types import Event, EventType, RecordResult
 from reranker.users import usermodel
-from reranker.users.consumed import ConsumedItems, item_key, item_keys
+from reranker.itemkeys import item_key, item_keys
+from reranker.users.consumed import ConsumedItems
 from reranker.users.profiles import (
     LocalStore, ProfileConfig, UnreadableProfile, UserState, _Profile, event_id_hash, export_in_chunks, log_repair,
 )
@@ -83,7 +84,7 @@ class CompactProfile:
     row_weights: list[float] = field(default_factory=list)
     row_types: list[int] = field(default_factory=list)
     row_ids: list[str] = field(default_factory=list)
-    row_keys: list[int] = field(default_factory=list)  # consumed.item_keys of row_ids (hashed once, at the event)
+    row_keys: list[int] = field(default_factory=list)  # itemkeys.item_keys of row_ids (hashed once, at the event)
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))  # event-id hashes (a ring)
     ids_next: int = 0  # where the next id goes once the ring is full
     tail: ConsumedItems = field(default_factory=ConsumedItems.empty)  # items no longer in the rows

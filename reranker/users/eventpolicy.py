@@ -2,7 +2,7 @@
 
 `checked_event` is the validation of one event's fields, shared by the gRPC edge
 (serving/convert.py: RecordEvents, StreamEvents, Rerank context events) and the stream consumer
-(users/streamconsumer.py), so both refuse exactly the same events with the same messages (field
+(streamconsumer.py), so both refuse exactly the same events with the same messages (field
 names prefixed the entrance's way: `events[3].item_id`, or `item_id` for a stream entry):
 
 * ids: user_id and item_id non-empty, each id (event_id too) at most `max_id_chars` characters;

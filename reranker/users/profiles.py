@@ -25,6 +25,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -32,7 +33,9 @@ import cachetools
 import numpy as np
 
 from reranker.users import usermodel
-from reranker.users.consumed import CandidateHistory, ConsumedItems, hours_between, item_key, item_keys
+from reranker.history import CandidateHistory
+from reranker.itemkeys import item_key, item_keys
+from reranker.users.consumed import ConsumedItems, hours_between
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
@@ -423,12 +426,15 @@ class LocalStore:
 
     layout = ""
 
-    def __init__(self, config: ProfileConfig, *, max_users: int, ttl_seconds: float, max_states: int = 0) -> None:
+    def __init__(self, config: ProfileConfig, *, max_users: int, ttl_seconds: float, max_states: int = 0,
+                 lock: AbstractContextManager[Any] | None = None) -> None:
+        """`lock`: the one lock every read, write and snapshot copy takes (default a threading.Lock;
+        a benchmark passes one that times its holds)."""
         self.config = config
         self.dim = config.dim
         self._profiles: cachetools.TTLCache[str, Any] = cachetools.TTLCache(max_users, ttl_seconds)
         self._states: cachetools.LRUCache[str, UserState] = cachetools.LRUCache(max_states)
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.Lock()
         self.hits = 0
         self.misses = 0
         self.repeats = 0  # events on an item their user had already consumed, over all users (the

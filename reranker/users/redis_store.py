@@ -67,7 +67,8 @@ from redis.retry import Retry
 from reranker.errors import Overloaded
 from reranker.users import usermodel
 from reranker.users.pending import PendingEvents
-from reranker.users.consumed import ConsumedItems, item_key
+from reranker.itemkeys import item_key
+from reranker.users.consumed import ConsumedItems
 from reranker.users.profiles import (
     InProcessProfileStore, ProfileConfig, UnreadableProfile, UserState, event_id_hash, log_name, log_repair,
 )

@@ -1,7 +1,7 @@
 """Capacity model: for N users, M items, E events/s and R Rerank/s, the memory per replica, Redis
 memory and ops/s (and Redis CPU), and the pods needed; from costs measured on this machine.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/capacity_model.py --users 1000000 --items 100000 \\
+    reranker bench capacity --users 1000000 --items 100000 \\
         --events-per-s 20000 --reranks-per-s 5000 [--sample-users 2000] [--dim 384] [--profile-layout compact]
 
 Measured here (a generator drives them): --sample-users users, each with --events-per-user events
@@ -25,17 +25,15 @@ import math
 import sys
 import time
 import tracemalloc
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
+import redis
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from reranker.config import Settings  # noqa: E402
-from reranker.users.stores import make_profile_store  # noqa: E402
-from reranker.types import Event, EventType  # noqa: E402
+from reranker.config import Settings
+from reranker.tools.harness import RedisServer
+from reranker.types import Event, EventType
+from reranker.users.stores import make_profile_store
 
 
 def generate(rng: np.random.Generator, users: int, per_user: int, items: int) -> list[list[tuple[Event, np.ndarray]]]:
@@ -85,7 +83,7 @@ def redis_costs(settings: Settings, workload: list[list[tuple[Event, np.ndarray]
     time in INFO commandstats, per phase (the full layout's Lua fold; the compact layout's GET and
     compare-and-set)."""
     store = make_profile_store(settings, DIM, lookup=vector_lookup(workload))
-    client = store._writer  # type: ignore[attr-defined]
+    client = redis.Redis.from_url(settings.redis_url)  # the same Redis the store writes to
     client.flushall()
     client.config_resetstat()
     events = 0
@@ -131,9 +129,9 @@ def reranks_per_second(settings: Settings, workload: list[list[tuple[Event, np.n
 DIM = 384
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     global DIM
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="reranker bench capacity", description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--events-per-s", type=float, default=20_000)
@@ -150,10 +148,8 @@ def main() -> int:
     p.add_argument("--redis-shard-gib", type=float, default=25.0, help="memory per Redis master")
     p.add_argument("--redis-replicas", type=int, default=1, help="replicas per Redis master")
     p.add_argument("--profile-layout", choices=("full", "compact"), default="full", help="Settings.profile_layout")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     DIM = args.dim
-    from redis_server import RedisServer
-
     rng = np.random.default_rng(0)
     workload = generate(rng, args.sample_users, args.events_per_user, args.items)
     server = RedisServer().start()

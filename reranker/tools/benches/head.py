@@ -1,6 +1,6 @@
 """Benchmark: per-request cost of the ranking head's features + score, against the fixed blend.
 
-    python scripts/bench_head.py [--head head.npz] [--candidates 100] [--history 50] [--repeat 500]
+    reranker bench head [--head head.npz] [--candidates 100] [--history 50] [--repeat 500]
 
 Prints latency percentiles in milliseconds; no assertions (numbers depend on the machine and its load).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,15 +22,15 @@ def percentiles(samples: list[float]) -> str:
     return " ".join(f"p{q}={np.percentile(ms, q):.3f}" for q in (50, 90, 99))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="reranker bench head", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head", default="", help="a trained artefact; default: a random rank-64 head, d=384")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--history", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=500)
     parser.add_argument("--blas-threads", choices=("default", "1"), default="1",
                         help="1 = what the server does (scoring.single_threaded_blas at load)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.blas_threads == "1":
         scoring.single_threaded_blas()
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """How good the built-in retrievers are on their own: NDCG@10 of each one's top list, leave-last-out.
 
-    python scripts/retriever_quality.py --items items.tsv --events events.tsv [--split validation|eval]
+    python experiments/retriever_quality.py --items items.tsv --events events.tsv [--split validation|eval]
         [--retrievers popularity,itemknn,als,ease,sasrec] [--include-seen] [--sasrec '{"epochs": 50}']
 
 Each retriever is fitted on the histories and recommends its top `--num-candidates` for every user;
@@ -9,7 +9,7 @@ errors over users), Recall@10, the share of consumed items in the top 10, the fi
 NDCG over the `--reference` retriever's on the same users (paired ratio, 95% bootstrap interval).
 
 `--split validation` (the default) drops every eval target first and holds out the event before it,
-exactly like scripts/validate_head.py: choose retriever settings there. `--split eval` measures on
+exactly like experiments/validate_head.py: choose retriever settings there. `--split eval` measures on
 the targets `reranker eval` uses: run it once, with the settings chosen on validation.
 """
 

@@ -15,7 +15,7 @@
    the promoted head's online NDCG@10 (main arm lists served by a head) over the zero-shot arm's,
    with a 95% interval (delta method).
 
-    python scripts/learning_replay.py --data ../shared/data/ml-100k --work build/learning-replay \
+    python experiments/learning_replay.py --data ../shared/data/ml-100k --work build/learning-replay \
         --plot docs/learning-loop-replay.png
 """
 
@@ -31,15 +31,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from reranker.client import RerankerClient  # noqa: E402
-from reranker.config import Settings  # noqa: E402
-from reranker.evaluation import formats, replay  # noqa: E402
-from reranker.evaluation.convert_ml100k import convert  # noqa: E402
-from reranker.learning.learner import Learner, matches  # noqa: E402
-from reranker.learning.logsource import LogSource, Outcome, join  # noqa: E402
-from reranker.tools.loadtest import ServerProcess  # noqa: E402
+from reranker.client import RerankerClient
+from reranker.config import Settings
+from reranker.evaluation import formats, replay
+from reranker.evaluation.convert_ml100k import convert
+from reranker.learning.learner import Learner, matches
+from reranker.learning.logsource import LogSource, Outcome, join
+from reranker.tools.loadtest import ServerProcess
 
 
 def ratio_interval(a: list[float], b: list[float]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Train on the upstream you have: one retriever's lists for half of the users train a head
 (`reranker train --candidates`), the other half's lists from the same retriever evaluate it.
 
-    python scripts/half_split.py --items items.tsv --events events.tsv --retriever ease --out-dir /tmp/half
+    python experiments/half_split.py --items items.tsv --events events.tsv --retriever ease --out-dir /tmp/half
 
 1. Every user's last event is the target (leave-last-out); the retriever is fitted on the histories
    only and gives each user's top-N *with* consumed items (as a real upstream's lists are).

@@ -7,7 +7,7 @@ Runs the same warm Rerank traffic (cached items, a known user) against servers b
 and prints client-side round-trip p50/p99. Interleaves the configurations over several rounds so
 background load hits them alike. Timing on a shared machine is noisy: compare, don't quote alone.
 
-    python scripts/bench_observability.py --calls 2000 --rounds 3
+    reranker bench observability --calls 2000 --rounds 3
 """
 
 from __future__ import annotations
@@ -18,20 +18,17 @@ import logging
 import statistics
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from reranker.serving import server as server_module  # noqa: E402
-from reranker.config import Settings  # noqa: E402
-from reranker.model.encoder import FakeEncoder  # noqa: E402
-from reranker.serving.logs import JsonFormatter  # noqa: E402
-from reranker.service import RerankService  # noqa: E402
-from reranker.v1 import reranker_pb2 as pb  # noqa: E402
-from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402
+from reranker.config import Settings
+from reranker.model.encoder import FakeEncoder
+from reranker.service import RerankService
+from reranker.serving import server as server_module
+from reranker.serving.logs import JsonFormatter
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
 
 class PassThrough:
@@ -69,12 +66,12 @@ def run(settings: Settings, observe: bool, calls: int, candidates: int) -> list[
         running.stop(0)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reranker bench observability", description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--candidates", type=int, default=50)
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
 
     sink = logging.FileHandler("/dev/null")
     sink.setFormatter(JsonFormatter())

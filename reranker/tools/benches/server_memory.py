@@ -6,45 +6,31 @@ until the catalogue is exhausted, then the cache is hot), and prints RSS and pea
 read from /proc after load, after warm-up and after the traffic. These numbers size the
 Kubernetes requests/limits in k8s/base. Linux only.
 
-    python scripts/measure_memory.py --requests 300 --candidates 100
+    reranker bench server-memory --requests 300 --candidates 100
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from reranker.v1 import reranker_pb2 as pb  # noqa: E402
-from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402
-
-ITEMS = ROOT.parent / "shared" / "data" / "ml-100k" / "ml-100k.item"
+from reranker.tools.harness import SHARED_DATA, child_env, free_port, proc_memory, wait_serving
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ITEMS = SHARED_DATA / "ml-100k" / "ml-100k.item"
 
 
 def memory_mib(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of a process in MiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024.0
-    return values["VmRSS"], values["VmHWM"]
+    values = proc_memory(pid)
+    return values["VmRSS"] / 2**20, values["VmHWM"] / 2**20
 
 
 def titles() -> list[str]:
@@ -54,35 +40,28 @@ def titles() -> list[str]:
     return [" ".join(r.split("\t")[1:]) for r in rows]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reranker bench server-memory", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--users", type=int, default=50, help="distinct users the requests cycle through")
     parser.add_argument("--encoder", default="transformer")
     parser.add_argument("--extra", nargs="*", default=[], help="extra `reranker serve` flags")
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
 
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = child_env()
     cmd = [sys.executable, "-m", "reranker", "serve", f"--address=127.0.0.1:{port}", "--metrics-address=",
            f"--encoder={opts.encoder}", *opts.extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
         started = time.monotonic()
-        while True:
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None or time.monotonic() - started > 180:
-                print("server did not become ready", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        try:
+            wait_serving(f"127.0.0.1:{port}", 180.0, proc)
+        except RuntimeError:
+            print("server did not become ready", file=sys.stderr)
+            return 1
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         print(f"ready after {time.monotonic() - started:.1f} s")
         rss, hwm = memory_mib(proc.pid)
         print(f"after load+warm-up: rss={rss:.0f} MiB peak={hwm:.0f} MiB")

@@ -1,6 +1,6 @@
 """Bytes per user profile, full and compact layouts, in process and in Redis, at 5 / 20 / 50 / 200 events per user.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/profile_bytes.py [--users 2000] [--events 5,20,50,200] [--layouts full,compact] [--redis-url redis://...]
+    reranker bench profile-bytes [--users 2000] [--events 5,20,50,200] [--layouts full,compact] [--redis-url redis://...]
 
 Everything goes through the real write path, `RerankService.record_events`, of a fresh service per
 cell (`profile_layout` full or compact, the fake encoder at dim 384, a 10k-item catalog upserted
@@ -22,23 +22,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import shutil
 import sys
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]  # reranker, scripts
+from reranker.config import Settings
+from reranker.model.encoder import FakeEncoder
+from reranker.service import RerankService
+from reranker.tools.harness import RedisServer, RedisUnavailable
+from reranker.types import Event, EventType, Item
 
-from reranker.config import Settings  # noqa: E402
-from reranker.model.encoder import FakeEncoder  # noqa: E402
-from reranker.service import RerankService  # noqa: E402
-from reranker.types import Event, EventType, Item  # noqa: E402
-from bench_users import start_redis  # noqa: E402
 
 CATALOG = 10_000
 SPACING_S = 30.0
@@ -46,17 +43,16 @@ SPACING_S = 30.0
 
 @contextmanager
 def redis_server() -> Iterator[str]:
-    """A throw-away redis-server on a free loopback port (--save '' --appendonly no), stopped and
-    deleted afterwards."""
-    proc, url, tmp = start_redis()
-    if proc is None:
-        raise SystemExit("redis-server is not on PATH (scripts/ensure-redis.sh installs it), or pass --redis-url")
+    """A throw-away redis-server on a free loopback port (persisting nothing), stopped and deleted
+    afterwards."""
     try:
-        yield url
+        server = RedisServer().start()
+    except RedisUnavailable:
+        raise SystemExit("redis-server is not on PATH (scripts/ensure-redis.sh installs it), or pass --redis-url") from None
+    try:
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        server.cleanup()
 
 
 class Workload:
@@ -140,8 +136,8 @@ def in_redis(settings: Settings, work: Workload, id_prefix: str) -> tuple[float,
         client.close()
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="reranker bench profile-bytes", description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--events", default="5,20,50,200", help="events per user, one table row each")
     p.add_argument("--layouts", default="full,compact")
@@ -149,7 +145,7 @@ def main() -> int:
     p.add_argument("--no-redis", action="store_true", help="in-process columns only")
     p.add_argument("--id-prefix", default="item-", help="item ids are <prefix><0..9999> ('' = decimal ids)")
     p.add_argument("--target-bytes", type=int, default=4096)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     levels = [int(x) for x in args.events.split(",")]
     base = dict(encoder="fake", fake_dim=384, metrics_address="", warmup=False, log_level="WARNING", access_log=False,
                 item_cache_size=CATALOG, user_cache_size=args.users + 10, user_ttl_seconds=1e9,

@@ -62,7 +62,7 @@ from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
     from reranker.config import Settings
-    from reranker.serving.metrics import Metrics
+    from reranker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ def consume(settings: Settings) -> int:
     """`reranker consume`: load the model, then record the stream's events until SIGTERM / SIGINT."""
     import signal
 
-    from reranker.serving.metrics import MetricsEndpoint
+    from reranker.metrics import MetricsEndpoint
     from reranker.service import RerankService
 
     if not settings.redis_url:

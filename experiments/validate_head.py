@@ -1,6 +1,6 @@
 """Choose `reranker train` settings without touching the evaluation targets: one step back in time.
 
-    python scripts/validate_head.py --items items.tsv --events events.tsv [--config '{"neighbours": 20}']
+    python experiments/validate_head.py --items items.tsv --events events.tsv [--config '{"neighbours": 20}']
 
 Every user's last event (the target `reranker eval` measures) is dropped first. On what remains,
 the last event becomes the *validation* target and the events before it the validation history;

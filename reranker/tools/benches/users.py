@@ -1,7 +1,7 @@
 """Benchmark of the user model: event ingestion throughput, the latency a new event adds to the next
 Rerank, and memory per user; with the in-process store and with Redis.
 
-    python scripts/bench_users.py [--redis-url redis://...] [--dim 384] [--quick]
+    reranker bench users [--redis-url redis://...] [--dim 384] [--quick]
 
 Everything goes through a real gRPC server on loopback (the fake encoder, so item vectors are
 cheap; they are upserted first, as a catalog warm-up would, and events name items by id). Without
@@ -15,57 +15,34 @@ import argparse
 import dataclasses
 import gc
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from reranker.config import Settings
+from reranker.model.encoder import FakeEncoder
+from reranker.service import RerankService
+from reranker.serving.server import build_server
+from reranker.tools.harness import RedisServer, RedisUnavailable
+from reranker.types import Event, EventType
+from reranker.users.profiles import InProcessProfileStore, ProfileConfig
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
-from reranker.config import Settings  # noqa: E402
-from reranker.model.encoder import FakeEncoder  # noqa: E402
-from reranker.users.profiles import InProcessProfileStore, ProfileConfig  # noqa: E402
-from reranker.serving.server import build_server  # noqa: E402
-from reranker.service import RerankService  # noqa: E402
-from reranker.types import Event, EventType  # noqa: E402
-from reranker.v1 import reranker_pb2 as pb  # noqa: E402
-from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402
 
 ITEMS = 2000
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes] | None, str, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None, "", ""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="bench-redis-")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    client.close()
-    return proc, f"redis://127.0.0.1:{port}/0", tmp
 
 
 def ev(user: str, i: int, event_id: str = "") -> pb.Event:
@@ -148,7 +125,8 @@ def in_process_bytes_per_user(settings: Settings, users: int, events: int) -> fl
     vectors = rng.standard_normal((64, settings.fake_dim)).astype(np.float32)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    store = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9)
+    lock = TimedLock()
+    store = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9, lock=lock)
     for u in range(users):
         store.apply([(Event(f"user-{u:06d}", f"item-{k}", EventType.CLICK, 1e9 + k, f"ev-{u}-{k}"), vectors[k % 64])
                      for k in range(events)], now=1e9)
@@ -157,13 +135,33 @@ def in_process_bytes_per_user(settings: Settings, users: int, events: int) -> fl
     return used / users
 
 
+class TimedLock:
+    """A store lock that records its longest hold while `timing` is on."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.timing = False
+        self.longest = 0.0
+        self.taken = 0.0
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.taken = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.timing:
+            self.longest = max(self.longest, time.perf_counter() - self.taken)
+        self.lock.release()
+
+
 def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str, str]]:
     from reranker.model.items import ItemVectorCache
     from reranker.users.snapshot import load_snapshot, save_snapshot
 
     config = ProfileConfig.from_settings(settings, settings.fake_dim)
     vectors = np.random.default_rng(0).standard_normal((64, settings.fake_dim)).astype(np.float32)
-    store = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9)
+    lock = TimedLock()
+    store = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9, lock=lock)
     for u in range(users):
         store.apply([(Event(f"user-{u:06d}", f"item-{k}", EventType.CLICK, 1e9 + k, f"ev-{u}-{k}"), vectors[k % 64])
                      for k in range(events)], now=1e9)
@@ -174,23 +172,11 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
     items = ItemVectorCache(ITEMS, settings.fake_dim)
     tmp = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
     try:
-        longest = 0.0
-        lock = store._lock  # measure how long a snapshot holds the store's lock at a time
-
-        class TimedLock:
-            def __enter__(self) -> None:
-                lock.acquire()
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc: object) -> None:
-                nonlocal longest
-                longest = max(longest, time.perf_counter() - self.t)
-                lock.release()
-
-        store._lock = TimedLock()  # type: ignore[assignment]
+        lock.timing = True  # how long a snapshot holds the store's lock at a time
         for _ in store.export_chunks(2000):
             pass
-        store._lock = lock
+        lock.timing = False
+        longest = lock.longest
         saved = save_snapshot(tmp / "s.npz", items=items, profiles=store, model_version="bench", dim=settings.fake_dim)
         fresh = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9)
         loaded = load_snapshot(tmp / "s.npz", items=ItemVectorCache(ITEMS, settings.fake_dim), profiles=fresh,
@@ -227,22 +213,26 @@ def redis_bytes_per_user(settings: Settings, users: int, events: int) -> float:
     return total / users
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reranker bench users", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
     parser.add_argument("--dim", type=int, default=384, help="vector size (384 = all-MiniLM-L6-v2)")
     parser.add_argument("--rounds", type=int, default=300, help="latency samples per measurement")
     parser.add_argument("--quick", action="store_true", help="a tenth of the work (smoke run)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.scale = 10 if args.quick else 1
     if args.quick:
         args.rounds = max(20, args.rounds // 10)
     base = Settings(address="127.0.0.1:0", encoder="fake", fake_dim=args.dim, warmup=False, log_level="WARNING",
                     metrics_address="", access_log=False)
-    proc, tmp = None, ""
+    throwaway = None
     redis_url = args.redis_url
     if not redis_url:
-        proc, redis_url, tmp = start_redis()
+        try:
+            throwaway = RedisServer().start()
+            redis_url = throwaway.url
+        except RedisUnavailable:
+            pass  # no redis-server: the in-process rows only
     rows: list[tuple[str, str]] = []
     try:
         rows += run_backend("in-process", base, args)
@@ -258,10 +248,8 @@ def main() -> int:
                              f"{redis_bytes_per_user(dataclasses.replace(base, redis_url=redis_url), 500 // args.scale, events):,.0f} bytes"))
         rows += snapshot_rows(base, 5000 // args.scale, 20)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-            shutil.rmtree(tmp, ignore_errors=True)
+        if throwaway is not None:
+            throwaway.cleanup()
     print("| measurement | value |\n| --- | --- |")
     for name, value in rows:
         print(f"| {name} | {value} |")

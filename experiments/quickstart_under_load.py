@@ -5,7 +5,7 @@ runs after the first that were VARIANT_RERANKED with a reordered list. `--no-ups
 quickstart's UpsertItems call: every text is then new to the first Rerank, which has 200 ms to
 encode it (what the late encodes are for). Uses the server's defaults (the packaged MiniLM).
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/quickstart_under_load.py --runs 10 --busy 2
+    PYTHONPATH=$PWD .venv/bin/python experiments/quickstart_under_load.py --runs 10 --busy 2
 """
 
 from __future__ import annotations

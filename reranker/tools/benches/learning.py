@@ -10,8 +10,8 @@
         as a share of the server's CPU per request with the log off. The request path's part (one
         deque append per list or event batch) is not in the writer's counter; it is in the first.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_learning.py swap
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_learning.py cpu
+    reranker bench learning swap
+    reranker bench learning cpu
 """
 
 from __future__ import annotations
@@ -19,19 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from reranker.ranking import head as ranking_head
 from reranker.model.encoder import FakeEncoder
-from reranker.tools.loadtest import ServerProcess, Workload, run_load, warm_up
+from reranker.ranking import head as ranking_head
+from reranker.tools.harness import ServerProcess, free_port
+from reranker.tools.loadtest import Workload, run_load, warm_up
+
 
 DIM = 384
 
@@ -107,12 +109,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _writer_cpu_seconds(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for line in text.splitlines():
@@ -130,7 +126,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, object]:
         for round_ in range(args.rounds):
             for mode in ("off", "on"):
                 extra = ["--training-log-dir", str(Path(tmp) / f"log-{round_}"), "--training-log-sample", "1.0"] if mode == "on" else []
-                port = _free_port()
+                port = free_port()
                 server_args = ["--encoder", "fake", "--metrics-address", f"127.0.0.1:{port}", "--access-log-sample", "0", *extra]
                 with ServerProcess(server_args) as server:
                     server.wait_serving()
@@ -155,8 +151,8 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reranker bench learning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=("swap", "cpu"))
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per phase / run")
     parser.add_argument("--candidates", type=int, default=100)

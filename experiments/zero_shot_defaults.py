@@ -1,7 +1,7 @@
 """Choose the zero-shot defaults on the validation split: blend weight x consumed-item policy, through
 one real server, on every built-in retriever's lists with and without consumed items.
 
-    python scripts/zero_shot_defaults.py --items items.tsv --events events.tsv \
+    python experiments/zero_shot_defaults.py --items items.tsv --events events.tsv \
         --retriever popularity,itemknn,als,ease,sasrec --blend 0.1,0.2,0.3,0.5 --policy learned,keep
 
 One step back in time: every user's last event (the eval target) is dropped first; the new last

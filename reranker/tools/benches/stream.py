@@ -1,6 +1,6 @@
 """Throughput of `reranker consume` and its lag under a 2x burst, against a real redis-server.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_stream.py --redis-url redis://127.0.0.1:6379/0
+    reranker bench stream --redis-url redis://127.0.0.1:6379/0
 
 Starts a throw-away redis-server itself when --redis-url is empty. Phase 1: --events entries are
 queued, then consumed flat out (events/s, profile writes in the same Redis). Phase 2: a producer
@@ -15,15 +15,12 @@ import argparse
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from reranker.config import Settings  # noqa: E402
-from reranker.service import RerankService  # noqa: E402
-from reranker.users.streamconsumer import StreamConsumer  # noqa: E402
+from reranker.config import Settings
+from reranker.service import RerankService
+from reranker.streamconsumer import StreamConsumer
+from reranker.tools.harness import RedisServer
 
 
 def push(client, start: int, n: int, users: int, items: int, key: str) -> None:  # type: ignore[no-untyped-def]
@@ -34,20 +31,18 @@ def push(client, start: int, n: int, users: int, items: int, key: str) -> None: 
     pipe.execute()
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="reranker bench stream", description=__doc__.splitlines()[0])
     p.add_argument("--redis-url", default="")
     p.add_argument("--events", type=int, default=20_000)
     p.add_argument("--users", type=int, default=2_000)
     p.add_argument("--items", type=int, default=1_000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--burst-seconds", type=float, default=5.0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     server = None
     url = args.redis_url
     if not url:
-        from redis_server import RedisServer
-
         server = RedisServer().start()
         url = server.url
     settings = Settings(encoder="fake", fake_dim=64, redis_url=url, stream_key="bench:events", stream_group="bench",

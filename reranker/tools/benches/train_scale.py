@@ -1,6 +1,6 @@
 """Scale benchmark of `reranker train`: a generated log of 1M events, 100k items, 100k users.
 
-    python scripts/bench_train_scale.py [--workdir /tmp/scale] [--events 1000000] [--items 100000]
+    reranker bench train-scale [--workdir /tmp/scale] [--events 1000000] [--items 100000]
         [--users 100000] [--threads 1] [--encoder fake|transformer] [--runtime torch|onnx]
         [--encoder-sample 2000]
 
@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from reranker.tools.harness import child_env
 
 
 def generate(workdir: Path, n_events: int, n_items: int, n_users: int, seed: int = 0) -> None:
@@ -68,8 +68,7 @@ def train(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
     cmd = [sys.executable, "-m", "reranker", "train", "--items", str(workdir / "items.tsv"),
            "--events", str(workdir / "events.tsv"), "--output", str(workdir / "head.npz"),
            "--encoder", args.encoder, "--runtime", args.runtime, "--torch-threads", str(args.threads), "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads),
-           "OPENBLAS_NUM_THREADS": str(args.threads)}
+    env = child_env(OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -99,8 +98,8 @@ def encoder_time(workdir: Path, args: argparse.Namespace, n_items: int) -> dict[
             "texts_per_s": round(len(texts) / seconds, 1), "catalog_estimate_s": round(n_items * seconds / len(texts), 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="reranker bench train-scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/reranker-scale"))
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--items", type=int, default=100_000)
@@ -110,7 +109,7 @@ def main() -> None:
     parser.add_argument("--runtime", default="onnx", choices=("torch", "onnx"))
     parser.add_argument("--encoder-sample", type=int, default=0, help="also time the real encoder on N texts")
     parser.add_argument("--reuse", action="store_true", help="keep the generated files of an earlier run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not (args.reuse and (args.workdir / "events.tsv").is_file()):

@@ -1,6 +1,6 @@
 """Offline check of the user-model settings on MovieLens 100K (next-item ranking by semantic score).
 
-    python scripts/eval_user_model.py [--data ../shared/data/ml-100k] [--encoder transformer|fake] [--split validation|test]
+    python experiments/eval_user_model.py [--data ../shared/data/ml-100k] [--encoder transformer|fake] [--split validation|test]
 
 For every user, events are replayed in time order (rating >= 4 -> like, 3 -> view, <= 2 ->
 dislike) through the same pure functions the server uses (reranker/users/usermodel.py, scoring.py).
@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from reranker.ranking import scoring  # noqa: E402
+from reranker.config import Settings
+from reranker.model.loader import load_encoder
+from reranker.ranking import scoring
 from reranker.users import usermodel
-from reranker.config import Settings  # noqa: E402
-from reranker.model.loader import load_encoder  # noqa: E402
+
 
 RATING_WEIGHT = {5: 2.0, 4: 2.0, 3: 0.5, 2: -1.5, 1: -1.5}  # like / view / dislike with default weights
 

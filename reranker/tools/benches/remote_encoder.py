@@ -1,7 +1,7 @@
 """encoder=remote against a real embedding server: fidelity, throughput through the sidecar, fail-open.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_remote_encoder.py --infinity /path/to/infinity_emb
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_remote_encoder.py --encoder-url http://tei:8080 \
+    reranker bench remote-encoder --infinity /path/to/infinity_emb
+    reranker bench remote-encoder --encoder-url http://tei:8080 \
         --encoder-model sentence-transformers/all-MiniLM-L6-v2 --no-kill
 
 With --infinity (or RERANKER_TEST_INFINITY_EMB) it starts `infinity_emb` serving the packaged MiniLM
@@ -21,26 +21,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+import grpc
+import numpy as np
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
+from reranker.config import Settings
+from reranker.model.encoder import PACKAGED_MODEL_NAME, TransformerEncoder, packaged_model_dir
+from reranker.model.remote_encoder import RemoteEncoder
+from reranker.service import RerankService
+from reranker.serving.server import build_server
+from reranker.tools.harness import SHARED_DATA
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
-from reranker.config import Settings  # noqa: E402
-from reranker.model.encoder import PACKAGED_MODEL_NAME, TransformerEncoder, packaged_model_dir  # noqa: E402
-from reranker.model.remote_encoder import RemoteEncoder  # noqa: E402
-from reranker.serving.server import build_server  # noqa: E402
-from reranker.service import RerankService  # noqa: E402
-from reranker.v1 import reranker_pb2 as pb  # noqa: E402
-from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402
 
 def movie_titles(data: Path) -> list[str]:
     lines = (data / "ml-100k" / "ml-100k.item").read_text(encoding="latin-1").splitlines()[1:]
@@ -129,13 +127,13 @@ def fail_open_run(args: argparse.Namespace, url: str, stop_server: object) -> Co
     return outcomes
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="reranker bench remote-encoder", description=__doc__.splitlines()[0])
     p.add_argument("--infinity", default=os.environ.get("RERANKER_TEST_INFINITY_EMB", ""),
                    help="infinity_emb executable to start (serving the packaged MiniLM)")
     p.add_argument("--encoder-url", default="")
     p.add_argument("--encoder-model", default=PACKAGED_MODEL_NAME)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="holds ml-100k/ and mind-sample/")
+    p.add_argument("--data", type=Path, default=SHARED_DATA, help="holds ml-100k/ and mind-sample/")
     p.add_argument("--texts", type=int, default=200)
     p.add_argument("--upsert", type=int, default=1000)
     p.add_argument("--per-request", type=int, default=100, help="items per UpsertItems request")
@@ -148,14 +146,14 @@ def main() -> int:
                         "oversubscribes a small machine that also runs the sidecar)")
     p.add_argument("--reranks", type=int, default=300)
     p.add_argument("--no-kill", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     server = None
     url = args.encoder_url
     if not url:
         if not args.infinity:
             p.error("give --encoder-url, or --infinity (or RERANKER_TEST_INFINITY_EMB) to start infinity_emb")
-        from embedding_server import InfinityServer
+        from reranker.tools.harness import InfinityServer
 
         started = time.perf_counter()
         server = InfinityServer(packaged_model_dir(), args.encoder_model, args.infinity, threads=args.server_threads).start()

@@ -1,6 +1,6 @@
 """How far collaborative filtering alone reorders a retriever's list: a reference for the head.
 
-    python scripts/cf_reference.py --items items.tsv --events events.tsv [--split validation|eval]
+    python experiments/cf_reference.py --items items.tsv --events events.tsv [--split validation|eval]
         [--list popularity] [--scorers itemknn,als,ease] [--ease-lambda 50,200,500,1000]
 
 For every user, the `--list` retriever's top `--num-candidates` unseen items (fitted on the
@@ -8,7 +8,7 @@ histories) are reordered by another built-in retriever's score (`Retriever.score
 same histories): no text, no head, no server. It prints one JSON line per scorer with NDCG@10 of
 the list's own order and of the reordered list, their ratio and its 95% paired bootstrap interval.
 
-`--split validation` (the default) steps back one event exactly like scripts/validate_head.py (the
+`--split validation` (the default) steps back one event exactly like experiments/validate_head.py (the
 eval targets are dropped and never read); choose EASE's lambda there. `--split eval` measures on
 the eval targets that `reranker eval` uses: run it once, with the lambda chosen on validation, to
 put the head's eval numbers next to what plain CF achieves on the same lists.

@@ -1,6 +1,6 @@
 """Benchmark of a burst: 10^6 events for one user, then Rerank for that user and for an ordinary one.
 
-    python scripts/bench_bursts.py [--events 1000000] [--dim 384] [--redis] [--reranks 2000]
+    reranker bench bursts [--events 1000000] [--dim 384] [--redis] [--reranks 2000]
 
 A real gRPC server on loopback (fake encoder; the 50 items are upserted first, events name them by
 id) receives the burst through StreamEvents. Printed: ingestion rate; the bytes held for the burst
@@ -16,29 +16,25 @@ import dataclasses
 import statistics
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reranker.config import Settings
+from reranker.model.encoder import FakeEncoder
+from reranker.service import RerankService
+from reranker.serving.server import build_server
+from reranker.tools.harness import RedisServer, rss_bytes
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
-from reranker.config import Settings  # noqa: E402
-from reranker.model.encoder import FakeEncoder  # noqa: E402
-from reranker.serving.server import build_server  # noqa: E402
-from reranker.service import RerankService  # noqa: E402
-from reranker.v1 import reranker_pb2 as pb  # noqa: E402
-from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402
 
 ITEMS = 50
 
 
 def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    rss = rss_bytes()
+    return float("nan") if rss is None else rss / 2**20
 
 
 def events(user: str, n: int, now: float) -> Iterator[pb.Event]:
@@ -61,18 +57,16 @@ def rerank_ms(stub: pb_grpc.RerankerServiceStub, users: list[str], calls: int) -
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reranker bench bursts", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--reranks", type=int, default=2000)
     parser.add_argument("--redis", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     redis_server = None
     settings = Settings(address="127.0.0.1:0", encoder="fake", fake_dim=args.dim, metrics_address="", access_log=False)
     if args.redis:
-        from redis_server import RedisServer
-
         redis_server = RedisServer().start()
         settings = dataclasses.replace(settings, redis_url=redis_server.url, redis_timeout_ms=1000.0)
     now = time.time()

@@ -1,6 +1,6 @@
 """Does the compact profile layout rank like the full one? Measured on ml-100k through real RerankServices.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/compact_profile_fidelity.py [--encoder transformer|fake] [--history all|N] [--item-cache-size 300] [--redis]
+    python experiments/compact_profile_fidelity.py [--encoder transformer|fake] [--history all|N] [--item-cache-size 300] [--redis]
 
 Two RerankService instances, one per `profile_layout` (full = today's, compact), plus a third
 compact one whose item cache (--item-cache-size) is too small to hold the users' history items
@@ -34,22 +34,20 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # reranker, and profile_bytes next to this script
+from reranker.config import Settings
+from reranker.evaluation.convert_ml100k import load_events, load_items
+from reranker.model.encoder import Encoder
+from reranker.model.loader import load_encoder
+from reranker.service import RerankService
+from reranker.tools.benches.profile_bytes import redis_server
+from reranker.tools.harness import SHARED_DATA
+from reranker.types import Candidate, Event, EventType, Item, RerankQuery, RerankResult
 
-from reranker.config import Settings  # noqa: E402
-from reranker.evaluation.convert_ml100k import load_events, load_items  # noqa: E402
-from reranker.model.encoder import Encoder  # noqa: E402
-from reranker.model.loader import load_encoder  # noqa: E402
-from reranker.service import RerankService  # noqa: E402
-from reranker.types import Candidate, Event, EventType, Item, RerankQuery, RerankResult  # noqa: E402
-from profile_bytes import redis_server  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "ml-100k"
+DATA = SHARED_DATA / "ml-100k"
 OWN_CANDIDATES = 30  # of the user's own recorded items among the candidates
 RECORD_BATCH = 500
 K = 10

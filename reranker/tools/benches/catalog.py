@@ -1,6 +1,6 @@
 """A second replica on a shared catalog: time to warm Reranks, and what the catalog costs in RSS.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/measure_catalog.py --items 100000 --dim 384
+    reranker bench catalog --items 100000 --dim 384
 
 Writes a catalog of --items random unit vectors (the fake encoder's model version, so a
 `--encoder fake` server accepts it; the point is memory and start-up, not the vectors), then starts
@@ -14,7 +14,6 @@ before and after, from /proc/<pid>/status.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import signal
@@ -23,30 +22,21 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-
-from reranker.model.catalog import write_catalog  # noqa: E402
-from reranker.model.encoder import FakeEncoder  # noqa: E402
-from reranker.v1 import reranker_pb2 as pb  # noqa: E402
-from reranker.v1 import reranker_pb2_grpc as pb_grpc  # noqa: E402
+from reranker.model.catalog import write_catalog
+from reranker.model.encoder import FakeEncoder
+from reranker.tools.harness import REPO, child_env, proc_memory, wait_serving
+from reranker.v1 import reranker_pb2 as pb
+from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
 
 def rss(pid: int) -> dict[str, int]:
-    out = {}
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines() + Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-    for line in lines:
-        if line.startswith(("RssAnon", "RssFile", "VmRSS", "Pss:", "Shared_Clean", "Private_Clean", "Shared_Dirty")):
-            name, value = line.split(":")
-            out[name] = int(value.split()[0]) * 1024
-    return out
+    return proc_memory(pid, smaps=True)
 
 
 def start(catalog: Path | None, dim: int) -> tuple[subprocess.Popen[str], int, float]:
@@ -55,7 +45,7 @@ def start(catalog: Path | None, dim: int) -> tuple[subprocess.Popen[str], int, f
         [sys.executable, "-m", "reranker", "serve", "--encoder", "fake", "--fake-dim", str(dim), "--address",
          "127.0.0.1:0", "--metrics-address", "", "--catalog-path", str(catalog or ""), "--no-warmup",
          "--grace-seconds", "1"],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=child_env(), stderr=subprocess.PIPE, text=True,
     )
     assert process.stderr is not None
     for line in process.stderr:
@@ -65,13 +55,13 @@ def start(catalog: Path | None, dim: int) -> tuple[subprocess.Popen[str], int, f
     raise RuntimeError(f"server exited with {process.wait()}")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="reranker bench catalog", description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--dtype", default="float16")
     p.add_argument("--replicas", type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="catalog-"))
     path = tmp / "catalog.bin"
     rng = np.random.default_rng(0)
@@ -88,9 +78,7 @@ def main() -> int:
     try:
         baseline, port, _ = start(None, args.dim)  # the same server without a catalog
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-            time.sleep(0.01)
+        wait_serving(f"127.0.0.1:{port}", 600.0, baseline, poll_s=0.01)
         pb_grpc.RerankerServiceStub(channel).Rerank(pb.RerankRequest(user_id="u", candidates=[
             pb.Candidate(item_id=f"item-{i}", score=1.0) for i in range(100)]))
         base = rss(baseline.pid)
@@ -102,9 +90,7 @@ def main() -> int:
             process, port, spawned = start(path, args.dim)
             processes.append(process)
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-            health = health_pb2_grpc.HealthStub(channel)
-            while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-                time.sleep(0.01)
+            wait_serving(f"127.0.0.1:{port}", 600.0, process, poll_s=0.01)
             healthy = time.perf_counter()
             stub = pb_grpc.RerankerServiceStub(channel)
             stub.RecordEvents(pb.RecordEventsRequest(events=[
