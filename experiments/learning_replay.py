@@ -6,7 +6,7 @@
 2. `reranker replay`'s code plays ml-100k's later half (by time) as live traffic: before each
    event, the user's item-kNN upstream list (fitted on the first half; consumed items kept in it)
    is reranked, then the event is recorded;
-3. the learner (reranker.learning.learner, in this process) looks at the log after every
+3. the learner (reranker.learner.learner, in this process) looks at the log after every
    `--look` lists, in lockstep with the replay (the traffic pauses while it trains, so the run does
    not depend on how fast this machine trains); it trains, gates, canaries, promotes or rolls back
    on its own;
@@ -36,7 +36,7 @@ from reranker.client import RerankerClient
 from reranker.config import Settings
 from reranker.evaluation import formats, replay
 from reranker.evaluation.convert_ml100k import convert
-from reranker.learning.learner import Learner, matches
+from reranker.learner.learner import Learner, matches
 from reranker.learning.logsource import LogSource, Outcome, join
 from reranker.tools.loadtest import ServerProcess
 

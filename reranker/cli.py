@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
 
     add_commands(commands)
-    from reranker.learning.learncli import add_command as add_learn_command  # learn run | status | bench
+    from reranker.learner.learncli import add_command as add_learn_command  # learn run | status | bench
 
     add_learn_command(commands)
     bench = commands.add_parser("bench", help="benchmarks and measurement tools (`reranker bench --help` lists them)")

@@ -91,6 +91,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("wire", ("reranker.v1",)),
     ("edges", ("reranker.serving", "reranker.client", "reranker.streamconsumer")),
     ("evaluation", ("reranker.evaluation",)),
+    # the learner process: trains with evaluation's trainer, gates with in-process services
+    ("learner", ("reranker.learner",)),
     ("tools", ("reranker.tools",)),
     # the command line and the `python -m` entry points dispatch to every command
     ("entry points", ("reranker.cli", "reranker.__main__", "reranker.probe")),

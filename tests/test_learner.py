@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from reranker.config import Settings
-from reranker.learning import bench, confseq
-from reranker.learning.learner import Learner
+from reranker.learner import bench
+from reranker.learning import confseq
+from reranker.learner.learner import Learner
 from reranker.learning.publishing import TMP_MARK, History
 from reranker.learning.simulate import Traffic, toy_head
 from reranker.model.encoder import FakeEncoder

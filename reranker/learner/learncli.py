@@ -54,7 +54,7 @@ def _learn(args: argparse.Namespace, _argv: Any) -> int:
     if args.action == "status":
         return _status(settings, args.json)
     if args.action == "bench":
-        from reranker.learning import bench
+        from reranker.learner import bench
 
         kinds = [k for k in args.kinds.split(",") if k]
         if any(k not in bench.KINDS for k in kinds) or args.runs < 1:
@@ -72,7 +72,7 @@ def _given(args: argparse.Namespace) -> set[str]:
 
 
 def _status(settings: Settings, as_json: bool) -> int:
-    from reranker.learning.learner import status_lines
+    from reranker.learner.learner import status_lines
     from reranker.learning.publishing import History
 
     path = Path(settings.learn_history_path)
@@ -89,7 +89,7 @@ def _status(settings: Settings, as_json: bool) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from reranker.learning.learner import Learner
+    from reranker.learner.learner import Learner
     from reranker.ranking import head as ranking_head
 
     candidate = None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from reranker.config import Settings
-from reranker.learning.learner import Learner
+from reranker.learner.learner import Learner
 from reranker.learning.simulate import Traffic, toy_head
 
 KINDS = {"aa": 1.0, "worse": 0.9, "better": 1.1}

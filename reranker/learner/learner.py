@@ -41,7 +41,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from reranker.config import Settings
 from reranker.evaluation import formats
-from reranker.learning import confseq, offlinegate, publishing
+from reranker.learner import offlinegate
+from reranker.learning import confseq, publishing
 from reranker.learning.logsource import LogSource, Outcome, join
 from reranker.ranking import arms as arms_module
 from reranker.ranking import head as ranking_head
