@@ -82,7 +82,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # plain types, errors, settings, and leaf helpers that several domain packages share
     ("core", ("reranker.__init__", "reranker.types", "reranker.errors", "reranker.config", "reranker.signals",
               "reranker.runtimesettings", "reranker.itemkeys", "reranker.vectors", "reranker.history",
-              "reranker.records", "reranker.userhash", "reranker.metrics", "reranker.cancellation")),
+              "reranker.records", "reranker.userhash", "reranker.metrics", "reranker.cancellation",
+              "reranker.fileio")),
     ("vectors of items", ("reranker.model",)),
     ("user state and ranking", ("reranker.users", "reranker.ranking")),
     ("learning", ("reranker.learning",)),

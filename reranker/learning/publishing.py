@@ -24,24 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from reranker.fileio import fsync_dir
 from reranker.ranking import head as ranking_head
 
 log = logging.getLogger(__name__)
 
 TMP_MARK = ".learn-tmp-"
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _tmp_path(dest: Path) -> Path:
@@ -60,7 +48,7 @@ def publish(dest: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def publish_head(head: ranking_head.RankingHead, dest: Path) -> None:
@@ -77,7 +65,7 @@ def withdraw(dest: Path) -> bool:
         dest.unlink()
     except FileNotFoundError:
         return False
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return True
 
 

@@ -268,6 +268,32 @@ def _bad_catalogs(good: bytes, work_dir: Path) -> list[tuple[str, bytes]]:
     return bad
 
 
+class _Channel:
+    """A channel to wherever `serve` listens now (a restarted server gets a new port)."""
+
+    def __init__(self, target: Callable[[], str | None]) -> None:
+        self._target = target
+        self._at: str | None = None
+        self._channel: grpc.Channel | None = None
+        self.stub: pb_grpc.RerankerServiceStub | None = None
+        self.health: health_pb2_grpc.HealthStub | None = None
+
+    def follow(self) -> bool:
+        """Point at the current server; False while there is none."""
+        target = self._target()
+        if target is None:
+            return False
+        if target != self._at:
+            self.close()
+            self._at, self._channel = target, grpc.insecure_channel(target)
+            self.stub, self.health = pb_grpc.RerankerServiceStub(self._channel), health_pb2_grpc.HealthStub(self._channel)
+        return True
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+
 # --- the run ----------------------------------------------------------------------------------------
 class ChaosSoak:
     def __init__(self, work_dir: Path, *, duration_s: float, faults: int, seed: int, catalog_items: int = 300,
@@ -366,17 +392,12 @@ class ChaosSoak:
     def _writer(self) -> None:
         rng = random.Random(1)
         user_n, sent, seq = 0, 0, 0
-        channel_target, stub, channel = None, None, None
+        channel = _Channel(self._target)
         while not self.stop.is_set():
-            target = self._target()
-            if target is None:
+            if not channel.follow():
                 time.sleep(0.05)
                 continue
-            if target != channel_target:
-                if channel is not None:
-                    channel.close()
-                channel = grpc.insecure_channel(target)
-                channel_target, stub = target, pb_grpc.RerankerServiceStub(channel)
+            stub = channel.stub
             if sent >= self.events_per_user:
                 user_n, sent = user_n + 1, 0
             user = f"rpc-user-{user_n}"
@@ -398,8 +419,7 @@ class ChaosSoak:
                 code = exc.code().name  # type: ignore[attr-defined]
                 self.report.record_outcomes[("with a poisoned user: " if with_victim else "") + code] += 1
             time.sleep(0.01)
-        if channel is not None:
-            channel.close()
+        channel.close()
 
     def _producer(self) -> None:
         rng = random.Random(2)
@@ -440,18 +460,12 @@ class ChaosSoak:
 
     def _reader(self) -> None:
         rng = random.Random(3)
-        channel_target, stub, health, channel = None, None, None, None
+        channel = _Channel(self._target)
         while not self.stop.is_set():
-            target = self._target()
-            if target is None:
+            if not channel.follow():
                 time.sleep(0.05)
                 continue
-            if target != channel_target:
-                if channel is not None:
-                    channel.close()
-                channel = grpc.insecure_channel(target)
-                channel_target = target
-                stub, health = pb_grpc.RerankerServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+            stub, health = channel.stub, channel.health
             assert stub is not None and health is not None
             try:
                 said: int | None = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
@@ -487,8 +501,7 @@ class ChaosSoak:
             if any(not math.isfinite(v) for v in scores):
                 self.report.nan_scores += 1
             time.sleep(0.02)
-        if channel is not None:
-            channel.close()
+        channel.close()
 
     # --- faults ---------------------------------------------------------------------------------------
     def _inject(self, name: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reranker.fileio import fsync_dir
 from reranker.types import Event, EventType
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,7 @@ class PendingEvents:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_dir(self.path.parent)
         log.info("kept %d events for Redis in %s until the next start", len(events), self.path)
 
     def load(self, dim: int) -> list[tuple[Event, np.ndarray | None]]:

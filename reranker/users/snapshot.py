@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reranker.fileio import fsync_dir
 from reranker.users.consumed import ConsumedItems
 from reranker.users import usermodel
 from reranker.model.items import ItemVectorCache, unusable_rows
@@ -185,23 +186,10 @@ def save_snapshot(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     info = SnapshotInfo(str(path), len(item_ids), users, path.stat().st_size, time.perf_counter() - started)
     log.info("snapshot saved: %d items, %d users, %d bytes in %.2f s", info.items, info.users, info.bytes, info.seconds)
     return info
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temps(path: str | os.PathLike[str]) -> int:
