@@ -49,9 +49,11 @@ def _prepared(form: str, candidates: int, dim: int) -> tuple[object, list[bytes]
     requests = [workload.request(0, i).SerializeToString() for i in range(20)]  # type: ignore[attr-defined]
     limits = convert.Limits.from_settings(settings)
 
+    try_cached = getattr(service, "try_cached", None)  # a version before it: rerank(may_block=False)
+
     def one(data: bytes) -> bytes:
         query = convert.rerank_query(pb.RerankRequest.FromString(data), limits)
-        result = service.rerank(query, None, may_block=False)
+        result = try_cached(query, None) if try_cached is not None else service.rerank(query, None, may_block=False)
         options = query.options
         if getattr(options, "packed", False):
             return convert.encode_rerank_response(result, False, options).data

@@ -23,7 +23,8 @@ from reranker.errors import InvalidRequest
 from reranker.users.eventpolicy import EventRefused
 from reranker.users.ingest import ready_batches
 from reranker.serving.observability import Observer
-from reranker.service import RerankService, WouldBlock
+from reranker.pipeline import Resume
+from reranker.service import RerankService
 from reranker.types import Event, RecordResult
 from reranker.v1 import reranker_pb2 as pb
 
@@ -83,14 +84,13 @@ class RerankerServicer:
             query = convert.rerank_query(request, self._limits)
         remaining, service, options = _remaining(context), self._service, query.options
         columns, packed = options.columns, (options if options.packed else None)
-        if service.profiles_in_process:
-            try:
-                return convert.encode_rerank_response(service.rerank(query, remaining, may_block=False), columns, packed)
-            except WouldBlock as wait:
-                lookups = {"lookup": wait.lookup, "event_lookup": wait.event_lookup}
-        else:
-            lookups = {}
-        result = await self._blocking(service.rerank, query, context, **lookups)
+        resume: Resume | None = None
+        if service.profiles_in_process:  # answered on the event loop where nothing needs encoding
+            first = service.try_cached(query, remaining)
+            if not isinstance(first, Resume):
+                return convert.encode_rerank_response(first, columns, packed)
+            resume = first
+        result = await self._blocking(service.rerank, query, context, resume=resume)
         return convert.encode_rerank_response(result, columns, packed)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest, context: aio.ServicerContext) -> pb.RecordEventsResponse:
