@@ -12,8 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from reranker.ranking import arms as arms_module
 from reranker.ranking import head as ranking_head
 from reranker.ranking import scoring
@@ -25,17 +23,17 @@ from reranker.config import Settings
 from reranker.model.encoder import Encoder
 from reranker.model.loader import load_encoder
 from reranker.errors import NotReady
-from reranker.ranking.hotreload import HeadReloader
 from reranker.model.items import ItemVectorCache
 from reranker.metrics import Metrics
 from reranker.learning.onlinemetrics import OnlineMetrics
 from reranker.users.profiles import InProcessProfileStore, ProfileStore
 from reranker.users.compact import CompactProfileStore
 from reranker.users.stores import make_profile_store
-from reranker.users.profiles import user_vector as user_vector_of
 from reranker.users.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
+from reranker.learning.live import LiveLearning
 from reranker.learning.traininglog import TrainingLog
 from reranker.pipeline import ItemVectors, RerankPipeline, Resume
+from reranker.pipeline.events import profile_view
 from reranker.pipeline.events import record as record_into_profiles
 from reranker.runtimesettings import RuntimeSettingsFile
 from reranker.types import Event, Item, RecordResult, RerankQuery, RerankResult, UpsertResult, UserProfileView
@@ -46,15 +44,10 @@ WARMUP_TEXTS = ["warm up the encoder", "a second, slightly longer warm-up text f
 # Writes (RecordEvents, UpsertItems) have no fail-open path; without a caller deadline they wait this long.
 WRITE_TIMEOUT_S = 60.0
 
+
 class RerankService:
-    def __init__(
-        self,
-        settings: Settings,
-        encoder: Encoder | None = None,
-        *,
-        clock: Callable[[], float] = time.time,
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, encoder: Encoder | None = None, *, clock: Callable[[], float] = time.time,
+                 metrics: Metrics | None = None) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
         # Settings an incident or experiment changes come from runtime_settings_file, on top of these;
         # apply_settings swaps the whole (frozen) object: a request reads `self.settings` once.
@@ -67,7 +60,7 @@ class RerankService:
         self._clock = clock
         self._encoder = encoder
         self._batcher: MicroBatcher | None = None
-        self._encoding: ItemEncoding | None = None  # texts -> item cache, through the batcher
+        self._encoding: ItemEncoding | None = None
         self._ready = threading.Event()
         self.load_error: str = ""
         self.items: ItemVectorCache | None = None
@@ -80,7 +73,7 @@ class RerankService:
         self.arms: arms_module.ArmTable | None = None
         self.training_log: TrainingLog | None = None
         self.online_metrics: OnlineMetrics | None = None
-        self._reloader: HeadReloader | None = None
+        self.learning = LiveLearning(self.metrics, clock, self._set_arms)  # arms, head reloads, training log
         self.event_weight_limit = settings.event_weight_limit()
         self.vectors: ItemVectors | None = None  # cache, catalog, encoder: where a request's vectors come from
         self._pipeline = RerankPipeline(self)
@@ -110,16 +103,13 @@ class RerankService:
             raise
         s = self.settings
         self._encoder = encoder
-        self._set_arms(table)
-        self.items = ItemVectorCache(s.item_cache_size, encoder.dim)
-        if s.catalog_path:
-            try:
-                self.catalog = CatalogSource(s.catalog_path, model_version=encoder.version, dim=encoder.dim,
-                                             poll_seconds=s.catalog_poll_seconds, registry=self.metrics.registry)
-            except CatalogError as exc:
-                self.load_error = str(exc)
-                raise
-        vectors = self.vectors = ItemVectors(self.items, self.catalog)
+        self.learning.set_table(table)
+        try:
+            vectors = self.vectors = ItemVectors.open(s, encoder.version, encoder.dim, self.metrics)
+        except CatalogError as exc:
+            self.load_error = str(exc)
+            raise
+        self.items, self.catalog = vectors.items, vectors.catalog
         self.profiles = make_profile_store(s, encoder.dim, self._clock, lookup=vectors.stored)
         if s.snapshot_path:
             load_snapshot(
@@ -129,18 +119,11 @@ class RerankService:
             if s.snapshot_interval_seconds > 0:
                 self._snapshots = PeriodicSnapshots(self.save_snapshot, s.snapshot_interval_seconds)
                 self._snapshots.start()
-        self._batcher = MicroBatcher(
-            encoder,
-            max_batch=s.encode_batch_size,
-            max_wait_s=s.encode_max_wait_ms / 1000.0,
-            max_pending=s.encode_queue_size,
-            observer=self.metrics.observe_batch,
-        )
-        encoding = ItemEncoding(self._batcher, self.items, late_fill=s.encode_late_fill, chunk=s.encode_queue_size // 2)
-        self._encoding = vectors.encoding = encoding
-        self.metrics.watch_late_encodes(lambda: (encoding.late_filled, encoding.late_dropped))
+        self._batcher = vectors.start_encoding(encoder, s, self.metrics)
+        self._encoding = vectors.encoding  # texts -> item cache, through the batcher
         self.metrics.watch_caches(self._cache_counters)
-        self._start_learning(encoder)
+        self.learning.start(s, encoder.version, encoder.dim)
+        self.training_log, self.online_metrics = self.learning.training_log, self.learning.online_metrics
         self.metrics.watch_profile_repairs(lambda: int(getattr(self.profiles, "repairs", 0)))
         self.metrics.watch_unreadable_profiles(lambda: dict(getattr(self.profiles, "unreadable_reasons", {})))
         self._ready.set()
@@ -150,45 +133,16 @@ class RerankService:
 
     def _cache_counters(self) -> dict[str, tuple[int, int, int]]:
         """{cache: (hits, misses, entries)} for the metrics endpoint."""
-        out = {}
-        if self.items is not None:
-            out["items"] = (self.items.hits, self.items.misses, len(self.items))
+        out = self.vectors.counters() if self.vectors is not None else {}
         if self.profiles is not None:
             out["users"] = (self.profiles.hits, self.profiles.misses, len(self.profiles))
-        if self.catalog is not None:  # looked up where the item cache missed
-            out["catalog"] = (self.catalog.hits, self.catalog.misses, len(self.catalog.current))
         return out
 
-    # --- learning from live traffic: arms, hot reload, training log, online metrics ---------------
     def _set_arms(self, table: arms_module.ArmTable) -> None:
-        """Swap in a new arm table (one reference: a request in flight keeps the table it read)."""
+        """A new arm table (LiveLearning): what a request reads, swapped whole."""
         self.arms = table
         self.head = table.default.head
         self.model_version = table.default.model_version
-
-    def _swap_arms(self, table: arms_module.ArmTable) -> None:
-        self._set_arms(table)
-        self.metrics.model_info.clear()
-        for version in {table.default.model_version, *(a.model_version for a in table.arms)}:
-            self.metrics.model_info.labels(model_version=version).set(1)
-
-    def _start_learning(self, encoder: Encoder) -> None:
-        s, registry = self.settings, self.metrics.registry
-        assert self.arms is not None
-        if self.arms.paths():
-            self._start_reloader(s, encoder)
-        if s.online_metrics_window_seconds > 0:
-            self.online_metrics = OnlineMetrics(s, registry)
-        if s.training_log_dir or self.online_metrics is not None:
-            sinks = [self.online_metrics] if self.online_metrics is not None else []
-            self.training_log = TrainingLog(s, registry, sinks=sinks, clock=self._clock)
-
-    def _start_reloader(self, settings: Settings, encoder: Encoder) -> None:
-        self._reloader = HeadReloader(
-            settings, encoder.version, encoder.dim, lambda: self.arms, self._swap_arms,  # type: ignore[arg-type,return-value]
-            self.metrics.registry,
-        )
-        self._reloader.start()
 
     def watch_settings(self, listener: Callable[[Settings], None]) -> None:
         """`listener(settings)` now and after every runtime settings change (edges that keep a copy)."""
@@ -199,13 +153,8 @@ class RerankService:
         """Swap in new runtime settings (runtimesettings.py; called on its watcher thread). Changed
         experiment arms get their table first: an unusable new arm head raises and nothing changes."""
         encoder = self._encoder
-        if new.experiment_arms != self.settings.experiment_arms and self.arms is not None and encoder is not None:
-            if self._reloader is not None:
-                self._reloader.retarget(new)
-            else:
-                self._swap_arms(arms_module.rebuild_table(new, encoder.version, encoder.dim, self.arms))
-                if self.arms.paths():
-                    self._start_reloader(new, encoder)
+        if new.experiment_arms != self.settings.experiment_arms and encoder is not None:
+            self.learning.retarget(new, encoder.version, encoder.dim)
         self.settings = new
         if self.training_log is not None:
             self.training_log.sample = new.training_log_sample
@@ -214,7 +163,7 @@ class RerankService:
 
     def reload_heads(self) -> bool:
         """Reload every head file now (SIGHUP); True when a new head was swapped in."""
-        return self._reloader.check(force=True) if self._reloader is not None else False
+        return self.learning.reload_heads()
 
     def close(self) -> None:
         """Stop everything, each step whatever the others did: a failed step is logged and the next
@@ -227,7 +176,7 @@ class RerankService:
             ("encoder batcher", self._batcher.close if self._batcher is not None else None),
             ("encoder connections", getattr(self._encoder, "close", None)),
             ("periodic snapshots", self._snapshots.stop if self._snapshots is not None else None),
-            ("head reloader", self._reloader.stop if self._reloader is not None else None),
+            ("head reloader", self.learning.reloader.stop if self.learning.reloader is not None else None),
             ("training log", self.training_log.close if self.training_log is not None else None),
             ("snapshot (the previous snapshot is kept)",
              self.save_snapshot if was_ready and self.settings.snapshot_path else None),
@@ -289,31 +238,12 @@ class RerankService:
     def upsert_items(
         self, items: Sequence[Item], time_remaining: float | None = None, cancel: CancelToken | None = None
     ) -> UpsertResult:
+        """Encode the items' texts into the item cache (those not cached with that text yet)."""
         self._require_ready()
-        assert self.items is not None
-        latest = {it.item_id: it.text for it in items}  # last text wins for repeated ids
-        ids, texts = list(latest), list(latest.values())
-        _, hit = self.items.lookup(ids, texts)
-        todo = [i for i in np.flatnonzero(~hit).tolist()]
-        if todo:
-            assert self._encoding is not None
-            timeout = WRITE_TIMEOUT_S if time_remaining is None else time_remaining
-            self._encoding.encode([ids[i] for i in todo], [texts[i] for i in todo], timeout, cancel)
-        return UpsertResult(upserted=len(ids), encoded=len(todo))
+        assert self.vectors is not None
+        return self.vectors.upsert(items, WRITE_TIMEOUT_S if time_remaining is None else time_remaining, cancel)
 
     def user_profile(self, user_id: str, include_vector: bool = False) -> UserProfileView:
         """Profile summary; `vector` is the user vector Rerank uses (long-term and session mixed)."""
         self._require_ready()
-        assert self.profiles is not None
-        state = self.profiles.get(user_id)
-        if state is None:
-            return UserProfileView(user_id=user_id, found=False)
-        vector: tuple[float, ...] = ()
-        if include_vector:
-            user_vector = user_vector_of(state, self.settings)
-            vector = () if user_vector is None else tuple(float(x) for x in user_vector)
-        return UserProfileView(
-            user_id=user_id, found=True, event_count=state.event_count, recent_events=state.recent,
-            vector=vector, updated_at=state.updated_at,
-        )
-
+        return profile_view(self, user_id, include_vector)

@@ -1,5 +1,6 @@
 """Events into user profiles: stamped with server time, their items' vectors resolved, folded in,
-then handed to the training log. Shared by RecordEvents and a Rerank's context events."""
+then handed to the training log (shared by RecordEvents and a Rerank's context events); and the
+view of one profile (GetUserProfile)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 
 from reranker.cancellation import CancelToken
 from reranker.pipeline.context import Components
-from reranker.types import Event, RecordResult
+from reranker.types import Event, RecordResult, UserProfileView
 from reranker.users.eventpolicy import check_event_time, check_event_weight
+from reranker.users.profiles import user_vector as user_vector_of
 
 def stamped(root: Components, events: Sequence[Event], now: float) -> list[Event]:
     """Events with their time stamped (none given) or clamped (after now) to `now`; refused
@@ -51,6 +53,22 @@ def record(
         [e.item_id for e in events], [e.text for e in events], timeout_s, cancel
     )
     return fold(root, events, vectors, has_vector, now)
+
+def profile_view(root: Components, user_id: str, include_vector: bool = False) -> UserProfileView:
+    """Profile summary; `vector` is the user vector Rerank uses (long-term and session mixed)."""
+    assert root.profiles is not None
+    state = root.profiles.get(user_id)
+    if state is None:
+        return UserProfileView(user_id=user_id, found=False)
+    vector: tuple[float, ...] = ()
+    if include_vector:
+        user_vector = user_vector_of(state, root.settings)
+        vector = () if user_vector is None else tuple(float(x) for x in user_vector)
+    return UserProfileView(
+        user_id=user_id, found=True, event_count=state.event_count, recent_events=state.recent,
+        vector=vector, updated_at=state.updated_at,
+    )
+
 
 def _with_timestamp(event: Event, now: float) -> Event:
     return Event(event.user_id, event.item_id, event.type, now, event.event_id, event.text, event.weight)

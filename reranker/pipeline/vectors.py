@@ -8,9 +8,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from reranker.cancellation import CancelToken
+from reranker.config import Settings
+from reranker.metrics import Metrics
+from reranker.model.batching import MicroBatcher
 from reranker.model.catalog import CatalogSource
+from reranker.model.encoder import Encoder
 from reranker.model.itemencoding import ItemEncoding
 from reranker.model.items import ItemVectorCache
+from reranker.types import Item, UpsertResult
 
 # (vectors, hit mask) of one ItemVectorCache.lookup
 Lookup = tuple[np.ndarray, np.ndarray]
@@ -27,6 +32,35 @@ class ItemVectors:
         self.items = items
         self.catalog = catalog
         self.encoding: ItemEncoding | None = None
+
+    @classmethod
+    def open(cls, settings: Settings, model_version: str, dim: int, metrics: Metrics) -> ItemVectors:
+        """The item cache and, with catalog_path, the shared catalog (CatalogError where unusable)."""
+        catalog = None
+        if settings.catalog_path:
+            catalog = CatalogSource(settings.catalog_path, model_version=model_version, dim=dim,
+                                    poll_seconds=settings.catalog_poll_seconds, registry=metrics.registry)
+        return cls(ItemVectorCache(settings.item_cache_size, dim), catalog)
+
+    def start_encoding(self, encoder: Encoder, settings: Settings, metrics: Metrics) -> MicroBatcher:
+        """The encoder's micro-batcher, and the encoding through it that fills the cache (late too)."""
+        s = settings
+        batcher = MicroBatcher(
+            encoder, max_batch=s.encode_batch_size, max_wait_s=s.encode_max_wait_ms / 1000.0,
+            max_pending=s.encode_queue_size, observer=metrics.observe_batch,
+        )
+        encoding = self.encoding = ItemEncoding(batcher, self.items, late_fill=s.encode_late_fill,
+                                                chunk=s.encode_queue_size // 2)
+        metrics.watch_late_encodes(lambda: (encoding.late_filled, encoding.late_dropped))
+        return batcher
+
+    def counters(self) -> dict[str, tuple[int, int, int]]:
+        """{cache: (hits, misses, entries)} of the item cache and the catalog (looked up where the
+        item cache missed), for the metrics endpoint."""
+        out = {"items": (self.items.hits, self.items.misses, len(self.items))}
+        if self.catalog is not None:
+            out["catalog"] = (self.catalog.hits, self.catalog.misses, len(self.catalog.current))
+        return out
 
     def cached(
         self, item_ids: Sequence[str], texts: Sequence[str | None], lookup: Lookup | None = None,
@@ -101,3 +135,15 @@ class ItemVectors:
         todo = self.to_encode(texts, hit)
         if todo:
             self.encoding.schedule([item_ids[i] for i in todo], [texts[i] for i in todo])  # type: ignore[misc]
+
+    def upsert(self, items: Sequence[Item], timeout_s: float, cancel: CancelToken | None = None) -> UpsertResult:
+        """Encode the items' texts into the cache, those not cached with that text yet (the last
+        text wins for an id given twice)."""
+        latest = {it.item_id: it.text for it in items}
+        ids, texts = list(latest), list(latest.values())
+        _, hit = self.items.lookup(ids, texts)
+        todo = [i for i in np.flatnonzero(~hit).tolist()]
+        if todo:
+            assert self.encoding is not None
+            self.encoding.encode([ids[i] for i in todo], [texts[i] for i in todo], timeout_s, cancel)
+        return UpsertResult(upserted=len(ids), encoded=len(todo))
