@@ -79,11 +79,11 @@ class RerankerServicer:
     async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext) -> convert.EncodedRerankResponse:
         # Answered as bytes (see add_to_server).
         if request.context_events:
-            query = self._counted(convert.rerank_query, request, self._limits, self._service.now())
+            query, form = self._counted(convert.rerank_request, request, self._limits, self._service.now())
         else:
-            query = convert.rerank_query(request, self._limits)
-        remaining, service, options = _remaining(context), self._service, query.options
-        columns, packed = options.columns, (options if options.packed else None)
+            query, form = convert.rerank_request(request, self._limits)
+        remaining, service = _remaining(context), self._service
+        columns, packed = form.columns, (form if form.packed else None)
         resume: Resume | None = None
         if service.profiles_in_process:  # answered on the event loop where nothing needs encoding
             first = service.try_cached(query, remaining)
