@@ -32,7 +32,9 @@ def stamped(root: Components, events: Sequence[Event], now: float) -> list[Event
         root.metrics.event_times_clamped.inc(clamped)
     return out
 
-def fold(root: Components, events: list[Event], vectors: np.ndarray, has_vector: np.ndarray, now: float) -> RecordResult:
+def fold(
+    root: Components, events: list[Event], vectors: np.ndarray, has_vector: np.ndarray, now: float
+) -> RecordResult:
     """Stamped events (with their items' vectors) into the profile store, then the training log."""
     assert root.profiles is not None
     pairs = [(e, vectors[i] if has_vector[i] else None) for i, e in enumerate(events)]

@@ -162,7 +162,9 @@ def score(root: Components, ctx: RerankContext) -> Outcome:
     opts, s = ctx.query.options, ctx.settings
     diversity = s.diversity if opts.diversity is None else opts.diversity
     head = ctx.head
-    ctx.use_head = head is not None and ctx.user_vector is not None and ctx.state is not None and opts.blend_weight is None
+    ctx.use_head = (
+        head is not None and ctx.user_vector is not None and ctx.state is not None and opts.blend_weight is None
+    )
     if ctx.use_head:
         assert head is not None
         ctx.ranking = _head_ranking(head, ctx, diversity)
@@ -220,7 +222,8 @@ def consumed_policy(root: Components, ctx: RerankContext) -> Outcome:
         policy = ctx.query.options.consumed or s.consumed_policy
         if policy == "learned" and not ctx.use_head:
             assert ctx.state is not None
-            policy = "demote" if _repeat_rate(root, ctx.state, s.consumed_prior_events) < s.consumed_repeat_rate else "keep"
+            rate = _repeat_rate(root, ctx.state, s.consumed_prior_events)
+            policy = "demote" if rate < s.consumed_repeat_rate else "keep"
         order, dropped = scoring.apply_consumed_policy(order, consumed, policy)
     ctx.order, ctx.consumed_count, ctx.dropped = order, count, dropped
     return None
