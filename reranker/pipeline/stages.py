@@ -235,8 +235,10 @@ def cut_and_explain(root: Components, ctx: RerankContext) -> Outcome:
     order = ctx.order
     if query.top_k > 0:
         order = order[: query.top_k]
-    ranking = scoring.Ranking(order=order, final=ctx.ranking.final, semantic=ctx.ranking.semantic)
-    explanations = explain(ctx.state, ranking, ctx.vectors, has_vector) if query.options.explain else None
+    ranking = ctx.ranking
+    explanations = None
+    if query.options.explain:
+        explanations = explain(ctx.state, order, ranking.semantic, ctx.vectors, has_vector)
     items = RankedItems(
         take_ids(candidates.item_ids, order),
         ranking.final[order],
