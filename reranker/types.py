@@ -199,11 +199,7 @@ class RerankOptions:
     diversity: float | None = None
     bypass: bool = False
     explain: bool = False
-    columns: bool = False  # answer with item columns instead of one item message each
     consumed: str | None = None  # consumed-item policy (config.CONSUMED_POLICIES); None = the server's
-    packed: bool = False  # the request came packed: answer with packed items
-    packed_item_ids: bool = False  # the packed answer carries the ids too
-    packed_score_details: bool = False  # the packed answer carries semantic and upstream scores
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,10 +49,17 @@ def _prepared(form: str, candidates: int, dim: int) -> tuple[object, list[bytes]
     requests = [workload.request(0, i).SerializeToString() for i in range(20)]  # type: ignore[attr-defined]
     limits = convert.Limits.from_settings(settings)
 
+    # Versions before them: rerank(may_block=False), and the answer's form in query.options.
+    try_cached = getattr(service, "try_cached", None)
+    rerank_request = getattr(convert, "rerank_request", None)
+
     def one(data: bytes) -> bytes:
-        query = convert.rerank_query(pb.RerankRequest.FromString(data), limits)
-        result = service.rerank(query, None, may_block=False)
-        options = query.options
+        if rerank_request is not None:
+            query, options = rerank_request(pb.RerankRequest.FromString(data), limits)
+        else:
+            query = convert.rerank_query(pb.RerankRequest.FromString(data), limits)  # type: ignore[attr-defined]
+            options = query.options
+        result = try_cached(query, None) if try_cached is not None else service.rerank(query, None, may_block=False)
         if getattr(options, "packed", False):
             return convert.encode_rerank_response(result, False, options).data
         return convert.encode_rerank_response(result, options.columns).data

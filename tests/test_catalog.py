@@ -80,7 +80,7 @@ def test_a_service_on_a_catalog_reranks_without_encoding(tmp_path: Path) -> None
     encoder = CountingEncoder(DIM)
     service = RerankService(fake_settings(fake_dim=DIM, catalog_path=str(tmp_path / "c.bin"), warmup=False), encoder)
     service.load()
-    vectors, has_vector, hits, encoded = service._resolve_vectors(
+    vectors, has_vector, hits, encoded, _ = service.vectors.resolve(  # type: ignore[union-attr]
         [f"item-{i}" for i in range(100)], [f"topic {i % 7} story number {i}" for i in range(100)], 1.0)
     assert has_vector.all() and encoded == 0 and encoder.texts == 0
     # Events on catalog items move the profile without encoding either; a Rerank personalizes.
@@ -92,7 +92,7 @@ def test_a_service_on_a_catalog_reranks_without_encoding(tmp_path: Path) -> None
     assert result.fallback_reason.name == "NONE" and [i.item_id for i in result.items][:2] != ["item-0", "item-3"]
     assert service.profiles.get("u").history.item_ids == ("item-7", "item-14")  # type: ignore[union-attr]
     # An item outside the catalog is still encoded from its text.
-    service._resolve_vectors(["new-item"], ["brand new text"], 1.0)
+    service.vectors.resolve(["new-item"], ["brand new text"], 1.0)  # type: ignore[union-attr]
     assert encoder.texts == 1
     text = service.metrics.exposition().decode()
     assert 'reranker_cache_lookups_total{cache="catalog",result="miss"} 1.0' in text

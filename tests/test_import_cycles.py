@@ -87,6 +87,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("vectors of items", ("reranker.model",)),
     ("user state and ranking", ("reranker.users", "reranker.ranking")),
     ("learning", ("reranker.learning",)),
+    # the Rerank path as named stages, over the parts the service composes
+    ("pipeline", ("reranker.pipeline",)),
     ("service", ("reranker.service",)),
     # generated protobuf code: only the edges and what sits on them speak it
     ("wire", ("reranker.v1",)),

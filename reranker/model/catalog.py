@@ -32,7 +32,7 @@ is read into private memory instead (the whole file per replica: 76.5 MiB for 10
 float16 vectors, 149.7 MiB as float32). Copies of other checksums are removed once a new catalog is
 served (a replica still mapping one keeps it until it swaps: unlinking never takes mapped pages).
 
-A replica consults the catalog where its ItemVectorCache misses (service._resolve_vectors). A row
+A replica consults the catalog where its ItemVectorCache misses (ItemVectors.cached, reranker/pipeline/vectors.py). A row
 counts only if the text the caller sent (if any) is the text it was encoded from (text_hash), as
 the cache does. Everything stays in the mapped copy (float16 rows are widened per lookup; ids are
 found by binary search over the sorted id hashes): a replica's private memory does not grow with the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -211,7 +212,18 @@ def candidate_count(req: pb.RerankRequest) -> int:
     )
 
 
-def rerank_query(req: pb.RerankRequest, limits: Limits, now: float | None = None) -> RerankQuery:
+class ResponseForm(NamedTuple):
+    """How a Rerank answer goes on the wire: the edge's choice, kept beside the query (the domain
+    sees plain arrays). A NamedTuple: built once per request, it costs one C call."""
+
+    columns: bool = False  # item columns instead of one item message each
+    packed: bool = False  # the request came packed: packed items
+    packed_item_ids: bool = False  # the packed answer carries the ids too
+    packed_score_details: bool = False  # the packed answer carries semantic and upstream scores
+
+
+def rerank_request(req: pb.RerankRequest, limits: Limits, now: float | None = None) -> tuple[RerankQuery, ResponseForm]:
+    """The query, and the form its answer takes."""
     user_id = check_id(req.user_id, "user_id", limits.max_id_chars)
     packed = req.HasField("packed_candidates")
     if req.HasField("candidate_columns") + packed + (len(req.candidates) > 0) > 1:
@@ -228,20 +240,17 @@ def rerank_query(req: pb.RerankRequest, limits: Limits, now: float | None = None
         diversity=_check_fraction(opts.diversity, "options.diversity") if opts.HasField("diversity") else None,
         bypass=opts.bypass,
         explain=opts.explain,
-        columns=opts.columns,
         consumed=_consumed_policy(opts.consumed),
-        packed=packed,
-        packed_item_ids=opts.packed_item_ids,
-        packed_score_details=opts.packed_score_details,
     )
-    if options.columns and options.explain:
+    form = ResponseForm(opts.columns, packed, opts.packed_item_ids, opts.packed_score_details)
+    if form.columns and options.explain:
         raise InvalidRequest("options.columns answers without explanations: unset explain or columns")
-    if packed and (options.columns or options.explain):
-        name = "options.columns" if options.columns else "options.explain"
+    if packed and (form.columns or options.explain):
+        name = "options.columns" if form.columns else "options.explain"
         raise InvalidRequest(f"{name} does not apply to packed_candidates (the answer is packed_items)")
     if len(req.experiment) > limits.max_id_chars or len(req.request_id) > limits.max_id_chars:
         raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
-    return RerankQuery(
+    query = RerankQuery(
         user_id=user_id,
         candidates=candidates,
         context_events=events_from_pb(req.context_events, "context_events", limits, default_user=user_id, now=now),
@@ -250,6 +259,7 @@ def rerank_query(req: pb.RerankRequest, limits: Limits, now: float | None = None
         experiment=req.experiment,
         request_id=req.request_id,
     )
+    return query, form
 
 
 def _consumed_policy(value: int) -> str | None:
@@ -364,12 +374,12 @@ def packed_items(items: RankedItems, item_ids: bool = False, score_details: bool
 
 
 def encode_rerank_response(
-    result: RerankResult, columns: bool = False, packed: RerankOptions | None = None
+    result: RerankResult, columns: bool = False, packed: ResponseForm | None = None
 ) -> EncodedRerankResponse:
     """The RerankResponse bytes, without building a message per item when there are no explanations:
     the serialized header followed by the `items` field (protobuf merges fields in any order), or
     with `columns`, the header with `item_columns` (whole columns, no message per item), or with
-    `packed` (the options of a packed request), the header with `packed_items`."""
+    `packed` (the form of a packed request), the header with `packed_items`."""
     items = RankedItems.of(result.items)
     if packed is not None:
         msg = _response_header(result)

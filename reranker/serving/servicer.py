@@ -23,7 +23,8 @@ from reranker.errors import InvalidRequest
 from reranker.users.eventpolicy import EventRefused
 from reranker.users.ingest import ready_batches
 from reranker.serving.observability import Observer
-from reranker.service import RerankService, WouldBlock
+from reranker.pipeline import Resume
+from reranker.service import RerankService
 from reranker.types import Event, RecordResult
 from reranker.v1 import reranker_pb2 as pb
 
@@ -78,19 +79,18 @@ class RerankerServicer:
     async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext) -> convert.EncodedRerankResponse:
         # Answered as bytes (see add_to_server).
         if request.context_events:
-            query = self._counted(convert.rerank_query, request, self._limits, self._service.now())
+            query, form = self._counted(convert.rerank_request, request, self._limits, self._service.now())
         else:
-            query = convert.rerank_query(request, self._limits)
-        remaining, service, options = _remaining(context), self._service, query.options
-        columns, packed = options.columns, (options if options.packed else None)
-        if service.profiles_in_process:
-            try:
-                return convert.encode_rerank_response(service.rerank(query, remaining, may_block=False), columns, packed)
-            except WouldBlock as wait:
-                lookups = {"lookup": wait.lookup, "event_lookup": wait.event_lookup}
-        else:
-            lookups = {}
-        result = await self._blocking(service.rerank, query, context, **lookups)
+            query, form = convert.rerank_request(request, self._limits)
+        remaining, service = _remaining(context), self._service
+        columns, packed = form.columns, (form if form.packed else None)
+        resume: Resume | None = None
+        if service.profiles_in_process:  # answered on the event loop where nothing needs encoding
+            first = service.try_cached(query, remaining)
+            if not isinstance(first, Resume):
+                return convert.encode_rerank_response(first, columns, packed)
+            resume = first
+        result = await self._blocking(service.rerank, query, context, resume=resume)
         return convert.encode_rerank_response(result, columns, packed)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest, context: aio.ServicerContext) -> pb.RecordEventsResponse:
