@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import io
 import inspect
 import re
 import threading
@@ -243,3 +245,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         lane = _lane(item)
         if lane:
             item.add_marker(getattr(pytest.mark, lane))
+
+
+@pytest.fixture
+def access_lines() -> Iterator[io.StringIO]:
+    """Capture the access logger through the JSON formatter (without touching pytest's root handlers)."""
+    from reranker.serving.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("reranker.access")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    yield stream
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)

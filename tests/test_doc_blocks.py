@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import logging
 import os
 import re
 import subprocess
@@ -37,7 +36,6 @@ import grpc
 import pytest
 
 from conftest import REPO, SHARED_DATA, ServerFactory, candidate, event, fake_settings, wait_ready
-from reranker.serving.logs import JsonFormatter
 from reranker.config import Settings
 from reranker.serving.server import RunningServer, build_server
 from reranker.service import RerankService
@@ -244,26 +242,15 @@ def test_ranking_quality_eval_from_a_download(tmp_path: Path) -> None:
     assert "ndcg@10" in run.stdout.lower(), run.stdout[-3000:]
 
 
-def test_operations_access_log_record(make_server: ServerFactory, tmp_path: Path) -> None:
+def test_operations_access_log_record(make_server: ServerFactory, access_lines: io.StringIO) -> None:
     """The record shown has the fields (and the kind of values) that a real Rerank logs."""
     shown = json.loads(by_name("operations-access-log").code.replace("\n", ""))
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("reranker.access")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        _, stub = make_server(fake_settings(access_log_sample=1.0))
-        stub.RecordEvents(pb.RecordEventsRequest(events=[event("u1", "h1", "a liked item")]), timeout=10)
-        stub.Rerank(pb.RerankRequest(user_id="u1", candidates=[
-            candidate("c1", 0.9, "first candidate"), candidate("c2", 0.8, "second candidate"),
-        ]), timeout=10)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    logged = [json.loads(line) for line in stream.getvalue().splitlines()]
+    _, stub = make_server(fake_settings(access_log_sample=1.0))
+    stub.RecordEvents(pb.RecordEventsRequest(events=[event("u1", "h1", "a liked item")]), timeout=10)
+    stub.Rerank(pb.RerankRequest(user_id="u1", candidates=[
+        candidate("c1", 0.9, "first candidate"), candidate("c2", 0.8, "second candidate"),
+    ]), timeout=10)
+    logged = [json.loads(line) for line in access_lines.getvalue().splitlines()]
     real = next(r for r in logged if r.get("method") == "Rerank")
     assert set(real) == set(shown)
     for key in ("level", "logger", "method", "code", "candidates", "variant", "returned", "cold_user", "encoded", "cache_hits"):

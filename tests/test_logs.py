@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from reranker.serving.logs import JsonFormatter, TextFormatter
+from reranker.serving.logs import TextFormatter
 from reranker.userhash import user_hash
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
@@ -26,19 +25,6 @@ SECRET_USER = "alice@example.com"
 SECRET_TEXT = "confidential item text about starships"
 
 
-@pytest.fixture
-def access_lines() -> Iterator[io.StringIO]:
-    """Capture the access logger through the JSON formatter (without touching pytest's root handlers)."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("reranker.access")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    yield stream
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
 
 
 def records(stream: io.StringIO) -> list[dict[str, object]]:

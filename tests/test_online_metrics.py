@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import math
 import time
 from pathlib import Path
@@ -106,37 +107,23 @@ def test_cold_users_are_counted_apart_from_personalized_ones_per_arm() -> None:
     assert ("control", "m1", "cold") not in by_order  # control never looks a profile up
 
 
-def test_a_server_counts_cold_and_personalized_answers_per_arm(make_server: ServerFactory) -> None:
-    import io
+def test_a_server_counts_cold_and_personalized_answers_per_arm(make_server: ServerFactory,
+                                                               access_lines: io.StringIO) -> None:
     import json
-    import logging
 
-    from reranker.serving.logs import JsonFormatter
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    access = logging.getLogger("reranker.access")
-    access.addHandler(handler)
-    old_level = access.level
-    access.setLevel(logging.INFO)
-    try:
-        running, stub = make_server(fake_settings(online_metrics_window_seconds=60, treatment_percent=50.0,
-                                                  access_log_sample=1.0))
-        stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=i, text=i) for i in ("h", "a", "b", "c")]))
-        cands = [candidate("a", 3), candidate("b", 2), candidate("c", 1)]
-        arms, orders = {}, {}
-        for n in range(40):
-            user = f"u{n}"
-            if n % 2:  # every other user has a profile; the rest are new (cold)
-                stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, "h")]))
-            reply = stub.Rerank(pb.RerankRequest(user_id=user, candidates=cands))
-            arms[user], orders[user] = reply.arm, ("cold" if reply.cold_user else "personalized") \
-                if reply.variant == pb.VARIANT_RERANKED else "upstream"
-            stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, reply.items[0].item_id)]))
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(old_level)
+    running, stub = make_server(fake_settings(online_metrics_window_seconds=60, treatment_percent=50.0,
+                                              access_log_sample=1.0))
+    stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=i, text=i) for i in ("h", "a", "b", "c")]))
+    cands = [candidate("a", 3), candidate("b", 2), candidate("c", 1)]
+    arms, orders = {}, {}
+    for n in range(40):
+        user = f"u{n}"
+        if n % 2:  # every other user has a profile; the rest are new (cold)
+            stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, "h")]))
+        reply = stub.Rerank(pb.RerankRequest(user_id=user, candidates=cands))
+        arms[user], orders[user] = reply.arm, ("cold" if reply.cold_user else "personalized") \
+            if reply.variant == pb.VARIANT_RERANKED else "upstream"
+        stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, reply.items[0].item_id)]))
     registry, version = running.service.metrics.registry, running.service.model_version
     expected = collections.Counter((arms[u], orders[u]) for u in arms)
     assert expected[("treatment", "cold")] >= 3 and expected[("treatment", "personalized")] >= 3
@@ -152,7 +139,7 @@ def test_a_server_counts_cold_and_personalized_answers_per_arm(make_server: Serv
         labels = {"arm": arm, "model_version": version, "order": order}
         assert registry.get_sample_value("reranker_online_lists_by_order_total", labels) == n
         assert registry.get_sample_value("reranker_online_lists_judged_by_order_total", labels) == n
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    lines = [json.loads(line) for line in access_lines.getvalue().splitlines()]
     reranks = [line for line in lines if line["method"] == "Rerank"]
     assert collections.Counter((line["arm"], line["order"]) for line in reranks) == expected  # the access log too
     assert all(line["cold_user"] == (line["order"] == "cold") for line in reranks if line["variant"] == "reranked")
