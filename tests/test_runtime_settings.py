@@ -9,10 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +23,7 @@ from reranker.v1 import reranker_pb2_grpc as pb_grpc
 from conftest import REPO, ServerFactory, candidate, event, fake_settings
 from test_head import make_head, only
 from test_hot_reload import _publish
-from reranker.tools.harness import free_port, wait_serving
+from reranker.tools.harness import ServerProcess, free_port
 
 POLL_S = 0.2
 APPLIED_WITHIN_S = 10.0  # poll interval + a busy 2-core machine's scheduling
@@ -53,38 +49,24 @@ def scrape(port: int, name: str, labels: str = "") -> float | None:
 
 
 class ServeProcess:
-    """`python -m reranker serve` with a runtime settings file, as a child process."""
+    """`python -m reranker serve` with a runtime settings file, as a child process (harness.ServerProcess)."""
 
     def __init__(self, settings_file: Path, *extra: str) -> None:
         self.metrics_port = free_port()
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "reranker", "serve", "--encoder", "fake", "--fake-dim", "32",
-             "--address", "127.0.0.1:0", "--grace-seconds", "1", "--metrics-address", f"127.0.0.1:{self.metrics_port}",
-             "--runtime-settings-file", str(settings_file), "--runtime-settings-poll-seconds", str(POLL_S), *extra],
-            cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+        self.server = ServerProcess(
+            ["--encoder", "fake", "--fake-dim", "32", "--grace-seconds", "1",
+             "--metrics-address", f"127.0.0.1:{self.metrics_port}", "--runtime-settings-file", str(settings_file),
+             "--runtime-settings-poll-seconds", str(POLL_S), *extra],
+            env={"PYTHONPATH": str(REPO)},
         )
-        self.log: list[str] = []
-        port = self._read_port()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.process = self.server.proc
+        self.server.wait_serving(60.0)
+        self.channel = grpc.insecure_channel(self.server.target)
         self.stub = pb_grpc.RerankerServiceStub(self.channel)
-        wait_serving(f"127.0.0.1:{port}", 60.0, self.process, poll_s=0.05)
 
-    def _read_port(self) -> int:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log.append(line)
-            match = re.search(r"listening on \S+ \(port (\d+)[,)]", line)
-            if match:
-                self._drain = threading.Thread(target=self._keep_reading, daemon=True)
-                self._drain.start()
-                return int(match.group(1))
-        raise AssertionError(f"server exited with {self.process.wait()} before listening:\n{''.join(self.log)}")
-
-    def _keep_reading(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log.append(line)
+    @property
+    def log(self) -> str:
+        return self.server.log
 
     def variant(self) -> int:
         return self.stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS), timeout=10).variant
@@ -99,12 +81,10 @@ class ServeProcess:
 
     def stop(self) -> None:
         self.channel.close()
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(30)
-        self._drain.join(10)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-        assert code == 0, "".join(self.log)
+        self.server.terminate()
+        code = self.server.wait(30)
+        self.server.__exit__(None, None, None)
+        assert code == 0, self.log
 
 
 @pytest.fixture
@@ -138,7 +118,7 @@ def test_the_kill_switch_flips_without_a_restart_and_a_bad_file_keeps_it(setting
                 time.sleep(0.05)
             assert server.variant() == pb.VARIANT_BYPASSED, content
             assert scrape(server.metrics_port, "reranker_runtime_settings_stale") == 1.0
-        log = "".join(server.log)
+        log = server.log
         assert "kill_swich" in log and "the settings in force are kept" in log
         # A good file again: applied, no longer stale; the same process all along.
         publish(settings_file, "version: resolved\nkill_switch: false\n")
