@@ -125,8 +125,41 @@ def test_each_bad_publish_keeps_the_old_catalog_is_counted_and_the_next_good_one
         # The next good publish is swapped in.
         shutil.copyfile(good, tmp_path / "good2.bin")
         os.replace(tmp_path / "good2.bin", path)
-        wait_for(lambda: len(source.current) == 120)
-        assert registry.get_sample_value("reranker_catalog_swaps_total") == 1 and source.last_error == ""
+        wait_for(lambda: registry.get_sample_value("reranker_catalog_swaps_total") == 1)
+        assert len(source.current) == 120 and source.last_error == ""
+    finally:
+        source.close()
+
+
+def test_a_counted_refusal_or_swap_is_already_visible_to_whoever_reads_the_count(tmp_path: Path) -> None:
+    # A watcher thread refuses and swaps while readers poll the counters: a reader that sees the refusal
+    # counted must also see why (last_error), and one that sees the swap counted must see the new catalog.
+    path = tmp_path / "c.bin"
+    build(path, items(100))
+    source = CatalogSource(path, model_version=FakeEncoder.version, dim=DIM, poll_seconds=3600, registry=CollectorRegistry())
+    seen: list[tuple[str, object]] = []
+
+    class Watching:  # stands in for a counter child; records what a reader would see at the moment of counting
+        def __init__(self, what: str) -> None:
+            self.what = what
+
+        def labels(self, **_: str) -> Watching:
+            return self
+
+        def inc(self) -> None:
+            seen.append((self.what, source.last_error if self.what == "refused" else len(source.current)))
+
+    source.refused, source.swapped = Watching("refused"), Watching("swapped")  # type: ignore[assignment]
+    try:
+        good = tmp_path / "good.bin"
+        build(good, items(120))
+        forge(good, path, edit=lambda m: m.update(count=m["count"] + 1000))
+        assert source.check() is False
+        shutil.copyfile(good, tmp_path / "good2.bin")
+        os.replace(tmp_path / "good2.bin", path)
+        assert source.check() is True
+        assert seen[0][0] == "refused" and seen[0][1], seen  # the reason was set before the refusal was counted
+        assert seen[1] == ("swapped", 120), seen  # the new catalog was in place before the swap was counted
     finally:
         source.close()
 

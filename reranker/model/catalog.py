@@ -512,22 +512,22 @@ class CatalogSource:
             except Exception as exc:
                 self._refuse(exc)
                 return False
-            self.current = fresh  # one reference assignment: lookups see the old or the new catalog
-            self.swaps += 1
-            self.swapped.inc()
             self.last_error = ""
+            self.swaps += 1
+            self.current = fresh  # one reference assignment: lookups see the old or the new catalog
+            self.swapped.inc()  # last: whoever sees the swap counted also sees the new catalog and no error
             _remove_other_copies(self.path, fresh.copy)
             log.info("item catalog swapped: %d items, created %.0f", len(fresh), fresh.manifest.created)
             return True
 
     def _refuse(self, exc: BaseException) -> None:
         reason = exc.reason if isinstance(exc, CatalogError) else "unreadable" if isinstance(exc, OSError) else "error"
-        self.refused.labels(reason=reason).inc()
         message = str(exc) if isinstance(exc, CatalogError) else f"{type(exc).__name__}: {exc}"
         if message != self.last_error:
             log.error("item catalog %s not swapped in (%s): %s (keeping the current one)", self.path, reason, message,
                       exc_info=reason == "error")
-        self.last_error = message
+        self.last_error = message  # before the count: whoever sees the refusal counted also sees why
+        self.refused.labels(reason=reason).inc()
 
     def _watch(self, poll_seconds: float) -> None:
         while not self._stop.wait(poll_seconds):
