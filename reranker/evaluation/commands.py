@@ -114,9 +114,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     return dataclasses.replace(base, **flags)
 
 
-def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[int, ...]]:
-    settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _retriever_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """--retriever, or its command's default; `train` with served lists (--candidates, --training-log)
+    uses those alone unless retrievers are asked for. Unknown names (or none, outside train) raise."""
     given = args.retriever
     served = getattr(args, "candidates", None) is not None or getattr(args, "training_log", None) is not None
     if given is None and served and args.handler is _train:
@@ -127,6 +127,13 @@ def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[
     unknown = [n for n in names if n not in ALL_RETRIEVERS + (SAMPLED,)]
     if unknown or (not names and args.handler is not _train):
         raise ValueError(f"--retriever: unknown {unknown}; choose from {', '.join(ALL_RETRIEVERS + (SAMPLED,))}")
+    return names
+
+
+def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[int, ...]]:
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = _retriever_names(args)
     counts = tuple(int(n) for n in args.num_candidates.split(",") if n.strip())
     if not counts or min(counts) <= 0:
         raise ValueError("--num-candidates must be positive integers")
