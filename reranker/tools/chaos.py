@@ -620,23 +620,31 @@ class ChaosSoak:
         with checker:
             checker.wait_serving(120)
             with grpc.insecure_channel(checker.target) as channel:
-                stub = pb_grpc.RerankerServiceStub(channel)
-                expected = [(user, ids, "rpc") for user, ids in self.acked.items()]
-                expected += [(user, ids, "stream") for user, ids in self.streamed.items()]
-                deadline = time.monotonic() + 20  # events kept at the last shutdown replay in the background
-                while True:
-                    lost = []
-                    for user, ids, source in expected:
-                        profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
-                        have = {e.event_id for e in profile.recent_events}
-                        lost += [f"{source} {user} {missing}" for missing in sorted(ids - have)]
-                    if not lost or time.monotonic() > deadline:
-                        break
-                    time.sleep(1.0)
+                lost = self._lost_events(pb_grpc.RerankerServiceStub(channel))
                 self.report.acknowledged_lost = len(lost)
                 self.report.lost_examples = lost[:10]
             checker.terminate()
             checker.wait(30)
+        self.report.dead_letters_missing += self._refusals_not_dead_lettered()
+
+    def _lost_events(self, stub: pb_grpc.RerankerServiceStub) -> list[str]:
+        """Acknowledged events (RPC and stream) missing from their user's profile, once the events kept
+        at the last shutdown have had 20 s to replay in the background."""
+        expected = [(user, ids, "rpc") for user, ids in self.acked.items()]
+        expected += [(user, ids, "stream") for user, ids in self.streamed.items()]
+        deadline = time.monotonic() + 20  # events kept at the last shutdown replay in the background
+        while True:
+            lost = []
+            for user, ids, source in expected:
+                profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
+                have = {e.event_id for e in profile.recent_events}
+                lost += [f"{source} {user} {missing}" for missing in sorted(ids - have)]
+            if not lost or time.monotonic() > deadline:
+                return lost
+            time.sleep(1.0)
+
+    def _refusals_not_dead_lettered(self) -> int:
+        """Refused stream entries missing from the dead letters, changed there, or without an error."""
         client = self.stream_redis.client()
         try:
             dead = client.xrange(DEAD_LETTERS)
@@ -646,10 +654,12 @@ class ChaosSoak:
         for _entry_id, fields in dead:
             decoded = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
             dead_fields[decoded.get("event_id", "")] = decoded
+        missing = 0
         for event_id, fields in self.refused_entries.items():
             got = dead_fields.get(event_id)
             if got is None or any(got.get(k) != v for k, v in fields.items()) or not got.get("error"):
-                self.report.dead_letters_missing += 1
+                missing += 1
+        return missing
 
     def run(self) -> ChaosReport:
         self.training_log_dir.mkdir(parents=True, exist_ok=True)
