@@ -541,20 +541,27 @@ def _meta_scalars(path: str | Path, meta: Mapping[str, Any]) -> dict[str, float]
     return out
 
 
+def _is_neighbour_table(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n: int) -> bool:
+    """A CSR table over `n` items: integer row pointers from 0 to the entry count, never falling,
+    integer columns in [0, n), one finite value per entry."""
+    shaped = (
+        indptr.shape == (n + 1,) and indices.ndim == 1 and values.shape == indices.shape
+        and np.issubdtype(indptr.dtype, np.integer) and np.issubdtype(indices.dtype, np.integer)
+    )
+    return bool(
+        shaped and indptr[0] == 0 and indptr[-1] == indices.size and (np.diff(indptr) >= 0).all()
+        and (indices.size == 0 or (indices.min() >= 0 and indices.max() < n))
+        and np.isfinite(values).all()
+    )
+
+
 def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray], scalars: Mapping[str, float]) -> ItemGraph:
     ids = tuple(arrays["graph_ids"].tolist())
     n = len(ids)
     tables = {}
     for name in ("covisit", "transition"):
         indptr, indices, values = (arrays[f"{name}_{part}"] for part in ("indptr", "indices", "values"))
-        ok = (
-            indptr.shape == (n + 1,) and indices.ndim == 1 and values.shape == indices.shape
-            and np.issubdtype(indptr.dtype, np.integer) and np.issubdtype(indices.dtype, np.integer)
-            and indptr[0] == 0 and indptr[-1] == indices.size and (np.diff(indptr) >= 0).all()
-            and (indices.size == 0 or (indices.min() >= 0 and indices.max() < n))
-            and np.isfinite(values).all()
-        )
-        if not ok:
+        if not _is_neighbour_table(indptr, indices, values, n):
             raise HeadError(f"ranking head {path} has a malformed {name} table")
         tables[name] = NeighbourTable(indptr.astype(np.int64), indices.astype(np.int32), values.astype(np.float32))
     factors = arrays["mf_factors"]
