@@ -384,29 +384,37 @@ class StreamConsumer:
         stream refuses stays pending."""
         if not dead:
             return []
-        copied, refused = dead, []
-        if self.dead_key:
-            pipe = self.client.pipeline(transaction=False)
-            for e in dead:
-                pipe.xadd(self.dead_key, self._letter(e))
-            replies = pipe.execute(raise_on_error=False)
-            failed = [(e, r) for e, r in zip(dead, replies) if isinstance(r, Exception)]
-            if any(not isinstance(r, redis.ResponseError) for _, r in failed):
-                raise next(r for _, r in failed if not isinstance(r, redis.ResponseError))
-            refused = [e for e, _ in failed]
-            refused_ids = {e.id for e in refused}
-            copied = [e for e in dead if e.id not in refused_ids]
-            if failed:
-                self._parked_failed(refused, failed[0][1])
+        copied = self._copy_letters(dead) if self.dead_key else dead
         if copied:
-            self.stats.dead += len(copied)
-            self.metrics.events.labels(result="dead_letter").inc(len(copied))
-            for e in copied:
-                self._parked.pop(e.id, None)
-            first = copied[0]
-            log.warning("%d stream entries unusable (first: %s, %s); %s", len(copied), first.id, first.reason[:200],
-                        f"copied to {self.dead_key}" if self.dead_key else "dropped (stream_dead_letter_key is empty)")
+            self._count_dead(copied)
         return [e.id for e in copied]
+
+    def _copy_letters(self, dead: list[_Entry]) -> list[_Entry]:
+        """XADD each entry's letter to the dead-letter stream (one pipeline); returns the entries
+        copied. Those the stream refuses (a Redis error reply) are parked; any other error is raised."""
+        pipe = self.client.pipeline(transaction=False)
+        for e in dead:
+            pipe.xadd(self.dead_key, self._letter(e))
+        replies = pipe.execute(raise_on_error=False)
+        failed = [(e, r) for e, r in zip(dead, replies) if isinstance(r, Exception)]
+        if any(not isinstance(r, redis.ResponseError) for _, r in failed):
+            raise next(r for _, r in failed if not isinstance(r, redis.ResponseError))
+        refused = [e for e, _ in failed]
+        refused_ids = {e.id for e in refused}
+        copied = [e for e in dead if e.id not in refused_ids]
+        if failed:
+            self._parked_failed(refused, failed[0][1])
+        return copied
+
+    def _count_dead(self, copied: list[_Entry]) -> None:
+        """Count and log entries copied to the dead letters (or dropped), and unpark them."""
+        self.stats.dead += len(copied)
+        self.metrics.events.labels(result="dead_letter").inc(len(copied))
+        for e in copied:
+            self._parked.pop(e.id, None)
+        first = copied[0]
+        log.warning("%d stream entries unusable (first: %s, %s); %s", len(copied), first.id, first.reason[:200],
+                    f"copied to {self.dead_key}" if self.dead_key else "dropped (stream_dead_letter_key is empty)")
 
     def _letter(self, e: _Entry) -> dict[bytes, bytes]:
         """The whole entry, plus `error` and `source_id` (an entry's own fields of those names are

@@ -114,9 +114,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     return dataclasses.replace(base, **flags)
 
 
-def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[int, ...]]:
-    settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _retriever_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """--retriever, or its command's default; `train` with served lists (--candidates, --training-log)
+    uses those alone unless retrievers are asked for. Unknown names (or none, outside train) raise."""
     given = args.retriever
     served = getattr(args, "candidates", None) is not None or getattr(args, "training_log", None) is not None
     if given is None and served and args.handler is _train:
@@ -127,6 +127,13 @@ def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[
     unknown = [n for n in names if n not in ALL_RETRIEVERS + (SAMPLED,)]
     if unknown or (not names and args.handler is not _train):
         raise ValueError(f"--retriever: unknown {unknown}; choose from {', '.join(ALL_RETRIEVERS + (SAMPLED,))}")
+    return names
+
+
+def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[int, ...]]:
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = _retriever_names(args)
     counts = tuple(int(n) for n in args.num_candidates.split(",") if n.strip())
     if not counts or min(counts) <= 0:
         raise ValueError("--num-candidates must be positive integers")
@@ -166,45 +173,59 @@ def _eval(args: argparse.Namespace, _argv: Any) -> int:
     return 0
 
 
+def _check_train_args(args: argparse.Namespace) -> None:
+    """Raise ValueError on `reranker train` flags out of range or an events source not given exactly once."""
+    if args.adapter_epochs < 0 or args.neighbours < 1 or args.blend_users < 0:
+        raise ValueError("--adapter-epochs and --blend-users must be >= 0 and --neighbours >= 1")
+    if (args.events is None) == (args.training_log is None) or (args.training_log is not None and args.candidates is not None):
+        raise ValueError("give --events (optionally with --candidates) or --training-log")
+
+
+def _read_training_log(args: argparse.Namespace) -> tuple[list[Any], list[Any], list[Path]]:
+    """Events, served lists and source files from --training-log (a summary of it on stderr)."""
+    from reranker.learning.traininglog import log_files, read_training_log
+
+    logged = read_training_log(args.training_log)
+    print(json.dumps({"training_log": str(args.training_log), "files": logged.files, "events": len(logged.events),
+                      "served_lists": len(logged.lists), "torn_lines": logged.torn_lines,
+                      "incomplete_lists": logged.incomplete_lists}), file=sys.stderr)
+    return logged.events, logged.lists, [args.items, *log_files(args.training_log)]
+
+
+def _read_events_and_candidates(args: argparse.Namespace) -> tuple[list[Any], list[Any], list[Path]]:
+    """Events, served lists and source files from --events and the optional --candidates."""
+    from reranker.evaluation import formats
+
+    events = formats.read_events(args.events)
+    served = formats.read_served_lists(args.candidates) if args.candidates is not None else []
+    sources = [args.items, args.events] + ([args.candidates] if args.candidates is not None else [])
+    return events, served, sources
+
+
 def _train(args: argparse.Namespace, _argv: Any) -> int:
     from reranker.evaluation import formats, train
     from reranker.evaluation.progress import ProgressBar
 
     try:
         settings, names, counts = _common(args)
+        _check_train_args(args)
     except ValueError as exc:
         print(f"reranker train: {exc}", file=sys.stderr)
         return 2
-    threads = settings.torch_threads or 1
-    if args.adapter_epochs < 0 or args.neighbours < 1 or args.blend_users < 0:
-        print("reranker train: --adapter-epochs and --blend-users must be >= 0 and --neighbours >= 1", file=sys.stderr)
-        return 2
     cfg = train.TrainConfig(
         retrievers=names, num_candidates=counts[0], sampled_negatives=args.negatives,
-        adapter_epochs=args.adapter_epochs, seed=args.seed, threads=threads, neighbours=args.neighbours,
-        include_seen=args.include_seen is not False, blend_users=args.blend_users,
+        adapter_epochs=args.adapter_epochs, seed=args.seed, threads=settings.torch_threads or 1,
+        neighbours=args.neighbours, include_seen=args.include_seen is not False, blend_users=args.blend_users,
     )
-    if (args.events is None) == (args.training_log is None) or (args.training_log is not None and args.candidates is not None):
-        print("reranker train: give --events (optionally with --candidates) or --training-log", file=sys.stderr)
-        return 2
     items = formats.read_items(args.items)
     if args.training_log is not None:
-        from reranker.learning.traininglog import log_files, read_training_log
-
         try:
-            logged = read_training_log(args.training_log)
+            events, served, sources = _read_training_log(args)
         except formats.FormatError as exc:
             print(f"reranker train: {exc}", file=sys.stderr)
             return 2
-        print(json.dumps({"training_log": str(args.training_log), "files": logged.files, "events": len(logged.events),
-                          "served_lists": len(logged.lists), "torn_lines": logged.torn_lines,
-                          "incomplete_lists": logged.incomplete_lists}), file=sys.stderr)
-        events, served = logged.events, logged.lists
-        sources = [args.items, *log_files(args.training_log)]
     else:
-        events = formats.read_events(args.events)
-        served = formats.read_served_lists(args.candidates) if args.candidates is not None else []
-        sources = [args.items, args.events] + ([args.candidates] if args.candidates is not None else [])
+        events, served, sources = _read_events_and_candidates(args)
     if not names and not served:
         print("reranker train: no training lists: give --retriever, or --candidates / --training-log with lists",
               file=sys.stderr)

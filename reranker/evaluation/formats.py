@@ -104,6 +104,24 @@ def _candidate_columns(path: Path) -> dict[str, int]:
     return {"user_id": 0, "item_id": 1, "score": 2, "label": 3}
 
 
+def _served_row(path: Path, number: int, field_of: dict[str, str]) -> tuple[tuple[str, str, float | None], CandidateRow]:
+    """One candidates line: the key of its list (user, list id, timestamp) and its row. Raises
+    FormatError naming the line."""
+    user_id, item_id = field_of["user_id"], field_of["item_id"]
+    if not user_id or not item_id:
+        raise FormatError(f"{path}:{number}: empty user_id or item_id")
+    try:
+        score = float(field_of["score"])
+        label = int(field_of["label"]) if field_of.get("label", "") != "" else None
+        timestamp = float(field_of["timestamp"]) if field_of.get("timestamp", "") != "" else None
+    except ValueError:
+        raise FormatError(f"{path}:{number}: score and timestamp must be numbers and label 0 or 1") from None
+    if timestamp is not None and not math.isfinite(timestamp):
+        raise FormatError(f"{path}:{number}: timestamp must be finite")
+    list_id = field_of.get("list_id", "") or f"{user_id}@{'' if timestamp is None else repr(timestamp)}"
+    return (user_id, list_id, timestamp), CandidateRow(item_id, score, label)
+
+
 def read_served_lists(path: Path) -> list[ServedList]:
     """Every list of a candidates file, in file order (see the module doc for columns and grouping)."""
     columns = _candidate_columns(path)
@@ -119,24 +137,11 @@ def read_served_lists(path: Path) -> list[ServedList]:
     named = "timestamp" in columns or "list_id" in columns
     # With a named header, other columns are allowed (and ignored); the old positional form has at most 4.
     for number, parts in _rows(path, 3, width + 100 if named else 4):
-        field_of = {name: parts[i] if i < len(parts) else "" for name, i in columns.items()}
-        user_id, item_id = field_of["user_id"], field_of["item_id"]
-        if not user_id or not item_id:
-            raise FormatError(f"{path}:{number}: empty user_id or item_id")
-        try:
-            score = float(field_of["score"])
-            label = int(field_of["label"]) if field_of.get("label", "") != "" else None
-            timestamp = float(field_of["timestamp"]) if field_of.get("timestamp", "") != "" else None
-        except ValueError:
-            raise FormatError(f"{path}:{number}: score and timestamp must be numbers and label 0 or 1") from None
-        if timestamp is not None and not math.isfinite(timestamp):
-            raise FormatError(f"{path}:{number}: timestamp must be finite")
-        list_id = field_of.get("list_id", "") or f"{user_id}@{'' if timestamp is None else repr(timestamp)}"
-        key = (user_id, list_id, timestamp)
+        key, row = _served_row(path, number, {name: parts[i] if i < len(parts) else "" for name, i in columns.items()})
         if key != current:
             close()
             current, rows = key, []
-        rows.append(CandidateRow(item_id, score, label))
+        rows.append(row)
     close()
     return lists
 

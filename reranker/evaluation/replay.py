@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from reranker.client import RerankerClient
 from reranker.evaluation import formats
 from reranker.evaluation.retrievers import ItemKNN
 from reranker.v1 import reranker_pb2 as pb
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,6 +66,73 @@ def timeline(events: Sequence[formats.Interaction], max_users: int = 0) -> list[
     return ordered
 
 
+def _to_pb(e: formats.Interaction) -> pb.Event:
+    return pb.Event(user_id=e.user_id, item_id=e.item_id, type=pb.EventType.Value("EVENT_TYPE_" + e.event_type.upper()))
+
+
+class _KnnUpstream:
+    """The replayed upstream: an item-kNN retriever fitted on `past`, scoring each user's history so far
+    (fed event by event through `remember`)."""
+
+    def __init__(self, past: dict[str, list[str]], catalog: list[str]) -> None:
+        self.knn = ItemKNN().fit(past, catalog)
+        self.history: dict[str, np.ndarray] = {}
+        self.seen: dict[str, set[str]] = {}
+
+    def remember(self, e: formats.Interaction) -> None:
+        row = self.history.setdefault(e.user_id, np.zeros((1, len(self.knn.items)), dtype=np.float32))
+        j = self.knn.item_index.get(e.item_id)
+        if j is not None:
+            row[0, j] += 1.0
+        self.seen.setdefault(e.user_id, set()).add(e.item_id)
+
+    def candidates(self, user_id: str, num_candidates: int, include_seen: bool) -> list[tuple[str, float]]:
+        """The user's upstream list: the top `num_candidates` items by score, consumed items left out
+        unless `include_seen`; empty for a user with no history yet."""
+        row = self.history.get(user_id)
+        if row is None:
+            return []
+        # ItemKNN's score of this history: sum of cosines to the items seen so far
+        scores = ((row > 0).astype(np.float32) @ self.knn.sim)[0].astype(np.float64)
+        for item in () if include_seen else self.seen[user_id]:
+            j = self.knn.item_index.get(item)
+            if j is not None:
+                scores[j] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:num_candidates]
+        return [(self.knn.items[j], float(scores[j])) for j in top.tolist() if np.isfinite(scores[j])]
+
+
+def _serve(
+    client: RerankerClient, report: ReplayReport, e: formats.Interaction, cands: list[tuple[str, float]], top_k: int
+) -> None:
+    """Rerank the user's list before event `e`; score the answer by whether it holds `e`'s item."""
+    try:
+        reply = client.rerank(e.user_id, cands, top_k=top_k)
+    except Exception:
+        report.failed += 1
+        return
+    report.lists += 1
+    returned = [it.item_id for it in reply.items]
+    stats = report.arms.setdefault(reply.arm or "bypassed", [0.0, 0.0, 0.0])
+    stats[0] += 1
+    if e.item_id in returned:
+        stats[1] += 1
+        stats[2] += 1.0 / float(np.log2(returned.index(e.item_id) + 2))
+
+
+def _record(client: RerankerClient, report: ReplayReport, e: formats.Interaction) -> None:
+    try:
+        client.record_events([_to_pb(e)])
+        report.events += 1
+    except Exception:
+        report.failed += 1
+
+
+def _send_in_batches(send: Callable[[list[T]], object], rows: Sequence[T], batch: int) -> None:
+    for i in range(0, len(rows), batch):
+        send(list(rows[i : i + batch]))
+
+
 def replay(
     client: RerankerClient,
     items: dict[str, str],
@@ -89,63 +159,22 @@ def replay(
     past: dict[str, list[str]] = {}
     for e in events[:fit_end]:
         past.setdefault(e.user_id, []).append(e.item_id)
-    catalog = list(items)
-    upstream = ItemKNN().fit(past, catalog)
-    index = upstream.item_index
+    upstream = _KnnUpstream(past, list(items))
     if upsert:
-        ids = list(items)
-        for i in range(0, len(ids), batch):
-            client.upsert_items([(x, items[x]) for x in ids[i : i + batch]])
-    history: dict[str, np.ndarray] = {}
-    seen: dict[str, set[str]] = {}
-
-    def remember(e: formats.Interaction) -> None:
-        row = history.setdefault(e.user_id, np.zeros((1, len(upstream.items)), dtype=np.float32))
-        j = index.get(e.item_id)
-        if j is not None:
-            row[0, j] += 1.0
-        seen.setdefault(e.user_id, set()).add(e.item_id)
-
-    def to_pb(e: formats.Interaction) -> pb.Event:
-        return pb.Event(user_id=e.user_id, item_id=e.item_id, type=pb.EventType.Value("EVENT_TYPE_" + e.event_type.upper()))
-
+        _send_in_batches(client.upsert_items, [(x, items[x]) for x in items], batch)
     before = events[:start_at]  # the server has them already when `bootstrap` is False (an earlier replay)
-    for i in range(0, len(before) if bootstrap else 0, batch):
-        client.record_events([to_pb(e) for e in before[i : i + batch]])
+    if bootstrap:
+        _send_in_batches(client.record_events, [_to_pb(e) for e in before], batch)
+        report.bootstrap_events = len(before)
     for e in before:
-        remember(e)
-    report.bootstrap_events = len(before) if bootstrap else 0
+        upstream.remember(e)
     looked = 0
     for e in events[start_at:stop_at]:
-        row = history.get(e.user_id)
-        if row is not None:
-            # ItemKNN's score of this history: sum of cosines to the items seen so far
-            scores = ((row > 0).astype(np.float32) @ upstream.sim)[0].astype(np.float64)
-            for item in () if include_seen else seen[e.user_id]:
-                j = index.get(item)
-                if j is not None:
-                    scores[j] = -np.inf
-            top = np.argsort(-scores, kind="stable")[:num_candidates]
-            cands = [(upstream.items[j], float(scores[j])) for j in top.tolist() if np.isfinite(scores[j])]
-            if cands:
-                try:
-                    reply = client.rerank(e.user_id, cands, top_k=top_k)
-                except Exception:
-                    report.failed += 1
-                else:
-                    report.lists += 1
-                    returned = [it.item_id for it in reply.items]
-                    stats = report.arms.setdefault(reply.arm or "bypassed", [0.0, 0.0, 0.0])
-                    stats[0] += 1
-                    if e.item_id in returned:
-                        stats[1] += 1
-                        stats[2] += 1.0 / float(np.log2(returned.index(e.item_id) + 2))
-        try:
-            client.record_events([to_pb(e)])
-            report.events += 1
-        except Exception:
-            report.failed += 1
-        remember(e)
+        cands = upstream.candidates(e.user_id, num_candidates, include_seen)
+        if cands:
+            _serve(client, report, e, cands, top_k)
+        _record(client, report, e)
+        upstream.remember(e)
         if on_lists is not None and every > 0 and report.lists - looked >= every:
             looked = report.lists
             on_lists(report.lists)

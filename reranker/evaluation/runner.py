@@ -65,41 +65,61 @@ class EvalData:
     list_sets: list[ListSet] = field(default_factory=list)
 
 
+def _candidates_file_list_set(cfg: EvalConfig, data: EvalData) -> None:
+    """The lists of `cfg.candidates`, for the users that have one (the only users evaluated then)."""
+    rows = formats.read_candidates(cfg.candidates)
+    lists = {u: rows[u] for u in data.users if rows.get(u)}
+    labelled = any(r.label is not None for rs in lists.values() for r in rs)
+    data.users = [u for u in data.users if u in lists]
+    data.list_sets.append(ListSet(Path(cfg.candidates).stem, lists, labelled))
+
+
+def _sampled_list_set(cfg: EvalConfig, data: EvalData, histories: dict[str, list[str]], catalog: list[str]) -> ListSet:
+    """Each user's target among `cfg.sampled_negatives` items drawn at random (seeded)."""
+    rng = np.random.default_rng(cfg.seed)
+    index = {item: j for j, item in enumerate(catalog)}
+    lists = {
+        u: retrievers.sampled_candidates(
+            histories[u], data.split.target[u].item_id, catalog, cfg.sampled_negatives, rng, index
+        )
+        for u in data.users
+    }
+    return ListSet(f"sampled-1+{cfg.sampled_negatives}", lists, num_candidates=cfg.sampled_negatives + 1)
+
+
+def _retriever_list_sets(
+    name: str, cfg: EvalConfig, data: EvalData, histories: dict[str, list[str]], catalog: list[str],
+    progress: Progress | None,
+) -> list[ListSet]:
+    """Retriever `name`'s top lists, fitted once, cut at each of `cfg.num_candidates`."""
+    if progress:
+        progress(f"fit {name}", 0, 1)
+    fitted = retrievers.make_retriever(name, seed=cfg.seed).fit(histories, catalog)
+    top = fitted.recommend(data.users, max(cfg.num_candidates), include_seen=cfg.include_seen)
+    if progress:
+        progress(f"fit {name}", 1, 1)
+    sets = []
+    for n in cfg.num_candidates:
+        label = name if len(cfg.num_candidates) == 1 else f"{name}@{n}"
+        sets.append(ListSet(label, {u: top[u][:n] for u in data.users if top[u]}, num_candidates=n))
+    return sets
+
+
 def load_data(cfg: EvalConfig, progress: Progress | None = None) -> EvalData:
     items = formats.read_items(cfg.items)
     split = formats.leave_last_out(formats.read_events(cfg.events))
     users = split.users[: cfg.max_users] if cfg.max_users > 0 else split.users
     data = EvalData(items, split, users)
     if cfg.candidates is not None:
-        rows = formats.read_candidates(cfg.candidates)
-        lists = {u: rows[u] for u in users if rows.get(u)}
-        labelled = any(r.label is not None for rs in lists.values() for r in rs)
-        data.users = [u for u in users if u in lists]
-        data.list_sets.append(ListSet(Path(cfg.candidates).stem, lists, labelled))
+        _candidates_file_list_set(cfg, data)
         return data
     histories = {u: [e.item_id for e in h] for u, h in split.history.items()}  # all users, targets excluded
     catalog = list(items)
     for name in cfg.retrievers:
         if name == retrievers.SAMPLED:
-            rng = np.random.default_rng(cfg.seed)
-            index = {item: j for j, item in enumerate(catalog)}
-            lists = {
-                u: retrievers.sampled_candidates(
-                    histories[u], split.target[u].item_id, catalog, cfg.sampled_negatives, rng, index
-                )
-                for u in users
-            }
-            data.list_sets.append(ListSet(f"sampled-1+{cfg.sampled_negatives}", lists, num_candidates=cfg.sampled_negatives + 1))
-            continue
-        if progress:
-            progress(f"fit {name}", 0, 1)
-        fitted = retrievers.make_retriever(name, seed=cfg.seed).fit(histories, catalog)
-        top = fitted.recommend(users, max(cfg.num_candidates), include_seen=cfg.include_seen)
-        if progress:
-            progress(f"fit {name}", 1, 1)
-        for n in cfg.num_candidates:
-            label = name if len(cfg.num_candidates) == 1 else f"{name}@{n}"
-            data.list_sets.append(ListSet(label, {u: top[u][:n] for u in users if top[u]}, num_candidates=n))
+            data.list_sets.append(_sampled_list_set(cfg, data, histories, catalog))
+        else:
+            data.list_sets.extend(_retriever_list_sets(name, cfg, data, histories, catalog, progress))
     return data
 
 

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 from pathlib import Path
 
@@ -372,6 +372,196 @@ def _blend_users(history: Mapping[str, object], cfg: TrainConfig) -> list[str]:
     return [users[j] for j in np.sort(picked)]
 
 
+@dataclass(frozen=True)
+class _Histories:
+    """What `train` learns from: `split` (leave-last-out: the eval targets are dropped), `history` (the
+    users whose cuts make retriever lists: at least two history events; none without retrievers),
+    `train_hist` (item ids before each user's earliest label, for the adapter and the tables the
+    training lists use) and `served` (the labelled served lists)."""
+
+    split: formats.Split
+    history: dict[str, list[formats.Interaction]]
+    train_hist: dict[str, list[str]]
+    served: LabelledServedLists
+
+
+def _histories(
+    events: Sequence[formats.Interaction], served_lists: Sequence[formats.ServedList], cfg: TrainConfig
+) -> _Histories:
+    """Cut k = 1..K: the label is the k-th last history event, the user's profile and candidates come
+    from the events before it. The adapter, popularity and the collaborative tables used for the
+    training lists are fitted on the events before the *earliest* label of each user (a cut or a
+    served list's label), so no label is in them (just as no eval target is in the shipped artefact)."""
+    split = formats.leave_last_out(events)  # the eval targets are dropped right here
+    history = {u: split.history[u] for u in split.users if len(split.history[u]) >= 2} if cfg.retrievers else {}
+    cuts = max(1, cfg.labels_per_user)
+    served = label_served_lists(served_lists, events)
+    train_hist = {u: [e.item_id for e in h[: len(h) - cuts if u in history else len(h)]] for u, h in split.history.items()}
+    for u, (start, _) in served.earliest.items():
+        train_hist[u] = [e.item_id for e in served.timelines[u][: min(start, len(split.history.get(u, [])))]]
+    return _Histories(split, history, train_hist, served)
+
+
+def _provisional_head(
+    adapter: tuple[np.ndarray, np.ndarray, np.ndarray], train_hist: Mapping[str, Sequence[str]], encoder: Encoder,
+    cfg: TrainConfig,
+) -> head_module.RankingHead:
+    """The head the training features are computed with: no weights yet, identity scaling (features are
+    standardized later with statistics of the training lists)."""
+    down, up, prior = adapter
+    return head_module.RankingHead(
+        weights=np.zeros(len(head_module.FEATURES)),
+        mean=np.zeros(len(head_module.FEATURES)),
+        std=np.ones(len(head_module.FEATURES)),
+        adapter_down=down,
+        adapter_up=up,
+        prior=prior,
+        popularity=popularity_table(train_hist),
+        encoder_version=encoder.version,
+        session_length=cfg.session_length,
+        graph=item_graph(train_hist, cfg),
+        history_length=cfg.history_length,
+        history_decay=cfg.history_decay,
+    )
+
+
+@dataclass
+class _TrainingLists:
+    """The blend's training lists, featurized exactly as the server computes them: profiles built in
+    `store` as the server builds them from RecordEvents, features from the provisional `head`."""
+
+    settings: Settings
+    store: InProcessProfileStore
+    head: head_module.RankingHead
+    index: dict[str, int]
+    vectors: np.ndarray
+    features: list[np.ndarray] = field(default_factory=list)
+    has_vector: list[np.ndarray] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)  # position of the label in its list
+    users: list[str] = field(default_factory=list)
+    upstream: list[list[str]] = field(default_factory=list)  # each list's ids, in upstream order
+
+    def feed(self, profile_id: str, events_before: Sequence[formats.Interaction]) -> None:
+        """Record `events_before` into the profile `profile_id`."""
+        pairs = []
+        for e in events_before:
+            j = self.index.get(e.item_id)
+            event = Event(profile_id, e.item_id, EventType[e.event_type.upper()], e.timestamp)
+            pairs.append((event, None if j is None else self.vectors[j]))
+        self.store.apply(pairs, now=time.time())
+
+    def feed_cuts(self, history: Mapping[str, Sequence[formats.Interaction]], users: Sequence[str], cuts: int) -> None:
+        """One profile per user and cut k = 1..`cuts`, fed with the user's history before the cut."""
+        for k in range(1, cuts + 1):
+            for u in users:
+                self.feed(f"{u}\x1f{k}", history[u][:-k])
+
+    def add(self, profile_id: str, user: str, rows: Sequence[formats.CandidateRow], label: str) -> None:
+        """Features of one training list exactly as the server computes them (first occurrences); a
+        list without its label, or for a profile without a user vector, is left out."""
+        keep = scoring.first_occurrences([r.item_id for r in rows])
+        ids = [rows[i].item_id for i in keep]
+        if label not in ids:
+            return
+        state = self.store.get(profile_id)
+        user_vector = profiles.user_vector(state, self.settings)
+        if state is None or user_vector is None:
+            return
+        cand_vectors, has_vector = gather_vectors(ids, self.index, self.vectors)
+        seen = profiles.candidate_history(state, self.settings, ids, cand_vectors, has_vector, user_vector)
+        upstream = np.array([rows[i].score for i in keep])
+        self.features.append(self.head.features(
+            ids, upstream, cand_vectors, has_vector, user_vector, profiles.positive_history(state),
+            profiles.positive_history_ids(state), profiles.on_liked_rows(seen, state),
+        ))
+        self.has_vector.append(has_vector)
+        self.labels.append(ids.index(label))
+        self.users.append(user)
+        self.upstream.append(ids)
+
+
+def _add_served_lists(
+    lists: _TrainingLists, served: LabelledServedLists, picked: Sequence[tuple[formats.ServedList, int]],
+    progress: Progress | None,
+) -> None:
+    """One profile per served user, fed forward in time: each list is scored from the events before
+    its label, then the profile moves on to the next list's label (no rebuild per list)."""
+    fed: dict[str, int] = {}
+    for n_list, (served_list, label_at) in enumerate(sorted(picked, key=lambda pair: (pair[0].user_id, pair[1])), 1):
+        user = served_list.user_id
+        lists.feed(f"{user}\x1fs", served.timelines[user][fed.get(user, 0) : label_at])
+        fed[user] = label_at
+        lists.add(f"{user}\x1fs", user, served_list.rows, served.timelines[user][label_at].item_id)
+        if progress and (n_list % 200 == 0 or n_list == len(picked)):
+            progress("features (served lists)", n_list, len(picked))
+
+
+def _retriever_candidates(
+    name: str, cut_hist: Mapping[str, Sequence[str]], labels: Mapping[str, str], catalog: Sequence[str],
+    index: Mapping[str, int], cfg: TrainConfig, rng: np.random.Generator,
+) -> Mapping[str, Sequence[formats.CandidateRow]]:
+    """Candidates of retriever `name` (fitted on `cut_hist`) for the users of `labels`."""
+    if name == retrievers.SAMPLED:
+        return {
+            u: retrievers.sampled_candidates(cut_hist[u], labels[u], catalog, cfg.sampled_negatives, rng, index)
+            for u in labels
+        }
+    fitted = retrievers.make_retriever(name, seed=cfg.seed, threads=cfg.threads).fit(cut_hist, catalog)
+    return fitted.recommend(list(labels), cfg.num_candidates, include_seen=cfg.include_seen)
+
+
+def _add_retriever_lists(
+    lists: _TrainingLists, history: Mapping[str, Sequence[formats.Interaction]], blend_users: Sequence[str],
+    catalog: Sequence[str], cfg: TrainConfig, progress: Progress | None,
+) -> None:
+    """For every cut k and retriever of `cfg.retrievers`: one list per blend user, fitted on the
+    histories before the cut, labelled with the k-th last history event."""
+    rng = np.random.default_rng(cfg.seed)
+    for k in range(1, max(1, cfg.labels_per_user) + 1):
+        cut_hist = {u: [e.item_id for e in h[:-k]] for u, h in history.items() if len(h) > k}
+        users = [u for u in blend_users if u in cut_hist]
+        labels = {u: history[u][-k].item_id for u in users}
+        for name in cfg.retrievers:
+            cands = _retriever_candidates(name, cut_hist, labels, catalog, lists.index, cfg, rng)
+            for n_done, u in enumerate(users, start=1):
+                lists.add(f"{u}\x1f{k}", u, cands[u], labels[u])
+                if progress and n_done % 50 == 0:
+                    progress(f"features ({name}, label {k})", n_done, len(users))
+
+
+def _validation_metrics(
+    lists: _TrainingLists, std_lists: Sequence[np.ndarray], val_idx: Sequence[int], weights: np.ndarray
+) -> dict[str, object]:
+    """NDCG@10 of the upstream order and of the head (weights fitted without these lists) on the
+    validation lists; empty without validation lists."""
+    if not val_idx:
+        return {}
+    up, rr = MetricAccumulator(), MetricAccumulator()
+    for i in val_idx:
+        ids, label = lists.upstream[i], {lists.upstream[i][lists.labels[i]]}
+        up.add(ids, label)
+        order = np.argsort(-(std_lists[i] @ weights), kind="stable")
+        rr.add([ids[j] for j in order], label)
+    return {
+        "lists": len(val_idx),
+        "upstream_ndcg@10": up.summary(1)["ndcg@10"],
+        "head_ndcg@10": rr.summary(1)["ndcg@10"],
+    }
+
+
+def _fit_weights(
+    lists: _TrainingLists, std_lists: Sequence[np.ndarray], cfg: TrainConfig, progress: Progress | None
+) -> tuple[np.ndarray, dict[str, object]]:
+    """The blend weights, fitted on every list, and the validation metrics of weights fitted without
+    the validation users' lists (a stable hash picks them; when it picks everyone, all lists train)."""
+    is_val = [_is_validation(u, cfg.validation_percent) for u in lists.users]
+    train_idx = [i for i, v in enumerate(is_val) if not v] or list(range(len(std_lists)))
+    val_idx = [i for i, v in enumerate(is_val) if v]
+    w_train = fit_blend([std_lists[i] for i in train_idx], [lists.labels[i] for i in train_idx], cfg, progress)
+    validation = _validation_metrics(lists, std_lists, val_idx, w_train)
+    return fit_blend(std_lists, lists.labels, cfg, progress), validation
+
+
 def train(
     items: Mapping[str, str],
     events: Sequence[formats.Interaction],
@@ -391,17 +581,9 @@ def train(
     lists of `cfg.retrievers` (which may be empty)."""
     started = time.perf_counter()
     encoder = encoder or load_encoder(settings)
-    split = formats.leave_last_out(events)  # the eval targets are dropped right here
-    history = {u: split.history[u] for u in split.users if len(split.history[u]) >= 2} if cfg.retrievers else {}
-    # Cut k = 1..K: the label is the k-th last history event, the user's profile and candidates come
-    # from the events before it. The adapter, popularity and the collaborative tables used for the
-    # training lists are fitted on the events before the *earliest* label of each user (a cut or a
-    # served list's label), so no label is in them (just as no eval target is in the shipped artefact).
+    hists = _histories(events, served_lists, cfg)
+    history, served = hists.history, hists.served
     cuts = max(1, cfg.labels_per_user)
-    served = label_served_lists(served_lists, events)
-    train_hist = {u: [e.item_id for e in h[: len(h) - cuts if u in history else len(h)]] for u, h in split.history.items()}
-    for u, (start, _) in served.earliest.items():
-        train_hist[u] = [e.item_id for e in served.timelines[u][: min(start, len(split.history.get(u, [])))]]
 
     catalog = list(items)
     index = {item: j for j, item in enumerate(catalog)}
@@ -409,8 +591,8 @@ def train(
     timings = {"encode_s": time.perf_counter() - started}
 
     t = time.perf_counter()
-    sequences = [[index[i] for i in seq if i in index] for seq in train_hist.values()]
-    down, up, prior = train_adapter(sequences, vectors, cfg, progress)
+    sequences = [[index[i] for i in seq if i in index] for seq in hists.train_hist.values()]
+    adapter = train_adapter(sequences, vectors, cfg, progress)
     timings["adapter_s"] = time.perf_counter() - t
 
     # Profiles exactly as the server builds them from RecordEvents (one profile per user and cut), for
@@ -423,124 +605,30 @@ def train(
         max_users=max(1, len(blend_users) * 2 * cuts + len(served.timelines)),
         ttl_seconds=settings.user_ttl_seconds,
     )
-
-    def feed(profile_id: str, events_before: Sequence[formats.Interaction]) -> None:
-        pairs = []
-        for e in events_before:
-            j = index.get(e.item_id)
-            event = Event(profile_id, e.item_id, EventType[e.event_type.upper()], e.timestamp)
-            pairs.append((event, None if j is None else vectors[j]))
-        store.apply(pairs, now=time.time())
-
-    for k in range(1, cuts + 1):
-        for u in blend_users:
-            feed(f"{u}\x1f{k}", history[u][:-k])
-
-    # Features are standardized with statistics of the training lists; start from the identity scaling.
-    provisional = head_module.RankingHead(
-        weights=np.zeros(len(head_module.FEATURES)),
-        mean=np.zeros(len(head_module.FEATURES)),
-        std=np.ones(len(head_module.FEATURES)),
-        adapter_down=down,
-        adapter_up=up,
-        prior=prior,
-        popularity=popularity_table(train_hist),
-        encoder_version=encoder.version,
-        session_length=cfg.session_length,
-        graph=item_graph(train_hist, cfg),
-        history_length=cfg.history_length,
-        history_decay=cfg.history_decay,
-    )
-    rng = np.random.default_rng(cfg.seed)
-    raw_lists, list_labels, list_users, list_upstream, list_has = [], [], [], [], []
-
-    def add_list(profile_id: str, user: str, rows: Sequence[formats.CandidateRow], label: str) -> None:
-        """Features of one training list exactly as the server computes them (first occurrences)."""
-        keep = scoring.first_occurrences([r.item_id for r in rows])
-        ids = [rows[i].item_id for i in keep]
-        if label not in ids:
-            return
-        state = store.get(profile_id)
-        user_vector = profiles.user_vector(state, settings)
-        if state is None or user_vector is None:
-            return
-        cand_vectors, has_vector = gather_vectors(ids, index, vectors)
-        seen = profiles.candidate_history(state, settings, ids, cand_vectors, has_vector, user_vector)
-        upstream = np.array([rows[i].score for i in keep])
-        raw_lists.append(provisional.features(
-            ids, upstream, cand_vectors, has_vector, user_vector, profiles.positive_history(state),
-            profiles.positive_history_ids(state), profiles.on_liked_rows(seen, state),
-        ))
-        list_has.append(has_vector)
-        list_labels.append(ids.index(label))
-        list_users.append(user)
-        list_upstream.append(ids)
-
-    # One profile per served user, fed forward in time: each list is scored from the events before
-    # its label, then the profile moves on to the next list's label (no rebuild per list).
+    provisional = _provisional_head(adapter, hists.train_hist, encoder, cfg)
+    lists = _TrainingLists(settings, store, provisional, index, vectors)
+    lists.feed_cuts(history, blend_users, cuts)
     picked = _sample(served.lists, cfg.max_served_lists, cfg.seed)
-    fed: dict[str, int] = {}
-    for n_list, (served_list, label_at) in enumerate(sorted(picked, key=lambda pair: (pair[0].user_id, pair[1])), 1):
-        user = served_list.user_id
-        feed(f"{user}\x1fs", served.timelines[user][fed.get(user, 0) : label_at])
-        fed[user] = label_at
-        add_list(f"{user}\x1fs", user, served_list.rows, served.timelines[user][label_at].item_id)
-        if progress and (n_list % 200 == 0 or n_list == len(picked)):
-            progress("features (served lists)", n_list, len(picked))
-    served_used = len(raw_lists)
-    for k in range(1, cuts + 1):
-        cut_hist = {u: [e.item_id for e in h[:-k]] for u, h in history.items() if len(h) > k}
-        users = [u for u in blend_users if u in cut_hist]
-        labels = {u: history[u][-k].item_id for u in users}
-        for name in cfg.retrievers:
-            if name == retrievers.SAMPLED:
-                cands = {
-                    u: retrievers.sampled_candidates(cut_hist[u], labels[u], catalog, cfg.sampled_negatives, rng, index)
-                    for u in users
-                }
-            else:
-                fitted = retrievers.make_retriever(name, seed=cfg.seed, threads=cfg.threads).fit(cut_hist, catalog)
-                cands = fitted.recommend(users, cfg.num_candidates, include_seen=cfg.include_seen)
-            for n_done, u in enumerate(users, start=1):
-                add_list(f"{u}\x1f{k}", u, cands[u], labels[u])
-                if progress and n_done % 50 == 0:
-                    progress(f"features ({name}, label {k})", n_done, len(users))
+    _add_served_lists(lists, served, picked, progress)
+    served_used = len(lists.features)
+    _add_retriever_lists(lists, history, blend_users, catalog, cfg, progress)
     timings["features_s"] = time.perf_counter() - t
-    if not raw_lists:
+    if not lists.features:
         raise ValueError("no training list contains its label: too little history to train a head")
 
-    stacked = np.vstack(raw_lists)
-    mean = stacked.mean(axis=0)
-    std = np.maximum(stacked.std(axis=0), 1e-6)
+    stacked = np.vstack(lists.features)
     base = dict(provisional.__dict__)
-    base.update(mean=mean, std=std)
+    base.update(mean=stacked.mean(axis=0), std=np.maximum(stacked.std(axis=0), 1e-6))
     scaled_head = head_module.RankingHead(**base)
-    std_lists = [scaled_head.standardize(x, h) for x, h in zip(raw_lists, list_has)]
+    std_lists = [scaled_head.standardize(x, h) for x, h in zip(lists.features, lists.has_vector)]
 
     t = time.perf_counter()
-    is_val = [_is_validation(u, cfg.validation_percent) for u in list_users]
-    train_idx = [i for i, v in enumerate(is_val) if not v] or list(range(len(std_lists)))
-    val_idx = [i for i, v in enumerate(is_val) if v]
-    w_train = fit_blend([std_lists[i] for i in train_idx], [list_labels[i] for i in train_idx], cfg, progress)
-    validation = {}
-    if val_idx:
-        up, rr = MetricAccumulator(), MetricAccumulator()
-        for i in val_idx:
-            ids, label = list_upstream[i], {list_upstream[i][list_labels[i]]}
-            up.add(ids, label)
-            order = np.argsort(-(std_lists[i] @ w_train), kind="stable")
-            rr.add([ids[j] for j in order], label)
-        validation = {
-            "lists": len(val_idx),
-            "upstream_ndcg@10": up.summary(1)["ndcg@10"],
-            "head_ndcg@10": rr.summary(1)["ndcg@10"],
-        }
-    weights = fit_blend(std_lists, list_labels, cfg, progress)
+    weights, validation = _fit_weights(lists, std_lists, cfg, progress)
     timings["blend_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 
     t = time.perf_counter()
-    full_history = {u: [e.item_id for e in h] for u, h in split.history.items()}
+    full_history = {u: [e.item_id for e in h] for u, h in hists.split.history.items()}
     graph = item_graph(full_history, cfg)
     timings["final_tables_s"] = time.perf_counter() - t
     base.update(

@@ -241,32 +241,35 @@ class MicroBatcher:
                 return
             if jobs and self._tokenize_early:
                 jobs = self._tokenized(jobs)
-            if not jobs:
-                continue
-            texts = [t for job in jobs for t in job.texts]
-            encode_started = time.monotonic()
-            self.stats.last_queue_wait_s = encode_started - jobs[0].enqueued_at
-            try:
-                if self._tokenize_early:
-                    vectors = self._encode_sorted([ids for job in jobs for ids in job.token_ids or ()], True)
-                else:
-                    vectors = self._encode_sorted(texts, False)
-            except Exception as exc:  # the encoder failing must not kill the worker
-                self._observe(len(texts), encode_started, ok=False)
-                self._log_failure(exc, len(texts))
-                error = exc if isinstance(exc, (EncoderFailed, Overloaded)) else EncoderFailed(f"encoder error: {exc}")
-                for job in jobs:
-                    job.future.set_exception(error)
-                continue
-            self._observe(len(texts), encode_started, ok=True)
-            self.stats.batches += 1
-            self.stats.texts += len(texts)
-            self.stats.last_batch_size = len(texts)
-            start = 0
+            if jobs:
+                self._encode_jobs(jobs)
+
+    def _encode_jobs(self, jobs: list[_Job]) -> None:
+        """Encode the jobs' texts as one batch; each job's future gets its rows, or the batch's error."""
+        texts = [t for job in jobs for t in job.texts]
+        encode_started = time.monotonic()
+        self.stats.last_queue_wait_s = encode_started - jobs[0].enqueued_at
+        try:
+            if self._tokenize_early:
+                vectors = self._encode_sorted([ids for job in jobs for ids in job.token_ids or ()], True)
+            else:
+                vectors = self._encode_sorted(texts, False)
+        except Exception as exc:  # the encoder failing must not kill the worker
+            self._observe(len(texts), encode_started, ok=False)
+            self._log_failure(exc, len(texts))
+            error = exc if isinstance(exc, (EncoderFailed, Overloaded)) else EncoderFailed(f"encoder error: {exc}")
             for job in jobs:
-                end = start + len(job.texts)
-                job.future.set_result(vectors[start:end])
-                start = end
+                job.future.set_exception(error)
+            return
+        self._observe(len(texts), encode_started, ok=True)
+        self.stats.batches += 1
+        self.stats.texts += len(texts)
+        self.stats.last_batch_size = len(texts)
+        start = 0
+        for job in jobs:
+            end = start + len(job.texts)
+            job.future.set_result(vectors[start:end])
+            start = end
 
     def _log_failure(self, exc: Exception, size: int) -> None:
         """An unexpected error with its traceback; a failure the encoder reported itself (a remote server

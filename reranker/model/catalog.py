@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -139,8 +139,23 @@ _INT_FIELDS = ("dim", "count", "vectors_offset", "hashes_offset", "keys_offset",
                "ids_bytes")
 
 
-def _parse_manifest(head: bytes, size: int, where: object) -> Manifest:
-    """The manifest at the start of a catalog file of `size` bytes, checked against the layout."""
+def _is_hex_digest(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+# (field, what it must be, check), in the order they are checked: the first failing one is reported.
+_FIELD_RULES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+    *((name, "a non-negative integer", lambda v: type(v) is int and v >= 0) for name in _INT_FIELDS),
+    ("dim", "in [1, 65536]", lambda v: 1 <= v <= 65536),
+    ("dtype", f"one of {DTYPES}", lambda v: v in DTYPES),
+    ("model_version", "a string", lambda v: isinstance(v, str)),
+    ("checksum", "64 hex digits", _is_hex_digest),
+    ("created", "a finite number", lambda v: type(v) in (int, float) and math.isfinite(v)),
+)
+
+
+def _manifest_fields(head: bytes, where: object) -> dict[str, Any]:
+    """The manifest's JSON object, checked to be a current-format manifest with exactly its fields."""
     if head[: len(MAGIC)] in _OLDER_FORMATS:
         raise CatalogError(f"{where} is a format-{_OLDER_FORMATS[head[: len(MAGIC)]]} catalog, whose manifest the "
                            "checksum does not cover: write it again with `reranker embed-catalog`")
@@ -154,20 +169,15 @@ def _parse_manifest(head: bytes, size: int, where: object) -> Manifest:
     if not isinstance(raw, dict) or set(raw) != names:
         got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CatalogError(f"{where}: the manifest must hold exactly {sorted(names)}, got {got}")
-    for name in _INT_FIELDS:
-        if type(raw[name]) is not int or raw[name] < 0:
-            raise CatalogError(f"{where}: manifest {name} must be a non-negative integer, got {raw[name]!r}")
-    if not 1 <= raw["dim"] <= 65536:
-        raise CatalogError(f"{where}: manifest dim must be in [1, 65536], got {raw['dim']}")
-    if raw["dtype"] not in DTYPES:
-        raise CatalogError(f"{where}: manifest dtype must be one of {DTYPES}, got {raw['dtype']!r}")
-    if not isinstance(raw["model_version"], str):
-        raise CatalogError(f"{where}: manifest model_version must be a string, got {raw['model_version']!r}")
-    checksum = raw["checksum"]
-    if not (isinstance(checksum, str) and len(checksum) == 64 and all(c in "0123456789abcdef" for c in checksum)):
-        raise CatalogError(f"{where}: manifest checksum must be 64 hex digits, got {checksum!r}")
-    if type(raw["created"]) not in (int, float) or not math.isfinite(raw["created"]):
-        raise CatalogError(f"{where}: manifest created must be a finite number, got {raw['created']!r}")
+    return raw
+
+
+def _parse_manifest(head: bytes, size: int, where: object) -> Manifest:
+    """The manifest at the start of a catalog file of `size` bytes, checked against the layout."""
+    raw = _manifest_fields(head, where)
+    for name, requirement, valid in _FIELD_RULES:
+        if not valid(raw[name]):
+            raise CatalogError(f"{where}: manifest {name} must be {requirement}, got {raw[name]!r}")
     for name, expected in _layout(raw["count"], raw["dim"], raw["dtype"], raw["ids_bytes"]).items():
         if raw[name] != expected:
             raise CatalogError(f"{where}: manifest {name} is {raw[name]}, but {raw['count']} x {raw['dim']} "

@@ -74,33 +74,11 @@ class ItemEncoding:
             self.schedule(item_ids, texts)
             raise EncodeTimeout("no time left to encode")
         keys = list(zip(item_ids, texts))
-        with self._lock:
-            found = [self._in_flight.get(k) for k in keys]
-            cached, missing = self._cached([k for k, f in zip(keys, found) if f is None])
-            created = self._claim(missing)
-            for future, _ in created:
-                self._waiters[future] = 1
-            for future in {f for f, _ in filter(None, found)}:  # join encodes already in flight
-                if self._waiters.get(future, 0) == 0:
-                    self._batcher.set_late(future, False)  # a caller waits for it again
-                self._waiters[future] = self._waiters.get(future, 0) + 1
-            where = [f if f is not None else self._in_flight.get(k) for k, f in zip(keys, found)]
+        cached, created, where = self._join(keys)
         futures = list({entry[0]: None for entry in where if entry is not None})
         try:
             self._submit(created, late=False)
-            done = _AllDone(futures)
-            unregister = cancel.on_cancel(done.wake) if cancel is not None else _noop
-            try:
-                if not done.wait(timeout_s):
-                    raise EncodeTimeout(f"encoding {len(texts)} texts took longer than {timeout_s * 1000:.0f} ms")
-                if cancel is not None and cancel.cancelled:
-                    raise RequestCancelled("the caller cancelled the request")
-                try:
-                    results = {f: f.result() for f in futures}
-                except CancelledError:
-                    raise Overloaded("queued encoder work was dropped under overload") from None
-            finally:
-                unregister()
+            results = _wait_all(futures, timeout_s, cancel, len(texts))
         finally:
             self._stop_waiting(futures)
         out = np.empty((len(keys), self._items.dim), dtype=np.float32)
@@ -132,6 +110,25 @@ class ItemEncoding:
         vectors, hit = self._items.lookup([k[0] for k in keys], [k[1] for k in keys], count=False)
         cached = {k: vectors[i] for i, k in enumerate(keys) if hit[i]}
         return cached, [k for k in keys if k not in cached]
+
+    def _join(
+        self, keys: list[Key]
+    ) -> tuple[dict[Key, np.ndarray], list[tuple[Future[np.ndarray], list[Key]]], list[tuple[Future[np.ndarray], int] | None]]:
+        """Start waiting for `keys`: (vectors of those the cache holds, the chunks newly claimed for
+        the others (not submitted yet), per key its (future, row) or None when cached). Keys already
+        in flight join that encode, which becomes waited-for work again if it was late."""
+        with self._lock:
+            found = [self._in_flight.get(k) for k in keys]
+            cached, missing = self._cached([k for k, f in zip(keys, found) if f is None])
+            created = self._claim(missing)
+            for future, _ in created:
+                self._waiters[future] = 1
+            for future in {f for f, _ in filter(None, found)}:  # join encodes already in flight
+                if self._waiters.get(future, 0) == 0:
+                    self._batcher.set_late(future, False)  # a caller waits for it again
+                self._waiters[future] = self._waiters.get(future, 0) + 1
+            where = [f if f is not None else self._in_flight.get(k) for k, f in zip(keys, found)]
+        return cached, created, where
 
     def _claim(self, keys: list[Key]) -> list[tuple[Future[np.ndarray], list[Key]]]:
         """Register `keys` as in flight, one new future per chunk (caller holds the lock)."""
@@ -201,6 +198,26 @@ class ItemEncoding:
 
 def _noop() -> None:
     pass
+
+
+def _wait_all(
+    futures: list[Future[np.ndarray]], timeout_s: float, cancel: Cancellation | None, texts: int
+) -> dict[Future[np.ndarray], np.ndarray]:
+    """Each future's vectors, once all are done; EncodeTimeout after `timeout_s`, RequestCancelled
+    at once on cancellation, Overloaded when queued work was dropped."""
+    done = _AllDone(futures)
+    unregister = cancel.on_cancel(done.wake) if cancel is not None else _noop
+    try:
+        if not done.wait(timeout_s):
+            raise EncodeTimeout(f"encoding {texts} texts took longer than {timeout_s * 1000:.0f} ms")
+        if cancel is not None and cancel.cancelled:
+            raise RequestCancelled("the caller cancelled the request")
+        try:
+            return {f: f.result() for f in futures}
+        except CancelledError:
+            raise Overloaded("queued encoder work was dropped under overload") from None
+    finally:
+        unregister()
 
 
 class _AllDone:

@@ -65,9 +65,9 @@ def read_api_key(path: str) -> str:
     return key
 
 
-def parse_embeddings(body: Any, count: int) -> np.ndarray:
-    """The (count, d) float32 rows of an /v1/embeddings answer, in input order; EncoderFailed when
-    the answer is not one vector per input, of one length, all numbers finite and non-zero."""
+def _rows_in_order(body: Any, count: int) -> list[Any]:
+    """The answer's `embedding` lists placed by their `index` (default: their position); EncoderFailed
+    when there is not one non-empty list per input, each index in range and given once."""
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list) or len(data) != count:
         got = len(data) if isinstance(data, list) else "no"
@@ -81,6 +81,13 @@ def parse_embeddings(body: Any, count: int) -> np.ndarray:
         if not isinstance(embedding, list) or not embedding:
             raise EncoderFailed(f"embedding server returned no float list for input {index}")
         rows[index] = embedding
+    return rows
+
+
+def parse_embeddings(body: Any, count: int) -> np.ndarray:
+    """The (count, d) float32 rows of an /v1/embeddings answer, in input order; EncoderFailed when
+    the answer is not one vector per input, of one length, all numbers finite and non-zero."""
+    rows = _rows_in_order(body, count)
     try:
         vectors = np.array(rows, dtype=np.float32)
     except (TypeError, ValueError) as exc:  # ragged rows, strings, nested lists

@@ -418,16 +418,20 @@ class RankingHead:
             )
 
 
-def load(path: str | Path) -> RankingHead:
-    """Read and validate an artefact written by `RankingHead.save` (no pickle)."""
+def _read_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz at `path` (no pickle); HeadError when it is missing or unreadable."""
     try:
         # Opened here: np.load leaks its own handle when the file is not a valid zip (a torn hot-reload file).
         with Path(path).open("rb") as fh, np.load(fh, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
+            return {name: data[name] for name in data.files}
     except FileNotFoundError:
         raise HeadError(f"ranking head {path} does not exist") from None
     except Exception as exc:
         raise HeadError(f"ranking head {path} is not a readable .npz artefact: {exc}") from None
+
+
+def _read_meta(path: str | Path, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The artefact's meta block, checked to be of this server's format."""
     if "meta" not in arrays:
         raise HeadError(f"ranking head {path} lacks meta")
     try:
@@ -439,6 +443,11 @@ def load(path: str | Path) -> RankingHead:
             f"ranking head {path} has format {meta.get('format_version')}; this server reads format {FORMAT_VERSION} "
             "(retrain it with `reranker train`)"
         )
+    return meta
+
+
+def _check_present(path: str | Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """Every array a head needs is there, and it was trained on this server's features."""
     tables = [f"{name}_{part}" for name in ("covisit", "transition") for part in ("indptr", "indices", "values")]
     required = ("weights", "mean", "std", "adapter_down", "adapter_up", "prior", "popularity_ids", "popularity_values",
                 "graph_ids", "mf_factors", *tables)
@@ -447,6 +456,10 @@ def load(path: str | Path) -> RankingHead:
         raise HeadError(f"ranking head {path} lacks {', '.join(missing)}")
     if list(meta.get("features", [])) != list(FEATURES):
         raise HeadError(f"ranking head {path} was trained on features {meta.get('features')}; expected {list(FEATURES)}")
+
+
+def _check_values(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """The weights, scaling, adapter and popularity arrays have their shapes and stay in range."""
     f, down, up = len(FEATURES), arrays["adapter_down"], arrays["adapter_up"]
     if any(arrays[name].shape != (f,) for name in ("weights", "mean", "std")):
         raise HeadError(f"ranking head {path} has arrays of the wrong shape")
@@ -460,6 +473,15 @@ def load(path: str | Path) -> RankingHead:
     if arrays["popularity_values"].shape != arrays["popularity_ids"].shape:
         raise HeadError(f"ranking head {path} has {arrays['popularity_ids'].size} popularity ids and "
                         f"{arrays['popularity_values'].size} values")
+
+
+def load(path: str | Path) -> RankingHead:
+    """Read and validate an artefact written by `RankingHead.save` (no pickle)."""
+    arrays = _read_arrays(path)
+    meta = _read_meta(path, arrays)
+    _check_present(path, arrays, meta)
+    _check_values(path, arrays)
+    down, up = arrays["adapter_down"], arrays["adapter_up"]
     scalars = _meta_scalars(path, meta)
     popularity = dict(zip(arrays["popularity_ids"].tolist(), arrays["popularity_values"].astype(float).tolist()))
     graph = _load_graph(path, arrays, scalars)
@@ -519,20 +541,27 @@ def _meta_scalars(path: str | Path, meta: Mapping[str, Any]) -> dict[str, float]
     return out
 
 
+def _is_neighbour_table(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n: int) -> bool:
+    """A CSR table over `n` items: integer row pointers from 0 to the entry count, never falling,
+    integer columns in [0, n), one finite value per entry."""
+    shaped = (
+        indptr.shape == (n + 1,) and indices.ndim == 1 and values.shape == indices.shape
+        and np.issubdtype(indptr.dtype, np.integer) and np.issubdtype(indices.dtype, np.integer)
+    )
+    return bool(
+        shaped and indptr[0] == 0 and indptr[-1] == indices.size and (np.diff(indptr) >= 0).all()
+        and (indices.size == 0 or (indices.min() >= 0 and indices.max() < n))
+        and np.isfinite(values).all()
+    )
+
+
 def _load_graph(path: str | Path, arrays: Mapping[str, np.ndarray], scalars: Mapping[str, float]) -> ItemGraph:
     ids = tuple(arrays["graph_ids"].tolist())
     n = len(ids)
     tables = {}
     for name in ("covisit", "transition"):
         indptr, indices, values = (arrays[f"{name}_{part}"] for part in ("indptr", "indices", "values"))
-        ok = (
-            indptr.shape == (n + 1,) and indices.ndim == 1 and values.shape == indices.shape
-            and np.issubdtype(indptr.dtype, np.integer) and np.issubdtype(indices.dtype, np.integer)
-            and indptr[0] == 0 and indptr[-1] == indices.size and (np.diff(indptr) >= 0).all()
-            and (indices.size == 0 or (indices.min() >= 0 and indices.max() < n))
-            and np.isfinite(values).all()
-        )
-        if not ok:
+        if not _is_neighbour_table(indptr, indices, values, n):
             raise HeadError(f"ranking head {path} has a malformed {name} table")
         tables[name] = NeighbourTable(indptr.astype(np.int64), indices.astype(np.int32), values.astype(np.float32))
     factors = arrays["mf_factors"]

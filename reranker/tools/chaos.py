@@ -471,37 +471,52 @@ class ChaosSoak:
                 said: int | None = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
             except grpc.RpcError:
                 said = None
-            with self.lock:
-                users = list(self.acked)
-            user = rng.choice(users) if users and rng.random() < 0.9 else f"cold-{rng.randrange(10**6)}"
-            if self.victims and rng.random() < 0.1:
-                user = rng.choice(self.victims)
-            items = rng.sample(range(self.catalog_items), 20)
-            request = pb.RerankRequest(user_id=user, request_id=f"chaos-{rng.randrange(10**9)}")
-            for rank, item in enumerate(items):
-                c = request.candidates.add(item_id=f"item-{item}", score=float(20 - rank))
-                c.text = item_text(item)
+            request = self._rerank_request(rng)
             restarting = self.serve_down_since is not None
             try:
                 response = stub.Rerank(request, timeout=2.0)
             except grpc.RpcError as exc:
-                code = exc.code().name  # type: ignore[attr-defined]
-                self.report.rerank_outcomes[code] += 1
-                if said == SERVING and not restarting and code != "DEADLINE_EXCEEDED":
-                    self.report.health_lies += 1
-                    if len(self.report.health_lie_examples) < 5:
-                        self.report.health_lie_examples.append(f"{self._t():.1f}s health SERVING, Rerank {code}: "
-                                                               f"{exc.details()}")  # type: ignore[attr-defined]
+                self._rerank_failed(exc, health_serving=said == SERVING and not restarting)
                 continue
-            self.report.rerank_outcomes[pb.Variant.Name(response.variant)] += 1
-            problem = check_reordering(request, response)
-            if problem is not None:
-                self.report.invalid_responses[problem] += 1
-            scores = [v for it in response.items for v in (it.score, it.semantic_score)]
-            if any(not math.isfinite(v) for v in scores):
-                self.report.nan_scores += 1
+            self._judge_response(request, response)
             time.sleep(0.02)
         channel.close()
+
+    def _rerank_request(self, rng: random.Random) -> pb.RerankRequest:
+        """20 random catalog items, with texts, for a user with acknowledged events (mostly), a cold
+        user or a poisoned one."""
+        with self.lock:
+            users = list(self.acked)
+        user = rng.choice(users) if users and rng.random() < 0.9 else f"cold-{rng.randrange(10**6)}"
+        if self.victims and rng.random() < 0.1:
+            user = rng.choice(self.victims)
+        items = rng.sample(range(self.catalog_items), 20)
+        request = pb.RerankRequest(user_id=user, request_id=f"chaos-{rng.randrange(10**9)}")
+        for rank, item in enumerate(items):
+            c = request.candidates.add(item_id=f"item-{item}", score=float(20 - rank))
+            c.text = item_text(item)
+        return request
+
+    def _rerank_failed(self, exc: grpc.RpcError, *, health_serving: bool) -> None:
+        """Count a failed Rerank; one that fails (other than by deadline) while health said SERVING,
+        outside a restart, is a health lie."""
+        code = exc.code().name  # type: ignore[attr-defined]
+        self.report.rerank_outcomes[code] += 1
+        if health_serving and code != "DEADLINE_EXCEEDED":
+            self.report.health_lies += 1
+            if len(self.report.health_lie_examples) < 5:
+                self.report.health_lie_examples.append(f"{self._t():.1f}s health SERVING, Rerank {code}: "
+                                                       f"{exc.details()}")  # type: ignore[attr-defined]
+
+    def _judge_response(self, request: pb.RerankRequest, response: pb.RerankResponse) -> None:
+        """Count the answer's variant, and whether it is a valid reordering with finite scores."""
+        self.report.rerank_outcomes[pb.Variant.Name(response.variant)] += 1
+        problem = check_reordering(request, response)
+        if problem is not None:
+            self.report.invalid_responses[problem] += 1
+        scores = [v for it in response.items for v in (it.score, it.semantic_score)]
+        if any(not math.isfinite(v) for v in scores):
+            self.report.nan_scores += 1
 
     # --- faults ---------------------------------------------------------------------------------------
     def _inject(self, name: str) -> str:
@@ -605,23 +620,31 @@ class ChaosSoak:
         with checker:
             checker.wait_serving(120)
             with grpc.insecure_channel(checker.target) as channel:
-                stub = pb_grpc.RerankerServiceStub(channel)
-                expected = [(user, ids, "rpc") for user, ids in self.acked.items()]
-                expected += [(user, ids, "stream") for user, ids in self.streamed.items()]
-                deadline = time.monotonic() + 20  # events kept at the last shutdown replay in the background
-                while True:
-                    lost = []
-                    for user, ids, source in expected:
-                        profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
-                        have = {e.event_id for e in profile.recent_events}
-                        lost += [f"{source} {user} {missing}" for missing in sorted(ids - have)]
-                    if not lost or time.monotonic() > deadline:
-                        break
-                    time.sleep(1.0)
+                lost = self._lost_events(pb_grpc.RerankerServiceStub(channel))
                 self.report.acknowledged_lost = len(lost)
                 self.report.lost_examples = lost[:10]
             checker.terminate()
             checker.wait(30)
+        self.report.dead_letters_missing += self._refusals_not_dead_lettered()
+
+    def _lost_events(self, stub: pb_grpc.RerankerServiceStub) -> list[str]:
+        """Acknowledged events (RPC and stream) missing from their user's profile, once the events kept
+        at the last shutdown have had 20 s to replay in the background."""
+        expected = [(user, ids, "rpc") for user, ids in self.acked.items()]
+        expected += [(user, ids, "stream") for user, ids in self.streamed.items()]
+        deadline = time.monotonic() + 20  # events kept at the last shutdown replay in the background
+        while True:
+            lost = []
+            for user, ids, source in expected:
+                profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
+                have = {e.event_id for e in profile.recent_events}
+                lost += [f"{source} {user} {missing}" for missing in sorted(ids - have)]
+            if not lost or time.monotonic() > deadline:
+                return lost
+            time.sleep(1.0)
+
+    def _refusals_not_dead_lettered(self) -> int:
+        """Refused stream entries missing from the dead letters, changed there, or without an error."""
         client = self.stream_redis.client()
         try:
             dead = client.xrange(DEAD_LETTERS)
@@ -631,10 +654,12 @@ class ChaosSoak:
         for _entry_id, fields in dead:
             decoded = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
             dead_fields[decoded.get("event_id", "")] = decoded
+        missing = 0
         for event_id, fields in self.refused_entries.items():
             got = dead_fields.get(event_id)
             if got is None or any(got.get(k) != v for k, v in fields.items()) or not got.get("error"):
-                self.report.dead_letters_missing += 1
+                missing += 1
+        return missing
 
     def run(self) -> ChaosReport:
         self.training_log_dir.mkdir(parents=True, exist_ok=True)

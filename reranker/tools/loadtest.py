@@ -363,6 +363,34 @@ def _mb(value: int | None) -> float | None:
     return None if value is None else round(value / 2**20, 1)
 
 
+def _rss_series(samples: list[tuple[float, int]]) -> list[tuple[float, float]]:
+    """About ten evenly spaced (seconds, MiB) samples, and always the last one."""
+    return [(round(t, 1), _mb(rss) or 0.0) for t, rss in samples[:: max(1, len(samples) // 10)]] + [
+        (round(samples[-1][0], 1), _mb(samples[-1][1]) or 0.0)
+    ]
+
+
+def _soak_problems(
+    report: LoadReport, growth_mb: float | None, rss_bound_mb: float, shutdown: ShutdownReport
+) -> list[str]:
+    """What fails a soak: errors or fallbacks under load, RSS growth over the bound, and a shutdown
+    that did not exit 0, failed calls in flight, or answered later calls with anything but a refusal."""
+    problems = []
+    if report.error_count:
+        problems.append(f"{report.error_count} errors: {dict(report.errors)}")
+    if report.fallback_count:
+        problems.append(f"{report.fallback_count} fallbacks: {dict(report.fallbacks)}")
+    if growth_mb is not None and growth_mb > rss_bound_mb:
+        problems.append(f"RSS grew {growth_mb:.1f} MiB (bound {rss_bound_mb} MiB)")
+    if shutdown.exit_code != 0:
+        problems.append(f"server exit code {shutdown.exit_code} after SIGTERM")
+    if shutdown.in_flight_failed:
+        problems.append(f"calls in flight at SIGTERM failed: {shutdown.in_flight_failed}")
+    if shutdown.other_errors:
+        problems.append(f"errors after SIGTERM other than a refusal: {shutdown.other_errors}")
+    return problems
+
+
 def soak(
     workload: Workload, server_args: Sequence[str] = (), *, rss_bound_mb: float = 64.0, env: dict[str, str] | None = None,
     log: object = None, server_log: str = "",
@@ -397,20 +425,7 @@ def soak(
         shutdown = shutdown_under_load(server, workload)
         if server_log:
             Path(server_log).write_text(server.log + "\n")
-        problems = []
-        if report.error_count:
-            problems.append(f"{report.error_count} errors: {dict(report.errors)}")
-        if report.fallback_count:
-            problems.append(f"{report.fallback_count} fallbacks: {dict(report.fallbacks)}")
         growth = None if rss_start is None or rss_end is None else (rss_end - rss_start) / 2**20
-        if growth is not None and growth > rss_bound_mb:
-            problems.append(f"RSS grew {growth:.1f} MiB (bound {rss_bound_mb} MiB)")
-        if shutdown.exit_code != 0:
-            problems.append(f"server exit code {shutdown.exit_code} after SIGTERM")
-        if shutdown.in_flight_failed:
-            problems.append(f"calls in flight at SIGTERM failed: {shutdown.in_flight_failed}")
-        if shutdown.other_errors:
-            problems.append(f"errors after SIGTERM other than a refusal: {shutdown.other_errors}")
         return SoakResult(
             workload=asdict(workload),
             load=report.summary(),
@@ -419,10 +434,9 @@ def soak(
             rss_max_mb=_mb(max(rss for _, rss in samples)),
             rss_growth_mb=None if growth is None else round(growth, 1),
             rss_bound_mb=rss_bound_mb,
-            rss_series_mb=[(round(t, 1), _mb(rss) or 0.0) for t, rss in samples[:: max(1, len(samples) // 10)]]
-            + [(round(samples[-1][0], 1), _mb(samples[-1][1]) or 0.0)],
+            rss_series_mb=_rss_series(samples),
             shutdown=asdict(shutdown),
-            problems=problems,
+            problems=_soak_problems(report, growth, rss_bound_mb, shutdown),
         )
 
 
