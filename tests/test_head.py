@@ -225,3 +225,16 @@ def test_malformed_neighbour_table_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ranking_head.HeadError, match="malformed mf_factors"):
         ranking_head.load(tmp_path / "short.npz")
 
+
+
+@pytest.mark.parametrize("meta", ["[]", "3", '"a string"', "null"])
+def test_a_meta_block_that_is_json_but_not_an_object_is_refused_with_a_reason(tmp_path: Path, meta: str) -> None:
+    make_head().save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["meta"] = np.array(meta)
+    odd = tmp_path / "odd.npz"
+    with odd.open("wb") as fh:
+        np.savez(fh, **arrays)
+    with pytest.raises(ranking_head.HeadError, match="meta block is not a JSON object"):
+        ranking_head.load(odd)

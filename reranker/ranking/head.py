@@ -438,6 +438,8 @@ def _read_meta(path: str | Path, arrays: Mapping[str, np.ndarray]) -> dict[str, 
         meta = json.loads(str(arrays["meta"]))
     except ValueError as exc:
         raise HeadError(f"ranking head {path} has an unreadable meta block: {exc}") from None
+    if not isinstance(meta, dict):
+        raise HeadError(f"ranking head {path}: its meta block is not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise HeadError(
             f"ranking head {path} has format {meta.get('format_version')}; this server reads format {FORMAT_VERSION} "
