@@ -171,6 +171,19 @@ class GatedEncoder:
         return self.inner.encode(texts)
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_kept() -> Iterator[None]:
+    """A test that runs a CLI command in this process (its configure_logging replaces the root
+    handlers and level) leaves the root logger as it found it for the tests after it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):  # pytest's stay
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
 # --- the two lanes ----------------------------------------------------------------------------------
 # `unit`: in this process and this repository only (the service, the servicer through
 # grpc_testing, pure functions, the fake encoder).
