@@ -96,6 +96,9 @@ def make_server() -> Iterator[ServerFactory]:
     yield factory
     for running, channel in started:
         channel.close()
+        # A model still loading (a gate opened at the end of the test) would start its threads after the
+        # service's close, and they would outlive the test: let it finish first.
+        running.loader.join(60)
         running.stop(0)
 
 
