@@ -333,3 +333,38 @@ def test_a_counted_reload_is_already_served_and_named_by_model_info(tmp_path: Pa
     os.unlink(tmp_path / "b.npz")  # withdrawn: arm b serves like treatment again
     assert reloader.check() is True
     assert seen == [("ok", b_version, True), ("ok", a_version, True)], seen
+
+
+def test_model_info_never_names_no_model_while_a_new_table_is_swapped_in() -> None:
+    """A scrape between two updates of reranker_model_info sees the old or the new model versions,
+    never none (the gauge is what dashboards and alerts join on)."""
+    from reranker.learning.live import LiveLearning
+    from reranker.metrics import Metrics
+
+    metrics = Metrics()
+    named: set[str] = set()
+    states: list[frozenset[str]] = []
+
+    class Recording:  # stands in for the gauge; records what a scrape would see after each change
+        def labels(self, *, model_version: str) -> Recording:
+            self.version = model_version
+            return self
+
+        def set(self, _value: float) -> None:
+            named.add(self.version)
+            states.append(frozenset(named))
+
+        def remove(self, version: str) -> None:
+            named.discard(version)
+            states.append(frozenset(named))
+
+        def clear(self) -> None:
+            named.clear()
+            states.append(frozenset(named))
+
+    metrics.model_info = Recording()  # type: ignore[assignment]
+    learning = LiveLearning(metrics, time.time, lambda _table: None)
+    settings = Settings(treatment_percent=50.0, experiment_arms="b=10:/b.npz")
+    learning.swap_table(arms.build_table(settings, "enc-1", {}))
+    learning.swap_table(arms.build_table(settings, "enc-2", {}))
+    assert named == {"enc-2"} and all(states[states.index(frozenset({"enc-1"})):]), states
