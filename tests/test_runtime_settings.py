@@ -272,3 +272,37 @@ def test_a_counted_reload_already_shows_in_the_settings_stale_and_info(tmp_path:
     os.unlink(path)
     assert not watched.check()
     assert seen == [("ok", True, 0.0, 1.0), ("error", True, 1.0, 1.0), ("error", True, 1.0, 1.0)], seen
+
+
+def test_info_never_names_no_file_while_a_new_one_is_applied(tmp_path: Path) -> None:
+    """A scrape between two updates of reranker_runtime_settings_info sees the old or the new file, never none."""
+    from reranker.runtimesettings import RuntimeSettingsFile
+
+    path = tmp_path / "runtime.yaml"
+    publish(path, "version: one\n")
+    watched = RuntimeSettingsFile(fake_settings(runtime_settings_file=str(path)))
+    named: set[tuple[str, str]] = set()
+    states: list[frozenset[tuple[str, str]]] = []
+
+    class Recording:  # stands in for the gauge; records what a scrape would see after each change
+        def labels(self, *, version: str, checksum: str) -> Recording:
+            self.key = (version, checksum)
+            return self
+
+        def set(self, _value: float) -> None:
+            named.add(self.key)
+            states.append(frozenset(named))
+
+        def remove(self, *key: str) -> None:
+            named.discard(key)  # type: ignore[arg-type]
+            states.append(frozenset(named))
+
+        def clear(self) -> None:
+            named.clear()
+            states.append(frozenset(named))
+
+    watched.info = Recording()  # type: ignore[assignment]
+    watched.initial()
+    publish(path, "version: two\n")
+    assert watched._check(lambda _s: None)
+    assert [v for v, _ in named] == ["two"] and all(states[1:]), states
