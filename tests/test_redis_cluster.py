@@ -240,6 +240,29 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
     assert_no_acknowledged_event_lost(cluster, prefix, writers.acked, layout)
 
 
+@pytest.mark.parametrize("layout", ["full", "compact"])
+def test_a_wait_refused_by_a_demoted_master_keeps_the_events_for_the_replay(layout: str) -> None:
+    """In a failover the master a write went to can be a replica by the time its WAIT runs: WAIT then
+    replies an error ("cannot be used with replica instances") after the scripts ran. That write is
+    not confirmed: the events are kept for the replay, like a WAIT that times out short; never a
+    TypeError out of apply (the writer died, the caller got no answer for events already written).
+    Deterministic here: a writable replica takes the scripts and refuses the WAIT."""
+    master = RedisServer().start()
+    replica = RedisServer()
+    replica.extra_args = ["--replicaof", "127.0.0.1", str(master.port), "--replica-read-only", "no"]
+    try:
+        replica.start()
+        store = layout_store(replica.url, layout, redis_wait_replicas=1, redis_retry_seconds=60.0)
+        event = Event("u", "i1", EventType.CLICK, 1_000.0, "e1")
+        result = store.apply([(event, WRITER_VECTOR)], now=2_000.0)
+        assert result.accepted == 1 and store.degraded and "replica" in store.last_error, store.last_error
+        assert len(store._replay) == 1  # kept: replayed (and de-duplicated by its id) once Redis confirms
+        store.close()
+    finally:
+        replica.cleanup()
+        master.cleanup()
+
+
 def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: RedisClusterServer) -> None:
     from reranker.service import RerankService
     from reranker.streamconsumer import StreamConsumer
