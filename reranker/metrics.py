@@ -162,6 +162,8 @@ class Metrics:
             "reranker_model_info", "Always 1; the served model in the `model_version` label.", ["model_version"],
             registry=r,
         )
+        self._named_models: set[str] = set()  # the model_version labels model_info holds
+        self._model_info_lock = threading.Lock()
         self.ready = Gauge("reranker_ready", "1 when the model is loaded and Rerank personalizes.", registry=r)
         self.event_times_clamped = Counter(
             "reranker_event_times_clamped",
@@ -192,9 +194,18 @@ class Metrics:
     # --- hooks called by the service -------------------------------------------------------------
     def model_loaded(self, seconds: float, model_version: str) -> None:
         self.model_load_seconds.set(seconds)
-        self.model_info.clear()
-        self.model_info.labels(model_version=model_version).set(1)
+        self.name_models({model_version})
         self.ready.set(1)
+
+    def name_models(self, versions: set[str]) -> None:
+        """model_info names exactly `versions`: the new ones are set before the old ones are removed
+        (a scrape in between never sees no model at all)."""
+        with self._model_info_lock:
+            for version in versions:
+                self.model_info.labels(model_version=version).set(1)
+            for version in self._named_models - versions:
+                self.model_info.remove(version)
+            self._named_models = set(versions)
 
     def not_ready(self) -> None:
         self.ready.set(0)

@@ -151,6 +151,7 @@ class RuntimeSettingsFile:
             "1 while the runtime settings file on disk is unusable (or unreadable) and older settings are in force.",
             registry=registry,
         )
+        self._info_labels: tuple[str, str] | None = None  # (version, checksum) that `info` holds
         self.current = base
 
     def initial(self) -> Settings:
@@ -193,8 +194,8 @@ class RuntimeSettingsFile:
                     log.warning("runtime settings: %s is not there (%s); start-up settings are in force", self.path, exc)
                 else:
                     log.error("runtime settings: cannot read %s (%s); the settings in force are kept", self.path, exc)
+                    self.stale.set(1)  # before the count: whoever sees the error counted sees it stale
                     self.reloads.labels(result="error").inc()
-                    self.stale.set(1)
             return False
         self._missing = False
         if data == self._last:
@@ -206,19 +207,21 @@ class RuntimeSettingsFile:
             apply(new)
         except Exception as exc:
             log.error("runtime settings: %s is unusable (%s); the settings in force are kept", self.path, exc)
+            self.stale.set(1)  # before the count: whoever sees the error counted sees it stale
             self.reloads.labels(result="error").inc()
-            self.stale.set(1)
             return False
         changed = {
             f: (getattr(self.current, f), getattr(new, f)) for f in RUNTIME_FIELDS if getattr(self.current, f) != getattr(new, f)
         }
         self.current = new
         checksum = hashlib.sha256(data).hexdigest()[:16]
-        self.info.clear()
-        self.info.labels(version=version, checksum=checksum).set(1)
+        self.info.labels(version=version, checksum=checksum).set(1)  # the new one before the old one goes:
+        if self._info_labels not in (None, (version, checksum)):  # a scrape never sees no file in force
+            self.info.remove(*self._info_labels)
+        self._info_labels = (version, checksum)
         self.loaded_at.set(self._clock())
         self.stale.set(0)
-        self.reloads.labels(result="ok").inc()
+        self.reloads.labels(result="ok").inc()  # last: whoever sees it counted sees all of the above
         log.info("runtime settings %s (version %r, %s) applied: %s", self.path, version, checksum,
                  ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items())) or "no change")
         return True

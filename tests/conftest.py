@@ -96,6 +96,9 @@ def make_server() -> Iterator[ServerFactory]:
     yield factory
     for running, channel in started:
         channel.close()
+        # A model still loading (a gate opened at the end of the test) would start its threads after the
+        # service's close, and they would outlive the test: let it finish first.
+        running.loader.join(60)
         running.stop(0)
 
 
@@ -169,6 +172,19 @@ class GatedEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         self.gate.wait(30)
         return self.inner.encode(texts)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_kept() -> Iterator[None]:
+    """A test that runs a CLI command in this process (its configure_logging replaces the root
+    handlers and level) leaves the root logger as it found it for the tests after it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):  # pytest's stay
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 # --- the two lanes ----------------------------------------------------------------------------------

@@ -39,6 +39,15 @@ class RecordingTokenEncoder:
         return self.encode_ids(self.token_ids(texts))
 
 
+def _until_taken(batcher: MicroBatcher) -> None:
+    """Until the worker has taken what is queued as its batch (not "0.05 s later": a busy machine may
+    not have run the worker yet, and the next submit would then join that batch or overflow the queue)."""
+    deadline = time.monotonic() + 30
+    while batcher.pending_texts:
+        assert time.monotonic() < deadline, "the worker never took the batch"
+        time.sleep(0.001)
+
+
 def test_tokenization_runs_in_the_caller_and_batches_are_length_sorted() -> None:
     encoder = RecordingTokenEncoder()
     batcher = MicroBatcher(encoder, max_batch=4, max_wait_s=0.05, max_pending=100)
@@ -58,7 +67,7 @@ def test_jobs_from_concurrent_callers_share_a_batch() -> None:
     batcher = MicroBatcher(SlowEncoderWithIds(encoder, 0.2), max_batch=32, max_wait_s=0.01, max_pending=100)
     try:
         first = batcher.submit(["warm"])  # occupies the model thread for 0.2 s
-        time.sleep(0.05)
+        _until_taken(batcher)
         futures = [batcher.submit([f"text {k}"]) for k in range(5)]
         for f in [first, *futures]:
             f.result(timeout=10)
@@ -81,7 +90,7 @@ def test_full_queue_raises_overloaded_immediately() -> None:
     batcher = MicroBatcher(SlowEncoder(FakeEncoder(8), 0.5), max_batch=2, max_wait_s=0.0, max_pending=3)
     try:
         batcher.submit(["a", "b"])  # taken by the worker (sleeping)
-        time.sleep(0.05)
+        _until_taken(batcher)
         batcher.submit(["c", "d", "e"])  # waits in the queue: 3 pending
         started = time.monotonic()
         with pytest.raises(Overloaded, match="encoder queue full"):
@@ -97,7 +106,7 @@ def _overloaded_server(make_server, policy: str):
     # Occupy the model thread, then fill the queue, straight through the service's batcher.
     batcher = running.service._batcher
     busy = [batcher.submit(["x", "y"])]
-    time.sleep(0.05)
+    _until_taken(batcher)
     busy.append(batcher.submit(["z", "w"]))
     return stub, busy
 

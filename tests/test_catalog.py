@@ -4,6 +4,7 @@ misses (no encoding), swapped atomically under lookups, refused when it does not
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +117,14 @@ def test_a_new_catalog_file_is_swapped_in_while_lookups_go_on(tmp_path: Path) ->
     threads = [threading.Thread(target=lookups) for _ in range(2)]
     for t in threads:
         t.start()
-    for round_ in range(5):
-        build(path, items(100 + round_ + 1))  # item-5 is in every version
-        assert source.check()
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        for round_ in range(5):
+            build(path, items(100 + round_ + 1))  # item-5 is in every version
+            assert source.check()
+    finally:  # the lookup threads stop whatever happened
+        stop.set()
+        for t in threads:
+            t.join()
     assert failures == [] and source.swaps == 5 and len(source.current) == 105
     # A file for another model is not swapped in; the current catalog stays.
     build(path, items(10), version="other-model")
@@ -133,13 +136,14 @@ def test_the_watcher_picks_up_a_replaced_file(tmp_path: Path) -> None:
     path = tmp_path / "c.bin"
     build(path, items(10))
     source = CatalogSource(path, model_version="fake-hash-v1", dim=DIM, poll_seconds=0.02)
-    build(path, items(30))
-    for _ in range(200):
-        if len(source.current) == 30:
-            break
-        threading.Event().wait(0.02)
-    assert len(source.current) == 30
-    source.close()
+    try:  # closed whatever happens: a watcher left running logs into the tests after this one
+        build(path, items(30))
+        deadline = time.monotonic() + 20.0  # a busy 2-core machine
+        while source.swaps < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(source.current) == 30
+    finally:
+        source.close()
 
 
 def test_embed_catalog_cli_writes_a_catalog_a_server_accepts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -325,3 +325,25 @@ def test_where_no_served_copy_can_be_written_the_catalog_is_held_in_private_memo
     vectors = np.zeros((1, DIM), dtype=np.float32)
     assert catalog.fill(["item-7"], [None], vectors, np.zeros(1, dtype=bool))[0]
     np.testing.assert_allclose(vectors[0], expected[7], atol=1e-3)
+
+
+def test_the_swap_count_read_by_tests_and_tools_trails_the_new_catalog(tmp_path: Path) -> None:
+    """`swaps` (a plain int) announces a swap like the Prometheus counter does: whoever sees it
+    bumped must already get the new catalog from `current`."""
+    path = tmp_path / "c.bin"
+    build(path, items(100))
+    source = CatalogSource(path, model_version=FakeEncoder.version, dim=DIM, poll_seconds=0, registry=CollectorRegistry())
+    seen: list[int] = []
+
+    class Counting(int):  # stands in for the int; records what a reader sees at the moment of counting
+        def __iadd__(self, n: int) -> Counting:  # type: ignore[override,misc]
+            seen.append(len(source.current))
+            return Counting(int(self) + n)
+
+    source.swaps = Counting(0)
+    try:
+        build(path, items(120))
+        assert source.check() is True
+        assert seen == [120] and source.swaps == 1, seen
+    finally:
+        source.close()

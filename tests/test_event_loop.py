@@ -38,7 +38,7 @@ def test_warm_rerank_is_answered_while_every_pool_thread_waits_on_the_encoder(
     cold = stub.Rerank.future(  # takes the only pool thread and hangs in the encoder
         pb.RerankRequest(user_id="u", candidates=[candidate("c1", 1.0, "never seen")]), timeout=30
     )
-    assert encoder.entered.wait(5)
+    assert encoder.entered.wait(30)
     started = time.monotonic()
     warm = stub.Rerank(_warm_request("u"), timeout=5)
     assert warm.variant == pb.VARIANT_RERANKED and not warm.cold_user
@@ -72,7 +72,7 @@ def test_context_events_on_cached_items_are_applied_on_the_loop(make_server: Ser
     stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=f"w{i}", text=f"warm {i}") for i in range(5)]))
     stub.RecordEvents(pb.RecordEventsRequest(events=[event("u", "h1", "a history item")]))
     cold = stub.Rerank.future(pb.RerankRequest(user_id="u", candidates=[candidate("c1", 1.0, "never seen")]), timeout=30)
-    assert encoder.entered.wait(5)  # the only pool thread is stuck
+    assert encoder.entered.wait(30)  # the only pool thread is stuck
     request = _warm_request("u")
     request.context_events.append(event("u", "w3"))  # a cached item: no encoding needed
     warm = stub.Rerank(request, timeout=5)

@@ -169,7 +169,7 @@ def test_encode_timeout_setting_bounds_the_wait_without_a_client_deadline(
 def test_full_encoder_queue_fails_open_as_overloaded(make_server: ServerFactory, hanging: HangingEncoder) -> None:
     running, stub = make_server(fake_settings(encode_queue_size=6, encode_timeout_ms=5000.0), encoder=hanging)
     first = stub.Rerank.future(_request(prefix="a"), timeout=10)  # the encoder hangs on this batch
-    assert hanging.entered.wait(5)
+    assert hanging.entered.wait(30)
     second = stub.Rerank.future(_request(prefix="b"), timeout=10)  # 5 texts wait in the queue
     batcher = running.service._batcher
     assert batcher is not None and _wait_for(lambda: batcher.pending_texts == 5)
@@ -183,11 +183,13 @@ def test_full_encoder_queue_fails_open_as_overloaded(make_server: ServerFactory,
 
 
 def test_too_many_concurrent_rpcs_are_refused_not_queued(make_server: ServerFactory, hanging: HangingEncoder) -> None:
-    _, stub = make_server(fake_settings(max_concurrent_rpcs=2, encode_timeout_ms=5000.0), encoder=hanging)
+    running, stub = make_server(fake_settings(max_concurrent_rpcs=2, encode_timeout_ms=5000.0), encoder=hanging)
     held = [stub.Rerank.future(_request(prefix=f"h{i}-"), timeout=10) for i in range(2)]
-    assert hanging.entered.wait(5)
-    assert _wait_for(lambda: len(hanging.seen) >= 1)
-    time.sleep(0.1)
+    assert hanging.entered.wait(30)
+    batcher = running.service._batcher
+    assert batcher is not None
+    # Both held RPCs are in the server (their texts at the encoder or queued for it), not "0.1 s later".
+    assert _wait_for(lambda: sum(t.startswith(("h0-", "h1-")) for t in hanging.seen) + batcher.pending_texts == 10, 30)
     with pytest.raises(grpc.RpcError) as info:
         stub.Rerank(_request(texts=False), timeout=5)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -206,7 +208,7 @@ def test_cancelled_requests_free_their_workers_and_their_queued_work_never_runs(
     running, stub = make_server(settings, encoder=hanging)
     threads_before = threading.active_count()
     running_call = stub.Rerank.future(_request(prefix="alpha"))  # the encoder hangs on this one
-    assert hanging.entered.wait(5)
+    assert hanging.entered.wait(30)
     queued = [stub.Rerank.future(_request(prefix=f"queued{i}-")) for i in range(2)]  # all 3 workers busy now
     batcher = running.service._batcher
     assert batcher is not None
@@ -234,7 +236,7 @@ def test_cancelled_requests_free_their_workers_and_their_queued_work_never_runs(
 def test_cancelled_upsert_drops_its_encoder_work(make_server: ServerFactory, hanging: HangingEncoder) -> None:
     running, stub = make_server(fake_settings(encode_timeout_ms=30_000.0, encode_late_fill=False), encoder=hanging)
     blocker = stub.UpsertItems.future(pb.UpsertItemsRequest(items=[pb.Item(item_id="b", text="blocker")]))
-    assert hanging.entered.wait(5)
+    assert hanging.entered.wait(30)
     items = [pb.Item(item_id=f"big{i}", text=f"catalog text {i}") for i in range(500)]
     big = stub.UpsertItems.future(pb.UpsertItemsRequest(items=items))
     batcher = running.service._batcher

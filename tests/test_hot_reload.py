@@ -58,16 +58,18 @@ def test_a_renamed_file_is_served_from_the_next_request_and_a_bad_one_keeps_the_
     reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS))
     assert reply.model_version == first and [it.item_id for it in reply.items] == ["c1", "c2"]
     second = _publish(make_head(weights=-only("upstream_minmax")), path)  # the upstream order reversed
-    _wait_for(lambda: running.service.model_version == second)
+    metrics = running.service.metrics
+    # Wait on what announces the reload (its count), then everything else must already show it.
+    _wait_for(lambda: metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "ok"}) == 1)
+    assert running.service.model_version == second
     reply = stub.Rerank(pb.RerankRequest(user_id="u", candidates=CANDS))
     assert reply.model_version == second and [it.item_id for it in reply.items] == ["c2", "c1"]
-    assert f'reranker_model_info{{model_version="{second}"}} 1.0' in running.service.metrics.exposition().decode()
+    assert f'reranker_model_info{{model_version="{second}"}} 1.0' in metrics.exposition().decode()
     # A truncated file, then a head for another encoder: both refused, the old head stays, still SERVING.
     broken = tmp_path / "broken.npz"
     broken.write_bytes(path.read_bytes()[:100])
     os.replace(broken, path)
     make_head(dim=32).save(tmp_path / "dim32.npz")
-    metrics = running.service.metrics
     _wait_for(lambda: metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "error"}) == 1)
     os.replace(tmp_path / "dim32.npz", path)
     _wait_for(lambda: metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "error"}) == 2)
@@ -111,9 +113,11 @@ def test_no_request_fails_while_heads_are_swapped_under_load(tmp_path: Path, mak
     for t in threads:
         t.start()
     for swap in range(1, 7):
+        version = versions[swap % 2]
+        answered = seen[version]
         _publish(heads[swap % 2], path)
-        _wait_for(lambda: running.service.model_version == versions[swap % 2])
-        time.sleep(0.05)
+        # Until the clients got 10 answers from the new head (not a time: a loaded machine answers slower).
+        _wait_for(lambda: seen[version] >= answered + 10 or bool(errors), timeout=60)
     stop.set()
     for t in threads:
         t.join(20)
@@ -293,3 +297,74 @@ def test_an_arm_whose_file_is_removed_goes_back_to_the_treatment_head(tmp_path: 
     assert running.service.reload_heads() is False
     b_again = _publish(make_head(weights=only("popularity"), popularity={"c2": 1.0}), tmp_path / "b.npz")
     _wait_for(lambda: arm_b().model_version == b_again)
+
+
+def test_a_counted_reload_is_already_served_and_named_by_model_info(tmp_path: Path, make_server: ServerFactory) -> None:
+    """Whoever sees a reload counted ok (a dashboard, a test waiting on the counter) must already get the
+    new head from the service and see its version in reranker_model_info; never an empty model_info."""
+    a_version = _publish(make_head(weights=only("upstream_minmax")), tmp_path / "a.npz")
+    settings = fake_settings(head_path=str(tmp_path / "a.npz"), experiment_arms=f"b=50:{tmp_path / 'b.npz'}",
+                             head_reload_seconds=0)  # no ticks: only the checks below reload
+    running, _ = make_server(settings)
+    service = running.service
+    reloader = service.learning.reloader
+    assert reloader is not None
+    registry = service.metrics.registry
+    seen: list[tuple[str, str, bool]] = []
+
+    def served(version: str) -> bool:
+        return bool(service.arms is not None and any(a.model_version == version for a in service.arms.arms)
+                    and registry.get_sample_value("reranker_model_info", {"model_version": version}) == 1)
+
+    class Recording:  # stands in for the counter; records what a reader sees at the moment of counting
+        def __init__(self, result: str = "") -> None:
+            self.result = result
+
+        def labels(self, *, result: str) -> Recording:
+            return Recording(result)
+
+        def inc(self) -> None:
+            seen.append((self.result, service.arms.arms[0].model_version if service.arms else "",  # type: ignore[union-attr]
+                         served(service.arms.arms[0].model_version) if service.arms else False))
+
+    reloader.reloads = Recording()  # type: ignore[assignment]
+    b_version = _publish(make_head(weights=-only("upstream_minmax")), tmp_path / "b.npz")
+    assert reloader.check() is True
+    os.unlink(tmp_path / "b.npz")  # withdrawn: arm b serves like treatment again
+    assert reloader.check() is True
+    assert seen == [("ok", b_version, True), ("ok", a_version, True)], seen
+
+
+def test_model_info_never_names_no_model_while_a_new_table_is_swapped_in() -> None:
+    """A scrape between two updates of reranker_model_info sees the old or the new model versions,
+    never none (the gauge is what dashboards and alerts join on)."""
+    from reranker.learning.live import LiveLearning
+    from reranker.metrics import Metrics
+
+    metrics = Metrics()
+    named: set[str] = set()
+    states: list[frozenset[str]] = []
+
+    class Recording:  # stands in for the gauge; records what a scrape would see after each change
+        def labels(self, *, model_version: str) -> Recording:
+            self.version = model_version
+            return self
+
+        def set(self, _value: float) -> None:
+            named.add(self.version)
+            states.append(frozenset(named))
+
+        def remove(self, version: str) -> None:
+            named.discard(version)
+            states.append(frozenset(named))
+
+        def clear(self) -> None:
+            named.clear()
+            states.append(frozenset(named))
+
+    metrics.model_info = Recording()  # type: ignore[assignment]
+    learning = LiveLearning(metrics, time.time, lambda _table: None)
+    settings = Settings(treatment_percent=50.0, experiment_arms="b=10:/b.npz")
+    learning.swap_table(arms.build_table(settings, "enc-1", {}))
+    learning.swap_table(arms.build_table(settings, "enc-2", {}))
+    assert named == {"enc-2"} and all(states[states.index(frozenset({"enc-1"})):]), states

@@ -21,6 +21,7 @@ from reranker.learner import bench
 from reranker.learning import confseq
 from reranker.learner.learner import Learner
 from reranker.learning.publishing import TMP_MARK, History
+from reranker.learning.traininglog import read_training_log
 from reranker.learning.simulate import Traffic, toy_head
 from reranker.model.encoder import FakeEncoder
 from reranker.ranking import head as ranking_head
@@ -248,7 +249,12 @@ def test_the_learner_trains_and_gates_a_candidate_on_a_real_servers_log(ml_slice
             capture_output=True, text=True, timeout=600, env=env)
         assert replayed.returncode == 0, replayed.stderr[-2000:]
         lists = json.loads(replayed.stdout)["lists"]
-        time.sleep(0.5)
+        # Until every served list is on disk where the learner reads it (not a sleep: the server's writer
+        # thread flushes every 0.1 s, later on a busy machine).
+        deadline = time.monotonic() + 60
+        while len(read_training_log(logs / "pod-a").lists) < lists:
+            assert time.monotonic() < deadline, server.log[-3000:]
+            time.sleep(0.05)
         done = subprocess.run([sys.executable, "-m", "reranker", "learn", "run", "--once"], capture_output=True,
                               text=True, timeout=900, env=env)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -42,6 +42,13 @@ def _samples(port: int, name: str) -> dict[frozenset[tuple[str, str]], float]:
     return out
 
 
+def _until(condition: object, say: object, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, say()  # type: ignore[operator]
+        time.sleep(0.05)
+
+
 def test_serve_replay_train_reload_and_watch_the_arm(ml_slice: Path, tmp_path: Path) -> None:
     log_dir, heads, metrics_port = tmp_path / "log", tmp_path / "heads", free_port()
     heads.mkdir()
@@ -58,7 +65,12 @@ def test_serve_replay_train_reload_and_watch_the_arm(ml_slice: Path, tmp_path: P
         first = json.loads(_cli(*replay, "--target", server.target, "--start", "0.5", "--stop", "0.75"))
         assert first["failed_rpcs"] == 0 and first["lists"] > 100
         assert set(first["per_arm"]) <= {"b", "treatment"} and len(first["per_arm"]) == 2
-        time.sleep(0.5)  # one flush interval and then some
+        # Until the server says it has handed every list and event to the OS (counted after the flush),
+        # not a sleep: a busy machine's writer thread may be late by more than any flush interval.
+        records = "reranker_training_log_records_total"
+        wanted = {("kind", "lists"): first["lists"], ("kind", "events"): first["bootstrap_events"] + first["events"]}
+        _until(lambda: {k: _samples(metrics_port, records).get(frozenset({k})) for k in wanted} == wanted,
+               lambda: f"{_samples(metrics_port, records)} != {wanted}")
         logged = read_training_log(log_dir)
         assert len(logged.lists) == first["lists"] and len(logged.events) == first["bootstrap_events"] + first["events"]
 
@@ -77,10 +89,18 @@ def test_serve_replay_train_reload_and_watch_the_arm(ml_slice: Path, tmp_path: P
         second = json.loads(_cli(*replay, "--target", server.target, "--start", "0.75", "--stop", "1.0",
                                  "--no-bootstrap", "--no-upsert"))
         assert second["failed_rpcs"] == 0 and second["per_arm"]["b"]["lists"] > 30
-        time.sleep(0.5)
+        new_arm = frozenset({("arm", "b"), ("model_version", f"fake-hash-v1+{version}")})
+
+        def online() -> tuple[float | None, float | None]:
+            return (_samples(metrics_port, "reranker_online_lists_total").get(new_arm),
+                    _samples(metrics_port, "reranker_online_lists_judged_total").get(new_arm))
+
+        # The online metrics are fed by the training log's writer thread: until they have every list
+        # and its next event (not a sleep).
+        expected = second["per_arm"]["b"]["lists"]
+        _until(lambda: online() == (expected, expected), lambda: f"{online()} != {(expected, expected)}")
         lists = _samples(metrics_port, "reranker_online_lists_total")
         judged = _samples(metrics_port, "reranker_online_lists_judged_total")
-        new_arm = frozenset({("arm", "b"), ("model_version", f"fake-hash-v1+{version}")})
         # The new head's series exists and moved: every list the replay got from it is counted and judged
         # (the replay records the user's next event right after each list).
         assert lists[new_arm] == second["per_arm"]["b"]["lists"] and judged[new_arm] == lists[new_arm]

@@ -141,3 +141,29 @@ def test_reranker_serve_writes_json_lines_to_stderr() -> None:
     assert access and access[-1]["request_id"] == "cli-1"
     assert any(line["logger"] == "reranker.serving.server" and line["message"] == "stopped" for line in lines)
     assert SECRET_USER not in stderr
+
+
+def test_the_stderr_handler_follows_stderr_and_never_writes_to_a_closed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure_logging run while stderr was swapped for a while (a test's capture, an embedding
+    host's) must not leave the root logger writing to that stream once it is closed: every later
+    record, from any thread, would end in '--- Logging error --- I/O operation on closed file'."""
+    from reranker.serving.logs import configure_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    swapped, after = io.StringIO(), io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stderr", swapped)
+        configure_logging(fake_settings(log_format="text", log_level="info"))
+        logging.getLogger("reranker.test").info("while swapped")
+        swapped.close()
+        monkeypatch.setattr(sys, "stderr", after)
+        logging.getLogger("reranker.test").info("after the swap ended")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    written = after.getvalue()
+    assert "Logging error" not in written and "after the swap ended" in written, written

@@ -69,9 +69,13 @@ def test_the_server_exposes_per_arm_online_metrics(tmp_path: Path, make_server: 
         stub.RecordEvents(pb.RecordEventsRequest(events=[event(user, reply.items[0].item_id)]))  # clicks the top item
     registry = running.service.metrics.registry
     version = running.service.model_version
-    deadline = time.monotonic() + 10
-    while registry.get_sample_value("reranker_online_lists_judged_total", {"arm": "control", "model_version": version}) != \
-            sum(a == "control" for a in arms.values()) and time.monotonic() < deadline:
+
+    def all_judged() -> bool:  # every arm's: the writer thread feeds the join in order, arms interleaved
+        return all(registry.get_sample_value("reranker_online_lists_judged_total", {"arm": arm, "model_version": version})
+                   == sum(a == arm for a in arms.values()) for arm in ("control", "treatment"))
+
+    deadline = time.monotonic() + 30
+    while not all_judged() and time.monotonic() < deadline:
         time.sleep(0.02)
     for arm in ("control", "treatment"):
         labels = {"arm": arm, "model_version": version}
@@ -130,10 +134,14 @@ def test_a_server_counts_cold_and_personalized_answers_per_arm(make_server: Serv
     assert expected[("control", "upstream")] >= 5 and ("control", "cold") not in expected
     for (arm, order), n in expected.items():  # every answer, exactly (Prometheus)
         assert registry.get_sample_value("reranker_rerank_orders_total", {"arm": arm, "order": order}) == n
-    judged = {"arm": "control", "model_version": version, "order": "upstream"}
-    deadline = time.monotonic() + 10
-    while registry.get_sample_value("reranker_online_lists_judged_by_order_total", judged) != \
-            expected[("control", "upstream")] and time.monotonic() < deadline:
+
+    def all_judged() -> bool:  # every (arm, order): the writer thread feeds the join in order, arms interleaved
+        return all(registry.get_sample_value("reranker_online_lists_judged_by_order_total",
+                                             {"arm": arm, "model_version": version, "order": order}) == n
+                   for (arm, order), n in expected.items())
+
+    deadline = time.monotonic() + 30
+    while not all_judged() and time.monotonic() < deadline:
         time.sleep(0.02)
     for (arm, order), n in expected.items():  # the online join, split the same way
         labels = {"arm": arm, "model_version": version, "order": order}

@@ -9,7 +9,7 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -134,6 +134,14 @@ class Writers:
             t.start()
         return self
 
+    def until(self, condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+        """Until `condition()` while the writers write (a count of writes, not a time: a busy machine
+        writes fewer per second)."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"writers too slow: {self.calls} calls, {sum(self.acked.values())} events"
+            time.sleep(0.01)
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for t in self._threads:
@@ -184,9 +192,10 @@ def test_no_acknowledged_event_is_lost_while_slots_move_under_writes(cluster: Re
     prefix = f"mig{next(_prefixes)}"
     store = layout_store(cluster.url, layout, redis_prefix=prefix, redis_retry_seconds=0.05)
     with Writers(store, users + [hot] * 20) as writers:  # half the writes go to the moving slot
-        time.sleep(0.3)
+        writers.until(lambda: writers.acked[hot] >= 10)  # writes are flowing (not "0.3 s later")
         moved = move_slot(cluster, slot, source, target)
-        time.sleep(0.3)
+        before = writers.acked[hot]
+        writers.until(lambda: writers.acked[hot] >= max(before + 10, 51))  # and go on to the moved slot
     store.close()  # replays anything that went to the fallback
     print(f"slot migration ({layout}): {writers.acked[hot]} events to the moving slot, {sum(writers.acked.values())} "
           f"in all; {store.failovers} calls served by the fallback")
@@ -210,7 +219,7 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
     store = layout_store(cluster.url, layout, redis_prefix=prefix, redis_retry_seconds=0.2, redis_timeout_ms=200.0,
                          redis_replay_events=1_000_000, redis_wait_replicas=1)
     with Writers(store, users) as writers:
-        time.sleep(0.5)
+        writers.until(lambda: writers.calls >= 20)  # writes are flowing (not "0.5 s later")
         victim.kill()
         started = time.monotonic()
         cluster.wait_healthy(timeout_s=30)
@@ -220,7 +229,8 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
         deadline = time.monotonic() + 15
         while store.degraded and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)
+        after = writers.calls
+        writers.until(lambda: writers.calls >= after + 20)  # writes go on after the recovery
     store.close()
     assert store.failovers > 0  # the store did see the master go away, and served from the fallback
     assert (store.degraded, len(store._replay), store.replay_dropped) == (False, 0, 0), store.last_error
@@ -228,6 +238,29 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
     print(f"failover ({layout}): replica promoted after {promoted_after:.2f} s; {store.failovers} calls served by the "
           f"fallback; {sum(writers.acked.values())} events acknowledged")
     assert_no_acknowledged_event_lost(cluster, prefix, writers.acked, layout)
+
+
+@pytest.mark.parametrize("layout", ["full", "compact"])
+def test_a_wait_refused_by_a_demoted_master_keeps_the_events_for_the_replay(layout: str) -> None:
+    """In a failover the master a write went to can be a replica by the time its WAIT runs: WAIT then
+    replies an error ("cannot be used with replica instances") after the scripts ran. That write is
+    not confirmed: the events are kept for the replay, like a WAIT that times out short; never a
+    TypeError out of apply (the writer died, the caller got no answer for events already written).
+    Deterministic here: a writable replica takes the scripts and refuses the WAIT."""
+    master = RedisServer().start()
+    replica = RedisServer()
+    replica.extra_args = ["--replicaof", "127.0.0.1", str(master.port), "--replica-read-only", "no"]
+    try:
+        replica.start()
+        store = layout_store(replica.url, layout, redis_wait_replicas=1, redis_retry_seconds=60.0)
+        event = Event("u", "i1", EventType.CLICK, 1_000.0, "e1")
+        result = store.apply([(event, WRITER_VECTOR)], now=2_000.0)
+        assert result.accepted == 1 and store.degraded and "replica" in store.last_error, store.last_error
+        assert len(store._replay) == 1  # kept: replayed (and de-duplicated by its id) once Redis confirms
+        store.close()
+    finally:
+        replica.cleanup()
+        master.cleanup()
 
 
 def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: RedisClusterServer) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -304,11 +304,20 @@ def test_server_stopped_during_a_run_every_rerank_is_reranked_or_a_fallback(
     _, stub, _ = start_sidecar(sidecars, remote_settings(mini.url))
     results: list[object] = []
     threads = [threading.Thread(target=_rerank_loop, args=(stub, f"c{c}", 60, results, 0.01)) for c in range(4)]
+    def seen(variant: int) -> bool:
+        return any(isinstance(r, pb.RerankResponse) and r.variant == variant for r in list(results))
+
+    def until(condition: Callable[[], bool], what: str) -> None:  # not a sleep: a busy machine is slower
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    until(lambda: seen(pb.VARIANT_RERANKED), "no Rerank was reranked before the stop")
     mini.stop()
-    time.sleep(0.4)
+    until(lambda: seen(pb.VARIANT_FALLBACK), "no Rerank failed open while the server was stopped")
     mini.start()  # back on the same port: the sidecar recovers after encoder_retry_seconds
     for t in threads:
         t.join(60)
@@ -324,14 +333,19 @@ def test_server_stopped_during_a_run_every_rerank_is_reranked_or_a_fallback(
 def test_hung_server_fails_open_within_the_encode_budget(
     mini: MiniEmbeddingServer, sidecars: list[tuple[RunningServer, grpc.Channel]]
 ) -> None:
-    _, stub, _ = start_sidecar(sidecars, remote_settings(mini.url, encode_timeout_ms=300.0, encoder_retry_seconds=5.0))
+    running, stub, _ = start_sidecar(sidecars, remote_settings(mini.url, encode_timeout_ms=300.0, encoder_retry_seconds=5.0))
     mini.mode = "hang"
     started = time.monotonic()
     resp = stub.Rerank(rerank_request("hung"), timeout=5)
     assert time.monotonic() - started < 1.5
     assert (resp.variant, resp.fallback_reason) == (pb.VARIANT_FALLBACK, pb.FALLBACK_REASON_DEADLINE)
     # The hung batch times out at encoder_request_timeout_ms; the next one fails at once, as encoder_error.
-    time.sleep(0.4)
+    # Until that batch has failed (counted once the encoder is marked down), not a sleep: late on a busy machine.
+    registry = running.service.metrics.registry
+    deadline = time.monotonic() + 30
+    while not registry.get_sample_value("reranker_encoder_failed_batches_total"):
+        assert time.monotonic() < deadline, "the hung batch never timed out"
+        time.sleep(0.02)
     started = time.monotonic()
     resp = stub.Rerank(rerank_request("hung-again"), timeout=5)
     assert (resp.variant, resp.fallback_reason) == (pb.VARIANT_FALLBACK, pb.FALLBACK_REASON_ENCODER_ERROR)

@@ -79,6 +79,21 @@ class ServeProcess:
             time.sleep(0.01)
         return time.monotonic() - started
 
+    def wait_counted(self, result: str, count: int, timeout: float = APPLIED_WITHIN_S) -> None:
+        """Until reranker_runtime_settings_reloads_total{result} is `count`: the count comes last, so
+        the settings, `stale` and `info` already show that file."""
+        deadline = time.monotonic() + timeout
+        while scrape(self.metrics_port, "reranker_runtime_settings_reloads_total", f'{{result="{result}"}}') != count:
+            assert time.monotonic() < deadline, f"no {count} {result} reloads within {timeout} s"
+            time.sleep(0.05)
+
+    def wait_logged(self, text: str, timeout: float = APPLIED_WITHIN_S) -> None:
+        """Until `text` is in the log (it crosses a pipe and a reader thread: it may trail the metrics)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            assert time.monotonic() < deadline, f"{text!r} not logged within {timeout} s"
+            time.sleep(0.05)
+
     def stop(self) -> None:
         self.channel.close()
         self.server.terminate()
@@ -100,8 +115,8 @@ def test_the_kill_switch_flips_without_a_restart_and_a_bad_file_keeps_it(setting
         pid = server.process.pid
         assert server.variant() == pb.VARIANT_RERANKED
         publish(settings_file, "version: incident\nkill_switch: true\n")
-        server.wait_for_variant(pb.VARIANT_BYPASSED)
-        assert scrape(server.metrics_port, "reranker_runtime_settings_reloads_total", '{result="ok"}') == 2.0
+        server.wait_counted("ok", 2)
+        assert server.variant() == pb.VARIANT_BYPASSED
         # Bad files, one after the other: each keeps the kill switch on, is counted and logged.
         bad = [
             "kill_switch: [unclosed\n",  # not YAML
@@ -112,17 +127,15 @@ def test_the_kill_switch_flips_without_a_restart_and_a_bad_file_keeps_it(setting
         ]
         for n, content in enumerate(bad, start=1):
             publish(settings_file, content)
-            deadline = time.monotonic() + APPLIED_WITHIN_S
-            while scrape(server.metrics_port, "reranker_runtime_settings_reloads_total", '{result="error"}') != n:
-                assert time.monotonic() < deadline, f"bad file {content!r} was not counted"
-                time.sleep(0.05)
+            server.wait_counted("error", n)
             assert server.variant() == pb.VARIANT_BYPASSED, content
             assert scrape(server.metrics_port, "reranker_runtime_settings_stale") == 1.0
-        log = server.log
-        assert "kill_swich" in log and "the settings in force are kept" in log
+        server.wait_logged("kill_swich")
+        assert "the settings in force are kept" in server.log
         # A good file again: applied, no longer stale; the same process all along.
         publish(settings_file, "version: resolved\nkill_switch: false\n")
-        server.wait_for_variant(pb.VARIANT_RERANKED)
+        server.wait_counted("ok", 3)
+        assert server.variant() == pb.VARIANT_RERANKED
         assert scrape(server.metrics_port, "reranker_runtime_settings_stale") == 0.0
         body = exposition(server.metrics_port)
         assert re.search(r'reranker_runtime_settings_info\{checksum="[0-9a-f]{16}",version="resolved"\} 1\.0', body)
@@ -218,3 +231,78 @@ def test_the_file_format_is_checked_key_by_key() -> None:
     ]:
         with pytest.raises(RuntimeSettingsError, match=reason):
             parse(content, "x.json")
+
+
+def test_a_counted_reload_already_shows_in_the_settings_stale_and_info(tmp_path: Path) -> None:
+    """Whoever sees a file counted (ok or error) must see what it did: the settings applied, `stale`
+    and `info` saying so. A watcher thread counts while readers (a scrape, a test) poll the count."""
+    from prometheus_client import CollectorRegistry
+
+    from reranker.runtimesettings import RuntimeSettingsFile
+
+    path = tmp_path / "runtime.yaml"
+    publish(path, "version: one\nkill_switch: false\n")
+    registry = CollectorRegistry()
+    watched = RuntimeSettingsFile(fake_settings(runtime_settings_file=str(path)), registry)
+    watched.initial()
+    applied: list[bool] = []
+    seen: list[tuple[str, bool, float | None, float | None]] = []
+
+    class Recording:  # stands in for the counter; records what a reader sees at the moment of counting
+        def __init__(self, result: str = "") -> None:
+            self.result = result
+
+        def labels(self, *, result: str) -> Recording:
+            return Recording(result)
+
+        def inc(self) -> None:
+            seen.append((self.result, applied[-1], registry.get_sample_value("reranker_runtime_settings_stale"),
+                         registry.get_sample_value("reranker_runtime_settings_info",
+                                                   {"version": "two", "checksum": checksum})))
+
+    watched.reloads = Recording()  # type: ignore[assignment]
+    watched._apply = lambda s: applied.append(s.kill_switch)  # what start(apply) sets, without the thread
+    applied.append(False)
+    content = "version: two\nkill_switch: true\n"
+    checksum = __import__("hashlib").sha256(content.encode()).hexdigest()[:16]
+    publish(path, content)
+    assert watched.check()
+    publish(path, "kill_switch: [unclosed\n")
+    assert not watched.check()
+    os.unlink(path)
+    assert not watched.check()
+    assert seen == [("ok", True, 0.0, 1.0), ("error", True, 1.0, 1.0), ("error", True, 1.0, 1.0)], seen
+
+
+def test_info_never_names_no_file_while_a_new_one_is_applied(tmp_path: Path) -> None:
+    """A scrape between two updates of reranker_runtime_settings_info sees the old or the new file, never none."""
+    from reranker.runtimesettings import RuntimeSettingsFile
+
+    path = tmp_path / "runtime.yaml"
+    publish(path, "version: one\n")
+    watched = RuntimeSettingsFile(fake_settings(runtime_settings_file=str(path)))
+    named: set[tuple[str, str]] = set()
+    states: list[frozenset[tuple[str, str]]] = []
+
+    class Recording:  # stands in for the gauge; records what a scrape would see after each change
+        def labels(self, *, version: str, checksum: str) -> Recording:
+            self.key = (version, checksum)
+            return self
+
+        def set(self, _value: float) -> None:
+            named.add(self.key)
+            states.append(frozenset(named))
+
+        def remove(self, *key: str) -> None:
+            named.discard(key)  # type: ignore[arg-type]
+            states.append(frozenset(named))
+
+        def clear(self) -> None:
+            named.clear()
+            states.append(frozenset(named))
+
+    watched.info = Recording()  # type: ignore[assignment]
+    watched.initial()
+    publish(path, "version: two\n")
+    assert watched._check(lambda _s: None)
+    assert [v for v, _ in named] == ["two"] and all(states[1:]), states

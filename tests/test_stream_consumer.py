@@ -251,9 +251,11 @@ def test_stop_while_backing_off_leaves_the_batch_pending(redis_server: RedisServ
     stop = threading.Event()
     thread = threading.Thread(target=consumer.run, args=(stop,))
     thread.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30  # until it backed off 3 times (not a time: a busy machine is slower)
+    while consumer.stats.backpressure_waits < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     stop.set()
-    thread.join(5)
+    thread.join(10)
     assert not thread.is_alive() and consumer.lag() == (0, 5) and consumer.stats.backpressure_waits >= 3
     consumer.close()
 

@@ -142,7 +142,8 @@ def test_nothing_acknowledged_is_lost_when_the_profile_redis_is_down_and_the_con
         flags = ("--redis-url", profile_redis.url, "--stream-url", redis_url, "--redis-retry-seconds", "0.2")
         first = started(*flags)
         first.wait_for(lambda: len(dead_letters(stream)) == 1, "the refused entry to be dead-lettered")
-        time.sleep(1.0)  # several back-off rounds
+        # Several back-off rounds (counted, not slept: a busy machine backs off fewer times a second).
+        first.wait_for(lambda: first.metric("reranker_stream_backpressure_waits_total") >= 3, "several back-off rounds")
         pending_while_down = group(stream)["pending"]
         pending_gauge = first.metric("reranker_stream_pending")
         first.kill()  # SIGKILL: whatever sat in the process's outage buffer is gone

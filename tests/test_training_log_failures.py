@@ -40,6 +40,16 @@ def _errors(proc: ReRankerProcess, needle: str) -> list[dict[str, object]]:
     return [r for r in proc.records() if r.get("level") == "ERROR" and needle in str(r.get("message", ""))]
 
 
+def _logged_errors(proc: ReRankerProcess, needle: str, timeout: float = 30.0) -> list[dict[str, object]]:
+    """The ERROR records about `needle`, once there is one: the line is written after the counts it
+    explains and crosses a pipe and a reader thread, so it may trail the metrics a test waited on."""
+    deadline = time.monotonic() + timeout
+    while not _errors(proc, needle):
+        assert time.monotonic() < deadline, f"no ERROR about {needle!r} logged\n{proc.log[-3000:]}"
+        time.sleep(0.05)
+    return _errors(proc, needle)
+
+
 def _rerank_many(stub: pb_grpc.RerankerServiceStub, n: int, user: str = "u1") -> None:
     cands = [candidate(f"item-{i:02d}", 20.0 - i, f"text number {i}") for i in range(20)]
     for i in range(n):
@@ -81,7 +91,7 @@ def test_full_disk_then_sigterm_still_snapshots_replays_redis_and_exits_clean(
             assert written == on_disk, f"records_total says {written} lists, {on_disk} are on disk"
             assert proc.metric(ERRORS) >= 1
             assert proc.health() == SERVING
-            assert len(_errors(proc, "training log")) == 1  # once per interval, not once per record
+            assert len(_logged_errors(proc, "training log")) == 1  # once per interval, not once per record
             redis_server.stop()  # events during the outage go to the replay buffer (RPC OK)
             ok = stub.RecordEvents(pb.RecordEventsRequest(events=[
                 event("u-replay", "item-01", event_id="e1"), event("u-replay", "item-02", event_id="e2")]), timeout=10)
@@ -135,7 +145,7 @@ def test_an_unusable_training_log_dir_serves_and_logs_one_clear_error(tmp_path: 
                 assert time.monotonic() < deadline, proc.log[-3000:]
                 time.sleep(0.05)
             assert proc.health() == SERVING
-            errors = _errors(proc, "training log")
+            errors = _logged_errors(proc, "training log")
             assert len(errors) == 1, proc.log[-3000:]  # one line per interval, naming the flag and the path
             assert "--training-log-dir" in str(errors[0]["message"]) and str(directory) in str(errors[0]["message"])
             assert len(proc.log) < 20_000  # no traceback per record

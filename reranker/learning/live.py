@@ -34,9 +34,7 @@ class LiveLearning:
     def swap_table(self, table: arms.ArmTable) -> None:
         """A new table, and the model_info gauge naming every model version it serves."""
         self.set_table(table)
-        self._metrics.model_info.clear()
-        for version in {table.default.model_version, *(a.model_version for a in table.arms)}:
-            self._metrics.model_info.labels(model_version=version).set(1)
+        self._metrics.name_models({table.default.model_version, *(a.model_version for a in table.arms)})
 
     def start(self, settings: Settings, model_version: str, dim: int) -> None:
         """The head reloader (where arms name head files), online metrics and the training log, as

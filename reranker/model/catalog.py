@@ -523,9 +523,9 @@ class CatalogSource:
                 self._refuse(exc)
                 return False
             self.last_error = ""
-            self.swaps += 1
             self.current = fresh  # one reference assignment: lookups see the old or the new catalog
-            self.swapped.inc()  # last: whoever sees the swap counted also sees the new catalog and no error
+            self.swaps += 1  # the counts last: whoever sees the swap counted also sees the new catalog and no error
+            self.swapped.inc()
             _remove_other_copies(self.path, fresh.copy)
             log.info("item catalog swapped: %d items, created %.0f", len(fresh), fresh.manifest.created)
             return True

@@ -89,6 +89,7 @@ class HeadReloader:
             table = self._get()
             heads = table.heads()
             changed = False
+            swapped = 0  # arms given a new head (or withdrawn), counted "ok" after the swap
             for name, path in table.paths().items():
                 signature = _signature(path)
                 if not force and signature == self._seen.get(name):
@@ -98,7 +99,7 @@ class HeadReloader:
                     if name != arms_module.TREATMENT and heads.pop(name, None) is not None:
                         changed = True  # withdrawn: the arm borrows the treatment head again
                         log.info("head reload: arm %s: %s was removed; the arm serves like treatment", name, path)
-                        self.reloads.labels(result="ok").inc()
+                        swapped += 1
                     elif force and name == arms_module.TREATMENT:
                         log.error("head reload: arm %s: %s does not exist; the old head is kept", name, path)
                         self.reloads.labels(result="error").inc()
@@ -118,9 +119,12 @@ class HeadReloader:
                 heads[name] = head
                 changed = True
                 log.info("head reload: arm %s now serves %s (from %s)", name, head.version, path)
-                self.reloads.labels(result="ok").inc()
+                swapped += 1
             if changed:
                 self._swap(arms_module.build_table(self._settings, self._encoder_version, heads))
+            # Counted once the new table is in place: whoever sees the reload counted gets the new head.
+            for _ in range(swapped):
+                self.reloads.labels(result="ok").inc()
             return changed
 
     def retarget(self, settings: Settings) -> None:

@@ -54,9 +54,25 @@ class TextFormatter(logging.Formatter):
         return f"{first} {extra}{sep}{rest}"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is when a record comes (not the one at set-up): a caller that
+    swapped stderr for a while (a test's capture, since closed) leaves no handler on a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     """Replace the root handlers with one stderr handler in the configured format and level."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -592,6 +592,9 @@ class RedisProfileStore:
             pipe.execute_command("WAIT", self._wait_replicas, self._wait_timeout_ms)  # type: ignore[attr-defined]
 
     def _check_waits(self, acks: list[object]) -> None:
+        for ack in acks:  # a WAIT refused (the master demoted to a replica in a failover): not confirmed
+            if isinstance(ack, Exception):
+                raise ack
         short = [int(a) for a in acks if int(a) < self._wait_replicas]  # type: ignore[call-overload]
         if short:
             raise redis.RedisError(f"only {min(short)} of {self._wait_replicas} replicas acknowledged a write "
