@@ -15,6 +15,8 @@ mapping, then observation: metrics and the access log) and the response serializ
 servicer.add_to_server composes them, with the servicer driven without an event loop (a warm
 Rerank never waits): `metrics` = access log off, `sampled` = on at the default share (0.01),
 `every` = a JSON line per call (to /dev/null). Compare them with `--edge none` (the default).
+Several edges are counted in one callgrind run on one service (dumped between the edges' calls:
+`--dump-before=getppid`), so start-up is paid once.
 
 With PYTHONPATH at another checkout (e.g. `git archive <commit> | tar -x -C /tmp/base`), the same
 script counts that version's messages and columns forms, for a before/after comparison.
@@ -45,10 +47,7 @@ def _prepared(form: str, candidates: int, dim: int, edge: str = "none") -> tuple
     from reranker.types import Event, Item
     from reranker.v1 import reranker_pb2 as pb
 
-    settings = Settings(
-        encoder="fake", fake_dim=dim, metrics_address="", access_log=edge in ("sampled", "every"),
-        access_log_sample=1.0 if edge == "every" else Settings.access_log_sample, log_format="json",
-    )
+    settings = Settings(encoder="fake", fake_dim=dim, metrics_address="", log_format="json")
     service = RerankService(settings, FakeEncoder(dim))
     service.load()
     try:
@@ -76,11 +75,14 @@ def _prepared(form: str, candidates: int, dim: int, edge: str = "none") -> tuple
             return convert.encode_rerank_response(result, False, options).data
         return convert.encode_rerank_response(result, options.columns).data
 
-    return (one if edge == "none" else _through_the_edge(service, settings)), requests
+    if edge == "all":  # every edge on this one service (--edge with several: one callgrind run)
+        return {e: (one if e == "none" else _through_the_edge(service, settings, e)) for e in EDGES}, requests
+    return (one if edge == "none" else _through_the_edge(service, settings, edge)), requests
 
 
-def _through_the_edge(service: object, settings: object) -> object:
+def _through_the_edge(service: object, settings: object, edge: str) -> object:
     """One call as the server makes it: deserialize, guarded(observed(servicer.Rerank)), serialize."""
+    import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
     from reranker.serving import convert
@@ -95,7 +97,10 @@ def _through_the_edge(service: object, settings: object) -> object:
     random.seed(0)  # the same access-log lines sampled in every run
     configure_logging(settings, stream=open(os.devnull, "w"))  # type: ignore[arg-type]
     servicer = RerankerServicer(service, ThreadPoolExecutor(1))  # type: ignore[arg-type]
-    handler = guarded(Observer(settings, service.metrics).observed(servicer.Rerank, "Rerank", streaming=False),  # type: ignore[arg-type, attr-defined]
+    observer_settings = dataclasses.replace(  # type: ignore[type-var]
+        settings, access_log=edge in ("sampled", "every"), access_log_sample=1.0 if edge == "every" else 0.01,
+    )
+    handler = guarded(Observer(observer_settings, service.metrics).observed(servicer.Rerank, "Rerank", streaming=False),  # type: ignore[arg-type, attr-defined]
                       "Rerank", streaming=False)
 
     class Context:  # what the handlers read of a grpc.aio context on a warm call
@@ -126,6 +131,39 @@ def _worker(form: str, candidates: int, dim: int, calls: int, edge: str = "none"
         one(requests[i % len(requests)])  # type: ignore[operator]
 
 
+def _phases_worker(form: str, candidates: int, dim: int, calls: int, edges: list[str]) -> None:
+    """Every edge on one service: `calls` calls each, a getppid() (a callgrind dump) between them."""
+    ones, requests = _prepared(form, candidates, dim, "all")
+    for edge in edges:  # warm-up: caches, memoized user values, every edge's series and labels
+        for data in requests:
+            ones[edge](data)  # type: ignore[index]
+    for edge in edges:
+        os.getppid()
+        for i in range(calls):
+            ones[edge](requests[i % len(requests)])  # type: ignore[index]
+    os.getppid()
+
+
+def _instructions_by_edge(form: str, candidates: int, dim: int, calls: int, edges: list[str]) -> dict[str, float]:
+    """Instructions per call of each edge, from one callgrind run dumped between the edges' calls."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            "valgrind", "--tool=callgrind", "--dump-before=getppid", f"--callgrind-out-file={tmp}/out",
+            sys.executable, __file__, "--phases", form, str(candidates), str(dim), str(calls), *edges,
+        ]
+        subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=True)
+        parts: dict[int, int] = {}
+        for path in os.listdir(tmp):
+            text = open(os.path.join(tmp, path)).read()
+            part, total = re.search(r"^part: (\d+)", text, re.M), re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+            if part and total:
+                parts[int(part.group(1))] = int(total.group(1))
+        if not all(k + 2 in parts for k in range(len(edges))):
+            raise RuntimeError(f"callgrind dumps: parts {sorted(parts)} in {sorted(os.listdir(tmp))}")
+    # part 1: start-up and warm-up, up to the first dump; then one part per edge
+    return {edge: parts[k + 2] / calls for k, edge in enumerate(edges)}
+
+
 def _instructions(form: str, candidates: int, dim: int, calls: int, edge: str = "none") -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
@@ -140,6 +178,9 @@ def _instructions(form: str, candidates: int, dim: int, calls: int, edge: str = 
 
 
 def main() -> int:
+    if len(sys.argv) > 6 and sys.argv[1] == "--phases":
+        _phases_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:])
+        return 0
     if len(sys.argv) in (6, 7) and sys.argv[1] == "--worker":
         _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:])
         return 0
@@ -155,6 +196,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     for form in args.forms:
+        if len(args.edge) > 1:  # one run, dumped between the edges (start-up is counted once)
+            for edge, count in _instructions_by_edge(form, args.candidates, args.dim, args.requests, args.edge).items():
+                print(f"{form}: candidates={args.candidates} edge={edge} instructions_per_request={count:,.0f}", flush=True)
+            continue
         for edge in args.edge:
             low = _instructions(form, args.candidates, args.dim, args.requests, edge)
             high = _instructions(form, args.candidates, args.dim, 2 * args.requests, edge)
