@@ -159,10 +159,11 @@ def _instructions_by_edge(form: str, candidates: int, dim: int, calls: int, edge
             part, total = re.search(r"^part: (\d+)", text, re.M), re.search(r"^(?:summary|totals): (\d+)", text, re.M)
             if part and total:
                 parts[int(part.group(1))] = int(total.group(1))
-        if not all(k + 2 in parts for k in range(len(edges))):
+        # The last part runs from the last marker to the exit; the edges' parts come just before it.
+        first = max(parts, default=0) - len(edges)
+        if not all(first + k in parts for k in range(len(edges))) or first < 2:
             raise RuntimeError(f"callgrind dumps: parts {sorted(parts)} in {sorted(os.listdir(tmp))}")
-    # part 1: start-up and warm-up, up to the first dump; then one part per edge
-    return {edge: parts[k + 2] / calls for k, edge in enumerate(edges)}
+    return {edge: parts[first + k] / calls for k, edge in enumerate(edges)}
 
 
 def _instructions(form: str, candidates: int, dim: int, calls: int, edge: str = "none") -> int:
