@@ -139,8 +139,9 @@ def instrument(clock: StageClock) -> None:
             found = getattr(module, attr, None)
             if isinstance(found, tuple):
                 setattr(module, attr, tuple(clock.stage(s) for s in _unwrapped(found)))
-    pipeline.RerankPipeline.run = clock.timed("pipeline", pipeline.RerankPipeline.run)  # type: ignore[method-assign]
-    pipeline.RerankPipeline.try_cached = clock.timed("pipeline", pipeline.RerankPipeline.try_cached)  # type: ignore[method-assign]
+    for entry in ("run", "try_cached"):
+        if hasattr(pipeline.RerankPipeline, entry):
+            setattr(pipeline.RerankPipeline, entry, clock.timed("pipeline", getattr(pipeline.RerankPipeline, entry)))
     traininglog.TrainingLog.served = clock.timed("training_log", traininglog.TrainingLog.served)  # type: ignore[method-assign]
     convert.rerank_request = clock.timed("rerank_request", convert.rerank_request)
     convert.encode_rerank_response = clock.timed("encode_response", convert.encode_rerank_response)
