@@ -13,12 +13,14 @@ The series are documented in docs/operations.md, "Metrics"; tests/test_metrics.p
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Sidecar latencies live in the low milliseconds; the buckets resolve 0.5 ms .. 10 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -115,26 +117,106 @@ class _LateEncodeCollector(Collector):
         yield family
 
 
+class LoopHistogram:
+    """One histogram series observed from one thread (the server's event loop): a plain int per
+    bucket and a float sum, no lock and no object per observation. A prometheus_client Histogram
+    child takes a lock for the sum and one for the bucket, and walks its buckets with an iterator
+    (~2 us a call); this is a bisect and two additions. Read at scrape time by LoopHistograms."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in its bucket
+        self.sum += value
+
+
+class LoopHistograms(Collector):
+    """A histogram family of LoopHistogram children, one per label values, each created on first use
+    (`child(...)`: keep it, the lookup is the costly part) and exposed at scrape time."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation, self.labels, self.buckets = name, documentation, labels, tuple(buckets)
+        self._children: dict[tuple[str, ...], LoopHistogram] = {}
+        self._lock = threading.Lock()
+
+    def child(self, *values: str) -> LoopHistogram:
+        found = self._children.get(values)
+        if found is None:
+            with self._lock:
+                found = self._children.setdefault(values, LoopHistogram(self.buckets))
+        return found
+
+    def collect(self) -> Iterator[Any]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        edges = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
+        for values, child in list(self._children.items()):
+            running, buckets = 0, []
+            for edge, count in zip(edges, list(child.counts)):
+                running += count
+                buckets.append((edge, running))
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
+class LoopCount:
+    """One counter series bumped from one thread (the server's event loop): a plain int."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class LoopCounters(Collector):
+    """A counter family of LoopCount children (see LoopHistograms), exposed at scrape time."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self._children: dict[tuple[str, ...], LoopCount] = {}
+        self._lock = threading.Lock()
+
+    def child(self, *values: str) -> LoopCount:
+        found = self._children.get(values)
+        if found is None:
+            with self._lock:
+                found = self._children.setdefault(values, LoopCount())
+        return found
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+
 class Metrics:
-    """All series of one server. Thread-safe (prometheus_client metrics are)."""
+    """All series of one server. Thread-safe (prometheus_client metrics are), except the series the
+    Observer records per RPC (rpc_latency, rpcs, rerank_candidates, rerank_orders): plain ints written
+    from the server's event-loop thread only, read at scrape time."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.rpc_latency = Histogram(
+        # Observed once per RPC on the event loop (observe_rpc): plain-int histograms, see LoopHistogram.
+        self.rpc_latency = LoopHistograms(
             "reranker_rpc_duration_seconds",
             "Server-side RPC latency, by method and variant (variant is empty for RPCs other than Rerank).",
-            ["method", "variant"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            ("method", "variant"),
+            LATENCY_BUCKETS,
         )
-        self.rpcs = Counter(
-            "reranker_rpcs", "Finished RPCs by method and gRPC status code.", ["method", "code"], registry=r
+        r.register(self.rpc_latency)
+        self.rpcs = LoopCounters("reranker_rpcs", "Finished RPCs by method and gRPC status code.", ("method", "code"))
+        r.register(self.rpcs)
+        rerank_candidates = LoopHistograms(
+            "reranker_rerank_candidates", "Candidates per Rerank request.", (), (1, 10, 50, 100, 200, 500, 1000, 2000),
         )
-        self.rerank_candidates = Histogram(
-            "reranker_rerank_candidates", "Candidates per Rerank request.", buckets=(1, 10, 50, 100, 200, 500, 1000, 2000),
-            registry=r,
-        )
+        r.register(rerank_candidates)
+        self.rerank_candidates = rerank_candidates.child()
         self.fallbacks = Counter(
             "reranker_fallbacks", "Rerank calls answered with the upstream order because of a problem, by reason.",
             ["reason"], registry=r,
@@ -180,7 +262,7 @@ class Metrics:
         # prometheus_client Counter child costs ~2 us with its lock), exposed at scrape time.
         self.rerank_orders: dict[tuple[str, str], int] = {}
         r.register(_OrderCollector(self.rerank_orders))
-        self._rpc_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._rpc_children: dict[tuple[str, str, str], tuple[LoopHistogram, LoopCount]] = {}
         self._cache_lock = threading.Lock()
         self._cache_source: Callable[[], dict[str, tuple[int, int, int]]] = dict
         r.register(_CacheCollector(self._read_caches))
@@ -242,15 +324,16 @@ class Metrics:
 
     # --- hooks called by observability.Observer --------------------------------------------------
     def observe_rpc(self, method: str, code: str, seconds: float, variant: str = "", fallback_reason: str = "") -> None:
+        """One finished RPC. Called on the server's event-loop thread only (observability.Observer)."""
         # Label lookups cost microseconds each; the few (method, variant, code) children are kept.
         key = (method, code, variant)
         children = self._rpc_children.get(key)
         if children is None:
             children = self._rpc_children[key] = (
-                self.rpc_latency.labels(method=method, variant=variant), self.rpcs.labels(method=method, code=code)
+                self.rpc_latency.child(method, variant), self.rpcs.child(method, code)
             )
         children[0].observe(seconds)
-        children[1].inc()
+        children[1].value += 1
         if fallback_reason:
             self.fallbacks.labels(reason=fallback_reason).inc()
 

@@ -119,3 +119,41 @@ def test_harness_reads_this_process_memory_and_finds_a_free_port() -> None:
     memory = proc_memory()
     assert memory["VmRSS"] > 1 << 20 and memory["VmHWM"] >= memory["VmRSS"] and (rss_bytes() or 0) > 0
     assert 0 < free_port() < 65536
+
+
+def test_rerank_breakdown_accounts_for_the_server_cpu_by_stage(tmp_path) -> None:
+    """--breakdown: every named row and every pipeline stage appears, the timed stages add up to no
+    more than the server process's CPU, and the scoring floor is measured in the same run."""
+    from reranker.pipeline import stages
+    from reranker.tools import stagecpu
+
+    path = tmp_path / "bench.json"
+    out = _bench(
+        "rerank", "--server-args", f"--encoder fake --fake-dim 32 --log-level WARNING --training-log-dir {tmp_path / 'log'}"
+        " --training-log-sample 1", "--candidates", "40", "--form", "packed", "--concurrency", "1", "--duration", "1",
+        "--warmup", "0.3", "--pool", "80", "--users", "3", "--rounds", "2", "--echo-kind", "asyncio",
+        "--breakdown", "--json", str(path),
+    )
+    report = json.loads(path.read_text())["breakdown"]
+    rows = report["rows"]
+    assert list(rows)[: len(stagecpu.ROW_ORDER)] == list(stagecpu.ROW_ORDER)
+    assert stagecpu.TIMERS in rows
+    for row in rows:
+        assert row in out  # printed as a table too
+    # Each stage of the real pipeline was timed, under its own name, and in a row.
+    names = [s.__name__ for s in (*stages.GATES, *stages.STAGES)]
+    assert set(names) <= set(report["stages_us"])
+    assert all(report["stages_us"][n] > 0 for n in names)
+    measured = {row: us for row, us in rows.items() if row != stagecpu.TRANSPORT}
+    for row in (stagecpu.DECODE, stagecpu.VECTORS, stagecpu.USER, stagecpu.SCORING, stagecpu.ORDERING,
+                stagecpu.ENCODE, stagecpu.OBSERVE, stagecpu.TRAINING, stagecpu.GLUE):
+        assert measured[row] > 0, row
+    # What the timers saw inside the process is part of the process's CPU: the rest is transport.
+    assert 0 < sum(measured.values()) <= report["total_us"]
+    assert rows[stagecpu.TRANSPORT] >= 0
+    assert sum(rows.values()) == pytest.approx(report["total_us"])
+    assert report["requests"] > 0 and report["blocked"] == 0
+    floor = report["scoring_floor"]
+    assert floor["candidates"] == 40 and floor["dim"] == 32 and floor["query_rows"] == stagecpu.FLOOR_QUERY_ROWS
+    assert 0 < floor["best_us"] <= floor["median_us"]
+    assert "scoring floor:" in out and "target: echo_cpu_us=" in out

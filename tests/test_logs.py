@@ -102,6 +102,35 @@ def test_sampling_keeps_every_fallback_and_error_line(make_server: ServerFactory
     ]
 
 
+def test_access_lines_not_written_cost_no_fields(
+    make_server: ServerFactory, access_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line sampled out, or below the access logger's level, builds nothing: not even the salted
+    user hash its fields would carry. Counted where a written line computes it."""
+    from reranker.serving import observability
+
+    hashed: list[str] = []
+    real_hash = observability.user_hash
+    monkeypatch.setattr(observability, "user_hash", lambda salt, user: hashed.append(user) or real_hash(salt, user))
+    logger = logging.getLogger("reranker.access")
+    _, stub = make_server(fake_settings(log_user_salt="pepper", access_log_sample=1.0))
+    request = pb.RerankRequest(user_id="u", candidates=[candidate("a", 1)])
+
+    logger.setLevel(logging.WARNING)  # access lines are INFO: none is written
+    for _ in range(3):
+        stub.Rerank(request)
+    assert hashed == [] and access_lines.getvalue() == ""
+
+    logger.setLevel(logging.INFO)
+    stub.Rerank(request)
+    assert hashed == ["u"] and len(records(access_lines)) == 1
+
+    _, sampled_out = make_server(fake_settings(log_user_salt="pepper", access_log_sample=0.0))
+    for _ in range(3):
+        sampled_out.Rerank(request)
+    assert hashed == ["u"] and len(records(access_lines)) == 1
+
+
 def test_access_log_can_be_turned_off(make_server: ServerFactory, access_lines: io.StringIO) -> None:
     _, stub = make_server(fake_settings(access_log=False))
     stub.Rerank(pb.RerankRequest(user_id="u", candidates=[candidate("a", 1)]))

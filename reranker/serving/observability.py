@@ -36,12 +36,17 @@ REQUEST_ID_HEADER = "x-request-id"
 
 def variant_label(variant: int) -> str:
     """pb.VARIANT_FALLBACK -> "fallback"."""
-    return pb.Variant.Name(variant).removeprefix("VARIANT_").lower()
+    return _VARIANT_LABELS.get(variant) or pb.Variant.Name(variant).removeprefix("VARIANT_").lower()
 
 
 def reason_label(reason: int) -> str:
     """pb.FALLBACK_REASON_DEADLINE -> "deadline"."""
-    return pb.FallbackReason.Name(reason).removeprefix("FALLBACK_REASON_").lower()
+    return _REASON_LABELS.get(reason) or pb.FallbackReason.Name(reason).removeprefix("FALLBACK_REASON_").lower()
+
+
+# Labels made once (an enum name lookup and two string copies per call otherwise).
+_VARIANT_LABELS = {v: pb.Variant.Name(v).removeprefix("VARIANT_").lower() for v in pb.Variant.values()}
+_REASON_LABELS = {v: pb.FallbackReason.Name(v).removeprefix("FALLBACK_REASON_").lower() for v in pb.FallbackReason.values()}
 
 
 def _request_id(context: aio.ServicerContext, from_request: str = "") -> str:
@@ -67,19 +72,18 @@ class Observer:
         self._sample = settings.access_log_sample
 
     def observed(self, behavior: Handler, method: str, *, streaming: bool) -> Handler:
+        metrics = self._metrics
+        rerank = method == "Rerank"
+
         async def observe(request: Any, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            fields: dict[str, Any] = {"method": method}
+            counter = None
             if streaming:
-                counter = _CountingIterator(request)
-                request = counter
-            elif isinstance(request, pb.RerankRequest):
+                request = counter = _CountingIterator(request)
+            elif rerank and not request.request_id:
                 # Give the request an id when the caller did not: the response echoes it.
-                request.request_id = _request_id(context, request.request_id)
-            request_id = getattr(request, "request_id", "") or _request_id(context)
-            fields["request_id"] = request_id
-            code = "OK"
-            response = None
+                request.request_id = _request_id(context)
+            code, error, response = "OK", "", None
             try:
                 response = await behavior(request, context)
                 return response
@@ -88,29 +92,41 @@ class Observer:
                 raise
             except Exception as exc:
                 code = status_for(exc)[0].name
-                fields["error"] = type(exc).__name__  # messages may quote ids: not logged
+                error = type(exc).__name__  # messages may quote ids: not logged
                 raise
             finally:
                 seconds = time.perf_counter() - started
-                fields["code"] = code
                 variant = reason = ""
-                if isinstance(response, EncodedRerankResponse):
+                if response.__class__ is EncodedRerankResponse:
                     result = response.result
-                    variant = variant_label(result.variant)
+                    variant = _VARIANT_LABELS[result.variant]
                     if result.variant == pb.VARIANT_FALLBACK:
-                        reason = reason_label(result.fallback_reason)
-                    self._metrics.rerank_candidates.observe(candidate_count(request))
-                    self._metrics.observe_order(result.arm, order_of(result))
-                self._metrics.observe_rpc(method, code, seconds, variant, reason)
-                if self._access_log and self._should_log(code, variant):
-                    fields.update(self._describe(request, response, counter.count if streaming else None))
-                    fields["latency_ms"] = round(seconds * 1000.0, 3)
-                    access_log.info(
-                        "%s %s %.1f ms%s", method, code, seconds * 1000.0, f" {variant}" if variant else "",
-                        extra={"fields": fields},
-                    )
+                        reason = _REASON_LABELS[result.fallback_reason]
+                    metrics.rerank_candidates.observe(candidate_count(request))
+                    metrics.observe_order(result.arm, order_of(result))
+                metrics.observe_rpc(method, code, seconds, variant, reason)
+                # Sampled out or below the logger's level: no fields, no record, nothing formatted.
+                if self._access_log and self._should_log(code, variant) and access_log.isEnabledFor(logging.INFO):
+                    self._log(method, code, error, seconds, variant, request, response, context, counter)
 
         return observe
+
+    def _log(
+        self, method: str, code: str, error: str, seconds: float, variant: str, request: Any, response: Any,
+        context: aio.ServicerContext, counter: _CountingIterator | None,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "method": method, "request_id": getattr(request, "request_id", "") or _request_id(context),
+        }
+        if error:
+            fields["error"] = error
+        fields["code"] = code
+        fields.update(self._describe(request, response, counter.count if counter is not None else None))
+        fields["latency_ms"] = round(seconds * 1000.0, 3)
+        access_log.info(
+            "%s %s %.1f ms%s", method, code, seconds * 1000.0, f" {variant}" if variant else "",
+            extra={"fields": fields},
+        )
 
     def _should_log(self, code: str, variant: str) -> bool:
         """Always log failures and anything but a personalized answer; sample the rest."""

@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from reranker.config import Settings
+from reranker.tools import stagecpu
 from reranker.tools.harness import child_env, free_port, rss_bytes, wait_serving
+from reranker.tools.stagecpu import StageCpuClient
 
 ECHO_METHOD = "/reranker.v1.RerankerService/Rerank"
 _WORDS = (
@@ -139,6 +141,8 @@ class LoadResult:
     elapsed_s: float
     latencies_s: list[float]
     server_cpu_s: float | None = None  # CPU the server process used while measured (None: unknown)
+    # --breakdown: what the server's stage timers counted while measured (stagecpu.delta), per slice
+    stage_windows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def __add__(self, other: LoadResult) -> LoadResult:
         known = self.server_cpu_s is not None and other.server_cpu_s is not None
@@ -150,6 +154,7 @@ class LoadResult:
             self.elapsed_s + other.elapsed_s,
             self.latencies_s + other.latencies_s,
             cpu,
+            self.stage_windows + other.stage_windows,
         )
 
     @property
@@ -331,6 +336,14 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def _server_sample(pid: int | None, stage_cpu: StageCpuClient | None) -> tuple[float | None, dict[str, Any] | None]:
+    """The server's CPU seconds so far and, with --breakdown, its stage timers' counters."""
+    return (
+        process_cpu_seconds(pid) if pid is not None else None,
+        stage_cpu.snapshot() if stage_cpu is not None else None,
+    )
+
+
 def _measure(
     address: str,
     workload: RerankWorkload,
@@ -338,8 +351,10 @@ def _measure(
     duration_s: float,
     warmup_s: float,
     server_pid: int | None = None,
+    stage_cpu: StageCpuClient | None = None,
 ) -> LoadResult:
-    """Drive `address`; with `server_pid`, also the CPU that process used while measured."""
+    """Drive `address`; with `server_pid`, also the CPU that process used while measured, and with
+    `stage_cpu` what its stage timers counted meanwhile."""
     import grpc
 
     from reranker.v1 import reranker_pb2 as pb
@@ -357,22 +372,100 @@ def _measure(
         reply = stubs[w % len(stubs)].Rerank(req, timeout=args.timeout)
         return reply.variant == pb.VARIANT_FALLBACK
 
-    cpu_at_start: list[float | None] = [None]
-    sampler = None
-    if server_pid is not None:
-        sampler = threading.Timer(warmup_s, lambda: cpu_at_start.__setitem__(0, process_cpu_seconds(server_pid)))
-        sampler.start()
+    at_start: list[tuple[float | None, dict[str, Any] | None]] = [(None, None)]
+    sampler = threading.Timer(warmup_s, lambda: at_start.__setitem__(0, _server_sample(server_pid, stage_cpu)))
+    sampler.start()
     try:
         result = drive(call, args.concurrency, duration_s, warmup_s)
     finally:
         for ch in channels:
             ch.close()
-    if sampler is not None and server_pid is not None:
-        sampler.join()
-        start, end = cpu_at_start[0], process_cpu_seconds(server_pid)
-        if start is not None and end is not None:
-            result.server_cpu_s = end - start
+    sampler.join()
+    (cpu_start, stages_start), (cpu_end, stages_end) = at_start[0], _server_sample(server_pid, stage_cpu)
+    if cpu_start is not None and cpu_end is not None:
+        result.server_cpu_s = cpu_end - cpu_start
+    if stages_start is not None and stages_end is not None:
+        result.stage_windows.append(stagecpu.delta(stages_start, stages_end))
     return result
+
+
+def _start_server(
+    args: argparse.Namespace, tmp: Path, children: list[subprocess.Popen[bytes]]
+) -> tuple[str, subprocess.Popen[bytes] | None, StageCpuClient | None]:
+    """The server to measure: --target, or a started `reranker serve` (with --breakdown, the same
+    server with stage timers: reranker.tools.stagecpu). Returns its address, process and timers."""
+    if args.target:
+        wait_serving(args.target, args.startup_timeout, None, tmp / "server.log")
+        return args.target, None, None
+    address, log_path = f"127.0.0.1:{free_port()}", tmp / "server.log"
+    # Its own metrics port (the default one may be taken); --server-args can override both.
+    flags = ["--address", address, "--metrics-address", f"127.0.0.1:{free_port()}", *shlex.split(args.server_args)]
+    with log_path.open("wb") as log:
+        if args.breakdown:  # stdin / stdout: the timers' commands and answers
+            cmd = [sys.executable, "-m", "reranker.tools.stagecpu", *flags]
+            child = subprocess.Popen(cmd, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        else:
+            cmd = [sys.executable, "-m", "reranker", "serve", *flags]
+            child = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+    children.append(child)
+    wait_serving(address, args.startup_timeout, child, log_path)
+    return address, child, StageCpuClient(child) if args.breakdown else None
+
+
+def _start_echo(
+    args: argparse.Namespace, payload: bytes, tmp: Path, children: list[subprocess.Popen[bytes]]
+) -> tuple[str, int | None]:
+    """The echo server answering `payload` (address and pid), or ("", None) with --no-echo."""
+    import grpc
+
+    if args.no_echo:
+        return "", None
+    echo_port = free_port()
+    response_path = tmp / "response.bin"
+    response_path.write_bytes(payload)
+    echo_cmd = [
+        sys.executable, "-m", "reranker.tools.bench", "--echo-server", str(echo_port), str(response_path),
+        str(args.echo_workers), args.echo_kind,
+    ]
+    echo_child = subprocess.Popen(echo_cmd, env=child_env())
+    children.append(echo_child)
+    echo_address = f"127.0.0.1:{echo_port}"
+    grpc.channel_ready_future(grpc.insecure_channel(echo_address)).result(timeout=30)
+    return echo_address, echo_child.pid
+
+
+def _ratio_line(ratio: dict[str, float | None]) -> str:
+    return (
+        "ratio rerank/echo: "
+        + " ".join(f"{k}={ratio[k + '_ms']:.2f}x" for k in ("p50", "p90", "p99", "p999"))
+        + f" qps={ratio['qps']:.2f}x"
+        + (
+            f" server_cpu_per_req={ratio['server_cpu_us_per_request']:.2f}x"
+            if ratio["server_cpu_us_per_request"] is not None
+            else ""
+        )
+    )
+
+
+def _breakdown(
+    stage_cpu: StageCpuClient, rerank: LoadResult, echo: LoadResult | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    """--breakdown: the server's CPU per request by stage, the scoring floor measured in the same
+    server process, and (with an echo) the issue's CPU target echo + 2 x floor; printed and returned."""
+    timer_ns = float(stage_cpu.ask("timer")["timer_ns"])
+    report = stagecpu.breakdown(stagecpu.combined(rerank.stage_windows), timer_ns)
+    floor = stage_cpu.ask(f"floor {max(args.pool, args.candidates)} {args.candidates}")
+    report["scoring_floor"] = floor
+    print(stagecpu.table(report, floor), flush=True)
+    echo_cpu = echo.cpu_us_per_request if echo is not None else None
+    if echo_cpu is not None:
+        report["target_cpu_us"] = echo_cpu + 2 * floor["median_us"]
+        print(
+            f"target: echo_cpu_us={echo_cpu:.1f} + 2 x floor = {report['target_cpu_us']:.1f} us/request "
+            f"(server total {report['total_us']:.1f})",
+            flush=True,
+        )
+    return report
 
 
 def bench_rerank(args: argparse.Namespace) -> int:
@@ -380,6 +473,9 @@ def bench_rerank(args: argparse.Namespace) -> int:
 
     from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
+    if args.breakdown and args.target:
+        print("reranker bench rerank: --breakdown needs a server the bench starts (no --target)", file=sys.stderr)
+        return 2
     texts = load_texts(args.titles, 0)
     workload = RerankWorkload(
         args.candidates, args.hit_ratio, max(args.pool, args.candidates), args.users, texts, args.form
@@ -387,19 +483,7 @@ def bench_rerank(args: argparse.Namespace) -> int:
     children: list[subprocess.Popen[bytes]] = []
     tmp = tempfile.TemporaryDirectory(prefix="reranker-bench-")
     try:
-        address = args.target
-        child, log_path = None, Path(tmp.name) / "server.log"
-        if not address:
-            address = f"127.0.0.1:{free_port()}"
-            # Its own metrics port (the default one may be taken); --server-args can override both.
-            cmd = [
-                sys.executable, "-m", "reranker", "serve", "--address", address,
-                "--metrics-address", f"127.0.0.1:{free_port()}", *shlex.split(args.server_args),
-            ]
-            with log_path.open("wb") as log:
-                child = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
-            children.append(child)
-        wait_serving(address, args.startup_timeout, child, log_path)
+        address, child, stage_cpu = _start_server(args, Path(tmp.name), children)
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RerankerServiceStub(channel)
             _prepare_server(stub, workload)
@@ -408,69 +492,55 @@ def bench_rerank(args: argparse.Namespace) -> int:
             f"bench rerank: target={args.target or 'started ' + address} candidates={args.candidates} "
             f"hit_ratio={args.hit_ratio:.2f} form={args.form} concurrency={args.concurrency} "
             f"duration_s={args.duration:g} echo={'none' if args.no_echo else args.echo_kind} "
-            f"response_bytes={len(payload)} server_args={args.server_args!r}",
+            f"response_bytes={len(payload)} server_args={args.server_args!r} breakdown={args.breakdown}",
             flush=True,
         )
-        echo_address = ""
-        if not args.no_echo:
-            echo_port = free_port()
-            response_path = Path(tmp.name) / "response.bin"
-            response_path.write_bytes(payload)
-            echo_cmd = [
-                sys.executable, "-m", "reranker.tools.bench", "--echo-server", str(echo_port), str(response_path),
-                str(args.echo_workers), args.echo_kind,
-            ]
-            echo_child = subprocess.Popen(echo_cmd, env=child_env())
-            children.append(echo_child)
-            echo_address = f"127.0.0.1:{echo_port}"
-            grpc.channel_ready_future(grpc.insecure_channel(echo_address)).result(timeout=30)
+        echo_address, echo_pid = _start_echo(args, payload, Path(tmp.name), children)
         # Alternate short slices of both servers so that both see the same background load.
         rounds = max(1, args.rounds)
         rerank, echo = LoadResult(0, 0, 0, 0.0, [], 0.0), LoadResult(0, 0, 0, 0.0, [], 0.0)
-        rerank_pid = child.pid if child is not None else None
         for r in range(rounds):
             warmup = args.warmup if r == 0 else min(args.warmup, 0.2)
-            rerank = rerank + _measure(address, workload, args, args.duration / rounds, warmup, rerank_pid)
+            slice_s = args.duration / rounds
+            rerank = rerank + _measure(address, workload, args, slice_s, warmup, getattr(child, "pid", None), stage_cpu)
             if echo_address:
-                echo = echo + _measure(echo_address, workload, args, args.duration / rounds, warmup, echo_child.pid)
+                echo = echo + _measure(echo_address, workload, args, slice_s, warmup, echo_pid)
         print(rerank.line("rerank"), flush=True)
         report: dict[str, Any] = {
             "config": {
                 "target": args.target or "started", "candidates": args.candidates, "hit_ratio": args.hit_ratio,
                 "form": args.form, "concurrency": args.concurrency, "duration_s": args.duration,
                 "rounds": rounds, "echo": "none" if args.no_echo else args.echo_kind,
-                "response_bytes": len(payload), "server_args": args.server_args,
+                "response_bytes": len(payload), "server_args": args.server_args, "breakdown": args.breakdown,
             },
             "rerank": rerank.summary(),
         }
         if echo_address:
             print(echo.line("echo"), flush=True)
-            report["echo"] = echo.summary()
-            report["ratio"] = ratios(rerank, echo)
-            ratio = report["ratio"]
-            print(
-                "ratio rerank/echo: "
-                + " ".join(f"{k}={ratio[k + '_ms']:.2f}x" for k in ("p50", "p90", "p99", "p999"))
-                + f" qps={ratio['qps']:.2f}x"
-                + (
-                    f" server_cpu_per_req={ratio['server_cpu_us_per_request']:.2f}x"
-                    if ratio["server_cpu_us_per_request"] is not None
-                    else ""
-                ),
-                flush=True,
-            )
+            report["echo"], report["ratio"] = echo.summary(), ratios(rerank, echo)
+            print(_ratio_line(report["ratio"]), flush=True)
+        if stage_cpu is not None:
+            report["breakdown"] = _breakdown(stage_cpu, rerank, echo if echo_address else None, args)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return 0
     finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop(children)
         tmp.cleanup()
+
+
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.stdin is not None:
+            child.stdin.close()  # the breakdown server stops at the end of its input
+        child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        if child.stdout is not None:
+            child.stdout.close()
 
 
 # --- encoder mode ---------------------------------------------------------------------------------
@@ -603,6 +673,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(the transport reranker serve runs on: the ratio to it is the reranking work alone)",
     )
     rerank.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for SERVING")
+    rerank.add_argument(
+        "--breakdown", action="store_true",
+        help="also the server's CPU per request by stage (transport, decode, arm, vectors, user state, scoring, "
+        "consumed policy, ordering, encode, logs/metrics, training log) and the scoring floor (one gather + one "
+        "GEMM) measured in the same server process: the started server runs with stage timers",
+    )
     from reranker.config import settings_parser
 
     encoder = modes.add_parser("encoder", help="encoder texts/s vs sentence-transformers", parents=[settings_parser()])
