@@ -47,7 +47,7 @@ def _prepared(form: str, candidates: int, dim: int) -> tuple[object, list[bytes]
     service.upsert_items([Item(i, t) for i, t in workload.pool_items()])
     service.record_events([Event(f"user-{u}", pool_id((u * 7 + k) % 2000)) for u in range(50) for k in range(5)])
     requests = [workload.request(0, i).SerializeToString() for i in range(20)]  # type: ignore[attr-defined]
-    limits = convert.Limits.from_settings(settings)
+    limits = convert.Limits.from_settings(settings.limits, settings.users)
 
     # Versions before them: rerank(may_block=False), and the answer's form in query.options.
     try_cached = getattr(service, "try_cached", None)

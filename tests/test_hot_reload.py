@@ -135,7 +135,7 @@ def test_each_arm_gets_its_own_head_and_control_and_bypass_are_unchanged(tmp_pat
         out: dict[str, set[str]] = {}
         for user in users:
             reply = stub.Rerank(pb.RerankRequest(user_id=user, candidates=CANDS))
-            bucket = bucket_of(settings.experiment_salt, user)
+            bucket = bucket_of(settings.ranking.experiment_salt, user)
             expected = "b" if bucket < 4000 else "treatment" if bucket < 8000 else "control"
             assert reply.arm == expected and reply.bucket == bucket
             assert reply.variant == (pb.VARIANT_CONTROL if expected == "control" else pb.VARIANT_RERANKED)
@@ -152,7 +152,7 @@ def test_each_arm_gets_its_own_head_and_control_and_bypass_are_unchanged(tmp_pat
 
 
 def test_arm_settings_are_validated() -> None:
-    assert Settings(experiment_arms="b=10:/x.npz, c=5.5:/y.npz").parsed_experiment_arms() == [
+    assert Settings(experiment_arms="b=10:/x.npz, c=5.5:/y.npz").ranking.parsed_experiment_arms() == [
         ("b", 10.0, "/x.npz"), ("c", 5.5, "/y.npz")
     ]
     for bad, message in [
@@ -167,7 +167,7 @@ def test_arm_names_are_exactly_ascii_letters_digits_underscore_and_hyphen() -> N
     """What the message says, [A-Za-z0-9_-], is what the flag accepts: no other letters or digits."""
     for name in ("_", "-", "a_b", "A-1", "__x--", "Z9"):
         settings = Settings.from_sources([f"--experiment-arms={name}=10:/x.npz"], {})
-        assert settings.parsed_experiment_arms() == [(name, 10.0, "/x.npz")]
+        assert settings.ranking.parsed_experiment_arms() == [(name, 10.0, "/x.npz")]
     for name in ("ä", "١", "a.b", "a/b", "ǅ", "x²", "a\u00a0b"):
         with pytest.raises(ValueError, match=r"must be \[A-Za-z0-9_-\]"):
             Settings.from_sources([f"--experiment-arms={name}=10:/x.npz"], {})

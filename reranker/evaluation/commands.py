@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reranker.config import Settings, settings_parser
+from reranker.config import Settings, flat_fields, settings_parser
 
 
 def add_commands(commands: Any) -> None:
@@ -108,7 +108,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     base = Settings.from_sources([], os.environ)
     flags = {
         f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Settings)
+        for f in flat_fields()
         if f.name != "address" and getattr(args, f.name, None) is not None
     }
     return dataclasses.replace(base, **flags)
@@ -116,7 +116,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[int, ...]]:
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.observability.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     given = args.retriever
     served = getattr(args, "candidates", None) is not None or getattr(args, "training_log", None) is not None
     if given is None and served and args.handler is _train:
@@ -175,7 +175,7 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
     except ValueError as exc:
         print(f"reranker train: {exc}", file=sys.stderr)
         return 2
-    threads = settings.torch_threads or 1
+    threads = settings.model.torch_threads or 1
     if args.adapter_epochs < 0 or args.neighbours < 1 or args.blend_users < 0:
         print("reranker train: --adapter-epochs and --blend-users must be >= 0 and --neighbours >= 1", file=sys.stderr)
         return 2

@@ -390,7 +390,7 @@ def train(
     user's last event) and scored from the events before that label. They train alongside the
     lists of `cfg.retrievers` (which may be empty)."""
     started = time.perf_counter()
-    encoder = encoder or load_encoder(settings)
+    encoder = encoder or load_encoder(settings.model)
     split = formats.leave_last_out(events)  # the eval targets are dropped right here
     history = {u: split.history[u] for u in split.users if len(split.history[u]) >= 2} if cfg.retrievers else {}
     # Cut k = 1..K: the label is the k-th last history event, the user's profile and candidates come
@@ -419,9 +419,9 @@ def train(
     t = time.perf_counter()
     blend_users = _blend_users(history, cfg)
     store = InProcessProfileStore(
-        ProfileConfig.from_settings(settings, encoder.dim),
+        ProfileConfig.from_settings(settings.users, encoder.dim),
         max_users=max(1, len(blend_users) * 2 * cuts + len(served.timelines)),
-        ttl_seconds=settings.user_ttl_seconds,
+        ttl_seconds=settings.users.user_ttl_seconds,
     )
 
     def feed(profile_id: str, events_before: Sequence[formats.Interaction]) -> None:
@@ -461,7 +461,7 @@ def train(
         if label not in ids:
             return
         state = store.get(profile_id)
-        user_vector = profiles.user_vector(state, settings)
+        user_vector = profiles.user_vector(state, settings.users)
         if state is None or user_vector is None:
             return
         cand_vectors, has_vector = gather_vectors(ids, index, vectors)

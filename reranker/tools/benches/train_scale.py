@@ -89,7 +89,7 @@ def encoder_time(workdir: Path, args: argparse.Namespace, n_items: int) -> dict[
     from reranker.evaluation.train import encode_catalog
 
     texts = list(formats.read_items(workdir / "items.tsv").values())[: args.encoder_sample]
-    encoder = load_encoder(Settings(encoder="transformer", runtime=args.runtime, torch_threads=args.threads))
+    encoder = load_encoder(Settings(encoder="transformer", runtime=args.runtime, torch_threads=args.threads).model)
     encode_catalog(encoder, texts[:64])  # warm-up
     started = time.perf_counter()
     encode_catalog(encoder, texts)
