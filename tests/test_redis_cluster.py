@@ -73,7 +73,7 @@ def test_the_url_scheme_selects_the_cluster_client(cluster: RedisClusterServer) 
     _, shared = cluster_store(cluster)
     assert isinstance(shared._writer, redis.RedisCluster) and shared.ping()
     shared.close()
-    with pytest.raises(ValueError, match="redis_url must start with"):
+    with pytest.raises(ValueError, match="redis_url must be a URL starting with"):
         fake_settings(redis_url="cluster://127.0.0.1:1").validate()
 
 

@@ -75,7 +75,7 @@ class OfflineScorer:
         if state is None or user_vector is None or not ids:
             return ids
         candidates, has_vector = gather_vectors(ids, self._index, self._vectors)
-        seen = profiles.candidate_history(state, self._settings, ids, candidates, has_vector, user_vector)
+        seen = profiles.candidate_history(state, self._settings.users, ids, candidates, has_vector, user_vector)
         ranking = self._head.rank(
             ids, np.array([r.score for r in rows], dtype=np.float64), candidates, has_vector, user_vector,
             profiles.positive_history(state), profiles.positive_history_ids(state),

@@ -465,7 +465,7 @@ def train(
         if state is None or user_vector is None:
             return
         cand_vectors, has_vector = gather_vectors(ids, index, vectors)
-        seen = profiles.candidate_history(state, settings, ids, cand_vectors, has_vector, user_vector)
+        seen = profiles.candidate_history(state, settings.users, ids, cand_vectors, has_vector, user_vector)
         upstream = np.array([rows[i].score for i in keep])
         raw_lists.append(provisional.features(
             ids, upstream, cand_vectors, has_vector, user_vector, profiles.positive_history(state),
