@@ -175,11 +175,11 @@ def test_arm_names_are_exactly_ascii_letters_digits_underscore_and_hyphen() -> N
 
 def test_arm_buckets_follow_the_order_given() -> None:
     settings = Settings(treatment_percent=50.0, experiment_arms="b=10:/b.npz,c=5:/c.npz")
-    table = arms.build_table(settings, "enc", {})
+    table = arms.build_table(settings.ranking, "enc", {})
     assert [(a.name, a.end, a.borrowed) for a in table.arms] == [("b", 1000, True), ("c", 1500, True)]
     assert [table.for_bucket(x).name for x in (0, 999, 1000, 1499, 1500, 4999)] == ["b", "b", "c", "c", "treatment", "treatment"]
     head = make_head()
-    table = arms.build_table(dataclasses.replace(settings, head_path="/a.npz"), "enc", {"c": head})
+    table = arms.build_table(dataclasses.replace(settings.ranking, head_path="/a.npz"), "enc", {"c": head})
     assert table.arms[1].model_version == f"enc+{head.version}" and table.arms[0].model_version == "enc"
     assert table.paths() == {"treatment": "/a.npz", "b": "/b.npz", "c": "/c.npz"} and set(table.heads()) == {"treatment", "c"}
     assert np.isfinite(table.arms[1].head.weights).all()  # type: ignore[union-attr]
