@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     embed.set_defaults(handler=_embed_catalog)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=_print_settings)
-    from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
+    from reranker.evaluation.commands import add_commands  # eval, train, convert
 
     add_commands(commands)
     from reranker.learner.learncli import add_command as add_learn_command  # learn run | status | bench

@@ -17,7 +17,7 @@ does the same float64 arithmetic as usermodel.fold. All six keys expire `ttl_sec
 user's last event; bound the total with Redis' own `maxmemory` + `volatile-lru` policy.
 
 A user whose decay clock `ref` is more than `max_event_skew_seconds` after now (a future event
-folded by an older build), or whose state has no `st` yet (written before issue 17), is repaired
+folded by an older build), or whose state has no `st` yet (written before the session vector was kept), is repaired
 before anything is folded into it and when it is read: the script refuses to fold into it, the
 store rebuilds the state in Python (usermodel.repair_future_clock) and writes it back with a
 compare-and-set script, then folds. A clock repair is logged and counted (`repairs`).
@@ -602,7 +602,7 @@ class RedisProfileStore:
 
     def _repair_remote(self, user_id: str, now: float) -> None:
         """Repair a user whose clock is more than `max_clock_ahead` after `now`, or who has no S yet
-        (state written before issue 17); a compare-and-set on `ref` makes a concurrent repair harmless."""
+        (state written before the session vector was kept); a compare-and-set on `ref` makes a concurrent repair harmless."""
         c = self.config
         hkey, _, zkey, *_ = self.keys(user_id)
         pipe = self._writer.pipeline(transaction=True)

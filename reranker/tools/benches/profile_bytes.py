@@ -14,7 +14,7 @@ events in one call: CLICKs with event ids, on distinct random items, 30 s apart.
   the growth of INFO memory `used_memory` divided by the user count, and `MEMORY USAGE key SAMPLES 0`
   summed over each user's keys (`<prefix>:{<user_id>}:*`), averaged. The Redis is flushed per cell.
 
-The target (issue 19): at most 4 KB (--target-bytes) per user at 20 events, in process and in Redis;
+The target: at most 4 KB (--target-bytes) per user at 20 events, in process and in Redis;
 the last column judges the tracemalloc and used_memory numbers (what the profiles really cost).
 """
 

@@ -15,7 +15,7 @@
    and extrapolates to the catalog: encoding is a separate, embarrassingly parallel cost that
    the fake encoder leaves out of step 2.
 
-Targets (issue 14): <= 10 minutes wall and <= 4 GB peak RSS on 2 cores. No assertions.
+Targets: <= 10 minutes wall and <= 4 GB peak RSS on 2 cores. No assertions.
 """
 
 from __future__ import annotations
