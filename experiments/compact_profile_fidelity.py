@@ -137,7 +137,7 @@ def main() -> int:
                 access_log=False, user_cache_size=max(10_000, 2 * len(users)), redis_timeout_ms=2000.0,
                 redis_write_timeout_ms=10_000.0)
     started = time.perf_counter()
-    table = TableEncoder(load_encoder(Settings(**base)), list(items.values()))
+    table = TableEncoder(load_encoder(Settings(**base).model), list(items.values()))
     encode_seconds = time.perf_counter() - started
     services = [(reference, {}), (compared, {})]
     if args.item_cache_size:

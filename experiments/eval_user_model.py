@@ -139,7 +139,7 @@ def main() -> int:
         with np.load(cache) as f:
             ids, matrix = list(f["ids"]), f["vectors"]
     else:
-        encoder = load_encoder(Settings(encoder=args.encoder))
+        encoder = load_encoder(Settings(encoder=args.encoder).model)
         ids = sorted(texts)
         matrix = np.concatenate([encoder.encode([texts[i] for i in ids[k : k + 64]]) for k in range(0, len(ids), 64)])
         np.savez(cache, ids=np.array(ids), vectors=matrix)

@@ -64,7 +64,7 @@ def main() -> None:
     formats.write_candidates(args.out_dir / "train_lists.tsv", [(u, lists[u]) for u in half_a])
     formats.write_candidates(args.out_dir / "eval_lists.tsv", [(u, lists[u]) for u in half_b])
 
-    encoder = load_encoder(settings)
+    encoder = load_encoder(settings.model)
     served = formats.read_served_lists(args.out_dir / "train_lists.tsv")
     heads = {
         "served": train.train(items, events, settings, dataclasses.replace(train.TrainConfig(), retrievers=()),

@@ -175,7 +175,7 @@ def analyze(work: Path, args: argparse.Namespace, replayed: dict | None, looks: 
     from reranker.learning.publishing import History
 
     settings = Settings()
-    positive = {name for name, w in settings.parsed_event_weights().items() if w > 0}
+    positive = {name for name, w in settings.users.parsed_event_weights().items() if w > 0}
     source = LogSource(work / "logs")
     source.refresh()
     outcomes = join(source.lists, source.events, positive, 3600.0, 10)

@@ -56,7 +56,7 @@ def main() -> None:
     items = formats.read_items(args.items)
     split = formats.leave_last_out(formats.read_events(args.events))
     history_events = [e for u in split.users for e in split.history[u]]  # eval targets dropped here
-    encoder = load_encoder(settings)
+    encoder = load_encoder(settings.model)
     started = time.perf_counter()
     head, _ = train.train(items, history_events, settings, cfg, encoder=encoder)
     train_s = time.perf_counter() - started

@@ -56,7 +56,7 @@ def main() -> None:
     cfg = EvalConfig(items=args.items, events=args.events)
     worst: dict[str, float] = {}
     with connect(cfg, settings) as (stub, _):
-        load_server_state(stub, data, settings.max_text_chars, None)
+        load_server_state(stub, data, settings.limits.max_text_chars, None)
         for list_set in data.list_sets:
             for blend in (float(b) for b in args.blend.split(",")):
                 for policy in args.policy.split(","):

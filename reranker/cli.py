@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     embed.set_defaults(handler=_embed_catalog)
     show = commands.add_parser("settings", help="print the settings reference (markdown)")
     show.set_defaults(handler=_print_settings)
-    from reranker.evaluation.commands import add_commands  # eval, train, convert (issue 4)
+    from reranker.evaluation.commands import add_commands  # eval, train, convert
 
     add_commands(commands)
     from reranker.learner.learncli import add_command as add_learn_command  # learn run | status | bench
@@ -95,11 +95,11 @@ def _embed_catalog(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from reranker.evaluation.formats import read_items
 
         items = read_items(Path(args.items))
-        encoder = load_encoder(settings)
+        encoder = load_encoder(settings.model)
         started = time.perf_counter()
         try:
             m = embed_catalog(items.items(), encoder.encode, Path(args.out), model_version=encoder.version,
-                              dtype=args.vector_dtype, batch_size=settings.encode_batch_size)
+                              dtype=args.vector_dtype, batch_size=settings.model.encode_batch_size)
         except CatalogError as exc:  # e.g. a row that is not finite: nothing was written, the old file stays
             print(f"reranker embed-catalog: {exc}", file=sys.stderr)
             return 1
@@ -121,7 +121,7 @@ def _with_settings(argv: Sequence[str], run: Callable[[Settings], int]) -> int:
         return 2
     from reranker.serving.logs import configure_logging
 
-    configure_logging(settings)
+    configure_logging(settings.observability)
     return run(settings)
 
 

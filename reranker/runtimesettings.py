@@ -12,7 +12,7 @@ a key removed from the file goes back to its start-up value. Only the keys in RU
 appear: an unknown or misspelt key makes the file bad (a `kill_swich: true` must not be ignored).
 
 A watcher thread reads the file every `runtime_settings_poll_seconds` and, when its bytes changed,
-parses and validates it (the same checks as at start, Settings.__post_init__, and the arms' head
+parses and validates it (the same checks as at start, declared in config.py, and the arms' head
 files) and hands the new Settings object to `apply`, which swaps one reference: a request reads
 `service.settings` once and keeps what it read. A file that cannot be read, parsed or validated
 keeps the settings in force: the reason is logged, `reranker_runtime_settings_reloads{result="error"}`
@@ -34,7 +34,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from reranker.config import Settings
+from reranker.config import Settings, flat_fields
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def parse(data: bytes, path: str) -> tuple[dict[str, Any], str]:
         doc = {}  # an empty file: no overrides
     if not isinstance(doc, Mapping):
         raise RuntimeSettingsError(f"must be a mapping of setting names to values, got {type(doc).__name__}")
-    types = {f.name: f.type for f in dataclasses.fields(Settings)}
+    types = {f.name: f.type for f in flat_fields()}
     values: dict[str, Any] = {}
     version = ""
     for key, value in doc.items():
@@ -119,9 +119,9 @@ class RuntimeSettingsFile:
     def __init__(self, base: Settings, registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.base = base
-        self.path = base.runtime_settings_file
+        self.path = base.server.runtime_settings_file
         self._clock = clock
-        self._interval = base.runtime_settings_poll_seconds
+        self._interval = base.server.runtime_settings_poll_seconds
         self._last: bytes | None = None  # bytes of the last file looked at (applied or not)
         self._missing = False  # the file could not be read at the last check
         self._stop = threading.Event()
@@ -211,7 +211,7 @@ class RuntimeSettingsFile:
             self.reloads.labels(result="error").inc()
             return False
         changed = {
-            f: (getattr(self.current, f), getattr(new, f)) for f in RUNTIME_FIELDS if getattr(self.current, f) != getattr(new, f)
+            f: (self.current.value(f), new.value(f)) for f in RUNTIME_FIELDS if self.current.value(f) != new.value(f)
         }
         self.current = new
         checksum = hashlib.sha256(data).hexdigest()[:16]

@@ -52,7 +52,7 @@ class RerankService:
         # Settings an incident or experiment changes come from runtime_settings_file, on top of these;
         # apply_settings swaps the whole (frozen) object: a request reads `self.settings` once.
         self.runtime_settings: RuntimeSettingsFile | None = None
-        if settings.runtime_settings_file:
+        if settings.server.runtime_settings_file:
             self.runtime_settings = RuntimeSettingsFile(settings, self.metrics.registry, clock=clock)
             settings = self.runtime_settings.initial()
         self.settings = settings
@@ -74,7 +74,7 @@ class RerankService:
         self.training_log: TrainingLog | None = None
         self.online_metrics: OnlineMetrics | None = None
         self.learning = LiveLearning(self.metrics, clock, self._set_arms)  # arms, head reloads, training log
-        self.event_weight_limit = settings.event_weight_limit()
+        self.event_weight_limit = settings.users.event_weight_limit()
         self.vectors: ItemVectors | None = None  # cache, catalog, encoder: where a request's vectors come from
         self._pipeline = RerankPipeline(self)
 
@@ -91,13 +91,13 @@ class RerankService:
         """Load (if needed) and warm the encoder, build caches, then mark ready. Blocking."""
         load_started = time.perf_counter()
         try:
-            encoder = self._encoder if self._encoder is not None else load_encoder(self.settings)
+            encoder = self._encoder if self._encoder is not None else load_encoder(self.settings.model)
             started = time.perf_counter()
-            if self.settings.warmup:
+            if self.settings.model.warmup:
                 encoder.encode(WARMUP_TEXTS)
             log.info("encoder %s warmed in %.0f ms", encoder.version, 1000 * (time.perf_counter() - started))
             scoring.single_threaded_blas()
-            table = arms_module.initial_table(self.settings, encoder.version, encoder.dim)
+            table = arms_module.initial_table(self.settings.ranking, encoder.version, encoder.dim)
         except Exception as exc:
             self.load_error = str(exc)
             raise
@@ -105,21 +105,22 @@ class RerankService:
         self._encoder = encoder
         self.learning.set_table(table)
         try:
-            vectors = self.vectors = ItemVectors.open(s, encoder.version, encoder.dim, self.metrics)
+            vectors = self.vectors = ItemVectors.open(s.model, encoder.version, encoder.dim, self.metrics)
         except CatalogError as exc:
             self.load_error = str(exc)
             raise
         self.items, self.catalog = vectors.items, vectors.catalog
-        self.profiles = make_profile_store(s, encoder.dim, self._clock, lookup=vectors.stored)
-        if s.snapshot_path:
+        self.profiles = make_profile_store(s.users, s.redis, encoder.dim, self._clock, lookup=vectors.stored,
+                                           log_salt=s.observability.log_user_salt)
+        if s.users.snapshot_path:
             load_snapshot(
-                s.snapshot_path, items=self.items, profiles=self._local_profiles(), model_version=self.model_version,
-                dim=encoder.dim, now=self._clock(), ttl_seconds=s.user_ttl_seconds,
+                s.users.snapshot_path, items=self.items, profiles=self._local_profiles(), model_version=self.model_version,
+                dim=encoder.dim, now=self._clock(), ttl_seconds=s.users.user_ttl_seconds,
             )
-            if s.snapshot_interval_seconds > 0:
-                self._snapshots = PeriodicSnapshots(self.save_snapshot, s.snapshot_interval_seconds)
+            if s.users.snapshot_interval_seconds > 0:
+                self._snapshots = PeriodicSnapshots(self.save_snapshot, s.users.snapshot_interval_seconds)
                 self._snapshots.start()
-        self._batcher = vectors.start_encoding(encoder, s, self.metrics)
+        self._batcher = vectors.start_encoding(encoder, s.model, self.metrics)
         self._encoding = vectors.encoding  # texts -> item cache, through the batcher
         self.metrics.watch_caches(self._cache_counters)
         self.learning.start(s, encoder.version, encoder.dim)
@@ -153,11 +154,11 @@ class RerankService:
         """Swap in new runtime settings (runtimesettings.py; called on its watcher thread). Changed
         experiment arms get their table first: an unusable new arm head raises and nothing changes."""
         encoder = self._encoder
-        if new.experiment_arms != self.settings.experiment_arms and encoder is not None:
+        if new.ranking.experiment_arms != self.settings.ranking.experiment_arms and encoder is not None:
             self.learning.retarget(new, encoder.version, encoder.dim)
         self.settings = new
         if self.training_log is not None:
-            self.training_log.sample = new.training_log_sample
+            self.training_log.sample = new.learning.training_log_sample
         for listener in self._settings_listeners:
             listener(new)
 
@@ -179,7 +180,7 @@ class RerankService:
             ("head reloader", self.learning.reloader.stop if self.learning.reloader is not None else None),
             ("training log", self.training_log.close if self.training_log is not None else None),
             ("snapshot (the previous snapshot is kept)",
-             self.save_snapshot if was_ready and self.settings.snapshot_path else None),
+             self.save_snapshot if was_ready and self.settings.users.snapshot_path else None),
             ("profile store (with Redis: the replay of events kept during an outage)",
              self.profiles.close if self.profiles is not None else None),
             ("catalog", self.catalog.close if self.catalog is not None else None),
@@ -198,9 +199,9 @@ class RerankService:
 
     def save_snapshot(self) -> SnapshotInfo:
         """Write item vectors and in-process profiles to `snapshot_path` (atomic replace)."""
-        assert self.items is not None and self.settings.snapshot_path
+        assert self.items is not None and self.settings.users.snapshot_path
         return save_snapshot(
-            self.settings.snapshot_path, items=self.items, profiles=self._local_profiles(),
+            self.settings.users.snapshot_path, items=self.items, profiles=self._local_profiles(),
             model_version=self.model_version, dim=self.items.dim,
         )
 

@@ -61,7 +61,7 @@ from reranker.users.redis_store import REDIS_ERRORS, redis_client
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
-    from reranker.config import Settings
+    from reranker.config import Settings, StreamSettings
     from reranker.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,12 @@ class StreamConsumer:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: StreamSettings,
         record: Callable[[Sequence[Event]], RecordResult],
         metrics: Metrics,
         *,
+        limits: EventLimits,
+        redis_url: str = "",
         client: redis.Redis | Any = None,
         sleep: Callable[[float], None] = time.sleep,
         durable: Callable[[], bool] = lambda: True,
@@ -195,8 +197,8 @@ class StreamConsumer:
         self.claim_idle_ms = s.stream_claim_idle_ms
         self.dead_key = s.stream_dead_letter_key
         self.backoff_max_s = s.stream_backoff_max_ms / 1000.0
-        self.limits = EventLimits.from_settings(s)
-        url = s.stream_url or s.redis_url
+        self.limits = limits  # the edge's event checks, shared
+        url = s.stream_url or redis_url
         if client is None:
             if not url:
                 raise ValueError("reranker consume needs stream_url (or redis_url): the Redis holding the stream")
@@ -217,6 +219,14 @@ class StreamConsumer:
         self._parked: dict[str, None] = {}
         self._revisit_at = 0.0
         self._last_error_log: dict[str, float] = {}  # by kind: when an error was last logged
+
+    @classmethod
+    def from_settings(cls, settings: Settings, record: Callable[[Sequence[Event]], RecordResult], metrics: Metrics,
+                      **kwargs: Any) -> StreamConsumer:
+        """The consumer of the stream section, with the edge's event limits (limits and users
+        sections) and redis_url as the stream's Redis where stream_url is empty."""
+        limits = EventLimits.from_settings(settings.limits, settings.users)
+        return cls(settings.stream, record, metrics, limits=limits, redis_url=settings.redis.redis_url, **kwargs)
 
     def ensure_group(self) -> None:
         """Create the group (reading the stream from its start) if it does not exist yet."""
@@ -487,15 +497,16 @@ def consume(settings: Settings) -> int:
     from reranker.metrics import MetricsEndpoint
     from reranker.service import RerankService
 
-    if not settings.redis_url:
+    if not settings.redis.redis_url:
         log.warning("redis_url is empty: events go to this process's in-process profiles, which no server reads")
     service = RerankService(settings)
-    endpoint = MetricsEndpoint(service.metrics, settings.metrics_address) if settings.metrics_address else None
+    metrics_address = settings.observability.metrics_address
+    endpoint = MetricsEndpoint(service.metrics, metrics_address) if metrics_address else None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     service.load()
-    consumer = StreamConsumer(settings, service.record_events, service.metrics, now=service.now,
+    consumer = StreamConsumer.from_settings(settings, service.record_events, service.metrics, now=service.now,
                               durable=lambda: not getattr(service.profiles, "degraded", False))
     try:
         consumer.run(stop)

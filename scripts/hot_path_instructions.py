@@ -59,7 +59,7 @@ def _prepared(form: str, candidates: int, dim: int, edge: str = "none") -> tuple
     service.upsert_items([Item(i, t) for i, t in workload.pool_items()], time_remaining=3600.0)
     service.record_events([Event(f"user-{u}", pool_id((u * 7 + k) % 2000)) for u in range(50) for k in range(5)], time_remaining=3600.0)
     requests = [workload.request(0, i).SerializeToString() for i in range(20)]  # type: ignore[attr-defined]
-    limits = convert.Limits.from_settings(settings)
+    limits = convert.Limits.from_settings(settings.limits, settings.users)
 
     # Versions before them: rerank(may_block=False), and the answer's form in query.options.
     try_cached = getattr(service, "try_cached", None)

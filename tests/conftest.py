@@ -41,7 +41,7 @@ def settings() -> Settings:
 
 @pytest.fixture
 def encoder(settings: Settings) -> Encoder:
-    return FakeEncoder(settings.fake_dim)
+    return FakeEncoder(settings.model.fake_dim)
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def make_server() -> Iterator[ServerFactory]:
         settings: Settings | None = None, encoder: Encoder | None = None, *, wait: bool = True
     ) -> tuple[RunningServer, pb_grpc.RerankerServiceStub]:
         settings = settings or fake_settings()
-        encoder = encoder if encoder is not None else FakeEncoder(settings.fake_dim)
+        encoder = encoder if encoder is not None else FakeEncoder(settings.model.fake_dim)
         running = build_server(settings, RerankService(settings, encoder))
         if wait:
             wait_ready(running)

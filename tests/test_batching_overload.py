@@ -102,7 +102,7 @@ def test_full_queue_raises_overloaded_immediately() -> None:
 
 def _overloaded_server(make_server, policy: str):
     settings = fake_settings(encode_queue_size=2, encode_batch_size=2, encode_max_wait_ms=0.0, overload_policy=policy)
-    running, stub = make_server(settings, SlowEncoder(FakeEncoder(settings.fake_dim), 0.5))
+    running, stub = make_server(settings, SlowEncoder(FakeEncoder(settings.model.fake_dim), 0.5))
     # Occupy the model thread, then fill the queue, straight through the service's batcher.
     batcher = running.service._batcher
     busy = [batcher.submit(["x", "y"])]

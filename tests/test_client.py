@@ -196,7 +196,7 @@ def test_retries_zero_means_one_attempt(unavailable_once: tuple[UnavailableOnce,
 
 def test_slow_sidecar_costs_at_most_the_deadline(make_server: ServerFactory) -> None:
     settings = fake_settings(encode_timeout_ms=10_000.0, min_budget_ms=1.0)
-    running, _ = make_server(settings, SlowEncoder(FakeEncoder(settings.fake_dim), delay_s=0.5))
+    running, _ = make_server(settings, SlowEncoder(FakeEncoder(settings.model.fake_dim), delay_s=0.5))
     with RerankerClient(f"127.0.0.1:{running.port}", timeout_s=0.1, retries=2) as client:
         outcome = client.rerank_or_upstream("u", CANDIDATES)
     assert outcome.item_ids == ["c1", "c2", "c3"] and not outcome.reranked

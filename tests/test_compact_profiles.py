@@ -65,7 +65,7 @@ def config(**overrides: object) -> tuple[Settings, ProfileConfig]:
     base = dict(vector_history_size=5, session_half_life_seconds=300.0, half_life_seconds=3600.0,
                 max_event_ids_per_user=30, consumed_items_per_user=100, recent_events_per_user=50)
     settings = dataclasses.replace(Settings(), **{**base, **overrides})  # type: ignore[arg-type]
-    return settings, ProfileConfig.from_settings(settings, DIM)
+    return settings, ProfileConfig.from_settings(settings.users, DIM)
 
 
 def assert_same_user_model(full: UserState, compact: UserState, settings: Settings, catalog: Catalog) -> None:
@@ -81,12 +81,12 @@ def assert_same_user_model(full: UserState, compact: UserState, settings: Settin
     for got, want in zip(compact.consumed.lookup(keys), full.consumed.lookup(keys)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
     assert (compact.consumed.repeats, compact.consumed.events) == (full.consumed.repeats, full.consumed.events)
-    u_full, u_compact = user_vector(full, settings), user_vector(compact, settings)
+    u_full, u_compact = user_vector(full, settings.users), user_vector(compact, settings.users)
     np.testing.assert_allclose(u_compact, u_full, atol=1e-5)
     ids = list(catalog.vectors)
     vectors, found = catalog(ids)
-    want = candidate_history(full, settings, ids, vectors, found, u_full).cosine(vectors, u_full)
-    got = candidate_history(compact, settings, ids, vectors, found, u_compact).cosine(vectors, u_compact)
+    want = candidate_history(full, settings.users, ids, vectors, found, u_full).cosine(vectors, u_full)
+    got = candidate_history(compact, settings.users, ids, vectors, found, u_compact).cosine(vectors, u_compact)
     np.testing.assert_allclose(got, want, atol=1e-5)  # leave-one-out similarities too
 
 
@@ -142,7 +142,7 @@ def test_a_history_item_whose_vector_is_gone_simply_stops_counting() -> None:
                   for k, i in enumerate(["i1", "i2", "i3", "i4"]) if i != "i2")
     np.testing.assert_allclose(after.session, without, atol=1e-9)  # the session is as if i2 never happened
     np.testing.assert_array_equal(after.long_term, before.long_term)  # L keeps what was folded
-    u = user_vector(after, settings)
+    u = user_vector(after, settings.users)
     assert u is not None and np.isfinite(u).all()
     # Still consumed (the id is kept), with no share of the session it no longer counts in.
     counts, _, _, session_mass = after.consumed.lookup(item_keys(["i2"]))
@@ -178,12 +178,12 @@ def test_profile_bytes_at_20_events_stay_under_4_kb_at_the_default_dimension() -
         return np.stack([vectors[i] for i in ids]), np.ones(len(ids), bool)
 
     settings = Settings()
-    store = CompactProfileStore(ProfileConfig.from_settings(settings, 384), lookup, max_users=10, ttl_seconds=1e12)
+    store = CompactProfileStore(ProfileConfig.from_settings(settings.users, 384), lookup, max_users=10, ttl_seconds=1e12)
     for k in range(20):
         store.apply([(Event("user-1", f"item-{k}", EventType.CLICK, 1.7e9 + 30 * k, f"event-{k}"),
                       vectors[f"item-{k}"])], 1.7e9 + 30 * k)
     assert store.held_bytes("user-1") < 4096
-    full = InProcessProfileStore(ProfileConfig.from_settings(settings, 384), max_users=10, ttl_seconds=1e12)
+    full = InProcessProfileStore(ProfileConfig.from_settings(settings.users, 384), max_users=10, ttl_seconds=1e12)
     for k in range(20):
         full.apply([(Event("user-1", f"item-{k}", EventType.CLICK, 1.7e9 + 30 * k, f"event-{k}"),
                      vectors[f"item-{k}"])], 1.7e9 + 30 * k)
@@ -266,8 +266,8 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def redis_store(url: str, catalog: Catalog, settings: Settings) -> CompactRedisProfileStore:
-    store = make_profile_store(dataclasses.replace(settings, redis_url=url, profile_layout="compact"), DIM,
-                               lookup=catalog)
+    settings = dataclasses.replace(settings, redis_url=url, profile_layout="compact")
+    store = make_profile_store(settings.users, settings.redis, DIM, lookup=catalog)
     assert isinstance(store, CompactRedisProfileStore)
     return store
 

@@ -87,7 +87,7 @@ def test_candidate_history_gives_the_user_vector_without_the_candidate() -> None
     enc = FakeEncoder(16)
     items = ["a", "b", "c", "d"]
     vec = dict(zip(items, enc.encode(items)))
-    store = InProcessProfileStore(ProfileConfig.from_settings(settings, 16), max_users=10, ttl_seconds=1e9)
+    store = InProcessProfileStore(ProfileConfig.from_settings(settings.users, 16), max_users=10, ttl_seconds=1e9)
     history = [("a", 10.0), ("b", 20.0), ("a", 30.0), ("c", 40.0)]
     store.apply([(Event("with", i, EventType.CLICK, t), vec[i]) for i, t in history], now=0.0)
     store.apply([(Event("without", i, EventType.CLICK, t), vec[i]) for i, t in history if i != "a"], now=0.0)
@@ -95,9 +95,9 @@ def test_candidate_history_gives_the_user_vector_without_the_candidate() -> None
     assert with_a is not None and without_a is not None
     cands = ["a", "d"]
     vectors = np.stack([vec[c] for c in cands])
-    seen = candidate_history(with_a, settings, cands, vectors, np.ones(2, bool), user_vector(with_a, settings))
+    seen = candidate_history(with_a, settings.users, cands, vectors, np.ones(2, bool), user_vector(with_a, settings.users))
     assert seen.counts.tolist() == [2, 0] and seen.excluded is not None and seen.excluded.tolist() == [0]
-    reference = user_vector(without_a, settings)
+    reference = user_vector(without_a, settings.users)
     assert reference is not None and seen.user_vectors is not None
     np.testing.assert_allclose(seen.user_vectors[0], reference, atol=1e-5)
     assert seen.own_rows is not None and seen.own_rows[:, 0].tolist() == [True, False, True, False]

@@ -73,7 +73,7 @@ def _reference(model_dir: Path, texts: list[str], pooling: str, instruction: str
 @pytest.mark.parametrize("pooling", ["last_token", "mean", "cls"])
 def test_batched_pooling_matches_one_text_at_a_time(tmp_path: Path, family: str, pooling: str) -> None:
     model_dir = _tiny_model_dir(tmp_path, family)
-    encoder = TransformerEncoder(_settings(model_dir, pooling=pooling))
+    encoder = TransformerEncoder(_settings(model_dir, pooling=pooling).model)
     got = encoder.encode(TEXTS)  # one batch of very different lengths: padding must not leak in
     assert got.shape == (len(TEXTS), 32) and got.dtype == np.float32
     np.testing.assert_allclose(got, _reference(model_dir, TEXTS, pooling), atol=2e-5)
@@ -84,8 +84,8 @@ def test_batched_pooling_matches_one_text_at_a_time(tmp_path: Path, family: str,
 
 def test_item_instruction_is_prefixed_and_changes_the_version(tmp_path: Path) -> None:
     model_dir = _tiny_model_dir(tmp_path, "qwen2")
-    plain = TransformerEncoder(_settings(model_dir, pooling="last_token"))
-    instructed = TransformerEncoder(_settings(model_dir, pooling="last_token", item_instruction=INSTRUCTION))
+    plain = TransformerEncoder(_settings(model_dir, pooling="last_token").model)
+    instructed = TransformerEncoder(_settings(model_dir, pooling="last_token", item_instruction=INSTRUCTION).model)
     np.testing.assert_allclose(
         instructed.encode(TEXTS), _reference(model_dir, TEXTS, "last_token", INSTRUCTION), atol=2e-5
     )
@@ -96,8 +96,8 @@ def test_item_instruction_is_prefixed_and_changes_the_version(tmp_path: Path) ->
 def test_bfloat16_decoder_stays_close_to_float32(tmp_path: Path) -> None:
     # bfloat16 runs on CPU too (CUDA is where it pays); float16 is CUDA-only and falls back here.
     model_dir = _tiny_model_dir(tmp_path, "qwen2")
-    full = TransformerEncoder(_settings(model_dir, pooling="last_token")).encode(TEXTS)
-    half = TransformerEncoder(_settings(model_dir, pooling="last_token", dtype="bfloat16"))
+    full = TransformerEncoder(_settings(model_dir, pooling="last_token").model).encode(TEXTS)
+    half = TransformerEncoder(_settings(model_dir, pooling="last_token", dtype="bfloat16").model)
     assert "/bfloat16/" in half.version
     cosine = (half.encode(TEXTS) * full).sum(axis=1)
     assert cosine.min() > 0.98

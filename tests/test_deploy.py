@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from reranker.config import ENV_PREFIX, Settings
+from reranker.config import ENV_PREFIX, SECTION_OF, Settings
 from reranker.serving.server import SERVICE_NAME
 from reranker.v1 import reranker_pb2 as pb
 from tests.conftest import REPO, ServerFactory, candidate
@@ -229,7 +229,7 @@ def test_the_podmonitor_scrapes_the_sidecar_of_the_pods_it_was_added_to() -> Non
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     ports = {p["name"]: p["containerPort"] for p in sidecar(docs)["ports"]}
     assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
-    assert ports[endpoint["port"]] == port_of(settings_from(docs).metrics_address)
+    assert ports[endpoint["port"]] == port_of(settings_from(docs).observability.metrics_address)
 
 
 def test_the_component_adds_the_sidecar_to_an_existing_app_and_leaves_the_app_alone() -> None:
@@ -246,7 +246,7 @@ def test_the_component_adds_the_sidecar_to_an_existing_app_and_leaves_the_app_al
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["reranker-runtime"]["configMap"]["name"] == runtime_config(docs)["metadata"]["name"]
     app_env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
-    assert app_env["RERANKER_TARGET"] == settings_from(docs).address
+    assert app_env["RERANKER_TARGET"] == settings_from(docs).server.address
 
 
 def test_the_validator_rejects_a_broken_probe() -> None:
@@ -261,22 +261,22 @@ def test_the_validator_rejects_a_broken_probe() -> None:
 def test_configmap_holds_only_real_settings_and_they_are_valid() -> None:
     docs = render("base")
     data = env_config(docs)["data"]
-    fields = {f.name for f in dataclasses.fields(Settings)}
+    fields = set(SECTION_OF)
     unknown = [k for k in data if not (k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in fields)]
     assert unknown == [], f"ConfigMap keys that are no setting (typos are silently ignored): {unknown}"
     settings = settings_from(docs)
-    assert settings.encoder == "transformer" and not settings.kill_switch and settings.device == "cpu"
+    assert settings.model.encoder == "transformer" and not settings.ranking.kill_switch and settings.model.device == "cpu"
     assert sidecar(docs)["envFrom"] == [{"configMapRef": {"name": env_config(docs)["metadata"]["name"]}}]
 
 
 def test_sidecar_api_is_on_loopback_and_the_app_calls_it_there() -> None:
     docs = render("base")
     settings = settings_from(docs)
-    assert settings.address.startswith("127.0.0.1:")
+    assert settings.server.address.startswith("127.0.0.1:")
     app_env = {e["name"]: e["value"] for e in app(docs)["env"]}
-    assert app_env["RERANKER_TARGET"] == settings.address
+    assert app_env["RERANKER_TARGET"] == settings.server.address
     exposed = {p["containerPort"] for p in sidecar(docs)["ports"]}
-    assert port_of(settings.address) not in exposed  # never published outside the pod
+    assert port_of(settings.server.address) not in exposed  # never published outside the pod
 
 
 def test_sidecar_is_a_native_sidecar_with_grpc_probes_on_the_health_listener() -> None:
@@ -284,8 +284,8 @@ def test_sidecar_is_a_native_sidecar_with_grpc_probes_on_the_health_listener() -
     container = sidecar(docs)
     settings = settings_from(docs)
     assert container["restartPolicy"] == "Always"  # native sidecar: up before the app, down after it
-    health_port = port_of(settings.health_address)
-    assert settings.health_address.startswith("0.0.0.0:")  # kubelet probes connect to the pod IP
+    health_port = port_of(settings.server.health_address)
+    assert settings.server.health_address.startswith("0.0.0.0:")  # kubelet probes connect to the pod IP
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == health_port, probe
     assert container["startupProbe"]["grpc"]["service"] == SERVICE_NAME
@@ -293,14 +293,14 @@ def test_sidecar_is_a_native_sidecar_with_grpc_probes_on_the_health_listener() -
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "model load needs time"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc-health": health_port, "metrics": port_of(settings.metrics_address)}
+    assert ports == {"grpc-health": health_port, "metrics": port_of(settings.observability.metrics_address)}
     annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(ports["metrics"])
 
 
 def test_sidecar_drains_within_the_termination_grace_period() -> None:
     docs = render("base")
-    assert settings_from(docs).grace_seconds < pod_spec(docs)["terminationGracePeriodSeconds"]
+    assert settings_from(docs).server.grace_seconds < pod_spec(docs)["terminationGracePeriodSeconds"]
 
 
 def test_sidecar_runs_non_root_on_a_read_only_root_filesystem() -> None:
@@ -325,13 +325,13 @@ def test_memory_limit_covers_the_configured_caches(overlay: str) -> None:
     resources = sidecar(docs)["resources"]
     need = (
         BASE_MIB
-        + s.item_cache_size * ITEM_KIB / 1024
-        + s.user_cache_size * (USER_KIB + RECENT_EVENT_KIB * s.recent_events_per_user) / 1024
-        + s.user_state_cache_size * STATE_KIB / 1024
+        + s.model.item_cache_size * ITEM_KIB / 1024
+        + s.users.user_cache_size * (USER_KIB + RECENT_EVENT_KIB * s.users.recent_events_per_user) / 1024
+        + s.users.user_state_cache_size * STATE_KIB / 1024
     )
     assert mib(resources["limits"]["memory"]) >= need, f"{overlay}: limit below the {need:.0f} MiB the caches can take"
     assert mib(resources["requests"]["memory"]) >= BASE_MIB
-    assert s.torch_threads == int(resources["limits"]["cpu"]), "torch threads should match the CPU limit"
+    assert s.model.torch_threads == int(resources["limits"]["cpu"]), "torch threads should match the CPU limit"
 
 
 def test_pdb_and_service_select_the_pods() -> None:
@@ -354,7 +354,7 @@ def test_bypass_overlay_turns_the_kill_switch_on_for_a_real_server_without_a_rol
     volume = next(v for v in pod_spec(bypass)["volumes"] if v.get("configMap", {}).get("name") == "reranker-runtime")
     mount = next(m for m in sidecar(bypass)["volumeMounts"] if m["name"] == volume["name"])
     assert "subPath" not in mount  # a subPath mount is never updated by the kubelet
-    settings_file = settings_from(base).runtime_settings_file
+    settings_file = settings_from(base).server.runtime_settings_file
     assert settings_file == f"{mount['mountPath']}/runtime.yaml"
     # A real server reading the runtime file the way the pod mounts it: first base's, then bypass's.
     mounted = tmp_path / "runtime.yaml"
@@ -380,6 +380,6 @@ def test_gpu_overlay_asks_for_a_gpu_and_runs_the_cuda_image() -> None:
     assert container["image"].endswith("-gpu")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     settings = settings_from(docs)
-    assert (settings.device, settings.dtype) == ("cuda", "float16")
+    assert (settings.model.device, settings.model.dtype) == ("cuda", "float16")
     assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec(docs)["tolerations"])
     assert container["readinessProbe"] == sidecar(render("base"))["readinessProbe"]  # the patch kept the rest

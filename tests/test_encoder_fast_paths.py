@@ -19,11 +19,11 @@ def titles() -> list[str]:
 
 @pytest.fixture(scope="module")
 def float32_encoder() -> TransformerEncoder:
-    return TransformerEncoder(Settings(torch_threads=2))
+    return TransformerEncoder(Settings(torch_threads=2).model)
 
 
 def test_int8_attention_layers_keep_cosine_above_0_98_on_real_titles(titles, float32_encoder) -> None:
-    int8 = TransformerEncoder(Settings(torch_threads=2, dtype="int8", int8_layers="attention"))
+    int8 = TransformerEncoder(Settings(torch_threads=2, dtype="int8", int8_layers="attention").model)
     assert int8.version.endswith("/int8-attention")
     reference = float32_encoder.encode(titles)
     quantized = int8.encode(titles)
@@ -42,7 +42,7 @@ def test_token_id_path_matches_the_tokenizer_path(titles, float32_encoder) -> No
 
 
 def test_bfloat16_runs_on_cpu_with_float32_fidelity(titles, float32_encoder) -> None:
-    bf16 = TransformerEncoder(Settings(torch_threads=2, dtype="bfloat16"))
+    bf16 = TransformerEncoder(Settings(torch_threads=2, dtype="bfloat16").model)
     assert bf16.version.endswith("/bfloat16")
     sample = titles[:32]
     vectors = bf16.encode(sample)
@@ -52,6 +52,6 @@ def test_bfloat16_runs_on_cpu_with_float32_fidelity(titles, float32_encoder) -> 
 
 
 def test_float16_on_cpu_falls_back_to_float32(caplog) -> None:
-    encoder = TransformerEncoder(Settings(torch_threads=2, dtype="float16"))
+    encoder = TransformerEncoder(Settings(torch_threads=2, dtype="float16").model)
     assert encoder.version.endswith("/float32")
     assert "float16 needs CUDA" in caplog.text

@@ -65,8 +65,8 @@ def hygiene_settings(**overrides: object) -> Settings:
     return fake_settings(fake_dim=DIM, half_life_seconds=3 * DAY, redis_timeout_ms=5000.0, **overrides)
 
 
-W = hygiene_settings().event_weight_limit()  # 6 with the default event weights
-SKEW = hygiene_settings().max_event_skew_seconds
+W = hygiene_settings().users.event_weight_limit()  # 6 with the default event weights
+SKEW = hygiene_settings().users.max_event_skew_seconds
 
 
 class Stack:
@@ -474,11 +474,11 @@ def test_a_snapshot_with_a_future_clock_is_repaired_on_load(tmp_path: Path, capl
     from reranker.users.profiles import ProfileConfig
 
     s = hygiene_settings(snapshot_path=str(tmp_path / "old.npz"), snapshot_interval_seconds=0.0)
-    store = InProcessProfileStore(ProfileConfig.from_settings(s, DIM), max_users=10, ttl_seconds=1e12)
+    store = InProcessProfileStore(ProfileConfig.from_settings(s.users, DIM), max_users=10, ttl_seconds=1e12)
     future_store_state(store, "future")
     before = store.get("future")
     assert before is not None and before.ref_time > 2e11
-    snapshot.save_snapshot(s.snapshot_path, items=None, profiles=store, model_version=FakeEncoder(DIM).version, dim=DIM)
+    snapshot.save_snapshot(s.users.snapshot_path, items=None, profiles=store, model_version=FakeEncoder(DIM).version, dim=DIM)
     with caplog.at_level(logging.WARNING, logger="reranker.users.profiles"):
         running = build_server(s, RerankService(s, FakeEncoder(DIM), clock=lambda: NOW))
         wait_ready(running)
@@ -559,8 +559,8 @@ def test_a_burst_of_events_for_one_user_keeps_its_memory_and_rerank_work_bounded
     for user in ("burst-aaaa", "burst-bbbb"):
         state = service.profiles.get(user, recent=True)
         assert state is not None
-        assert len(state.history) == s.vector_history_size and len(state.recent) == s.recent_events_per_user
-        assert service.profiles._profiles[user].seen.size == s.max_event_ids_per_user  # type: ignore[union-attr]
+        assert len(state.history) == s.users.vector_history_size and len(state.recent) == s.users.recent_events_per_user
+        assert service.profiles._profiles[user].seen.size == s.users.max_event_ids_per_user  # type: ignore[union-attr]
     # Rerank work: the scoring state of both users has the same shape (the history is capped), so a
     # Rerank reads and scores the same amount for either (`reranker bench bursts` times it).
     a, b = service.profiles.get("burst-aaaa", recent=False), service.profiles.get("burst-bbbb", recent=False)

@@ -229,7 +229,7 @@ def test_cancelled_requests_free_their_workers_and_their_queued_work_never_runs(
     fresh = stub.Rerank(_request(prefix="fresh"), timeout=5)
     assert fresh.variant == pb.VARIANT_RERANKED and fresh.encoded == 5
     # No thread per cancelled request: at most the pool's own workers (started lazily) appear.
-    assert threading.active_count() <= threads_before + settings.max_workers
+    assert threading.active_count() <= threads_before + settings.server.max_workers
     assert _health(grpc.insecure_channel(f"127.0.0.1:{running.port}")) == SERVING
 
 

@@ -34,20 +34,20 @@ def test_500_cached_candidates_match_a_reference_ranking(stub, service) -> None:
     assert reply.variant == pb.VARIANT_RERANKED
     assert (reply.cache_hits, reply.encoded, reply.without_vector) == (500, 0, 0)
     # Reference: the same scoring core over vectors computed independently of the cache.
-    vectors = FakeEncoder(service.settings.fake_dim).encode(titles)
+    vectors = FakeEncoder(service.settings.model.fake_dim).encode(titles)
     s = service.settings
     state = service.profiles.get("u")
-    user = user_vector(state, s)
+    user = user_vector(state, s.users)
     has = np.ones(500, bool)
     ids = [f"i{k}" for k in range(500)]
-    seen = candidate_history(state, s, ids, vectors, has, user)  # i0 and i3 were consumed
+    seen = candidate_history(state, s.users, ids, vectors, has, user)  # i0 and i3 were consumed
     semantic = scoring.personal_semantic(
         vectors, has, user, state.history.vectors,
-        usermodel.decayed_weights(state.history, state.ref_time, usermodel.decay_rate(s.half_life_seconds)),
-        attention_weight=s.attention_weight, temperature=s.attention_temperature,
+        usermodel.decayed_weights(state.history, state.ref_time, usermodel.decay_rate(s.users.half_life_seconds)),
+        attention_weight=s.users.attention_weight, temperature=s.users.attention_temperature,
         own_rows=seen.own_rows, cosine=seen.cosine(vectors, user),
     )
-    ranking = scoring.rank(upstream, vectors, has, user, weight=s.blend_weight, semantic=semantic)
+    ranking = scoring.rank(upstream, vectors, has, user, weight=s.ranking.blend_weight, semantic=semantic)
     order, _ = scoring.apply_consumed_policy(ranking.order, seen.consumed, "demote")  # learned, no repeats
     assert reply.consumed_candidates == 2 and {it.item_id for it in reply.items[-2:]} == {"i0", "i3"}
     assert [it.item_id for it in reply.items] == [f"i{k}" for k in order]

@@ -139,7 +139,7 @@ def test_each_arm_gets_its_own_head_and_control_and_bypass_are_unchanged(tmp_pat
         out: dict[str, set[str]] = {}
         for user in users:
             reply = stub.Rerank(pb.RerankRequest(user_id=user, candidates=CANDS))
-            bucket = bucket_of(settings.experiment_salt, user)
+            bucket = bucket_of(settings.ranking.experiment_salt, user)
             expected = "b" if bucket < 4000 else "treatment" if bucket < 8000 else "control"
             assert reply.arm == expected and reply.bucket == bucket
             assert reply.variant == (pb.VARIANT_CONTROL if expected == "control" else pb.VARIANT_RERANKED)
@@ -156,7 +156,7 @@ def test_each_arm_gets_its_own_head_and_control_and_bypass_are_unchanged(tmp_pat
 
 
 def test_arm_settings_are_validated() -> None:
-    assert Settings(experiment_arms="b=10:/x.npz, c=5.5:/y.npz").parsed_experiment_arms() == [
+    assert Settings(experiment_arms="b=10:/x.npz, c=5.5:/y.npz").ranking.parsed_experiment_arms() == [
         ("b", 10.0, "/x.npz"), ("c", 5.5, "/y.npz")
     ]
     for bad, message in [
@@ -171,7 +171,7 @@ def test_arm_names_are_exactly_ascii_letters_digits_underscore_and_hyphen() -> N
     """What the message says, [A-Za-z0-9_-], is what the flag accepts: no other letters or digits."""
     for name in ("_", "-", "a_b", "A-1", "__x--", "Z9"):
         settings = Settings.from_sources([f"--experiment-arms={name}=10:/x.npz"], {})
-        assert settings.parsed_experiment_arms() == [(name, 10.0, "/x.npz")]
+        assert settings.ranking.parsed_experiment_arms() == [(name, 10.0, "/x.npz")]
     for name in ("ä", "١", "a.b", "a/b", "ǅ", "x²", "a\u00a0b"):
         with pytest.raises(ValueError, match=r"must be \[A-Za-z0-9_-\]"):
             Settings.from_sources([f"--experiment-arms={name}=10:/x.npz"], {})
@@ -179,11 +179,11 @@ def test_arm_names_are_exactly_ascii_letters_digits_underscore_and_hyphen() -> N
 
 def test_arm_buckets_follow_the_order_given() -> None:
     settings = Settings(treatment_percent=50.0, experiment_arms="b=10:/b.npz,c=5:/c.npz")
-    table = arms.build_table(settings, "enc", {})
+    table = arms.build_table(settings.ranking, "enc", {})
     assert [(a.name, a.end, a.borrowed) for a in table.arms] == [("b", 1000, True), ("c", 1500, True)]
     assert [table.for_bucket(x).name for x in (0, 999, 1000, 1499, 1500, 4999)] == ["b", "b", "c", "c", "treatment", "treatment"]
     head = make_head()
-    table = arms.build_table(dataclasses.replace(settings, head_path="/a.npz"), "enc", {"c": head})
+    table = arms.build_table(dataclasses.replace(settings.ranking, head_path="/a.npz"), "enc", {"c": head})
     assert table.arms[1].model_version == f"enc+{head.version}" and table.arms[0].model_version == "enc"
     assert table.paths() == {"treatment": "/a.npz", "b": "/b.npz", "c": "/c.npz"} and set(table.heads()) == {"treatment", "c"}
     assert np.isfinite(table.arms[1].head.weights).all()  # type: ignore[union-attr]

@@ -167,7 +167,7 @@ def test_late_work_is_bounded_by_the_queue_yields_to_waiting_callers_and_is_drop
     for i in range(6):
         late = stub.Rerank(_request(f"late{i}-"), timeout=0.5)
         assert (late.variant, late.fallback_reason) == (pb.VARIANT_FALLBACK, pb.FALLBACK_REASON_DEADLINE)
-        assert batcher.pending_texts <= settings.encode_queue_size
+        assert batcher.pending_texts <= settings.model.encode_queue_size
     assert batcher.pending_texts == 10  # late4-, late5-
     # A caller that waits is never refused for late work: it takes the room, and runs first.
     live = stub.Rerank.future(_request("live-"), timeout=30)

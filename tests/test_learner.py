@@ -49,7 +49,7 @@ def _until_decided(learner: Learner, traffic: Traffic, step: int = 300, limit: i
 def _env(settings: Settings) -> dict[str, str]:
     names = ("experiment_arms", "learn_log_root", "learn_history_path", "online_metrics_window_seconds",
              "learn_min_lists", "learn_max_canary_lists", "learn_retrain_lists", "encoder")
-    return {**os.environ, "PYTHONPATH": str(REPO), **{f"RERANKER_{n.upper()}": str(getattr(settings, n)) for n in names}}
+    return {**os.environ, "PYTHONPATH": str(REPO), **{f"RERANKER_{n.upper()}": str(settings.value(n)) for n in names}}
 
 
 def _learn(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -96,14 +96,14 @@ def test_a_better_head_is_promoted_a_worse_one_rolled_back_and_a_tie_left_alone(
     assert online["lists"]["canary"] >= 100 and online["test"].startswith("normal-mixture")
     if expected == "promote":
         assert learner.versions() == (head.version, head.version)  # main serves it, the canary mirrors it
-        assert online["lists"]["canary"] >= settings.learn_min_lists and online["ndcg@10_diff"]["low"] > 0
+        assert online["lists"]["canary"] >= settings.learning.learn_min_lists and online["ndcg@10_diff"]["low"] > 0
     else:
         assert learner.versions() == (None, None)  # main is left alone (zero-shot), the canary withdrawn
         assert not (tmp_path / "heads" / "canary.npz").exists()
     if expected == "withdrawn":
-        assert online["lists"]["canary"] >= settings.learn_max_canary_lists
+        assert online["lists"]["canary"] >= settings.learning.learn_max_canary_lists
         assert online["ndcg@10_diff"]["low"] <= 0 <= online["ndcg@10_diff"]["high"]
-    assert [e["decision"] for e in History(Path(settings.learn_history_path)).entries] == ["canary", expected]
+    assert [e["decision"] for e in History(Path(settings.learning.learn_history_path)).entries] == ["canary", expected]
     assert learner.registry.get_sample_value("reranker_learner_decisions_total", {"decision": expected}) == 1
     status = _learn(settings, "status")
     assert status.returncode == 0 and status.stdout.count("\n") == 3 and f" {expected} " in status.stdout
@@ -135,7 +135,7 @@ def test_history_survives_a_restart_with_a_torn_line_and_lost_entries_are_recove
     learner.tick()
     traffic.serve(500)
     assert learner.tick() is None  # still watching: the canary has fewer than learn_min_lists
-    history = Path(settings.learn_history_path)
+    history = Path(settings.learning.learn_history_path)
     with history.open("ab") as fh:
         fh.write(b'{"decision": "promo')  # what a learner killed while appending leaves
     restarted = Learner(settings)  # a new process would do exactly this
@@ -171,7 +171,7 @@ def test_a_learner_killed_while_publishing_never_gets_half_a_head_served(
     settings = _fleet(tmp_path, learn_interval_seconds=0.05)
     heads = tmp_path / "heads"
     heads.mkdir()
-    running, stub = make_server(fake_settings(experiment_arms=settings.experiment_arms, head_reload_seconds=0.002))
+    running, stub = make_server(fake_settings(experiment_arms=settings.ranking.experiment_arms, head_reload_seconds=0.002))
     big = toy_head(10, dim=64, items=400_000, encoder_version=FakeEncoder.version)  # a file that takes a while to write
     big.save(tmp_path / "big.npz")
     traffic = Traffic(settings, tmp_path / "logs", {None: 0.5}, seed=6)
@@ -189,10 +189,10 @@ def test_a_learner_killed_while_publishing_never_gets_half_a_head_served(
     finally:
         learner.kill()
         learner.wait(30)
-    canary_user = next(u for u in (f"user{j}" for j in range(1000)) if bucket_of(settings.experiment_salt, u) < 2000)
+    canary_user = next(u for u in (f"user{j}" for j in range(1000)) if bucket_of(settings.ranking.experiment_salt, u) < 2000)
     request = pb.RerankRequest(user_id=canary_user, candidates=[candidate("a", 2.0, "x"), candidate("b", 1.0, "y")])
     assert "+" not in stub.Rerank(request).model_version  # still zero-shot
-    assert tmp.exists() and History(Path(settings.learn_history_path)).entries == []
+    assert tmp.exists() and History(Path(settings.learning.learn_history_path)).entries == []
 
     def reload_errors() -> float:
         return running.service.metrics.registry.get_sample_value("reranker_head_reloads_total", {"result": "error"})
@@ -210,7 +210,7 @@ def test_a_learner_killed_while_publishing_never_gets_half_a_head_served(
     done = _learn(settings, "run", "--once", "--candidate", str(tmp_path / "big.npz"))  # the restart
     assert done.returncode == 0, done.stderr[-2000:]
     assert not tmp.exists() and "left by a learner that was killed" in done.stderr
-    assert [e["decision"] for e in History(Path(settings.learn_history_path)).entries] == ["canary"]
+    assert [e["decision"] for e in History(Path(settings.learning.learn_history_path)).entries] == ["canary"]
     _wait(lambda: stub.Rerank(request).model_version.endswith("+" + big.version), timeout=30)
     assert ranking_head.load(heads / "canary.npz").version == big.version
     assert reload_errors() == refused  # the learner never exposed a partial file

@@ -61,13 +61,13 @@ def test_every_sidecar_logs_to_its_own_directory_and_watches_the_heads_the_learn
     pod_name = next(e for e in side["env"] if e["name"] == "POD_NAME")
     assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env.index("POD_NAME") < env.index("RERANKER_TRAINING_LOG_DIR")  # $(POD_NAME) is expanded only then
-    assert PurePosixPath(log_dir) == PurePosixPath(settings.learn_log_root) / "$(POD_NAME)"  # one subdirectory per pod
-    assert PurePosixPath(settings.learn_log_root).is_relative_to(shared)
-    arms = {name: PurePosixPath(path) for name, _, path in settings.parsed_experiment_arms()}
-    assert {settings.learn_main_arm, settings.learn_canary_arm} <= set(arms) and not settings.head_path
+    assert PurePosixPath(log_dir) == PurePosixPath(settings.learning.learn_log_root) / "$(POD_NAME)"  # one subdirectory per pod
+    assert PurePosixPath(settings.learning.learn_log_root).is_relative_to(shared)
+    arms = {name: PurePosixPath(path) for name, _, path in settings.ranking.parsed_experiment_arms()}
+    assert {settings.learning.learn_main_arm, settings.learning.learn_canary_arm} <= set(arms) and not settings.ranking.head_path
     assert all(path.is_relative_to(shared) for path in arms.values())
-    assert PurePosixPath(settings.learn_history_path).is_relative_to(shared)  # survives the learner's restarts
-    assert settings.online_metrics_window_seconds > 0 and settings.head_reload_seconds > 0
+    assert PurePosixPath(settings.learning.learn_history_path).is_relative_to(shared)  # survives the learner's restarts
+    assert settings.learning.online_metrics_window_seconds > 0 and settings.ranking.head_reload_seconds > 0
 
 
 def test_one_learner_at_a_time_running_learn_on_the_sidecars_settings() -> None:
@@ -80,5 +80,5 @@ def test_one_learner_at_a_time_running_learn_on_the_sidecars_settings() -> None:
     assert container["envFrom"] == sidecar(docs)["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     assert container["image"] == sidecar(docs)["image"]  # the same code and model on both sides
     assert container["securityContext"]["readOnlyRootFilesystem"]
-    port = int(_settings(docs).learn_metrics_address.rpartition(":")[2])
+    port = int(_settings(docs).learning.learn_metrics_address.rpartition(":")[2])
     assert [p["containerPort"] for p in container["ports"]] == [port]

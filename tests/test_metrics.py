@@ -36,14 +36,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_default_settings_expose_metrics_on_loopback_and_tests_turn_them_off() -> None:
-    assert Settings().metrics_address == "127.0.0.1:9464"
-    assert fake_settings().metrics_address == ""
+    assert Settings().observability.metrics_address == "127.0.0.1:9464"
+    assert fake_settings().observability.metrics_address == ""
 
 
 def test_scrape_after_real_traffic_reports_the_documented_series(make_server: ServerFactory) -> None:
     # Warm-up and the RecordEvents batch succeed; every later encoder batch fails.
     settings = fake_settings(metrics_address="127.0.0.1:0", min_budget_ms=2000.0)
-    running, stub = make_server(settings, FailingEncoder(FakeEncoder(settings.fake_dim), ok_batches=2))
+    running, stub = make_server(settings, FailingEncoder(FakeEncoder(settings.model.fake_dim), ok_batches=2))
     assert running.metrics_port > 0
 
     stub.RecordEvents(pb.RecordEventsRequest(events=[

@@ -28,8 +28,13 @@ def events(at: float, *pairs: tuple[str, str], kind: EventType = EventType.CLICK
     return EventsRecord(at, tuple(Event(u, i, kind, at) for u, i in pairs))
 
 
+def online_metrics(**overrides: object) -> OnlineMetrics:
+    s = fake_settings(**overrides)
+    return OnlineMetrics(s.learning, event_weights=s.users.parsed_event_weights())
+
+
 def test_hits_and_ndcg_by_hand_per_arm() -> None:
-    online = OnlineMetrics(fake_settings(online_metrics_window_seconds=60, online_metrics_k=3))
+    online = online_metrics(online_metrics_window_seconds=60, online_metrics_k=3)
     online(served(0, "a", ["x", "y", "z", "w"]))
     online(served(1, "b", ["x", "y", "z", "w"]))
     online(served(2, "c", ["x", "y", "z", "w"], arm="control", variant=Variant.CONTROL))
@@ -44,7 +49,7 @@ def test_hits_and_ndcg_by_hand_per_arm() -> None:
 
 
 def test_window_expiry_negative_events_and_the_memory_bound() -> None:
-    online = OnlineMetrics(fake_settings(online_metrics_window_seconds=10, online_metrics_max_lists=2))
+    online = online_metrics(online_metrics_window_seconds=10, online_metrics_max_lists=2)
     online(served(0, "a", ["x"]))
     online(events(1, ("a", "x"), kind=EventType.DISLIKE))  # negative feedback is not a target
     online(events(20, ("a", "x")))  # too late: the list expired
@@ -90,7 +95,7 @@ def test_the_server_exposes_per_arm_online_metrics(tmp_path: Path, make_server: 
 
 # --- cold users: the reranked variant in the upstream order, counted apart --------------------------------
 def test_cold_users_are_counted_apart_from_personalized_ones_per_arm() -> None:
-    online = OnlineMetrics(fake_settings(online_metrics_window_seconds=60, online_metrics_k=3))
+    online = online_metrics(online_metrics_window_seconds=60, online_metrics_k=3)
 
     def cold(record: ServedRecord) -> ServedRecord:
         return ServedRecord(record.served_at, record.query, dataclasses.replace(record.result, cold_user=True))

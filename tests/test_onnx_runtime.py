@@ -29,11 +29,11 @@ def titles() -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(titles: list[str]) -> np.ndarray:
-    return TransformerEncoder(Settings(torch_threads=2)).encode(titles)
+    return TransformerEncoder(Settings(torch_threads=2).model).encode(titles)
 
 
 def _onnx(cache_dir: Path, dtype: str) -> object:
-    return load_encoder(Settings(runtime="onnx", dtype=dtype, onnx_cache_dir=str(cache_dir), torch_threads=2))
+    return load_encoder(Settings(runtime="onnx", dtype=dtype, onnx_cache_dir=str(cache_dir), torch_threads=2).model)
 
 
 def test_float32_onnx_matches_torch_and_is_cached(cache_dir: Path, titles: list[str], reference: np.ndarray) -> None:
@@ -61,7 +61,7 @@ def test_a_server_on_the_onnx_runtime_personalizes(make_server, cache_dir: Path)
     settings = fake_settings(
         encoder="transformer", runtime="onnx", dtype="int8", onnx_cache_dir=str(cache_dir), blend_weight=1.0,
     )
-    running, stub = make_server(settings, encoder=load_encoder(settings))
+    running, stub = make_server(settings, encoder=load_encoder(settings.model))
     stub.RecordEvents(pb.RecordEventsRequest(events=[
         event("u", "h1", "Star Wars: space battles and starships"),
         event("u", "h2", "Alien invasion of a distant planet, science fiction"),

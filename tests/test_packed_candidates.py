@@ -47,7 +47,7 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, pb_grp
         ("blend", fake_settings()),
         ("head", dataclasses.replace(fake_settings(), head_path=str(head_path))),
     ):
-        running = build_server(settings, RerankService(settings, FakeEncoder(settings.fake_dim)))
+        running = build_server(settings, RerankService(settings, FakeEncoder(settings.model.fake_dim)))
         wait_ready(running)
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         stub = pb_grpc.RerankerServiceStub(channel)

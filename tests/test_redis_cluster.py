@@ -52,7 +52,8 @@ def layout_store(url: str, layout: str, **overrides: object) -> RedisProfileStor
         n = len(item_ids)  # type: ignore[arg-type]
         return np.tile(WRITER_VECTOR, (n, 1)), np.ones(n, dtype=bool)
 
-    store = make_profile_store(fake_settings(redis_url=url, profile_layout="compact", **overrides), 8, lookup=lookup)
+    s = fake_settings(redis_url=url, profile_layout="compact", **overrides)
+    store = make_profile_store(s.users, s.redis, 8, lookup=lookup)
     assert isinstance(store, RedisProfileStore) and store.layout == "compact"  # type: ignore[attr-defined]
     return store
 
@@ -72,7 +73,7 @@ def test_the_url_scheme_selects_the_cluster_client(cluster: RedisClusterServer) 
     _, shared = cluster_store(cluster)
     assert isinstance(shared._writer, redis.RedisCluster) and shared.ping()
     shared.close()
-    with pytest.raises(ValueError, match="redis_url must start with"):
+    with pytest.raises(ValueError, match="redis_url must be a URL starting with"):
         fake_settings(redis_url="cluster://127.0.0.1:1").validate()
 
 
@@ -273,11 +274,11 @@ def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: Redis
                              stream_dead_letter_key="")
     service = RerankService(settings)
     service.load()
-    consumer = StreamConsumer(settings, service.record_events, service.metrics)
+    consumer = StreamConsumer.from_settings(settings, service.record_events, service.metrics)
     assert isinstance(consumer.client, redis.RedisCluster)
     consumer.ensure_group()
     for i in range(60):
-        consumer.client.xadd(settings.stream_key, {"user_id": f"s{i % 12}", "item_id": f"it{i}", "text": f"words {i}"})
+        consumer.client.xadd(settings.stream.stream_key, {"user_id": f"s{i % 12}", "item_id": f"it{i}", "text": f"words {i}"})
     while consumer.poll_once():
         pass
     assert consumer.stats.applied == 60 and consumer.lag() == (0, 0)

@@ -44,8 +44,8 @@ def redis_url(redis_server: RedisServer) -> str:
 
 def stores(url: str, **overrides: object) -> tuple[InProcessProfileStore, RedisProfileStore]:
     settings = fake_settings(redis_url=url, **overrides)
-    local = make_profile_store(dataclass_replace(settings, redis_url=""), 8)
-    shared = make_profile_store(settings, 8)
+    local = make_profile_store(settings.users, dataclass_replace(settings.redis, redis_url=""), 8)
+    shared = make_profile_store(settings.users, settings.redis, 8)
     assert isinstance(local, InProcessProfileStore) and isinstance(shared, RedisProfileStore)
     return local, shared
 
@@ -118,7 +118,7 @@ def test_concurrent_replicas_updating_one_user_lose_no_event(redis_url: str) -> 
         t.join()
     state = replicas[0].get("hot")
     assert state is not None and state.event_count == 160
-    rate = np.log(2) / fake_settings().half_life_seconds
+    rate = np.log(2) / fake_settings().users.half_life_seconds
     expected = 4 * sum(np.exp(-rate * (39 - i)) for i in range(40)) * vector.astype(np.float64)
     np.testing.assert_allclose(state.long_term, expected, rtol=1e-9)
     for r in replicas:
@@ -245,7 +245,7 @@ def test_snapshot_with_redis_keeps_item_vectors_only(redis_url: str, tmp_path, m
 
 
 def test_profile_config_weight_rules() -> None:
-    config = ProfileConfig.from_settings(fake_settings(), FakeEncoder(8).dim)
+    config = ProfileConfig.from_settings(fake_settings().users, FakeEncoder(8).dim)
     assert config.weight_of(Event("u", "i", EventType.DISLIKE)) == -1.5
     assert config.weight_of(Event("u", "i", EventType.DISLIKE, weight=0.25)) == 0.25
     assert config.weight_of(Event("u", "i", EventType.UNSPECIFIED)) == 1.0

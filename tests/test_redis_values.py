@@ -209,8 +209,8 @@ def test_a_redis_error_that_is_not_a_users_value_still_fails_over(client: redis.
     """Redis out of memory replies with an error per script, like a bad value would: the store reads the
     user's keys, finds them fine, and fails over to its fallback for everyone (then replays), as for
     an outage; nothing is dropped."""
-    store = make_profile_store(fake_settings(redis_url=redis_server.url, redis_timeout_ms=2000.0,
-                                             redis_retry_seconds=0.0), 8)
+    s = fake_settings(redis_url=redis_server.url, redis_timeout_ms=2000.0, redis_retry_seconds=0.0)
+    store = make_profile_store(s.users, s.redis, 8)
     assert isinstance(store, RedisProfileStore)
     vector = np.ones(8, np.float32) / np.sqrt(8)
     store.apply([(Event(u, "i1", EventType.CLICK, T0, f"{u}-1"), vector) for u in (VICTIM, "other")], T0)
@@ -223,7 +223,7 @@ def test_a_redis_error_that_is_not_a_users_value_still_fails_over(client: redis.
     store.apply([(Event("other", "i3", EventType.CLICK, T0 + 2, "other-3"), vector)], T0)
     store.close()  # waits for the replay
     assert not store.degraded and client.exists(store.keys(VICTIM)[0])
-    fresh = make_profile_store(fake_settings(redis_url=redis_server.url), 8)
+    fresh = make_profile_store(s.users, s.redis, 8)
     assert fresh.get(VICTIM).event_count == 2  # type: ignore[union-attr]
 
 
@@ -280,8 +280,8 @@ def test_every_truncation_and_byte_flip_of_a_compact_profile_is_that_users_probl
     catalog = Catalog()
     settings, _ = config(vector_history_size=3, max_event_ids_per_user=6, redis_timeout_ms=5000.0,
                          redis_write_timeout_ms=5000.0)
-    store = make_profile_store(dataclasses.replace(settings, redis_url=redis_server.url, profile_layout="compact"),
-                               DIM, lookup=catalog)
+    settings = dataclasses.replace(settings, redis_url=redis_server.url, profile_layout="compact")
+    store = make_profile_store(settings.users, settings.redis, DIM, lookup=catalog)
     assert isinstance(store, CompactRedisProfileStore)
     # A profile with every section: rows with ids of several UTF-8 lengths, a session tail, a consumed tail.
     wide = {f"i{k}": f"i{k}" + ("", "-\u00e9", "-\u65e5\u672c", "-\U0001f3b9")[k % 4] for k in range(8)}
@@ -304,7 +304,7 @@ def test_every_truncation_and_byte_flip_of_a_compact_profile_is_that_users_probl
         assert result.accepted == 2 and not store.degraded, (name, store.last_error)
         state = store.get(VICTIM)
         assert state is not None and _finite_state(state), name
-        assert user_vector(state, settings) is not None and np.isfinite(user_vector(state, settings)).all(), name
+        assert user_vector(state, settings.users) is not None and np.isfinite(user_vector(state, settings.users)).all(), name
         if state.event_count == 1:  # it started over: it was counted
             assert store.unreadable > before, name
     assert store.get("bystander").event_count == bystander_events  # type: ignore[union-attr]

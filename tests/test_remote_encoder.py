@@ -93,7 +93,7 @@ def test_vectors_are_the_servers_l2_normalized_and_the_version_names_model_and_s
     mini.api_key = "s3cret"
     key_file = tmp_path / "key"
     key_file.write_text("s3cret\n")
-    encoder = RemoteEncoder(remote_settings(mini.url, encoder_api_key_file=str(key_file)))
+    encoder = RemoteEncoder(remote_settings(mini.url, encoder_api_key_file=str(key_file)).model)
     try:
         assert (encoder.dim, encoder.version) == (DIM, "remote:fake-model/64d")
         texts = ["the godfather", "toy story", "a much longer title about space and time", "alien"]
@@ -110,7 +110,7 @@ def test_vectors_are_the_servers_l2_normalized_and_the_version_names_model_and_s
 
 
 def test_answers_out_of_order_are_put_back_in_input_order(mini: MiniEmbeddingServer) -> None:
-    encoder = RemoteEncoder(remote_settings(mini.url))
+    encoder = RemoteEncoder(remote_settings(mini.url).model)
     mini.mode = "reversed"
     texts = ["one", "two", "three"]
     np.testing.assert_allclose(encoder.encode(texts), l2_normalize(FakeEncoder(DIM).encode(texts)), atol=1e-6)
@@ -118,7 +118,7 @@ def test_answers_out_of_order_are_put_back_in_input_order(mini: MiniEmbeddingSer
 
 
 def test_item_instruction_is_sent_and_changes_the_version(mini: MiniEmbeddingServer) -> None:
-    encoder = RemoteEncoder(remote_settings(mini.url, item_instruction="passage: "))
+    encoder = RemoteEncoder(remote_settings(mini.url, item_instruction="passage: ").model)
     encoder.encode(["alien"])
     assert mini.requests[-1]["input"] == ["passage: alien"]
     assert encoder.version.startswith("remote:fake-model/64d/instruction-")
@@ -139,7 +139,7 @@ def test_item_instruction_is_sent_and_changes_the_version(mini: MiniEmbeddingSer
 def test_unusable_answers_raise_the_error_that_names_them(
     mini: MiniEmbeddingServer, mode: str, error: type[Exception], message: str
 ) -> None:
-    encoder = RemoteEncoder(remote_settings(mini.url))
+    encoder = RemoteEncoder(remote_settings(mini.url).model)
     mini.mode = mode
     with pytest.raises(error, match=message):
         encoder.encode(["one", "two", "three"])
@@ -148,7 +148,7 @@ def test_unusable_answers_raise_the_error_that_names_them(
 
 def test_after_an_unreachable_server_batches_fail_at_once_until_the_retry_interval(mini: MiniEmbeddingServer) -> None:
     now = [100.0]
-    encoder = RemoteEncoder(remote_settings(mini.url, encoder_retry_seconds=5.0), clock=lambda: now[0])
+    encoder = RemoteEncoder(remote_settings(mini.url, encoder_retry_seconds=5.0).model, clock=lambda: now[0])
     mini.mode = "500"
     with pytest.raises(EncoderUnavailable, match="HTTP 500"):
         encoder.encode(["a"])
@@ -166,24 +166,24 @@ def test_after_an_unreachable_server_batches_fail_at_once_until_the_retry_interv
 def test_a_refused_request_at_start_fails_the_load_at_once(mini: MiniEmbeddingServer) -> None:
     started = time.monotonic()
     with pytest.raises(EncoderFailed, match=r"refused the request, HTTP 404.*not found"):
-        RemoteEncoder(remote_settings(mini.url, encoder_model="no-such-model", encoder_wait_seconds=0.0))
+        RemoteEncoder(remote_settings(mini.url, encoder_model="no-such-model", encoder_wait_seconds=0.0).model)
     assert time.monotonic() - started < 2.0, "a wrong model name is not waited out"
     mini.api_key = "right"
     with pytest.raises(EncoderFailed, match="HTTP 401"):
-        RemoteEncoder(remote_settings(mini.url))
+        RemoteEncoder(remote_settings(mini.url).model)
 
 
 def test_the_load_waits_for_the_server_up_to_encoder_wait_seconds() -> None:
     port = MiniEmbeddingServer().port  # nothing listens there
     started = time.monotonic()
     with pytest.raises(EncoderFailed, match=r"did not answer within 1 s \(\d+ tries\)"):
-        RemoteEncoder(remote_settings(f"http://127.0.0.1:{port}", encoder_wait_seconds=1.0))
+        RemoteEncoder(remote_settings(f"http://127.0.0.1:{port}", encoder_wait_seconds=1.0).model)
     assert 1.0 <= time.monotonic() - started < 3.0
 
 
 def test_missing_api_key_file_fails_the_load(mini: MiniEmbeddingServer, tmp_path: Path) -> None:
     with pytest.raises(EncoderFailed, match="cannot read encoder_api_key_file"):
-        RemoteEncoder(remote_settings(mini.url, encoder_api_key_file=str(tmp_path / "absent")))
+        RemoteEncoder(remote_settings(mini.url, encoder_api_key_file=str(tmp_path / "absent")).model)
 
 
 def test_url_forms() -> None:
@@ -204,7 +204,8 @@ def test_remote_settings_are_checked() -> None:
         ["--encoder", "remote", "--encoder-url", "http://tei:80", "--encoder-model", "bge"],
         env={"RERANKER_ENCODER_API_KEY_FILE": "/secrets/key"},
     )
-    assert (parsed.encoder, parsed.encoder_url, parsed.encoder_model, parsed.encoder_api_key_file) == (
+    m = parsed.model
+    assert (m.encoder, m.encoder_url, m.encoder_model, m.encoder_api_key_file) == (
         "remote", "http://tei:80", "bge", "/secrets/key"
     )
 
@@ -391,10 +392,10 @@ def test_real_server_vectors_match_the_local_encoder(infinity: InfinityServer) -
         ("Shanghai Triad", 1995), ("Twelve Monkeys", 1995), ("Babe", 1995), ("Dead Man Walking", 1995),
         ("Richard III", 1995), ("Seven", 1995), ("The Usual Suspects", 1995), ("Mighty Aphrodite", 1995),
     ]] + ["a", "space opera with robots and a desert planet " * 3]
-    remote = RemoteEncoder(_infinity_settings(infinity))
+    remote = RemoteEncoder(_infinity_settings(infinity).model)
     try:
         assert (remote.dim, remote.version) == (384, "remote:all-MiniLM-L6-v2/384d")
-        local = TransformerEncoder(dataclasses.replace(fake_settings(), encoder="transformer", torch_threads=1))
+        local = TransformerEncoder(dataclasses.replace(fake_settings(), encoder="transformer", torch_threads=1).model)
         cosines = np.sum(remote.encode(texts) * local.encode(texts), axis=1)
         assert cosines.min() > 0.999, cosines
     finally:

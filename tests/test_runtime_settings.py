@@ -185,7 +185,7 @@ def test_blend_consumed_policy_and_log_sampling_follow_the_file(tmp_path: Path, 
                               "training_log_sample": 0.25, "diversity": 0.1}))
     assert service.runtime_settings is not None and service.runtime_settings.check()
     assert order() == ["c2", "c1"]  # similarity alone; the consumed c3 dropped
-    assert service.settings.diversity == 0.1
+    assert service.settings.ranking.diversity == 0.1
     assert service.training_log is not None and service.training_log.sample == 0.25
 
 

@@ -34,7 +34,7 @@ class Server:
     """One server process-worth of state; stop() runs the shutdown path (final snapshot)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.running: RunningServer = build_server(settings, RerankService(settings, FakeEncoder(settings.fake_dim)))
+        self.running: RunningServer = build_server(settings, RerankService(settings, FakeEncoder(settings.model.fake_dim)))
         wait_ready(self.running)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
         self.stub = pb_grpc.RerankerServiceStub(self.channel)
@@ -108,7 +108,7 @@ def test_periodic_snapshots_are_written_while_serving(tmp_path: Path, servers: l
 
 def saved_service(path: Path, *events: Event, clock: float | None = None) -> RerankService:
     settings = fake_settings(snapshot_path=str(path), snapshot_interval_seconds=0)
-    service = RerankService(settings, FakeEncoder(settings.fake_dim), **({"clock": lambda: clock} if clock else {}))
+    service = RerankService(settings, FakeEncoder(settings.model.fake_dim), **({"clock": lambda: clock} if clock else {}))
     service.load()
     service.record_events(events)
     service.save_snapshot()
@@ -117,7 +117,7 @@ def saved_service(path: Path, *events: Event, clock: float | None = None) -> Rer
 
 def loaded_service(path: Path, clock: float | None = None, **overrides: object) -> RerankService:
     settings = fake_settings(snapshot_path=str(path), snapshot_interval_seconds=0, **overrides)
-    service = RerankService(settings, FakeEncoder(settings.fake_dim), **({"clock": lambda: clock} if clock else {}))
+    service = RerankService(settings, FakeEncoder(settings.model.fake_dim), **({"clock": lambda: clock} if clock else {}))
     service.load()
     return service
 
@@ -217,7 +217,7 @@ def test_an_unusable_snapshot_is_ignored_and_the_server_starts_empty(tmp_path: P
 
 def test_profiles_that_expired_while_down_are_not_restored(tmp_path: Path) -> None:
     path = tmp_path / "state.npz"
-    ttl = fake_settings().user_ttl_seconds
+    ttl = fake_settings().users.user_ttl_seconds
     saved_service(path, Event("old", "i1", text="apples", timestamp=1000.0), clock=1000.0).close()
     assert loaded_service(path, clock=1000.0 + ttl - 1).user_profile("old").found
     assert not loaded_service(path, clock=1000.0 + ttl + 1).user_profile("old").found
@@ -245,7 +245,7 @@ def test_a_snapshot_written_before_the_session_sum_was_kept_rebuilds_it(tmp_path
     from reranker.users.profiles import InProcessProfileStore, ProfileConfig
 
     settings = fake_settings(fake_dim=8)
-    config = ProfileConfig.from_settings(settings, 8)
+    config = ProfileConfig.from_settings(settings.users, 8)
     store = InProcessProfileStore(config, max_users=10, ttl_seconds=1e12)
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((6, 8)).astype(np.float32)

@@ -71,7 +71,7 @@ def test_events_from_the_stream_reach_the_shared_profiles_and_are_acknowledged(
     redis_server: RedisServer, redis_url: str
 ) -> None:
     service = loaded_service(redis_url)
-    consumer = StreamConsumer(settings(redis_url), service.record_events, service.metrics)
+    consumer = StreamConsumer.from_settings(settings(redis_url), service.record_events, service.metrics)
     consumer.ensure_group()
     push(redis_server, 120)
     drain(consumer)
@@ -92,7 +92,7 @@ def test_events_from_the_stream_reach_the_shared_profiles_and_are_acknowledged(
 
 def test_lag_counts_entries_not_yet_delivered(redis_server: RedisServer, redis_url: str) -> None:
     service = loaded_service(redis_url)
-    consumer = StreamConsumer(settings(redis_url, stream_batch_size=30), service.record_events, service.metrics)
+    consumer = StreamConsumer.from_settings(settings(redis_url, stream_batch_size=30), service.record_events, service.metrics)
     consumer.ensure_group()
     push(redis_server, 100)
     consumer.poll_once()
@@ -114,7 +114,7 @@ def test_a_crash_between_write_and_ack_redelivers_and_nothing_counts_twice(
         service.record_events(events)
         raise ProcessDied("the process died before XACK")
 
-    crashing = StreamConsumer(settings(redis_url), write_then_crash, Metrics())
+    crashing = StreamConsumer.from_settings(settings(redis_url), write_then_crash, Metrics())
     crashing.ensure_group()
     push(redis_server, 50)
     with pytest.raises(ProcessDied):
@@ -123,7 +123,7 @@ def test_a_crash_between_write_and_ack_redelivers_and_nothing_counts_twice(
     assert crashing.lag() == (0, 50)  # delivered, not acknowledged
     # The same consumer restarted reads its pending entries again: they are duplicates by event id
     # (the stream entry id stands in for the missing event_id field).
-    restarted = StreamConsumer(settings(redis_url), service.record_events, service.metrics)
+    restarted = StreamConsumer.from_settings(settings(redis_url), service.record_events, service.metrics)
     drain(restarted)
     assert restarted.stats.duplicates == 50 and restarted.stats.applied == 0
     assert counts(service) == [10] * 5 and restarted.lag() == (0, 0)
@@ -140,13 +140,13 @@ def test_another_consumer_takes_over_entries_left_pending_by_a_dead_one(
     def crash(events: Sequence[Event]) -> RecordResult:
         raise ProcessDied("died before writing")
 
-    dead = StreamConsumer(settings(redis_url), crash, Metrics())
+    dead = StreamConsumer.from_settings(settings(redis_url), crash, Metrics())
     dead.ensure_group()
     push(redis_server, 40)
     with pytest.raises(ProcessDied):
         dead.poll_once()
     time.sleep(0.06)
-    survivor = StreamConsumer(settings(redis_url, stream_consumer="c2", stream_claim_idle_ms=50),
+    survivor = StreamConsumer.from_settings(settings(redis_url, stream_consumer="c2", stream_claim_idle_ms=50),
                               service.record_events, service.metrics)
     drain(survivor)
     assert survivor.stats.applied == 40 and counts(service) == [8] * 5 and survivor.lag() == (0, 0)
@@ -170,7 +170,7 @@ def test_an_overloaded_encoder_holds_the_batch_unacknowledged_and_backs_off(
             raise Overloaded("encoder queue is full")
         return service.record_events(events)
 
-    consumer = StreamConsumer(settings(redis_url, stream_backoff_max_ms=40), overloaded_at_first, service.metrics,
+    consumer = StreamConsumer.from_settings(settings(redis_url, stream_backoff_max_ms=40), overloaded_at_first, service.metrics,
                               sleep=waits.append)
     consumer.ensure_group()
     push(redis_server, 30)
@@ -187,7 +187,7 @@ def test_unusable_entries_go_to_the_dead_letter_stream_and_the_rest_is_applied(
     redis_server: RedisServer, redis_url: str
 ) -> None:
     service = loaded_service(redis_url)
-    consumer = StreamConsumer(settings(redis_url), service.record_events, service.metrics)
+    consumer = StreamConsumer.from_settings(settings(redis_url), service.record_events, service.metrics)
     consumer.ensure_group()
     push(redis_server, 10)
     client = redis_server.client()
@@ -238,14 +238,14 @@ def test_reranker_consume_runs_as_a_process_and_stops_on_sigterm(redis_server: R
 
 def test_a_consumer_needs_a_redis(redis_url: str) -> None:
     with pytest.raises(ValueError, match="stream_url"):
-        StreamConsumer(fake_settings(), lambda events: RecordResult(), Metrics())
+        StreamConsumer.from_settings(fake_settings(), lambda events: RecordResult(), Metrics())
 
 
 def test_stop_while_backing_off_leaves_the_batch_pending(redis_server: RedisServer, redis_url: str) -> None:
     def always_overloaded(events: Sequence[Event]) -> RecordResult:
         raise Overloaded("full")
 
-    consumer = StreamConsumer(settings(redis_url), always_overloaded, Metrics())
+    consumer = StreamConsumer.from_settings(settings(redis_url), always_overloaded, Metrics())
     consumer.ensure_group()
     push(redis_server, 5)
     stop = threading.Event()
@@ -271,7 +271,7 @@ def test_nothing_is_acknowledged_while_the_profile_store_is_degraded(redis_serve
         return degraded["left"] < 0
 
     pending_while_degraded: list[int] = []
-    consumer = StreamConsumer(settings(redis_url), service.record_events, service.metrics, sleep=waits.append,
+    consumer = StreamConsumer.from_settings(settings(redis_url), service.record_events, service.metrics, sleep=waits.append,
                               durable=durable)
     consumer.ensure_group()
     push(redis_server, 20)
@@ -296,7 +296,7 @@ def test_one_users_failing_write_is_dead_lettered_and_not_waited_on(redis_server
             raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
         return service.record_events(events)
 
-    consumer = StreamConsumer(settings(redis_url), wrong_type_for_the_victim, service.metrics, sleep=waits.append)
+    consumer = StreamConsumer.from_settings(settings(redis_url), wrong_type_for_the_victim, service.metrics, sleep=waits.append)
     consumer.ensure_group()
     push(redis_server, 10)
     client = redis_server.client()
@@ -329,7 +329,7 @@ def test_a_profile_redis_that_refuses_every_write_is_waited_out(redis_server: Re
             raise failures.pop(0)
         return service.record_events(events)
 
-    consumer = StreamConsumer(settings(redis_url), store_refuses_at_first, service.metrics, sleep=waits.append)
+    consumer = StreamConsumer.from_settings(settings(redis_url), store_refuses_at_first, service.metrics, sleep=waits.append)
     consumer.ensure_group()
     push(redis_server, 15)
     drain(consumer)
@@ -364,10 +364,10 @@ def test_the_consumer_refuses_exactly_what_the_edge_refuses_with_the_same_messag
     s = fake_settings()
     fields = {"user_id": "u", "item_id": "i", "type": "2", "timestamp": str(int(NOW) - 5), "text": "t", **change}
     with pytest.raises(InvalidRequest) as at_edge:
-        convert.event_from_pb(edge_event(fields), "events[0]", convert.Limits.from_settings(s), now=NOW)
+        convert.event_from_pb(edge_event(fields), "events[0]", convert.Limits.from_settings(s.limits, s.users), now=NOW)
     with pytest.raises(InvalidRequest) as in_stream:
         event_from_entry(KEY, "1-0", {k.encode(): v.encode() for k, v in fields.items()},
-                         EventLimits.from_settings(s), NOW)
+                         EventLimits.from_settings(s.limits, s.users), NOW)
     assert str(at_edge.value) == "events[0]." + str(in_stream.value)
     assert type(at_edge.value) is type(in_stream.value)
 
@@ -376,7 +376,7 @@ def test_the_consumer_accepts_what_the_edge_accepts_at_the_limits() -> None:
     s = fake_settings()
     fields = {"user_id": "u" * 256, "item_id": "i" * 256, "event_id": "e" * 256, "text": "t" * 4000,
               "weight": "-6", "type": "7", "timestamp": str(int(NOW + 3600))}
-    at_edge = convert.event_from_pb(edge_event(fields), "events[0]", convert.Limits.from_settings(s), now=NOW)
+    at_edge = convert.event_from_pb(edge_event(fields), "events[0]", convert.Limits.from_settings(s.limits, s.users), now=NOW)
     in_stream = event_from_entry(KEY, "1-0", {k.encode(): v.encode() for k, v in fields.items()},
-                                 EventLimits.from_settings(s), NOW)
+                                 EventLimits.from_settings(s.limits, s.users), NOW)
     assert in_stream == at_edge

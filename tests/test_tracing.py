@@ -28,10 +28,10 @@ def _hide_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_tracing_is_off_by_default_and_needs_no_packages(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().otel_enabled is False
+    assert Settings().observability.otel_enabled is False
     _hide_opentelemetry(monkeypatch)
     settings = fake_settings()
-    running = build_server(settings, RerankService(settings, FakeEncoder(settings.fake_dim)))
+    running = build_server(settings, RerankService(settings, FakeEncoder(settings.model.fake_dim)))
     try:
         wait_ready(running)
         assert running.tracer_provider is None
@@ -43,7 +43,7 @@ def test_enabled_without_the_packages_fails_with_a_clear_message(monkeypatch: py
     _hide_opentelemetry(monkeypatch)
     settings = fake_settings(otel_enabled=True)
     with pytest.raises(RuntimeError, match=r"pip install 'reranker\[otel\]'"):
-        build_server(settings, RerankService(settings, FakeEncoder(settings.fake_dim)))
+        build_server(settings, RerankService(settings, FakeEncoder(settings.model.fake_dim)))
 
 
 def test_enabled_tracing_records_a_span_per_rpc(make_server: ServerFactory) -> None:
@@ -54,8 +54,8 @@ def test_enabled_tracing_records_a_span_per_rpc(make_server: ServerFactory) -> N
 
     settings = fake_settings(otel_enabled=True, otel_service_name="reranker-test")
     exporter = InMemorySpanExporter()
-    provider = build_tracer_provider(settings, exporter=exporter)
-    running = build_server(settings, RerankService(settings, FakeEncoder(settings.fake_dim)), tracer_provider=provider)
+    provider = build_tracer_provider(settings.observability, exporter=exporter)
+    running = build_server(settings, RerankService(settings, FakeEncoder(settings.model.fake_dim)), tracer_provider=provider)
     try:
         wait_ready(running)
         import grpc
@@ -87,7 +87,7 @@ def test_otlp_exporter_is_built_from_settings_when_enabled() -> None:
     from reranker.serving.tracing import build_tracer_provider, shutdown
 
     settings = fake_settings(otel_enabled=True, otel_endpoint="http://127.0.0.1:4317")
-    provider = build_tracer_provider(settings)
+    provider = build_tracer_provider(settings.observability)
     processors = provider._active_span_processor._span_processors  # noqa: SLF001 - no public accessor
     assert type(processors[0]).__name__ == "BatchSpanProcessor"
     assert type(processors[0].span_exporter).__name__ == "OTLPSpanExporter"
@@ -151,7 +151,7 @@ def traced_reranks(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], calls: 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     s = fake_settings(otel_enabled=True, **settings)
-    running = build_server(s, RerankService(s, FakeEncoder(s.fake_dim)))
+    running = build_server(s, RerankService(s, FakeEncoder(s.model.fake_dim)))
     try:
         wait_ready(running)
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:

@@ -145,7 +145,7 @@ def test_files_rotate_by_size_and_age_and_old_ones_are_pruned(tmp_path: Path) ->
 def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
     gate = threading.Event()
     settings = fake_settings(training_log_dir=str(tmp_path), training_log_queue_size=4, training_log_flush_seconds=0.05)
-    writer = TrainingLog(settings, sinks=[lambda _record: gate.wait(10)])
+    writer = TrainingLog(settings.learning, sinks=[lambda _record: gate.wait(10)])
     started = time.perf_counter()
     for i in range(50):
         writer.served(_record(i).query, _record(i).result)
@@ -179,7 +179,7 @@ from reranker.learning.traininglog import TrainingLog
 from reranker.types import Event, EventType
 settings = Settings(encoder="fake", training_log_dir=sys.argv[1], training_log_flush_seconds=0.1,
                     training_log_max_file_bytes=20_000)
-writer = TrainingLog(settings)
+writer = TrainingLog(settings.learning)
 seq = 0
 while True:
     writer.events([Event(f"user-{seq}", f"item-{seq}", EventType.CLICK, 1000.0 + seq) for seq in range(seq, seq + 50)])

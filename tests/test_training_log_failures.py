@@ -177,7 +177,7 @@ def test_a_failing_directory_is_retried_after_the_retry_interval(tmp_path: Path)
     directory.write_text("in the way")
     clock = Clock()
     settings = dataclasses.replace(fake_settings(), training_log_flush_seconds=0.01, training_log_retry_seconds=30.0)
-    log = TrainingLog(settings, directory=str(directory), clock=clock)
+    log = TrainingLog(settings.learning, directory=str(directory), clock=clock)
     try:
         log.events([Event("u", "a", EventType.CLICK, 1.0)])
         _events_written(log, 1)
@@ -202,7 +202,7 @@ from conftest import fake_settings
 from reranker.learning.traininglog import TrainingLog, read_training_log
 from reranker.types import Event, EventType
 settings = dataclasses.replace(fake_settings(), training_log_flush_seconds=3600.0)
-log = TrainingLog(settings, directory=sys.argv[1])
+log = TrainingLog(settings.learning, directory=sys.argv[1])
 log.events([Event("u", f"item-{i}", EventType.CLICK, float(i)) for i in range(1000)])
 log.close()  # the only flush: it meets the full disk
 print(log.written["events"], log.dropped["events"], len(read_training_log(sys.argv[1]).events))
@@ -226,7 +226,7 @@ def test_a_failing_sink_is_logged_once_per_interval_and_the_records_are_still_wr
 
     settings = dataclasses.replace(fake_settings(), training_log_flush_seconds=0.01)
     with caplog.at_level("ERROR", logger="reranker.learning.traininglog"):
-        log = TrainingLog(settings, directory=str(tmp_path), sinks=[broken])
+        log = TrainingLog(settings.learning, directory=str(tmp_path), sinks=[broken])
         for i in range(100):
             log.events([Event("u", f"item-{i}", EventType.CLICK, float(i + 1))])
         log.close()

@@ -181,8 +181,8 @@ def test_tls_settings_must_come_in_pairs() -> None:
 
 
 def test_default_bind_address_is_loopback() -> None:
-    assert is_loopback(Settings().address)
-    assert is_loopback(Settings.from_sources([], {}).address)
+    assert is_loopback(Settings().server.address)
+    assert is_loopback(Settings.from_sources([], {}).server.address)
     assert is_loopback("[::1]:50051") and is_loopback("localhost:1")
     assert not is_loopback("0.0.0.0:50051") and not is_loopback("[::]:50051") and not is_loopback("10.0.0.5:1")
 

@@ -229,4 +229,4 @@ def test_user_model_settings_are_validated() -> None:
                 {"event_weights": "click=inf"}):
         with pytest.raises(ValueError):
             fake_settings(**bad)
-    assert math.isclose(fake_settings().session_mix, 0.5)
+    assert math.isclose(fake_settings().users.session_mix, 0.5)

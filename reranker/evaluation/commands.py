@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reranker.config import Settings, settings_parser
+from reranker.config import Settings, flat_fields, settings_parser
 
 
 def add_commands(commands: Any) -> None:
@@ -108,7 +108,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     base = Settings.from_sources([], os.environ)
     flags = {
         f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Settings)
+        for f in flat_fields()
         if f.name != "address" and getattr(args, f.name, None) is not None
     }
     return dataclasses.replace(base, **flags)
@@ -132,7 +132,7 @@ def _retriever_names(args: argparse.Namespace) -> tuple[str, ...]:
 
 def _common(args: argparse.Namespace) -> tuple[Settings, tuple[str, ...], tuple[int, ...]]:
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.observability.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = _retriever_names(args)
     counts = tuple(int(n) for n in args.num_candidates.split(",") if n.strip())
     if not counts or min(counts) <= 0:
@@ -214,7 +214,7 @@ def _train(args: argparse.Namespace, _argv: Any) -> int:
         return 2
     cfg = train.TrainConfig(
         retrievers=names, num_candidates=counts[0], sampled_negatives=args.negatives,
-        adapter_epochs=args.adapter_epochs, seed=args.seed, threads=settings.torch_threads or 1,
+        adapter_epochs=args.adapter_epochs, seed=args.seed, threads=settings.model.torch_threads or 1,
         neighbours=args.neighbours, include_seen=args.include_seen is not False, blend_users=args.blend_users,
     )
     items = formats.read_items(args.items)

@@ -53,9 +53,9 @@ class OfflineScorer:
         self._index = {item: j for j, item in enumerate(catalog)}
         self._vectors = np.asarray(vectors, dtype=np.float32)
         self._store = InProcessProfileStore(
-            ProfileConfig.from_settings(settings, self._vectors.shape[1]),
+            ProfileConfig.from_settings(settings.users, self._vectors.shape[1]),
             max_users=max(1, 2 * len(histories)),
-            ttl_seconds=settings.user_ttl_seconds,
+            ttl_seconds=settings.users.user_ttl_seconds,
         )
         self._store.apply(
             [(Event(user, e.item_id, EventType[e.event_type.upper()], e.timestamp), self._vector(e.item_id))
@@ -71,16 +71,16 @@ class OfflineScorer:
         """The head's order of one list; the upstream order for a cold user (as the server does)."""
         ids = [r.item_id for r in rows]
         state = self._store.get(user_id)
-        user_vector = profiles.user_vector(state, self._settings)
+        user_vector = profiles.user_vector(state, self._settings.users)
         if state is None or user_vector is None or not ids:
             return ids
         candidates, has_vector = gather_vectors(ids, self._index, self._vectors)
-        seen = profiles.candidate_history(state, self._settings, ids, candidates, has_vector, user_vector)
+        seen = profiles.candidate_history(state, self._settings.users, ids, candidates, has_vector, user_vector)
         ranking = self._head.rank(
             ids, np.array([r.score for r in rows], dtype=np.float64), candidates, has_vector, user_vector,
             profiles.positive_history(state), profiles.positive_history_ids(state),
-            diversity=self._settings.diversity, mmr_window=self._settings.mmr_window,
+            diversity=self._settings.ranking.diversity, mmr_window=self._settings.ranking.mmr_window,
             seen=profiles.on_liked_rows(seen, state),
         )
-        order, _ = scoring.apply_consumed_policy(ranking.order, seen.consumed, self._settings.consumed_policy)
+        order, _ = scoring.apply_consumed_policy(ranking.order, seen.consumed, self._settings.ranking.consumed_policy)
         return [ids[j] for j in order.tolist()]

@@ -250,16 +250,16 @@ def run(cfg: EvalConfig, settings: Settings, progress: Progress | None = None) -
             "users": len(data.users),
             "k": cfg.k,
             "seed": cfg.seed,
-            "head_path": settings.head_path or None,
-            "encoder": settings.encoder,
-            "blend_weight": settings.blend_weight,
-            "consumed_policy": settings.consumed_policy,
+            "head_path": settings.ranking.head_path or None,
+            "encoder": settings.model.encoder,
+            "blend_weight": settings.ranking.blend_weight,
+            "consumed_policy": settings.ranking.consumed_policy,
         },
         "results": {},
     }
     with connect(cfg, settings) as (stub, where):
         report["server"] = {"address": where}
-        report["loaded"] = load_server_state(stub, data, settings.max_text_chars, progress)
+        report["loaded"] = load_server_state(stub, data, settings.limits.max_text_chars, progress)
         for list_set in data.list_sets:
             report["results"][list_set.name] = evaluate_list_set(stub, data, list_set, cfg, progress)
     versions = {r["model_version"] for r in report["results"].values()}

@@ -601,9 +601,9 @@ def train(
     t = time.perf_counter()
     blend_users = _blend_users(history, cfg)
     store = InProcessProfileStore(
-        ProfileConfig.from_settings(settings, encoder.dim),
+        ProfileConfig.from_settings(settings.users, encoder.dim),
         max_users=max(1, len(blend_users) * 2 * cuts + len(served.timelines)),
-        ttl_seconds=settings.user_ttl_seconds,
+        ttl_seconds=settings.users.user_ttl_seconds,
     )
     provisional = _provisional_head(adapter, hists.train_hist, encoder, cfg)
     lists = _TrainingLists(settings, store, provisional, index, vectors)

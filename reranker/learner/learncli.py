@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from reranker.config import Settings, settings_parser
+from reranker.config import Settings, flat_fields, settings_parser
 
 
 def add_command(commands: Any) -> None:
@@ -39,7 +39,7 @@ def add_command(commands: Any) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     base = Settings.from_sources([], os.environ)
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
+    flags = {f.name: getattr(args, f.name) for f in flat_fields()
              if f.name != "address" and getattr(args, f.name, None) is not None}
     return dataclasses.replace(base, **flags)
 
@@ -50,7 +50,7 @@ def _learn(args: argparse.Namespace, _argv: Any) -> int:
     except ValueError as exc:
         print(f"reranker learn: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.observability.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.action == "status":
         return _status(settings, args.json)
     if args.action == "bench":
@@ -60,7 +60,7 @@ def _learn(args: argparse.Namespace, _argv: Any) -> int:
         if any(k not in bench.KINDS for k in kinds) or args.runs < 1:
             print(f"reranker learn bench: --kinds from {', '.join(bench.KINDS)}, --runs >= 1", file=sys.stderr)
             return 2
-        given = {name: getattr(settings, name) for name in _given(args) if name.startswith("learn_")}
+        given = {name: settings.value(name) for name in _given(args) if name.startswith("learn_")}
         report = bench.run(kinds, args.runs, quality=args.quality, look=args.look, max_lists=args.max_lists, **given)
         print(json.dumps(report, indent=2))
         return 0
@@ -68,14 +68,14 @@ def _learn(args: argparse.Namespace, _argv: Any) -> int:
 
 
 def _given(args: argparse.Namespace) -> set[str]:
-    return {f.name for f in dataclasses.fields(Settings) if getattr(args, f.name, None) is not None}
+    return {f.name for f in flat_fields() if getattr(args, f.name, None) is not None}
 
 
 def _status(settings: Settings, as_json: bool) -> int:
     from reranker.learner.learner import status_lines
     from reranker.learning.publishing import History
 
-    path = Path(settings.learn_history_path)
+    path = Path(settings.learning.learn_history_path)
     if not path.exists():
         print(f"reranker learn status: no history at {path} (the learner has not decided anything yet)")
         return 0
@@ -100,10 +100,10 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"reranker learn: {exc}", file=sys.stderr)
         return 2
-    if settings.learn_metrics_address:
+    if settings.learning.learn_metrics_address:
         from prometheus_client import start_http_server
 
-        host, _, port = settings.learn_metrics_address.rpartition(":")
+        host, _, port = settings.learning.learn_metrics_address.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0", registry=learner.registry)
     if args.once:
         entry = learner.tick()

@@ -84,22 +84,22 @@ class Learner:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        arms = {name: Path(path) for name, _, path in settings.parsed_experiment_arms()}
-        missing = [a for a in (settings.learn_main_arm, settings.learn_canary_arm) if a not in arms]
-        if missing or settings.learn_main_arm == settings.learn_canary_arm:
+        arms = {name: Path(path) for name, _, path in settings.ranking.parsed_experiment_arms()}
+        missing = [a for a in (settings.learning.learn_main_arm, settings.learning.learn_canary_arm) if a not in arms]
+        if missing or settings.learning.learn_main_arm == settings.learning.learn_canary_arm:
             raise ValueError(f"learn: experiment_arms must name the main and canary arms ({', '.join(missing)} missing)")
-        if settings.head_path:
+        if settings.ranking.head_path:
             raise ValueError("learn: head_path must be empty: the rest of treatment is the zero-shot floor")
-        if not settings.learn_log_root:
+        if not settings.learning.learn_log_root:
             raise ValueError("learn: learn_log_root (the sidecars' training logs) is required")
         self.settings = settings
-        self.k = settings.online_metrics_k
-        self.window = settings.online_metrics_window_seconds or 3600.0
-        weights = settings.parsed_event_weights()
+        self.k = settings.learning.online_metrics_k
+        self.window = settings.learning.online_metrics_window_seconds or 3600.0
+        weights = settings.users.parsed_event_weights()
         self.positive = {name for name, w in weights.items() if w > 0} | ({"click"} if "click" not in weights else set())
-        self.main = publishing.HeadFile(arms[settings.learn_main_arm])
-        self.canary = publishing.HeadFile(arms[settings.learn_canary_arm])
-        self.source = LogSource(settings.learn_log_root, self.k)
+        self.main = publishing.HeadFile(arms[settings.learning.learn_main_arm])
+        self.canary = publishing.HeadFile(arms[settings.learning.learn_canary_arm])
+        self.source = LogSource(settings.learning.learn_log_root, self.k)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = LearnerMetrics(self.registry)
         self._trainer = trainer
@@ -108,7 +108,7 @@ class Learner:
         for directory in {self.main.path.parent, self.canary.path.parent}:
             for path in publishing.remove_stale_tmp(directory):
                 log.warning("learner: deleted %s, left by a learner that was killed while publishing", path)
-        self.history = publishing.History(Path(settings.learn_history_path))
+        self.history = publishing.History(Path(settings.learning.learn_history_path))
         self.reconcile()
 
     # --- state -------------------------------------------------------------------------------------
@@ -191,10 +191,10 @@ class Learner:
         for metric in ("ndcg", "hit"):
             ref = baseline if len(baseline) >= BURN_IN else a + b
             level = sum(getattr(o, metric) for o in ref) / len(ref) if ref else 0.0
-            tau = max(s.learn_effect * level, 1e-3)
+            tau = max(s.learning.learn_effect * level, 1e-3)
             out[metric] = confseq.compare(
                 confseq.Moments.of([getattr(o, metric) for o in a]), confseq.Moments.of([getattr(o, metric) for o in b]),
-                tau=tau, alpha=s.learn_alpha,
+                tau=tau, alpha=s.learning.learn_alpha,
             )
         return out
 
@@ -206,13 +206,13 @@ class Learner:
             f"ndcg@{k}": {names[0]: round(ndcg.mean_a, 5), names[1]: round(ndcg.mean_b, 5)},
             f"hits@{k}": {names[0]: round(hit.mean_a, 5), names[1]: round(hit.mean_b, 5)},
             f"ndcg@{k}_diff": ndcg.as_dict(), f"hits@{k}_diff": hit.as_dict(),
-            "alpha": self.settings.learn_alpha, "test": "normal-mixture confidence sequence (mSPRT)",
+            "alpha": self.settings.learning.learn_alpha, "test": "normal-mixture confidence sequence (mSPRT)",
         }
 
     def _floor(self, outcomes: Sequence[Outcome], main_v: str | None, canary_v: str | None) -> dict[str, Any] | None:
         if main_v is None:
             return None
-        served = self._arm(outcomes, self.settings.learn_main_arm, main_v)
+        served = self._arm(outcomes, self.settings.learning.learn_main_arm, main_v)
         if not served:
             return None
         since = served[0].served_at
@@ -234,12 +234,12 @@ class Learner:
 
     def _online(self, outcomes: Sequence[Outcome], main_v: str | None, canary_v: str) -> dict[str, Any] | None:
         s = self.settings
-        canary = self._arm(outcomes, s.learn_canary_arm, canary_v)
+        canary = self._arm(outcomes, s.learning.learn_canary_arm, canary_v)
         if not canary:
             return None  # the sidecars have not reloaded it yet, or no traffic
         since = canary[0].served_at
-        main = self._arm(outcomes, s.learn_main_arm, main_v, since)
-        before = [o for o in self._arm(outcomes, s.learn_main_arm, main_v) if o.served_at < since]
+        main = self._arm(outcomes, s.learning.learn_main_arm, main_v, since)
+        before = [o for o in self._arm(outcomes, s.learning.learn_main_arm, main_v) if o.served_at < since]
         for role, values in (("canary", canary), ("main", main)):
             self.metrics.ndcg.labels(role=role).set(_mean(values))
             self.metrics.lists.labels(role=role).set(len(values))
@@ -253,11 +253,11 @@ class Learner:
             which = f"NDCG@{self.k}" if ndcg.loss else f"hits@{self.k}"
             return self._record("rollback", f"the canary is worse than main on {which} (always-valid interval below 0)",
                                 canary_v, main_v, None, online=online)
-        if ndcg.gain and min(len(canary), len(main)) >= s.learn_min_lists:
+        if ndcg.gain and min(len(canary), len(main)) >= s.learning.learn_min_lists:
             publishing.publish_copy(self.canary.path, self.main.path)
             return self._record("promote", f"the canary beats main on NDCG@{self.k} (interval above 0) and is not "
                                 f"worse on hits@{self.k}", canary_v, canary_v, None, online=online)
-        if len(canary) >= s.learn_max_canary_lists:
+        if len(canary) >= s.learning.learn_max_canary_lists:
             self._mirror_main(main_v)
             return self._record("withdrawn", f"no difference after {len(canary)} judged canary lists (a tie): main "
                                 "is left alone", canary_v, main_v, None, online=online)
@@ -274,13 +274,13 @@ class Learner:
         last = self._last("canary", "rejected")
         after = last["window"]["stop"] if last is not None and last.get("window") else -math.inf
         new = sum(1 for x in self.source.lists if x.served_at > after)
-        return new >= self.settings.learn_retrain_lists
+        return new >= self.settings.learning.learn_retrain_lists
 
     def _train_and_gate(self, main_v: str | None) -> dict[str, Any]:
         s = self.settings
         started = time.perf_counter()
-        lists = self.source.lists[-s.learn_window_lists :]
-        held = max(1, math.ceil(len(lists) * s.learn_holdout_percent / 100.0))
+        lists = self.source.lists[-s.learning.learn_window_lists :]
+        held = max(1, math.ceil(len(lists) * s.learning.learn_holdout_percent / 100.0))
         start, split, stop = lists[0].served_at, lists[-held].served_at, lists[-1].served_at
         window = {"start": start, "split": split, "stop": stop, "lists": len(lists), "held_out": held,
                   "log_files": self.source.file_count, "pods": len(self.source.directories())}
@@ -321,14 +321,14 @@ class Learner:
         if not hasattr(self, "_cached_encoder"):
             from reranker.model.loader import load_encoder
 
-            self._cached_encoder = offlinegate.CachedEncoder(load_encoder(self.settings))
+            self._cached_encoder = offlinegate.CachedEncoder(load_encoder(self.settings.model))
         return self._cached_encoder
 
     def _items(self) -> dict[str, str]:
         if not hasattr(self, "_catalog"):
-            if not self.settings.learn_items:
+            if not self.settings.learning.learn_items:
                 raise ValueError("learn: learn_items (items.tsv) is required to train")
-            self._catalog = formats.read_items(Path(self.settings.learn_items))
+            self._catalog = formats.read_items(Path(self.settings.learning.learn_items))
         return self._catalog
 
     def _train(self, events: Sequence[formats.Interaction], lists: Sequence[formats.ServedList]) -> ranking_head.RankingHead:
@@ -337,10 +337,10 @@ class Learner:
 
         from reranker.evaluation import train
 
-        cfg = train.TrainConfig(retrievers=(), threads=self.settings.torch_threads or 1)
+        cfg = train.TrainConfig(retrievers=(), threads=self.settings.model.torch_threads or 1)
         with threadpool_limits(1, "blas"):
             head, report = train.train(self._items(), events, self.settings, cfg, encoder=self._encoder(),
-                                       data_id=f"training log {self.settings.learn_log_root}", served_lists=lists)
+                                       data_id=f"training log {self.settings.learning.learn_log_root}", served_lists=lists)
         log.info("learner: trained %s on %d served lists (%s)", head.version, len(lists), report.get("served_lists"))
         return head
 
@@ -350,8 +350,8 @@ class Learner:
             try:
                 self.tick()
             except Exception:  # one bad look (a log file, a training error) never ends the learner
-                log.exception("learner: this look failed; the next one is in %.0f s", self.settings.learn_interval_seconds)
-            sleep(self.settings.learn_interval_seconds)
+                log.exception("learner: this look failed; the next one is in %.0f s", self.settings.learning.learn_interval_seconds)
+            sleep(self.settings.learning.learn_interval_seconds)
 
 
 def _mean(outcomes: Sequence[Outcome]) -> float:

@@ -87,7 +87,7 @@ def gate_settings(settings: Settings, head_path: str, users: int) -> Settings:
         settings, head_path=head_path, experiment_arms="", treatment_percent=100.0, kill_switch=False,
         training_log_dir="", online_metrics_window_seconds=0.0, redis_url="", stream_url="", snapshot_path="",
         catalog_path="", metrics_address="", health_address="", warmup=False,
-        user_cache_size=max(settings.user_cache_size, 2 * users + 16),
+        user_cache_size=max(settings.users.user_cache_size, 2 * users + 16),
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from reranker.config import Settings
+from reranker.config import RankingSettings, Settings
 from reranker.learning.onlinemetrics import OnlineMetrics
 from reranker.learning.traininglog import TrainingLog
 from reranker.metrics import Metrics
@@ -42,14 +42,16 @@ class LiveLearning:
         registry = self._metrics.registry
         assert self.table is not None
         if self.table.paths():
-            self._start_reloader(settings, model_version, dim)
-        if settings.online_metrics_window_seconds > 0:
-            self.online_metrics = OnlineMetrics(settings, registry)
-        if settings.training_log_dir or self.online_metrics is not None:
+            self._start_reloader(settings.ranking, model_version, dim)
+        learning = settings.learning
+        if learning.online_metrics_window_seconds > 0:
+            self.online_metrics = OnlineMetrics(learning, registry, event_weights=settings.users.parsed_event_weights())
+        if learning.training_log_dir or self.online_metrics is not None:
             sinks = [self.online_metrics] if self.online_metrics is not None else []
-            self.training_log = TrainingLog(settings, registry, sinks=sinks, clock=self._clock)
+            self.training_log = TrainingLog(learning, registry, user_salt=settings.observability.log_user_salt,
+                                            sinks=sinks, clock=self._clock)
 
-    def _start_reloader(self, settings: Settings, model_version: str, dim: int) -> None:
+    def _start_reloader(self, settings: RankingSettings, model_version: str, dim: int) -> None:
         self.reloader = HeadReloader(
             settings, model_version, dim, lambda: self.table, self.swap_table,  # type: ignore[arg-type,return-value]
             self._metrics.registry,
@@ -62,11 +64,11 @@ class LiveLearning:
         if self.table is None:
             return
         if self.reloader is not None:
-            self.reloader.retarget(new)
+            self.reloader.retarget(new.ranking)
             return
-        self.swap_table(arms.rebuild_table(new, model_version, dim, self.table))
+        self.swap_table(arms.rebuild_table(new.ranking, model_version, dim, self.table))
         if self.table.paths():
-            self._start_reloader(new, model_version, dim)
+            self._start_reloader(new.ranking, model_version, dim)
 
     def reload_heads(self) -> bool:
         """Reload every head file now (SIGHUP); True when a new head was swapped in."""

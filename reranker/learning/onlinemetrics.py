@@ -38,7 +38,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from reranker.config import Settings
+from reranker.config import LearningSettings
 from reranker.learning.traininglog import EventsRecord, ServedRecord
 from reranker.types import UPSTREAM, EventType, Variant, order_of
 
@@ -76,12 +76,13 @@ class ArmStats:
 class OnlineMetrics(Collector):
     """The join (fed by `__call__`, a training-log sink) and its Prometheus collector."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, settings: LearningSettings, registry: CollectorRegistry | None = None, *,
+                 event_weights: Mapping[str, float]) -> None:
+        """`event_weights`: the users section's parsed_event_weights(); a positive weight marks a hit."""
         self.window = settings.online_metrics_window_seconds
         self.k = settings.online_metrics_k
         self.max_lists = settings.online_metrics_max_lists
-        weights = settings.parsed_event_weights()
-        self._positive = {t for t in EventType if weights.get(t.name.lower(), 0.0) > 0}
+        self._positive = {t for t in EventType if event_weights.get(t.name.lower(), 0.0) > 0}
         self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
         self._by_user: dict[str, list[int]] = {}
         self._seq = 0

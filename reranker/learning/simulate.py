@@ -59,12 +59,12 @@ class Traffic:
     ) -> None:
         self.settings = settings
         self.quality = dict(quality)
-        self.k = settings.online_metrics_k
+        self.k = settings.learning.online_metrics_k
         self.list_size = max(list_size, self.k + 1)
         self.rng = random.Random(seed)
         self.users = [f"user{j}" for j in range(users)]
         self.now, self.step = start, step
-        self.heads = {name: publishing.HeadFile(Path(path)) for name, _, path in settings.parsed_experiment_arms()}
+        self.heads = {name: publishing.HeadFile(Path(path)) for name, _, path in settings.ranking.parsed_experiment_arms()}
         self.served = 0
         common = dict(max_bytes=1 << 20, max_seconds=1e12)
         self.pods = [
@@ -75,7 +75,7 @@ class Traffic:
 
     def _table(self) -> arms_module.ArmTable:
         heads = {name: f.head() for name, f in self.heads.items()}
-        return arms_module.build_table(self.settings, ENCODER_VERSION, {n: h for n, h in heads.items() if h is not None})
+        return arms_module.build_table(self.settings.ranking, ENCODER_VERSION, {n: h for n, h in heads.items() if h is not None})
 
     def serve(self, lists: int) -> None:
         """`lists` more lists and their events, flushed to the files at the end (a sidecar flushes every second)."""
@@ -83,7 +83,7 @@ class Traffic:
         rng, k, size = self.rng, self.k, self.list_size
         for _ in range(lists):
             user = rng.choice(self.users)
-            arm = table.for_bucket(bucket_of(self.settings.experiment_salt, user))
+            arm = table.for_bucket(bucket_of(self.settings.ranking.experiment_salt, user))
             version = arm.head.version if arm.head is not None else None
             items = [f"i{j}" for j in rng.sample(range(1000), size)]
             self.now += self.step

@@ -63,7 +63,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from reranker.ranking import scoring
-from reranker.config import Settings
+from reranker.config import LearningSettings
 from reranker.records import EVENT_TYPES, CandidateRow, FormatError, Interaction, ServedList
 from reranker.userhash import user_hash
 from reranker.types import CandidateColumns, Event, EventType, RankedItems, RerankQuery, RerankResult, Variant
@@ -296,7 +296,7 @@ class TrainingLog:
     """
 
     def __init__(
-        self, settings: Settings, registry: CollectorRegistry | None = None, *,
+        self, settings: LearningSettings, registry: CollectorRegistry | None = None, *, user_salt: str = "",
         directory: str | None = None, sinks: Sequence[Callable[[Any], None]] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -305,7 +305,7 @@ class TrainingLog:
         self.queue_size = s.training_log_queue_size
         self.flush_seconds = s.training_log_flush_seconds
         self.retry_seconds = s.training_log_retry_seconds
-        self._salt = s.log_user_salt
+        self._salt = user_salt  # the observability section's log_user_salt
         self._clock = clock
         self._sinks = list(sinks)
         self._queue: collections.deque[ServedRecord | EventsRecord] = collections.deque()

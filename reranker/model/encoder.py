@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from reranker.config import Settings
+from reranker.config import ModelSettings
 from reranker.errors import EncoderFailed
 from reranker.vectors import l2_normalize
 
@@ -181,7 +181,7 @@ class TextTokenizer:
         return input_ids, mask
 
 
-def encoder_version(name: str, model_dir: Path, runtime_dtype: str, settings: Settings) -> str:
+def encoder_version(name: str, model_dir: Path, runtime_dtype: str, settings: ModelSettings) -> str:
     """`name@fingerprint/dtype`, plus the pooling when it is not mean and a hash of the item
     instruction when there is one: vectors from different settings never share a cache or a head."""
     version = f"{name}@{model_fingerprint(model_dir)}/{runtime_dtype}"
@@ -192,32 +192,61 @@ def encoder_version(name: str, model_dir: Path, runtime_dtype: str, settings: Se
     return version
 
 
+def _set_torch_threads(torch: Any, settings: ModelSettings) -> None:
+    torch.set_num_threads(settings.torch_threads if settings.torch_threads > 0 else available_cpus())
+    if settings.torch_interop_threads > 0:
+        try:
+            torch.set_num_interop_threads(settings.torch_interop_threads)
+        except RuntimeError:  # only settable once per process, before any parallel work
+            log.debug("torch inter-op threads already fixed at %d", torch.get_num_interop_threads())
+
+
+def _resolve_device(torch: Any, device: str) -> str:
+    """`device` with `auto` resolved, and cuda replaced by cpu where CUDA is not available."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        log.warning("device=cuda configured but CUDA is not available; using cpu")
+        device = "cpu"
+    return device
+
+
+def _in_dtype(torch: Any, model: Any, dtype: str, device_type: str, int8_layers: str) -> tuple[Any, str]:
+    """The model in `dtype` where the device runs it (else float32), and the dtype's version label."""
+    if dtype in ("float16", "bfloat16"):
+        if device_type == "cuda" or dtype == "bfloat16":
+            # bfloat16 also runs on CPU (fast where the CPU has AVX512-BF16 or AMX, emulated elsewhere).
+            return model.to(getattr(torch, dtype)), dtype
+        log.warning("dtype=float16 needs CUDA; using float32 on cpu (bfloat16 works on cpu)")
+        return model, "float32"
+    if dtype == "int8":
+        if device_type != "cpu":
+            log.warning("dtype=int8 is a CPU path; using float32 on cuda")
+            return model, "float32"
+        layers = int8_layer_names(model, int8_layers)
+        with warnings.catch_warnings():  # torch.ao.quantization deprecation notices
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            model = torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8)
+        return model, f"int8-{int8_layers}"
+    return model, dtype
+
+
 class TransformerEncoder:
     """Hugging Face AutoModel + pooling (`mean` over the attention mask, `cls`, or `last_token` over
     left-padded batches) + L2 normalization. Encoder models (BERT, MiniLM) and decoder LLMs (Qwen2,
     Llama, Mistral) alike: AutoModel gives the last hidden states of either."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ModelSettings) -> None:
         model_dir = Path(settings.model_dir) if settings.model_dir else packaged_model_dir()
         if not (model_dir / "config.json").is_file():  # checked before the slow torch import: fail fast
             raise EncoderFailed(f"model directory {model_dir} has no config.json")
         import torch
         from transformers import AutoModel
 
-        torch.set_num_threads(settings.torch_threads if settings.torch_threads > 0 else available_cpus())
-        if settings.torch_interop_threads > 0:
-            try:
-                torch.set_num_interop_threads(settings.torch_interop_threads)
-            except RuntimeError:  # only settable once per process, before any parallel work
-                log.debug("torch inter-op threads already fixed at %d", torch.get_num_interop_threads())
-        device = settings.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            log.warning("device=cuda configured but CUDA is not available; using cpu")
-            device = "cpu"
+        _set_torch_threads(torch, settings)
         self._torch = torch
-        self.device = torch.device(device)
+        self.device = torch.device(_resolve_device(torch, settings.device))
         try:
             self._tokens = TextTokenizer(
                 model_dir, settings.max_seq_length, settings.item_instruction, left_padding=settings.pooling == "last_token"
@@ -226,25 +255,7 @@ class TransformerEncoder:
         except Exception as exc:  # corrupt or incomplete model directory
             raise EncoderFailed(f"cannot load model from {model_dir}: {exc}") from exc
         model.eval()
-        dtype = settings.dtype
-        if dtype in ("float16", "bfloat16"):
-            if self.device.type == "cuda" or dtype == "bfloat16":
-                # bfloat16 also runs on CPU (fast where the CPU has AVX512-BF16 or AMX, emulated elsewhere).
-                model = model.to(getattr(torch, dtype))
-            else:
-                log.warning("dtype=float16 needs CUDA; using float32 on cpu (bfloat16 works on cpu)")
-                dtype = "float32"
-        elif dtype == "int8":
-            if self.device.type == "cpu":
-                layers = int8_layer_names(model, settings.int8_layers)
-                with warnings.catch_warnings():  # torch.ao.quantization deprecation notices
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    warnings.simplefilter("ignore", UserWarning)
-                    model = torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8)
-                dtype = f"int8-{settings.int8_layers}"
-            else:
-                log.warning("dtype=int8 is a CPU path; using float32 on cuda")
-                dtype = "float32"
+        model, dtype = _in_dtype(torch, model, settings.dtype, self.device.type, settings.int8_layers)
         self._model = model.to(self.device)
         self.max_seq_length = settings.max_seq_length
         self.dim = int(model.config.hidden_size)

@@ -7,11 +7,11 @@ tokenizer and model-directory helpers of encoder.py, and this module picks betwe
 
 from __future__ import annotations
 
-from reranker.config import Settings
+from reranker.config import ModelSettings
 from reranker.model.encoder import Encoder, FakeEncoder, TransformerEncoder
 
 
-def load_encoder(settings: Settings) -> Encoder:
+def load_encoder(settings: ModelSettings) -> Encoder:
     """Build the configured encoder (loads model weights for `transformer`; waits for the server for `remote`)."""
     if settings.encoder == "fake":
         return FakeEncoder(settings.fake_dim)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from reranker.config import Settings
+from reranker.config import ModelSettings
 from reranker.model.encoder import (
     PACKAGED_MODEL_NAME,
     TextTokenizer,
@@ -127,7 +127,7 @@ def cached_model(model_dir: Path, name: str, dtype: str, cache_dir: Path) -> Pat
 class OnnxEncoder:
     """Same contract as TransformerEncoder (token_ids / encode_ids / encode), run by ONNX Runtime."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ModelSettings) -> None:
         try:
             import onnxruntime as ort
         except ImportError:

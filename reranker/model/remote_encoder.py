@@ -32,7 +32,7 @@ from typing import Any
 import httpx2
 import numpy as np
 
-from reranker.config import Settings
+from reranker.config import ModelSettings
 from reranker.errors import EncoderFailed, EncoderUnavailable, Overloaded
 from reranker.vectors import l2_normalize
 
@@ -106,7 +106,7 @@ class RemoteEncoder:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: ModelSettings,
         *,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,

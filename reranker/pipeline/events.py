@@ -25,7 +25,7 @@ def stamped(root: Components, events: Sequence[Event], now: float) -> list[Event
         if e.weight is not None:
             check_event_weight(e.weight, f"events[{i}].weight", limit)
         if e.timestamp > now or e.timestamp != e.timestamp:
-            check_event_time(e.timestamp, f"events[{i}].timestamp", now, s.max_event_skew_seconds)
+            check_event_time(e.timestamp, f"events[{i}].timestamp", now, s.users.max_event_skew_seconds)
             clamped += 1
         out.append(e if 0 < e.timestamp <= now else _with_timestamp(e, now))
     if clamped:
@@ -64,7 +64,7 @@ def profile_view(root: Components, user_id: str, include_vector: bool = False) -
         return UserProfileView(user_id=user_id, found=False)
     vector: tuple[float, ...] = ()
     if include_vector:
-        user_vector = user_vector_of(state, root.settings)
+        user_vector = user_vector_of(state, root.settings.users)
         vector = () if user_vector is None else tuple(float(x) for x in user_vector)
     return UserProfileView(
         user_id=user_id, found=True, event_count=state.event_count, recent_events=state.recent,

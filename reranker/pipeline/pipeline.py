@@ -66,7 +66,7 @@ class RerankPipeline:
         except EncodeTimeout as exc:
             return upstream(root, ctx, Variant.FALLBACK, FallbackReason.DEADLINE, str(exc))
         except Overloaded as exc:
-            if ctx.settings.overload_policy == "reject":
+            if ctx.settings.limits.overload_policy == "reject":
                 raise  # RESOURCE_EXHAUSTED: the caller backs off or serves its own order
             return upstream(root, ctx, Variant.FALLBACK, FallbackReason.OVERLOADED, str(exc))
         except EncoderFailed as exc:

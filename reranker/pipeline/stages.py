@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from reranker.config import Settings
+from reranker.config import UserModelSettings
 from reranker.history import CandidateHistory
 from reranker.pipeline.events import fold, stamped
 from reranker.pipeline.context import Components, RerankContext, Resume
@@ -76,9 +76,9 @@ def choose_arm(root: Components, ctx: RerankContext) -> Outcome:
         user_id=query.user_id,
         experiment=query.experiment,
         bypass=query.options.bypass,
-        kill_switch=s.kill_switch,
-        treatment_percent=s.treatment_percent,
-        default_salt=s.experiment_salt,
+        kill_switch=s.ranking.kill_switch,
+        treatment_percent=s.ranking.treatment_percent,
+        default_salt=s.ranking.experiment_salt,
     )
     table = root.arms  # read once: a hot reload swaps the whole table
     arm = None if skip is not None or table is None else table.for_bucket(bucket)
@@ -93,7 +93,7 @@ def choose_arm(root: Components, ctx: RerankContext) -> Outcome:
 def admit(root: Components, ctx: RerankContext) -> Outcome:
     """Too little time left, or not loaded yet: the upstream order (the texts still warm the cache)."""
     remaining = ctx.time_remaining
-    if remaining is not None and remaining * 1000.0 < ctx.settings.min_budget_ms:
+    if remaining is not None and remaining * 1000.0 < ctx.settings.limits.min_budget_ms:
         if root.vectors is not None:
             root.vectors.schedule_missing(ctx.candidates.item_ids, ctx.candidates.texts)
         return upstream(root, ctx, Variant.FALLBACK, FallbackReason.DEADLINE, f"{remaining * 1000:.1f} ms left")
@@ -106,9 +106,9 @@ def candidate_vectors(root: Components, ctx: RerankContext) -> Outcome:
     """Candidates' vectors: item cache, catalog, then the encoder within the encode budget."""
     s, candidates, source, resume = ctx.settings, ctx.candidates, root.vectors, ctx.resume
     assert source is not None
-    budget = s.encode_timeout_ms / 1000.0
+    budget = s.limits.encode_timeout_ms / 1000.0
     if ctx.time_remaining is not None:
-        budget = min(budget, ctx.time_remaining - s.min_budget_ms / 1000.0)
+        budget = min(budget, ctx.time_remaining - s.limits.min_budget_ms / 1000.0)
     ctx.encode_budget = budget
     ctx.encode_started = time.perf_counter()
     ctx.keys = np.zeros(len(candidates), dtype=np.uint64)
@@ -151,8 +151,8 @@ def user_state(root: Components, ctx: RerankContext) -> Outcome:
         ctx.user_vector = None
         ctx.seen = CandidateHistory.none(len(candidates))
         return None
-    user_vector = ctx.user_vector = derived(state, "user_vector", lambda: _user_vector(state, s))
-    ctx.seen = candidate_history(state, s, candidates.item_ids, ctx.vectors, ctx.has_vector, user_vector, ctx.keys)
+    user_vector = ctx.user_vector = derived(state, "user_vector", lambda: _user_vector(state, s.users))
+    ctx.seen = candidate_history(state, s.users, candidates.item_ids, ctx.vectors, ctx.has_vector, user_vector, ctx.keys)
     return None
 
 
@@ -160,7 +160,7 @@ def score(root: Components, ctx: RerankContext) -> Outcome:
     """The trained head's ranking, or the fixed blend where the request asks for a blend weight (or
     there is no head, or the user is cold)."""
     opts, s = ctx.query.options, ctx.settings
-    diversity = s.diversity if opts.diversity is None else opts.diversity
+    diversity = s.ranking.diversity if opts.diversity is None else opts.diversity
     head = ctx.head
     ctx.use_head = (
         head is not None and ctx.user_vector is not None and ctx.state is not None and opts.blend_weight is None
@@ -181,7 +181,7 @@ def _head_ranking(head: ranking_head.RankingHead, ctx: RerankContext, diversity:
         candidates.item_ids, candidates.scores, ctx.vectors, ctx.has_vector, user_vector,
         derived(state, "positive_history", lambda: positive_history(state)),
         derived(state, "positive_history_ids", lambda: positive_history_ids(state)),
-        diversity=diversity, mmr_window=ctx.settings.mmr_window, seen=on_liked_rows(ctx.seen, state),
+        diversity=diversity, mmr_window=ctx.settings.ranking.mmr_window, seen=on_liked_rows(ctx.seen, state),
     )
 
 
@@ -190,11 +190,11 @@ def _blend_ranking(ctx: RerankContext, diversity: float) -> scoring.Ranking:
     semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)
     if user_vector is not None and seen.excluded is not None:
         semantic = seen.cosine(vectors, user_vector)
-    if user_vector is not None and s.attention_weight > 0 and state is not None and len(state.history):
+    if user_vector is not None and s.users.attention_weight > 0 and state is not None and len(state.history):
         semantic = scoring.personal_semantic(
             vectors, ctx.has_vector, user_vector, state.history.vectors,
-            derived(state, "decayed_weights", lambda: _decayed_weights(state, s.half_life_seconds)),
-            attention_weight=s.attention_weight, temperature=s.attention_temperature,
+            derived(state, "decayed_weights", lambda: _decayed_weights(state, s.users.half_life_seconds)),
+            attention_weight=s.users.attention_weight, temperature=s.users.attention_temperature,
             own_rows=seen.own_rows, cosine=semantic,
         )
     blend_weight = ctx.query.options.blend_weight
@@ -203,11 +203,11 @@ def _blend_ranking(ctx: RerankContext, diversity: float) -> scoring.Ranking:
         vectors,
         ctx.has_vector,
         user_vector,
-        weight=s.blend_weight if blend_weight is None else blend_weight,
+        weight=s.ranking.blend_weight if blend_weight is None else blend_weight,
         diversity=diversity,
-        mmr_window=s.mmr_window,
+        mmr_window=s.ranking.mmr_window,
         semantic=semantic,
-        upstream_form=s.blend_upstream,
+        upstream_form=s.ranking.blend_upstream,
     )
 
 
@@ -219,11 +219,11 @@ def consumed_policy(root: Components, ctx: RerankContext) -> Outcome:
     order, dropped = ctx.ranking.order, 0
     if count:
         s = ctx.settings
-        policy = ctx.query.options.consumed or s.consumed_policy
+        policy = ctx.query.options.consumed or s.ranking.consumed_policy
         if policy == "learned" and not ctx.use_head:
             assert ctx.state is not None
-            rate = _repeat_rate(root, ctx.state, s.consumed_prior_events)
-            policy = "demote" if rate < s.consumed_repeat_rate else "keep"
+            rate = _repeat_rate(root, ctx.state, s.ranking.consumed_prior_events)
+            policy = "demote" if rate < s.ranking.consumed_repeat_rate else "keep"
         order, dropped = scoring.apply_consumed_policy(order, consumed, policy)
     ctx.order, ctx.consumed_count, ctx.dropped = order, count, dropped
     return None
@@ -275,7 +275,7 @@ def _repeat_rate(root: Components, state: UserState, prior: float) -> float:
     return (consumed.repeats + prior * population) / max(consumed.events + prior, 1e-12)
 
 
-def _user_vector(state: UserState, settings: Settings) -> np.ndarray | None:
+def _user_vector(state: UserState, settings: UserModelSettings) -> np.ndarray | None:
     vector = user_vector_of(state, settings)
     if vector is not None:
         vector.flags.writeable = False  # shared by every request until the user's next event

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from reranker.cancellation import CancelToken
-from reranker.config import Settings
+from reranker.config import ModelSettings
 from reranker.metrics import Metrics
 from reranker.model.batching import MicroBatcher
 from reranker.model.catalog import CatalogSource
@@ -34,7 +34,7 @@ class ItemVectors:
         self.encoding: ItemEncoding | None = None
 
     @classmethod
-    def open(cls, settings: Settings, model_version: str, dim: int, metrics: Metrics) -> ItemVectors:
+    def open(cls, settings: ModelSettings, model_version: str, dim: int, metrics: Metrics) -> ItemVectors:
         """The item cache and, with catalog_path, the shared catalog (CatalogError where unusable)."""
         catalog = None
         if settings.catalog_path:
@@ -42,7 +42,7 @@ class ItemVectors:
                                     poll_seconds=settings.catalog_poll_seconds, registry=metrics.registry)
         return cls(ItemVectorCache(settings.item_cache_size, dim), catalog)
 
-    def start_encoding(self, encoder: Encoder, settings: Settings, metrics: Metrics) -> MicroBatcher:
+    def start_encoding(self, encoder: Encoder, settings: ModelSettings, metrics: Metrics) -> MicroBatcher:
         """The encoder's micro-batcher, and the encoding through it that fills the cache (late too)."""
         s = settings
         batcher = MicroBatcher(

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from reranker.ranking import head as ranking_head
-from reranker.config import Settings
+from reranker.config import RankingSettings
 from reranker.ranking.experiments import BUCKETS
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def load_head(path: str, encoder_version: str, dim: int) -> ranking_head.Ranking
 
 
 def build_table(
-    settings: Settings, encoder_version: str, heads: Mapping[str, ranking_head.RankingHead | None]
+    settings: RankingSettings, encoder_version: str, heads: Mapping[str, ranking_head.RankingHead | None]
 ) -> ArmTable:
     """The table for `settings`, with the given head per arm name (a missing name: no head)."""
     default_head = heads.get(TREATMENT)
@@ -84,7 +84,7 @@ def build_table(
     return ArmTable(default, tuple(arms))
 
 
-def initial_table(settings: Settings, encoder_version: str, dim: int) -> ArmTable:
+def initial_table(settings: RankingSettings, encoder_version: str, dim: int) -> ArmTable:
     """At start: head_path must load (else the server stays NOT_SERVING, as before arms existed);
     an arm's file may not exist yet (it is picked up by the reload watcher when it arrives), but an
     arm file that exists and is unusable fails the start like head_path."""
@@ -101,7 +101,7 @@ def initial_table(settings: Settings, encoder_version: str, dim: int) -> ArmTabl
     return build_table(settings, encoder_version, heads)
 
 
-def rebuild_table(settings: Settings, encoder_version: str, dim: int, current: ArmTable) -> ArmTable:
+def rebuild_table(settings: RankingSettings, encoder_version: str, dim: int, current: ArmTable) -> ArmTable:
     """The table for new `experiment_arms` while serving: an arm with the same name and file keeps
     its loaded head, a new arm's file is loaded now (HeadError when it exists and is unusable, so
     the caller keeps the table in force), a file not there yet borrows the treatment head."""

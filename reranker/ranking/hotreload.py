@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from reranker.ranking import arms as arms_module
 from reranker.ranking import head as ranking_head
-from reranker.config import Settings
+from reranker.config import RankingSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class HeadReloader:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: RankingSettings,
         encoder_version: str,
         dim: int,
         get_table: Callable[[], arms_module.ArmTable],
@@ -127,7 +127,7 @@ class HeadReloader:
                 self.reloads.labels(result="ok").inc()
             return changed
 
-    def retarget(self, settings: Settings) -> None:
+    def retarget(self, settings: RankingSettings) -> None:
         """New runtime settings changed the arms: build their table from the one in force (heads
         kept, new files loaded: HeadError leaves everything as it was), swap it in and watch its
         files from now on; under the reload lock, so a head reload in progress is not undone."""

@@ -11,7 +11,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reranker.serving import wire
-from reranker.config import Settings
+from reranker.config import LimitsSettings, UserModelSettings
 from reranker.errors import InvalidRequest
 from reranker.users.eventpolicy import EventLimits, check_id, check_text, checked_event
 from reranker.types import (
@@ -40,9 +40,10 @@ class Limits(EventLimits):
     max_events: int
 
     @classmethod
-    def from_settings(cls, s: Settings) -> Limits:
-        return cls(max_id_chars=s.max_id_chars, max_text_chars=s.max_text_chars, max_event_weight=s.event_weight_limit(),
-                   max_event_skew=s.max_event_skew_seconds, max_candidates=s.max_candidates,
+    def from_settings(cls, s: LimitsSettings, users: UserModelSettings) -> Limits:
+        """The request limits, and the event limits of the users section."""
+        return cls(max_id_chars=s.max_id_chars, max_text_chars=s.max_text_chars, max_event_weight=users.event_weight_limit(),
+                   max_event_skew=users.max_event_skew_seconds, max_candidates=s.max_candidates,
                    max_events=s.max_events_per_request)
 
 

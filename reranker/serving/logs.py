@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from reranker.config import Settings
+from reranker.config import ObservabilitySettings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -70,7 +70,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
+def configure_logging(settings: ObservabilitySettings, stream: TextIO | None = None) -> None:
     """Replace the root handlers with one stderr handler in the configured format and level."""
     handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())

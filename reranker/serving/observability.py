@@ -21,7 +21,7 @@ from typing import Any
 
 from grpc import aio
 
-from reranker.config import Settings
+from reranker.config import ObservabilitySettings
 from reranker.serving.convert import EncodedRerankResponse, candidate_count
 from reranker.serving.errormapping import Handler, status_for
 from reranker.metrics import Metrics
@@ -61,13 +61,13 @@ def _request_id(context: aio.ServicerContext, from_request: str = "") -> str:
 class Observer:
     """Wraps each RerankerService handler when it is registered (no per-call interceptor)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: ObservabilitySettings, metrics: Metrics) -> None:
         self._metrics = metrics
         self._access_log = settings.access_log
         self._sample = settings.access_log_sample
         self._user_salt = settings.log_user_salt
 
-    def apply(self, settings: Settings) -> None:
+    def apply(self, settings: ObservabilitySettings) -> None:
         """Runtime settings changed (RerankService.watch_settings): the access-log sample follows."""
         self._sample = settings.access_log_sample
 

@@ -165,40 +165,42 @@ def build_server(
     With `otel_enabled`, RPCs are traced on `tracer_provider` (default: OTLP export per settings).
     Raises TransportConfigError when a TLS certificate path is unusable.
     """
-    credentials = server_credentials(settings)
+    credentials = server_credentials(settings.server)
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+        ("grpc.max_send_message_length", settings.server.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
     interceptors: list[aio.ServerInterceptor] = []
     owned_provider = None
-    if tracing.tracing_enabled(settings):
+    if tracing.tracing_enabled(settings.observability):
         if tracer_provider is None:
-            tracer_provider = owned_provider = tracing.build_tracer_provider(settings)
+            tracer_provider = owned_provider = tracing.build_tracer_provider(settings.observability)
         interceptors.append(tracing.tracing_interceptor(tracer_provider))
-    endpoint = MetricsEndpoint(service.metrics, settings.metrics_address) if settings.metrics_address else None
+    metrics_address = settings.observability.metrics_address
+    endpoint = MetricsEndpoint(service.metrics, metrics_address) if metrics_address else None
     event_loop = EventLoopThread()
-    pool = futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="blocking")
+    pool = futures.ThreadPoolExecutor(max_workers=settings.server.max_workers, thread_name_prefix="blocking")
 
     async def start() -> tuple[aio.Server, int, health.aio.HealthServicer, aio.Server | None, int]:
         server = aio.server(
-            interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None
+            interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs or None
         )
-        observer = Observer(service.settings, service.metrics)
-        service.watch_settings(observer.apply)  # runtime_settings_file changes access_log_sample
+        observer = Observer(service.settings.observability, service.metrics)
+        # runtime_settings_file changes access_log_sample
+        service.watch_settings(lambda new: observer.apply(new.observability))
         add_to_server(RerankerServicer(service, pool), server, observer)
         health_servicer = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):  # before start: never SERVING while the model loads
             await health_servicer.set(name, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = _bind(server, settings.address, credentials, "")
-        if credentials is None and not is_loopback(settings.address):
-            log.warning("listening on %s WITHOUT TLS: anyone who can reach it can call it", settings.address)
+        port = _bind(server, settings.server.address, credentials, "")
+        if credentials is None and not is_loopback(settings.server.address):
+            log.warning("listening on %s WITHOUT TLS: anyone who can reach it can call it", settings.server.address)
         health_server, health_port = None, 0
-        if settings.health_address:
-            health_server, health_port = _health_only_server(settings.health_address, health_servicer)
+        if settings.server.health_address:
+            health_server, health_port = _health_only_server(settings.server.health_address, health_servicer)
             await health_server.start()
         await server.start()
         return server, port, health_servicer, health_server, health_port
@@ -221,7 +223,7 @@ def build_server(
         try:
             service.load()
         except Exception:
-            if settings.on_load_failure == "exit":
+            if settings.server.on_load_failure == "exit":
                 log.exception("model failed to load")
             else:
                 log.exception("model failed to load; staying NOT_SERVING, Rerank fails open (upstream order)")
@@ -273,7 +275,8 @@ def serve(settings: Settings) -> int:
     started: list[RunningServer] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: draining for up to %.1f s", signum, settings.drain_delay_seconds + settings.grace_seconds)
+        log.info("signal %d: draining for up to %.1f s", signum,
+                 settings.server.drain_delay_seconds + settings.server.grace_seconds)
         stopping.set()
 
     def on_hangup(_signum: int, _frame: object) -> None:
@@ -295,15 +298,15 @@ def serve(settings: Settings) -> int:
         print(f"reranker: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     started.append(running)
-    log.info("listening on %s (port %d, %s)", settings.address, running.port, "TLS" if running.tls else "plaintext")
+    log.info("listening on %s (port %d, %s)", settings.server.address, running.port, "TLS" if running.tls else "plaintext")
     if running.metrics_endpoint is not None:
-        log.info("metrics on http://%s/metrics", settings.metrics_address)
+        log.info("metrics on http://%s/metrics", settings.observability.metrics_address)
     if running.health_server is not None:
-        log.info("health-only listener on %s (port %d)", settings.health_address, running.health_port)
+        log.info("health-only listener on %s (port %d)", settings.server.health_address, running.health_port)
 
     def watch_loader() -> None:
         running.loader.join()
-        if not running.service.ready and settings.on_load_failure == "exit":
+        if not running.service.ready and settings.server.on_load_failure == "exit":
             load_failed.append(running.service.load_error or "unknown error")
             stopping.set()
 
@@ -313,6 +316,6 @@ def serve(settings: Settings) -> int:
         running.stop(0)
         log.error("model failed to load: %s; exiting (on_load_failure=exit)", load_failed[0])
         return EXIT_LOAD_FAILED
-    running.stop(settings.grace_seconds, settings.drain_delay_seconds)
+    running.stop(settings.server.grace_seconds, settings.server.drain_delay_seconds)
     log.info("stopped")
     return 0

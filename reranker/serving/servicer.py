@@ -44,7 +44,7 @@ class RerankerServicer:
     def __init__(self, service: RerankService, blocking_pool: Executor) -> None:
         self._service = service
         self._pool = blocking_pool
-        self._limits = convert.Limits.from_settings(service.settings)
+        self._limits = convert.Limits.from_settings(service.settings.limits, service.settings.users)
 
     async def _blocking(
         self, fn: Callable[..., R], arg: Any, context: aio.ServicerContext, **kwargs: Any

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from reranker.config import Settings
+from reranker.config import ServerSettings
 
 
 class TransportConfigError(ValueError):
@@ -28,7 +28,7 @@ def _read_pem(path: str, setting: str) -> bytes:
     return data
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     """TLS credentials for the listening port, or None for plaintext (the loopback default)."""
     if not settings.tls_cert_path:
         return None

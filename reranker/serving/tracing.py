@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from reranker.config import Settings
+from reranker.config import ObservabilitySettings
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ MISSING = (
 )
 
 
-def tracing_enabled(settings: Settings, env: Mapping[str, str] | None = None) -> bool:
+def tracing_enabled(settings: ObservabilitySettings, env: Mapping[str, str] | None = None) -> bool:
     """otel_enabled, unless the standard OTEL_SDK_DISABLED=true switches the SDK off."""
     env = os.environ if env is None else env
     if settings.otel_enabled and env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -43,7 +43,7 @@ def tracing_enabled(settings: Settings, env: Mapping[str, str] | None = None) ->
     return settings.otel_enabled
 
 
-def build_tracer_provider(settings: Settings, exporter: Any = None) -> Any:
+def build_tracer_provider(settings: ObservabilitySettings, exporter: Any = None) -> Any:
     """An SDK TracerProvider exporting to `exporter`, or to OTLP/gRPC at otel_endpoint or where the
     standard OTEL_EXPORTER_OTLP_* variables say; resource and sampler from the OTEL_* variables."""
     try:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from reranker.config import Settings
+from reranker.config import Settings, flat_fields
 from reranker.tools import stagecpu
 from reranker.tools.harness import child_env, free_port, rss_bytes, wait_serving
 from reranker.tools.stagecpu import StageCpuClient
@@ -561,15 +561,15 @@ def bench_encoder(args: argparse.Namespace, settings: Settings) -> int:
     from reranker.model.loader import load_encoder
 
     texts = load_texts(args.titles, args.texts)
-    encoder = load_encoder(settings)
-    batcher = MicroBatcher(encoder, max_batch=settings.encode_batch_size, max_wait_s=0.0, max_pending=len(texts) + 1)
+    encoder = load_encoder(settings.model)
+    batcher = MicroBatcher(encoder, max_batch=settings.model.encode_batch_size, max_wait_s=0.0, max_pending=len(texts) + 1)
     print(
-        f"bench encoder: texts={len(texts)} batch_size={settings.encode_batch_size} encoder={encoder.version} "
-        f"torch_threads={settings.torch_threads or 'auto'}",
+        f"bench encoder: texts={len(texts)} batch_size={settings.model.encode_batch_size} encoder={encoder.version} "
+        f"torch_threads={settings.model.torch_threads or 'auto'}",
         flush=True,
     )
     reference: Callable[[list[str]], np.ndarray] | None = None
-    if args.reference == "none" or settings.encoder == "fake":
+    if args.reference == "none" or settings.model.encoder == "fake":
         print("sentence-transformers: skipped (--reference none or fake encoder)")
     else:
         try:
@@ -577,9 +577,9 @@ def bench_encoder(args: argparse.Namespace, settings: Settings) -> int:
         except ImportError:
             print("sentence-transformers: not installed; pip install 'reranker[bench]' to compare against it")
         else:
-            model = SentenceTransformer(settings.model_dir or str(packaged_model_dir()), device="cpu")
-            model.max_seq_length = settings.max_seq_length
-            batch_size = settings.encode_batch_size
+            model = SentenceTransformer(settings.model.model_dir or str(packaged_model_dir()), device="cpu")
+            model.max_seq_length = settings.model.max_seq_length
+            batch_size = settings.model.encode_batch_size
 
             def reference(t: list[str]) -> np.ndarray:
                 return np.asarray(model.encode(t, batch_size=batch_size, normalize_embeddings=True), dtype=np.float32)
@@ -600,7 +600,7 @@ def bench_encoder(args: argparse.Namespace, settings: Settings) -> int:
     print(_report_rates("ours", our_rates), flush=True)
     if reference is None or their_vectors is None:
         return 0
-    print(_report_rates("sentence-transformers", their_rates) + f" float32 batch_size={settings.encode_batch_size}")
+    print(_report_rates("sentence-transformers", their_rates) + f" float32 batch_size={settings.model.encode_batch_size}")
     cosine = (our_vectors * their_vectors).sum(axis=1)
     print(
         f"ratio ours/sentence-transformers: best={max(our_rates) / max(their_rates):.2f}x "
@@ -617,10 +617,10 @@ def bench_memory(args: argparse.Namespace, settings: Settings) -> int:
     from reranker.model.items import ItemVectorCache
 
     base = (rss_bytes() or 0)
-    encoder = load_encoder(settings)
+    encoder = load_encoder(settings.model)
     encoder.encode(["warm up"])
     with_model = (rss_bytes() or 0)
-    cache = ItemVectorCache(max(settings.item_cache_size, args.items), encoder.dim)
+    cache = ItemVectorCache(max(settings.model.item_cache_size, args.items), encoder.dim)
     rng = np.random.default_rng(0)
     for start in range(0, args.items, 10_000):
         n = min(10_000, args.items - start)
@@ -720,7 +720,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment, overridden by the settings flags given to the bench."""
     flags = {
         f.name: getattr(args, f.name)
-        for f in dataclasses.fields(Settings)
+        for f in flat_fields()
         if getattr(args, f.name, None) is not None
     }
     return dataclasses.replace(Settings.from_sources((), os.environ), **flags)

@@ -32,7 +32,7 @@ from reranker.errors import InvalidRequest
 from reranker.types import Event, EventType
 
 if TYPE_CHECKING:
-    from reranker.config import Settings
+    from reranker.config import LimitsSettings, UserModelSettings
 
 EVENT_TYPES = frozenset(int(t) for t in EventType)
 # google.protobuf.Timestamp's valid range ends at 9999-12-31T23:59:59Z.
@@ -87,8 +87,8 @@ class EventLimits:
     max_event_skew: float
 
     @classmethod
-    def from_settings(cls, s: Settings) -> EventLimits:
-        return cls(s.max_id_chars, s.max_text_chars, s.event_weight_limit(), s.max_event_skew_seconds)
+    def from_settings(cls, limits: LimitsSettings, users: UserModelSettings) -> EventLimits:
+        return cls(limits.max_id_chars, limits.max_text_chars, users.event_weight_limit(), users.max_event_skew_seconds)
 
 
 def check_id(value: str, name: str, max_chars: int) -> str:

@@ -39,7 +39,7 @@ from reranker.users.consumed import ConsumedItems, hours_between
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
-    from reranker.config import Settings
+    from reranker.config import UserModelSettings
 
 T = TypeVar("T")
 
@@ -60,7 +60,8 @@ class ProfileConfig:
     log_salt: str = ""  # the key of the hash that names a user in log lines (log_name)
 
     @classmethod
-    def from_settings(cls, s: Settings, dim: int) -> ProfileConfig:
+    def from_settings(cls, s: UserModelSettings, dim: int, log_salt: str = "") -> ProfileConfig:
+        """From the users section; `log_salt` is the observability section's log_user_salt."""
         return cls(
             dim=dim,
             decay_rate=usermodel.decay_rate(s.half_life_seconds),
@@ -71,7 +72,7 @@ class ProfileConfig:
             max_consumed=s.consumed_items_per_user,
             session_rate=usermodel.decay_rate(s.session_half_life_seconds),
             max_clock_ahead=s.max_event_skew_seconds,
-            log_salt=s.log_user_salt,
+            log_salt=log_salt,
         )
 
     def weight_of(self, event: Event) -> float:
@@ -99,7 +100,7 @@ class UserState:
     derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
-def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | None:
+def user_vector(state: UserState | None, settings: UserModelSettings) -> np.ndarray | None:
     """u = normalize((1 - m) L/|L| + m S/|S|), or None for a cold user (see usermodel.py).
 
     The one recipe for the user vector: the server and `reranker train` both call it.
@@ -109,7 +110,7 @@ def user_vector(state: UserState | None, settings: Settings) -> np.ndarray | Non
     return usermodel.mix(state.long_term, session_of(state, settings), settings.session_mix)
 
 
-def session_of(state: UserState, settings: Settings) -> np.ndarray:
+def session_of(state: UserState, settings: UserModelSettings) -> np.ndarray:
     """S of the state; rebuilt from the vector history for a state saved before S was kept."""
     if state.session is not None:
         return state.session
@@ -118,7 +119,7 @@ def session_of(state: UserState, settings: Settings) -> np.ndarray:
 
 def candidate_history(
     state: UserState,
-    settings: Settings,
+    settings: UserModelSettings,
     item_ids: Sequence[str],
     vectors: np.ndarray,
     has_vector: np.ndarray,

@@ -17,7 +17,7 @@ does the same float64 arithmetic as usermodel.fold. All six keys expire `ttl_sec
 user's last event; bound the total with Redis' own `maxmemory` + `volatile-lru` policy.
 
 A user whose decay clock `ref` is more than `max_event_skew_seconds` after now (a future event
-folded by an older build), or whose state has no `st` yet (written before issue 17), is repaired
+folded by an older build), or whose state has no `st` yet (written before the session vector was kept), is repaired
 before anything is folded into it and when it is read: the script refuses to fold into it, the
 store rebuilds the state in Python (usermodel.repair_future_clock) and writes it back with a
 compare-and-set script, then folds. A clock repair is logged and counted (`repairs`).
@@ -75,7 +75,7 @@ from reranker.users.profiles import (
 from reranker.types import Event, EventType, RecordResult
 
 if TYPE_CHECKING:
-    from reranker.config import Settings
+    from reranker.config import RedisSettings
 
 log = logging.getLogger(__name__)
 
@@ -396,17 +396,20 @@ class RedisProfileStore:
             self._replay.extend(self._pending.load(self.dim))
 
     @classmethod
-    def from_settings(cls, s: Settings, config: ProfileConfig, *, fallback: InProcessProfileStore,
-                      now: Callable[[], float] = time.time, **extra: object) -> RedisProfileStore:
+    def from_settings(cls, s: RedisSettings, config: ProfileConfig, *, fallback: InProcessProfileStore,
+                      ttl_seconds: float, snapshot_path: str = "", now: Callable[[], float] = time.time,
+                      **extra: object) -> RedisProfileStore:
+        """From the redis section; `ttl_seconds` and `snapshot_path` (the replay buffer is kept next to
+        the snapshot at shutdown) come from the users section."""
         timeout = s.redis_timeout_ms / 1000.0
         write_timeout = s.redis_write_timeout_ms / 1000.0
         client = redis_client(s.redis_url, timeout_s=timeout, connect_timeout_s=timeout)
         writer = redis_client(s.redis_url, timeout_s=write_timeout, connect_timeout_s=timeout)
         store = cls(
-            client, config, write_client=writer, fallback=fallback, ttl_seconds=s.user_ttl_seconds, prefix=s.redis_prefix,
+            client, config, write_client=writer, fallback=fallback, ttl_seconds=ttl_seconds, prefix=s.redis_prefix,
             retry_seconds=s.redis_retry_seconds, replay_limit=s.redis_replay_events, now=now,
             wait_replicas=s.redis_wait_replicas, wait_timeout_ms=max(1, int(s.redis_write_timeout_ms)),
-            pending_path=f"{s.snapshot_path}.redis-pending" if s.snapshot_path else "", **extra,
+            pending_path=f"{snapshot_path}.redis-pending" if snapshot_path else "", **extra,
         )
         store._start_replay()  # events kept at the last shutdown, if any
         return store
@@ -602,7 +605,7 @@ class RedisProfileStore:
 
     def _repair_remote(self, user_id: str, now: float) -> None:
         """Repair a user whose clock is more than `max_clock_ahead` after `now`, or who has no S yet
-        (state written before issue 17); a compare-and-set on `ref` makes a concurrent repair harmless."""
+        (state written before the session vector was kept); a compare-and-set on `ref` makes a concurrent repair harmless."""
         c = self.config
         hkey, _, zkey, *_ = self.keys(user_id)
         pipe = self._writer.pipeline(transaction=True)

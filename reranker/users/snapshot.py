@@ -13,7 +13,7 @@ allow_pickle=False):
                               hist [[item_id, ts, weight]], seen
     user_long_term_<k> float64 (users in part, dim)
     user_session_<k>  float64 (users in part, dim), the session sum S (absent in snapshots written
-                              before issue 17: S is then rebuilt from the history rows)
+                              by older builds: S is then rebuilt from the history rows)
     hist_vectors_<k>  float32 (sum of len(hist), dim), the part's history rows in order
     seen_hashes_<k>   uint64  (sum of seen,) event-id hashes, oldest first per user
     consumed_keys_<k> uint64  (sum of consumed,) consumed-item keys per user (reranker.users.consumed)

@@ -15,7 +15,7 @@ dislike/skip) and an event time t_i; lambda = ln 2 / half_life, mu = ln 2 / sess
 Only directions matter (cosine scoring), so L and S never need rescaling to "now": the user vector
 of a profile does not change while nothing happens, and replaying history gives the same result.
 
-Bounded influence (issue 17). The service accepts an event only with |w| <= W (`max_event_weight`)
+Bounded influence. The service accepts an event only with |w| <= W (`max_event_weight`)
 and t <= now (later times up to `max_event_skew_seconds` are clamped to now, the rest refused).
 Because L and S are exponentially decayed sums, the only change one event makes to either is its
 own term c * v; no other event's term changes relative to the others (there is no session
@@ -120,7 +120,7 @@ def mix(long_term: np.ndarray, session: np.ndarray, session_mix: float) -> np.nd
         norm = float(np.linalg.norm(part))
         # Zero only when it is (all its terms decayed below float range): an absolute threshold such
         # as 1e-9 made a profile go cold when its newest event had weight ~0 and the older terms
-        # were decayed against it, though the direction was still well defined (issue 17).
+        # were decayed against it, though the direction was still well defined.
         if norm > _TINY and share > 0.0:
             out += (share / norm) * part
     norm = float(np.linalg.norm(out))

@@ -62,7 +62,7 @@ def vector_lookup(workload: list[list[tuple[Event, np.ndarray]]]):  # type: igno
 
 def in_process_bytes(settings: Settings, workload: list[list[tuple[Event, np.ndarray]]]) -> float:
     settings = dataclasses.replace(settings, user_cache_size=len(workload) + 1)
-    store = make_profile_store(settings, DIM, lookup=vector_lookup(workload))
+    store = make_profile_store(settings.users, settings.redis, DIM, lookup=vector_lookup(workload))
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -82,8 +82,8 @@ def redis_costs(settings: Settings, workload: list[list[tuple[Event, np.ndarray]
     """(bytes per user, Redis CPU us per event written, Redis CPU us per profile read): all commands'
     time in INFO commandstats, per phase (the full layout's Lua fold; the compact layout's GET and
     compare-and-set)."""
-    store = make_profile_store(settings, DIM, lookup=vector_lookup(workload))
-    client = redis.Redis.from_url(settings.redis_url)  # the same Redis the store writes to
+    store = make_profile_store(settings.users, settings.redis, DIM, lookup=vector_lookup(workload))
+    client = redis.Redis.from_url(settings.redis.redis_url)  # the same Redis the store writes to
     client.flushall()
     client.config_resetstat()
     events = 0
@@ -95,7 +95,7 @@ def redis_costs(settings: Settings, workload: list[list[tuple[Event, np.ndarray]
     for u in range(len(workload)):
         store.get(f"user-{u}")
     read_us = _command_usec(client) / len(workload)
-    total = sum(client.memory_usage(k, samples=0) or 0 for k in client.scan_iter(match=f"{settings.redis_prefix}:*",
+    total = sum(client.memory_usage(k, samples=0) or 0 for k in client.scan_iter(match=f"{settings.redis.redis_prefix}:*",
                                                                                  count=1000))
     store.close()
     return total / len(workload), write_us, read_us
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         recent_events_per_user=args.events_per_user, redis_url=server.url,
                         redis_timeout_ms=2000.0, profile_layout=args.profile_layout)  # a slow read on a busy machine must not fail over
         rows = {}
-        for label, consumed in (("with consumed-item memory", base.consumed_items_per_user), ("without", 0)):
+        for label, consumed in (("with consumed-item memory", base.users.consumed_items_per_user), ("without", 0)):
             s = dataclasses.replace(base, consumed_items_per_user=consumed)
             local = in_process_bytes(dataclasses.replace(s, redis_url=""), workload)
             redis_bytes, write_us, read_us = redis_costs(s, workload)

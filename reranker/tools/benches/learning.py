@@ -1,4 +1,4 @@
-"""Benchmarks of issue 15 (learning from live traffic); they print JSON, nothing is asserted.
+"""Benchmarks of learning from live traffic; they print JSON, nothing is asserted.
 
   swap: 8 concurrent clients against `reranker serve` (fake encoder, a head with ml-100k-sized
         tables); p99 latency in a steady phase, then in a phase where a new head file is renamed

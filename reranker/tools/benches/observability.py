@@ -44,7 +44,7 @@ def run(settings: Settings, observe: bool, calls: int, candidates: int) -> list[
     if not observe:
         server_module.Observer = PassThrough  # type: ignore[misc,assignment]
     try:
-        running = server_module.build_server(settings, RerankService(settings, FakeEncoder(settings.fake_dim)))
+        running = server_module.build_server(settings, RerankService(settings, FakeEncoder(settings.model.fake_dim)))
     finally:
         server_module.Observer = original  # type: ignore[misc]
     running.loader.join(30)

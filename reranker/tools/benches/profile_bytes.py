@@ -14,7 +14,7 @@ events in one call: CLICKs with event ids, on distinct random items, 30 s apart.
   the growth of INFO memory `used_memory` divided by the user count, and `MEMORY USAGE key SAMPLES 0`
   summed over each user's keys (`<prefix>:{<user_id>}:*`), averaged. The Redis is flushed per cell.
 
-The target (issue 19): at most 4 KB (--target-bytes) per user at 20 events, in process and in Redis;
+The target: at most 4 KB (--target-bytes) per user at 20 events, in process and in Redis;
 the last column judges the tracemalloc and used_memory numbers (what the profiles really cost).
 """
 
@@ -75,7 +75,7 @@ class Workload:
 
 
 def loaded_service(settings: Settings, id_prefix: str) -> RerankService:
-    service = RerankService(settings, FakeEncoder(settings.fake_dim))
+    service = RerankService(settings, FakeEncoder(settings.model.fake_dim))
     service.load()
     for start in range(0, CATALOG, 1000):
         service.upsert_items([Item(f"{id_prefix}{i}", f"item {i} topic{i % 37} genre{i % 11}")
@@ -112,20 +112,20 @@ def in_redis(settings: Settings, work: Workload, id_prefix: str) -> tuple[float,
     """(used_memory growth per user, mean MEMORY USAGE summed over each user's keys)."""
     import redis
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis.redis_url)
     client.flushall()
     service = loaded_service(settings, id_prefix)
     try:
         # one throw-away user first: loads the Lua scripts and the connection, then is deleted
         service.record_events([Event("warm-up", f"{id_prefix}0", EventType.CLICK, time.time() - 60, "w")])
-        client.delete(*client.keys(f"{settings.redis_prefix}:*"))
+        client.delete(*client.keys(f"{settings.redis.redis_prefix}:*"))
         before = int(client.info("memory")["used_memory"])
         record(service, work)
         grown = int(client.info("memory")["used_memory"]) - before
         failovers = getattr(service.profiles, "failovers", 0)
         if failovers:
             raise RuntimeError(f"Redis failed {failovers} times during the run: the fallback took events")
-        keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
+        keys = list(client.scan_iter(match=f"{settings.redis.redis_prefix}:*", count=1000))
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.memory_usage(key, samples=0)

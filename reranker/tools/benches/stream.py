@@ -50,12 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         metrics_address="")
     service = RerankService(settings)
     service.load()
-    consumer = StreamConsumer(settings, service.record_events, service.metrics)
+    consumer = StreamConsumer.from_settings(settings, service.record_events, service.metrics)
     client = consumer.client
     try:
-        client.delete(settings.stream_key)
+        client.delete(settings.stream.stream_key)
         consumer.ensure_group()
-        push(client, 0, args.events, args.users, args.items, settings.stream_key)
+        push(client, 0, args.events, args.users, args.items, settings.stream.stream_key)
         started = time.perf_counter()
         done = 0
         while (n := consumer.poll_once()) > 0:
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         while (elapsed := time.perf_counter() - t0) < args.burst_seconds:
             due = int(burst_rate * elapsed) - sent
             if due > 0:
-                push(client, next_id, due, args.users, args.items, settings.stream_key)
+                push(client, next_id, due, args.users, args.items, settings.stream.stream_key)
                 next_id += due
                 sent += due
             lags.append((elapsed, sum(consumer.lag())))

@@ -15,7 +15,7 @@
    and extrapolates to the catalog: encoding is a separate, embarrassingly parallel cost that
    the fake encoder leaves out of step 2.
 
-Targets (issue 14): <= 10 minutes wall and <= 4 GB peak RSS on 2 cores. No assertions.
+Targets: <= 10 minutes wall and <= 4 GB peak RSS on 2 cores. No assertions.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def encoder_time(workdir: Path, args: argparse.Namespace, n_items: int) -> dict[
     from reranker.evaluation.train import encode_catalog
 
     texts = list(formats.read_items(workdir / "items.tsv").values())[: args.encoder_sample]
-    encoder = load_encoder(Settings(encoder="transformer", runtime=args.runtime, torch_threads=args.threads))
+    encoder = load_encoder(Settings(encoder="transformer", runtime=args.runtime, torch_threads=args.threads).model)
     encode_catalog(encoder, texts[:64])  # warm-up
     started = time.perf_counter()
     encode_catalog(encoder, texts)

@@ -50,7 +50,7 @@ def ev(user: str, i: int, event_id: str = "") -> pb.Event:
 
 
 def run_backend(label: str, settings: Settings, args: argparse.Namespace) -> list[tuple[str, str]]:
-    service = RerankService(settings, FakeEncoder(settings.fake_dim))
+    service = RerankService(settings, FakeEncoder(settings.model.fake_dim))
     running = build_server(settings, service)
     running.loader.join(60)
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
@@ -120,9 +120,9 @@ def run_backend(label: str, settings: Settings, args: argparse.Namespace) -> lis
 
 
 def in_process_bytes_per_user(settings: Settings, users: int, events: int) -> float:
-    config = ProfileConfig.from_settings(settings, settings.fake_dim)
+    config = ProfileConfig.from_settings(settings.users, settings.model.fake_dim)
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((64, settings.fake_dim)).astype(np.float32)
+    vectors = rng.standard_normal((64, settings.model.fake_dim)).astype(np.float32)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     lock = TimedLock()
@@ -158,8 +158,8 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
     from reranker.model.items import ItemVectorCache
     from reranker.users.snapshot import load_snapshot, save_snapshot
 
-    config = ProfileConfig.from_settings(settings, settings.fake_dim)
-    vectors = np.random.default_rng(0).standard_normal((64, settings.fake_dim)).astype(np.float32)
+    config = ProfileConfig.from_settings(settings.users, settings.model.fake_dim)
+    vectors = np.random.default_rng(0).standard_normal((64, settings.model.fake_dim)).astype(np.float32)
     lock = TimedLock()
     store = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9, lock=lock)
     for u in range(users):
@@ -169,7 +169,7 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
     started = time.perf_counter()
     gc.collect()
     gc_ms = 1000 * (time.perf_counter() - started)
-    items = ItemVectorCache(ITEMS, settings.fake_dim)
+    items = ItemVectorCache(ITEMS, settings.model.fake_dim)
     tmp = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
     try:
         lock.timing = True  # how long a snapshot holds the store's lock at a time
@@ -177,10 +177,10 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
             pass
         lock.timing = False
         longest = lock.longest
-        saved = save_snapshot(tmp / "s.npz", items=items, profiles=store, model_version="bench", dim=settings.fake_dim)
+        saved = save_snapshot(tmp / "s.npz", items=items, profiles=store, model_version="bench", dim=settings.model.fake_dim)
         fresh = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9)
-        loaded = load_snapshot(tmp / "s.npz", items=ItemVectorCache(ITEMS, settings.fake_dim), profiles=fresh,
-                               model_version="bench", dim=settings.fake_dim, now=1e9, ttl_seconds=1e9)
+        loaded = load_snapshot(tmp / "s.npz", items=ItemVectorCache(ITEMS, settings.model.fake_dim), profiles=fresh,
+                               model_version="bench", dim=settings.model.fake_dim, now=1e9, ttl_seconds=1e9)
         assert loaded is not None and loaded.users == users
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,16 +198,16 @@ def redis_bytes_per_user(settings: Settings, users: int, events: int) -> float:
 
     from reranker.users.stores import make_profile_store
 
-    store = make_profile_store(settings, settings.fake_dim)
-    client = redis.Redis.from_url(settings.redis_url)
+    store = make_profile_store(settings.users, settings.redis, settings.model.fake_dim)
+    client = redis.Redis.from_url(settings.redis.redis_url)
     client.flushall()
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((64, settings.fake_dim)).astype(np.float32)
+    vectors = rng.standard_normal((64, settings.model.fake_dim)).astype(np.float32)
     for u in range(users):
         store.apply([(Event(f"user-{u:06d}", f"item-{k}", EventType.CLICK, 1e9 + k, f"ev-{u}-{k}"), vectors[k % 64])
                      for k in range(events)], now=1e9)
     assert not store.failovers, "Redis failed during the memory measurement"  # type: ignore[attr-defined]
-    total = sum(client.memory_usage(key) or 0 for key in client.scan_iter(match=f"{settings.redis_prefix}:*"))
+    total = sum(client.memory_usage(key) or 0 for key in client.scan_iter(match=f"{settings.redis.redis_prefix}:*"))
     client.close()
     store.close()
     return total / users
