@@ -22,8 +22,6 @@ MAX_COMPLEXITY = 15
 
 # "module path:qualified name" -> who takes it under the limit
 ALLOWED: dict[str, str] = {
-    "reranker/config.py:Settings.__post_init__": "config by component",
-    "reranker/model/encoder.py:TransformerEncoder.__init__": "config by component (the encoder receives its section)",
     "reranker/users/snapshot.py:load_snapshot": "one fold, one profile layout",
     "reranker/users/compact.py:decode": "one fold, one profile layout",
     "reranker/ranking/head.py:RankingHead.features": "the Rerank pipeline's typed request context",
