@@ -365,6 +365,6 @@ def test_model_info_never_names_no_model_while_a_new_table_is_swapped_in() -> No
     metrics.model_info = Recording()  # type: ignore[assignment]
     learning = LiveLearning(metrics, time.time, lambda _table: None)
     settings = Settings(treatment_percent=50.0, experiment_arms="b=10:/b.npz")
-    learning.swap_table(arms.build_table(settings, "enc-1", {}))
-    learning.swap_table(arms.build_table(settings, "enc-2", {}))
+    learning.swap_table(arms.build_table(settings.ranking, "enc-1", {}))
+    learning.swap_table(arms.build_table(settings.ranking, "enc-2", {}))
     assert named == {"enc-2"} and all(states[states.index(frozenset({"enc-1"})):]), states

@@ -183,7 +183,7 @@ def test_the_stderr_handler_follows_stderr_and_never_writes_to_a_closed_one(monk
     swapped, after = io.StringIO(), io.StringIO()
     try:
         monkeypatch.setattr(sys, "stderr", swapped)
-        configure_logging(fake_settings(log_format="text", log_level="info"))
+        configure_logging(fake_settings(log_format="text", log_level="info").observability)
         logging.getLogger("reranker.test").info("while swapped")
         swapped.close()
         monkeypatch.setattr(sys, "stderr", after)

@@ -261,7 +261,7 @@ def test_a_counted_reload_already_shows_in_the_settings_stale_and_info(tmp_path:
                                                    {"version": "two", "checksum": checksum})))
 
     watched.reloads = Recording()  # type: ignore[assignment]
-    watched._apply = lambda s: applied.append(s.kill_switch)  # what start(apply) sets, without the thread
+    watched._apply = lambda s: applied.append(s.ranking.kill_switch)  # what start(apply) sets, without the thread
     applied.append(False)
     content = "version: two\nkill_switch: true\n"
     checksum = __import__("hashlib").sha256(content.encode()).hexdigest()[:16]

@@ -464,11 +464,11 @@ class _TrainingLists:
         if label not in ids:
             return
         state = self.store.get(profile_id)
-        user_vector = profiles.user_vector(state, self.settings)
+        user_vector = profiles.user_vector(state, self.settings.users)
         if state is None or user_vector is None:
             return
         cand_vectors, has_vector = gather_vectors(ids, self.index, self.vectors)
-        seen = profiles.candidate_history(state, self.settings, ids, cand_vectors, has_vector, user_vector)
+        seen = profiles.candidate_history(state, self.settings.users, ids, cand_vectors, has_vector, user_vector)
         upstream = np.array([rows[i].score for i in keep])
         self.features.append(self.head.features(
             ids, upstream, cand_vectors, has_vector, user_vector, profiles.positive_history(state),
@@ -580,7 +580,7 @@ def train(
     user's last event) and scored from the events before that label. They train alongside the
     lists of `cfg.retrievers` (which may be empty)."""
     started = time.perf_counter()
-    encoder = encoder or load_encoder(settings)
+    encoder = encoder or load_encoder(settings.model)
     hists = _histories(events, served_lists, cfg)
     history, served = hists.history, hists.served
     cuts = max(1, cfg.labels_per_user)

@@ -310,7 +310,7 @@ def main(argv: Sequence[str]) -> int:
     from reranker.serving.server import build_server
 
     settings = Settings.from_sources(argv, os.environ)
-    configure_logging(settings)  # stderr: stdout carries the answers
+    configure_logging(settings.observability)  # stderr: stdout carries the answers
     clock = StageClock()
     instrument(clock)
     running = build_server(settings, RerankService(settings), freeze_gc=True)

@@ -163,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         half = args.texts // 2
         texts = movie_titles(args.data)[:half] + news_titles(args.data)[: args.texts - half]
         settings = sidecar_settings(args, url, "remote")
-        remote = RemoteEncoder(settings)
-        local = TransformerEncoder(dataclasses.replace(settings, encoder="transformer"))
+        remote = RemoteEncoder(settings.model)
+        local = TransformerEncoder(dataclasses.replace(settings, encoder="transformer").model)
         print(f"remote encoder version {remote.version}; local {local.version}")
         cos = np.sum(remote.encode(texts) * local.encode(texts), axis=1)
         print(f"cosine remote vs local over {len(texts)} texts: min {cos.min():.7f} mean {cos.mean():.7f} "
