@@ -7,8 +7,10 @@ per user and a Lua fold), run once from the repository root of that build:
 Three users' events (one with more events than vector_history_size, repeats, a dislike, an event
 without a vector) go into a full-layout service, in process (its snapshot is saved) and in a
 throw-away redis-server (every key of the prefix is dumped as JSON: type, TTL, contents in hex).
-full_layout_expected.json holds what the full layout answered: each user's event count and user
-vector, and the ranking (ids and final scores) of CANDIDATES. The tests that read them
+full_layout_expected.json holds what the full layout answered after a restart (a fresh service that
+loaded the snapshot; one on the same Redis): each user's event count and user vector, and the
+ranking (ids and final scores) of CANDIDATES. (After a restart, because the population's repeat
+rate, the prior of consumed_policy=learned, is counted per process and starts at zero.) The tests that read them
 (test_snapshot, test_redis_profiles) check that today's build converts both to compact profiles that
 answer the same. This script no longer runs against a build without the full layout.
 """
@@ -73,12 +75,16 @@ def run(service: RerankService) -> dict[str, object]:
 
 def main(out: Path) -> None:
     local = RerankService(settings(snapshot_path=str(out / "full_layout_snapshot.npz")))
-    expected = {"in_process": run(local)}
+    run(local)
     local.save_snapshot()
     local.close()
+    restarted = RerankService(settings(snapshot_path=str(out / "full_layout_snapshot.npz")))
+    restarted.load()
+    expected = {"in_process": answers(restarted)}
+    restarted.close()
     with redis_server() as url:
         shared = RerankService(settings(redis_url=url, redis_prefix=PREFIX))
-        expected["redis"] = run(shared)
+        run(shared)
         shared.close()
         client = redis.Redis.from_url(url)
         dump = {}
@@ -92,6 +98,10 @@ def main(out: Path) -> None:
                 value = [[m.hex(), s] for m, s in client.zrange(key, 0, -1, withscores=True)]
             dump[key.decode()] = {"type": kind, "value": value}
         client.close()
+        restarted = RerankService(settings(redis_url=url, redis_prefix=PREFIX))
+        restarted.load()
+        expected["redis"] = answers(restarted)
+        restarted.close()
     (out / "full_layout_redis.json").write_text(json.dumps(dump, indent=1) + "\n")
     (out / "full_layout_expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
