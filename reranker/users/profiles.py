@@ -89,7 +89,7 @@ class UserState:
     # The consumed-item memory (read-only arrays): counts, times and long-term masses per item.
     consumed: ConsumedItems = dataclasses.field(default_factory=ConsumedItems.empty)
     # Values derived from this state (user vector, decayed weights), memoized by their users: the
-    # in-process store shares one UserState per profile version (see InProcessProfileStore.get).
+    # in-process store shares one UserState per profile version (see CompactProfileStore.get).
     derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
