@@ -20,9 +20,8 @@ A user whose profile is still in the six keys of the full layout (`<prefix>:{<us
 `:h`, `:i`, `:c`, `:cz`, written by a build before compact was the only layout) is converted the
 first time it is read or written: the full profile is read (legacy.py), turned into the compact
 profile that holds the same user model, and written with CONVERT_SCRIPT, which also deletes the old
-keys (only while no compact profile exists and the old profile is still the one read). A write
-checks for the old keys in the same round trip as its GET; a read only when the user has no compact
-profile. Old keys whose values cannot be read are deleted (counted as unreadable); the user starts over.
+keys (only while no compact profile exists and the old profile is still the one read). Only a user
+without a compact profile is checked for old keys (one EXISTS, pipelined per batch). Old keys whose values cannot be read are deleted (counted as unreadable); the user starts over.
 """
 
 from __future__ import annotations
@@ -96,26 +95,15 @@ class CompactRedisProfileStore(RedisProfileStore):
             read = self._writer.pipeline(transaction=False)
             for user_id in pending:
                 read.get(self.keys(user_id)[0])
-                read.exists(legacy.legacy_keys(self._prefix, user_id)[0])
-            replies = read.execute(raise_on_error=False)
+            blobs = read.execute(raise_on_error=False)
+            old = self._with_old_keys([u for u, blob in zip(pending, blobs) if blob is None])
             writes, retry = [], []
-            for user_id, blob, old in zip(pending, replies[0::2], replies[1::2]):
-                try:
-                    blob = value_of(blob)
-                    if blob is None and int(value_of(old)):  # type: ignore[call-overload]
-                        self._convert(user_id, self._writer)  # then read again, in the next round
-                        retry.append(user_id)
-                        continue
-                    p = CompactProfile.new(self.dim) if blob is None else decode(blob, self.dim)  # type: ignore
-                except UnreadableProfile:  # dropped; the user is read again (new) in the next round
-                    self._drop_unreadable(user_id, self._writer)
-                    retry.append(user_id)
-                    continue
-                expected = b"" if blob is None else bytes(blob[:8])  # type: ignore[index]
-                self._repair(user_id, p, wall)
-                result, repeats = fold_events(p, by_user[user_id], now, self.config, self.lookup)
-                p.seq += 1
-                writes.append((user_id, expected, encode(p), result, repeats))
+            for user_id, blob in zip(pending, blobs):
+                write = self._folded(user_id, blob, user_id in old, by_user[user_id], now, wall)
+                if write is None:
+                    retry.append(user_id)  # read again (new, or converted) in the next round
+                else:
+                    writes.append(write)
             written = self._run_per_user(CAS_SCRIPT, [(user_id, [expected, blob, self._ttl_ms])
                                                       for user_id, expected, blob, _, _ in writes])
             for (user_id, _, _, result, repeats), ok in zip(writes, written):
@@ -135,6 +123,26 @@ class CompactRedisProfileStore(RedisProfileStore):
             time.sleep(random.uniform(0.0, 0.001 * (rounds + 1)))  # out of step with the other writer
         raise redis.RedisError(f"{len(pending)} users were written by other replicas {MAX_ROUNDS} times in a row")
 
+    def _folded(self, user_id: str, reply: object, has_old_keys: bool, events: list[tuple[Event, np.ndarray | None]],
+                now: float, wall: float) -> tuple[str, bytes, bytes, RecordResult, int] | None:
+        """(user, sequence number read, profile with the events folded in, counts, repeats) for the
+        compare-and-set; None when the user must be read again: its value was unreadable (dropped),
+        or its full-layout keys were just converted."""
+        try:
+            blob = value_of(reply)
+            if blob is None and has_old_keys:
+                self._convert(user_id, self._writer)
+                return None
+            p = CompactProfile.new(self.dim) if blob is None else decode(blob, self.dim)  # type: ignore[arg-type]
+        except UnreadableProfile:
+            self._drop_unreadable(user_id, self._writer)
+            return None
+        expected = b"" if blob is None else bytes(blob[:8])  # type: ignore[index]
+        self._repair(user_id, p, wall)
+        result, repeats = fold_events(p, events, now, self.config, self.lookup)
+        p.seq += 1
+        return user_id, expected, encode(p), result, repeats
+
     def _repair(self, user_id: str, p: CompactProfile, now: float) -> None:
         """Repair a decay clock more than `max_clock_ahead` after `now` (logged, counted)."""
         ahead = p.ref_time - now
@@ -143,6 +151,16 @@ class CompactRedisProfileStore(RedisProfileStore):
             log_repair("redis", user_id, ahead, self.config.log_salt)
 
     # --- the full layout's keys ----------------------------------------------------------------------
+    def _with_old_keys(self, users: list[str]) -> set[str]:
+        """Those of `users` (without a compact profile) that have full-layout keys: one round trip, only
+        when a batch has users Redis holds no compact profile for."""
+        if not users:
+            return set()
+        pipe = self._writer.pipeline(transaction=False)
+        for user_id in users:
+            pipe.exists(legacy.legacy_keys(self._prefix, user_id)[0])
+        return {user_id for user_id, n in zip(users, pipe.execute()) if int(n)}
+
     def _convert(self, user_id: str, client: Any) -> None:
         """Convert the user's full-layout keys into a compact profile (module docstring); their
         values unreadable: deleted, counted, the user starts over."""
