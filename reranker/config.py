@@ -269,17 +269,16 @@ class UserModelSettings(_Section):
     """users: the user model, profile stores, event weights and limits, and snapshots."""
 
     user_cache_size: int = _doc(
-        "User profiles kept (LRU within TTL); ~44 KB each at vector_history_size=20, so 10k users ~ 450 MB "
-        "(~2.6 KB each with profile_layout=compact).", 10_000, gt=0,
+        "User profiles kept (LRU within TTL); ~2.6 KB each at vector_history_size=20, so 10k users ~ 26 MB.",
+        10_000, gt=0,
     )
     user_ttl_seconds: float = _doc("A profile not touched for this long is dropped.", 7 * 24 * 3600.0, gt=0)
     profile_layout: str = _doc(
-        "How a user profile is stored, in process and in Redis. `full`: item vectors copied into each "
-        "profile, L and S in float64 (~44 KB per user at 20 events). `compact`: one byte string per user with "
-        "item ids instead of vectors (looked up in the item cache or catalog when read) and L in float32 "
-        "(~2.6 KB per user at 20 events; a history item whose vector is no longer cached or in the catalog stops counting). "
-        "See docs/user-model.md.",
-        "full", choices=PROFILE_LAYOUTS,
+        "Kept for old configurations only: profiles are always compact (one byte string per user, item ids "
+        "instead of vectors, looked up in the item cache or catalog when read; ~2.6 KB per user at 20 events). "
+        "`full` is accepted, logs a deprecation warning and is ignored; full-layout snapshots and Redis keys are "
+        "converted as they are read. See docs/user-model.md.",
+        "compact", choices=PROFILE_LAYOUTS,
     )
     user_state_cache_size: int = _doc(
         "Users whose scoring state (stacked history vectors, user vector, attention weights) is kept ready "

@@ -5,7 +5,7 @@ Recorded at the edges, never inside the numpy core:
 - encoder batch size, queue wait and batch time: the MicroBatcher's observer callback;
 - model load time: RerankService.load();
 - cache hits and misses: read at scrape time from the counters ItemVectorCache and
-  UserProfileStore already keep (a custom collector, no double counting).
+  the profile stores already keep (a custom collector, no double counting).
 
 The series are documented in docs/operations.md, "Metrics"; tests/test_metrics.py scrapes them.
 """

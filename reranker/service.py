@@ -26,7 +26,7 @@ from reranker.errors import NotReady
 from reranker.model.items import ItemVectorCache
 from reranker.metrics import Metrics
 from reranker.learning.onlinemetrics import OnlineMetrics
-from reranker.users.profiles import InProcessProfileStore, ProfileStore
+from reranker.users.profiles import ProfileStore
 from reranker.users.compact import CompactProfileStore
 from reranker.users.stores import make_profile_store
 from reranker.users.snapshot import PeriodicSnapshots, SnapshotInfo, load_snapshot, save_snapshot
@@ -193,9 +193,9 @@ class RerankService:
             except Exception:
                 log.exception("shutdown: %s failed; going on with the next step", what)
 
-    def _local_profiles(self) -> InProcessProfileStore | CompactProfileStore | None:
+    def _local_profiles(self) -> CompactProfileStore | None:
         """The in-process store, when it is the store of record (with Redis, Redis persists profiles)."""
-        return self.profiles if isinstance(self.profiles, (InProcessProfileStore, CompactProfileStore)) else None
+        return self.profiles if isinstance(self.profiles, CompactProfileStore) else None
 
     def save_snapshot(self) -> SnapshotInfo:
         """Write item vectors and in-process profiles to `snapshot_path` (atomic replace)."""

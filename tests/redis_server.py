@@ -132,3 +132,21 @@ if __name__ == "__main__":  # a local cluster by hand: python tests/redis_server
         pass
     finally:
         cluster.cleanup()
+
+
+def stored_profile(client: redis.Redis, user: str, dim: int, prefix: str = "reranker") -> object | None:
+    """The user's profile as a store keeps it in Redis (compact.CompactProfile), or None."""
+    from reranker.users.compact import decode
+
+    blob = client.get(f"{prefix}:{{{user}}}:u")
+    return None if blob is None else decode(blob, dim)  # type: ignore[arg-type]
+
+
+def stored_event_ids(client: redis.Redis, user: str, ids: set[str], dim: int, prefix: str = "reranker") -> set[str]:
+    """Which of `ids` the user's profile in Redis holds (a profile keeps the hashes of its last
+    `max_event_ids_per_user` event ids, not the ids: GetUserProfile's recent events carry none)."""
+    from reranker.users.profiles import event_id_hash
+
+    profile = stored_profile(client, user, dim, prefix)
+    held = set() if profile is None else set(profile.ids.tolist())  # type: ignore[attr-defined]
+    return {event_id for event_id in ids if event_id_hash(event_id) in held}

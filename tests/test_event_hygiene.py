@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from reranker.users import snapshot, usermodel
 from reranker.config import Settings
 from reranker.model.encoder import FakeEncoder
-from reranker.users.profiles import InProcessProfileStore
+from reranker.users.compact import CompactProfileStore, decode
 from reranker.serving.server import RunningServer, build_server
 from reranker.service import RerankService
 from reranker.v1 import reranker_pb2 as pb
@@ -458,27 +458,39 @@ def test_a_clock_skewed_event_is_clamped_to_now_and_counted(local_stack: Stack) 
     assert "reranker_event_times_clamped_total" in exposition and "reranker_events_refused_total" in exposition
 
 
-def future_store_state(store: object, user: str) -> None:
+def future_store_state(store: object, user: str, now: float = NOW) -> None:
     """What an older build kept for the issue's "future timestamp" user: the knitting event folded at
-    the year 9999 (the store itself has no policy; the service had none then)."""
+    the year 9999 (the store itself has no policy; the service had none then). `now`: the clock the
+    store folds under (an in-process store checks a profile's clock against it)."""
     vectors = FakeEncoder(DIM).encode([text for text, _ in SCENARIO])
     pairs = []
     for k, ((text, item), v) in enumerate(zip(SCENARIO, vectors)):
         ts = 253_402_300_799.0 if item == "knit" else NOW - 60 + k
         from reranker.types import Event as PlainEvent
         pairs.append((PlainEvent(user, item, timestamp=ts, event_id=f"{user}-{k}"), v))
-    store.apply(pairs, NOW)  # type: ignore[attr-defined]
+    store.apply(pairs, now)  # type: ignore[attr-defined]
+
+
+def scenario_items() -> tuple[dict[str, int], np.ndarray]:
+    """The scenario's items (id -> row) and their vectors."""
+    return {item: k for k, (_, item) in enumerate(SCENARIO)}, FakeEncoder(DIM).encode([text for text, _ in SCENARIO])
 
 
 def test_a_snapshot_with_a_future_clock_is_repaired_on_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from reranker.model.items import ItemVectorCache
+    from reranker.users.compact import table_lookup
     from reranker.users.profiles import ProfileConfig
 
     s = hygiene_settings(snapshot_path=str(tmp_path / "old.npz"), snapshot_interval_seconds=0.0)
-    store = InProcessProfileStore(ProfileConfig.from_settings(s.users, DIM), max_users=10, ttl_seconds=1e12)
-    future_store_state(store, "future")
+    index, vectors = scenario_items()
+    store = CompactProfileStore(ProfileConfig.from_settings(s.users, DIM), table_lookup(index, vectors), max_users=10,
+                                ttl_seconds=1e12)
+    future_store_state(store, "future", now=253_402_300_799.0)  # the last second a Timestamp can say
     before = store.get("future")
     assert before is not None and before.ref_time > 2e11
-    snapshot.save_snapshot(s.users.snapshot_path, items=None, profiles=store, model_version=FakeEncoder(DIM).version, dim=DIM)
+    items = ItemVectorCache(100, DIM)
+    items.put(list(index), [text for text, _ in SCENARIO], vectors)  # the rows' vectors, as the snapshot keeps them
+    snapshot.save_snapshot(s.users.snapshot_path, items=items, profiles=store, model_version=FakeEncoder(DIM).version, dim=DIM)
     with caplog.at_level(logging.WARNING, logger="reranker.users.profiles"):
         running = build_server(s, RerankService(s, FakeEncoder(DIM), clock=lambda: NOW))
         wait_ready(running)
@@ -498,34 +510,39 @@ def test_a_snapshot_with_a_future_clock_is_repaired_on_load(tmp_path: Path, capl
 def test_a_redis_profile_with_a_future_clock_is_repaired_when_read_and_when_written(
     redis_stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from reranker.users.redis_store import RedisProfileStore
+    from reranker.users.compact_redis import CompactRedisProfileStore
 
     running = redis_stack.running[1]
     store = running.service.profiles
-    assert isinstance(store, RedisProfileStore)
+    assert isinstance(store, CompactRedisProfileStore)
     with caplog.at_level(logging.WARNING):
-        # Fold as an older build would have: no clock check in the script. The store's own apply
-        # refuses to fold into a broken profile, so write the broken state through a store whose clock
-        # is in the year 9999 (its check passes), then read it through the server (clock: NOW).
-        ahead = RedisProfileStore(store._writer, store.config, fallback=store._fallback, ttl_seconds=1e6,
-                                  prefix="hygiene-m0.5", now=lambda: 253_402_300_799.0)
+        # Fold as an older build would have: no clock check. The store's own apply repairs a broken
+        # profile before folding, so write the broken state through a store whose clock is in the
+        # year 9999 (its check passes), then read it through the server (clock: NOW).
+        ahead = CompactRedisProfileStore(store._writer, store.config, lookup=store.lookup, fallback=store._fallback,
+                                         ttl_seconds=1e6, prefix="hygiene-m0.5", now=lambda: 253_402_300_799.0)
         future_store_state(ahead, "redis-future")
         future_store_state(ahead, "redis-future-write")
         repairs = store.repairs
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.RerankerServiceStub(channel)
+            # A profile holds item ids: the repair rebuilds from the rows' vectors, which this replica
+            # has once the items are in its cache or catalog (a catalog warm-up).
+            stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=item, text=text) for text, item in SCENARIO]),
+                             timeout=30)
             scores = semantic(stub, "redis-future")  # read path
             assert scores["c-garden"] > scores["c-knit"], scores
             assert store.repairs == repairs + 1
-            state = store.get("redis-future")
+            state = store.get("redis-future")  # a read repairs its copy; the user's next write stores it
             assert state is not None and state.ref_time == NOW
             # write path: an event for the other broken user repairs first, then folds
+            repairs = store.repairs
             e = pb.Event(user_id="redis-future-write", item_id="garden9", text="gardening roses soil", event_id="w")
             assert stub.RecordEvents(pb.RecordEventsRequest(events=[e]), timeout=30).accepted == 1
-            assert store.repairs == repairs + 2
+            assert store.repairs == repairs + 1
             scores = semantic(stub, "redis-future-write")
             assert scores["c-garden"] > scores["c-knit"], scores
-    assert sum("decay clock" in r.getMessage() for r in caplog.records) == 2
+    assert sum("decay clock" in r.getMessage() for r in caplog.records) == 3  # two reads, one write
 
 
 # --- bursts ------------------------------------------------------------------------------------------
@@ -533,7 +550,7 @@ BURST = int(os.environ.get("RERANKER_BURST_EVENTS", "20000"))
 
 
 def profile_bytes(service: RerankService, user: str) -> int:
-    assert isinstance(service.profiles, InProcessProfileStore)
+    assert isinstance(service.profiles, CompactProfileStore)
     return service.profiles.held_bytes(user)
 
 
@@ -559,8 +576,10 @@ def test_a_burst_of_events_for_one_user_keeps_its_memory_and_rerank_work_bounded
     for user in ("burst-aaaa", "burst-bbbb"):
         state = service.profiles.get(user, recent=True)
         assert state is not None
-        assert len(state.history) == s.users.vector_history_size and len(state.recent) == s.users.recent_events_per_user
-        assert service.profiles._profiles[user].seen.size == s.users.max_event_ids_per_user  # type: ignore[union-attr]
+        # the recent events are the history rows (at most recent_events_per_user of them)
+        assert len(state.history) == s.users.vector_history_size
+        assert len(state.recent) == min(s.users.recent_events_per_user, s.users.vector_history_size)
+        assert decode(service.profiles._profiles[user], DIM).ids.size == s.users.max_event_ids_per_user  # type: ignore[union-attr]
     # Rerank work: the scoring state of both users has the same shape (the history is capped), so a
     # Rerank reads and scores the same amount for either (`reranker bench bursts` times it).
     a, b = service.profiles.get("burst-aaaa", recent=False), service.profiles.get("burst-bbbb", recent=False)

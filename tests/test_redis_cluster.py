@@ -1,7 +1,7 @@
 """The Redis profile store against a real local Redis Cluster (3 masters, 3 replicas, Debian's
 redis-server in cluster mode): the same state as the in-process store, no acknowledged event lost
-while a slot moves between masters under writes, nor across the failover of a killed master; in
-both profile layouts (full: a Lua fold over six keys; compact: a compare-and-set of one key)."""
+while a slot moves between masters under writes, nor across the failover of a killed master (a
+compare-and-set of one key per user)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import redis
 from redis.cluster import key_slot
 
-from reranker.users.profiles import InProcessProfileStore
+from reranker.users.compact import CompactProfileStore
 from reranker.users.stores import make_profile_store
 from reranker.users.redis_store import RedisProfileStore, is_cluster_url
 from reranker.types import Event, EventType
@@ -34,7 +34,7 @@ def cluster() -> Iterator[RedisClusterServer]:
     server.cleanup()
 
 
-def cluster_store(cluster: RedisClusterServer, **overrides: object) -> tuple[InProcessProfileStore, RedisProfileStore]:
+def cluster_store(cluster: RedisClusterServer, **overrides: object) -> tuple[CompactProfileStore, RedisProfileStore]:
     """A fresh key prefix per store set: tests never see each other's users."""
     overrides.setdefault("redis_prefix", f"t{next(_prefixes)}")
     return stores(cluster.url, **overrides)
@@ -43,16 +43,14 @@ def cluster_store(cluster: RedisClusterServer, **overrides: object) -> tuple[InP
 WRITER_VECTOR = (np.ones(8) / np.sqrt(8)).astype(np.float32)
 
 
-def layout_store(url: str, layout: str, **overrides: object) -> RedisProfileStore:
-    """A Redis store in `layout`; a compact one looks every item's vector up as WRITER_VECTOR."""
-    if layout == "full":
-        return stores(url, **overrides)[1]
+def writer_store(url: str, **overrides: object) -> RedisProfileStore:
+    """A Redis store that looks every item's vector up as WRITER_VECTOR."""
 
     def lookup(item_ids: object) -> tuple[np.ndarray, np.ndarray]:
         n = len(item_ids)  # type: ignore[arg-type]
         return np.tile(WRITER_VECTOR, (n, 1)), np.ones(n, dtype=bool)
 
-    s = fake_settings(redis_url=url, profile_layout="compact", **overrides)
+    s = fake_settings(redis_url=url, **overrides)
     store = make_profile_store(s.users, s.redis, 8, lookup=lookup)
     assert isinstance(store, RedisProfileStore) and store.layout == "compact"  # type: ignore[attr-defined]
     return store
@@ -84,7 +82,7 @@ def test_a_cluster_store_keeps_exactly_the_state_the_in_process_store_keeps(clus
     events = random_events(np.random.default_rng(11), 600, users=users)
     for start in range(0, len(events), 17):  # each batch fans out to several masters
         batch = events[start : start + 17]
-        assert local.apply(batch, now=5.0) == shared.apply(batch, now=5.0)
+        assert local.apply(batch, now=1_700_020_000.0) == shared.apply(batch, now=1_700_020_000.0)
     masters = {slot_owners(cluster)[key_slot(f"user-{u}".encode())] for u in range(users)}
     assert len(masters) == 3
     for u in range(users):
@@ -149,9 +147,8 @@ class Writers:
             t.join()
 
 
-def assert_no_acknowledged_event_lost(cluster: RedisClusterServer, prefix: str, acked: Counter[str],
-                                      layout: str = "full") -> None:
-    reader = layout_store(cluster.url, layout, redis_prefix=prefix, redis_timeout_ms=2000.0)
+def assert_no_acknowledged_event_lost(cluster: RedisClusterServer, prefix: str, acked: Counter[str]) -> None:
+    reader = writer_store(cluster.url, redis_prefix=prefix, redis_timeout_ms=2000.0)
     owners = slot_owners(cluster)
     lost = {}
     for user, n in acked.items():
@@ -182,8 +179,7 @@ def move_slot(cluster: RedisClusterServer, slot: int, source: RedisServer, targe
     return moved
 
 
-@pytest.mark.parametrize("layout", ["full", "compact"])
-def test_no_acknowledged_event_is_lost_while_slots_move_under_writes(cluster: RedisClusterServer, layout: str) -> None:
+def test_no_acknowledged_event_is_lost_while_slots_move_under_writes(cluster: RedisClusterServer) -> None:
     owners = slot_owners(cluster)
     users = [f"u{i}" for i in range(40)]
     hot = users[0]
@@ -191,23 +187,22 @@ def test_no_acknowledged_event_is_lost_while_slots_move_under_writes(cluster: Re
     source = cluster.node_for_port(owners[slot])
     target = next(cluster.node_for_port(p) for p in sorted(set(owners.values())) if p != source.port)
     prefix = f"mig{next(_prefixes)}"
-    store = layout_store(cluster.url, layout, redis_prefix=prefix, redis_retry_seconds=0.05)
+    store = writer_store(cluster.url, redis_prefix=prefix, redis_retry_seconds=0.05)
     with Writers(store, users + [hot] * 20) as writers:  # half the writes go to the moving slot
         writers.until(lambda: writers.acked[hot] >= 10)  # writes are flowing (not "0.3 s later")
         moved = move_slot(cluster, slot, source, target)
         before = writers.acked[hot]
         writers.until(lambda: writers.acked[hot] >= max(before + 10, 51))  # and go on to the moved slot
     store.close()  # replays anything that went to the fallback
-    print(f"slot migration ({layout}): {writers.acked[hot]} events to the moving slot, {sum(writers.acked.values())} "
+    print(f"slot migration: {writers.acked[hot]} events to the moving slot, {sum(writers.acked.values())} "
           f"in all; {store.failovers} calls served by the fallback")
     assert moved >= len(store.keys(hot))  # the hot user's keys (six, or the compact one; the slot may hold more)
     assert slot_owners(cluster)[slot] == target.port
     assert writers.acked[hot] > 50
-    assert_no_acknowledged_event_lost(cluster, prefix, writers.acked, layout)
+    assert_no_acknowledged_event_lost(cluster, prefix, writers.acked)
 
 
-@pytest.mark.parametrize("layout", ["full", "compact"])
-def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisClusterServer, layout: str) -> None:
+def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisClusterServer) -> None:
     owners = slot_owners(cluster)
     users = [f"f{i}" for i in range(60)]
     victim_port = owners[key_slot(users[0].encode())]
@@ -217,7 +212,7 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
     # redis_wait_replicas=1: an event counts as written once the master's replica has it too (without
     # it, a master killed between its reply and its asynchronous replication could lose those events;
     # 0 lost in 3 runs measured without it, see docs/operations.md).
-    store = layout_store(cluster.url, layout, redis_prefix=prefix, redis_retry_seconds=0.2, redis_timeout_ms=200.0,
+    store = writer_store(cluster.url, redis_prefix=prefix, redis_retry_seconds=0.2, redis_timeout_ms=200.0,
                          redis_replay_events=1_000_000, redis_wait_replicas=1)
     with Writers(store, users) as writers:
         writers.until(lambda: writers.calls >= 20)  # writes are flowing (not "0.5 s later")
@@ -236,9 +231,9 @@ def test_no_acknowledged_event_is_lost_across_a_master_failover(cluster: RedisCl
     assert store.failovers > 0  # the store did see the master go away, and served from the fallback
     assert (store.degraded, len(store._replay), store.replay_dropped) == (False, 0, 0), store.last_error
     assert slot_owners(cluster)[key_slot(users[0].encode())] != victim_port
-    print(f"failover ({layout}): replica promoted after {promoted_after:.2f} s; {store.failovers} calls served by the "
+    print(f"failover: replica promoted after {promoted_after:.2f} s; {store.failovers} calls served by the "
           f"fallback; {sum(writers.acked.values())} events acknowledged")
-    assert_no_acknowledged_event_lost(cluster, prefix, writers.acked, layout)
+    assert_no_acknowledged_event_lost(cluster, prefix, writers.acked)
 
 
 @pytest.mark.parametrize("layout", ["full", "compact"])
@@ -291,14 +286,12 @@ def test_the_stream_consumer_reads_and_writes_through_the_cluster(cluster: Redis
     service.close()
 
 
-@pytest.mark.parametrize("layout", ["full", "compact"])
-def test_an_unreadable_value_in_the_cluster_is_that_users_problem_alone(cluster: RedisClusterServer,
-                                                                        layout: str) -> None:
+def test_an_unreadable_value_in_the_cluster_is_that_users_problem_alone(cluster: RedisClusterServer) -> None:
     """A key of another type and a NaN at two users' keys (on whichever masters their slots live): the
     batch of users spread over the three masters is applied, the two start over, nothing degrades."""
     from reranker.users.compact import decode, encode
 
-    store = layout_store(cluster.url, layout, redis_prefix=f"t{next(_prefixes)}", redis_timeout_ms=2000.0,
+    store = writer_store(cluster.url, redis_prefix=f"t{next(_prefixes)}", redis_timeout_ms=2000.0,
                          redis_write_timeout_ms=5000.0)
     users = [f"user-{k}" for k in range(12)]
     assert store.apply([(Event(u, "i1", EventType.CLICK, 1.7e9, f"{u}-a"), WRITER_VECTOR) for u in users],
@@ -306,14 +299,10 @@ def test_an_unreadable_value_in_the_cluster_is_that_users_problem_alone(cluster:
     client = redis.RedisCluster.from_url(cluster.url.replace("+cluster", "", 1))
     wrong, nan = store.keys("user-3")[0], store.keys("user-5")[0]
     client.delete(wrong)
-    if layout == "full":
-        client.set(wrong, "x")
-        client.hset(nan, "lt", np.full(8, np.nan).tobytes())
-    else:
-        client.hset(wrong, "f", "v")
-        p = decode(client.get(nan), 8)  # type: ignore[arg-type]
-        p.long_term[0] = np.nan
-        client.set(nan, encode(p))
+    client.hset(wrong, "f", "v")
+    p = decode(client.get(nan), 8)  # type: ignore[arg-type]
+    p.long_term[0] = np.nan
+    client.set(nan, encode(p))
     result = store.apply([(Event(u, "i2", EventType.CLICK, 1.7e9 + 5, f"{u}-b"), WRITER_VECTOR) for u in users],
                          1.7e9 + 5)
     assert result.accepted == 12 and not store.degraded, store.last_error

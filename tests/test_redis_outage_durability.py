@@ -13,7 +13,7 @@ import pytest
 from reranker.tools.loadtest import ServerProcess
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
-from redis_server import RedisServer
+from redis_server import RedisServer, stored_event_ids
 
 
 def _serve(redis_url: str, *extra: str) -> ServerProcess:
@@ -50,13 +50,15 @@ def test_events_acknowledged_during_an_outage_survive_sigterm_and_reach_redis_af
             with grpc.insecure_channel(server.target) as channel:
                 stub = pb_grpc.RerankerServiceStub(channel)
                 deadline = time.monotonic() + 30  # a subprocess on a busy machine
+                client = redis_server.client()
                 while True:
-                    profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id="u"), timeout=5)
-                    have = {e.event_id for e in profile.recent_events}
+                    have = stored_event_ids(client, "u", {"before", "during-0", "during-1", "during-2"}, 16)
                     if {"during-0", "during-1", "during-2"} <= have or time.monotonic() > deadline:
                         break
                     time.sleep(0.1)
                 assert {"during-0", "during-1", "during-2"} <= have
+                assert stub.GetUserProfile(pb.GetUserProfileRequest(user_id="u"), timeout=5).event_count >= 3
+                client.close()
                 keys = redis_server.client().keys("*")
                 assert keys, "the kept events were written into Redis"
             server.terminate()
@@ -81,13 +83,15 @@ def test_a_full_replay_buffer_refuses_events_instead_of_dropping_acknowledged_on
                 assert "redis_replay_events" in refused.value.details()
                 redis_server.start()
                 deadline = time.monotonic() + 30  # a subprocess on a busy machine
+                client = redis_server.client()
                 while time.monotonic() < deadline:  # the buffer is replayed once Redis answers
-                    have = {e.event_id for e in stub.GetUserProfile(pb.GetUserProfileRequest(user_id="u"),
-                                                                     timeout=5).recent_events}
+                    stub.GetUserProfile(pb.GetUserProfileRequest(user_id="u"), timeout=5)  # a read starts the replay
+                    have = stored_event_ids(client, "u", {"kept-0", "kept-1", "kept-2", "one-too-many"}, 16)
                     if {"kept-0", "kept-1", "kept-2"} <= have:
                         break
                     time.sleep(0.1)
-                assert {"kept-0", "kept-1", "kept-2"} <= have
+                client.close()
+                assert have == {"kept-0", "kept-1", "kept-2"}  # and the refused one is not there
             server.terminate()
             assert server.wait(30) == 0
     finally:

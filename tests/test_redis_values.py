@@ -1,5 +1,5 @@
 """Redis values: an unreadable value at one user's key (a key of the wrong type, junk, bad UTF-8, a
-wrong layout, non-finite numbers) is that user's problem alone, in both profile layouts. Through a
+wrong layout, non-finite numbers) is that user's problem alone. Through a
 real redis-server and a real gRPC server: the user reads as new, the value is dropped when a read or
 a write finds it and the user starts over; the rest of the batch is applied; the store never goes
 degraded (other users stay served from Redis); the drop is counted by reason in the metrics and
@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import re
-import struct
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -20,8 +19,7 @@ import redis
 
 from reranker.userhash import user_hash
 from reranker.types import Event, EventType
-from reranker.itemkeys import item_key
-from reranker.users.compact import CompactProfile, ProfileFormatError, decode, encode
+from reranker.users.compact import CompactProfile, ProfileFormatError, decode, encode, table_lookup
 from reranker.users.compact_redis import CompactRedisProfileStore
 from reranker.users.profiles import UNREADABLE_REASONS, UserState, log_name, user_vector
 from reranker.users.redis_store import RedisProfileStore
@@ -64,24 +62,9 @@ def unreadable_count(running: object, reason: str) -> float:
 
 # --- poisons: what a careless operator or another program leaves at one user's key ---------------
 def wrong_type(suffix: str) -> Callable[[redis.Redis], None]:
-    def poison(c: redis.Redis) -> None:
+    def poison(c: redis.Redis) -> None:  # the profile is a string: a hash is the wrong type
         c.delete(key(VICTIM, suffix))
-        if suffix == "u":  # the compact profile is a string: a hash is the wrong type
-            c.hset(key(VICTIM, suffix), "f", "v")
-        else:
-            c.set(key(VICTIM, suffix), "x")
-    return poison
-
-
-def full_field(field: str, value: bytes) -> Callable[[redis.Redis], None]:
-    return lambda c: c.hset(key(VICTIM, "p"), field, value)
-
-
-def full_history_member(mutate: Callable[[bytes], bytes]) -> Callable[[redis.Redis], None]:
-    def poison(c: redis.Redis) -> None:
-        [(member, score)] = c.zrange(key(VICTIM, "h"), -1, -1, withscores=True)
-        c.zrem(key(VICTIM, "h"), member)
-        c.zadd(key(VICTIM, "h"), {mutate(member): score})
+        c.hset(key(VICTIM, suffix), "f", "v")
     return poison
 
 
@@ -99,52 +82,24 @@ def compact_nan_long_term(blob: bytes) -> bytes:
     return encode(p)
 
 
-NAN64 = struct.pack("<d", math.nan) * 64
-F1 = item_key("f1").to_bytes(8, "little")  # the consumed-item key of the victim's next event
-POISONS = {
-    # full layout: a wrong-type key at each of the user's six keys
-    **{f"full-wrong-type-{s}": ("full", wrong_type(s), "wrong_type") for s in ("p", "r", "h", "i", "c", "cz")},
-    "full-nan-long-term": ("full", full_field("lt", NAN64), "non_finite"),
-    "full-inf-session": ("full", full_field("st", struct.pack("<d", math.inf) * 64), "non_finite"),
-    "full-nan-clock": ("full", full_field("ref", b"nan"), "non_finite"),
-    "full-short-long-term": ("full", full_field("lt", b"\x00" * 12), "layout"),
-    "full-junk-count": ("full", full_field("count", b"many"), "layout"),
-    "full-history-bad-utf8": ("full", full_history_member(lambda m: m[:-256 - 1] + b"\xff" + m[-256:]), "bad_utf8"),
-    "full-history-truncated": ("full", full_history_member(lambda m: m[:30]), "layout"),
-    "full-history-nan-vector": ("full", full_history_member(lambda m: m[:-4] + struct.pack("<f", math.nan)),
-                                "non_finite"),
-    "full-recent-junk": ("full", lambda c: c.lpush(key(VICTIM, "r"), b"{not json"), "layout"),
-    "full-consumed-short": ("full", lambda c: c.hset(key(VICTIM, "c"), b"k" * 8, b"\x01" * 7), "layout"),
-    # ... the entry of the item the next event is on (the Lua fold reads it, and fails on it)
-    "full-consumed-short-item": ("full", lambda c: c.hset(key(VICTIM, "c"), F1, b"\x01" * 7), "layout"),
-    "full-consumed-nan-item": ("full", lambda c: c.hset(key(VICTIM, "c"), F1, struct.pack("<5d", *[math.nan] * 5)),
-                               "non_finite"),
-    # compact layout: one string key per user
-    "compact-wrong-type": ("compact", wrong_type("u"), "wrong_type"),
-    "compact-bad-utf8": ("compact", compact_blob(lambda b: b[:-1] + b"\xff"), "bad_utf8"),
-    "compact-junk": ("compact", compact_blob(lambda b: b"not a profile"), "layout"),
-    "compact-truncated": ("compact", compact_blob(lambda b: b[: len(b) // 2]), "layout"),
-    "compact-nan-long-term": ("compact", compact_blob(compact_nan_long_term), "non_finite"),
+POISONS = {  # one string key per user (full-layout keys: test_redis_profiles, the conversion tests)
+    "compact-wrong-type": (wrong_type("u"), "wrong_type"),
+    "compact-bad-utf8": (compact_blob(lambda b: b[:-1] + b"\xff"), "bad_utf8"),
+    "compact-junk": (compact_blob(lambda b: b"not a profile"), "layout"),
+    "compact-truncated": (compact_blob(lambda b: b[: len(b) // 2]), "layout"),
+    "compact-nan-long-term": (compact_blob(compact_nan_long_term), "non_finite"),
 }
 
 
-# The full layout's Lua fold does not read the history rows, the recent events, nor the consumed
-# entries of other items: a bad value there is found by the user's next read (and dropped with what
-# was written into it meanwhile).
-FOUND_BY_READS_ONLY = {"full-history-bad-utf8", "full-history-truncated", "full-history-nan-vector",
-                       "full-recent-junk", "full-consumed-short"}
-
-
-@pytest.mark.parametrize("case,first", [(case, "read") for case in POISONS]
-                         + [(case, "write") for case in POISONS if case not in FOUND_BY_READS_ONLY])
+@pytest.mark.parametrize("case,first", [(case, first) for case in POISONS for first in ("read", "write")])
 def test_an_unreadable_value_at_one_users_key_is_that_users_problem_alone(
     case: str, first: str, client: redis.Redis, redis_server: RedisServer, make_server: ServerFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    layout, poison, reason = POISONS[case]
+    poison, reason = POISONS[case]
     caplog.set_level(logging.INFO)
-    running, stub = make_server(fake_settings(redis_url=redis_server.url, profile_layout=layout,
-                                              redis_timeout_ms=2000.0, redis_write_timeout_ms=5000.0))
+    running, stub = make_server(fake_settings(redis_url=redis_server.url, redis_timeout_ms=2000.0,
+                                              redis_write_timeout_ms=5000.0))
     record(stub, *(event(u, f"p{k}", f"{PIANO} {k}", event_id=f"{u}-{k}", **at(T0 + k))
                    for k in range(3) for u in (VICTIM, "other")))
     assert ranked_ids(stub, "other", TOPIC_CANDIDATES) == ["c-piano", "c-football"]
@@ -178,23 +133,16 @@ def test_an_unreadable_value_at_one_users_key_is_that_users_problem_alone(
 def test_a_future_clock_repair_is_logged_without_the_user_id(client: redis.Redis, redis_server: RedisServer,
                                                             make_server: ServerFactory,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    for layout in ("full", "compact"):
-        client.flushall()
-        caplog.clear()
-        running, stub = make_server(fake_settings(redis_url=redis_server.url, profile_layout=layout,
-                                                  redis_timeout_ms=2000.0))
-        record(stub, event(VICTIM, "p1", PIANO, event_id="a", **at(T0)))
-        store = running.service.profiles
-        if layout == "full":
-            client.hset(key(VICTIM, "p"), "ref", repr(T0 + 1e9))
-        else:
-            p = decode(client.get(key(VICTIM, "u")), 64)  # type: ignore[arg-type]
-            p.ref_time = T0 + 1e9
-            client.set(key(VICTIM, "u"), encode(p))
-        assert ranked_ids(stub, VICTIM, TOPIC_CANDIDATES) == ["c-piano", "c-football"]
-        assert store.repairs >= 1  # type: ignore[union-attr]
-        assert "repaired" in caplog.text and log_name(VICTIM) in caplog.text
-        assert VICTIM not in caplog.text
+    running, stub = make_server(fake_settings(redis_url=redis_server.url, redis_timeout_ms=2000.0))
+    record(stub, event(VICTIM, "p1", PIANO, event_id="a", **at(T0)))
+    store = running.service.profiles
+    p = decode(client.get(key(VICTIM, "u")), 64)  # type: ignore[arg-type]
+    p.ref_time = T0 + 1e9
+    client.set(key(VICTIM, "u"), encode(p))
+    assert ranked_ids(stub, VICTIM, TOPIC_CANDIDATES) == ["c-piano", "c-football"]
+    assert store.repairs >= 1  # type: ignore[union-attr]
+    assert "repaired" in caplog.text and log_name(VICTIM) in caplog.text
+    assert VICTIM not in caplog.text
 
 
 def test_the_log_name_is_the_access_logs_user_hash() -> None:
@@ -209,8 +157,9 @@ def test_a_redis_error_that_is_not_a_users_value_still_fails_over(client: redis.
     """Redis out of memory replies with an error per script, like a bad value would: the store reads the
     user's keys, finds them fine, and fails over to its fallback for everyone (then replays), as for
     an outage; nothing is dropped."""
+    lookup = table_lookup({"i1": 0, "i2": 0, "i3": 0}, np.ones((1, 8), np.float32) / np.sqrt(8))
     s = fake_settings(redis_url=redis_server.url, redis_timeout_ms=2000.0, redis_retry_seconds=0.0)
-    store = make_profile_store(s.users, s.redis, 8)
+    store = make_profile_store(s.users, s.redis, 8, lookup=lookup)
     assert isinstance(store, RedisProfileStore)
     vector = np.ones(8, np.float32) / np.sqrt(8)
     store.apply([(Event(u, "i1", EventType.CLICK, T0, f"{u}-1"), vector) for u in (VICTIM, "other")], T0)
@@ -223,7 +172,7 @@ def test_a_redis_error_that_is_not_a_users_value_still_fails_over(client: redis.
     store.apply([(Event("other", "i3", EventType.CLICK, T0 + 2, "other-3"), vector)], T0)
     store.close()  # waits for the replay
     assert not store.degraded and client.exists(store.keys(VICTIM)[0])
-    fresh = make_profile_store(s.users, s.redis, 8)
+    fresh = make_profile_store(s.users, s.redis, 8, lookup=lookup)
     assert fresh.get(VICTIM).event_count == 2  # type: ignore[union-attr]
 
 
@@ -280,7 +229,7 @@ def test_every_truncation_and_byte_flip_of_a_compact_profile_is_that_users_probl
     catalog = Catalog()
     settings, _ = config(vector_history_size=3, max_event_ids_per_user=6, redis_timeout_ms=5000.0,
                          redis_write_timeout_ms=5000.0)
-    settings = dataclasses.replace(settings, redis_url=redis_server.url, profile_layout="compact")
+    settings = dataclasses.replace(settings, redis_url=redis_server.url)
     store = make_profile_store(settings.users, settings.redis, DIM, lookup=catalog)
     assert isinstance(store, CompactRedisProfileStore)
     # A profile with every section: rows with ids of several UTF-8 lengths, a session tail, a consumed tail.

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from reranker.users import snapshot
+from reranker.users.compact import CompactProfileStore, decode, encode, table_lookup
+from reranker.users.profiles import ProfileConfig
 from reranker.config import Settings
 from reranker.model.encoder import FakeEncoder
 from reranker.serving.server import RunningServer, build_server
@@ -241,38 +243,87 @@ def test_profiles_are_written_in_parts_and_all_come_back(tmp_path: Path) -> None
     assert restored.record_events([Event("user-6", "i0", event_id="6-0")]).duplicates == 1
 
 
-def test_a_snapshot_written_before_the_session_sum_was_kept_rebuilds_it(tmp_path: Path) -> None:
-    from reranker.users.profiles import InProcessProfileStore, ProfileConfig
+DATA = Path(__file__).resolve().parent / "data"
+FULL_SNAPSHOT = DATA / "full_layout_snapshot.npz"  # written by the full layout (tests/data/README.md)
 
-    settings = fake_settings(fake_dim=8)
-    config = ProfileConfig.from_settings(settings.users, 8)
-    store = InProcessProfileStore(config, max_users=10, ttl_seconds=1e12)
-    rng = np.random.default_rng(1)
-    vectors = rng.standard_normal((6, 8)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)  # item vectors are unit rows (a longer one is refused)
-    store.apply([(Event("u", f"i{k}", timestamp=1_700_000_000.0 + 37 * k), vectors[k]) for k in range(6)], time.time())
-    path = tmp_path / "s.npz"
-    snapshot.save_snapshot(path, items=None, profiles=store, model_version="m", dim=8)
-    old = tmp_path / "old.npz"  # the same archive without the session arrays (format of an older build)
-    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w") as dst:
+
+def full_layout_service(path: Path) -> RerankService:
+    """A service that loads the frozen full-layout snapshot from `path` (the fixture's settings)."""
+    settings = fake_settings(fake_dim=16, snapshot_path=str(path), snapshot_interval_seconds=0, user_ttl_seconds=1e12)
+    service = RerankService(settings, FakeEncoder(16))
+    service.load()
+    return service
+
+
+def answers_of(service: RerankService, user: str) -> dict[str, object]:
+    expected = json.loads((DATA / "full_layout_expected.json").read_text())["in_process"]
+    ids = expected[user]["ranking"]
+    result = service.rerank(RerankQuery(user, tuple(Candidate(i, 0.0, None) for i in sorted(ids, key=lambda i: int(i[1:])))))
+    view = service.user_profile(user, include_vector=True)
+    return {"event_count": view.event_count, "vector": list(view.vector), "ranking": list(result.items.item_ids),
+            "scores": [float(x) for x in result.items.scores]}
+
+
+def test_a_full_layout_snapshot_loads_converted_and_answers_as_the_full_layout_did(tmp_path: Path) -> None:
+    expected = json.loads((DATA / "full_layout_expected.json").read_text())["in_process"]
+    path = tmp_path / "state.npz"
+    path.write_bytes(FULL_SNAPSHOT.read_bytes())
+    service = full_layout_service(path)
+    for user, want in expected.items():
+        got = answers_of(service, user)
+        assert got["event_count"] == want["event_count"] and got["ranking"] == want["ranking"], user
+        np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
+        np.testing.assert_allclose(got["vector"], want["vector"], atol=1e-5)
+    assert service.record_events([Event("alice", "i0", event_id="a-3")]).duplicates == 1  # its event ids came along
+    service.close()  # saves the snapshot again: compact now, and it loads the same
+    with np.load(path) as archive:
+        assert json.loads(archive["header"].tobytes())["layout"] == "compact"
+    again = full_layout_service(path)
+    assert answers_of(again, "carol")["ranking"] == expected["carol"]["ranking"]
+    again.close()
+
+
+def test_a_full_layout_snapshot_written_before_the_session_sum_was_kept_rebuilds_it(tmp_path: Path) -> None:
+    old = tmp_path / "old.npz"  # the frozen snapshot without the session arrays (the format of an older build)
+    with zipfile.ZipFile(FULL_SNAPSHOT) as src, zipfile.ZipFile(old, "w") as dst:
         for name in src.namelist():
             if not name.startswith("user_session_"):
                 dst.writestr(name, src.read(name))
-    for source in (path, old):
-        restored = InProcessProfileStore(config, max_users=10, ttl_seconds=1e12)
-        snapshot.load_snapshot(source, items=None, profiles=restored, model_version="m", dim=8, now=time.time(),
-                               ttl_seconds=1e12)
-        a, b = store.get("u"), restored.get("u")
+    new = tmp_path / "new.npz"
+    new.write_bytes(FULL_SNAPSHOT.read_bytes())
+    with_session, without = full_layout_service(new), full_layout_service(old)
+    for user in ("bob", "carol"):  # every event still in the history rows: S is theirs alone
+        a, b = with_session.profiles.get(user), without.profiles.get(user)  # type: ignore[union-attr]
         assert a is not None and b is not None
         np.testing.assert_allclose(b.session, a.session, rtol=1e-9)
         np.testing.assert_allclose(b.long_term, a.long_term, rtol=1e-12)
+    with_session.close()
+    without.close()
 
 
-def _tampered(path: Path, edit: Callable[[dict[str, np.ndarray], list[dict]], None]) -> None:
-    """Rewrite a snapshot with some arrays edited (users_0 passed decoded)."""
+def test_a_full_layout_profile_holding_a_number_that_is_not_finite_is_skipped_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "state.npz"
+    path.write_bytes(FULL_SNAPSHOT.read_bytes())
+
+    def poison(arrays: dict[str, np.ndarray], users: list[dict]) -> None:
+        long_terms = arrays["user_long_term_0"].copy()
+        long_terms[[u["id"] for u in users].index("bob")] = np.inf
+        arrays["user_long_term_0"] = long_terms
+
+    _tampered(path, poison)
+    store = CompactProfileStore(ProfileConfig.from_settings(fake_settings(), 16), table_lookup({}, np.zeros((0, 16))),
+                                max_users=10, ttl_seconds=1e12)
+    info = snapshot.load_snapshot(path, items=None, profiles=store, model_version="fake-hash-v1", dim=16,
+                                  now=time.time(), ttl_seconds=1e12)
+    assert info is not None and (info.users, info.users_refused) == (2, 1)
+    assert store.get("bob") is None and store.get("alice") is not None and store.get("carol") is not None
+
+
+def _tampered(path: Path, edit: Callable[[dict[str, np.ndarray], list], None]) -> None:
+    """Rewrite a snapshot with some arrays edited (its first part's users passed decoded)."""
     with np.load(path, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
-    users = json.loads(arrays["users_0"].tobytes())
+    users = json.loads(arrays["users_0" if "users_0" in arrays else "compact_users_0"].tobytes())
     edit(arrays, users)
     tmp = path.with_name("edited.npz")
     with tmp.open("wb") as fh:
@@ -286,24 +337,28 @@ def test_entries_that_are_not_finite_are_skipped_and_counted_the_rest_is_restore
               for n, (user, item) in enumerate([("good", "i1"), ("bad-l", "i2"), ("bad-history", "i3"), ("good", "i4")])]
     saved_service(path, *events).close()
 
-    def poison(arrays: dict[str, np.ndarray], users: list[dict]) -> None:
+    def poison(arrays: dict[str, np.ndarray], users: list[str]) -> None:
         ids = json.loads(arrays["item_ids"].tobytes())
         vectors = arrays["item_vectors"].copy()
         vectors[ids.index("i4")] = np.nan
         arrays["item_vectors"] = vectors
-        rows = [u["id"] for u in users]
-        long_terms = arrays["user_long_term_0"].copy()
-        long_terms[rows.index("bad-l")] = np.inf
-        arrays["user_long_term_0"] = long_terms
-        hist = arrays["hist_vectors_0"].copy()
-        at = sum(len(u["hist"]) for u in users[: rows.index("bad-history")])
-        hist[at] = 1e30
-        arrays["hist_vectors_0"] = hist
+        blobs, ends = arrays["compact_blobs_0"].tobytes(), arrays["compact_ends_0"].tolist()
+        profiles = [decode(blobs[a:b], 64) for a, b in zip([0, *ends[:-1]], ends)]
+        profiles[users.index("bad-l")].long_term[3] = np.inf
+        profiles[users.index("bad-history")].row_times[0] = np.nan
+        encoded = [encode(p) for p in profiles]
+        arrays["compact_blobs_0"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        arrays["compact_ends_0"] = np.cumsum([len(b) for b in encoded], dtype=np.int64)
 
     _tampered(path, poison)
     info = snapshot.load_snapshot(path, items=ItemVectorCache(100, 64), profiles=None, model_version="fake-hash-v1",
                                   dim=64, now=time.time(), ttl_seconds=1e9)
     assert info is not None and (info.items, info.items_refused) == (3, 1)
+    store = CompactProfileStore(ProfileConfig.from_settings(fake_settings(), 64), table_lookup({}, np.zeros((0, 64))),
+                                max_users=10, ttl_seconds=1e12)
+    info = snapshot.load_snapshot(path, items=None, profiles=store, model_version="fake-hash-v1", dim=64,
+                                  now=time.time(), ttl_seconds=1e9)
+    assert info is not None and (info.users, info.users_refused) == (1, 2)
     service = loaded_service(path)
     assert service.items is not None and service.items.known("i1") and not service.items.known("i4")
     assert service.user_profile("good").found

@@ -24,7 +24,7 @@ from reranker.streamconsumer import StreamConsumer, event_from_entry
 from reranker.types import Event, RecordResult
 from reranker.v1 import reranker_pb2 as pb
 from conftest import REPO, fake_settings
-from redis_server import RedisServer
+from redis_server import RedisServer, stored_profile
 from test_redis_profiles import redis_server, redis_url  # noqa: F401  (the fixtures: one redis-server per module)
 
 KEY = "events"
@@ -227,7 +227,7 @@ def test_reranker_consume_runs_as_a_process_and_stops_on_sigterm(redis_server: R
             time.sleep(0.1)
         else:
             raise AssertionError("the consumer process did not acknowledge the events")
-        assert client.hget("reranker:{u0}:p", "count") == b"5"
+        assert stored_profile(client, "u0", 16).event_count == 5  # type: ignore[union-attr]
         client.close()
     finally:
         process.send_signal(signal.SIGTERM)

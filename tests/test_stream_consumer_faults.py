@@ -25,7 +25,7 @@ from reranker.service import RerankService
 from reranker.types import Event, EventType
 from reranker.users.compact import decode
 from conftest import REPO, fake_settings
-from redis_server import RedisServer, free_port
+from redis_server import RedisServer, free_port, stored_profile
 from test_redis_profiles import redis_server, redis_url  # noqa: F401  (the fixtures: one redis-server per module)
 
 KEY = "faults"
@@ -123,8 +123,9 @@ def as_bytes(fields: dict[str, str | bytes]) -> dict[bytes, bytes]:
 
 
 def full_count(client: redis.Redis, user: str) -> int:
-    raw = client.hget(f"reranker:{{{user}}}:p", "count")
-    return 0 if raw is None else int(raw)
+    """The user's event count in its profile in Redis (0: none)."""
+    profile = stored_profile(client, user, DIM)
+    return 0 if profile is None else profile.event_count  # type: ignore[attr-defined]
 
 
 def test_nothing_acknowledged_is_lost_when_the_profile_redis_is_down_and_the_consumer_is_killed(

@@ -202,7 +202,7 @@ def test_stream_applies_the_events_before_a_refused_one_even_in_the_same_batch(s
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("event[1].item_id"), err.value.details()
     view = profile(stub, "s4")
-    assert view.event_count == 1 and [e.event_id for e in view.recent_events] == ["s4-1"]
+    assert view.event_count == 1 and [e.item_id for e in view.recent_events] == ["p1"]
 
 
 def test_recent_events_are_bounded_and_drop_text(make_server: ServerFactory) -> None:

@@ -2,7 +2,7 @@
 
 `experiments/validate_head.py` chooses `reranker train` settings with it (thousands of lists in
 seconds). It is only worth that if it orders a list exactly as the server does: the profiles are
-built by the server's own `InProcessProfileStore` from the same events, and the head is called
+built by the server's own `CompactProfileStore` from the same events, and the head is called
 with the same user vector, liked history and liked history ids as `RerankService` (and the
 settings' default MMR diversity).
 tests/test_eval_cli.py checks the parity against `reranker eval` through a real server.
@@ -20,7 +20,8 @@ from reranker.ranking import scoring
 from reranker.config import Settings
 from reranker.evaluation import formats
 from reranker.ranking.head import RankingHead
-from reranker.users.profiles import InProcessProfileStore, ProfileConfig
+from reranker.users.compact import CompactProfileStore, table_lookup
+from reranker.users.profiles import ProfileConfig
 from reranker.types import Event, EventType
 
 
@@ -52,8 +53,8 @@ class OfflineScorer:
         self._settings = settings
         self._index = {item: j for j, item in enumerate(catalog)}
         self._vectors = np.asarray(vectors, dtype=np.float32)
-        self._store = InProcessProfileStore(
-            ProfileConfig.from_settings(settings.users, self._vectors.shape[1]),
+        self._store = CompactProfileStore(
+            ProfileConfig.from_settings(settings.users, self._vectors.shape[1]), table_lookup(self._index, self._vectors),
             max_users=max(1, 2 * len(histories)),
             ttl_seconds=settings.users.user_ttl_seconds,
         )

@@ -42,7 +42,8 @@ from reranker.evaluation.metrics import MetricAccumulator
 from reranker.evaluation.offline import gather_vectors
 from reranker.users import profiles
 from reranker.ranking import scoring
-from reranker.users.profiles import InProcessProfileStore, ProfileConfig
+from reranker.users.compact import CompactProfileStore, table_lookup
+from reranker.users.profiles import ProfileConfig
 from reranker.types import Event, EventType
 
 log = logging.getLogger(__name__)
@@ -600,8 +601,8 @@ def train(
     # are what grows with users; the retrievers still learn from everyone's history).
     t = time.perf_counter()
     blend_users = _blend_users(history, cfg)
-    store = InProcessProfileStore(
-        ProfileConfig.from_settings(settings.users, encoder.dim),
+    store = CompactProfileStore(
+        ProfileConfig.from_settings(settings.users, encoder.dim), table_lookup(index, vectors),
         max_users=max(1, len(blend_users) * 2 * cuts + len(served.timelines)),
         ttl_seconds=settings.users.user_ttl_seconds,
     )

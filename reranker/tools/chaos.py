@@ -22,7 +22,8 @@ or of `consume`; SIGHUP to `consume`.
 At the end, with every fault cleared, the stream drained and both processes stopped by SIGTERM, a
 fresh `serve` on the same Redis and snapshot is asked for every user's profile. The run passes when:
 - every acknowledged event (an OK `RecordEvents`, or a stream entry that was XACKed and is not in
-  the dead letters) is in the user's profile;
+  the dead letters) is in the user's profile (its event id's hash in the profile's id memory, read
+  from Redis; GetUserProfile finds the user with at least that many events);
 - every refused stream entry is in the dead letters with all its fields and a reason;
 - no process exited except after an injected signal (and then with status 0);
 - no response carried a NaN or infinite score, and every one was a valid reordering;
@@ -57,6 +58,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker.tools.loadtest import ServerProcess, check_reordering, item_text
+from reranker.users.compact import decode
+from reranker.users.profiles import event_id_hash
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
@@ -636,9 +639,7 @@ class ChaosSoak:
         while True:
             lost = []
             for user, ids, source in expected:
-                profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
-                have = {e.event_id for e in profile.recent_events}
-                lost += [f"{source} {user} {missing}" for missing in sorted(ids - have)]
+                lost += [f"{source} {user} {missing}" for missing in self._missing(stub, user, ids)]
             if not lost or time.monotonic() > deadline:
                 return lost
             time.sleep(1.0)
@@ -659,6 +660,23 @@ class ChaosSoak:
             got = dead_fields.get(event_id)
             if got is None or any(got.get(k) != v for k, v in fields.items()) or not got.get("error"):
                 missing += 1
+        return missing
+
+    def _missing(self, stub: pb_grpc.RerankerServiceStub, user: str, ids: set[str]) -> list[str]:
+        """The acknowledged event ids of `user` its profile does not hold. A profile keeps no event ids
+        in its events (GetUserProfile's recent events are its history rows), only their hashes, for
+        idempotency: they are read from the user's profile in Redis, and GetUserProfile must find the
+        user with at least that many events."""
+        profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
+        client = self.profiles_redis.client()
+        try:
+            blob = client.get(f"{PREFIX}:{{{user}}}:u")
+        finally:
+            client.close()
+        held = set() if blob is None else set(decode(blob, DIM).ids.tolist())
+        missing = sorted(event_id for event_id in ids if event_id_hash(event_id) not in held)
+        if not missing and (not profile.found or profile.event_count < len(ids)):
+            missing = [f"(GetUserProfile: found={profile.found}, {profile.event_count} events, {len(ids)} acknowledged)"]
         return missing
 
     def run(self) -> ChaosReport:

@@ -1,7 +1,9 @@
-"""Compact user profiles: one small byte string per user, item vectors looked up, not copied.
+"""Compact user profiles: one small byte string per user, item vectors looked up, not copied. The
+only profile layout, and `fold_events` the only fold, for every store (in process, Redis, snapshots).
 
-A full profile (profiles.py) keeps a float32 copy of every history row's item vector and L and S in
-float64: ~45 KB per user at 20 events. A compact profile keeps the same user model in ~2-4 KB:
+The full layout that came before (legacy.py reads it, to convert it) kept a float32 copy of every
+history row's item vector and L and S in float64: ~45 KB per user at 20 events. A compact profile
+keeps the same user model in ~2-4 KB:
 
 * L (the long-term sum) in float32: rounding it once per event moves scores by ~1e-7;
 * the history rows as item ids, times, weights and event types, without vectors: their vectors
@@ -30,8 +32,10 @@ import bisect
 import math
 import struct
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +44,7 @@ from reranker.users import usermodel
 from reranker.itemkeys import item_key, item_keys
 from reranker.users.consumed import ConsumedItems
 from reranker.users.profiles import (
-    LocalStore, ProfileConfig, UnreadableProfile, UserState, _Profile, event_id_hash, export_in_chunks, log_repair,
+    LocalStore, ProfileConfig, UnreadableProfile, UserState, event_id_hash, export_in_chunks, log_repair,
 )
 
 # (vectors (n, d) float32, found (n,) bool) for item ids; rows not found are ignored.
@@ -146,10 +150,42 @@ def decode(blob: bytes, dim: int) -> CompactProfile:
     """The working copy of a profile written by `encode`. Raises ProfileFormatError, with its
     `reason`, for anything else: a wrong size or layout, an unknown version, flag or event type, a
     row id that is not UTF-8, a number that is not finite, a history row after the profile's clock."""
+    header = _read_header(blob, dim)
+    (seq, _, flags, n, n_ids, ids_next, t, ref_time, updated_at, session_tail_mass, count, folded, repeats,
+     consumed_events) = header
+    reader = _Reader(blob, _HEADER.size)
+    row_times, row_keys = reader.take("<f8", n), reader.take("<u8", n)
+    ids = reader.take("<u8", n_ids).astype(np.uint64)
+    tail_keys = reader.take("<u8", t)
+    tail_floats = reader.take("<f8", 3 * t)  # newest times, masses, session masses
+    long_term = reader.take("<f4", dim).astype(np.float64)
+    session_tail = reader.take("<f4", dim).astype(np.float64) if flags & FLAG_SESSION_TAIL else None
+    row_weights, tail_counts = reader.take("<f4", n), reader.take("<u4", t)
+    ends, types = reader.take("<u4", n).tolist(), reader.take("u1", n).tolist()
+    times, weights = row_times.tolist(), row_weights.astype(np.float64).tolist()
+    # NaN and inf carry through a sum, which the finite numbers of a profile cannot overflow (times,
+    # and masses and sums of weights up to float32's max: far below float64's).
+    total = ref_time + updated_at + session_tail_mass + sum(times) + sum(weights) + float(long_term.sum())
+    total += float(tail_floats.sum()) + (0.0 if session_tail is None else float(session_tail.sum()))
+    if not math.isfinite(total):
+        raise ProfileFormatError("compact profile holds a number that is not finite", "non_finite")
+    if n and (max(types) >= _EVENT_TYPES or max(times) > ref_time):
+        raise ProfileFormatError("compact profile rows: an unknown event type, or an event after the profile's clock")
+    row_ids = _row_ids(blob[reader.at:], ends)
+    tail = ConsumedItems(tail_keys.astype(np.uint64), tail_counts.astype(np.int64), *(column.copy() for column in
+                                                                                      tail_floats.reshape(3, t)))
+    return CompactProfile(
+        long_term, seq, ref_time, updated_at, count, folded, repeats, consumed_events, session_tail, session_tail_mass,
+        times, weights, types, row_ids, row_keys.tolist(), ids, ids_next, tail,
+    )
+
+
+def _read_header(blob: bytes, dim: int) -> tuple:
+    """The header fields, once the version, flags and sizes it states are checked against the blob."""
     if len(blob) < _HEADER.size:
         raise ProfileFormatError(f"a compact profile is at least {_HEADER.size} bytes, got {len(blob)}")
-    (seq, version, flags, n, n_ids, ids_next, t, ref_time, updated_at, session_tail_mass, count, folded, repeats,
-     consumed_events) = _HEADER.unpack_from(blob)
+    header = _HEADER.unpack_from(blob)
+    _, version, flags, n, n_ids, ids_next, t = header[:7]
     if version != VERSION:
         raise ProfileFormatError(f"compact profile version {version}; this build reads {VERSION}")
     if flags & ~FLAG_SESSION_TAIL:
@@ -160,52 +196,32 @@ def decode(blob: bytes, dim: int) -> CompactProfile:
         raise ProfileFormatError(f"truncated compact profile: {len(blob)} bytes, its header says at least {fixed}")
     if ids_next > n_ids:
         raise ProfileFormatError(f"compact profile's id ring has {n_ids} ids, its next slot is {ids_next}")
-    at = _HEADER.size
+    return header
 
-    def take(dtype: str, count: int) -> np.ndarray:
-        nonlocal at
-        out = np.frombuffer(blob, dtype=dtype, count=count, offset=at)
-        at += out.nbytes
+
+class _Reader:
+    """Arrays read one after the other from a blob (views, no copies)."""
+
+    __slots__ = ("blob", "at")
+
+    def __init__(self, blob: bytes, at: int) -> None:
+        self.blob, self.at = blob, at
+
+    def take(self, dtype: str, count: int) -> np.ndarray:
+        out = np.frombuffer(self.blob, dtype=dtype, count=count, offset=self.at)
+        self.at += out.nbytes
         return out
 
-    row_times = take("<f8", n)
-    row_keys = take("<u8", n)
-    ids = take("<u8", n_ids).astype(np.uint64)
-    tail_keys = take("<u8", t)
-    tail_floats = np.frombuffer(blob, dtype="<f8", count=3 * t, offset=at)  # the columns below, checked at once
-    tail_last, tail_mass, tail_smass = take("<f8", t), take("<f8", t), take("<f8", t)
-    long_term = take("<f4", dim).astype(np.float64)
-    session_tail = take("<f4", dim).astype(np.float64) if flags & FLAG_SESSION_TAIL else None
-    row_weights = take("<f4", n)
-    tail_counts = take("<u4", t)
-    ends = take("<u4", n).tolist()
-    types = take("u1", n).tolist()
-    text = blob[at:]
-    times, weights = row_times.tolist(), row_weights.astype(np.float64).tolist()
-    # NaN and inf carry through a sum, which the finite numbers of a profile cannot overflow (times,
-    # and masses and sums of weights up to float32's max: far below float64's).
-    total = ref_time + updated_at + session_tail_mass + sum(times) + sum(weights) + float(long_term.sum())
-    if session_tail is not None:
-        total += float(session_tail.sum())
-    if t:
-        total += float(tail_floats.sum())
-    if not math.isfinite(total):
-        raise ProfileFormatError("compact profile holds a number that is not finite", "non_finite")
+
+def _row_ids(text: bytes, ends: list[int]) -> list[str]:
+    """The rows' item ids from their UTF-8 text and where each ends."""
     slices = [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
-    if sum(map(len, slices)) != len(text) or (n and ends[-1] != len(text)):  # offsets that go back read more
+    if sum(map(len, slices)) != len(text) or (ends and ends[-1] != len(text)):  # offsets that go back read more
         raise ProfileFormatError(f"compact profile ids take {len(text)} bytes, the offsets say otherwise")
-    if n and (max(types) >= _EVENT_TYPES or max(times) > ref_time):
-        raise ProfileFormatError("compact profile rows: an unknown event type, or an event after the profile's clock")
     try:
-        row_ids = [item_id.decode("utf-8", "surrogatepass") for item_id in slices]
+        return [item_id.decode("utf-8", "surrogatepass") for item_id in slices]
     except UnicodeDecodeError as exc:
         raise ProfileFormatError(f"a compact profile row id is not UTF-8 ({exc.reason})", "bad_utf8") from None
-    tail = ConsumedItems(tail_keys.astype(np.uint64), tail_counts.astype(np.int64), tail_last.copy(),
-                         tail_mass.copy(), tail_smass.copy())
-    return CompactProfile(
-        long_term, seq, ref_time, updated_at, count, folded, repeats, consumed_events, session_tail, session_tail_mass,
-        times, weights, types, row_ids, row_keys.tolist(), ids, ids_next, tail,
-    )
 
 
 def fold_events(
@@ -413,50 +429,18 @@ def _merged_consumed(p: CompactProfile, found: np.ndarray, c: ProfileConfig) -> 
     return out.freeze()
 
 
-def from_full(profile: _Profile, config: ProfileConfig) -> CompactProfile:
-    """A full-layout profile (profiles._Profile, e.g. from a snapshot written before the layout was
-    switched) as a compact one: the same L, S, rows, consumed memory and event ids; the rows' part
-    of S and of the consumed memory taken out of what is stored beyond them."""
-    c = config
-    keep = slice(max(0, len(profile.hist_items) - c.max_history), None)
-    rows = usermodel.History(tuple(profile.hist_items[keep]), np.array(profile.hist_times[keep], dtype=np.float64),
-                             np.array(profile.hist_weights[keep], dtype=np.float64),
-                             np.array(profile.hist_vectors[keep], dtype=np.float32).reshape(-1, c.dim))
-    types = {(item_id, ts): kind for item_id, kind, ts, _, _ in profile.recent}
-    out = CompactProfile(
-        np.array(profile.long_term, dtype=np.float64), 0, profile.ref_time, profile.updated_at, profile.event_count,
-        profile.folded, profile.consumed.repeats, profile.consumed.events,
-        row_times=rows.timestamps.tolist(), row_weights=rows.weights.tolist(),
-        row_types=[int(types.get((i, t), EventType.CLICK)) for i, t in zip(rows.item_ids, rows.timestamps.tolist())],
-        row_ids=list(rows.item_ids), row_keys=item_keys(rows.item_ids).tolist(),
-        ids=profile.seen.in_order().astype(np.uint64),
-    )
-    out.ids_next = 0  # oldest first: once the ring is full, the next id overwrites index 0
-    if profile.session is not None and len(rows):
-        tail = np.asarray(profile.session, dtype=np.float64) - usermodel.decayed_sum(rows, profile.ref_time, c.session_rate)
-        session_masses = usermodel.decayed_weights(rows, profile.ref_time, c.session_rate)
-        tail_mass = max(float(np.abs(profile.consumed.session_mass).sum()) - float(np.abs(session_masses).sum()),
-                        float(np.linalg.norm(tail)))  # |S_tail| <= its mass (unit vectors): a floor
-        if tail_mass > SESSION_TAIL_NEGLIGIBLE * float(np.abs(session_masses).sum()):
-            out.session_tail, out.session_tail_mass = tail, tail_mass
-    elif profile.session is not None and float(np.linalg.norm(profile.session)) > 0:
-        out.session_tail = np.asarray(profile.session, dtype=np.float64).copy()
-        out.session_tail_mass = float(np.abs(profile.consumed.session_mass).sum()) or 1.0
-    consumed = profile.consumed.copy()
-    if len(consumed) and len(rows):
-        pos, hit = consumed.positions(item_keys(rows.item_ids))
-        np.subtract.at(consumed.counts, pos[hit], 1)
-        np.subtract.at(consumed.mass, pos[hit], usermodel.decayed_weights(rows, profile.ref_time, c.decay_rate)[hit])
-        np.subtract.at(consumed.session_mass, pos[hit],
-                       usermodel.decayed_weights(rows, profile.ref_time, c.session_rate)[hit])
-        left = consumed.counts > 0
-        consumed = ConsumedItems(consumed.keys[left], consumed.counts[left], consumed.last[left], consumed.mass[left],
-                                 consumed.session_mass[left])
-    newest = np.argsort(consumed.last, kind="stable")[::-1][: tail_capacity(c)]
-    keep_items = np.sort(newest)
-    out.tail = ConsumedItems(consumed.keys[keep_items], consumed.counts[keep_items], consumed.last[keep_items],
-                             consumed.mass[keep_items], consumed.session_mass[keep_items])
-    return out
+def table_lookup(index: Mapping[str, int], vectors: np.ndarray) -> VectorLookup:
+    """A VectorLookup over a fixed table: `index` maps an item id to its row of `vectors`."""
+    table = np.asarray(vectors, dtype=np.float32)
+
+    def lookup(item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.array([index.get(item_id, -1) for item_id in item_ids], dtype=np.int64)
+        found = rows >= 0
+        if not len(table):
+            return np.zeros((len(rows), table.shape[-1]), dtype=np.float32), np.zeros(len(rows), dtype=bool)
+        return table[np.maximum(rows, 0)], found
+
+    return lookup
 
 
 class CompactProfileStore(LocalStore):
@@ -467,8 +451,8 @@ class CompactProfileStore(LocalStore):
     layout = "compact"
 
     def __init__(self, config: ProfileConfig, lookup: VectorLookup, *, max_users: int, ttl_seconds: float,
-                 max_states: int = 0) -> None:
-        super().__init__(config, max_users=max_users, ttl_seconds=ttl_seconds, max_states=max_states)
+                 max_states: int = 0, lock: AbstractContextManager[Any] | None = None) -> None:
+        super().__init__(config, max_users=max_users, ttl_seconds=ttl_seconds, max_states=max_states, lock=lock)
         self.lookup = lookup
 
     def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:

@@ -1,29 +1,23 @@
 """User profile stores: where the per-user state of the user model lives.
 
 A store folds events (with their item vectors) into per-user state in O(d) per event and hands out
-an immutable `UserState` for scoring; the math is in usermodel.py. Two stores implement the
+an immutable `UserState` for scoring; the math is in usermodel.py, the one fold and the one layout
+(a compact profile: one byte string per user) in compact.py. Two stores implement the
 `ProfileStore` protocol:
 
-* `InProcessProfileStore` (default): a TTL + LRU bounded dict in this process.
-* `RedisProfileStore` (redis_store.py): one Redis shared by many replicas.
+* `CompactProfileStore` (compact.py, default): a TTL + LRU bounded dict in this process.
+* `CompactRedisProfileStore` (compact_redis.py): one Redis shared by many replicas.
 
-Per user the state is: the decayed long-term sum L and session sum S (float64, d each) with their
-reference time, counters,
-the last `max_recent` events (without text), the newest `max_history` events that had a vector
-(their vectors too; the session vector and attention pooling use them), and the 64-bit hashes of
-the last `max_event_ids` event ids (idempotency: a replayed event id is not counted twice).
+This module holds what they share: the settings of the fold (`ProfileConfig`), the scoring state
+(`UserState`) and the recipes that read it, and the bounded in-process dict (`LocalStore`).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import hashlib
 import logging
-import math
-import sys
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -34,9 +28,9 @@ import numpy as np
 
 from reranker.users import usermodel
 from reranker.history import CandidateHistory
-from reranker.itemkeys import item_key, item_keys
+from reranker.itemkeys import item_keys
 from reranker.users.consumed import ConsumedItems, hours_between
-from reranker.types import Event, EventType, RecordResult
+from reranker.types import Event, RecordResult
 
 if TYPE_CHECKING:
     from reranker.config import UserModelSettings
@@ -96,7 +90,7 @@ class UserState:
     # The consumed-item memory (read-only arrays): counts, times and long-term masses per item.
     consumed: ConsumedItems = dataclasses.field(default_factory=ConsumedItems.empty)
     # Values derived from this state (user vector, decayed weights), memoized by their users: the
-    # in-process store shares one UserState per profile version (see InProcessProfileStore.get).
+    # in-process store shares one UserState per profile version (see CompactProfileStore.get).
     derived: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
@@ -252,152 +246,6 @@ def event_id_hash(event_id: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-class _SeenIds:
-    """The last `capacity` event-id hashes of one user: a numpy ring, 8 bytes per id, grown lazily."""
-
-    __slots__ = ("hashes", "size", "next")
-
-    def __init__(self) -> None:
-        self.hashes = np.zeros(0, dtype=np.uint64)
-        self.size = 0
-        self.next = 0
-
-    def __contains__(self, hashed: int) -> bool:
-        return bool(self.size) and bool((self.hashes[: self.size] == np.uint64(hashed)).any())
-
-    def add(self, hashed: int, capacity: int) -> None:
-        if self.size < capacity and self.size == len(self.hashes):
-            grown = np.zeros(min(capacity, max(8, 2 * len(self.hashes))), dtype=np.uint64)
-            grown[: self.size] = self.hashes
-            self.hashes = grown
-        if self.size < capacity:
-            self.hashes[self.size] = hashed
-            self.size += 1
-            self.next = self.size % capacity
-        else:
-            self.hashes[self.next] = hashed
-            self.next = (self.next + 1) % capacity
-
-    def in_order(self) -> np.ndarray:
-        """Oldest first (for snapshots)."""
-        if self.size < len(self.hashes) or self.next == 0:
-            return self.hashes[: self.size].copy()
-        return np.concatenate([self.hashes[self.next : self.size], self.hashes[: self.next]])
-
-
-# A recent event as kept in memory: (item_id, type, timestamp, event_id, weight). A tuple of
-# atoms is untracked by Python's cyclic GC, so a million users' recent events cost the collector
-# nothing (an Event object each would make every full collection walk them all).
-RecentEvent = tuple[str, int, float, str, "float | None"]
-
-
-def _recent_tuple(event: Event) -> RecentEvent:
-    return (event.item_id, int(event.type), event.timestamp, event.event_id, event.weight)
-
-
-def _recent_event(user_id: str, row: RecentEvent) -> Event:
-    item_id, kind, timestamp, event_id, weight = row
-    return Event(user_id, item_id, EventType(kind), timestamp, event_id, None, weight)
-
-
-@dataclass(slots=True)
-class _Profile:
-    long_term: np.ndarray
-    ref_time: float = 0.0
-    folded: int = 0
-    event_count: int = 0
-    updated_at: float = 0.0
-    recent: deque[RecentEvent] = dataclasses.field(default_factory=deque)
-    hist_times: list[float] = dataclasses.field(default_factory=list)
-    hist_items: list[str] = dataclasses.field(default_factory=list)
-    hist_weights: list[float] = dataclasses.field(default_factory=list)
-    hist_vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
-    seen: _SeenIds = dataclasses.field(default_factory=_SeenIds)
-    session: np.ndarray | None = None  # float64 (d,), relative to ref_time; set on the first folded event
-    consumed: ConsumedItems = dataclasses.field(default_factory=ConsumedItems.empty)
-
-    def add_history(self, timestamp: float, item_id: str, weight: float, vector: np.ndarray, cap: int) -> None:
-        """Insert in event-time order (ties: arrival order), then drop the oldest beyond `cap`."""
-        at = bisect.bisect_right(self.hist_times, timestamp)
-        for column, value in (
-            (self.hist_times, timestamp), (self.hist_items, item_id),
-            (self.hist_weights, weight), (self.hist_vectors, vector),
-        ):
-            column.insert(at, value)  # type: ignore[attr-defined]
-            if len(column) > cap:  # type: ignore[arg-type]
-                del column[0]  # type: ignore[attr-defined]
-
-    def history(self, dim: int) -> usermodel.History:
-        """The vector history as arrays (copies)."""
-        if not self.hist_items:
-            return usermodel.History.empty(dim)
-        return usermodel.History(
-            tuple(self.hist_items),
-            np.array(self.hist_times, dtype=np.float64),
-            np.array(self.hist_weights, dtype=np.float64),
-            np.stack(self.hist_vectors),
-        )
-
-    def state(self, user_id: str, dim: int, recent: bool = True) -> UserState:
-        """A consistent copy (arrays read-only: the store may share it between readers)."""
-        history = self.history(dim)
-        long_term = self.long_term.copy()
-        session = None if self.session is None else self.session.copy()
-        for array in (long_term, session, history.timestamps, history.weights, history.vectors):
-            if array is not None:
-                array.flags.writeable = False
-        return UserState(
-            user_id, long_term, self.ref_time, self.event_count, self.updated_at,
-            tuple(_recent_event(user_id, row) for row in self.recent) if recent else (), history, session,
-            self.consumed.freeze(),
-        )
-
-    def repair_future_clock(self, now: float, config: ProfileConfig) -> bool:
-        """Re-anchor a reference time more than `max_clock_ahead` after `now` (see
-        usermodel.repair_future_clock); True when it was repaired."""
-        if self.folded == 0 or not self.ref_time > now + config.max_clock_ahead:
-            return False
-        history = self.history(config.dim)
-        session = usermodel.decayed_sum(history, self.ref_time, config.session_rate) if self.session is None else self.session
-        fixed = usermodel.repair_future_clock(
-            self.long_term, session, self.ref_time, history, now, config.decay_rate, config.session_rate
-        )
-        self.consumed = repaired_consumed(self.consumed, history, self.ref_time, fixed, now, config)
-        self.long_term, self.session, self.ref_time = fixed.long_term, fixed.session, fixed.ref_time
-        self.hist_times = fixed.history.timestamps.tolist()
-        self.recent = deque(
-            ((item_id, kind, min(ts, now), event_id, weight) for item_id, kind, ts, event_id, weight in self.recent),
-            maxlen=self.recent.maxlen,
-        )
-        return True
-
-
-def repaired_consumed(
-    consumed: ConsumedItems, history: usermodel.History, ref_time: float, fixed: usermodel.Repaired, now: float,
-    config: ProfileConfig,
-) -> ConsumedItems:
-    """The consumed-item memory after a future-clock repair (usermodel.repair_future_clock), in
-    step with the repaired L and S: newest times clamped to now; an exact repair rescales every
-    mass as L and S were rescaled and moves the future rows' terms to now; a rebuild recounts the
-    masses from the history rows L and S were rebuilt from. `history` and `ref_time` are before."""
-    out = consumed.copy()
-    out.last = np.minimum(out.last, now)
-    if not len(out):
-        return out
-    pos, hit = out.positions(item_keys(history.item_ids))
-    future = history.timestamps > now
-    for rate, masses in ((config.decay_rate, out.mass), (config.session_rate, out.session_mass)):
-        if fixed.exact:
-            taken = usermodel.decayed_weights(history, ref_time, rate) * future
-            np.subtract.at(masses, pos[hit], taken[hit])
-            masses *= math.exp(rate * (ref_time - now))
-            np.add.at(masses, pos[hit], (history.weights * future)[hit])
-        else:
-            masses[:] = 0.0
-            np.add.at(masses, pos[hit], usermodel.decayed_weights(fixed.history, now, rate)[hit])
-    return out
-
-
 P = TypeVar("P")
 
 
@@ -421,7 +269,7 @@ def export_in_chunks(profiles: cachetools.Cache[str, P], lock: threading.Lock, s
 
 
 class LocalStore:
-    """What the in-process stores (full and compact layouts) share: at most `max_users` profiles,
+    """The in-process store's bounds and bookkeeping: at most `max_users` profiles,
     each dropped after `ttl_seconds` untouched; the ready-to-score states of the `max_states` most
     recently read users; one lock; the counters the metrics read."""
 
@@ -455,144 +303,7 @@ class LocalStore:
         pass
 
 
-class InProcessProfileStore(LocalStore):
-    """Full-layout profiles (`_Profile`, item vectors copied in) in this process (see LocalStore)."""
-
-    backend = "in-process"
-    layout = "full"
-
-    def apply(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
-        """Fold events in order. The lock is taken per event, so a large batch never holds up a
-        Rerank (which runs on the server's event loop) for longer than one event's fold."""
-        accepted = duplicates = without_vector = 0
-        for event, vector in events:
-            with self._lock:
-                outcome = self._apply_one(event, vector, now)
-            if outcome == "duplicate":
-                duplicates += 1
-                continue
-            accepted += 1
-            without_vector += outcome == "no vector"
-        return RecordResult(accepted, duplicates, without_vector)
-
-    def _apply_one(self, event: Event, vector: np.ndarray | None, now: float) -> str:
-        """One event, under the lock: "duplicate", "no vector" or "folded"."""
-        c = self.config
-        profile = self._profiles.get(event.user_id)
-        if profile is None:
-            profile = _Profile(
-                np.zeros(self.dim, dtype=np.float64), recent=deque(maxlen=c.max_recent), session=np.zeros(self.dim)
-            )
-        self._profiles[event.user_id] = profile  # (re)insert refreshes the TTL
-        if event.event_id:
-            hashed = event_id_hash(event.event_id)
-            if hashed in profile.seen:
-                return "duplicate"
-            profile.seen.add(hashed, c.max_event_ids)
-        self._states.pop(event.user_id, None)
-        profile.event_count += 1
-        profile.updated_at = now
-        profile.recent.append(_recent_tuple(event))
-        key = item_key(event.item_id)
-        if vector is None:
-            self._count_consumed(profile.consumed.add(key, event.timestamp, 0.0, c.max_consumed))
-            return "no vector"
-        weight = c.weight_of(event)
-        if profile.session is None:
-            profile.session = np.zeros(self.dim)
-        previous, first = profile.ref_time, profile.folded == 0
-        profile.ref_time = usermodel.fold(
-            profile.long_term, profile.ref_time, first, event.timestamp, weight, vector, c.decay_rate,
-            profile.session, c.session_rate,
-        )
-        profile.consumed.rescale(
-            usermodel.frame_factor(previous, profile.ref_time, first, c.decay_rate),
-            usermodel.frame_factor(previous, profile.ref_time, first, c.session_rate),
-        )
-        mass = weight * usermodel.frame_factor(event.timestamp, profile.ref_time, False, c.decay_rate)
-        session_mass = weight * usermodel.frame_factor(event.timestamp, profile.ref_time, False, c.session_rate)
-        self._count_consumed(profile.consumed.add(key, event.timestamp, mass, c.max_consumed, session_mass))
-        profile.folded += 1
-        vector32 = np.array(vector, dtype=np.float32)  # a copy: never keep a whole batch array alive
-        profile.add_history(event.timestamp, event.item_id, weight, vector32, c.max_history)
-        return "folded"
-
-    def _count_consumed(self, repeat: bool) -> None:
-        self.consumed_events += 1
-        self.repeats += repeat
-
-    def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
-        """Without recent events, the state of a recently read user is shared, not rebuilt: one
-        UserState per profile version for up to `max_states` users (derived values memoized on
-        it, see `derived`), dropped on the user's next event."""
-        with self._lock:
-            profile = self._profiles.get(user_id)
-            if profile is None:
-                self.misses += 1
-                self._states.pop(user_id, None)
-                return None
-            self.hits += 1
-            if recent or not self._states.maxsize:
-                return profile.state(user_id, self.dim, recent)
-            state = self._states.get(user_id)
-            if state is None:
-                state = self._states[user_id] = profile.state(user_id, self.dim, recent=False)
-            return state
-
-    def held_bytes(self, user_id: str) -> int:
-        """Bytes held for one user (arrays, history lists, recent-event tuples, id ring); 0 if unknown.
-        Every part is capped by a setting, so this is bounded however many events the user sends."""
-        with self._lock:
-            p = self._profiles.get(user_id)
-            if p is None:
-                return 0
-            total = p.long_term.nbytes + (0 if p.session is None else p.session.nbytes) + p.seen.hashes.nbytes
-            total += p.consumed.nbytes
-            total += sum(v.nbytes for v in p.hist_vectors) + sum(map(sys.getsizeof, p.hist_items))
-            total += 8 * 2 * len(p.hist_times)
-            return total + sum(sys.getsizeof(row) + sum(map(sys.getsizeof, row)) for row in p.recent)
-
-    # --- snapshot support ------------------------------------------------------------------------
-    def export_chunks(self, size: int) -> Iterator[list[tuple[str, _Profile]]]:
-        """Consistent copies of all live profiles, `size` users per list (see export_in_chunks)."""
-        return export_in_chunks(self._profiles, self._lock, size, _copy)
-
-    def restore(self, user_id: str, profile: _Profile, now: float | None = None) -> bool:
-        """Put a profile (from a snapshot) in place; with `now`, a clock more than `max_clock_ahead`
-        after it is repaired first (logged, counted). True when it was repaired."""
-        ahead = 0.0 if now is None else profile.ref_time - now
-        repaired = now is not None and profile.repair_future_clock(now, self.config)
-        if repaired:
-            log_repair("snapshot", user_id, ahead, self.config.log_salt)
-        with self._lock:
-            self.repairs += repaired
-            self._profiles[user_id] = profile
-            self._states.pop(user_id, None)
-        return repaired
-
-
-def _copy(profile: _Profile) -> _Profile:
-    seen = _SeenIds()
-    seen.hashes, seen.size, seen.next = profile.seen.hashes.copy(), profile.seen.size, profile.seen.next
-    return dataclasses.replace(
-        profile,
-        long_term=profile.long_term.copy(),
-        session=None if profile.session is None else profile.session.copy(),
-        recent=deque(profile.recent, maxlen=profile.recent.maxlen),
-        hist_times=list(profile.hist_times),
-        hist_items=list(profile.hist_items),
-        hist_weights=list(profile.hist_weights),
-        hist_vectors=list(profile.hist_vectors),
-        seen=seen,
-        consumed=profile.consumed.copy(),
-    )
-
-
 def log_repair(source: str, user_id: str, ahead: float, salt: str = "") -> None:
     log.warning("profile of user %s from %s had its decay clock %.0f s ahead of now (a future event folded by an "
                 "older build, or the server clock went back); repaired: its events after now count as at now",
                 log_name(user_id, salt), source, ahead)
-
-
-# Kept for code written against the first version.
-UserProfileStore = InProcessProfileStore

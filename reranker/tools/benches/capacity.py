@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--event-batch", type=float, default=20.0, help="events per RecordEvents batch (one EVALSHA per user)")
     p.add_argument("--redis-shard-gib", type=float, default=25.0, help="memory per Redis master")
     p.add_argument("--redis-replicas", type=int, default=1, help="replicas per Redis master")
-    p.add_argument("--profile-layout", choices=("full", "compact"), default="full", help="Settings.profile_layout")
+    p.add_argument("--profile-layout", choices=("full", "compact"), default="compact", help="Settings.profile_layout (full: an older checkout)")
     args = p.parse_args(argv)
     DIM = args.dim
     rng = np.random.default_rng(0)

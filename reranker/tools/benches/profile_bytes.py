@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="reranker bench profile-bytes", description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--events", default="5,20,50,200", help="events per user, one table row each")
-    p.add_argument("--layouts", default="full,compact")
+    p.add_argument("--layouts", default="compact")  # the only layout since the full one went (older checkouts: full,compact)
     p.add_argument("--redis-url", default="", help="an empty Redis to use (it is FLUSHALLed) instead of starting one")
     p.add_argument("--no-redis", action="store_true", help="in-process columns only")
     p.add_argument("--id-prefix", default="item-", help="item ids are <prefix><0..9999> ('' = decimal ids)")

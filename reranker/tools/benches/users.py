@@ -33,7 +33,8 @@ from reranker.service import RerankService
 from reranker.serving.server import build_server
 from reranker.tools.harness import RedisServer, RedisUnavailable
 from reranker.types import Event, EventType
-from reranker.users.profiles import InProcessProfileStore, ProfileConfig
+from reranker.users.compact import CompactProfileStore, table_lookup
+from reranker.users.profiles import ProfileConfig
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
@@ -119,6 +120,11 @@ def run_backend(label: str, settings: Settings, args: argparse.Namespace) -> lis
     return rows
 
 
+def _lookup(vectors: np.ndarray):  # type: ignore[no-untyped-def]
+    """item-k -> vectors[k % 64], as the profiles below are fed."""
+    return table_lookup({f"item-{k}": k % len(vectors) for k in range(10_000)}, vectors)
+
+
 def in_process_bytes_per_user(settings: Settings, users: int, events: int) -> float:
     config = ProfileConfig.from_settings(settings.users, settings.model.fake_dim)
     rng = np.random.default_rng(0)
@@ -126,7 +132,7 @@ def in_process_bytes_per_user(settings: Settings, users: int, events: int) -> fl
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     lock = TimedLock()
-    store = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9, lock=lock)
+    store = CompactProfileStore(config, _lookup(vectors), max_users=users + 1, ttl_seconds=1e9, lock=lock)
     for u in range(users):
         store.apply([(Event(f"user-{u:06d}", f"item-{k}", EventType.CLICK, 1e9 + k, f"ev-{u}-{k}"), vectors[k % 64])
                      for k in range(events)], now=1e9)
@@ -161,7 +167,7 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
     config = ProfileConfig.from_settings(settings.users, settings.model.fake_dim)
     vectors = np.random.default_rng(0).standard_normal((64, settings.model.fake_dim)).astype(np.float32)
     lock = TimedLock()
-    store = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9, lock=lock)
+    store = CompactProfileStore(config, _lookup(vectors), max_users=users + 1, ttl_seconds=1e9, lock=lock)
     for u in range(users):
         store.apply([(Event(f"user-{u:06d}", f"item-{k}", EventType.CLICK, 1e9 + k, f"ev-{u}-{k}"), vectors[k % 64])
                      for k in range(events)], now=1e9)
@@ -178,7 +184,7 @@ def snapshot_rows(settings: Settings, users: int, events: int) -> list[tuple[str
         lock.timing = False
         longest = lock.longest
         saved = save_snapshot(tmp / "s.npz", items=items, profiles=store, model_version="bench", dim=settings.model.fake_dim)
-        fresh = InProcessProfileStore(config, max_users=users + 1, ttl_seconds=1e9)
+        fresh = CompactProfileStore(config, _lookup(vectors), max_users=users + 1, ttl_seconds=1e9)
         loaded = load_snapshot(tmp / "s.npz", items=ItemVectorCache(ITEMS, settings.model.fake_dim), profiles=fresh,
                                model_version="bench", dim=settings.model.fake_dim, now=1e9, ttl_seconds=1e9)
         assert loaded is not None and loaded.users == users
