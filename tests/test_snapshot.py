@@ -311,7 +311,7 @@ def test_a_full_layout_profile_holding_a_number_that_is_not_finite_is_skipped_an
         arrays["user_long_term_0"] = long_terms
 
     _tampered(path, poison)
-    store = CompactProfileStore(ProfileConfig.from_settings(fake_settings(), 16), table_lookup({}, np.zeros((0, 16))),
+    store = CompactProfileStore(ProfileConfig.from_settings(fake_settings().users, 16), table_lookup({}, np.zeros((0, 16))),
                                 max_users=10, ttl_seconds=1e12)
     info = snapshot.load_snapshot(path, items=None, profiles=store, model_version="fake-hash-v1", dim=16,
                                   now=time.time(), ttl_seconds=1e12)
@@ -354,7 +354,7 @@ def test_entries_that_are_not_finite_are_skipped_and_counted_the_rest_is_restore
     info = snapshot.load_snapshot(path, items=ItemVectorCache(100, 64), profiles=None, model_version="fake-hash-v1",
                                   dim=64, now=time.time(), ttl_seconds=1e9)
     assert info is not None and (info.items, info.items_refused) == (3, 1)
-    store = CompactProfileStore(ProfileConfig.from_settings(fake_settings(), 64), table_lookup({}, np.zeros((0, 64))),
+    store = CompactProfileStore(ProfileConfig.from_settings(fake_settings().users, 64), table_lookup({}, np.zeros((0, 64))),
                                 max_users=10, ttl_seconds=1e12)
     info = snapshot.load_snapshot(path, items=None, profiles=store, model_version="fake-hash-v1", dim=64,
                                   now=time.time(), ttl_seconds=1e9)
