@@ -44,7 +44,8 @@ def _prepared(form: str, candidates: int, dim: int) -> tuple[object, list[bytes]
     except TypeError:  # a version before the packed form (to compare against it): columns=bool
         workload = RerankWorkload(candidates, 1.0, max(2000, candidates), 50, synthetic_titles(2000), columns=form == "columns")  # type: ignore[call-arg]
     pool_id = getattr(workload, "pool_id", lambda k: f"item-{k}")
-    service.upsert_items([Item(i, t) for i, t in workload.pool_items()])
+    # Under valgrind on a busy machine, encoding the pool takes minutes: no write deadline here.
+    service.upsert_items([Item(i, t) for i, t in workload.pool_items()], 3600.0)
     service.record_events([Event(f"user-{u}", pool_id((u * 7 + k) % 2000)) for u in range(50) for k in range(5)])
     requests = [workload.request(0, i).SerializeToString() for i in range(20)]  # type: ignore[attr-defined]
     limits = convert.Limits.from_settings(settings)
