@@ -136,7 +136,7 @@ def candidate_history(
     if keys is None:
         keys = item_keys(item_ids)
     else:
-        unknown = np.flatnonzero(keys == 0)
+        unknown = (keys == 0).nonzero()[0]
         if unknown.size:
             keys = keys.copy()
             keys[unknown] = item_keys([item_ids[i] for i in unknown.tolist()])
@@ -149,7 +149,7 @@ def candidate_history(
     history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
     own = history_keys[:, None] == keys[None, :]
     own_rows = own if own.any() else None  # None: consumed, but not among the history rows
-    excluded = np.flatnonzero(hit & np.asarray(has_vector, dtype=bool))
+    excluded = (hit & np.asarray(has_vector, dtype=bool)).nonzero()[0]
     user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
     if excluded.size and user_vector is not None:
         session = derived(state, "session_vector", lambda: session_of(state, settings))
