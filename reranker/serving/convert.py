@@ -96,12 +96,12 @@ def candidates_from_pb(msgs: Sequence[pb.Candidate], limits: Limits) -> Candidat
         add_score(c.score)
         add_text(c.text)
     score_array = np.asarray(scores, dtype=np.float64)
-    _validated_columns(
+    text_lengths = _validated_columns(
         item_ids, score_array, texts, limits,  # type: ignore[arg-type]
         ("candidates[{}].item_id", "candidates[{}].score", "candidates[{}].text"),
     )
     # proto3 `optional`: an empty string may be unset (no text) or set to "" (encode "").
-    for i in _empty(texts):
+    for i in np.flatnonzero(text_lengths == 0).tolist():
         if not msgs[i].HasField("text"):
             texts[i] = None
     return CandidateColumns(item_ids, score_array, texts)
@@ -124,13 +124,13 @@ def candidates_from_columns(msg: pb.CandidateColumns, limits: Limits) -> Candida
             f"candidate_columns.texts has {len(given_texts)} values for {n} item_ids (give none or one each)"
         )
     texts: list[str | None] = given_texts or [""] * n  # type: ignore[assignment]
-    _validated_columns(
+    text_lengths = _validated_columns(
         item_ids, scores, texts, limits,  # type: ignore[arg-type]
         ("candidate_columns.item_ids[{}]", "candidate_columns.scores[{}]", "candidate_columns.texts[{}]"),
     )
     if not given_texts:
         return CandidateColumns(item_ids, scores, [None] * n)
-    for i in _empty(texts):  # type: ignore[arg-type]
+    for i in np.flatnonzero(text_lengths == 0).tolist():
         texts[i] = None
     return CandidateColumns(item_ids, scores, texts)
 
@@ -182,22 +182,12 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
     return CandidateColumns(DecimalIds(ids), scores.astype(np.float64), texts)
 
 
-def _empty(texts: list[str]) -> list[int]:
-    """Positions of the empty texts (a C-level membership test first: usually there are none)."""
-    return [i for i, text in enumerate(texts) if not text] if "" in texts else []
-
-
 def _validated_columns(
     item_ids: list[str], scores: np.ndarray, texts: list[str], limits: Limits, names: tuple[str, str, str]
-) -> None:
-    """Check ids, scores and texts; the error names the first offending candidate, its fields in
-    declaration order (`names`: id, score, text field name patterns). The valid case costs a
-    longest-length pass per column (no per-candidate array element); only a refusal looks closer."""
-    if (
-        max(map(len, item_ids)) <= limits.max_id_chars and "" not in item_ids
-        and max(map(len, texts)) <= limits.max_text_chars and np.isfinite(scores).all()
-    ):
-        return
+) -> np.ndarray:
+    """Check ids, scores and texts with array operations; the error names the first offending
+    candidate, its fields in declaration order (`names`: id, score, text field name patterns).
+    Returns the text lengths."""
     n = len(item_ids)
     id_lengths = np.fromiter(map(len, item_ids), dtype=np.int64, count=n)
     text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
@@ -210,6 +200,7 @@ def _validated_columns(
         if not math.isfinite(scores[i]):
             raise InvalidRequest(f"{score_name} must be finite, got {scores[i]}")
         check_text(texts[i], text_name, limits.max_text_chars)
+    return text_lengths
 
 
 def candidate_count(req: pb.RerankRequest) -> int:
