@@ -21,7 +21,13 @@ class CandidateHistory:
 
     def cosine(self, item_vectors: np.ndarray, user_vector: np.ndarray) -> np.ndarray:
         """cos(user without c, c) per candidate c (float64): the plain cosine where nothing is excluded."""
-        out = (np.asarray(item_vectors, dtype=np.float32) @ np.asarray(user_vector, dtype=np.float32)).astype(np.float64)
+        return self.corrected(np.asarray(item_vectors, dtype=np.float32) @ np.asarray(user_vector, dtype=np.float32),
+                              item_vectors)
+
+    def corrected(self, cosine: np.ndarray, item_vectors: np.ndarray) -> np.ndarray:
+        """`cosine` (the plain cosine to the user vector, e.g. a column of the request's one matrix
+        product) as float64, with the leave-one-out cosine at the few consumed candidates only."""
+        out = cosine.astype(np.float64)
         if self.excluded is not None and self.user_vectors is not None and self.excluded.size:
             rows = np.asarray(item_vectors, dtype=np.float32)[self.excluded]
             out[self.excluded] = np.einsum("md,md->m", rows, self.user_vectors)

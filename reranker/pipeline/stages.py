@@ -188,15 +188,24 @@ def _head_ranking(head: ranking_head.RankingHead, ctx: RerankContext, diversity:
 def _blend_ranking(ctx: RerankContext, diversity: float) -> scoring.Ranking:
     s, state, user_vector, seen, vectors = ctx.settings, ctx.state, ctx.user_vector, ctx.seen, ctx.vectors
     semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)
-    if user_vector is not None and seen.excluded is not None:
-        semantic = seen.cosine(vectors, user_vector)
-    if user_vector is not None and s.users.attention_weight > 0 and state is not None and len(state.history):
-        semantic = scoring.personal_semantic(
-            vectors, ctx.has_vector, user_vector, state.history.vectors,
-            derived(state, "decayed_weights", lambda: _decayed_weights(state, s.users.half_life_seconds)),
-            attention_weight=s.users.attention_weight, temperature=s.users.attention_temperature,
-            own_rows=seen.own_rows, cosine=semantic,
-        )
+    if user_vector is not None and state is not None:
+        # One pass over the candidate vectors: one product with the stacked query rows (the user
+        # vector, then the history rows); the cosine, its leave-one-out corrections (the few consumed
+        # candidates only) and the attention all read from it.
+        attend = s.users.attention_weight > 0 and len(state.history) > 0
+        rows = derived(state, "query_rows" if attend else "user_row",
+                       lambda: scoring.query_rows(user_vector, state.history.vectors if attend else None))
+        sims = scoring.similarities(vectors, rows)
+        semantic = seen.corrected(sims[0], vectors)
+        if attend:
+            semantic = scoring.personal_semantic(
+                vectors, ctx.has_vector, user_vector, state.history.vectors,
+                derived(state, "decayed_weights", lambda: _decayed_weights(state, s.users.half_life_seconds)),
+                attention_weight=s.users.attention_weight, temperature=s.users.attention_temperature,
+                own_rows=seen.own_rows, cosine=semantic, sims=sims[1:],
+            )
+        else:
+            semantic = np.where(ctx.has_vector, semantic, 0.0)
     blend_weight = ctx.query.options.blend_weight
     return scoring.rank(
         ctx.candidates.scores,

@@ -131,20 +131,26 @@ def candidate_history(
     if keys is None:
         keys = item_keys(item_ids)
     else:
-        unknown = np.flatnonzero(keys == 0)
+        unknown = (keys == 0).nonzero()[0]
         if unknown.size:
             keys = keys.copy()
             keys[unknown] = item_keys([item_ids[i] for i in unknown.tolist()])
-    counts, last, mass, session_mass = consumed.lookup(keys)
-    hours = hours_between(last, float(consumed.last.max()))
-    hit = counts > 0
-    if not hit.any():
+    # Looked up once; the per-candidate columns are filled at the few consumed positions only.
+    pos, hit = consumed.positions(keys)
+    at = hit.nonzero()[0]
+    counts, hours = np.zeros(n), np.full(n, math.inf)
+    if not at.size:
         return CandidateHistory(counts, hours, consumed.repeat_rate)
+    rows = pos[at]
+    counts[at] = consumed.counts[rows]
+    hours[at] = hours_between(consumed.last[rows], float(consumed.last.max()))
+    mass, session_mass = np.zeros(n), np.zeros(n)
+    mass[at], session_mass[at] = consumed.mass[rows], consumed.session_mass[rows]
     history = state.history
     history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
     own = history_keys[:, None] == keys[None, :]
     own_rows = own if own.any() else None  # None: consumed, but not among the history rows
-    excluded = np.flatnonzero(hit & np.asarray(has_vector, dtype=bool))
+    excluded = (hit & np.asarray(has_vector, dtype=bool)).nonzero()[0]
     user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
     if excluded.size and user_vector is not None:
         session = derived(state, "session_vector", lambda: session_of(state, settings))
