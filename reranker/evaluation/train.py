@@ -432,7 +432,7 @@ class _TrainingLists:
     `store` as the server builds them from RecordEvents, features from the provisional `head`."""
 
     settings: Settings
-    store: InProcessProfileStore
+    store: CompactProfileStore
     head: head_module.RankingHead
     index: dict[str, int]
     vectors: np.ndarray
