@@ -54,20 +54,22 @@ def percentiles_ms(latencies_s: Sequence[float]) -> dict[str, float]:
 
 def load_texts(path: str, count: int) -> list[str]:
     """Texts to encode: lines of a text file, titles of a RecBole .item file, or synthetic titles."""
-    texts: list[str] = []
-    if path:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        if lines and ":token" in lines[0]:  # RecBole atomic file: use the first token_seq column
-            columns = lines[0].split("\t")
-            col = next((i for i, c in enumerate(columns) if c.endswith(":token_seq")), 1)
-            texts = [line.split("\t")[col] for line in lines[1:] if line.strip()]
-        else:
-            texts = [line for line in lines if line.strip()]
+    texts = read_texts(path) if path else []
     if not texts:
         texts = synthetic_titles(count or 1000)
     if count and len(texts) < count:
         texts = [texts[i % len(texts)] + ("" if i < len(texts) else f" ({i // len(texts)})") for i in range(count)]
     return texts[:count] if count else texts
+
+
+def read_texts(path: str) -> list[str]:
+    """The non-empty lines of a text file, or the first token_seq column of a RecBole atomic file."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if lines and ":token" in lines[0]:
+        columns = lines[0].split("\t")
+        col = next((i for i, c in enumerate(columns) if c.endswith(":token_seq")), 1)
+        return [line.split("\t")[col] for line in lines[1:] if line.strip()]
+    return [line for line in lines if line.strip()]
 
 
 def synthetic_titles(count: int, seed: int = 7) -> list[str]:
