@@ -128,6 +128,20 @@ class FailingEncoder:
         return self.inner.encode(texts)
 
 
+class CountWatcher:
+    """Stands in for a Prometheus counter (or its labelled child): each `inc()` records what a reader
+    would see at that moment (`snapshot(label)`), to test that state is published before its count."""
+
+    def __init__(self, snapshot: Callable[[str], object], seen: list[object], label: str = "") -> None:
+        self.snapshot, self.seen, self.label = snapshot, seen, label
+
+    def labels(self, **labels: str) -> CountWatcher:
+        return CountWatcher(self.snapshot, self.seen, ",".join(labels.values()))
+
+    def inc(self) -> None:
+        self.seen.append(self.snapshot(self.label))
+
+
 def candidate(item_id: str, score: float, text: str | None = None) -> pb.Candidate:
     c = pb.Candidate(item_id=item_id, score=score)
     if text is not None:

@@ -27,7 +27,7 @@ from reranker.model.encoder import FakeEncoder
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
-from conftest import candidate, event
+from conftest import CountWatcher, candidate, event
 
 REPO = Path(__file__).resolve().parent.parent
 DIM = 64
@@ -139,17 +139,8 @@ def test_a_counted_refusal_or_swap_is_already_visible_to_whoever_reads_the_count
     source = CatalogSource(path, model_version=FakeEncoder.version, dim=DIM, poll_seconds=3600, registry=CollectorRegistry())
     seen: list[tuple[str, object]] = []
 
-    class Watching:  # stands in for a counter child; records what a reader would see at the moment of counting
-        def __init__(self, what: str) -> None:
-            self.what = what
-
-        def labels(self, **_: str) -> Watching:
-            return self
-
-        def inc(self) -> None:
-            seen.append((self.what, source.last_error if self.what == "refused" else len(source.current)))
-
-    source.refused, source.swapped = Watching("refused"), Watching("swapped")  # type: ignore[assignment]
+    source.refused = CountWatcher(lambda _reason: ("refused", source.last_error), seen)  # type: ignore[assignment]
+    source.swapped = CountWatcher(lambda _: ("swapped", len(source.current)), seen)  # type: ignore[assignment]
     try:
         good = tmp_path / "good.bin"
         build(good, items(120))

@@ -20,7 +20,7 @@ from reranker.config import Settings
 from reranker.ranking.experiments import bucket_of
 from reranker.v1 import reranker_pb2 as pb
 
-from conftest import ServerFactory, candidate, event, fake_settings
+from conftest import CountWatcher, ServerFactory, candidate, event, fake_settings
 from test_head import F, make_head, only
 
 CANDS = [candidate("c1", 2.0), candidate("c2", 1.0)]
@@ -316,18 +316,11 @@ def test_a_counted_reload_is_already_served_and_named_by_model_info(tmp_path: Pa
         return bool(service.arms is not None and any(a.model_version == version for a in service.arms.arms)
                     and registry.get_sample_value("reranker_model_info", {"model_version": version}) == 1)
 
-    class Recording:  # stands in for the counter; records what a reader sees at the moment of counting
-        def __init__(self, result: str = "") -> None:
-            self.result = result
+    def at_count(result: str) -> tuple[str, str, bool]:  # what a reader sees at the moment of counting
+        version = service.arms.arms[0].model_version if service.arms else ""
+        return result, version, served(version) if service.arms else False
 
-        def labels(self, *, result: str) -> Recording:
-            return Recording(result)
-
-        def inc(self) -> None:
-            seen.append((self.result, service.arms.arms[0].model_version if service.arms else "",  # type: ignore[union-attr]
-                         served(service.arms.arms[0].model_version) if service.arms else False))
-
-    reloader.reloads = Recording()  # type: ignore[assignment]
+    reloader.reloads = CountWatcher(at_count, seen)  # type: ignore[assignment]
     b_version = _publish(make_head(weights=-only("upstream_minmax")), tmp_path / "b.npz")
     assert reloader.check() is True
     os.unlink(tmp_path / "b.npz")  # withdrawn: arm b serves like treatment again

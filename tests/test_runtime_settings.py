@@ -20,7 +20,7 @@ from reranker.runtimesettings import RuntimeSettingsError, parse
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
-from conftest import REPO, ServerFactory, candidate, event, fake_settings
+from conftest import REPO, CountWatcher, ServerFactory, candidate, event, fake_settings
 from test_head import make_head, only
 from test_hot_reload import _publish
 from reranker.tools.harness import ServerProcess, free_port
@@ -248,19 +248,11 @@ def test_a_counted_reload_already_shows_in_the_settings_stale_and_info(tmp_path:
     applied: list[bool] = []
     seen: list[tuple[str, bool, float | None, float | None]] = []
 
-    class Recording:  # stands in for the counter; records what a reader sees at the moment of counting
-        def __init__(self, result: str = "") -> None:
-            self.result = result
+    def at_count(result: str) -> tuple[str, bool, float | None, float | None]:  # what a reader sees when counting
+        return (result, applied[-1], registry.get_sample_value("reranker_runtime_settings_stale"),
+                registry.get_sample_value("reranker_runtime_settings_info", {"version": "two", "checksum": checksum}))
 
-        def labels(self, *, result: str) -> Recording:
-            return Recording(result)
-
-        def inc(self) -> None:
-            seen.append((self.result, applied[-1], registry.get_sample_value("reranker_runtime_settings_stale"),
-                         registry.get_sample_value("reranker_runtime_settings_info",
-                                                   {"version": "two", "checksum": checksum})))
-
-    watched.reloads = Recording()  # type: ignore[assignment]
+    watched.reloads = CountWatcher(at_count, seen)  # type: ignore[assignment]
     watched._apply = lambda s: applied.append(s.ranking.kill_switch)  # what start(apply) sets, without the thread
     applied.append(False)
     content = "version: two\nkill_switch: true\n"
