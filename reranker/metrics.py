@@ -135,21 +135,38 @@ class LoopHistogram:
         self.sum += value
 
 
-class LoopHistograms(Collector):
-    """A histogram family of LoopHistogram children, one per label values, each created on first use
+class _LoopFamily(Collector):
+    """A family of loop-thread children, one per label values, each created on first use
     (`child(...)`: keep it, the lookup is the costly part) and exposed at scrape time."""
 
-    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> None:
-        self.name, self.documentation, self.labels, self.buckets = name, documentation, labels, tuple(buckets)
-        self._children: dict[tuple[str, ...], LoopHistogram] = {}
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self._children: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
 
-    def child(self, *values: str) -> LoopHistogram:
+    def _new_child(self) -> Any:
+        raise NotImplementedError
+
+    def child(self, *values: str) -> Any:
         found = self._children.get(values)
         if found is None:
             with self._lock:
-                found = self._children.setdefault(values, LoopHistogram(self.buckets))
+                found = self._children.setdefault(values, self._new_child())
         return found
+
+
+class LoopHistograms(_LoopFamily):
+    """A histogram family of LoopHistogram children."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> None:
+        super().__init__(name, documentation, labels)
+        self.buckets = tuple(buckets)
+
+    def _new_child(self) -> LoopHistogram:
+        return LoopHistogram(self.buckets)
+
+    def child(self, *values: str) -> LoopHistogram:
+        return super().child(*values)  # type: ignore[no-any-return]
 
     def collect(self) -> Iterator[Any]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labels))
@@ -172,20 +189,14 @@ class LoopCount:
         self.value = 0
 
 
-class LoopCounters(Collector):
-    """A counter family of LoopCount children (see LoopHistograms), exposed at scrape time."""
+class LoopCounters(_LoopFamily):
+    """A counter family of LoopCount children (see LoopHistograms)."""
 
-    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
-        self.name, self.documentation, self.labels = name, documentation, labels
-        self._children: dict[tuple[str, ...], LoopCount] = {}
-        self._lock = threading.Lock()
+    def _new_child(self) -> LoopCount:
+        return LoopCount()
 
     def child(self, *values: str) -> LoopCount:
-        found = self._children.get(values)
-        if found is None:
-            with self._lock:
-                found = self._children.setdefault(values, LoopCount())
-        return found
+        return super().child(*values)  # type: ignore[no-any-return]
 
     def collect(self) -> Iterator[Any]:
         family = CounterMetricFamily(self.name, self.documentation, labels=list(self.labels))
