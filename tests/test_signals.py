@@ -18,7 +18,7 @@ from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
 
 from conftest import REPO, candidate
-from redis_server import RedisServer
+from redis_server import RedisServer, stored_profile
 from serve_process import SERVING, ReRankerProcess
 
 STREAM = "events"
@@ -69,7 +69,7 @@ def _consume_args(redis_server: RedisServer, group: str) -> list[str]:
 def _wait_applied(redis_server: RedisServer, user: str, count: int, proc: ReRankerProcess) -> None:
     client = redis_server.client()
     deadline = time.monotonic() + 60
-    while client.hget(f"reranker:{{{user}}}:p", "count") != str(count).encode():
+    while getattr(stored_profile(client, user, 16), "event_count", 0) != count:  # --fake-dim=16
         assert proc.process.poll() is None, f"exited with {proc.process.returncode}\n{proc.log[-3000:]}"
         assert time.monotonic() < deadline, proc.log[-3000:]
         time.sleep(0.05)
