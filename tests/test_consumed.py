@@ -110,6 +110,36 @@ def test_candidate_history_gives_the_user_vector_without_the_candidate() -> None
     assert seen.hours_since[0] == pytest.approx(10.0 / 3600.0) and seen.hours_since[1] == math.inf
 
 
+
+def test_leave_one_out_vectors_are_the_same_bits_warm_or_cold_and_follow_a_new_item_vector() -> None:
+    """The user's state is shared by its requests: the leave-one-out vector of a consumed candidate
+    is computed once per item vector, with the bits of a fresh computation for any mix of candidates,
+    and a re-encoded item (same id, another vector) is computed anew."""
+    settings = fake_settings(fake_dim=16, half_life_seconds=100.0)
+    vec = dict(zip("abcd", FakeEncoder(16).encode(list("abcd"))))
+    events = [(Event("u", i, EventType.CLICK, t), vec[i]) for i, t in [("a", 10.0), ("b", 20.0), ("a", 30.0), ("c", 40.0)]]
+
+    def fresh() -> object:
+        store = _store()
+        store.apply(events, now=0.0)
+        return store.get("u")
+
+    def leave_one_out(state: object, cands: list[str], vectors: np.ndarray) -> np.ndarray:
+        seen = candidate_history(state, settings.users, cands, vectors, np.ones(len(cands), bool),  # type: ignore[arg-type]
+                                 user_vector(state, settings.users))  # type: ignore[arg-type]
+        assert seen.user_vectors is not None
+        return seen.user_vectors
+
+    shared = fresh()
+    for cands in (["a", "b", "c", "d"], ["c", "a"], ["b"], ["d", "c", "b", "a"]):
+        vectors = np.stack([vec[c] for c in cands])
+        warm, cold = leave_one_out(shared, cands, vectors), leave_one_out(fresh(), cands, vectors)
+        assert warm.tobytes() == cold.tobytes(), cands
+    other = -vec["a"]  # "a" re-encoded
+    warm, cold = leave_one_out(shared, ["a"], other[None, :]), leave_one_out(fresh(), ["a"], other[None, :])
+    assert warm.tobytes() == cold.tobytes()
+    assert warm.tobytes() != leave_one_out(fresh(), ["a"], vec["a"][None, :]).tobytes()
+
 # --- through a real server -----------------------------------------------------------------------------
 TEXTS = {"g1": "gardening tools", "g2": "gardening gloves", "g3": "gardening seeds", "k1": "knitting yarn",
          "s1": "space opera"}
