@@ -28,7 +28,9 @@ class CandidateHistory:
         """`cosine` (the plain cosine to the user vector, e.g. a column of the request's one matrix
         product) as float64, with the leave-one-out cosine at the few consumed candidates only."""
         out = cosine.astype(np.float64)
-        if self.excluded is not None and self.user_vectors is not None and self.excluded.size:
+        if self.excluded is not None and self.left_out_cosines is not None:
+            out[self.excluded] = self.left_out_cosines
+        elif self.excluded is not None and self.user_vectors is not None and self.excluded.size:
             rows = np.asarray(item_vectors, dtype=np.float32)[self.excluded]
             out[self.excluded] = np.einsum("md,md->m", rows, self.user_vectors)
         return out
@@ -39,6 +41,9 @@ class CandidateHistory:
     excluded: np.ndarray | None = None  # (m,) positions of consumed candidates that have a vector
     user_vectors: np.ndarray | None = None  # (m, d) float32: the user vector without that candidate
     own_rows: np.ndarray | None = None  # (k, n) bool: history row i is an event on candidate c
+    # (m,) float32: the leave-one-out cosines themselves (`excluded`'s rows of `item_vectors` against
+    # `user_vectors`), where the builder already has them; None = computed from the item vectors.
+    left_out_cosines: np.ndarray | None = None
 
     @property
     def consumed(self) -> np.ndarray:

@@ -18,7 +18,7 @@ from reranker.model.encoder import FakeEncoder
 from reranker.evaluation import formats, train
 from reranker.ranking.head import FEATURES
 from reranker.users.compact import CompactProfileStore, table_lookup
-from reranker.users.profiles import ProfileConfig, candidate_history, user_vector
+from reranker.users.profiles import LEFT_OUT_KEPT, ProfileConfig, candidate_history, user_vector
 from reranker.types import Event, EventType
 from reranker.v1 import reranker_pb2 as pb
 
@@ -108,6 +108,60 @@ def test_candidate_history_gives_the_user_vector_without_the_candidate() -> None
     np.testing.assert_allclose(seen.user_vectors[0], reference, atol=1e-5)
     assert seen.own_rows is not None and seen.own_rows[:, 0].tolist() == [True, False, True, False]
     assert seen.hours_since[0] == pytest.approx(10.0 / 3600.0) and seen.hours_since[1] == math.inf
+
+
+
+def test_leave_one_out_vectors_are_the_same_bits_warm_or_cold_and_follow_a_new_item_vector() -> None:
+    """The user's state is shared by its requests: the leave-one-out vector of a consumed candidate
+    is computed once per item vector, with the bits of a fresh computation for any mix of candidates,
+    and a re-encoded item (same id, another vector) is computed anew."""
+    settings = fake_settings(fake_dim=16, half_life_seconds=100.0)
+    vec = dict(zip("abcd", FakeEncoder(16).encode(list("abcd"))))
+    events = [(Event("u", i, EventType.CLICK, t), vec[i]) for i, t in [("a", 10.0), ("b", 20.0), ("a", 30.0), ("c", 40.0)]]
+
+    def fresh() -> object:
+        store = _store()
+        store.apply(events, now=0.0)
+        return store.get("u")
+
+    def leave_one_out(state: object, cands: list[str], vectors: np.ndarray) -> np.ndarray:
+        seen = candidate_history(state, settings.users, cands, vectors, np.ones(len(cands), bool),  # type: ignore[arg-type]
+                                 user_vector(state, settings.users))  # type: ignore[arg-type]
+        assert seen.user_vectors is not None
+        return seen.user_vectors
+
+    shared = fresh()
+    for cands in (["a", "b", "c", "d"], ["c", "a"], ["b"], ["d", "c", "b", "a"]):
+        vectors = np.stack([vec[c] for c in cands])
+        warm, cold = leave_one_out(shared, cands, vectors), leave_one_out(fresh(), cands, vectors)
+        assert warm.tobytes() == cold.tobytes(), cands
+    other = -vec["a"]  # "a" re-encoded
+    warm, cold = leave_one_out(shared, ["a"], other[None, :]), leave_one_out(fresh(), ["a"], other[None, :])
+    assert warm.tobytes() == cold.tobytes()
+    assert warm.tobytes() != leave_one_out(fresh(), ["a"], vec["a"][None, :]).tobytes()
+
+def test_the_leave_one_out_rows_kept_per_user_state_stay_bounded() -> None:
+    """A user state is kept between requests (user_state_cache_size of them): however many consumed
+    candidates its requests carry, it keeps at most LEFT_OUT_KEPT leave-one-out rows, and the rows it
+    answers are the bits of a fresh computation."""
+    settings = fake_settings(fake_dim=16, half_life_seconds=100.0)
+    ids = [f"i{k}" for k in range(60)]
+    vec = dict(zip(ids, FakeEncoder(16).encode(ids)))
+    store = _store()
+    store.apply([(Event("u", i, EventType.CLICK, 10.0 + k), vec[i]) for k, i in enumerate(ids)], now=0.0)
+    state = store.get("u")
+    for start in (0, 20, 40, 0):
+        cands = ids[start:start + 20]
+        vectors = np.stack([vec[c] for c in cands])
+        seen = candidate_history(state, settings.users, cands, vectors, np.ones(len(cands), bool),  # type: ignore[arg-type]
+                                 user_vector(state, settings.users))  # type: ignore[arg-type]
+        assert seen.user_vectors is not None and len(seen.user_vectors) == 20
+        assert len(state.derived.get("left_out", {})) <= LEFT_OUT_KEPT  # type: ignore[union-attr]
+        fresh = _store()
+        fresh.apply([(Event("u", i, EventType.CLICK, 10.0 + k), vec[i]) for k, i in enumerate(ids)], now=0.0)
+        cold = candidate_history(fresh.get("u"), settings.users, cands, vectors, np.ones(len(cands), bool),  # type: ignore[arg-type]
+                                 user_vector(fresh.get("u"), settings.users))  # type: ignore[arg-type]
+        assert seen.user_vectors.tobytes() == cold.user_vectors.tobytes()  # type: ignore[union-attr]
 
 
 # --- through a real server -----------------------------------------------------------------------------

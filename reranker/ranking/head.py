@@ -255,54 +255,70 @@ class RankingHead:
         out[:, 0] = scoring.minmax(upstream)
         out[:, 1] = scoring.rank_discount(upstream)
         items = self.adapt(item_vectors)
+        self._cosine_features(out, items, item_vectors, user_vector, seen)
+        self._history_features(out, items, history, seen)
+        out[:, 8] = items @ self.prior
+        pop = self.popularity
+        out[:, 9] = [pop.get(item_id, 0.0) for item_id in item_ids]
+        if len(history_ids) and self.graph.ids:
+            self._graph_features(out, item_ids, history_ids, seen)
+        if seen is not None:
+            _consumed_features(out, seen)
+        return out
+
+    def _cosine_features(
+        self, out: np.ndarray, items: np.ndarray, item_vectors: np.ndarray, user_vector: np.ndarray,
+        seen: CandidateHistory | None,
+    ) -> None:
+        """cosine (raw vectors) and long_term (adapted), each to the user vector without the
+        candidate where it was consumed (leave-one-out)."""
         user = np.asarray(user_vector, dtype=np.float32)
         out[:, 3] = items @ self.adapt(user[None, :])[0]
-        excluded = None
         if seen is not None and seen.excluded is not None and seen.user_vectors is not None and seen.excluded.size:
             excluded = seen.excluded
             out[:, 2] = seen.cosine(item_vectors, user)
             out[excluded, 3] = np.einsum("md,md->m", items[excluded], self.adapt(seen.user_vectors))
         else:
             out[:, 2] = np.asarray(item_vectors, dtype=np.float32) @ user
-        own = None if seen is None or seen.own_rows is None or not len(history) else seen.own_rows.T  # (n, h)
+
+    def _history_features(
+        self, out: np.ndarray, items: np.ndarray, history: np.ndarray, seen: CandidateHistory | None
+    ) -> None:
+        """session / max_sim / attention / last_item against the (liked) history rows, each
+        candidate's own rows left out; long_term's value where there is no history."""
+        if not len(history):
+            out[:, 4:8] = out[:, 3:4]
+            return
+        own = None if seen is None or seen.own_rows is None else seen.own_rows.T  # (n, h)
         if own is not None and not own.any():
             own = None
-        if len(history):
-            hist = self.adapt(history)
-            tail = hist[-self.session_length :]
-            sims = items @ hist.T  # (n, h)
-            out[:, 4] = items @ scoring.l2_normalize(tail.mean(axis=0))
-            if own is None:
-                out[:, 5] = sims.max(axis=1)
-                logits = sims / self.attention_temperature
-                logits -= logits.max(axis=1, keepdims=True)
-                attn = np.exp(logits)
-                out[:, 6] = (attn * sims).sum(axis=1) / attn.sum(axis=1)
-                out[:, 7] = sims[:, -1]
-            else:
-                self._leave_own_rows_out(out, items, tail, sims, own)
-        else:
-            out[:, 4:8] = out[:, 3:4]
-        out[:, 8] = items @ self.prior
-        pop = self.popularity
-        out[:, 9] = [pop.get(item_id, 0.0) for item_id in item_ids]
-        if len(history_ids) and self.graph.ids:
-            hist = self.graph.positions(list(history_ids)[-self.history_length :])
-            weights = self.history_decay ** np.arange(len(hist) - 1, -1, -1, dtype=np.float64)
-            known = hist >= 0
-            hist, weights = hist[known], weights[known]
-            cands = self.graph.positions(item_ids)
-            out[:, 10] = self.graph.covisit.scores(cands, hist, weights)
-            out[:, 11] = self.graph.transition.scores(cands, hist, weights)
-            out[:, 12] = self.graph.foldin(cands, hist, leave_out=seen is not None and bool(seen.consumed.any()))
-        if seen is not None:
-            consumed = seen.consumed
-            out[:, 13] = consumed
-            out[:, 14] = np.log1p(seen.counts)
-            with np.errstate(divide="ignore"):
-                out[:, 15] = np.where(consumed, 1.0 / (1.0 + np.log1p(np.minimum(seen.hours_since, 1e12))), 0.0)
-            out[:, 16] = consumed * seen.repeat_rate
-        return out
+        hist = self.adapt(history)
+        tail = hist[-self.session_length :]
+        sims = items @ hist.T  # (n, h)
+        out[:, 4] = items @ scoring.l2_normalize(tail.mean(axis=0))
+        if own is not None:
+            self._leave_own_rows_out(out, items, tail, sims, own)
+            return
+        out[:, 5] = sims.max(axis=1)
+        logits = sims / self.attention_temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        attn = np.exp(logits)
+        out[:, 6] = (attn * sims).sum(axis=1) / attn.sum(axis=1)
+        out[:, 7] = sims[:, -1]
+
+    def _graph_features(
+        self, out: np.ndarray, item_ids: Sequence[str], history_ids: Sequence[str], seen: CandidateHistory | None
+    ) -> None:
+        """covisit / transition / foldin from the item graph, over the newest `history_length` liked
+        ids (decayed by age in events)."""
+        hist = self.graph.positions(list(history_ids)[-self.history_length :])
+        weights = self.history_decay ** np.arange(len(hist) - 1, -1, -1, dtype=np.float64)
+        known = hist >= 0
+        hist, weights = hist[known], weights[known]
+        cands = self.graph.positions(item_ids)
+        out[:, 10] = self.graph.covisit.scores(cands, hist, weights)
+        out[:, 11] = self.graph.transition.scores(cands, hist, weights)
+        out[:, 12] = self.graph.foldin(cands, hist, leave_out=seen is not None and bool(seen.consumed.any()))
 
     def _leave_own_rows_out(
         self, out: np.ndarray, items: np.ndarray, tail: np.ndarray, sims: np.ndarray, own: np.ndarray
@@ -416,6 +432,16 @@ class RankingHead:
                 **tables,
                 meta=np.array(json.dumps(meta, sort_keys=True)),
             )
+
+
+def _consumed_features(out: np.ndarray, seen: CandidateHistory) -> None:
+    """consumed / log count / recency / repeat rate: what the user's history says about each candidate."""
+    consumed = seen.consumed
+    out[:, 13] = consumed
+    out[:, 14] = np.log1p(seen.counts)
+    with np.errstate(divide="ignore"):
+        out[:, 15] = np.where(consumed, 1.0 / (1.0 + np.log1p(np.minimum(seen.hours_since, 1e12))), 0.0)
+    out[:, 16] = consumed * seen.repeat_rate
 
 
 def _read_arrays(path: str | Path) -> dict[str, np.ndarray]:

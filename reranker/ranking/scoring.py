@@ -77,9 +77,12 @@ def blend(
     has_vector = np.asarray(has_vector, dtype=bool)
     if weight <= 0.0 or not has_vector.any():
         return up
-    sem = np.empty_like(up)
-    sem[has_vector] = minmax(np.asarray(semantic, dtype=np.float64)[has_vector])
-    sem[~has_vector] = sem[has_vector].mean()
+    if has_vector.all():  # the usual case: every candidate has a vector, nothing to fill in
+        sem = minmax(np.asarray(semantic, dtype=np.float64))
+    else:
+        sem = np.empty_like(up)
+        sem[has_vector] = minmax(np.asarray(semantic, dtype=np.float64)[has_vector])
+        sem[~has_vector] = sem[has_vector].mean()
     return (1.0 - weight) * up + weight * sem
 
 

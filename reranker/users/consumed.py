@@ -131,7 +131,10 @@ def _removed(array: np.ndarray, at: int) -> np.ndarray:
 
 def hours_between(last: np.ndarray, newest: float) -> np.ndarray:
     """Hours from `last` to `newest` (>= 0; inf where `last` is -inf, i.e. never consumed)."""
-    with np.errstate(invalid="ignore"):
+    if math.isfinite(newest):  # no inf - inf: nothing to silence (errstate costs more than the arithmetic)
         out = np.maximum(newest - last, 0.0) / 3600.0
+    else:
+        with np.errstate(invalid="ignore"):
+            out = np.maximum(newest - last, 0.0) / 3600.0
     out[~np.isfinite(last)] = math.inf
     return out

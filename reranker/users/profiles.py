@@ -145,24 +145,51 @@ def candidate_history(
     rows = pos[at]
     counts[at] = consumed.counts[rows]
     hours[at] = hours_between(consumed.last[rows], float(consumed.last.max()))
-    mass, session_mass = np.zeros(n), np.zeros(n)
-    mass[at], session_mass[at] = consumed.mass[rows], consumed.session_mass[rows]
     history = state.history
     history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
     own = history_keys[:, None] == keys[None, :]
     own_rows = own if own.any() else None  # None: consumed, but not among the history rows
     excluded = (hit & np.asarray(has_vector, dtype=bool)).nonzero()[0]
-    user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
+    cosines = None
     if excluded.size and user_vector is not None:
-        session = derived(state, "session_vector", lambda: session_of(state, settings))
-        user_vectors = usermodel.mix_without(
-            state.long_term, session, settings.session_mix, np.asarray(vectors)[excluded], mass[excluded],
-            session_mass[excluded],
-        )
+        user_vectors, cosines = _left_out(state, settings, keys[excluded], np.asarray(vectors)[excluded], pos[excluded])
     else:
         excluded = excluded[:0]
-    return CandidateHistory(counts, hours, consumed.repeat_rate, excluded, user_vectors, own_rows)
+        user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
+    return CandidateHistory(counts, hours, consumed.repeat_rate, excluded, user_vectors, own_rows, cosines)
 
+
+# Leave-one-out rows kept per user state (each ~3 KB at d = 384: its key holds the item vector's
+# bytes): a request's few consumed candidates, not the whole consumed memory, so a cached state stays
+# within tens of KB more (user_state_cache_size states are kept).
+LEFT_OUT_KEPT = 16
+
+
+def _left_out(state: UserState, settings: UserModelSettings, keys: np.ndarray, vectors: np.ndarray,
+              rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """usermodel.mix_without for consumed candidates (item `keys`, their `vectors`, their `rows` in
+    the consumed memory), and each one's cosine to its own row, computed once per UserState and
+    item vector: a warm user's consumed candidates come back request after request, and their
+    leave-one-out vectors do not change until the user's next event (a new state). Row by row the
+    same arithmetic as one call for all."""
+    memo: dict[tuple[int, bytes], tuple[np.ndarray, np.float32]] = derived(state, "left_out", dict)
+    found = [memo.get((key, vector.tobytes())) for key, vector in zip(keys.tolist(), vectors)]
+    missing = [i for i, entry in enumerate(found) if entry is None]
+    if missing:
+        consumed = state.consumed
+        session = derived(state, "session_vector", lambda: session_of(state, settings))
+        at = rows[missing]
+        computed = usermodel.mix_without(state.long_term, session, settings.session_mix, vectors[missing],
+                                         consumed.mass[at], consumed.session_mass[at])
+        cosines = np.einsum("md,md->m", np.asarray(vectors[missing], dtype=np.float32), computed)
+        if len(memo) + len(missing) > LEFT_OUT_KEPT:  # bounded: a state's memory stays small
+            memo.clear()
+        for i, row, cosine in zip(missing, computed, cosines):
+            row.flags.writeable = False
+            found[i] = (row, cosine)
+            if len(memo) < LEFT_OUT_KEPT:
+                memo[(int(keys[i]), vectors[i].tobytes())] = (row, cosine)
+    return np.stack([entry[0] for entry in found]), np.array([entry[1] for entry in found], dtype=np.float32)  # type: ignore[index]
 
 def on_liked_rows(seen: CandidateHistory, state: UserState) -> CandidateHistory:
     """`seen` with `own_rows` restricted to the history rows the head reads (`positive_history`)."""
