@@ -282,7 +282,8 @@ class UserModelSettings(_Section):
     )
     user_state_cache_size: int = _doc(
         "Users whose scoring state (stacked history vectors, user vector, attention weights) is kept ready "
-        "between requests, LRU, dropped on the user's next event; ~38 KB each at vector_history_size=20. "
+        "between requests, LRU, dropped on the user's next event; ~38 KB each at vector_history_size=20, "
+        "plus up to ~50 KB of leave-one-out rows for a user whose requests carry consumed items. "
         "0 = rebuild it on every request.",
         1024, ge=0,
     )
