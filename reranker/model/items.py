@@ -12,7 +12,9 @@ operations, no dict probe per id: "42" and 42 are the same item.
 
 A lookup by string id is one dict probe per id plus a few numpy operations: vectors are gathered from the
 matrix in one fancy-index, fingerprints are compared and recency is stamped as arrays (no
-per-request re-stacking, no per-hit linked-list bookkeeping). Eviction picks the rows with the
+per-request re-stacking, no per-hit linked-list bookkeeping). Each row also keeps the text str it
+was encoded from (a reference, when put with a text): a request whose ids are all cached compares
+its texts with those in one list comparison (C), and hashes them only when one differs. Eviction picks the rows with the
 oldest use stamp (argpartition), only when the cache is full.
 """
 
@@ -69,6 +71,7 @@ class ItemVectorCache:
         rows = max(1, min(capacity, initial_rows))
         self._matrix = np.zeros((rows, dim), dtype=np.float32)
         self._local_fp = np.zeros(rows, dtype=np.int64)  # hash(text) of the encoded text
+        self._text_of_row = np.full(rows, None, dtype=object)  # the encoded text (None: only its hashes known)
         self._stable_fp = np.zeros(rows, dtype=np.uint64)  # text_hash of the encoded text
         self._item_key = np.zeros(rows, dtype=np.uint64)  # itemkeys.item_keys of the row's id (per item, not per request)
         self._last_used = np.full(rows, _FREE, dtype=np.int64)
@@ -107,18 +110,23 @@ class ItemVectorCache:
         # first: list.count compares a str to None the slow way, through str.__eq__.
         if n and isinstance(texts, list) and texts[0] is None and texts.count(None) == n:
             wanted = np.full(n, _ANY_TEXT, dtype=np.int64)
-        else:
-            wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
+        else:  # texts are compared as strings first, hashed only when that fails
+            wanted = None
         with self._lock:
             if isinstance(item_ids, DecimalIds):
                 rows = self._row_of_int.get(item_ids.values)
             else:
                 rows = np.fromiter(map(self._row_of.get, item_ids, repeat(-1, n)), dtype=np.int64, count=n)
             found = rows >= 0
-            safe_rows = np.where(found, rows, 0)
-            hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
-            if np.count_nonzero(hit) != np.count_nonzero(found):
-                self._verify_stable(hit, found, rows, texts)
+            if wanted is None and found.all() and self._text_of_row[rows].tolist() == texts:
+                hit, safe_rows = found, rows  # every id cached, each from the text given (or None both)
+            else:
+                if wanted is None:
+                    wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
+                safe_rows = np.where(found, rows, 0)
+                hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
+                if np.count_nonzero(hit) != np.count_nonzero(found):
+                    self._verify_stable(hit, found, rows, texts)
             vectors = self._matrix[safe_rows]
             if keys_out is not None:
                 keys_out[:] = np.where(found, self._item_key[safe_rows], 0)
@@ -141,6 +149,7 @@ class ItemVectorCache:
                 hit[i] = True
                 if isinstance(key, str):
                     self._local_fp[row] = hash(key)  # next time the fast comparison suffices
+                    self._text_of_row[row] = key
 
     def put(self, item_ids: Sequence[str], texts: Sequence[str | int], vectors: np.ndarray) -> None:
         """Insert or replace vectors encoded from `texts` (texts or their text_hash); the last one
@@ -151,6 +160,8 @@ class ItemVectorCache:
             latest = dict(sorted(latest.items(), key=lambda kv: kv[1])[-self.capacity :])
         keys = [texts[k] for k in latest.values()]
         local = np.fromiter((hash(t) if isinstance(t, str) else 0 for t in keys), dtype=np.int64, count=len(keys))
+        text_of_row = np.full(len(keys), None, dtype=object)
+        text_of_row[:] = [t if isinstance(t, str) else None for t in keys]
         stable = np.fromiter(map(_stable, keys), dtype=np.uint64, count=len(keys))
         id_keys = item_keys(list(latest))
         with self._lock:
@@ -168,6 +179,7 @@ class ItemVectorCache:
             source = np.fromiter(latest.values(), dtype=np.int64, count=len(latest))
             self._matrix[rows] = vectors[source]
             self._local_fp[rows] = local
+            self._text_of_row[rows] = text_of_row
             self._stable_fp[rows] = stable
             self._item_key[rows] = id_keys
             self._last_used[rows] = self._clock
@@ -206,6 +218,7 @@ class ItemVectorCache:
             if key is not None:
                 self._row_of_int.delete(key)
             self._id_of_row[row] = None
+            self._text_of_row[row] = None
             stamps[row] = _FREE
             self._free_rows.append(row)
 
@@ -228,6 +241,7 @@ class ItemVectorCache:
         matrix[:old] = self._matrix
         self._matrix = matrix
         self._local_fp = np.concatenate([self._local_fp, np.zeros(new - old, dtype=np.int64)])
+        self._text_of_row = np.concatenate([self._text_of_row, np.full(new - old, None, dtype=object)])
         self._stable_fp = np.concatenate([self._stable_fp, np.zeros(new - old, dtype=np.uint64)])
         self._item_key = np.concatenate([self._item_key, np.zeros(new - old, dtype=np.uint64)])
         self._last_used = np.concatenate([self._last_used, np.full(new - old, _FREE, dtype=np.int64)])
