@@ -76,10 +76,6 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _length_delimited(tag: int, payload: bytes) -> bytes:
-    return bytes([tag]) + _varint(len(payload)) + payload
-
-
 _SCORED_ITEM_DOUBLES = (0x11, 0x19, 0x21)  # tags of ScoredItem fields 2, 3, 4 (fixed64)
 _ITEMS_TAG = 0x0A  # RerankResponse.items = 1 (length-delimited); also ScoredItem.item_id = 1
 _RANK_TAG = 0x28  # ScoredItem.original_rank = 5 (varint)
@@ -132,9 +128,9 @@ def encode_ranked_items(items: RankedItems) -> bytes:
 
 
 
-_ITEM_COLUMNS_TAG = 0x6A  # RerankResponse.item_columns = 13 (length-delimited)
-_COLUMN_DOUBLES = (0x12, 0x1A, 0x22)  # ItemColumns.scores / semantic_scores / upstream_scores (packed)
-_COLUMN_RANKS = 0x2A  # ItemColumns.original_ranks = 5 (packed varints)
+_ITEM_COLUMNS_TAG = b"\x6a"  # RerankResponse.item_columns = 13 (length-delimited)
+_COLUMN_DOUBLES = (b"\x12", b"\x1a", b"\x22")  # ItemColumns.scores / semantic_scores / upstream_scores (packed)
+_COLUMN_RANKS = b"\x2a"  # ItemColumns.original_ranks = 5 (packed varints)
 
 
 def encode_item_columns(items: RankedItems) -> bytes:
@@ -142,17 +138,20 @@ def encode_item_columns(items: RankedItems) -> bytes:
     repeated-string encoder (one C call), the three score columns as packed little-endian doubles
     straight from their arrays, the original ranks as packed varints. Parses to the same message
     as filling every ItemColumns field (present, even when empty), without a Python float or int
-    per value."""
+    per value. The parts are joined once."""
     ids = pb.ItemColumns()
     ids.item_ids.extend(items.item_ids)
-    parts = [ids.SerializeToString()]
+    parts = [b"", b"", ids.SerializeToString()]  # the field's tag and length go first
     if len(items):
+        size = _varint(8 * len(items))  # each score column: 8 bytes a value
         for tag, column in zip(
             _COLUMN_DOUBLES, (items.scores, items.semantic_scores, items.upstream_scores), strict=True
         ):
-            parts.append(_length_delimited(tag, np.ascontiguousarray(column, dtype="<f8").tobytes()))
-        parts.append(_length_delimited(_COLUMN_RANKS, _packed_varints(items.original_ranks)))
-    return _length_delimited(_ITEM_COLUMNS_TAG, b"".join(parts))
+            parts += (tag, size, np.ascontiguousarray(column, dtype="<f8").tobytes())
+        ranks = _packed_varints(items.original_ranks)
+        parts += (_COLUMN_RANKS, _varint(len(ranks)), ranks)
+    parts[0], parts[1] = _ITEM_COLUMNS_TAG, _varint(sum(map(len, parts)))
+    return b"".join(parts)
 
 
 def _two_byte_varints() -> np.ndarray:
