@@ -119,14 +119,13 @@ class ItemVectorCache:
                 rows = np.fromiter(map(self._row_of.get, item_ids, repeat(-1, n)), dtype=np.int64, count=n)
             found = rows >= 0
             if wanted is None and found.all() and self._text_of_row[rows].tolist() == texts:
-                hit, safe_rows = found, rows  # every id cached, each from the text given (or None both)
-            else:
-                if wanted is None:
-                    wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
-                safe_rows = np.where(found, rows, 0)
-                hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
-                if np.count_nonzero(hit) != np.count_nonzero(found):
-                    self._verify_stable(hit, found, rows, texts)
+                return self._all_hits(rows, found, keys_out, count)
+            if wanted is None:
+                wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
+            safe_rows = np.where(found, rows, 0)
+            hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
+            if np.count_nonzero(hit) != np.count_nonzero(found):
+                self._verify_stable(hit, found, rows, texts)
             vectors = self._matrix[safe_rows]
             if keys_out is not None:
                 keys_out[:] = np.where(found, self._item_key[safe_rows], 0)
@@ -138,6 +137,20 @@ class ItemVectorCache:
                 self.misses += n - hit_count
         if hit_count < n:
             vectors[~hit] = 0.0
+        return vectors, hit
+
+    def _all_hits(
+        self, rows: np.ndarray, hit: np.ndarray, keys_out: np.ndarray | None, count: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """lookup's answer when every id is cached from the text given, or None both (caller holds
+        the lock): no masks, no miss rows to clear."""
+        vectors = self._matrix[rows]
+        if keys_out is not None:
+            keys_out[:] = self._item_key[rows]
+        self._clock += 1
+        self._last_used[rows] = self._clock
+        if count:
+            self.hits += len(rows)
         return vectors, hit
 
     def _verify_stable(self, hit: np.ndarray, found: np.ndarray, rows: np.ndarray, texts: Sequence[TextKey]) -> None:
