@@ -197,7 +197,8 @@ class ItemVectorCache:
             new = [item_id for item_id in latest if item_id not in self._row_of]
             for item_id in latest:
                 if item_id in self._row_of:
-                    self._last_used[int.from_bytes(self._row_of[item_id], "little")] = self._clock  # protect from eviction below
+                    row = int.from_bytes(self._row_of[item_id], "little")
+                    self._last_used[row] = self._clock  # protect from eviction below
             overflow = len(self._row_of) + len(new) - self.capacity
             if overflow > 0:
                 self._evict(overflow)
