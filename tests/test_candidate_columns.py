@@ -70,6 +70,10 @@ def _assert_refused(stub, request: pb.RerankRequest, message: str) -> None:  # t
         (pb.CandidateColumns(item_ids=["a", "b", "c"], scores=[1, 2, float("nan")]), "candidate_columns.scores[2] must be finite"),
         (pb.CandidateColumns(item_ids=["a", "b"], scores=[1, 2], texts=["ok", "x" * 5000]), "candidate_columns.texts[1] is 5000 characters"),
         (pb.CandidateColumns(item_ids=[f"i{k}" for k in range(11)], scores=[1.0] * 11), "(setting max_candidates)"),
+        # Lengths count characters, whatever the encoding, and a NUL inside a string is a character too.
+        (pb.CandidateColumns(item_ids=["a", "b"], scores=[1, 2], texts=["ok", "é" * 4097]), "candidate_columns.texts[1] is 4097 characters"),
+        (pb.CandidateColumns(item_ids=["a", "b"], scores=[1, 2], texts=["a\x00b", "x" * 4097]), "candidate_columns.texts[1] is 4097 characters"),
+        (pb.CandidateColumns(item_ids=["a\x00", "b"], scores=[1, 2], texts=["", "\x00" * 4097]), "candidate_columns.texts[1] is 4097 characters"),
     ],
 )
 def test_malformed_columns_are_invalid_argument_naming_the_column(
@@ -79,6 +83,15 @@ def test_malformed_columns_are_invalid_argument_naming_the_column(
     request = pb.RerankRequest(user_id="u", candidate_columns=columns)
     request.candidate_columns.SetInParent()  # present even when empty
     _assert_refused(stub, request, message)
+
+
+def test_columns_at_the_length_limits_are_accepted(make_server: ServerFactory) -> None:
+    """Ids and texts count characters (not UTF-8 bytes); NULs and empty texts are characters / no text."""
+    _, stub = make_server(fake_settings(max_text_chars=4096))
+    columns = pb.CandidateColumns(item_ids=["a\x00b", "ü", "c"], scores=[0.1, 0.9, 0.5], texts=["é" * 4096, "", "x\x00"])
+    reply = stub.Rerank(pb.RerankRequest(user_id="u", candidate_columns=columns), timeout=5)
+    assert sorted(it.item_id for it in reply.items) == ["a\x00b", "c", "ü"]
+    assert (reply.encoded, reply.without_vector) == (2, 1)  # "ü" came without text
 
 
 def test_both_forms_at_once_are_refused(stub) -> None:  # type: ignore[no-untyped-def]

@@ -120,3 +120,30 @@ def test_lookup_hands_out_each_cached_ids_item_key() -> None:
     cache.put(["b"], ["tb"], np.ones((1, 4), dtype=np.float32))  # evicts the least recently used ("a")
     cache.lookup(["b", "a"], [None, None], keys[:2])
     assert keys[:2].tolist() == [int(item_keys(["b"])[0]), 0]
+
+
+def test_all_ids_cached_hits_exactly_the_rows_with_the_text_given() -> None:
+    """Every id cached: texts compare as strings, and any difference (a changed text, a text where a
+    restored row knows only its hash, an evicted and re-put row) is decided one id at a time."""
+    cache = ItemVectorCache(capacity=3, dim=8, initial_rows=1)
+    cache.put(["a", "b", "c"], ["ta", "tb", "tc"], np.stack([_vec(i) for i in range(3)]))
+    _, hit = cache.lookup(["a", "b", "c"], ["ta", "tb", "tc"])
+    assert hit.tolist() == [True, True, True]
+    _, hit = cache.lookup(["a", "b", "c"], ["ta", "tb!", None])  # a changed text; None takes any
+    assert hit.tolist() == [True, False, True]
+    _, hit = cache.lookup(("a", "b"), ("ta", "tb"))  # any sequence, not only lists
+    assert hit.tolist() == [True, True]
+    ids, hashes, vectors = cache.export()
+    restored = ItemVectorCache(capacity=3, dim=8)
+    restored.restore(ids, hashes, vectors)  # rows know their text only by its stable hash
+    for _ in range(2):  # verified by the stable hash, then remembered
+        got, hit = restored.lookup(["a", "b", "c"], ["ta", "tb", "tc"])
+        assert hit.tolist() == [True, True, True]
+        np.testing.assert_array_equal(got, np.stack([_vec(i) for i in range(3)]))
+    _, hit = restored.lookup(["a", "b", "c"], ["ta", "tb", "changed"])
+    assert hit.tolist() == [True, True, False]
+    restored.put(["d"], ["tc"], _vec(5)[None])  # evicts the least recently used row: the text goes with it
+    restored.put(["c"], [int(hashes[ids.index("c")])], _vec(6)[None])  # put by hash: no text str
+    got, hit = restored.lookup(["c"], ["tc"])
+    assert hit.tolist() == [True]
+    np.testing.assert_array_equal(got[0], _vec(6))

@@ -243,7 +243,9 @@ def test_integer_lookups_equal_string_lookups_through_puts_and_evictions(ops, ca
         np.testing.assert_array_equal(by_int, by_string)
     # The integer index holds exactly the cached decimal ids.
     keys, rows = cache._row_of_int.items()
-    assert {str(k): r for k, r in zip(keys.tolist(), rows.tolist())} == cache._row_of
+    assert {str(k): r for k, r in zip(keys.tolist(), rows.tolist())} == {
+        item_id: int.from_bytes(row, "little") for item_id, row in cache._row_of.items()
+    }
 
 
 def test_client_rerank_packed_returns_arrays_and_fails_open(make_server: ServerFactory) -> None:

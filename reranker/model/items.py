@@ -12,7 +12,9 @@ operations, no dict probe per id: "42" and 42 are the same item.
 
 A lookup by string id is one dict probe per id plus a few numpy operations: vectors are gathered from the
 matrix in one fancy-index, fingerprints are compared and recency is stamped as arrays (no
-per-request re-stacking, no per-hit linked-list bookkeeping). Eviction picks the rows with the
+per-request re-stacking, no per-hit linked-list bookkeeping). Each row also keeps the text str it
+was encoded from (a reference, when put with a text): a request whose ids are all cached compares
+its texts with those in one list comparison (C), and hashes them only when one differs. Eviction picks the rows with the
 oldest use stamp (argpartition), only when the cache is full.
 """
 
@@ -22,6 +24,7 @@ import hashlib
 import threading
 from collections.abc import Sequence
 from itertools import repeat
+from operator import itemgetter
 
 import numpy as np
 
@@ -33,6 +36,8 @@ from reranker.types import DecimalIds
 # Python hash equals hash(None) would fall to the exact text_hash check: still correct.)
 _ANY_TEXT = hash(None)
 _FREE = np.iinfo(np.int64).max  # use stamp of an unused row: never chosen for eviction
+_ROW = np.dtype("<i8")  # ItemVectorCache._row_of's values, as bytes
+_NO_ROW = (-1).to_bytes(8, "little", signed=True)
 
 TextKey = str | int | None  # item text, its text_hash, or None (any cached text is fine)
 
@@ -69,10 +74,11 @@ class ItemVectorCache:
         rows = max(1, min(capacity, initial_rows))
         self._matrix = np.zeros((rows, dim), dtype=np.float32)
         self._local_fp = np.zeros(rows, dtype=np.int64)  # hash(text) of the encoded text
+        self._text_of_row = np.full(rows, None, dtype=object)  # the encoded text (None: only its hashes known)
         self._stable_fp = np.zeros(rows, dtype=np.uint64)  # text_hash of the encoded text
         self._item_key = np.zeros(rows, dtype=np.uint64)  # itemkeys.item_keys of the row's id (per item, not per request)
         self._last_used = np.full(rows, _FREE, dtype=np.int64)
-        self._row_of: dict[str, int] = {}
+        self._row_of: dict[str, bytes] = {}  # id -> row, as 8 little-endian bytes (an int64: see _rows)
         self._row_of_int = IntRowIndex(rows)  # the decimal ids among _row_of, by integer value
         self._id_of_row: list[str | None] = [None] * rows
         self._free_rows: list[int] = list(range(rows - 1, -1, -1))
@@ -107,14 +113,18 @@ class ItemVectorCache:
         # first: list.count compares a str to None the slow way, through str.__eq__.
         if n and isinstance(texts, list) and texts[0] is None and texts.count(None) == n:
             wanted = np.full(n, _ANY_TEXT, dtype=np.int64)
-        else:
-            wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
+        else:  # texts are compared as strings first, hashed only when that fails
+            wanted = None
         with self._lock:
             if isinstance(item_ids, DecimalIds):
                 rows = self._row_of_int.get(item_ids.values)
             else:
-                rows = np.fromiter(map(self._row_of.get, item_ids, repeat(-1, n)), dtype=np.int64, count=n)
+                rows = self._rows(item_ids)
             found = rows >= 0
+            if wanted is None and found.all() and self._text_of_row[rows].tolist() == texts:
+                return self._all_hits(rows, found, keys_out, count)
+            if wanted is None:
+                wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
             safe_rows = np.where(found, rows, 0)
             hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
             if np.count_nonzero(hit) != np.count_nonzero(found):
@@ -132,6 +142,32 @@ class ItemVectorCache:
             vectors[~hit] = 0.0
         return vectors, hit
 
+    def _rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Each id's row, -1 where not cached (caller holds the lock). The rows are stored as bytes so
+        that they join into an int64 array in C; when every id is cached, one itemgetter call
+        fetches them all (no Python call per id)."""
+        n = len(item_ids)
+        if n > 1:
+            try:
+                return np.frombuffer(b"".join(itemgetter(*item_ids)(self._row_of)), dtype=_ROW)
+            except KeyError:  # some id is not cached
+                pass
+        return np.frombuffer(b"".join(map(self._row_of.get, item_ids, repeat(_NO_ROW, n))), dtype=_ROW)
+
+    def _all_hits(
+        self, rows: np.ndarray, hit: np.ndarray, keys_out: np.ndarray | None, count: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """lookup's answer when every id is cached from the text given, or None both (caller holds
+        the lock): no masks, no miss rows to clear."""
+        vectors = self._matrix[rows]
+        if keys_out is not None:
+            keys_out[:] = self._item_key[rows]
+        self._clock += 1
+        self._last_used[rows] = self._clock
+        if count:
+            self.hits += len(rows)
+        return vectors, hit
+
     def _verify_stable(self, hit: np.ndarray, found: np.ndarray, rows: np.ndarray, texts: Sequence[TextKey]) -> None:
         """Slow path for found ids whose Python hash differs: compare stable hashes (a changed
         text, a row restored from a snapshot, or a caller passing text_hash values)."""
@@ -141,6 +177,7 @@ class ItemVectorCache:
                 hit[i] = True
                 if isinstance(key, str):
                     self._local_fp[row] = hash(key)  # next time the fast comparison suffices
+                    self._text_of_row[row] = key
 
     def put(self, item_ids: Sequence[str], texts: Sequence[str | int], vectors: np.ndarray) -> None:
         """Insert or replace vectors encoded from `texts` (texts or their text_hash); the last one
@@ -151,6 +188,8 @@ class ItemVectorCache:
             latest = dict(sorted(latest.items(), key=lambda kv: kv[1])[-self.capacity :])
         keys = [texts[k] for k in latest.values()]
         local = np.fromiter((hash(t) if isinstance(t, str) else 0 for t in keys), dtype=np.int64, count=len(keys))
+        text_of_row = np.full(len(keys), None, dtype=object)
+        text_of_row[:] = [t if isinstance(t, str) else None for t in keys]
         stable = np.fromiter(map(_stable, keys), dtype=np.uint64, count=len(keys))
         id_keys = item_keys(list(latest))
         with self._lock:
@@ -158,16 +197,18 @@ class ItemVectorCache:
             new = [item_id for item_id in latest if item_id not in self._row_of]
             for item_id in latest:
                 if item_id in self._row_of:
-                    self._last_used[self._row_of[item_id]] = self._clock  # protect from eviction below
+                    row = int.from_bytes(self._row_of[item_id], "little")
+                    self._last_used[row] = self._clock  # protect from eviction below
             overflow = len(self._row_of) + len(new) - self.capacity
             if overflow > 0:
                 self._evict(overflow)
             for item_id in new:
-                self._row_of[item_id] = self._allocate_row(item_id)
-            rows = np.fromiter((self._row_of[i] for i in latest), dtype=np.int64, count=len(latest))
+                self._row_of[item_id] = self._allocate_row(item_id).to_bytes(8, "little")
+            rows = np.frombuffer(b"".join(map(self._row_of.__getitem__, latest)), dtype=_ROW)
             source = np.fromiter(latest.values(), dtype=np.int64, count=len(latest))
             self._matrix[rows] = vectors[source]
             self._local_fp[rows] = local
+            self._text_of_row[rows] = text_of_row
             self._stable_fp[rows] = stable
             self._item_key[rows] = id_keys
             self._last_used[rows] = self._clock
@@ -177,7 +218,7 @@ class ItemVectorCache:
         """(ids, text hashes as uint64, vectors) of every entry, least recently used first."""
         with self._lock:
             ids = list(self._row_of)
-            rows = np.fromiter(self._row_of.values(), dtype=np.int64, count=len(ids))
+            rows = np.frombuffer(b"".join(self._row_of.values()), dtype=_ROW)
             order = np.argsort(self._last_used[rows], kind="stable")
             rows = rows[order]
             return [ids[i] for i in order.tolist()], self._stable_fp[rows].copy(), self._matrix[rows].copy()
@@ -189,7 +230,7 @@ class ItemVectorCache:
         with self._lock:
             present = [i for i in ids if i in self._row_of]
             if present:
-                rows = np.fromiter((self._row_of[i] for i in present), dtype=np.int64, count=len(present))
+                rows = np.frombuffer(b"".join(map(self._row_of.__getitem__, present)), dtype=_ROW)
                 self._last_used[rows] = self._clock + 1 + np.arange(len(present))
                 self._clock += len(present) + 1
 
@@ -206,6 +247,7 @@ class ItemVectorCache:
             if key is not None:
                 self._row_of_int.delete(key)
             self._id_of_row[row] = None
+            self._text_of_row[row] = None
             stamps[row] = _FREE
             self._free_rows.append(row)
 
@@ -228,6 +270,7 @@ class ItemVectorCache:
         matrix[:old] = self._matrix
         self._matrix = matrix
         self._local_fp = np.concatenate([self._local_fp, np.zeros(new - old, dtype=np.int64)])
+        self._text_of_row = np.concatenate([self._text_of_row, np.full(new - old, None, dtype=object)])
         self._stable_fp = np.concatenate([self._stable_fp, np.zeros(new - old, dtype=np.uint64)])
         self._item_key = np.concatenate([self._item_key, np.zeros(new - old, dtype=np.uint64)])
         self._last_used = np.concatenate([self._last_used, np.full(new - old, _FREE, dtype=np.int64)])

@@ -131,8 +131,9 @@ def candidates_from_columns(msg: pb.CandidateColumns, limits: Limits) -> Candida
     )
     if not given_texts:
         return CandidateColumns(item_ids, scores, [None] * n)
-    for i in np.flatnonzero(text_lengths == 0).tolist():
-        texts[i] = None
+    if not text_lengths.all():
+        for i in (text_lengths == 0).nonzero()[0].tolist():
+            texts[i] = None
     return CandidateColumns(item_ids, scores, texts)
 
 
@@ -190,8 +191,11 @@ def _validated_columns(
     candidate, its fields in declaration order (`names`: id, score, text field name patterns).
     Returns the text lengths."""
     n = len(item_ids)
-    id_lengths = np.fromiter(map(len, item_ids), dtype=np.int64, count=n)
-    text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+    lengths = wire.str_lengths(item_ids + texts)  # one pass over both columns
+    id_lengths, text_lengths = lengths[:n], lengths[n:]
+    if (id_lengths.min() > 0 and id_lengths.max() <= limits.max_id_chars
+            and text_lengths.max() <= limits.max_text_chars and np.isfinite(scores).all()):
+        return text_lengths  # the common case: all valid, no per-candidate detail
     bad = (id_lengths == 0) | (id_lengths > limits.max_id_chars) | ~np.isfinite(scores)
     bad |= text_lengths > limits.max_text_chars
     if bad.any():

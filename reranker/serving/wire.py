@@ -45,6 +45,28 @@ def _utf8(strings: list[str]) -> tuple[bytes, np.ndarray]:
     return b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=n)
 
 
+def str_lengths(strings: list[str]) -> np.ndarray:
+    """len() of each string, as an int64 array. The strings joined by NUL and encoded at once (ASCII
+    when they all are, else UTF-32: one code point, one unit), the lengths read off the separators'
+    positions: a few array operations instead of a Python call and a numpy conversion per string.
+    Strings that hold a NUL themselves take the per-string way."""
+    n = len(strings)
+    if n:
+        joined = "\x00".join(strings)
+        if joined.isascii():
+            chars = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+        else:
+            chars = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+        ends = (chars == 0).nonzero()[0]
+        if len(ends) == n - 1:
+            lengths = np.empty(n, dtype=np.int64)
+            lengths[:-1] = ends
+            lengths[-1] = len(chars)
+            lengths[1:] -= ends + 1
+            return lengths
+    return np.fromiter(map(len, strings), dtype=np.int64, count=n)
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
@@ -52,10 +74,6 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
-
-
-def _length_delimited(tag: int, payload: bytes) -> bytes:
-    return bytes([tag]) + _varint(len(payload)) + payload
 
 
 _SCORED_ITEM_DOUBLES = (0x11, 0x19, 0x21)  # tags of ScoredItem fields 2, 3, 4 (fixed64)
@@ -110,9 +128,9 @@ def encode_ranked_items(items: RankedItems) -> bytes:
 
 
 
-_ITEM_COLUMNS_TAG = 0x6A  # RerankResponse.item_columns = 13 (length-delimited)
-_COLUMN_DOUBLES = (0x12, 0x1A, 0x22)  # ItemColumns.scores / semantic_scores / upstream_scores (packed)
-_COLUMN_RANKS = 0x2A  # ItemColumns.original_ranks = 5 (packed varints)
+_ITEM_COLUMNS_TAG = b"\x6a"  # RerankResponse.item_columns = 13 (length-delimited)
+_COLUMN_DOUBLES = (b"\x12", b"\x1a", b"\x22")  # ItemColumns.scores / semantic_scores / upstream_scores (packed)
+_COLUMN_RANKS = b"\x2a"  # ItemColumns.original_ranks = 5 (packed varints)
 
 
 def encode_item_columns(items: RankedItems) -> bytes:
@@ -120,17 +138,31 @@ def encode_item_columns(items: RankedItems) -> bytes:
     repeated-string encoder (one C call), the three score columns as packed little-endian doubles
     straight from their arrays, the original ranks as packed varints. Parses to the same message
     as filling every ItemColumns field (present, even when empty), without a Python float or int
-    per value."""
+    per value. The parts are joined once."""
     ids = pb.ItemColumns()
     ids.item_ids.extend(items.item_ids)
-    parts = [ids.SerializeToString()]
+    parts = [b"", b"", ids.SerializeToString()]  # the field's tag and length go first
     if len(items):
+        size = _varint(8 * len(items))  # each score column: 8 bytes a value
         for tag, column in zip(
             _COLUMN_DOUBLES, (items.scores, items.semantic_scores, items.upstream_scores), strict=True
         ):
-            parts.append(_length_delimited(tag, np.ascontiguousarray(column, dtype="<f8").tobytes()))
-        parts.append(_length_delimited(_COLUMN_RANKS, _packed_varints(items.original_ranks)))
-    return _length_delimited(_ITEM_COLUMNS_TAG, b"".join(parts))
+            parts += (tag, size, np.ascontiguousarray(column, dtype="<f8").tobytes())
+        ranks = _packed_varints(items.original_ranks)
+        parts += (_COLUMN_RANKS, _varint(len(ranks)), ranks)
+    parts[0], parts[1] = _ITEM_COLUMNS_TAG, _varint(sum(map(len, parts)))
+    return b"".join(parts)
+
+
+def _two_byte_varints() -> np.ndarray:
+    """The varint of each value below 2**14 as two little-endian bytes (the second 0 when one
+    suffices): 32 KiB, built once."""
+    values = np.arange(0x4000, dtype=np.int64)
+    more = (values >= 0x80).astype(np.int64)
+    return ((values & 0x7F) | (more << 7) | ((values >> 7) << 8)).astype("<u2")
+
+
+_TWO_BYTE_VARINTS = _two_byte_varints()
 
 
 def _packed_varints(values: np.ndarray) -> bytes:
@@ -141,13 +173,10 @@ def _packed_varints(values: np.ndarray) -> bytes:
     top = int(values.max(initial=0))
     if top < 0x80:
         return values.astype(np.uint8).tobytes()
-    if top < 0x4000:
-        low = (values & 0x7F).astype(np.uint8)
-        high = (values >> 7).astype(np.uint8)
-        two = high > 0
-        low[two] |= 0x80
-        keep = np.stack([np.ones(len(values), dtype=bool), two], axis=1)
-        return np.stack([low, high], axis=1)[keep].tobytes()
+    if top < 0x4000:  # each value's two bytes from a table; the second kept where the value needs it
+        keep = np.ones((len(values), 2), dtype=bool)
+        keep[:, 1] = values >= 0x80
+        return _TWO_BYTE_VARINTS[values].view(np.uint8)[keep.ravel()].tobytes()
     sizes = _varint_sizes(values)
     ends = np.cumsum(sizes)
     out = np.empty(int(ends[-1]), dtype=np.uint8)
