@@ -136,10 +136,9 @@ if __name__ == "__main__":  # a local cluster by hand: python tests/redis_server
 
 def stored_profile(client: redis.Redis, user: str, dim: int, prefix: str = "reranker") -> object | None:
     """The user's profile as a store keeps it in Redis (compact.CompactProfile), or None."""
-    from reranker.users.compact import decode
+    from reranker.users.compact_redis import read_profile
 
-    blob = client.get(f"{prefix}:{{{user}}}:u")
-    return None if blob is None else decode(blob, dim)  # type: ignore[arg-type]
+    return read_profile(client, user, dim, prefix)
 
 
 def stored_event_ids(client: redis.Redis, user: str, ids: set[str], dim: int, prefix: str = "reranker") -> set[str]:

@@ -189,8 +189,8 @@ def _blend_ranking(ctx: RerankContext, diversity: float) -> scoring.Ranking:
     s, state, user_vector, seen, vectors = ctx.settings, ctx.state, ctx.user_vector, ctx.seen, ctx.vectors
     semantic = None  # attention pooling feeds only the fixed blend (the head has its own features)
     if user_vector is not None and state is not None:
-        # One pass over the candidate vectors: one product with the stacked query rows (the user
-        # vector, then the history rows); the cosine, its leave-one-out corrections (the few consumed
+        # One similarity array per request (the user row, then the history rows; how it is multiplied
+        # is scoring.similarities' choice): the cosine, its leave-one-out corrections (the few consumed
         # candidates only) and the attention all read from it.
         attend = s.users.attention_weight > 0 and len(state.history) > 0
         rows = derived(state, "query_rows" if attend else "user_row",

@@ -58,7 +58,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reranker.tools.loadtest import ServerProcess, check_reordering, item_text
-from reranker.users.compact import decode
+from reranker.users.compact_redis import read_profile
 from reranker.users.profiles import event_id_hash
 from reranker.v1 import reranker_pb2 as pb
 from reranker.v1 import reranker_pb2_grpc as pb_grpc
@@ -670,10 +670,10 @@ class ChaosSoak:
         profile = stub.GetUserProfile(pb.GetUserProfileRequest(user_id=user), timeout=10)
         client = self.profiles_redis.client()
         try:
-            blob = client.get(f"{PREFIX}:{{{user}}}:u")
+            stored = read_profile(client, user, DIM, PREFIX)
         finally:
             client.close()
-        held = set() if blob is None else set(decode(blob, DIM).ids.tolist())
+        held = set() if stored is None else set(stored.ids.tolist())
         missing = sorted(event_id for event_id in ids if event_id_hash(event_id) not in held)
         if not missing and (not profile.found or profile.event_count < len(ids)):
             missing = [f"(GetUserProfile: found={profile.found}, {profile.event_count} events, {len(ids)} acknowledged)"]

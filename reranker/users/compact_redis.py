@@ -73,6 +73,18 @@ return 1
 MAX_ROUNDS = 16  # compare-and-set rounds for one batch before the call fails (and the fallback takes it)
 
 
+def profile_key(prefix: str, user_id: str) -> str:
+    """The one key a user's compact profile is kept at (the `{user_id}` hash tag: one Cluster slot)."""
+    return f"{prefix}:{{{user_id}}}:u"
+
+
+def read_profile(client: Any, user_id: str, dim: int, prefix: str = "reranker") -> CompactProfile | None:
+    """The user's profile as a store keeps it in Redis, decoded, or None (for tools that check what
+    was stored; the store itself reads through its fallback and repair paths)."""
+    blob = client.get(profile_key(prefix, user_id))
+    return None if blob is None else decode(blob, dim)
+
+
 class CompactRedisProfileStore(RedisProfileStore):
     layout = "compact"
 
@@ -83,7 +95,7 @@ class CompactRedisProfileStore(RedisProfileStore):
         self.converted = 0  # users whose full-layout keys were converted (see the module docstring)
 
     def keys(self, user_id: str) -> list[str]:
-        return [f"{self._prefix}:{{{user_id}}}:u"]
+        return [profile_key(self._prefix, user_id)]
 
     # --- writes ----------------------------------------------------------------------------------
     def _apply_remote(self, events: Sequence[tuple[Event, np.ndarray | None]], now: float) -> RecordResult:
