@@ -92,9 +92,10 @@ class ItemVectorCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the vector matrix and its per-row arrays."""
+        """Bytes held by the vector matrix and its per-row arrays (the kept texts' references, not the
+        texts themselves)."""
         return (self._matrix.nbytes + self._local_fp.nbytes + self._stable_fp.nbytes + self._last_used.nbytes
-                + self._item_key.nbytes)
+                + self._item_key.nbytes + self._text_of_row.nbytes)
 
     def lookup(
         self, item_ids: Sequence[str], texts: Sequence[TextKey], keys_out: np.ndarray | None = None, *,
