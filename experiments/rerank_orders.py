@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
         if not path.exists():
             from reranker.model.loader import load_encoder
 
-            model = load_encoder(Settings())
+            model = load_encoder(Settings().model)
             np.save(path, np.asarray(model.encode(texts), dtype=np.float32))
             version = model.version
         else:
