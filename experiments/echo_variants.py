@@ -18,6 +18,9 @@ Variants (--variants, comma separated):
   numpy-async  like numpy, but the handler awaits asyncio.sleep(0) after the work (one loop turn)
   numpy-small  like numpy, on data that fits in the L1/L2 caches (200 x 64 float32 rows, 50 KB)
   sleep     echo whose handler blocks the loop for --numpy-us without using the CPU (time.sleep)
+  real      echo whose handler runs the real warm Rerank in process on the request's bytes (parse,
+            convert, RerankService.try_cached, encode: scripts/hot_path_instructions.py's call, a fake
+            encoder of the packaged model's size; timed) and still answers the fixed bytes
   spin      echo whose handler busy-waits --numpy-us on a clock (CPU, almost no memory; timed)
 
   PYTHONPATH=$PWD python experiments/echo_variants.py --variants echo,numpy,python --duration 12 --rounds 6
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 
 VARIANTS = (
-    "echo", "thread", "config", "parse", "layers", "numpy", "python", "mixed", "numpy-async", "numpy-small", "sleep", "spin",
+    "echo", "thread", "config", "parse", "layers", "numpy", "python", "mixed", "numpy-async", "numpy-small", "sleep", "spin", "real",
 )
 
 
@@ -113,8 +116,19 @@ def serve(port: int, payload: bytes, variant: str, numpy_us: float, python_us: f
     calls = [0]
     spans = {"deserialize": 0}
 
+    real = None
+    if variant == "real":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+        import hot_path_instructions
+
+        real, _ = hot_path_instructions._prepared("packed", 500, 384)  # the bench's pool, users and ids
+
     async def echo(_request: Any, _context: aio.ServicerContext) -> bytes:
         calls[0] += 1
+        if real is not None:
+            t0 = time.thread_time_ns()
+            real(_request)  # type: ignore[operator]
+            work.ns += time.thread_time_ns() - t0
         if numpy_share or python_share:
             work.run()
         if variant == "numpy-async":
