@@ -160,6 +160,9 @@ def test_rerank_breakdown_accounts_for_the_server_cpu_by_stage(tmp_path) -> None
     # Each call's objects were freed in the next call, timed; the event loop's thread is named.
     assert rows[stagecpu.RELEASE] > 0 and rows[stagecpu.GC] >= 0
     assert any(name.startswith("grpc-loop") for name in report["threads_us"]) and "by thread (us/req):" in out
+    split = report["transport_us"]  # the transport row, split by thread
+    assert split["event loop"] + split["other threads"] == pytest.approx(rows[stagecpu.TRANSPORT])
+    assert split["other threads"] > 0 and f"{stagecpu.TRANSPORT} = the event loop's thread" in out
 
 
 def test_stage_clock_moves_a_collection_out_of_the_spans_it_ran_in() -> None:

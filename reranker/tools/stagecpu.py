@@ -60,6 +60,8 @@ TIMERS = "breakdown timers (bench only)"
 GC = "garbage collection"
 RELEASE = "freeing a call's objects"
 
+# The server's event-loop thread (reranker.serving.server.EventLoopThread's default name).
+LOOP_THREAD = "grpc-loop"
 # Row of each timed span; a pipeline stage not listed here gets a row of its own ("stage <name>").
 ROWS: dict[str, str] = {
     "deserialize": DECODE, "rerank_request": DECODE, "dedupe": DECODE,
@@ -342,10 +344,14 @@ def breakdown(window: dict[str, Any], timer_ns: float) -> dict[str, Any]:
     rows[TIMERS] = window["timer_calls"] / calls * timer_ns / 1000.0
     rows[TRANSPORT] = total - sum(v for k, v in rows.items() if k != TRANSPORT)
     threads = {k: v / calls / 1000.0 for k, v in window.get("threads", {}).items()}
-    return {
+    report = {
         "requests": calls, "total_us": total, "rows": rows, "stages_us": stages,
         "blocked": window["blocked"], "timer_ns": timer_ns, "threads_us": threads,
     }
+    loop = sum(us for name, us in threads.items() if name.startswith(LOOP_THREAD))
+    if loop > 0:  # every timed part runs on the loop's thread (warm calls): the rest of its CPU is transport
+        report["transport_us"] = {"event loop": loop - (total - rows[TRANSPORT]), "other threads": total - loop}
+    return report
 
 
 def table(report: dict[str, Any], floor: dict[str, float] | None = None) -> str:
@@ -357,6 +363,10 @@ def table(report: dict[str, Any], floor: dict[str, float] | None = None) -> str:
     for name, us in report["rows"].items():
         lines.append(f"  {name:<34} {us:>9.1f} {100.0 * us / total if total else 0.0:>6.1f}%")
     lines.append(f"  {'total (server process CPU)':<34} {total:>9.1f} {100.0:>6.1f}%")
+    split = report.get("transport_us")
+    if split:
+        lines.append(f"  {TRANSPORT} = the event loop's thread outside the timed parts {split['event loop']:.1f} "
+                     f"+ grpc's and other threads {split['other threads']:.1f}")
     threads = sorted(report.get("threads_us", {}).items(), key=lambda kv: -kv[1])
     if threads:
         lines.append("  by thread (us/req): " + ", ".join(f"{name} {us:.1f}" for name, us in threads if us >= 0.5))
