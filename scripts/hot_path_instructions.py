@@ -96,10 +96,11 @@ def _through_the_edge(service: object, settings: object, edge: str) -> object:
     import random
 
     random.seed(0)  # the same access-log lines sampled in every run
-    configure_logging(settings, stream=open(os.devnull, "w"))  # type: ignore[arg-type]
+    observability = settings.observability  # type: ignore[attr-defined]
+    configure_logging(observability, stream=open(os.devnull, "w"))
     servicer = RerankerServicer(service, ThreadPoolExecutor(1))  # type: ignore[arg-type]
-    observer_settings = dataclasses.replace(  # type: ignore[type-var]
-        settings, access_log=edge in ("sampled", "every"), access_log_sample=1.0 if edge == "every" else 0.01,
+    observer_settings = dataclasses.replace(
+        observability, access_log=edge in ("sampled", "every"), access_log_sample=1.0 if edge == "every" else 0.01,
     )
     handler = guarded(Observer(observer_settings, service.metrics).observed(servicer.Rerank, "Rerank", streaming=False),  # type: ignore[arg-type, attr-defined]
                       "Rerank", streaming=False)

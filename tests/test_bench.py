@@ -157,3 +157,38 @@ def test_rerank_breakdown_accounts_for_the_server_cpu_by_stage(tmp_path) -> None
     assert floor["candidates"] == 40 and floor["dim"] == 32 and floor["query_rows"] == stagecpu.FLOOR_QUERY_ROWS
     assert 0 < floor["best_us"] <= floor["median_us"]
     assert "scoring floor:" in out and "target: echo_cpu_us=" in out
+    # Each call's objects were freed in the next call, timed; the event loop's thread is named.
+    assert rows[stagecpu.RELEASE] > 0 and rows[stagecpu.GC] >= 0
+    assert any(name.startswith("grpc-loop") for name in report["threads_us"]) and "by thread (us/req):" in out
+    split = report["transport_us"]  # the transport row, split by thread
+    assert split["event loop"] + split["other threads"] == pytest.approx(rows[stagecpu.TRANSPORT])
+    assert split["other threads"] > 0 and f"{stagecpu.TRANSPORT} = the event loop's thread" in out
+
+
+def test_stage_clock_moves_a_collection_out_of_the_spans_it_ran_in() -> None:
+    """A cyclic collection inside a timed span is counted under "gc", not in that span or its parents."""
+    import gc
+    import time
+
+    from reranker.tools.stagecpu import StageClock
+
+    clock = StageClock()
+
+    def collect() -> None:
+        for _ in range(50):
+            gc.collect()
+
+    inner = clock.timed("inner", collect)
+    outer = clock.timed("outer", lambda: (inner(), sum(range(20_000))))
+    gc.callbacks.append(clock.on_gc)
+    try:
+        t0 = time.thread_time_ns()
+        outer()
+        elapsed = time.thread_time_ns() - t0
+    finally:
+        gc.callbacks.remove(clock.on_gc)
+    assert clock.counts["gc"] >= 50
+    assert clock.spans["gc"] > 0.5 * elapsed  # 50 full collections dwarf the rest
+    assert 0 <= clock.spans["inner"] < clock.spans["gc"] / 5
+    assert clock.spans["inner"] <= clock.spans["outer"] and clock.spans["outer"] + clock.spans["gc"] <= elapsed
+    assert clock.open_spans() == []

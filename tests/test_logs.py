@@ -57,6 +57,8 @@ def test_one_access_line_per_rpc_with_id_bucket_variant_latency(
     assert isinstance(first["latency_ms"], float) and first["latency_ms"] > 0
     # No id from the caller: one is generated and echoed in the response, so both sides can correlate.
     assert len(str(second["request_id"])) == 16 and second["request_id"] == generated.request_id
+    assert int(second["request_id"], 16) >= 0 and len(fourth["request_id"]) == 16  # hex digits
+    assert fourth["request_id"] != second["request_id"]  # one per call
     assert third["request_id"] == "hdr-7" == from_header.request_id
     assert fourth["variant"] == "fallback" and fourth["fallback_reason"] == "deadline"
     assert late.variant == pb.VARIANT_FALLBACK

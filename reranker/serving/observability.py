@@ -15,7 +15,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,7 +54,10 @@ def _request_id(context: aio.ServicerContext, from_request: str = "") -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and value:
             return value[:128]
-    return uuid.uuid4().hex[:16]
+    # 64 random bits as 16 hex digits, like the uuid4 prefix this was (60 bits), at a tenth of the cost:
+    # uuid4 is an os.urandom system call and a UUID object per call. The module's generator is seeded
+    # once per process (and again in a forked child), which is all a correlation id needs.
+    return f"{random.getrandbits(64):016x}"
 
 
 class Observer:

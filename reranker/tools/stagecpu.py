@@ -8,7 +8,8 @@ named in ROWS gets a row of its own), the training-log hook and the response enc
 are installed by this module, in this process only: `reranker serve` has none of them.
 
 The bench talks to it over stdin / stdout, one JSON line per command:
-  snapshot   cumulative counters: {"process_ns", "calls", "timer_calls", "blocked", "spans": {name: ns}}
+  snapshot   cumulative counters: {"process_ns", "calls", "timer_calls", "blocked", "spans": {name: ns},
+             "threads": {thread: ns}}
   floor R C  thread CPU of the scoring math alone (one gather of C rows of an R x D float32 matrix,
              D the served vectors' size, one GEMM against FLOOR_QUERY_ROWS query vectors), in this process
   timer      thread CPU of one timer read
@@ -17,7 +18,10 @@ End of input stops the server.
 `breakdown(before, after)` turns two snapshots into rows of CPU per request. Transport and asyncio
 is what the process used beyond the timed parts (grpc's threads, the event loop, the metrics
 endpoint): total minus everything else. The timers' own cost (a thread-CPU clock read is a system
-call, about 1 us) is a row of its own, so the rows add up to the process total.
+call, about 1 us) is a row of its own, so the rows add up to the process total. Cyclic garbage
+collections (a gc.callbacks hook) and the freeing of one call's objects (request, result, response:
+freed at the next call's start) are rows of their own too, and each snapshot has every thread's CPU
+(/proc), so the transport row splits into the event loop's thread and grpc's own threads.
 
 Exact for warm requests answered on the event loop (every vector cached, profiles in process, the
 bench's default): where a request waits (encoding, Redis profiles) the handler spans also count
@@ -27,6 +31,7 @@ what the loop did for other requests meanwhile; `blocked` counts those requests.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import sys
 import threading
@@ -52,7 +57,11 @@ OBSERVE = "logs, metrics, tracing"
 TRAINING = "training-log hooks"
 GLUE = "handler + pipeline glue"
 TIMERS = "breakdown timers (bench only)"
+GC = "garbage collection"
+RELEASE = "freeing a call's objects"
 
+# The server's event-loop thread (reranker.serving.server.EventLoopThread's default name).
+LOOP_THREAD = "grpc-loop"
 # Row of each timed span; a pipeline stage not listed here gets a row of its own ("stage <name>").
 ROWS: dict[str, str] = {
     "deserialize": DECODE, "rerank_request": DECODE, "dedupe": DECODE,
@@ -62,50 +71,75 @@ ROWS: dict[str, str] = {
     "score": SCORING,
     "consumed_policy": CONSUMED,
     "cut_and_explain": ORDERING,
-    "encode_response": ENCODE,
+    "encode_response": ENCODE, "serialize": ENCODE,
     "training_log": TRAINING,
 }
-ROW_ORDER = (TRANSPORT, DECODE, ARM, VECTORS, USER, SCORING, CONSUMED, ORDERING, ENCODE, OBSERVE, TRAINING, GLUE)
+ROW_ORDER = (
+    TRANSPORT, DECODE, ARM, VECTORS, USER, SCORING, CONSUMED, ORDERING, ENCODE, OBSERVE, TRAINING, GLUE, GC, RELEASE,
+)
 # Spans that contain others: their own share is what remains after their children.
 _PARENTS = ("handler", "observe", "servicer", "pipeline")
 
 
 class StageClock:
-    """Cumulative thread-CPU nanoseconds per span name, and how many timer reads were made."""
+    """Cumulative thread-CPU nanoseconds per span name, and how many timer reads were made.
+
+    Two rows are measured apart from the spans they happen in. A cyclic garbage collection (timed by a
+    `gc.callbacks` hook) runs inside whatever allocated last: its time goes to the "gc" span and is
+    taken out of every span open on that thread. And the objects of one Rerank (its request message,
+    its result's arrays, the response) are kept when the handler returns and freed at the start of
+    the next call, in the "release" span: otherwise grpc frees them after the handler, outside any span."""
 
     def __init__(self) -> None:
         self.spans: dict[str, int] = {}
         self.counts: dict[str, int] = {}
         self.blocked = 0
         self._stage_names: list[str] = []
+        self._open = threading.local()  # per thread: the names of the spans open, innermost last
+        self._gc_started = 0
+        self._kept: object = None
 
     def add(self, name: str, ns: int) -> None:
         self.spans[name] = self.spans.get(name, 0) + ns
         self.counts[name] = self.counts.get(name, 0) + 1
 
+    def open_spans(self) -> list[str]:
+        stack: list[str] | None = getattr(self._open, "stack", None)
+        if stack is None:
+            stack = self._open.stack = []
+        return stack
+
     def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        clock, add = time.thread_time_ns, self.add
+        clock, add, open_spans = time.thread_time_ns, self.add, self.open_spans
 
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
+            stack = open_spans()
+            depth = len(stack)
+            stack.append(name)
             t0 = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
                 add(name, clock() - t0)
+                del stack[depth:]
 
         return run
 
     def timed_async(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        clock, add = time.thread_time_ns, self.add
+        clock, add, open_spans = time.thread_time_ns, self.add, self.open_spans
 
         @functools.wraps(fn)
         async def run(*args: Any, **kwargs: Any) -> Any:
+            stack = open_spans()
+            depth = len(stack)
+            stack.append(name)
             t0 = clock()
             try:
                 return await fn(*args, **kwargs)
             finally:
                 add(name, clock() - t0)
+                del stack[depth:]  # a call that waited (blocked) may have seen others' spans meanwhile
 
         return run
 
@@ -116,6 +150,28 @@ class StageClock:
             self._stage_names.append(name)
         return self.timed(name, fn)
 
+    def on_gc(self, phase: str, _info: dict[str, Any]) -> None:
+        """gc.callbacks hook: a collection's CPU goes to "gc", out of the spans it ran in."""
+        if phase == "start":
+            self._gc_started = time.thread_time_ns()
+            return
+        ns = time.thread_time_ns() - self._gc_started
+        self.add("gc", ns)
+        for name in self.open_spans():  # (a span's first run may not have been added yet)
+            self.spans[name] = self.spans.get(name, 0) - ns
+
+    def keep(self, objects: object) -> None:
+        """Hold one call's objects; the next call frees them, timed (`release`)."""
+        self._kept = objects
+
+    def release(self) -> None:
+        """Free the previous call's objects in the "release" span."""
+        if self._kept is not None:
+            self.timed("release", self._drop)()
+
+    def _drop(self) -> None:
+        self._kept = None
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "process_ns": time.process_time_ns(),
@@ -124,7 +180,33 @@ class StageClock:
             "blocked": self.blocked,
             "spans": dict(self.spans),
             "stages": list(self._stage_names),
+            "threads": thread_cpu_ns(),
         }
+
+
+def thread_cpu_ns() -> dict[str, int]:
+    """CPU nanoseconds of each live thread of this process (Linux /proc; {} elsewhere), by the Python
+    thread's name, or by the kernel's name for grpc's own threads."""
+    import os
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, int] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            name = names.get(int(tid))
+            if name is None:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+        out[f"{name} ({tid})"] = ns
+    return out
 
 
 def instrument(clock: StageClock) -> None:
@@ -153,9 +235,25 @@ def instrument(clock: StageClock) -> None:
         return await blocking(*args, **kwargs)
 
     servicer.RerankerServicer._blocking = counted_blocking  # type: ignore[method-assign]
+    convert.serialize_rerank_response = clock.timed("serialize", convert.serialize_rerank_response)
     tolerant, guarded = servicer.tolerant, servicer.guarded
     servicer.tolerant = lambda deserializer: clock.timed("deserialize", tolerant(deserializer))  # type: ignore[assignment]
-    servicer.guarded = lambda behavior, method, **kw: clock.timed_async("handler", guarded(behavior, method, **kw))  # type: ignore[assignment]
+
+    def timed_guarded(behavior: Any, method: str, **kw: Any) -> Any:
+        handler = clock.timed_async("handler", guarded(behavior, method, **kw))
+        if method != "Rerank":
+            return handler
+
+        async def rerank(request: Any, context: Any) -> Any:
+            clock.release()
+            response = await handler(request, context)
+            clock.keep((request, response))
+            return response
+
+        return rerank
+
+    servicer.guarded = timed_guarded  # type: ignore[assignment]
+    gc.callbacks.append(clock.on_gc)
     observed = observability.Observer.observed
 
     def timed_observed(self: Any, behavior: Any, method: str, *, streaming: bool) -> Any:
@@ -203,17 +301,21 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     out = {k: after[k] - before[k] for k in ("process_ns", "calls", "timer_calls", "blocked")}
     out["spans"] = {k: v - before["spans"].get(k, 0) for k, v in after["spans"].items()}
     out["stages"] = after["stages"]
+    out["threads"] = {k: v - before.get("threads", {}).get(k, 0) for k, v in after.get("threads", {}).items()}
     return out
 
 
 def combined(deltas: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The sum of several deltas (the bench's measured slices)."""
-    out: dict[str, Any] = {"process_ns": 0, "calls": 0, "timer_calls": 0, "blocked": 0, "spans": {}, "stages": []}
+    out: dict[str, Any] = {
+        "process_ns": 0, "calls": 0, "timer_calls": 0, "blocked": 0, "spans": {}, "stages": [], "threads": {},
+    }
     for d in deltas:
         for k in ("process_ns", "calls", "timer_calls", "blocked"):
             out[k] += d[k]
-        for k, v in d["spans"].items():
-            out["spans"][k] = out["spans"].get(k, 0) + v
+        for part in ("spans", "threads"):
+            for k, v in d.get(part, {}).items():
+                out[part][k] = out[part].get(k, 0) + v
         out["stages"] = d["stages"]
     return out
 
@@ -227,7 +329,7 @@ def breakdown(window: dict[str, Any], timer_ns: float) -> dict[str, Any]:
     per = spans.get
     stages = {name: per(name, 0.0) for name in window["stages"]}
     rows = dict.fromkeys(ROW_ORDER, 0.0)
-    for name in ("deserialize", "rerank_request", "encode_response", "training_log", *stages):
+    for name in ("deserialize", "rerank_request", "encode_response", "serialize", "training_log", *stages):
         row = ROWS.get(name, f"stage {name}")
         rows[row] = rows.get(row, 0.0) + per(name, 0.0)
     rows[OBSERVE] = per("observe", 0.0) - per("servicer", 0.0)
@@ -236,13 +338,20 @@ def breakdown(window: dict[str, Any], timer_ns: float) -> dict[str, Any]:
         + per("servicer", 0.0) - per("rerank_request", 0.0) - per("pipeline", 0.0) - per("encode_response", 0.0)
         + per("pipeline", 0.0) - sum(stages.values()) - per("training_log", 0.0)
     )
+    rows[GC] = per("gc", 0.0)
+    rows[RELEASE] = per("release", 0.0)
     total = window["process_ns"] / calls / 1000.0
     rows[TIMERS] = window["timer_calls"] / calls * timer_ns / 1000.0
     rows[TRANSPORT] = total - sum(v for k, v in rows.items() if k != TRANSPORT)
-    return {
+    threads = {k: v / calls / 1000.0 for k, v in window.get("threads", {}).items()}
+    report = {
         "requests": calls, "total_us": total, "rows": rows, "stages_us": stages,
-        "blocked": window["blocked"], "timer_ns": timer_ns,
+        "blocked": window["blocked"], "timer_ns": timer_ns, "threads_us": threads,
     }
+    loop = sum(us for name, us in threads.items() if name.startswith(LOOP_THREAD))
+    if loop > 0:  # every timed part runs on the loop's thread (warm calls): the rest of its CPU is transport
+        report["transport_us"] = {"event loop": loop - (total - rows[TRANSPORT]), "other threads": total - loop}
+    return report
 
 
 def table(report: dict[str, Any], floor: dict[str, float] | None = None) -> str:
@@ -254,6 +363,13 @@ def table(report: dict[str, Any], floor: dict[str, float] | None = None) -> str:
     for name, us in report["rows"].items():
         lines.append(f"  {name:<34} {us:>9.1f} {100.0 * us / total if total else 0.0:>6.1f}%")
     lines.append(f"  {'total (server process CPU)':<34} {total:>9.1f} {100.0:>6.1f}%")
+    split = report.get("transport_us")
+    if split:
+        lines.append(f"  {TRANSPORT} = the event loop's thread outside the timed parts {split['event loop']:.1f} "
+                     f"+ grpc's and other threads {split['other threads']:.1f}")
+    threads = sorted(report.get("threads_us", {}).items(), key=lambda kv: -kv[1])
+    if threads:
+        lines.append("  by thread (us/req): " + ", ".join(f"{name} {us:.1f}" for name, us in threads if us >= 0.5))
     if floor is not None:
         lines.append(
             f"scoring floor: one gather of {floor['candidates']:.0f} x {floor['dim']:.0f} float32 rows + one GEMM "
