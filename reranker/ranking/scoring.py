@@ -229,6 +229,7 @@ def attention_scores(
     temperature: float,
     own_rows: np.ndarray | None = None,
     sims: np.ndarray | None = None,
+    pooling_weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Candidate-aware (target) attention over a user's history, one score in [-1, 1] per item.
 
@@ -242,13 +243,16 @@ def attention_scores(
     out of its pooling (a candidate is never similar to the user through its own past events).
     `sims` (k, n), when given, are the similarities v_i . c already computed (e.g. a view of the
     request's one product, `similarities`): they are read instead of multiplying again.
+    `pooling_weights`, when given, is `attention_weights(history_weights)` already computed (the
+    service keeps it with the user state).
     """
     items = np.asarray(item_vectors, dtype=np.float32)
     hist = np.asarray(history, dtype=np.float32)
     if hist.shape[0] == 0 or items.shape[0] == 0:
         return np.zeros(items.shape[0])
+    weights = attention_weights(history_weights) if pooling_weights is None else pooling_weights
     if sims is not None:
-        return _pooled(sims, history_weights, temperature, own_rows)
+        return _pooled(sims, weights, temperature, own_rows)
     # Rows are history items, so the reductions below are (k,) @ (k, n) products. A few rows: one
     # matrix-vector product each (cheaper than a matrix product's set-up); more: one (k, d) @ (d, n)
     # product, which reads the candidate vectors once (2x faster at k = 20). The server runs BLAS
@@ -260,31 +264,51 @@ def attention_scores(
         sims = np.empty((k, items.shape[0]), dtype=np.float32)  # (k, n)
         for j in range(k):
             np.dot(items, hist[j], out=sims[j])
-    return _pooled(sims, history_weights, temperature, own_rows)
+    return _pooled(sims, weights, temperature, own_rows)
 
 
-def _pooled(sims: np.ndarray, history_weights: FloatArray, temperature: float, own_rows: np.ndarray | None) -> np.ndarray:
-    """attention_scores from the (k, n) similarities of history rows and candidates."""
+def attention_weights(history_weights: FloatArray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(b, |b|) float32: the history weights scaled to [-1, 1] as attention pooling multiplies them
+    (num / den does not change when b is scaled, and float32 cannot overflow); None when no weight
+    is nonzero and finite (the attention is then 0). Depends on the weights only: the service keeps
+    it with the user state."""
+    b64 = np.asarray(history_weights, dtype=np.float64)
+    scale = float(np.abs(b64).max()) if b64.size else 0.0
+    if not scale > 0.0 or not math.isfinite(scale):
+        return None
+    b = (b64 / scale).astype(np.float32)
+    b.flags.writeable = False
+    magnitude = np.abs(b)
+    magnitude.flags.writeable = False
+    return b, magnitude
+
+
+def _pooled(
+    sims: np.ndarray, weights: tuple[np.ndarray, np.ndarray] | None, temperature: float, own_rows: np.ndarray | None
+) -> np.ndarray:
+    """attention_scores from the (k, n) similarities of history rows and candidates, with the
+    weights `attention_weights` made of the history weights."""
+    if weights is None:
+        return np.zeros(sims.shape[1])
+    b, magnitude = weights
     if own_rows is not None:
-        sims = np.where(own_rows, np.float32(-np.inf), sims)
-        peak = sims.max(axis=0)
-        peak[~np.isfinite(peak)] = 0.0  # a candidate whose every history row is its own: no pooling
-        attn = sims - peak
+        attn = sims.copy()
+        np.copyto(attn, np.float32(-np.inf), where=own_rows)
+        peak = attn.max(axis=0)
+        finite = np.isfinite(peak)
+        if not finite.all():
+            peak[~finite] = 0.0  # a candidate whose every history row is its own: no pooling
+        attn -= peak
     else:
         attn = sims - sims.max(axis=0)
     attn *= np.float32(1.0 / max(temperature, 1e-6))
-    np.exp(attn, out=attn)
-    if own_rows is not None:
-        sims = np.where(own_rows, np.float32(0.0), sims)
-    # num / den does not change when b is scaled: scale it to [-1, 1] so float32 cannot overflow.
-    b64 = np.asarray(history_weights, dtype=np.float64)
-    scale = float(np.abs(b64).max())
-    if not scale > 0.0 or not math.isfinite(scale):
-        return np.zeros(sims.shape[1])
-    b = (b64 / scale).astype(np.float32)
-    den = np.abs(b) @ attn
+    np.exp(attn, out=attn)  # 0 at a candidate's own rows (exp(-inf)), so they drop out of both sums
+    den = magnitude @ attn
     attn *= sims
     num = b @ attn
+    # float32 division, cast to float64 (what np.divide does with a float64 `out`)
+    if den.min() > 1e-12:
+        return np.divide(num, den, out=np.empty(num.shape, dtype=np.float64))
     return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 1e-12)
 
 
@@ -300,22 +324,30 @@ def personal_semantic(
     own_rows: np.ndarray | None = None,
     cosine: np.ndarray | None = None,
     sims: np.ndarray | None = None,
+    pooling_weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Semantic score = (1 - a) * cos(u, c) + a * attention_scores(c); a = attention_weight.
 
     Rows without a vector score 0. With a = 0 (or no history) this is the plain cosine.
     `cosine` replaces cos(u, c) (e.g. with leave-one-out user vectors for consumed candidates);
     `own_rows` (history rows x candidates) leaves a candidate's own events out of its attention;
-    `sims` (history rows x candidates) are the similarities already computed (`similarities`).
+    `sims` (history rows x candidates) are the similarities already computed (`similarities`);
+    `pooling_weights` is `attention_weights(history_weights)` already computed.
     """
     has_vector = np.asarray(has_vector, dtype=bool)
     if cosine is None:
         cosine = np.asarray(item_vectors, dtype=np.float32) @ np.asarray(user_vector, dtype=np.float32)
     semantic = np.asarray(cosine, dtype=np.float64)
     if attention_weight > 0.0 and len(history):
-        att = attention_scores(item_vectors, history, history_weights, temperature, own_rows, sims)
-        semantic = (1.0 - attention_weight) * semantic + attention_weight * att
-    return np.where(has_vector, semantic, 0.0)
+        att = attention_scores(item_vectors, history, history_weights, temperature, own_rows, sims, pooling_weights)
+        semantic = semantic * (1.0 - attention_weight)  # a new array: `cosine` is the caller's
+        att *= attention_weight
+        semantic += att
+    if not has_vector.all():
+        if semantic is cosine:
+            semantic = semantic.copy()
+        semantic[~has_vector] = 0.0
+    return semantic
 
 
 def single_threaded_blas() -> None:
