@@ -26,11 +26,13 @@ def minmax(values: FloatArray) -> FloatArray:
     if values.size == 0:
         return values
     lo, hi = float(values.min()), float(values.max())
-    if not np.isfinite(hi - lo):  # e.g. 1e308 and -1e308: the range overflows; halve everything first
+    if not math.isfinite(hi - lo):  # e.g. 1e308 and -1e308: the range overflows; halve everything first
         values, lo, hi = values / 2.0, lo / 2.0, hi / 2.0
     if hi - lo <= 1e-12:
         return np.full_like(values, 0.5)
-    return (values - lo) / (hi - lo)
+    out = values - lo
+    out /= hi - lo
+    return out
 
 
 def has_duplicates(ids: Sequence[str]) -> bool:
@@ -83,7 +85,11 @@ def blend(
         sem = np.empty_like(up)
         sem[has_vector] = minmax(np.asarray(semantic, dtype=np.float64)[has_vector])
         sem[~has_vector] = sem[has_vector].mean()
-    return (1.0 - weight) * up + weight * sem
+    # (1 - weight) * up + weight * sem, in place in the two fresh arrays (the same float operations)
+    up *= 1.0 - weight
+    sem *= weight
+    up += sem
+    return up
 
 
 def order_by_score(scores: FloatArray) -> np.ndarray:
