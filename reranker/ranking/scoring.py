@@ -218,7 +218,7 @@ def similarities(item_vectors: FloatArray, rows: np.ndarray) -> np.ndarray:
     packs the candidate matrix first, so it costs more instructions at every row count (21 rows:
     1.60 M as the user row's product plus the 20 history rows' GEMM, 1.70 M as one GEMM, 1.48 M as
     21 products), but it reads the candidate vectors once and from about 8 rows takes less time (21
-    rows: about 120 us against 230 us as products). Hence: the user row is one matrix-vector
+    rows: 115-155 us against 230-280 us as products). Hence: the user row is one matrix-vector
     product; the history rows are one (k, d) @ (d, n) product from _ATTENTION_GEMM_ROWS rows on, else
     one product each. Callgrind runs OpenBLAS's Haswell kernels (valgrind has no AVX-512); on an
     AVX-512 machine OpenBLAS runs its SkylakeX kernels, whose 2-row product takes about the time of
