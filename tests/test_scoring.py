@@ -99,3 +99,25 @@ def test_attention_stays_finite_for_the_largest_event_weights() -> None:
     assert np.isfinite(scores).all()
     np.testing.assert_allclose(scores, reference, atol=1e-6)
     assert (scoring.attention_scores(items, history, np.zeros(3), temperature=0.1) == 0).all()
+
+
+def test_attention_leaves_a_candidates_own_rows_out_of_its_pooling() -> None:
+    # Each candidate's score is the pooling over the history rows that are not its own events,
+    # computed here one candidate at a time; a candidate whose every row is its own scores 0.
+    rng = np.random.default_rng(5)
+    items = scoring.l2_normalize(rng.standard_normal((6, 8)).astype(np.float32))
+    history = scoring.l2_normalize(rng.standard_normal((4, 8)).astype(np.float32))
+    weights = np.array([1.0, -0.5, 0.25, 2.0])
+    own = np.zeros((4, 6), dtype=bool)
+    own[1, 0] = own[3, 0] = True  # two events on candidate 0
+    own[2, 3] = True
+    own[:, 5] = True  # every history row is an event on candidate 5
+    scores = scoring.attention_scores(items, history, weights, temperature=0.1, own_rows=own)
+    for c in range(5):
+        rows = ~own[:, c]
+        alone = scoring.attention_scores(items[c : c + 1], history[rows], weights[rows], temperature=0.1)
+        assert scores[c] == pytest.approx(float(alone[0]), abs=1e-6)
+    assert scores[5] == 0.0
+    assert np.array_equal(scores, scoring.attention_scores(
+        items, history, weights, 0.1, own, pooling_weights=scoring.attention_weights(weights)))
+    assert scoring.attention_weights(np.zeros(4)) is None

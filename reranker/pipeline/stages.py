@@ -198,11 +198,12 @@ def _blend_ranking(ctx: RerankContext, diversity: float) -> scoring.Ranking:
         sims = scoring.similarities(vectors, rows)
         semantic = seen.corrected(sims[0], vectors)
         if attend:
+            weights = derived(state, "decayed_weights", lambda: _decayed_weights(state, s.users.half_life_seconds))
             semantic = scoring.personal_semantic(
-                vectors, ctx.has_vector, user_vector, state.history.vectors,
-                derived(state, "decayed_weights", lambda: _decayed_weights(state, s.users.half_life_seconds)),
+                vectors, ctx.has_vector, user_vector, state.history.vectors, weights,
                 attention_weight=s.users.attention_weight, temperature=s.users.attention_temperature,
                 own_rows=seen.own_rows, cosine=semantic, sims=sims[1:],
+                pooling_weights=derived(state, "pooling_weights", lambda: scoring.attention_weights(weights)),
             )
         else:
             semantic = np.where(ctx.has_vector, semantic, 0.0)

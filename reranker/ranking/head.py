@@ -388,7 +388,8 @@ class RankingHead:
         final = self.standardize(raw, has_vector) @ self.weights
         semantic = np.where(has_vector, raw[:, 2], 0.0)  # zero_shot: the (leave-one-out) cosine to the user
         order = scoring.order_by_score(final)
-        order = scoring.mmr_order(order, scoring.minmax(final), item_vectors, has_vector, diversity, mmr_window)
+        if diversity > 0.0:  # MMR's relevance, scaled; without diversity the order stands
+            order = scoring.mmr_order(order, scoring.minmax(final), item_vectors, has_vector, diversity, mmr_window)
         if top_k > 0:
             order = order[:top_k]
         return scoring.Ranking(order=order, final=final, semantic=semantic)

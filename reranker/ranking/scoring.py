@@ -26,11 +26,13 @@ def minmax(values: FloatArray) -> FloatArray:
     if values.size == 0:
         return values
     lo, hi = float(values.min()), float(values.max())
-    if not np.isfinite(hi - lo):  # e.g. 1e308 and -1e308: the range overflows; halve everything first
+    if not math.isfinite(hi - lo):  # e.g. 1e308 and -1e308: the range overflows; halve everything first
         values, lo, hi = values / 2.0, lo / 2.0, hi / 2.0
     if hi - lo <= 1e-12:
         return np.full_like(values, 0.5)
-    return (values - lo) / (hi - lo)
+    out = values - lo
+    out /= hi - lo
+    return out
 
 
 def has_duplicates(ids: Sequence[str]) -> bool:
@@ -83,7 +85,11 @@ def blend(
         sem = np.empty_like(up)
         sem[has_vector] = minmax(np.asarray(semantic, dtype=np.float64)[has_vector])
         sem[~has_vector] = sem[has_vector].mean()
-    return (1.0 - weight) * up + weight * sem
+    # (1 - weight) * up + weight * sem, in place in the two fresh arrays (the same float operations)
+    up *= 1.0 - weight
+    sem *= weight
+    up += sem
+    return up
 
 
 def order_by_score(scores: FloatArray) -> np.ndarray:
@@ -205,11 +211,20 @@ def query_rows(user_vector: FloatArray, history: FloatArray | None = None) -> np
 
 def similarities(item_vectors: FloatArray, rows: np.ndarray) -> np.ndarray:
     """(m, n) float32: every query row (`query_rows`) against every candidate vector, in one array
-    that the cosine (row 0) and attention (the history rows) both read. Counted by callgrind at 500
-    candidates x 384: one matrix-vector product per row costs fewer instructions than a GEMM of the
-    stacked rows (6 rows: 0.37 M against 0.88 M, the GEMM packing the candidate matrix first), so
-    the user row is one; the history rows are one (k, d) @ (d, n) product from _ATTENTION_GEMM_ROWS
-    rows on (it reads the candidate vectors once: 2x faster at k = 20), else one product each."""
+    that the cosine (row 0) and attention (the history rows) both read.
+
+    Measured at 500 candidates x 384, OpenBLAS 0.3.31 on one thread: one matrix-vector product per
+    row costs 71 k instructions (callgrind) and about 13 us (thread CPU). A GEMM of stacked rows
+    packs the candidate matrix first, so it costs more instructions at every row count (21 rows:
+    1.60 M as the user row's product plus the 20 history rows' GEMM, 1.70 M as one GEMM, 1.48 M as
+    21 products), but it reads the candidate vectors once and from about 8 rows takes less time (21
+    rows: 115-155 us against 230-280 us as products). Hence: the user row is one matrix-vector
+    product; the history rows are one (k, d) @ (d, n) product from _ATTENTION_GEMM_ROWS rows on, else
+    one product each. Callgrind runs OpenBLAS's Haswell kernels (valgrind has no AVX-512); on an
+    AVX-512 machine OpenBLAS runs its SkylakeX kernels, whose 2-row product takes about the time of
+    one matrix-vector product (14 us) but 4.6x its instructions under callgrind and rounds
+    differently, so it is not used. (A matrix-vector product rounds the same under both kernel sets;
+    a GEMM does not, so the history rows' GEMM is the one result that depends on the machine.)"""
     items = np.asarray(item_vectors, dtype=np.float32)
     m = rows.shape[0]
     out = np.empty((m, items.shape[0]), dtype=np.float32)
@@ -229,6 +244,7 @@ def attention_scores(
     temperature: float,
     own_rows: np.ndarray | None = None,
     sims: np.ndarray | None = None,
+    pooling_weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Candidate-aware (target) attention over a user's history, one score in [-1, 1] per item.
 
@@ -242,13 +258,16 @@ def attention_scores(
     out of its pooling (a candidate is never similar to the user through its own past events).
     `sims` (k, n), when given, are the similarities v_i . c already computed (e.g. a view of the
     request's one product, `similarities`): they are read instead of multiplying again.
+    `pooling_weights`, when given, is `attention_weights(history_weights)` already computed (the
+    service keeps it with the user state).
     """
     items = np.asarray(item_vectors, dtype=np.float32)
     hist = np.asarray(history, dtype=np.float32)
     if hist.shape[0] == 0 or items.shape[0] == 0:
         return np.zeros(items.shape[0])
+    weights = attention_weights(history_weights) if pooling_weights is None else pooling_weights
     if sims is not None:
-        return _pooled(sims, history_weights, temperature, own_rows)
+        return _pooled(sims, weights, temperature, own_rows)
     # Rows are history items, so the reductions below are (k,) @ (k, n) products. A few rows: one
     # matrix-vector product each (cheaper than a matrix product's set-up); more: one (k, d) @ (d, n)
     # product, which reads the candidate vectors once (2x faster at k = 20). The server runs BLAS
@@ -260,31 +279,51 @@ def attention_scores(
         sims = np.empty((k, items.shape[0]), dtype=np.float32)  # (k, n)
         for j in range(k):
             np.dot(items, hist[j], out=sims[j])
-    return _pooled(sims, history_weights, temperature, own_rows)
+    return _pooled(sims, weights, temperature, own_rows)
 
 
-def _pooled(sims: np.ndarray, history_weights: FloatArray, temperature: float, own_rows: np.ndarray | None) -> np.ndarray:
-    """attention_scores from the (k, n) similarities of history rows and candidates."""
+def attention_weights(history_weights: FloatArray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(b, |b|) float32: the history weights scaled to [-1, 1] as attention pooling multiplies them
+    (num / den does not change when b is scaled, and float32 cannot overflow); None when no weight
+    is nonzero and finite (the attention is then 0). Depends on the weights only: the service keeps
+    it with the user state."""
+    b64 = np.asarray(history_weights, dtype=np.float64)
+    scale = float(np.abs(b64).max()) if b64.size else 0.0
+    if not scale > 0.0 or not math.isfinite(scale):
+        return None
+    b = (b64 / scale).astype(np.float32)
+    b.flags.writeable = False
+    magnitude = np.abs(b)
+    magnitude.flags.writeable = False
+    return b, magnitude
+
+
+def _pooled(
+    sims: np.ndarray, weights: tuple[np.ndarray, np.ndarray] | None, temperature: float, own_rows: np.ndarray | None
+) -> np.ndarray:
+    """attention_scores from the (k, n) similarities of history rows and candidates, with the
+    weights `attention_weights` made of the history weights."""
+    if weights is None:
+        return np.zeros(sims.shape[1])
+    b, magnitude = weights
     if own_rows is not None:
-        sims = np.where(own_rows, np.float32(-np.inf), sims)
-        peak = sims.max(axis=0)
-        peak[~np.isfinite(peak)] = 0.0  # a candidate whose every history row is its own: no pooling
-        attn = sims - peak
+        attn = sims.copy()
+        np.copyto(attn, np.float32(-np.inf), where=own_rows)
+        peak = attn.max(axis=0)
+        finite = np.isfinite(peak)
+        if not finite.all():
+            peak[~finite] = 0.0  # a candidate whose every history row is its own: no pooling
+        attn -= peak
     else:
         attn = sims - sims.max(axis=0)
     attn *= np.float32(1.0 / max(temperature, 1e-6))
-    np.exp(attn, out=attn)
-    if own_rows is not None:
-        sims = np.where(own_rows, np.float32(0.0), sims)
-    # num / den does not change when b is scaled: scale it to [-1, 1] so float32 cannot overflow.
-    b64 = np.asarray(history_weights, dtype=np.float64)
-    scale = float(np.abs(b64).max())
-    if not scale > 0.0 or not math.isfinite(scale):
-        return np.zeros(sims.shape[1])
-    b = (b64 / scale).astype(np.float32)
-    den = np.abs(b) @ attn
+    np.exp(attn, out=attn)  # 0 at a candidate's own rows (exp(-inf)), so they drop out of both sums
+    den = magnitude @ attn
     attn *= sims
     num = b @ attn
+    # float32 division, cast to float64 (what np.divide does with a float64 `out`)
+    if den.min() > 1e-12:
+        return np.divide(num, den, out=np.empty(num.shape, dtype=np.float64))
     return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 1e-12)
 
 
@@ -300,22 +339,30 @@ def personal_semantic(
     own_rows: np.ndarray | None = None,
     cosine: np.ndarray | None = None,
     sims: np.ndarray | None = None,
+    pooling_weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Semantic score = (1 - a) * cos(u, c) + a * attention_scores(c); a = attention_weight.
 
     Rows without a vector score 0. With a = 0 (or no history) this is the plain cosine.
     `cosine` replaces cos(u, c) (e.g. with leave-one-out user vectors for consumed candidates);
     `own_rows` (history rows x candidates) leaves a candidate's own events out of its attention;
-    `sims` (history rows x candidates) are the similarities already computed (`similarities`).
+    `sims` (history rows x candidates) are the similarities already computed (`similarities`);
+    `pooling_weights` is `attention_weights(history_weights)` already computed.
     """
     has_vector = np.asarray(has_vector, dtype=bool)
     if cosine is None:
         cosine = np.asarray(item_vectors, dtype=np.float32) @ np.asarray(user_vector, dtype=np.float32)
     semantic = np.asarray(cosine, dtype=np.float64)
     if attention_weight > 0.0 and len(history):
-        att = attention_scores(item_vectors, history, history_weights, temperature, own_rows, sims)
-        semantic = (1.0 - attention_weight) * semantic + attention_weight * att
-    return np.where(has_vector, semantic, 0.0)
+        att = attention_scores(item_vectors, history, history_weights, temperature, own_rows, sims, pooling_weights)
+        semantic = semantic * (1.0 - attention_weight)  # a new array: `cosine` is the caller's
+        att *= attention_weight
+        semantic += att
+    if not has_vector.all():
+        if semantic is cosine:
+            semantic = semantic.copy()
+        semantic[~has_vector] = 0.0
+    return semantic
 
 
 def single_threaded_blas() -> None:
