@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from reranker.serving import wire
+from reranker.serving import responsewire, wire
 from reranker.config import LimitsSettings, UserModelSettings
 from reranker.errors import InvalidRequest
 from reranker.users.eventpolicy import EventLimits, check_id, check_text, checked_event
@@ -137,9 +137,8 @@ def candidates_from_columns(msg: pb.CandidateColumns, limits: Limits) -> Candida
     return CandidateColumns(item_ids, scores, texts)
 
 
-_PACKED_ID = np.dtype("<i8")  # PackedCandidates.item_ids / PackedItems.item_ids
-_PACKED_SCORE = np.dtype("<f4")  # PackedCandidates.scores / PackedItems score fields
-_PACKED_POSITION = np.dtype("<i4")  # PackedItems.positions
+_PACKED_ID = np.dtype("<i8")  # PackedCandidates.item_ids (the answer's PackedItems: responsewire)
+_PACKED_SCORE = np.dtype("<f4")  # PackedCandidates.scores
 
 
 def _packed_array(data: bytes, dtype: np.dtype, name: str, kind: str) -> np.ndarray:
@@ -362,38 +361,22 @@ class EncodedRerankResponse:
     result: RerankResult
 
 
-def packed_items(items: RankedItems, item_ids: bool = False, score_details: bool = False) -> pb.PackedItems:
-    """The order as PackedItems: each field one array's little-endian bytes."""
-    msg = pb.PackedItems(
-        positions=items.original_ranks.astype(_PACKED_POSITION).tobytes(),
-        scores=items.scores.astype(_PACKED_SCORE).tobytes(),
-    )
-    if item_ids:
-        ids = items.item_ids
-        values = ids.values if isinstance(ids, DecimalIds) else np.array([int(i) for i in ids], dtype=np.int64)
-        msg.item_ids = values.astype(_PACKED_ID).tobytes()
-    if score_details:
-        msg.semantic_scores = items.semantic_scores.astype(_PACKED_SCORE).tobytes()
-        msg.upstream_scores = items.upstream_scores.astype(_PACKED_SCORE).tobytes()
-    return msg
-
-
 def encode_rerank_response(
     result: RerankResult, columns: bool = False, packed: ResponseForm | None = None
 ) -> EncodedRerankResponse:
     """The RerankResponse bytes, without building a message per item when there are no explanations:
-    the serialized header followed by the `items` field (protobuf merges fields in any order), or
+    the header (responsewire) followed by the `items` field (protobuf merges fields in any order), or
     with `columns`, the header with `item_columns` (whole columns, no message per item), or with
     `packed` (the form of a packed request), the header with `packed_items`."""
     items = RankedItems.of(result.items)
     if packed is not None:
-        msg = _response_header(result)
-        msg.packed_items.CopyFrom(packed_items(items, packed.packed_item_ids, packed.packed_score_details))
-        data = msg.SerializeToString()
+        data = responsewire.header(
+            result, responsewire.packed_items(items, packed.packed_item_ids, packed.packed_score_details)
+        )
     elif columns:
-        data = _response_header(result).SerializeToString() + wire.encode_item_columns(items)
+        data = responsewire.header(result) + wire.encode_item_columns(items)
     elif items.explanations is None:
-        data = _response_header(result).SerializeToString() + wire.encode_ranked_items(items)
+        data = responsewire.header(result) + wire.encode_ranked_items(items)
     else:
         data = rerank_response(result).SerializeToString()
     return EncodedRerankResponse(data, result)
