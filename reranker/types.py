@@ -133,6 +133,15 @@ class CandidateColumns(Sequence[Candidate]):
             raise ValueError("candidate columns differ in length")
 
     @classmethod
+    def unchecked(cls, item_ids: Sequence[str], scores: np.ndarray, texts: list[str | None]) -> CandidateColumns:
+        """Columns as the constructor keeps them (a list or DecimalIds, float64 scores, a list of texts
+        that is not shared, all of one length), built and checked by their caller (the request edge):
+        taken as they are, without the constructor's conversions, copy and checks."""
+        columns = cls.__new__(cls)
+        columns.item_ids, columns.scores, columns.texts = item_ids, scores, texts
+        return columns
+
+    @classmethod
     def of(cls, candidates: Sequence[Candidate]) -> CandidateColumns:
         """The candidates as columns (returned as is when they already are)."""
         if isinstance(candidates, CandidateColumns):
@@ -261,6 +270,19 @@ class RankedItems(Sequence[ScoredItem]):
             == self.original_ranks.shape == (n,)
         ) or (self.explanations is not None and len(self.explanations) != n):
             raise ValueError("ranked item columns differ in length")
+
+    @classmethod
+    def unchecked(
+        cls, item_ids: Sequence[str], scores: np.ndarray, semantic_scores: np.ndarray, upstream_scores: np.ndarray,
+        original_ranks: np.ndarray, explanations: list[Explanation | None] | None = None,
+    ) -> RankedItems:
+        """Columns as the constructor keeps them (a list or DecimalIds, float64 score arrays, int64
+        ranks, all of one length), from a caller that built them so (the Rerank stages): taken as
+        they are, without the constructor's conversions and checks."""
+        items = cls.__new__(cls)
+        items.item_ids, items.scores, items.semantic_scores = item_ids, scores, semantic_scores
+        items.upstream_scores, items.original_ranks, items.explanations = upstream_scores, original_ranks, explanations
+        return items
 
     @classmethod
     def of(cls, items: Sequence[ScoredItem]) -> RankedItems:

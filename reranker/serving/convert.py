@@ -78,6 +78,8 @@ def event_from_pb(msg: pb.Event, name: str, limits: Limits, default_user: str = 
 
 def events_from_pb(msgs: Sequence[pb.Event], field: str, limits: Limits, default_user: str = "",
                    now: float | None = None) -> tuple[Event, ...]:
+    if not msgs:
+        return ()
     _check_count(len(msgs), limits.max_events, field, "max_events_per_request")
     return tuple(event_from_pb(m, f"{field}[{i}]", limits, default_user, now) for i, m in enumerate(msgs))
 
@@ -157,13 +159,16 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
     if n == 0:
         raise InvalidRequest("packed_candidates.item_ids must not be empty")
     _check_count(n, limits.max_candidates, "packed_candidates.item_ids", "max_candidates")
-    scores = _packed_array(msg.scores, _PACKED_SCORE, "packed_candidates.scores", "float32")
-    if scores.shape[0] != n:
-        raise InvalidRequest(f"packed_candidates.scores has {scores.shape[0]} values for {n} item_ids")
-    finite = np.isfinite(scores)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise InvalidRequest(f"packed_candidates.scores[{i}] must be finite, got {scores[i]}")
+    given = _packed_array(msg.scores, _PACKED_SCORE, "packed_candidates.scores", "float32")
+    if given.shape[0] != n:
+        raise InvalidRequest(f"packed_candidates.scores has {given.shape[0]} values for {n} item_ids")
+    scores = given.astype(np.float64)
+    # One dot product checks them all: squares of float32 values summed in float64 cannot overflow
+    # and cannot cancel, so the sum is finite exactly when every score is (and it raises no
+    # floating-point warning on inf or nan, as inf + -inf in a plain sum would).
+    if not math.isfinite(scores @ scores):
+        i = int(np.argmin(np.isfinite(given)))
+        raise InvalidRequest(f"packed_candidates.scores[{i}] must be finite, got {given[i]}")
     texts: list[str | None]
     if msg.texts:
         texts = list(msg.texts)
@@ -180,7 +185,7 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
             texts[i] = None
     else:
         texts = [None] * n
-    return CandidateColumns(DecimalIds(ids), scores.astype(np.float64), texts)
+    return CandidateColumns.unchecked(DecimalIds(ids), scores, texts)
 
 
 def _validated_columns(
@@ -230,15 +235,51 @@ def rerank_request(req: pb.RerankRequest, limits: Limits, now: float | None = No
     """The query, and the form its answer takes."""
     user_id = check_id(req.user_id, "user_id", limits.max_id_chars)
     packed = req.HasField("packed_candidates")
-    if req.HasField("candidate_columns") + packed + (len(req.candidates) > 0) > 1:
+    columns = req.HasField("candidate_columns")
+    if columns + packed + (len(req.candidates) > 0) > 1:
         raise InvalidRequest("set one of candidates, candidate_columns and packed_candidates")
     if packed:
         candidates = candidates_from_packed(req.packed_candidates, limits)
-    elif req.HasField("candidate_columns"):
+    elif columns:
         candidates = candidates_from_columns(req.candidate_columns, limits)
     else:
         candidates = candidates_from_pb(req.candidates, limits)
-    opts = req.options
+    options, form = _options(req.options, packed)
+    if len(req.experiment) > limits.max_id_chars or len(req.request_id) > limits.max_id_chars:
+        raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
+    query = RerankQuery(
+        user_id=user_id,
+        candidates=candidates,
+        context_events=events_from_pb(req.context_events, "context_events", limits, default_user=user_id, now=now),
+        top_k=req.top_k,
+        options=options,
+        experiment=req.experiment,
+        request_id=req.request_id,
+    )
+    return query, form
+
+
+# Validated options per (packed, RerankOptions bytes). Callers send one of a few option sets (most
+# none at all): each is checked and built once per process, then found by one serialization of a
+# message of a few bytes. Bounded: emptied when full.
+_OPTIONS: dict[tuple[bool, bytes], tuple[RerankOptions, ResponseForm]] = {}
+_OPTIONS_LIMIT = 1024
+
+
+def _options(opts: pb.RerankOptions, packed: bool) -> tuple[RerankOptions, ResponseForm]:
+    """The request's options, validated (frozen: shared by the requests that send the same), and the
+    answer's form."""
+    key = (packed, opts.SerializeToString())
+    found = _OPTIONS.get(key)
+    if found is None:
+        found = _validated_options(opts, packed)
+        if len(_OPTIONS) >= _OPTIONS_LIMIT:
+            _OPTIONS.clear()
+        _OPTIONS[key] = found
+    return found
+
+
+def _validated_options(opts: pb.RerankOptions, packed: bool) -> tuple[RerankOptions, ResponseForm]:
     options = RerankOptions(
         blend_weight=_check_fraction(opts.blend_weight, "options.blend_weight") if opts.HasField("blend_weight") else None,
         diversity=_check_fraction(opts.diversity, "options.diversity") if opts.HasField("diversity") else None,
@@ -252,18 +293,7 @@ def rerank_request(req: pb.RerankRequest, limits: Limits, now: float | None = No
     if packed and (form.columns or options.explain):
         name = "options.columns" if form.columns else "options.explain"
         raise InvalidRequest(f"{name} does not apply to packed_candidates (the answer is packed_items)")
-    if len(req.experiment) > limits.max_id_chars or len(req.request_id) > limits.max_id_chars:
-        raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
-    query = RerankQuery(
-        user_id=user_id,
-        candidates=candidates,
-        context_events=events_from_pb(req.context_events, "context_events", limits, default_user=user_id, now=now),
-        top_k=req.top_k,
-        options=options,
-        experiment=req.experiment,
-        request_id=req.request_id,
-    )
-    return query, form
+    return options, form
 
 
 def _consumed_policy(value: int) -> str | None:
