@@ -68,7 +68,9 @@ class DecimalIds(Sequence[str]):
         return self._strings
 
     def take(self, positions: np.ndarray) -> DecimalIds:
-        return DecimalIds(self.values[positions])
+        taken = DecimalIds.__new__(DecimalIds)  # values already a 1-D int64 array: no conversion or check
+        taken.values, taken._strings = self.values[positions], None
+        return taken
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
