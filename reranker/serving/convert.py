@@ -383,7 +383,7 @@ def rerank_response(result: RerankResult) -> pb.RerankResponse:
     return msg
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request (see types.RerankQuery)
 class EncodedRerankResponse:
     """A serialized RerankResponse and the result it encodes (read by observability.Observer)."""
 
