@@ -61,6 +61,14 @@ class DecimalIds(Sequence[str]):
             raise ValueError("DecimalIds takes a 1-D array of integers")
         self._strings: list[str] | None = None
 
+    @classmethod
+    def of_int64(cls, values: np.ndarray) -> DecimalIds:
+        """A 1-D int64 array taken as it is (no conversion, no check): the request edge's and
+        `take`'s ids."""
+        ids = cls.__new__(cls)
+        ids.values, ids._strings = values, None
+        return ids
+
     @property
     def strings(self) -> list[str]:
         if self._strings is None:
@@ -68,9 +76,8 @@ class DecimalIds(Sequence[str]):
         return self._strings
 
     def take(self, positions: np.ndarray) -> DecimalIds:
-        taken = DecimalIds.__new__(DecimalIds)  # values already a 1-D int64 array: no conversion or check
-        taken.values, taken._strings = self.values[positions], None
-        return taken
+        """The ids at `positions` (a 1-D int array)."""
+        return DecimalIds.of_int64(self.values[positions])
 
     def __len__(self) -> int:
         return int(self.values.shape[0])

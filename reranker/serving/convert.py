@@ -166,7 +166,7 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
     # One dot product checks them all: squares of float32 values summed in float64 cannot overflow
     # and cannot cancel, so the sum is finite exactly when every score is (and it raises no
     # floating-point warning on inf or nan, as inf + -inf in a plain sum would).
-    if not math.isfinite(scores @ scores):
+    if not math.isfinite(scores.dot(scores)):
         i = int(np.argmin(np.isfinite(given)))
         raise InvalidRequest(f"packed_candidates.scores[{i}] must be finite, got {given[i]}")
     texts: list[str | None]
@@ -185,7 +185,7 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
             texts[i] = None
     else:
         texts = [None] * n
-    return CandidateColumns.unchecked(DecimalIds(ids), scores, texts)
+    return CandidateColumns.unchecked(DecimalIds.of_int64(ids), scores, texts)
 
 
 def _validated_columns(
@@ -247,10 +247,11 @@ def rerank_request(req: pb.RerankRequest, limits: Limits, now: float | None = No
     options, form = _options(req.options, packed)
     if len(req.experiment) > limits.max_id_chars or len(req.request_id) > limits.max_id_chars:
         raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
+    events = req.context_events
     query = RerankQuery(
         user_id=user_id,
         candidates=candidates,
-        context_events=events_from_pb(req.context_events, "context_events", limits, default_user=user_id, now=now),
+        context_events=events_from_pb(events, "context_events", limits, default_user=user_id, now=now) if events else (),
         top_k=req.top_k,
         options=options,
         experiment=req.experiment,
