@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from reranker.serving import convert
+from reranker.serving import convert, wire
 from reranker.ranking import scoring
 from reranker.users import usermodel
 from reranker.users.profiles import candidate_history, user_vector
 from reranker.model.encoder import FakeEncoder
-from reranker.types import RankedItems, RerankResult, Variant
+from reranker.types import DecimalIds, FallbackReason, RankedItems, RerankResult, Timing, Variant
 from reranker.v1 import reranker_pb2 as pb
 from conftest import candidate, event, fake_settings
 
@@ -173,3 +173,62 @@ def test_packed_rank_varints_match_protobuf(top: int) -> None:
     reference = pb.ItemColumns(original_ranks=ranks.tolist()).SerializeToString()
     payload = wire._packed_varints(ranks)
     assert reference == bytes([0x2A]) + wire._varint(len(payload)) + payload
+
+
+_texts = st.text(max_size=40)
+_counts = st.integers(0, 2**32 - 1)
+_timing_ms = st.one_of(st.just(0.0), st.just(-0.0), st.floats(width=64))
+
+
+@st.composite
+def _results(draw: st.DrawFn) -> tuple[RerankResult, bool, bool]:
+    """A RerankResult with any header values, and packed DecimalIds items (and the packed options)."""
+    n = draw(st.integers(0, 30))
+    ids = draw(st.lists(st.integers(-2**63, 2**63 - 1), min_size=n, max_size=n))
+    floats = st.lists(st.floats(width=32), min_size=n, max_size=n)
+    items = RankedItems(DecimalIds(ids), draw(floats), draw(floats), draw(floats),
+                        draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n)))
+    result = RerankResult(
+        items=items, variant=draw(st.sampled_from(Variant)), model_version=draw(_texts), request_id=draw(_texts),
+        fallback_reason=draw(st.sampled_from(FallbackReason)), fallback_detail=draw(_texts), cold_user=draw(st.booleans()),
+        timing=Timing(draw(_timing_ms), draw(_timing_ms), draw(_timing_ms)), cache_hits=draw(_counts),
+        encoded=draw(_counts), without_vector=draw(_counts), bucket=draw(st.integers(0, 9999)), arm=draw(_texts),
+        consumed_candidates=draw(_counts), consumed_dropped=draw(_counts),
+    )
+    return result, draw(st.booleans()), draw(st.booleans())
+
+
+def _protobuf_header(r: RerankResult) -> pb.RerankResponse:
+    t = r.timing
+    return pb.RerankResponse(
+        variant=int(r.variant), fallback_reason=int(r.fallback_reason), fallback_detail=r.fallback_detail,
+        model_version=r.model_version, request_id=r.request_id, cold_user=r.cold_user,
+        timing=pb.Timing(total_ms=t.total_ms, encode_ms=t.encode_ms, score_ms=t.score_ms), cache_hits=r.cache_hits,
+        encoded=r.encoded, without_vector=r.without_vector, bucket=r.bucket, arm=r.arm,
+        consumed_candidates=r.consumed_candidates, consumed_dropped=r.consumed_dropped,
+    )
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(_results())
+def test_hand_written_header_and_packed_items_are_the_bytes_protobuf_serializes(drawn) -> None:  # type: ignore[no-untyped-def]
+    result, item_ids, score_details = drawn
+    items = result.items
+    expected = _protobuf_header(result)
+    # The header before the items (messages and columns forms): byte for byte.
+    assert convert.encode_rerank_response(result).data == expected.SerializeToString() + wire.encode_ranked_items(items)
+    assert convert.encode_rerank_response(result, columns=True).data == (
+        expected.SerializeToString() + wire.encode_item_columns(items)
+    )
+    # The packed form: packed_items (present even when empty) in its place among the header's fields.
+    packed = expected.packed_items
+    packed.SetInParent()
+    packed.positions = items.original_ranks.astype("<i4").tobytes()
+    packed.scores = items.scores.astype("<f4").tobytes()
+    if item_ids:
+        packed.item_ids = items.item_ids.values.astype("<i8").tobytes()
+    if score_details:
+        packed.semantic_scores = items.semantic_scores.astype("<f4").tobytes()
+        packed.upstream_scores = items.upstream_scores.astype("<f4").tobytes()
+    form = convert.ResponseForm(packed=True, packed_item_ids=item_ids, packed_score_details=score_details)
+    assert convert.encode_rerank_response(result, False, form).data == expected.SerializeToString()

@@ -186,6 +186,7 @@ _SCORES3 = np.ones(3, dtype="<f4").tobytes()
         (_raw(_IDS3, _SCORES3[:-4]), "packed_candidates.scores has 2 values for 3 item_ids"),
         (_raw(_IDS3, np.array([1, np.nan, 2], "<f4").tobytes()), "packed_candidates.scores[1] must be finite, got nan"),
         (_raw(_IDS3, np.array([1, 2, -np.inf], "<f4").tobytes()), "packed_candidates.scores[2] must be finite"),
+        (_raw(_IDS3, np.array([np.inf, -np.inf, 1], "<f4").tobytes()), "packed_candidates.scores[0] must be finite, got inf"),
         (_raw(_IDS3, _SCORES3, ("a", "b")), "packed_candidates.texts has 2 values for 3 item_ids"),
         (_raw(_IDS3, _SCORES3, ("a", "x" * 5000, "")), "packed_candidates.texts[1] is 5000 characters"),
         (
@@ -215,6 +216,37 @@ def test_malformed_packed_candidates_are_invalid_argument_naming_the_field(
 def test_packed_with_another_form_or_a_per_item_answer_is_refused(stub, extra, message) -> None:  # type: ignore[no-untyped-def]
     request = pb.RerankRequest(user_id="u", packed_candidates=packed_candidates([1, 2], [1.0, 2.0]), **extra)
     _assert_refused(stub, request, message)
+
+
+def test_the_largest_finite_packed_scores_are_accepted(make_server: ServerFactory) -> None:
+    """Every score at float32's largest magnitude, as many as max_candidates allows: all finite, served."""
+    _, stub = make_server(fake_settings(max_candidates=500))
+    top = np.finfo(np.float32).max
+    scores = np.where(np.arange(500) % 3 == 0, -top, top).astype("<f4")
+    request = pb.RerankRequest(user_id="u", packed_candidates=_raw(np.arange(500, dtype="<i8").tobytes(), scores.tobytes()))
+    reply = stub.Rerank(request, timeout=10)
+    assert sorted(np.frombuffer(reply.packed_items.positions, "<i4").tolist()) == list(range(500))
+
+
+def test_the_same_options_are_judged_by_the_form_of_each_request(stub) -> None:  # type: ignore[no-untyped-def]
+    """Options validated once are remembered with the form they came with: explain is refused with
+    packed candidates and honoured with messages, however often and in whatever order they come; a
+    bad option is refused every time."""
+    explain = pb.RerankOptions(explain=True)
+    packed = pb.RerankRequest(user_id="u", packed_candidates=packed_candidates([1, 2], [1.0, 2.0]), options=explain)
+    messages = pb.RerankRequest(user_id="u", candidates=[pb.Candidate(item_id="1", score=1.0)], options=explain)
+    for _ in range(2):
+        _assert_refused(stub, packed, "options.explain does not apply to packed_candidates")
+        assert stub.Rerank(messages, timeout=5).items[0].HasField("explanation")
+    bad = pb.RerankRequest(user_id="u", candidates=[pb.Candidate(item_id="1", score=1.0)],
+                           options=pb.RerankOptions(blend_weight=1.5))
+    for _ in range(2):
+        _assert_refused(stub, bad, "options.blend_weight must be in [0, 1], got 1.5")
+    for k in range(1100):  # more option sets than the process remembers
+        weight = pb.RerankOptions(blend_weight=k / 1100, packed_item_ids=k % 2 == 0)
+        request = pb.RerankRequest(user_id="u", packed_candidates=packed_candidates([1, 2], [1.0, 2.0]), options=weight)
+        ids = np.frombuffer(stub.Rerank(request, timeout=5).packed_items.item_ids, "<i8")
+        assert sorted(ids.tolist()) == ([1, 2] if k % 2 == 0 else [])
 
 
 def test_packed_bytes_are_little_endian_whatever_the_host() -> None:

@@ -41,7 +41,7 @@ def upstream(
     candidates, keep, query = ctx.candidates, ctx.keep, ctx.query
     limit = query.top_k or len(candidates)
     scores = candidates.scores[:limit]
-    items = RankedItems(candidates.item_ids[:limit], scores, np.zeros_like(scores), scores, keep[:limit])
+    items = RankedItems.unchecked(candidates.item_ids[:limit], scores, np.zeros_like(scores), scores, keep[:limit])
     if variant is Variant.FALLBACK:
         log.warning("fail-open for request %r: %s (%s)", query.request_id, reason.name, detail)
     arm = ctx.arm
@@ -268,7 +268,7 @@ def cut_and_explain(root: Components, ctx: RerankContext) -> Outcome:
         timing=Timing(1000.0 * (now - ctx.started), ctx.encode_ms, 1000.0 * (now - ctx.score_started)),
         cache_hits=ctx.hits,
         encoded=ctx.encoded,
-        without_vector=int((~has_vector).sum()),
+        without_vector=len(has_vector) - int(np.count_nonzero(has_vector)),
         bucket=ctx.bucket,
         arm=arms.TREATMENT if arm is None else arm.name,
         consumed_candidates=ctx.consumed_count,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from reranker.types import Variant
@@ -9,6 +10,9 @@ from reranker.types import Variant
 BUCKETS = 10_000
 
 
+# A user's bucket is asked for on every Rerank; the sha256 (an OpenSSL context per call) is paid once
+# per (salt, user) among the recent ones. Bounded: about 100 bytes an entry.
+@functools.lru_cache(maxsize=16_384)
 def bucket_of(salt: str, user_id: str) -> int:
     """Stable bucket in [0, 10000) from sha256("salt/user_id"): same on every replica and restart."""
     digest = hashlib.sha256(f"{salt}/{user_id}".encode()).digest()

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from reranker.serving import wire
+from reranker.serving import responsewire, wire
 from reranker.config import LimitsSettings, UserModelSettings
 from reranker.errors import InvalidRequest
 from reranker.users.eventpolicy import EventLimits, check_id, check_text, checked_event
@@ -78,6 +78,8 @@ def event_from_pb(msg: pb.Event, name: str, limits: Limits, default_user: str = 
 
 def events_from_pb(msgs: Sequence[pb.Event], field: str, limits: Limits, default_user: str = "",
                    now: float | None = None) -> tuple[Event, ...]:
+    if not msgs:
+        return ()
     _check_count(len(msgs), limits.max_events, field, "max_events_per_request")
     return tuple(event_from_pb(m, f"{field}[{i}]", limits, default_user, now) for i, m in enumerate(msgs))
 
@@ -137,9 +139,8 @@ def candidates_from_columns(msg: pb.CandidateColumns, limits: Limits) -> Candida
     return CandidateColumns(item_ids, scores, texts)
 
 
-_PACKED_ID = np.dtype("<i8")  # PackedCandidates.item_ids / PackedItems.item_ids
-_PACKED_SCORE = np.dtype("<f4")  # PackedCandidates.scores / PackedItems score fields
-_PACKED_POSITION = np.dtype("<i4")  # PackedItems.positions
+_PACKED_ID = np.dtype("<i8")  # PackedCandidates.item_ids (the answer's PackedItems: responsewire)
+_PACKED_SCORE = np.dtype("<f4")  # PackedCandidates.scores
 
 
 def _packed_array(data: bytes, dtype: np.dtype, name: str, kind: str) -> np.ndarray:
@@ -158,13 +159,16 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
     if n == 0:
         raise InvalidRequest("packed_candidates.item_ids must not be empty")
     _check_count(n, limits.max_candidates, "packed_candidates.item_ids", "max_candidates")
-    scores = _packed_array(msg.scores, _PACKED_SCORE, "packed_candidates.scores", "float32")
-    if scores.shape[0] != n:
-        raise InvalidRequest(f"packed_candidates.scores has {scores.shape[0]} values for {n} item_ids")
-    finite = np.isfinite(scores)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise InvalidRequest(f"packed_candidates.scores[{i}] must be finite, got {scores[i]}")
+    given = _packed_array(msg.scores, _PACKED_SCORE, "packed_candidates.scores", "float32")
+    if given.shape[0] != n:
+        raise InvalidRequest(f"packed_candidates.scores has {given.shape[0]} values for {n} item_ids")
+    scores = given.astype(np.float64)
+    # One dot product checks them all: squares of float32 values summed in float64 cannot overflow
+    # and cannot cancel, so the sum is finite exactly when every score is (and it raises no
+    # floating-point warning on inf or nan, as inf + -inf in a plain sum would).
+    if not math.isfinite(scores.dot(scores)):
+        i = int(np.argmin(np.isfinite(given)))
+        raise InvalidRequest(f"packed_candidates.scores[{i}] must be finite, got {given[i]}")
     texts: list[str | None]
     if msg.texts:
         texts = list(msg.texts)
@@ -181,7 +185,7 @@ def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> Candidat
             texts[i] = None
     else:
         texts = [None] * n
-    return CandidateColumns(DecimalIds(ids), scores.astype(np.float64), texts)
+    return CandidateColumns.unchecked(DecimalIds.of_int64(ids), scores, texts)
 
 
 def _validated_columns(
@@ -231,15 +235,52 @@ def rerank_request(req: pb.RerankRequest, limits: Limits, now: float | None = No
     """The query, and the form its answer takes."""
     user_id = check_id(req.user_id, "user_id", limits.max_id_chars)
     packed = req.HasField("packed_candidates")
-    if req.HasField("candidate_columns") + packed + (len(req.candidates) > 0) > 1:
+    columns = req.HasField("candidate_columns")
+    if columns + packed + (len(req.candidates) > 0) > 1:
         raise InvalidRequest("set one of candidates, candidate_columns and packed_candidates")
     if packed:
         candidates = candidates_from_packed(req.packed_candidates, limits)
-    elif req.HasField("candidate_columns"):
+    elif columns:
         candidates = candidates_from_columns(req.candidate_columns, limits)
     else:
         candidates = candidates_from_pb(req.candidates, limits)
-    opts = req.options
+    options, form = _options(req.options, packed)
+    if len(req.experiment) > limits.max_id_chars or len(req.request_id) > limits.max_id_chars:
+        raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
+    events = req.context_events
+    query = RerankQuery(
+        user_id=user_id,
+        candidates=candidates,
+        context_events=events_from_pb(events, "context_events", limits, default_user=user_id, now=now) if events else (),
+        top_k=req.top_k,
+        options=options,
+        experiment=req.experiment,
+        request_id=req.request_id,
+    )
+    return query, form
+
+
+# Validated options per (packed, RerankOptions bytes). Callers send one of a few option sets (most
+# none at all): each is checked and built once per process, then found by one serialization of a
+# message of a few bytes. Bounded: emptied when full.
+_OPTIONS: dict[tuple[bool, bytes], tuple[RerankOptions, ResponseForm]] = {}
+_OPTIONS_LIMIT = 1024
+
+
+def _options(opts: pb.RerankOptions, packed: bool) -> tuple[RerankOptions, ResponseForm]:
+    """The request's options, validated (frozen: shared by the requests that send the same), and the
+    answer's form."""
+    key = (packed, opts.SerializeToString())
+    found = _OPTIONS.get(key)
+    if found is None:
+        found = _validated_options(opts, packed)
+        if len(_OPTIONS) >= _OPTIONS_LIMIT:
+            _OPTIONS.clear()
+        _OPTIONS[key] = found
+    return found
+
+
+def _validated_options(opts: pb.RerankOptions, packed: bool) -> tuple[RerankOptions, ResponseForm]:
     options = RerankOptions(
         blend_weight=_check_fraction(opts.blend_weight, "options.blend_weight") if opts.HasField("blend_weight") else None,
         diversity=_check_fraction(opts.diversity, "options.diversity") if opts.HasField("diversity") else None,
@@ -253,18 +294,7 @@ def rerank_request(req: pb.RerankRequest, limits: Limits, now: float | None = No
     if packed and (form.columns or options.explain):
         name = "options.columns" if form.columns else "options.explain"
         raise InvalidRequest(f"{name} does not apply to packed_candidates (the answer is packed_items)")
-    if len(req.experiment) > limits.max_id_chars or len(req.request_id) > limits.max_id_chars:
-        raise InvalidRequest(f"experiment and request_id are limited to {limits.max_id_chars} characters")
-    query = RerankQuery(
-        user_id=user_id,
-        candidates=candidates,
-        context_events=events_from_pb(req.context_events, "context_events", limits, default_user=user_id, now=now),
-        top_k=req.top_k,
-        options=options,
-        experiment=req.experiment,
-        request_id=req.request_id,
-    )
-    return query, form
+    return options, form
 
 
 def _consumed_policy(value: int) -> str | None:
@@ -354,7 +384,7 @@ def rerank_response(result: RerankResult) -> pb.RerankResponse:
     return msg
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request (see types.RerankQuery)
 class EncodedRerankResponse:
     """A serialized RerankResponse and the result it encodes (read by observability.Observer)."""
 
@@ -362,38 +392,22 @@ class EncodedRerankResponse:
     result: RerankResult
 
 
-def packed_items(items: RankedItems, item_ids: bool = False, score_details: bool = False) -> pb.PackedItems:
-    """The order as PackedItems: each field one array's little-endian bytes."""
-    msg = pb.PackedItems(
-        positions=items.original_ranks.astype(_PACKED_POSITION).tobytes(),
-        scores=items.scores.astype(_PACKED_SCORE).tobytes(),
-    )
-    if item_ids:
-        ids = items.item_ids
-        values = ids.values if isinstance(ids, DecimalIds) else np.array([int(i) for i in ids], dtype=np.int64)
-        msg.item_ids = values.astype(_PACKED_ID).tobytes()
-    if score_details:
-        msg.semantic_scores = items.semantic_scores.astype(_PACKED_SCORE).tobytes()
-        msg.upstream_scores = items.upstream_scores.astype(_PACKED_SCORE).tobytes()
-    return msg
-
-
 def encode_rerank_response(
     result: RerankResult, columns: bool = False, packed: ResponseForm | None = None
 ) -> EncodedRerankResponse:
     """The RerankResponse bytes, without building a message per item when there are no explanations:
-    the serialized header followed by the `items` field (protobuf merges fields in any order), or
+    the header (responsewire) followed by the `items` field (protobuf merges fields in any order), or
     with `columns`, the header with `item_columns` (whole columns, no message per item), or with
     `packed` (the form of a packed request), the header with `packed_items`."""
     items = RankedItems.of(result.items)
     if packed is not None:
-        msg = _response_header(result)
-        msg.packed_items.CopyFrom(packed_items(items, packed.packed_item_ids, packed.packed_score_details))
-        data = msg.SerializeToString()
+        data = responsewire.header(
+            result, responsewire.packed_items(items, packed.packed_item_ids, packed.packed_score_details)
+        )
     elif columns:
-        data = _response_header(result).SerializeToString() + wire.encode_item_columns(items)
+        data = responsewire.header(result) + wire.encode_item_columns(items)
     elif items.explanations is None:
-        data = _response_header(result).SerializeToString() + wire.encode_ranked_items(items)
+        data = responsewire.header(result) + wire.encode_ranked_items(items)
     else:
         data = rerank_response(result).SerializeToString()
     return EncodedRerankResponse(data, result)
