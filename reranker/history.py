@@ -33,6 +33,7 @@ class CandidateHistory:
     counts_at: np.ndarray  # (m,) float64: events on each of them
     hours_at: np.ndarray  # (m,) float64: hours from each one's newest event to the user's newest event
     repeat_rate: float  # the user's share of events on an item already consumed
+    consumed_count: int = 0  # how many of them have events (counts_at > 0: all of them, but for odd stored data)
     excluded: np.ndarray | None = None  # (m,) positions of consumed candidates that have a vector
     user_vectors: np.ndarray | None = None  # (m, d) float32: the user vector without that candidate
     own_rows: np.ndarray | None = None  # (k, n) bool: history row i is an event on candidate c
@@ -74,13 +75,8 @@ class CandidateHistory:
     def consumed(self) -> np.ndarray:
         """(n,) bool: `counts > 0`."""
         out = np.zeros(self.size, dtype=bool)
-        out[self.consumed_at] = self.counts_at > 0
+        out[self.consumed_at] = True if self.consumed_count == self.consumed_at.size else self.counts_at > 0
         return out
-
-    @property
-    def consumed_count(self) -> int:
-        """How many candidates were consumed (`consumed.sum()`, without the (n,) mask)."""
-        return int(np.count_nonzero(self.counts_at > 0))
 
     @staticmethod
     def none(n: int, repeat_rate: float = 0.0) -> CandidateHistory:

@@ -166,8 +166,11 @@ def candidate_history(
     else:
         excluded = excluded[:0]
         user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
-    return CandidateHistory(n, at, memory.counts.take(rows), memory.hours.take(rows), consumed.repeat_rate,
-                            excluded, user_vectors, own_rows, cosines)
+    counts = memory.counts.take(rows)
+    return CandidateHistory(
+        n, at, counts, memory.hours.take(rows), consumed.repeat_rate,
+        at.size if memory.counted else int(np.count_nonzero(counts > 0)), excluded, user_vectors, own_rows, cosines,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,7 @@ class _ConsumedColumns:
     hours: np.ndarray  # (M,) hours from each remembered item's newest event to the user's newest event
     history_column: np.ndarray  # (k, 1) item keys of the history rows
     history_consumed: bool  # every history row's item is in the consumed memory (the usual case)
+    counted: bool  # every remembered item has events (counts > 0; always, but for odd stored data)
 
     @staticmethod
     def of(state: UserState) -> _ConsumedColumns:
@@ -186,7 +190,7 @@ class _ConsumedColumns:
         history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
         out = _ConsumedColumns(
             consumed.counts.astype(np.float64), hours_between(consumed.last, float(consumed.last.max())),
-            history_keys.reshape(-1, 1), bool(np.isin(history_keys, consumed.keys).all()),
+            history_keys.reshape(-1, 1), bool(np.isin(history_keys, consumed.keys).all()), bool((consumed.counts > 0).all()),
         )
         for array in (out.counts, out.hours, out.history_column):
             array.flags.writeable = False
