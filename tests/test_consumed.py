@@ -111,6 +111,41 @@ def test_candidate_history_gives_the_user_vector_without_the_candidate() -> None
 
 
 
+def test_candidate_history_per_candidate_arrays_match_the_dense_recipe_when_the_memory_forgot_history_items() -> None:
+    """candidate_history reads the few consumed candidates only; its (n,) arrays are those of the
+    dense recipe (every candidate against the memory and every history row), also for a memory
+    smaller than the history (a history row's item forgotten: its own row is still marked), for
+    candidates without a vector (consumed, not left out) and for unknown keys (0)."""
+    settings = fake_settings(fake_dim=16, half_life_seconds=100.0)
+    ids = [f"i{k}" for k in range(8)]
+    vec = dict(zip(ids + ["x"], FakeEncoder(16).encode(ids + ["x"])))
+    store = CompactProfileStore(ProfileConfig.from_settings(settings.users, 16),
+                                table_lookup({c: k for k, c in enumerate(ids)}, np.stack([vec[i] for i in ids])),
+                                max_users=10, ttl_seconds=1e9)
+    store.apply([(Event("u", i, EventType.CLICK, 10.0 + k), vec[i]) for k, i in enumerate(ids + ids[5:])], now=0.0)
+    full = store.get("u", recent=False)
+    assert full is not None
+    m = full.consumed  # a memory that kept only the newest three items (as a smaller capacity would)
+    keep = np.isin(m.keys, item_keys(ids[5:]))
+    state = dataclasses.replace(full, consumed=ConsumedItems(m.keys[keep], m.counts[keep], m.last[keep], m.mass[keep],
+                                                             m.session_mass[keep], m.repeats, m.events), derived={})
+    history_keys = item_keys(state.history.item_ids)
+    assert not np.isin(history_keys, state.consumed.keys).all()  # the memory forgot some history items
+    cands = ["x", "i1", "i6", "i7", "i5", "i0"]  # not consumed, forgotten, remembered (i5 without a vector)
+    vectors = np.stack([vec[c] for c in cands])
+    has_vector = np.array([True, True, True, True, False, True])
+    for keys in (item_keys(cands), np.where(np.arange(len(cands)) % 2 == 0, item_keys(cands), np.uint64(0))):
+        seen = candidate_history(state, settings.users, cands, vectors, has_vector,
+                                 user_vector(state, settings.users), keys=keys.astype(np.uint64))
+        counts, last, _, _ = state.consumed.lookup(item_keys(cands))
+        hours = np.where(counts > 0, np.maximum(state.consumed.last.max() - last, 0.0) / 3600.0, math.inf)
+        assert seen.counts.tolist() == counts.tolist() and seen.hours_since.tolist() == hours.tolist()
+        assert seen.consumed.tolist() == (counts > 0).tolist() and seen.consumed_count == int((counts > 0).sum()) == 3
+        assert seen.excluded is not None and seen.excluded.tolist() == [2, 3]  # i5 has no vector
+        own = history_keys[:, None] == item_keys(cands)[None, :]
+        assert seen.own_rows is not None and (seen.own_rows == own).all() and own[:, 1].any()  # i1: forgotten, own row
+
+
 def test_leave_one_out_vectors_are_the_same_bits_warm_or_cold_and_follow_a_new_item_vector() -> None:
     """The user's state is shared by its requests: the leave-one-out vector of a consumed candidate
     is computed once per item vector, with the bits of a fresh computation for any mix of candidates,

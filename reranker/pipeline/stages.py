@@ -224,8 +224,8 @@ def _blend_ranking(ctx: RerankContext, diversity: float) -> scoring.Ranking:
 def consumed_policy(root: Components, ctx: RerankContext) -> Outcome:
     """Candidates the user already consumed: kept, demoted or dropped (policy "learned" without a head:
     demoted when the user's repeat rate is below consumed_repeat_rate, else kept)."""
-    consumed = ctx.seen.consumed
-    count = int(consumed.sum())
+    seen = ctx.seen
+    count = seen.consumed_count
     order, dropped = ctx.ranking.order, 0
     if count:
         s = ctx.settings
@@ -234,7 +234,7 @@ def consumed_policy(root: Components, ctx: RerankContext) -> Outcome:
             assert ctx.state is not None
             rate = _repeat_rate(root, ctx.state, s.ranking.consumed_prior_events)
             policy = "demote" if rate < s.ranking.consumed_repeat_rate else "keep"
-        order, dropped = scoring.apply_consumed_policy(order, consumed, policy)
+        order, dropped = scoring.apply_consumed_policy(order, seen.consumed, policy)
     ctx.order, ctx.consumed_count, ctx.dropped = order, count, dropped
     return None
 

@@ -474,17 +474,21 @@ class CompactProfileStore(LocalStore):
         return total
 
     def get(self, user_id: str, *, recent: bool = True) -> UserState | None:
+        # The caches are read by [] (the same LRU touch and expiry check): their .get() runs the
+        # check twice, through a few more Python calls.
         with self._lock:
-            blob = self._profiles.get(user_id)
-            if blob is None:
+            try:
+                blob = self._profiles[user_id]
+            except KeyError:
                 self.misses += 1
                 self._states.pop(user_id, None)
                 return None
             self.hits += 1
             if not recent and self._states.maxsize:
-                state = self._states.get(user_id)
-                if state is not None:
-                    return state
+                try:
+                    return self._states[user_id]
+                except KeyError:
+                    pass
         state = user_state(user_id, decode(blob, self.dim), self.config, self.lookup, recent=recent)
         if not recent and self._states.maxsize:
             with self._lock:

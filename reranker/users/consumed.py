@@ -95,9 +95,10 @@ class ConsumedItems:
             self.session_mass *= session_factor
 
     def positions(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position in this memory, found) per key (binary search; the memory must not be empty)."""
-        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
-        return pos, self.keys[pos] == keys
+        """(position in this memory, found) per key (binary search; the memory must not be empty).
+        A position is one to read only where found (a key above every memory key gets `len(self)`)."""
+        pos = self.keys.searchsorted(keys)
+        return pos, self.keys.take(pos, mode="clip") == keys  # clip: that key compares with the last
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(counts, last times, masses, session masses) for candidate keys; 0, -inf, 0, 0 where never consumed."""

@@ -131,32 +131,70 @@ def candidate_history(
         return CandidateHistory.none(n)
     if keys is None:
         keys = item_keys(item_ids)
-    else:
+    elif np.count_nonzero(keys) < n:  # some unknown (0): count_nonzero is the cheap test, nonzero() the rare fix
         unknown = (keys == 0).nonzero()[0]
-        if unknown.size:
-            keys = keys.copy()
-            keys[unknown] = item_keys([item_ids[i] for i in unknown.tolist()])
-    # Looked up once; the per-candidate columns are filled at the few consumed positions only.
+        keys = keys.copy()
+        keys[unknown] = item_keys([item_ids[i] for i in unknown.tolist()])
+    memory = derived(state, "consumed_columns", lambda: _ConsumedColumns.of(state))
+    # Looked up once; everything after reads the few consumed positions only.
     pos, hit = consumed.positions(keys)
     at = hit.nonzero()[0]
-    counts, hours = np.zeros(n), np.full(n, math.inf)
     if not at.size:
-        return CandidateHistory(counts, hours, consumed.repeat_rate)
-    rows = pos[at]
-    counts[at] = consumed.counts[rows]
-    hours[at] = hours_between(consumed.last[rows], float(consumed.last.max()))
-    history = state.history
-    history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
-    own = history_keys[:, None] == keys[None, :]
-    own_rows = own if own.any() else None  # None: consumed, but not among the history rows
-    excluded = (hit & np.asarray(has_vector, dtype=bool)).nonzero()[0]
+        return CandidateHistory.none(n, consumed.repeat_rate)
+    rows = pos.take(at)
+    keys_at = consumed.keys.take(rows)  # = keys[at]
+    if memory.history_consumed:
+        # Every history row is an event on a remembered item, so only the consumed candidates can
+        # own a row: compared there (k x m), not against every candidate (k x n).
+        own_at = memory.history_column == keys_at
+        own_rows = None  # None: consumed, but not among the history rows
+        if np.count_nonzero(own_at):
+            own_rows = np.zeros((own_at.shape[0], n), dtype=bool)
+            own_rows[:, at] = own_at
+    else:
+        own = memory.history_column == keys
+        own_rows = own if np.count_nonzero(own) else None
+    with_vector = np.asarray(has_vector, dtype=bool).take(at)
+    if np.count_nonzero(with_vector) == at.size:  # the usual case: every consumed candidate has a vector
+        excluded, excluded_keys, excluded_rows = at, keys_at, rows
+    else:
+        excluded, excluded_keys, excluded_rows = at[with_vector], keys_at[with_vector], rows[with_vector]
     cosines = None
     if excluded.size and user_vector is not None:
-        user_vectors, cosines = _left_out(state, settings, keys[excluded], np.asarray(vectors)[excluded], pos[excluded])
+        user_vectors, cosines = _left_out(state, settings, excluded_keys, np.asarray(vectors).take(excluded, axis=0),
+                                          excluded_rows)
     else:
         excluded = excluded[:0]
         user_vectors = np.zeros((0, state.long_term.shape[0]), dtype=np.float32)
-    return CandidateHistory(counts, hours, consumed.repeat_rate, excluded, user_vectors, own_rows, cosines)
+    counts = memory.counts.take(rows)
+    return CandidateHistory(
+        n, at, counts, memory.hours.take(rows), consumed.repeat_rate,
+        at.size if memory.counted else int(np.count_nonzero(counts > 0)), excluded, user_vectors, own_rows, cosines,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _ConsumedColumns:
+    """What candidate_history reads of a state's consumed memory and history, once per UserState
+    (16 bytes per remembered item, 8 per history row)."""
+
+    counts: np.ndarray  # (M,) float64: the memory's event counts
+    hours: np.ndarray  # (M,) hours from each remembered item's newest event to the user's newest event
+    history_column: np.ndarray  # (k, 1) item keys of the history rows
+    history_consumed: bool  # every history row's item is in the consumed memory (the usual case)
+    counted: bool  # every remembered item has events (counts > 0; always, but for odd stored data)
+
+    @staticmethod
+    def of(state: UserState) -> _ConsumedColumns:
+        consumed, history = state.consumed, state.history
+        history_keys = derived(state, "history_keys", lambda: item_keys(history.item_ids))
+        out = _ConsumedColumns(
+            consumed.counts.astype(np.float64), hours_between(consumed.last, float(consumed.last.max())),
+            history_keys.reshape(-1, 1), bool(np.isin(history_keys, consumed.keys).all()), bool((consumed.counts > 0).all()),
+        )
+        for array in (out.counts, out.hours, out.history_column):
+            array.flags.writeable = False
+        return out
 
 
 # Leave-one-out rows kept per user state (each ~3 KB at d = 384: its key holds the item vector's
@@ -172,9 +210,16 @@ def _left_out(state: UserState, settings: UserModelSettings, keys: np.ndarray, v
     item vector: a warm user's consumed candidates come back request after request, and their
     leave-one-out vectors do not change until the user's next event (a new state). Row by row the
     same arithmetic as one call for all."""
-    memo: dict[tuple[int, bytes], tuple[np.ndarray, np.float32]] = derived(state, "left_out", dict)
-    found = [memo.get((key, vector.tobytes())) for key, vector in zip(keys.tolist(), vectors)]
-    missing = [i for i, entry in enumerate(found) if entry is None]
+    # item key -> (its vector's bytes, the row, the cosine): the bytes tell a re-encoded item's new vector apart
+    memo: dict[int, tuple[bytes, np.ndarray, np.float32]] = derived(state, "left_out", dict)
+    found: list[tuple[bytes, np.ndarray, np.float32] | None] = []
+    missing = []
+    for i, (key, vector) in enumerate(zip(keys.tolist(), vectors)):
+        entry = memo.get(key)
+        if entry is None or entry[0] != vector.tobytes():
+            entry = None
+            missing.append(i)
+        found.append(entry)
     if missing:
         consumed = state.consumed
         session = derived(state, "session_vector", lambda: session_of(state, settings))
@@ -186,10 +231,13 @@ def _left_out(state: UserState, settings: UserModelSettings, keys: np.ndarray, v
             memo.clear()
         for i, row, cosine in zip(missing, computed, cosines):
             row.flags.writeable = False
-            found[i] = (row, cosine)
+            entry = found[i] = (vectors[i].tobytes(), row, cosine)
             if len(memo) < LEFT_OUT_KEPT:
-                memo[(int(keys[i]), vectors[i].tobytes())] = (row, cosine)
-    return np.stack([entry[0] for entry in found]), np.array([entry[1] for entry in found], dtype=np.float32)  # type: ignore[index]
+                memo[int(keys[i])] = entry
+    # np.array of the (d,) rows: the same (m, d) float32 array as np.stack, without its Python-level checks
+    return (np.array([entry[1] for entry in found]),  # type: ignore[index]
+            np.array([entry[2] for entry in found], dtype=np.float32))  # type: ignore[index]
+
 
 def on_liked_rows(seen: CandidateHistory, state: UserState) -> CandidateHistory:
     """`seen` with `own_rows` restricted to the history rows the head reads (`positive_history`)."""
