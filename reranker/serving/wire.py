@@ -35,14 +35,20 @@ def _put_varints(out: np.ndarray, starts: np.ndarray, values: np.ndarray, sizes:
         out[starts[write] + k] = byte[write]
 
 
-def _utf8(strings: list[str]) -> tuple[bytes, np.ndarray]:
-    """All strings UTF-8 encoded back to back, and the byte length of each."""
+def _utf8_terminated(strings: list[str]) -> tuple[bytes, np.ndarray]:
+    """All strings UTF-8 encoded, each followed by a NUL byte, and the byte length of each (not
+    counting its NUL). One join and one encode; the lengths read off the NULs' positions, as in
+    str_lengths (a NUL can only be a NUL character in UTF-8). Strings that hold a NUL themselves
+    take the per-string way."""
     n = len(strings)
-    joined = "".join(strings)
-    if joined.isascii():  # one character = one byte: no per-string encoding needed
-        return joined.encode("ascii"), np.fromiter(map(len, strings), dtype=np.int64, count=n)
+    data = ("\x00".join(strings) + "\x00").encode("utf-8")
+    ends = (np.frombuffer(data, dtype=np.uint8) == 0).nonzero()[0]
+    if len(ends) == n:
+        lengths = ends.copy()
+        lengths[1:] -= ends[:-1] + 1
+        return data, lengths
     encoded = [text.encode("utf-8") for text in strings]
-    return b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=n)
+    return b"\x00".join(encoded) + b"\x00", np.fromiter(map(len, encoded), dtype=np.int64, count=n)
 
 
 def str_lengths(strings: list[str]) -> np.ndarray:
@@ -92,7 +98,7 @@ def encode_ranked_items(items: RankedItems) -> bytes:
     n = len(items)
     if n == 0:
         return b""
-    all_id_bytes, id_sizes = _utf8(items.item_ids)
+    id_bytes, id_sizes = _utf8_terminated(items.item_ids)
     ranks = items.original_ranks.astype(np.int64)
     rank_sizes = _varint_sizes(ranks)
     id_len_sizes = _varint_sizes(id_sizes)
@@ -108,10 +114,10 @@ def encode_ranked_items(items: RankedItems) -> bytes:
     out[pos] = _ITEMS_TAG
     _put_varints(out, pos + 1, id_sizes, id_len_sizes)
     pos = pos + 1 + id_len_sizes
-    all_ids = np.frombuffer(all_id_bytes, dtype=np.uint8)
-    if all_ids.size:
-        offsets = np.repeat(pos - (np.cumsum(id_sizes) - id_sizes), id_sizes)
-        out[offsets + np.arange(all_ids.size)] = all_ids
+    # Each id with its NUL: the NUL lands on the first byte of the doubles, written below.
+    chunks = id_sizes + 1
+    offsets = np.repeat(pos - (np.cumsum(chunks) - chunks), chunks)
+    out[offsets + np.arange(len(id_bytes))] = np.frombuffer(id_bytes, dtype=np.uint8)
     pos = pos + id_sizes
     doubles = np.empty((n, 27), dtype=np.uint8)  # three (tag, little-endian float64) fields
     for k, (tag, column) in enumerate(
