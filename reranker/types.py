@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
@@ -111,7 +112,12 @@ def take_ids(ids: Sequence[str], positions: np.ndarray) -> Sequence[str]:
     """The ids at `positions` (an int array), in that order; DecimalIds stay DecimalIds."""
     if isinstance(ids, DecimalIds):
         return ids.take(positions)
-    return list(map(ids.__getitem__, positions.tolist()))
+    at = positions.tolist()
+    if len(at) < 2:  # itemgetter of one position returns the item itself, of none raises
+        return [ids[i] for i in at]
+    # One itemgetter call indexes them all in C: 136k instructions for 500 ids, against 191k for
+    # map(ids.__getitem__, ...).
+    return list(operator.itemgetter(*at)(ids))
 
 
 def _id_column(ids: Sequence[str]) -> Sequence[str]:

@@ -163,12 +163,23 @@ def test_wire_encoded_item_columns_equal_protobuf_built_columns(rows) -> None:
     got = pb.RerankResponse.FromString(convert.encode_rerank_response(_result_of(rows), columns=True).data)
     assert got == expected
     assert got.HasField("item_columns")
+    # Byte for byte what protobuf writes for the field.
+    field = pb.RerankResponse(item_columns=expected.item_columns)
+    field.item_columns.SetInParent()
+    assert wire.encode_item_columns(_result_of(rows).items) == field.SerializeToString()
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 300), st.integers(0, 2**14 + 5), st.integers(0, 2**32 - 1)), max_size=60))
+def test_packed_varints_match_protobuf_for_any_values(values: list[int]) -> None:
+    """Repeats, several zeros, values of one to five bytes (original_ranks is uint32)."""
+    reference = pb.ItemColumns(original_ranks=values).SerializeToString()
+    payload = wire._packed_varints(np.array(values, dtype=np.int64))
+    assert reference == (bytes([0x2A]) + wire._varint(len(payload)) + payload if values else b"")
 
 
 @pytest.mark.parametrize("top", [0, 127, 128, 300, 16383, 16384, 2**32 - 1])
 def test_packed_rank_varints_match_protobuf(top: int) -> None:
-    from reranker.serving import wire
-
     ranks = np.unique(np.concatenate([np.arange(min(top, 500) + 1), np.linspace(0, top, 50).astype(np.int64)]))
     reference = pb.ItemColumns(original_ranks=ranks.tolist()).SerializeToString()
     payload = wire._packed_varints(ranks)

@@ -35,14 +35,20 @@ def _put_varints(out: np.ndarray, starts: np.ndarray, values: np.ndarray, sizes:
         out[starts[write] + k] = byte[write]
 
 
-def _utf8(strings: list[str]) -> tuple[bytes, np.ndarray]:
-    """All strings UTF-8 encoded back to back, and the byte length of each."""
+def _utf8_terminated(strings: list[str]) -> tuple[bytes, np.ndarray]:
+    """All strings UTF-8 encoded, each followed by a NUL byte, and the byte length of each (not
+    counting its NUL). One join and one encode; the lengths read off the NULs' positions, as in
+    str_lengths (a NUL can only be a NUL character in UTF-8). Strings that hold a NUL themselves
+    take the per-string way."""
     n = len(strings)
-    joined = "".join(strings)
-    if joined.isascii():  # one character = one byte: no per-string encoding needed
-        return joined.encode("ascii"), np.fromiter(map(len, strings), dtype=np.int64, count=n)
+    data = ("\x00".join(strings) + "\x00").encode("utf-8")
+    ends = (np.frombuffer(data, dtype=np.uint8) == 0).nonzero()[0]
+    if len(ends) == n:
+        lengths = ends.copy()
+        lengths[1:] -= ends[:-1] + 1
+        return data, lengths
     encoded = [text.encode("utf-8") for text in strings]
-    return b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=n)
+    return b"\x00".join(encoded) + b"\x00", np.fromiter(map(len, encoded), dtype=np.int64, count=n)
 
 
 def str_lengths(strings: list[str]) -> np.ndarray:
@@ -92,7 +98,7 @@ def encode_ranked_items(items: RankedItems) -> bytes:
     n = len(items)
     if n == 0:
         return b""
-    all_id_bytes, id_sizes = _utf8(items.item_ids)
+    id_bytes, id_sizes = _utf8_terminated(items.item_ids)
     ranks = items.original_ranks.astype(np.int64)
     rank_sizes = _varint_sizes(ranks)
     id_len_sizes = _varint_sizes(id_sizes)
@@ -108,10 +114,10 @@ def encode_ranked_items(items: RankedItems) -> bytes:
     out[pos] = _ITEMS_TAG
     _put_varints(out, pos + 1, id_sizes, id_len_sizes)
     pos = pos + 1 + id_len_sizes
-    all_ids = np.frombuffer(all_id_bytes, dtype=np.uint8)
-    if all_ids.size:
-        offsets = np.repeat(pos - (np.cumsum(id_sizes) - id_sizes), id_sizes)
-        out[offsets + np.arange(all_ids.size)] = all_ids
+    # Each id with its NUL: the NUL lands on the first byte of the doubles, written below.
+    chunks = id_sizes + 1
+    offsets = np.repeat(pos - (np.cumsum(chunks) - chunks), chunks)
+    out[offsets + np.arange(len(id_bytes))] = np.frombuffer(id_bytes, dtype=np.uint8)
     pos = pos + id_sizes
     doubles = np.empty((n, 27), dtype=np.uint8)  # three (tag, little-endian float64) fields
     for k, (tag, column) in enumerate(
@@ -155,30 +161,38 @@ def encode_item_columns(items: RankedItems) -> bytes:
 
 
 def _two_byte_varints() -> np.ndarray:
-    """The varint of each value below 2**14 as two little-endian bytes (the second 0 when one
-    suffices): 32 KiB, built once."""
+    """The varint of each value below 2**14 as two little-endian bytes, the second 0 when one byte
+    suffices, except 0 itself: FF FE, a pair no other value's bytes can form (see _packed_varints).
+    32 KiB, built once."""
     values = np.arange(0x4000, dtype=np.int64)
     more = (values >= 0x80).astype(np.int64)
-    return ((values & 0x7F) | (more << 7) | ((values >> 7) << 8)).astype("<u2")
+    table = ((values & 0x7F) | (more << 7) | ((values >> 7) << 8)).astype("<u2")
+    table[0] = 0xFEFF
+    return table
 
 
 _TWO_BYTE_VARINTS = _two_byte_varints()
+_ZERO_MARK = b"\xff\xfe"  # the varint 0 in _TWO_BYTE_VARINTS
 
 
 def _packed_varints(values: np.ndarray) -> bytes:
     """Non-negative integers as back-to-back varints (a packed repeated integer field's payload).
-    One or two bytes each (values below 2**14, i.e. any candidate rank) without a loop over byte
-    positions; larger values through _put_varints."""
+
+    Below 2**14 (any candidate rank) each value's two bytes come from a table in one gather; the
+    unused second bytes are the only 00 bytes there (a first byte is 1-127 or has its top bit set,
+    a used second byte is 1-127) and go in one bytes.translate. The value 0, whose one byte is 00,
+    is FF FE in the table (FF is otherwise only a first byte, followed by a second byte of 1-127),
+    put back by one replace. 28k instructions for 500 ranks, against 68k with a keep mask and a
+    boolean index. Larger values through _put_varints."""
     values = np.asarray(values, dtype=np.int64)
-    top = int(values.max(initial=0))
-    if top < 0x80:
-        return values.astype(np.uint8).tobytes()
-    if top < 0x4000:  # each value's two bytes from a table; the second kept where the value needs it
-        keep = np.ones((len(values), 2), dtype=bool)
-        keep[:, 1] = values >= 0x80
-        return _TWO_BYTE_VARINTS[values].view(np.uint8)[keep.ravel()].tobytes()
+    try:
+        pairs = _TWO_BYTE_VARINTS[values]
+    except IndexError:  # a value of 2**14 or more
+        pass
+    else:
+        return pairs.tobytes().translate(None, b"\x00").replace(_ZERO_MARK, b"\x00")
     sizes = _varint_sizes(values)
     ends = np.cumsum(sizes)
-    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.uint8)
     _put_varints(out, ends - sizes, values, sizes)
     return out.tobytes()
