@@ -32,7 +32,9 @@ def test_get_equals_a_dict_through_sets_deletes_and_rebuilds(ops, capacity) -> N
             model.pop(key, None)
         else:
             keys = np.array(key, dtype=np.int64)
-            assert index.get(keys).tolist() == [model.get(k, -1) for k in key]
+            rows, every = index.find(keys)
+            assert rows.tolist() == [model.get(k, -1) for k in key]
+            assert every == all(k in model for k in key)
         assert len(index) == len(model)
     everything = np.array(_POOL, dtype=np.int64)
     assert index.get(everything).tolist() == [model.get(k, -1) for k in _POOL]

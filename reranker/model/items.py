@@ -115,8 +115,7 @@ class ItemVectorCache:
         any_text = n > 0 and isinstance(texts, list) and texts[0] is None and texts.count(None) == n
         with self._lock:
             if isinstance(item_ids, DecimalIds):
-                rows = self._row_of_int.get(item_ids.values)
-                all_found = n == 0 or rows.min() >= 0
+                rows, all_found = self._row_of_int.find(item_ids.values)
             else:
                 rows, all_found = self._rows(item_ids)
             # Every id cached, and no texts or the very texts they were encoded from (one list
