@@ -17,6 +17,7 @@ _EMPTY = -1
 _DELETED = -2
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: Fibonacci hashing spreads consecutive keys
 _MASK64 = (1 << 64) - 1
+_GOLDEN_U64 = np.uint64(_GOLDEN)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -43,6 +44,7 @@ class IntRowIndex:
         while size < 2 * capacity:
             size *= 2
         self._bits = size.bit_length() - 1
+        self._shift = np.uint64(64 - self._bits)  # _homes' shift, made once per table
         self._keys = np.zeros(size, dtype=np.int64)
         self._rows = np.full(size, _EMPTY, dtype=np.int64)
         self._live = 0
@@ -56,29 +58,45 @@ class IntRowIndex:
 
     def _homes(self, keys: np.ndarray) -> np.ndarray:
         """_home of each key (uint64 arithmetic wraps modulo 2**64, as in _home)."""
-        return (keys.view(np.uint64) * np.uint64(_GOLDEN)) >> np.uint64(64 - self._bits)
+        return (keys.view(np.uint64) * _GOLDEN_U64) >> self._shift
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         """The row of each key (an int64 array), -1 where the key is absent."""
+        return self.find(keys)[0]
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(get(keys), whether every key is present)."""
         keys = np.asarray(keys, dtype=np.int64)
-        out = np.full(keys.shape, -1, dtype=np.int64)
         if keys.size == 0 or self._live == 0:
-            return out
-        mask = np.uint64(self._keys.size - 1)
-        slots = self._homes(keys)
+            return np.full(keys.shape, -1, dtype=np.int64), keys.size == 0
+        # Home slots as int64 (they are below the table size): numpy indexes with them without a cast.
+        slots = self._homes(keys).view(np.int64)
+        found_rows = self._rows[slots]
+        same = self._keys[slots] == keys
+        if same.all() and found_rows.min() >= 0:
+            # Every key in its home slot: one probe round, no bookkeeping. At load <= 1/2 most keys are,
+            # and a request's ids often all are (Fibonacci hashing spreads runs of consecutive ids apart).
+            return found_rows, True
+        rows = self._probe(keys, slots, found_rows, same)
+        return rows, bool(rows.min() >= 0)
+
+    def _probe(self, keys: np.ndarray, slots: np.ndarray, found_rows: np.ndarray, same: np.ndarray) -> np.ndarray:
+        """get's probe rounds, from the first round's (found_rows, same) at the keys' home `slots`."""
+        out = np.full(keys.shape, -1, dtype=np.int64)
+        mask = self._keys.size - 1
         pending = np.arange(keys.size)
         want = keys
         table_keys, table_rows = self._keys, self._rows
-        while pending.size:
-            found_rows = table_rows[slots]
-            match = (found_rows >= 0) & (table_keys[slots] == want)
+        while True:
+            match = (found_rows >= 0) & same
             out[pending[match]] = found_rows[match]
             go_on = ~(match | (found_rows == _EMPTY))
             if not go_on.any():
-                break
+                return out
             pending, want = pending[go_on], want[go_on]
-            slots = (slots[go_on] + np.uint64(1)) & mask
-        return out
+            slots = (slots[go_on] + 1) & mask
+            found_rows = table_rows[slots]
+            same = table_keys[slots] == want
 
     def set(self, key: int, row: int) -> None:
         if row < 0:

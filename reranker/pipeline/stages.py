@@ -111,7 +111,8 @@ def candidate_vectors(root: Components, ctx: RerankContext) -> Outcome:
         budget = min(budget, ctx.time_remaining - s.limits.min_budget_ms / 1000.0)
     ctx.encode_budget = budget
     ctx.encode_started = time.perf_counter()
-    ctx.keys = np.zeros(len(candidates), dtype=np.uint64)
+    # The lookup writes every key (0 where not cached); a resumed request reuses its lookup: zeros.
+    ctx.keys = np.empty(len(candidates), dtype=np.uint64) if resume is None else np.zeros(len(candidates), dtype=np.uint64)
     vectors, has_vector, hits, encoded, blocked = source.resolve(
         candidates.item_ids, candidates.texts, budget, ctx.cancel, lookup=None if resume is None else resume.lookup,
         keys_out=ctx.keys, cache_only=ctx.cache_only,

@@ -106,12 +106,12 @@ class ItemVectors:
         With `cache_only`, where texts would have to be encoded nothing is: blocked is True and
         (vectors, has_vector) is the lookup made, for a blocking retry to start from."""
         vectors, hit = self.cached(item_ids, texts, lookup, keys_out)
-        has_vector = hit.copy()
-        if hit.all():
-            return vectors, has_vector, len(item_ids), 0, False
+        if hit.all():  # nothing to encode: the hit mask is the answer's own (each lookup makes a fresh one)
+            return vectors, hit, len(item_ids), 0, False
         misses = self.to_encode(texts, hit)
         if misses and cache_only:
             return vectors, hit, 0, 0, True
+        has_vector = hit.copy()
         encoded = self.encode(item_ids, texts, vectors, has_vector, misses, timeout_s, cancel)
         return vectors, has_vector, int(hit.sum()), encoded, False
 
