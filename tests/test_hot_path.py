@@ -220,6 +220,21 @@ def _protobuf_header(r: RerankResult) -> pb.RerankResponse:
     )
 
 
+def test_the_hand_written_response_knows_every_field_the_proto_has() -> None:
+    """responsewire writes RerankResponse, Timing and PackedItems by hand: a field added to the proto
+    must be added there too (and to the property test below), or answers would silently lack it."""
+    known = {
+        "RerankResponse": {"items", "variant", "fallback_reason", "fallback_detail", "model_version", "request_id",
+                           "cold_user", "timing", "cache_hits", "encoded", "without_vector", "bucket", "item_columns",
+                           "consumed_candidates", "consumed_dropped", "packed_items", "arm"},
+        "Timing": {"total_ms", "encode_ms", "score_ms"},
+        "PackedItems": {"positions", "scores", "item_ids", "semantic_scores", "upstream_scores"},
+    }
+    for message, names in known.items():
+        fields = {f.name for f in getattr(pb, message).DESCRIPTOR.fields}
+        assert fields == names, f"{message} fields changed: update serving/responsewire.py ({fields ^ names})"
+
+
 @hsettings(max_examples=150, deadline=None)
 @given(_results())
 def test_hand_written_header_and_packed_items_are_the_bytes_protobuf_serializes(drawn) -> None:  # type: ignore[no-untyped-def]
