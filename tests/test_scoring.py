@@ -24,6 +24,31 @@ def test_order_is_stable_on_ties() -> None:
     assert scoring.order_by_score(np.array([0.5, 0.9, 0.5, 0.9])).tolist() == [1, 3, 0, 2]
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_order_is_the_stable_descending_order_for_any_scores(seed: int) -> None:
+    """Distinct scores, ties (equal and +/-0.0), NaN, one or no score: always the order a stable sort
+    of the negated scores gives (ties in input order), whichever sort found it."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 600))
+    scores = rng.random(n)
+    if seed % 4 == 1 and n > 3:  # a few repeated values
+        scores[rng.integers(0, n, n // 3)] = scores[0]
+    elif seed % 4 == 2 and n > 3:  # coarse values: many ties, signed zeros
+        scores = np.round(rng.normal(size=n), 1) * 0.0 if seed % 8 == 2 else np.round(rng.random(n), 1)
+    elif seed % 4 == 3 and n > 3:
+        scores[rng.integers(0, n, 2)] = np.nan
+    expected = np.argsort(-scores, kind="stable")
+    assert scoring.order_by_score(scores).tolist() == expected.tolist()
+
+
+def test_has_duplicates_of_integer_ids() -> None:
+    from reranker.types import DecimalIds
+
+    assert not scoring.has_duplicates(DecimalIds(np.array([5, 3, 9], dtype=np.int64)))
+    assert scoring.has_duplicates(DecimalIds(np.array([5, 3, 5], dtype=np.int64)))
+    assert not scoring.has_duplicates(DecimalIds(np.array([7], dtype=np.int64)))
+
+
 def test_blend_weights_both_signals() -> None:
     upstream = np.array([3.0, 2.0, 1.0])
     semantic = np.array([0.0, 0.5, 1.0])

@@ -38,8 +38,9 @@ def minmax(values: FloatArray) -> FloatArray:
 def has_duplicates(ids: Sequence[str]) -> bool:
     """Whether any id occurs twice (integer ids, DecimalIds, compared as an array)."""
     if isinstance(ids, DecimalIds):
-        ordered = np.sort(ids.values)
-        return bool((ordered[1:] == ordered[:-1]).any())
+        ordered = ids.values.copy()  # np.sort and ndarray.any are Python wrappers around these calls
+        ordered.sort()
+        return np.count_nonzero(ordered[1:] == ordered[:-1]) > 0
     return len(set(ids)) < len(ids)
 
 
@@ -77,9 +78,10 @@ def blend(
     """
     up = minmax(rank_discount(upstream) if upstream_form == "rank" else upstream)
     has_vector = np.asarray(has_vector, dtype=bool)
-    if weight <= 0.0 or not has_vector.any():
+    with_vector = np.count_nonzero(has_vector)
+    if weight <= 0.0 or not with_vector:
         return up
-    if has_vector.all():  # the usual case: every candidate has a vector, nothing to fill in
+    if with_vector == has_vector.size:  # the usual case: every candidate has a vector, nothing to fill in
         sem = minmax(np.asarray(semantic, dtype=np.float64))
     else:
         sem = np.empty_like(up)
@@ -93,9 +95,17 @@ def blend(
 
 
 def order_by_score(scores: FloatArray) -> np.ndarray:
-    """Indices sorted by descending score; ties keep input (upstream) order."""
-    scores = np.asarray(scores, dtype=np.float64)
-    return np.argsort(-scores, kind="stable")
+    """Indices sorted by descending score; ties keep input (upstream) order.
+
+    Scores without ties have one order, which numpy's default (unstable, SIMD where the CPU has it)
+    argsort finds with fewer instructions than the stable sort (callgrind at 500: ~101k against
+    ~117k); only when two scores are equal (or one is NaN) is the stable sort needed and run."""
+    negated = -np.asarray(scores, dtype=np.float64)
+    order = negated.argsort()
+    ranked = negated.take(order)
+    if ranked.size > 1 and (np.count_nonzero(ranked[1:] == ranked[:-1]) or ranked[-1] != ranked[-1]):
+        return negated.argsort(kind="stable")
+    return order
 
 
 def mmr_order(
