@@ -175,7 +175,7 @@ def test_packed_varints_match_protobuf_for_any_values(values: list[int]) -> None
     """Repeats, several zeros, values of one to five bytes (original_ranks is uint32)."""
     reference = pb.ItemColumns(original_ranks=values).SerializeToString()
     payload = wire._packed_varints(np.array(values, dtype=np.int64))
-    assert reference == (bytes([0x2A]) + wire._varint(len(payload)) + payload if values else b"")
+    assert reference == (bytes([0x2A]) + wire.varint(len(payload)) + payload if values else b"")
 
 
 @pytest.mark.parametrize("top", [0, 127, 128, 300, 16383, 16384, 2**32 - 1])
@@ -183,7 +183,7 @@ def test_packed_rank_varints_match_protobuf(top: int) -> None:
     ranks = np.unique(np.concatenate([np.arange(min(top, 500) + 1), np.linspace(0, top, 50).astype(np.int64)]))
     reference = pb.ItemColumns(original_ranks=ranks.tolist()).SerializeToString()
     payload = wire._packed_varints(ranks)
-    assert reference == bytes([0x2A]) + wire._varint(len(payload)) + payload
+    assert reference == bytes([0x2A]) + wire.varint(len(payload)) + payload
 
 
 _texts = st.text(max_size=40)

@@ -14,28 +14,16 @@ import struct
 
 import numpy as np
 
+from reranker.serving.wire import varint
 from reranker.types import DecimalIds, RankedItems, RerankResult
 
 
-def _varint(value: int) -> bytes:
-    """A non-negative integer as a protobuf varint (ValueError for a negative one, as protobuf
-    raises for a uint32 field)."""
-    if value < 0:
-        raise ValueError(f"{value} is negative")
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 _SMALL = 1 << 14
-_VARINTS = [_varint(v) for v in range(_SMALL)]  # every count and length below 2**14: one list index
+_VARINTS = [varint(v) for v in range(_SMALL)]  # every count and length below 2**14: one list index
 
 
 def _count(value: int) -> bytes:
-    return _VARINTS[value] if 0 <= value < _SMALL else _varint(value)
+    return _VARINTS[value] if 0 <= value < _SMALL else varint(value)
 
 
 def _string_field(tag: bytes, value: str) -> bytes:
@@ -76,8 +64,8 @@ def _lead(result: RerankResult) -> bytes:
     if found is None:
         variant, reason, detail, model_version = key
         found = b"".join((
-            _VARIANT + _varint(variant) if variant else b"",
-            _FALLBACK_REASON + _varint(reason) if reason else b"",
+            _VARIANT + varint(variant) if variant else b"",
+            _FALLBACK_REASON + varint(reason) if reason else b"",
             _string_field(_FALLBACK_DETAIL, detail) if detail else b"",
             _string_field(_MODEL_VERSION, model_version) if model_version else b"",
         ))

@@ -73,7 +73,11 @@ def str_lengths(strings: list[str]) -> np.ndarray:
     return np.fromiter(map(len, strings), dtype=np.int64, count=n)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A non-negative integer as a protobuf varint (ValueError for a negative one, as protobuf
+    raises for a uint32 field)."""
+    if value < 0:
+        raise ValueError(f"{value} is negative")
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -149,14 +153,14 @@ def encode_item_columns(items: RankedItems) -> bytes:
     ids.item_ids.extend(items.item_ids)
     parts = [b"", b"", ids.SerializeToString()]  # the field's tag and length go first
     if len(items):
-        size = _varint(8 * len(items))  # each score column: 8 bytes a value
+        size = varint(8 * len(items))  # each score column: 8 bytes a value
         for tag, column in zip(
             _COLUMN_DOUBLES, (items.scores, items.semantic_scores, items.upstream_scores), strict=True
         ):
             parts += (tag, size, np.ascontiguousarray(column, dtype="<f8").tobytes())
         ranks = _packed_varints(items.original_ranks)
-        parts += (_COLUMN_RANKS, _varint(len(ranks)), ranks)
-    parts[0], parts[1] = _ITEM_COLUMNS_TAG, _varint(sum(map(len, parts)))
+        parts += (_COLUMN_RANKS, varint(len(ranks)), ranks)
+    parts[0], parts[1] = _ITEM_COLUMNS_TAG, varint(sum(map(len, parts)))
     return b"".join(parts)
 
 
