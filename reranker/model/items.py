@@ -123,9 +123,8 @@ class ItemVectorCache:
             if all_found and (any_text or self._text_of_row[rows].tolist() == texts):
                 return self._all_hits(rows, keys_out, count)
             found = rows >= 0
-            wanted = np.full(n, _ANY_TEXT, dtype=np.int64) if any_text else None  # else texts are hashed
-            if wanted is None:
-                wanted = np.fromiter(map(hash, texts), dtype=np.int64, count=n)
+            wanted = (np.full(n, _ANY_TEXT, dtype=np.int64) if any_text
+                      else np.fromiter(map(hash, texts), dtype=np.int64, count=n))
             safe_rows = np.where(found, rows, 0)
             hit = found & ((wanted == _ANY_TEXT) | (self._local_fp[safe_rows] == wanted))
             if np.count_nonzero(hit) != np.count_nonzero(found):
@@ -152,9 +151,9 @@ class ItemVectorCache:
             try:
                 return np.frombuffer(b"".join(itemgetter(*item_ids)(self._row_of)), dtype=_ROW), True
             except KeyError:  # some id is not cached
-                return np.frombuffer(b"".join(map(self._row_of.get, item_ids, repeat(_NO_ROW, n))), dtype=_ROW), False
+                pass
         rows = np.frombuffer(b"".join(map(self._row_of.get, item_ids, repeat(_NO_ROW, n))), dtype=_ROW)
-        return rows, n == 0 or bool(rows[0] >= 0)
+        return rows, n == 0 or bool(rows.min() >= 0)
 
     def _all_hits(self, rows: np.ndarray, keys_out: np.ndarray | None, count: bool) -> tuple[np.ndarray, np.ndarray]:
         """lookup's answer when every id is cached from the text given, or None both (caller holds

@@ -140,10 +140,6 @@ def candidates_from_columns(msg: pb.CandidateColumns, limits: Limits) -> Candida
     return CandidateColumns(item_ids, scores, texts)
 
 
-_PACKED_ID = np.dtype("<i8")  # PackedCandidates.item_ids (the answer's PackedItems: responsewire)
-_PACKED_SCORE = np.dtype("<f4")  # PackedCandidates.scores
-
-
 def _packed_array(data: bytes, dtype: np.dtype, name: str, kind: str) -> np.ndarray:
     if len(data) % dtype.itemsize:
         raise InvalidRequest(
@@ -155,12 +151,12 @@ def _packed_array(data: bytes, dtype: np.dtype, name: str, kind: str) -> np.ndar
 def candidates_from_packed(msg: pb.PackedCandidates, limits: Limits) -> CandidateColumns:
     """PackedCandidates -> columns: ids and scores read in place with numpy.frombuffer (no Python
     object per candidate); the ids stay integers (DecimalIds). An empty text means "no text"."""
-    ids = _packed_array(msg.item_ids, _PACKED_ID, "packed_candidates.item_ids", "int64")
+    ids = _packed_array(msg.item_ids, responsewire.PACKED_ID, "packed_candidates.item_ids", "int64")
     n = ids.shape[0]
     if n == 0:
         raise InvalidRequest("packed_candidates.item_ids must not be empty")
     _check_count(n, limits.max_candidates, "packed_candidates.item_ids", "max_candidates")
-    given = _packed_array(msg.scores, _PACKED_SCORE, "packed_candidates.scores", "float32")
+    given = _packed_array(msg.scores, responsewire.PACKED_SCORE, "packed_candidates.scores", "float32")
     if given.shape[0] != n:
         raise InvalidRequest(f"packed_candidates.scores has {given.shape[0]} values for {n} item_ids")
     scores = given.astype(np.float64)
@@ -218,7 +214,7 @@ def candidate_count(req: pb.RerankRequest) -> int:
     return (
         len(req.candidates)
         or len(req.candidate_columns.item_ids)
-        or len(req.packed_candidates.item_ids) // _PACKED_ID.itemsize
+        or len(req.packed_candidates.item_ids) // responsewire.PACKED_ID.itemsize
     )
 
 

@@ -47,8 +47,8 @@ _ZERO_DOUBLE = bytes(8)
 
 # PackedItems fields (length-delimited): positions, scores, item_ids, semantic_scores, upstream_scores.
 _POSITIONS, _SCORES, _ITEM_IDS, _SEMANTIC_SCORES, _UPSTREAM_SCORES = b"\x0a", b"\x12", b"\x1a", b"\x22", b"\x2a"
-_PACKED_ID = np.dtype("<i8")
-_PACKED_SCORE = np.dtype("<f4")
+PACKED_ID = np.dtype("<i8")  # PackedItems.item_ids, and the request's PackedCandidates.item_ids
+PACKED_SCORE = np.dtype("<f4")  # PackedItems score fields, and PackedCandidates.scores
 _PACKED_POSITION = np.dtype("<i4")
 
 # Encoded once per value seen; bounded (emptied when full: model versions and arms are few).
@@ -139,15 +139,15 @@ def packed_items(items: RankedItems, item_ids: bool = False, score_details: bool
     if not len(items):
         return b""
     positions = items.original_ranks.astype(_PACKED_POSITION).tobytes()
-    scores = items.scores.astype(_PACKED_SCORE).tobytes()
+    scores = items.scores.astype(PACKED_SCORE).tobytes()
     parts = [_POSITIONS, _count(len(positions)), positions, _SCORES, _count(len(scores)), scores]
     if item_ids:
         ids = items.item_ids
         values = ids.values if isinstance(ids, DecimalIds) else np.array([int(i) for i in ids], dtype=np.int64)
-        data = values.astype(_PACKED_ID).tobytes()
+        data = values.astype(PACKED_ID).tobytes()
         parts += (_ITEM_IDS, _count(len(data)), data)
     if score_details:
         for tag, column in ((_SEMANTIC_SCORES, items.semantic_scores), (_UPSTREAM_SCORES, items.upstream_scores)):
-            data = column.astype(_PACKED_SCORE).tobytes()
+            data = column.astype(PACKED_SCORE).tobytes()
             parts += (tag, _count(len(data)), data)
     return b"".join(parts)
